@@ -1,0 +1,1 @@
+"""adloop streams: event contracts, topics, the embedded Kafka broker and Kafka I/O helpers."""

@@ -1,0 +1,28 @@
+"""Feature hashing shared by the learner (torch) and the server (numpy only).
+
+Context features arrive as ``dict[str, str]`` on requests and events. Each feature
+named in a model's manifest becomes one integer id in ``[1, buckets)``; id 0 means
+"missing". The hash is stable across processes and Python versions (blake2b),
+unlike ``hash()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+
+DEFAULT_CONTEXT_FEATURES: tuple[str, ...] = ("device", "placement", "hour", "region")
+DEFAULT_CONTEXT_BUCKETS = 1024
+
+
+def hash_feature(name: str, value: str, buckets: int = DEFAULT_CONTEXT_BUCKETS) -> int:
+    """Stable id of ``name=value`` in ``[1, buckets)``."""
+    digest = hashlib.blake2b(f"{name}={value}".encode(), digest_size=8).digest()
+    return 1 + int.from_bytes(digest, "little") % (buckets - 1)
+
+
+def context_ids(context: Mapping[str, str],
+                features: Sequence[str] = DEFAULT_CONTEXT_FEATURES,
+                buckets: int = DEFAULT_CONTEXT_BUCKETS) -> list[int]:
+    """One id per feature in ``features`` order; 0 where the feature is absent."""
+    return [hash_feature(f, context[f], buckets) if f in context else 0 for f in features]

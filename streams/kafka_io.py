@@ -1,0 +1,338 @@
+"""Producer and consumer helpers on kafka-python.
+
+Producing: :class:`EventProducer` encodes typed records as JSON, keys them (user id
+for event topics), and uses ``acks=all`` with the idempotent producer and batching.
+
+Consuming: :class:`EventConsumer` decodes every record with its topic's schema.
+Anything undecodable or invalid goes to the ``dlq`` topic with the source
+topic/partition/offset and a reason, is counted in
+``adloop_dead_letters_total{topic,reason}``, and the loop goes on with the next
+record. Offsets are committed only after the batch's effect is done:
+
+1. poll a batch and decode it (bad records become dead letters, not exceptions),
+2. hand the good records to the handler; its effect must be done when it returns,
+3. flush the producer, so dead letters (and anything the handler produced) are
+   acknowledged by the broker,
+4. commit the consumed positions.
+
+A crash anywhere before step 4 re-delivers the batch; sinks must therefore be
+idempotent (the joiner dedups by event id, the learner keeps offsets in its
+checkpoint and seeks to them, so Kafka's committed offsets are only a mirror).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.producer.future import FutureRecordMetadata
+
+from streams.logs import get_logger
+from streams.metrics import counter, gauge
+from streams.schemas import (
+    DEFAULT_MAX_RECORD_BYTES,
+    Ad,
+    DeadLetter,
+    DecodeFailure,
+    DlqReason,
+    Event,
+    ModelUpdate,
+    decode,
+    encode,
+)
+from streams.settings import KafkaSettings
+from streams.topics import TOPICS, Topics
+
+log = get_logger(__name__)
+
+PRODUCED = counter("adloop_produced_records_total", "Records produced, by logical topic.",
+                   ("topic",))
+PRODUCE_ERRORS = counter("adloop_produce_errors_total",
+                         "Records the broker did not acknowledge, by logical topic.", ("topic",))
+CONSUMED = counter("adloop_consumed_records_total",
+                   "Records consumed and decoded (good or dead-lettered), by logical topic.",
+                   ("topic",))
+DEAD_LETTERS = counter("adloop_dead_letters_total",
+                       "Records sent to the dead-letter topic, by source topic and reason.",
+                       ("topic", "reason"))
+CONSUMER_LAG = gauge("adloop_consumer_lag_records",
+                     "High watermark minus position, per consumer group, topic and partition.",
+                     ("group", "topic", "partition"))
+
+E = TypeVar("E", bound=Event)
+
+
+def key_of(record: Event) -> str:
+    """The partitioning key of a record: user id for events, ad id, model name, topic."""
+    if isinstance(record, Ad):
+        return record.ad_id
+    if isinstance(record, ModelUpdate):
+        return record.model_name
+    if isinstance(record, DeadLetter):
+        return record.source_topic
+    user_id = getattr(record, "user_id", None)
+    if isinstance(user_id, str):
+        return user_id
+    raise TypeError(f"no key rule for {type(record).__name__}")
+
+
+def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
+    """kafka-python producer settings for durable, batched, ordered writes."""
+    cfg: dict[str, Any] = {
+        "bootstrap_servers": kafka.bootstrap_servers,
+        "client_id": kafka.client_id,
+        "acks": "all",
+        "enable_idempotence": True,
+        "max_in_flight_requests_per_connection": 5,
+        "linger_ms": 5,
+        "batch_size": 128 * 1024,
+        "retries": 2**31 - 1,
+        "delivery_timeout_ms": 120_000,
+        "max_request_size": 4 * 1024 * 1024,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+class EventProducer:
+    """Typed, keyed, JSON-encoded producing to adloop's topics."""
+
+    def __init__(self, kafka: KafkaSettings | None = None, **overrides: Any) -> None:
+        self.kafka = kafka or KafkaSettings()
+        self.topics = Topics(self.kafka.topic_prefix)
+        self._producer = KafkaProducer(**producer_config(self.kafka, **overrides))
+
+    @property
+    def raw(self) -> KafkaProducer:
+        return self._producer
+
+    def send(self, topic: str, record: Event, key: str | None = None) -> FutureRecordMetadata:
+        """Produce ``record`` to logical ``topic`` keyed by ``key`` (default: :func:`key_of`)."""
+        expected = TOPICS[topic].record
+        if not isinstance(record, expected):
+            raise TypeError(f"topic {topic!r} carries {expected.__name__}, "
+                            f"not {type(record).__name__}")
+        return self.send_bytes(topic, encode(record), (key or key_of(record)).encode())
+
+    def send_bytes(self, topic: str, value: bytes, key: bytes | None) -> FutureRecordMetadata:
+        """Produce raw bytes to logical ``topic`` (used for dead letters and fault tests)."""
+        future = self._producer.send(self.topics.name(topic), value=value, key=key)
+        future.add_callback(lambda _md: PRODUCED.labels(topic).inc())
+        future.add_errback(lambda exc: self._on_error(topic, exc))
+        return future
+
+    def _on_error(self, topic: str, exc: BaseException) -> None:
+        PRODUCE_ERRORS.labels(topic).inc()
+        log.error("produce.failed", topic=topic, error=repr(exc))
+
+    def dead_letter(self, letter: DeadLetter) -> FutureRecordMetadata:
+        DEAD_LETTERS.labels(Topics(self.kafka.topic_prefix).logical(letter.source_topic),
+                            letter.reason).inc()
+        return self.send("dlq", letter)
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        self._producer.flush(timeout=timeout_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._producer.close(timeout=timeout_s)
+
+
+@dataclass(frozen=True)
+class Received(Generic[E]):
+    """A decoded record and where it came from."""
+
+    topic: str
+    """Logical topic name."""
+    partition: int
+    offset: int
+    key: bytes | None
+    timestamp_ms: int
+    record: E
+
+
+class EventConsumer:
+    """Decoding consumer with dead-lettering and commit-after-effect.
+
+    ``topics`` are logical names; each is decoded with its own record type.
+    """
+
+    def __init__(self, kafka: KafkaSettings | None, topics: Sequence[str], group_id: str | None,
+                 *, dlq: EventProducer | None = None,
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+                 auto_offset_reset: str = "earliest", subscribe: bool = True,
+                 **overrides: Any) -> None:
+        self.kafka = kafka or KafkaSettings()
+        self.names = Topics(self.kafka.topic_prefix)
+        self.logical_topics = list(topics)
+        self.group_id = group_id
+        self.max_record_bytes = max_record_bytes
+        self._own_dlq = dlq is None
+        self.dlq = dlq or EventProducer(self.kafka)
+        cfg: dict[str, Any] = {
+            "bootstrap_servers": self.kafka.bootstrap_servers,
+            "client_id": self.kafka.client_id,
+            "group_id": group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": auto_offset_reset,
+            "isolation_level": "read_committed",
+            "max_poll_records": 1000,
+            "fetch_max_wait_ms": 100,
+        }
+        cfg.update(overrides)
+        self.consumer = KafkaConsumer(**cfg)
+        if subscribe:
+            self.consumer.subscribe([self.names.name(t) for t in self.logical_topics])
+        self.dead_lettered = 0
+
+    # -- decoding --------------------------------------------------------------------
+    def _decode_one(self, msg: Any) -> Received[Any] | None:
+        logical = self.names.logical(msg.topic)
+        CONSUMED.labels(logical).inc()
+        result = decode(msg.value, TOPICS[logical].record, self.max_record_bytes)
+        if isinstance(result, DecodeFailure):
+            self.send_dead_letter(logical, msg.partition, msg.offset, result.reason,
+                                  result.detail, msg.value or b"", msg.key)
+            return None
+        return Received(logical, msg.partition, msg.offset, msg.key, msg.timestamp, result)
+
+    def send_dead_letter(self, logical_topic: str, partition: int, offset: int,
+                         reason: DlqReason, detail: str, raw: bytes,
+                         key: bytes | None = None) -> None:
+        """Route one record to ``dlq`` (durable at the next :meth:`commit`)."""
+        self.dead_lettered += 1
+        log.warning("dead_letter", topic=logical_topic, partition=partition, offset=offset,
+                    reason=reason, detail=detail[:200])
+        self.dlq.dead_letter(DeadLetter.of(
+            source_topic=self.names.name(logical_topic), partition=partition, offset=offset,
+            reason=reason, detail=detail, raw=raw, key=key))
+
+    def poll(self, timeout_ms: int = 500, max_records: int | None = None) -> list[Received[Any]]:
+        """One poll: the good records, in partition order; bad ones are dead-lettered."""
+        batches = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        out: list[Received[Any]] = []
+        for _tp, msgs in batches.items():
+            for msg in msgs:
+                rec = self._decode_one(msg)
+                if rec is not None:
+                    out.append(rec)
+        self._update_lag()
+        return out
+
+    def _update_lag(self) -> None:
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                pos = self.consumer.position(tp, timeout_ms=1000)
+            except Exception:  # position unknown during a rebalance
+                continue
+            CONSUMER_LAG.labels(self.group_id or "", self.names.logical(tp.topic),
+                                str(tp.partition)).set(max(0, high - (pos or 0)))
+
+    # -- committing ------------------------------------------------------------------
+    def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
+        """Flush dead letters (and the handler's produced records), then commit.
+
+        ``offsets`` (next offset to read, per partition) defaults to the positions
+        after everything polled so far.
+        """
+        self.dlq.flush()
+        if self.group_id is None:
+            return
+        if offsets is None:
+            self.consumer.commit()
+        else:
+            from kafka.structs import OffsetAndMetadata
+
+            self.consumer.commit({tp: OffsetAndMetadata(off, "", -1)
+                                  for tp, off in offsets.items()})
+
+    # -- loops -----------------------------------------------------------------------
+    def run(self, handle_batch: Callable[[list[Received[Any]]], None],
+            stop: threading.Event, poll_timeout_ms: int = 500,
+            max_records: int | None = None) -> None:
+        """Poll, handle, flush, commit until ``stop`` is set.
+
+        ``handle_batch`` must have finished its effect when it returns; an exception
+        from it stops the loop without committing (the batch is re-delivered on restart).
+        """
+        while not stop.is_set():
+            batch = self.poll(poll_timeout_ms, max_records)
+            if batch:
+                handle_batch(batch)
+            self.commit()
+
+    def run_per_record(self, handle: Callable[[Received[Any]], None],
+                       stop: threading.Event, poll_timeout_ms: int = 500) -> None:
+        """Like :meth:`run`, one record at a time; a record whose handler raises is
+        dead-lettered with reason ``handler_error`` and the loop goes on."""
+
+        def each(batch: list[Received[Any]]) -> None:
+            for rec in batch:
+                try:
+                    handle(rec)
+                except Exception as exc:
+                    self.send_dead_letter(rec.topic, rec.partition, rec.offset,
+                                          "handler_error", repr(exc), encode(rec.record),
+                                          rec.key)
+
+        self.run(each, stop, poll_timeout_ms)
+
+    def end_offsets(self) -> dict[TopicPartition, int]:
+        parts = [TopicPartition(self.names.name(t), p)
+                 for t in self.logical_topics
+                 for p in sorted(self.consumer.partitions_for_topic(self.names.name(t)) or ())]
+        result: dict[TopicPartition, int] = self.consumer.end_offsets(parts)
+        return result
+
+    def close(self) -> None:
+        try:
+            self.consumer.close(autocommit=False)
+        finally:
+            if self._own_dlq:
+                self.dlq.close()
+
+
+def read_all(kafka: KafkaSettings, topic: str, timeout_s: float = 30.0,
+             expect: int | None = None) -> list[Received[Any]]:
+    """Every decodable record of a logical topic from the start to its current end.
+
+    A reading helper for tools and tests (no group, nothing committed, nothing
+    dead-lettered). Waits until ``expect`` records are read if given.
+    """
+    names = Topics(kafka.topic_prefix)
+    consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False,
+                             isolation_level="read_committed")
+    try:
+        physical = names.name(topic)
+        deadline = time.monotonic() + timeout_s
+        parts: Iterable[int] = ()
+        while time.monotonic() < deadline:
+            parts = consumer.partitions_for_topic(physical) or ()
+            if parts:
+                break
+            time.sleep(0.2)
+        tps = [TopicPartition(physical, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        out: list[Received[Any]] = []
+        record_type = TOPICS[topic].record
+        while time.monotonic() < deadline:
+            ends = consumer.end_offsets(tps)
+            for tp_, msgs in consumer.poll(timeout_ms=200).items():
+                for m in msgs:
+                    rec = decode(m.value, record_type, 1 << 30)
+                    if not isinstance(rec, DecodeFailure):
+                        out.append(Received(topic, tp_.partition, m.offset, m.key,
+                                            m.timestamp, rec))
+            at_end = all(consumer.position(tp) >= ends[tp] for tp in tps)
+            if at_end and (expect is None or len(out) >= expect):
+                break
+        return out
+    finally:
+        consumer.close(autocommit=False)

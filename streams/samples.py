@@ -1,0 +1,55 @@
+"""Small, valid sample records of every event type (for the smoke run, docs and tests)."""
+
+from __future__ import annotations
+
+from streams.schemas import (
+    Ad,
+    Click,
+    Conversion,
+    DeadLetter,
+    Event,
+    Feedback,
+    FeedbackItem,
+    Impression,
+    ModelUpdate,
+    SlateItem,
+)
+
+T0 = 1_790_000_000.0
+
+
+def sample_records(n: int = 1, user: str = "u1") -> dict[str, list[Event]]:
+    """``n`` records per logical topic; ids are unique within the call."""
+    out: dict[str, list[Event]] = {t: [] for t in (
+        "ads", "impressions", "clicks", "conversions", "feedback", "model-updates", "dlq")}
+    for i in range(n):
+        ad = f"ad-{i}"
+        req = f"req-{user}-{i}"
+        out["ads"].append(Ad(
+            ad_id=ad, advertiser_id=f"adv-{i % 3}", industry="retail", bid_type="cpc",
+            conversion_goal="purchase", bid=1.5, budget=1000.0,
+            title=f"Running shoes {i}", description="Lightweight trail running shoes, 20% off",
+            created_time=T0, event_time=T0 + i))
+        item = SlateItem(ad_id=ad, semantic_id=[1, 2, 3, 0, 1, 0], position=0, score=0.5,
+                         bid=1.5, bid_type="cpc")
+        out["impressions"].append(Impression(
+            request_id=req, event_time=T0 + i, user_id=user, context={"device": "ios"},
+            recent_ad_ids=[], slate=[item], model_version="v000001", beam_widths=[8, 8, 4]))
+        out["clicks"].append(Click(event_id=f"clk-{user}-{i}", request_id=req, user_id=user,
+                                   ad_id=ad, event_time=T0 + i + 2))
+        out["conversions"].append(Conversion(event_id=f"cv-{user}-{i}", request_id=req,
+                                             user_id=user, ad_id=ad, event_time=T0 + i + 60,
+                                             value=12.5))
+        out["feedback"].append(Feedback(
+            request_id=req, user_id=user, kind="provisional", revision=0,
+            impression_time=T0 + i, event_time=T0 + i + 300, elapsed_s=300.0,
+            window_closed=False, items=[FeedbackItem(
+                ad_id=ad, semantic_id=[1, 2, 3, 0, 1, 0], position=0, score=0.5, bid=1.5,
+                bid_type="cpc", clicked=True, reward=1.5)]))
+        out["model-updates"].append(ModelUpdate(
+            model_name="adloop", version=f"v{i:06d}", parent=None, sha256="0" * 64,
+            uri=f"file:///snapshots/v{i:06d}", id_space_version="ids-1",
+            data_watermark=T0 + i, created_time=T0 + i))
+        out["dlq"].append(DeadLetter.of(source_topic="clicks", partition=0, offset=i,
+                                        reason="not_json", detail="sample", raw=b"{oops"))
+    return out

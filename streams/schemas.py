@@ -1,0 +1,266 @@
+"""Event contracts: one typed record per Kafka topic, JSON-encoded with a ``schema`` version.
+
+Every record is a :class:`msgspec.Struct`; :func:`decode` turns raw bytes into the
+record or a :class:`DecodeFailure` whose ``reason`` is one of :data:`DLQ_REASONS`,
+so that any consumer can dead-letter it without guessing. Times are event times in
+seconds since the Unix epoch (the replay runs simulated time, so never compare them
+with the wall clock).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+SCHEMA_VERSION = 1
+"""The only schema version this build reads and writes."""
+
+DEFAULT_MAX_RECORD_BYTES = 256 * 1024
+"""Records larger than this are dead-lettered with reason ``oversized``."""
+
+BidType = Literal["cpc", "cpa", "cpm"]
+AdStatus = Literal["active", "paused", "exhausted"]
+FeedbackKind = Literal["provisional", "correction", "final"]
+
+DLQ_REASONS = (
+    "not_json",        # the bytes do not parse as JSON (or not UTF-8)
+    "invalid",         # JSON, but a field is missing or has the wrong type/value
+    "schema_version",  # a schema version this build does not read
+    "oversized",       # larger than the consumer's record limit
+    "late",            # event time beyond the attribution window (joiner)
+    "orphan",          # click/conversion whose impression never arrived (joiner)
+    "handler_error",   # a well-formed record the handler could not process
+)
+DlqReason = Literal[
+    "not_json", "invalid", "schema_version", "oversized", "late", "orphan", "handler_error"
+]
+
+
+class Event(msgspec.Struct, kw_only=True, omit_defaults=False):
+    """Base of every record. ``schema`` is checked on decode."""
+
+    schema: int = SCHEMA_VERSION
+
+
+class Ad(Event, kw_only=True):
+    """Full state of one ad (topic ``ads``, compacted, key = ad id)."""
+
+    ad_id: str
+    advertiser_id: str
+    industry: str
+    bid_type: BidType
+    conversion_goal: str
+    bid: float
+    budget: float
+    title: str
+    description: str
+    status: AdStatus = "active"
+    created_time: float
+    event_time: float
+
+    def __post_init__(self) -> None:
+        if not self.ad_id:
+            raise ValueError("ad_id must not be empty")
+        if self.bid < 0 or self.budget < 0:
+            raise ValueError("bid and budget must be >= 0")
+
+
+class SlateItem(msgspec.Struct, kw_only=True):
+    """One ad in a served slate."""
+
+    ad_id: str
+    semantic_id: list[int]
+    position: int
+    score: float
+    bid: float
+    bid_type: BidType
+
+
+class Impression(Event, kw_only=True):
+    """A served slate (topic ``impressions``, key = user id)."""
+
+    request_id: str
+    event_time: float
+    user_id: str
+    context: dict[str, str] = {}
+    recent_ad_ids: list[str] = []
+    slate: list[SlateItem]
+    model_version: str
+    beam_widths: list[int] = []
+    server_id: str = ""
+
+
+class Click(Event, kw_only=True):
+    """A click on one ad of a slate (topic ``clicks``, key = user id)."""
+
+    event_id: str
+    request_id: str
+    user_id: str
+    ad_id: str
+    event_time: float
+
+
+class Conversion(Event, kw_only=True):
+    """A conversion attributed to one ad of a slate (topic ``conversions``, key = user id)."""
+
+    event_id: str
+    request_id: str
+    user_id: str
+    ad_id: str
+    event_time: float
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.value < 0:
+            raise ValueError("value must be >= 0")
+
+
+class FeedbackItem(msgspec.Struct, kw_only=True):
+    """One slate item with what the user did and the realized reward."""
+
+    ad_id: str
+    semantic_id: list[int]
+    position: int
+    score: float
+    bid: float
+    bid_type: BidType
+    clicked: bool = False
+    converted: bool = False
+    conversion_value: float = 0.0
+    reward: float = 0.0
+
+
+class Feedback(Event, kw_only=True):
+    """A joined impression (topic ``feedback``, key = user id).
+
+    ``kind`` is ``provisional`` after the observation window, ``correction`` when a
+    conversion lands later inside the attribution window, ``final`` when the window
+    closes. ``revision`` increases per request id, so (request_id, revision) is unique.
+    """
+
+    request_id: str
+    user_id: str
+    kind: FeedbackKind
+    revision: int
+    impression_time: float
+    event_time: float
+    """Event time at which this record was emitted (the joiner's watermark)."""
+    elapsed_s: float
+    window_closed: bool
+    context: dict[str, str] = {}
+    recent_ad_ids: list[str] = []
+    model_version: str = ""
+    items: list[FeedbackItem]
+
+
+class ModelUpdate(Event, kw_only=True):
+    """A published snapshot (topic ``model-updates``, compacted, key = model name)."""
+
+    model_name: str
+    version: str
+    parent: str | None
+    sha256: str
+    """sha256 of the snapshot's manifest file; the manifest holds each file's sha256."""
+    uri: str
+    id_space_version: str
+    data_watermark: float
+    """Newest event time the snapshot was trained on."""
+    created_time: float
+    metrics: dict[str, float] = {}
+
+
+class DeadLetter(Event, kw_only=True):
+    """A rejected record with where it came from and why (topic ``dlq``)."""
+
+    source_topic: str
+    partition: int
+    offset: int
+    reason: DlqReason
+    detail: str
+    raw_b64: str
+    key_b64: str | None = None
+    failed_time: float
+
+    @classmethod
+    def of(cls, *, source_topic: str, partition: int, offset: int, reason: DlqReason,
+           detail: str, raw: bytes, key: bytes | None = None) -> DeadLetter:
+        return cls(
+            source_topic=source_topic, partition=partition, offset=offset, reason=reason,
+            detail=detail[:2000], raw_b64=base64.b64encode(raw).decode("ascii"),
+            key_b64=base64.b64encode(key).decode("ascii") if key is not None else None,
+            failed_time=time.time(),
+        )
+
+    def raw(self) -> bytes:
+        return base64.b64decode(self.raw_b64)
+
+
+T = TypeVar("T", bound=Event)
+
+
+class DecodeFailure(msgspec.Struct, frozen=True):
+    """Why bytes could not become a record."""
+
+    reason: DlqReason
+    detail: str
+
+
+_encoder = msgspec.json.Encoder()
+_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+
+def encode(record: Event) -> bytes:
+    """JSON bytes of a record."""
+    return _encoder.encode(record)
+
+
+def decode(raw: bytes | None, record_type: type[T],
+           max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> T | DecodeFailure:
+    """Decode ``raw`` as ``record_type`` or say why not (never raises for bad input)."""
+    if raw is None:
+        return DecodeFailure("invalid", "record value is null (tombstone)")
+    if len(raw) > max_bytes:
+        return DecodeFailure("oversized", f"record is {len(raw)} bytes, limit is {max_bytes}")
+    dec = _decoders.get(record_type)
+    if dec is None:
+        dec = _decoders[record_type] = msgspec.json.Decoder(record_type)
+    try:
+        record = dec.decode(raw)
+    except msgspec.ValidationError as exc:
+        version = _schema_version_of(raw)
+        if version is not None and version != SCHEMA_VERSION:
+            return DecodeFailure(
+                "schema_version", f"schema version {version} not supported (reads {SCHEMA_VERSION})"
+            )
+        return DecodeFailure("invalid", f"{record_type.__name__}: {exc}")
+    except msgspec.DecodeError as exc:
+        return DecodeFailure("not_json", str(exc))
+    except (ValueError, TypeError) as exc:  # raised by __post_init__ checks
+        return DecodeFailure("invalid", f"{record_type.__name__}: {exc}")
+    if record.schema != SCHEMA_VERSION:
+        return DecodeFailure(
+            "schema_version",
+            f"schema version {record.schema} not supported (reads {SCHEMA_VERSION})",
+        )
+    return record
+
+
+def _schema_version_of(raw: bytes) -> int | None:
+    try:
+        obj = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(obj, dict):
+        v = obj.get("schema")
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
+
+
+def json_schema(record_type: type[Event]) -> dict[str, Any]:
+    """The JSON Schema of a record, for documentation and other-language consumers."""
+    schema: dict[str, Any] = msgspec.json.schema(record_type)
+    return schema
