@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from kafka.admin import KafkaAdminClient
 
@@ -13,13 +14,18 @@ from streams.topics import TOPICS, Topics, create_topics
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["create", "list", "describe"], nargs="?",
                         default="list")
+    parser.add_argument("--replication-factor", type=int,
+                        default=int(os.environ.get("ADLOOP_REPLICATION_FACTOR", "1")),
+                        help="replicas per partition (env ADLOOP_REPLICATION_FACTOR; default 1)")
     add_settings_arguments(parser, KafkaSettings)
 
 
 def run(args: argparse.Namespace) -> int:
     kafka = settings_from_args(KafkaSettings, args)
     if args.action == "create":
-        for name, what in create_topics(kafka.bootstrap_servers, kafka.topic_prefix).items():
+        created = create_topics(kafka.bootstrap_servers, kafka.topic_prefix,
+                                args.replication_factor)
+        for name, what in created.items():
             print(f"{name:40s} {what}")
         return 0
     if args.action == "describe":

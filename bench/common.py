@@ -1,0 +1,66 @@
+"""Shared plumbing for benchmarks: device description, results JSON, the docs table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
+def device() -> str:
+    return f"cpu: {cpu_name()} ({os.cpu_count()} cores)"
+
+
+def write_results(name: str, results: dict[str, Any]) -> Path:
+    """Write ``bench/results/NAME.json`` with a timestamp and the device."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = {"benchmark": name, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                time.gmtime()), **results}
+    results.setdefault("device", device())
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def update_doc_section(section: str, body: str) -> None:
+    """Replace (or append) the ``## SECTION`` part of docs/benchmarks.md."""
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    text = DOC.read_text() if DOC.exists() else (
+        "# Benchmarks\n\nEach section is written by its script under `bench/`; "
+        "the numbers come from `bench/results/*.json`. Do not edit by hand.\n")
+    block = f"## {section}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _m: block + "\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    DOC.write_text(text.rstrip("\n") + "\n")

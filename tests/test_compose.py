@@ -1,0 +1,58 @@
+"""compose.yaml validates and wires the stack the way the docs say (no engine needed)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _compose_config(profiles: str) -> dict:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.fail("docker-compose is installed by scripts/bootstrap; it is missing")
+    env = dict(os.environ, COMPOSE_PROFILES=profiles)
+    res = subprocess.run([exe, "-f", str(ROOT / "compose.yaml"), "config"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return yaml.safe_load(res.stdout)
+
+
+def test_compose_file_validates_for_single_and_cluster_profiles() -> None:
+    for profiles in ("single", "cluster", "single,traffic"):
+        cfg = _compose_config(profiles)
+        assert {"topics", "join", "learn", "serve-1", "serve-2", "prometheus", "grafana"} <= set(
+            cfg["services"])
+
+
+def test_compose_runs_the_same_kafka_release_as_the_embedded_broker() -> None:
+    pom = (ROOT / "deploy" / "kafka" / "pom.xml").read_text()
+    version = re.search(r"<kafka.version>([^<]+)</kafka.version>", pom).group(1)  # type: ignore[union-attr]
+    cfg = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    kafka_images = {s["image"] for name, s in cfg["services"].items() if name.startswith("kafka")}
+    assert kafka_images == {f"apache/kafka:{version}"}
+    voters = cfg["services"]["kafka-3"]["environment"]["KAFKA_CONTROLLER_QUORUM_VOTERS"]
+    assert voters.count("@") == 3
+    assert cfg["services"]["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
+
+
+def test_compose_mounts_exist_and_secrets_are_not_committed() -> None:
+    cfg = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    for svc in cfg["services"].values():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":", 1)[0]
+            if src.startswith("./"):
+                assert (ROOT / src).exists(), src
+        build = svc.get("build")
+        if build:
+            assert (ROOT / build["dockerfile"]).exists()
+        for key, value in (svc.get("environment") or {}).items():
+            if any(word in key for word in ("TOKEN", "PASSWORD", "SECRET")):
+                assert str(value).startswith("${"), f"{key} must come from the environment"
