@@ -1,0 +1,172 @@
+"""RSPO: ranking-guided softmax preference optimization (GR4AD) — a labelled reconstruction.
+
+The paper's exact loss is not public. This is the reconstruction of
+``docs/mechanisms.md`` §1.5, built on Softmax-DPO (S-DPO):
+
+* Per request, the K served items ``y_k`` and their realized value rewards ``r_k``.
+* Implicit rewards ``s_k = β·(log π_θ(y_k|x) − log π_ref(y_k|x))`` (log-probs summed
+  over id levels).
+* Plackett–Luce over the items sorted by reward, each stage weighted by its rank gain:
+
+      L = − Σ_i λ_i · [ s_(i) − log( exp s_(i) + Σ_{j: r_j < r_(i)} exp s_j ) ]
+
+  Only items with a strictly lower reward are negatives of item ``(i)``, so ties
+  contribute nothing; ``λ_i = (G(r_(i)) − G(r_min)) / log2(1 + rank_i)`` (tied items
+  share a rank) with
+  ``G(r) = 2^{r / r_max} − 1`` (NDCG-style gain, rewards scaled per list), normalised
+  over the batch. Top positions and large value gaps dominate. With all rewards equal
+  every λ is 0, so the gradient vanishes; with π_θ = π_ref the loss still pushes
+  higher-value items up whenever rewards differ.
+* Anchoring: the caller adds ``α·L_VSL`` and refreshes π_ref to the last published
+  snapshot (see ``learner.online``).
+
+``hepo_loss`` is the optional HEPO-style per-level credit (GPR §2.3, also a
+reconstruction): each id level's token gets an advantage from the mean reward of
+the sibling beams sharing its parent prefix, in a clipped-ratio objective.
+
+All functions are pure tensor maths: tests call them with no model and no Kafka.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class RSPOConfig:
+    beta: float = 0.5
+    """Scale of the implicit reward β·log(π_θ/π_ref)."""
+    vsl_alpha: float = 0.2
+    """Weight of the VSL anchoring term added by the learner."""
+    hepo_weight: float = 0.0
+    """Weight of the per-level (HEPO-style) credit term; 0 disables it."""
+    hepo_clip: float = 0.2
+    min_gap: float = 1e-9
+    """Rewards closer than this count as ties."""
+
+
+def rank_gain_weights(rewards: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Order by reward and the rank-gain weight of each stage.
+
+    rewards, mask: [B, K] (mask 1 = real item).
+    Returns ``order`` [B, K] (indices, highest reward first, padding last) and
+    ``lam`` [B, K] (weight of the stage whose positive is ``order[:, i]``; unnormalised).
+    """
+    neg_inf = torch.finfo(rewards.dtype).min
+    keyed = torch.where(mask > 0, rewards, torch.full_like(rewards, neg_inf))
+    order = torch.argsort(keyed, dim=1, descending=True, stable=True)
+    r_sorted = torch.gather(rewards, 1, order)
+    m_sorted = torch.gather(mask, 1, order)
+    big = torch.finfo(rewards.dtype).max
+    r_min = torch.where(m_sorted > 0, r_sorted, torch.full_like(r_sorted, big)).min(dim=1).values
+    r_max = torch.where(m_sorted > 0, r_sorted, torch.full_like(r_sorted, -big)).max(dim=1).values
+    scale = torch.clamp(r_max.abs(), min=1e-6).unsqueeze(1)
+    gain = torch.pow(2.0, r_sorted / scale) - torch.pow(2.0, r_min.unsqueeze(1) / scale)
+    # competition rank: 1 + number of real items with a strictly higher reward, so
+    # tied items share a rank (and a weight)
+    higher = (r_sorted.unsqueeze(1) > r_sorted.unsqueeze(2)) & (m_sorted.unsqueeze(1) > 0)
+    rank = 1.0 + higher.sum(dim=2).to(rewards.dtype)                     # [B, K]
+    discount = 1.0 / torch.log2(1.0 + rank)
+    lam = torch.clamp(gain, min=0.0) * discount * m_sorted
+    return order, lam
+
+
+def rspo_loss(logp: Tensor, logp_ref: Tensor, rewards: Tensor, mask: Tensor,
+              beta: float, list_weight: Tensor | None = None,
+              min_gap: float = 1e-9) -> tuple[Tensor, dict[str, float]]:
+    """The RSPO loss of a batch of lists.
+
+    logp, logp_ref: [B, K] sequence log-probs under π_θ and π_ref (π_ref detached).
+    rewards: [B, K] realized value rewards; mask: [B, K] 1 for real items.
+    list_weight: [B] per-list weight (fake-negative / correction weighting), default 1.
+    Returns (scalar loss, stats).
+    """
+    B, K = logp.shape
+    s = beta * (logp - logp_ref.detach())                                   # [B, K]
+    order, lam = rank_gain_weights(rewards, mask)
+    s_sorted = torch.gather(s, 1, order)                                    # [B, K]
+    r_sorted = torch.gather(rewards, 1, order)
+    m_sorted = torch.gather(mask, 1, order)
+    # negatives of stage i: items j with r_j < r_(i) - min_gap (strictly lower value)
+    lower = (r_sorted.unsqueeze(1) < r_sorted.unsqueeze(2) - min_gap)       # [B, K(i), K(j)]
+    lower = lower & (m_sorted.unsqueeze(1) > 0) & (m_sorted.unsqueeze(2) > 0)
+    neg_inf = torch.finfo(s.dtype).min
+    neg_scores = torch.where(lower, s_sorted.unsqueeze(1).expand(B, K, K),
+                             torch.full((B, K, K), neg_inf, dtype=s.dtype, device=s.device))
+    # log(exp s_i + Σ_lower exp s_j)
+    denom = torch.logsumexp(torch.cat([s_sorted.unsqueeze(2), neg_scores], dim=2), dim=2)
+    has_neg = lower.any(dim=2)
+    stage = torch.where(has_neg, s_sorted - denom, torch.zeros_like(s_sorted))  # [B, K]
+    lam = lam * has_neg
+    if list_weight is not None:
+        lam = lam * list_weight.unsqueeze(1)
+    total = lam.sum()
+    loss = -(lam * stage).sum() / torch.clamp(total, min=1e-12)
+    with torch.no_grad():
+        active = has_neg.any(dim=1)
+        top_is_best = (s_sorted[:, 0] >= s_sorted.max(dim=1).values - 1e-12) & active
+        stats = {
+            "rspo_loss": float(loss.detach()),
+            "implicit_reward_margin": float(
+                ((s_sorted[:, 0] - (s_sorted * m_sorted).sum(1) / m_sorted.sum(1).clamp(min=1))
+                 [active]).mean()) if bool(active.any()) else 0.0,
+            "lists_with_preference": float(active.sum()),
+            "top_item_preferred": float(top_is_best.sum() / active.sum().clamp(min=1)),
+        }
+    return loss, stats
+
+
+def hepo_loss(level_logp: Tensor, level_logp_old: Tensor, ids: Tensor, rewards: Tensor,
+              mask: Tensor, clip: float = 0.2) -> Tensor:
+    """HEPO-style per-level credit (reconstruction).
+
+    level_logp, level_logp_old: [B, K, T] per-level token log-probs under π_θ / π_old.
+    ids: [B, K, T] the item ids; rewards, mask: [B, K].
+    At level l the advantage of item k is the mean reward of the items sharing its
+    prefix ids[:, k, :l+1], minus the mean over the group sharing the parent prefix
+    ids[:, k, :l], divided by that group's std (0 for singleton groups).
+    """
+    B, K, T = ids.shape
+    adv = torch.zeros(B, K, T, dtype=level_logp.dtype, device=level_logp.device)
+    m = mask > 0
+    for level in range(T):
+        same_node = (ids[:, :, None, : level + 1] == ids[:, None, :, : level + 1]).all(-1)
+        same_parent = (ids[:, :, None, :level] == ids[:, None, :, :level]).all(-1) if level else (
+            torch.ones(B, K, K, dtype=torch.bool, device=ids.device))
+        both = m[:, :, None] & m[:, None, :]
+        same_node, same_parent = same_node & both, same_parent & both
+        r = rewards[:, None, :].expand(B, K, K)
+        node_mean = (r * same_node).sum(-1) / same_node.sum(-1).clamp(min=1)
+        parent_n = same_parent.sum(-1).clamp(min=1)
+        parent_mean = (r * same_parent).sum(-1) / parent_n
+        parent_var = ((r - parent_mean[..., None]) ** 2 * same_parent).sum(-1) / parent_n
+        adv[:, :, level] = (node_mean - parent_mean) / torch.sqrt(parent_var + 1e-8)
+    adv = adv * m[..., None]
+    ratio = torch.exp(level_logp - level_logp_old.detach())
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - clip, 1 + clip) * adv
+    n = (m.sum() * T).clamp(min=1)
+    return -torch.minimum(unclipped, clipped).sum() / n
+
+
+def fake_negative_weight(elapsed_s: Tensor, delay_median_s: float = 600.0,
+                         delay_sigma: float = 1.5, early_share: float = 0.35,
+                         early_mean_s: float = 180.0) -> Tensor:
+    """Probability that a conversion, if one is coming, has already arrived after ``elapsed_s``.
+
+    A provisional list's unconverted items may be fake negatives; the learner weights
+    such lists by this CDF (ES-DFM / DEFER style) so early, uncertain negatives count
+    less, and corrections later supply the missing mass. The delay model is a mixture of
+    an exponential (early conversions) and a log-normal tail; parameters match the
+    simulator's defaults and are configurable.
+    """
+    e = torch.clamp(elapsed_s, min=0.0)
+    early = 1.0 - torch.exp(-e / early_mean_s)
+    log_e = torch.log(torch.clamp(e, min=1e-6))
+    z = (log_e - math.log(delay_median_s)) / (delay_sigma * math.sqrt(2))
+    late = 0.5 * (1.0 + torch.erf(z))
+    return early_share * early + (1.0 - early_share) * late
