@@ -1,0 +1,489 @@
+"""``adloop learn``: the continuous RSPO learner.
+
+Reads ``feedback`` (training lists) and ``ads`` (new ads get ids), trains with
+:class:`learner.rspo_step.OnlineLearner`, and every N updates or T seconds publishes
+a snapshot through :class:`learner.publish.Publisher` and ``model-updates``.
+
+Crash safety (the commit path, one block per step in :meth:`LearnerService.commit`):
+
+1. flush the producer, so dead letters of everything consumed are durable;
+2. write the ledger segment of every feedback record consumed since the last
+   checkpoint (``ledger/<seq>.jsonl``: partition, offset, request, trained or why not);
+3. write the checkpoint atomically (tmp + fsync + rename): model, optimizer, reference
+   policy, tokenizer table, the consumer positions those weights correspond to, the
+   version counter and any announced-but-unconfirmed model update;
+4. mirror the positions to Kafka's committed offsets (informational only).
+
+On restart the learner loads the checkpoint, deletes ledger segments newer than it
+(their training was lost with the crash) and seeks to the checkpoint's positions, so
+every feedback offset is trained exactly once across crashes. A training step only
+ever happens with the whole polled batch, so a checkpoint never lands between a
+record being consumed and its effect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections import OrderedDict, deque
+from pathlib import Path
+from typing import Any
+
+import torch
+from kafka import KafkaConsumer, TopicPartition
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from learner.checkpoint import TOKENIZER_DIR, load_model
+from learner.model import GenerativeRecommender, ModelConfig
+from learner.publish import Publisher, SnapshotRefusedError, SnapshotStore
+from learner.rspo import RSPOConfig
+from learner.rspo_step import ListBatch, OnlineLearner, lists_to_batch, provisional_weight
+from learner.tokenizer import TokenizerError, UASIDTokenizer
+from streams.kafka_io import EventConsumer, EventProducer, Received
+from streams.logs import get_logger
+from streams.metrics import FRESHNESS_BUCKETS, counter, gauge, histogram, start_metrics_server
+from streams.schemas import Ad, DecodeFailure, Feedback, ModelUpdate, decode
+from streams.settings import KafkaSettings, add_settings_arguments, settings_from_args
+from streams.topics import Topics
+
+log = get_logger(__name__)
+
+UPDATES = counter("adloop_learner_updates_total", "RSPO optimizer steps.")
+LISTS = counter("adloop_learner_lists_total",
+                "Feedback lists consumed, by what happened to them.", ("outcome",))
+REPLAYED = counter("adloop_learner_replayed_lists_total",
+                   "Lists re-used from the replay buffer (against forgetting).")
+LOSS = gauge("adloop_learner_loss", "Latest loss, by term.", ("term",))
+REWARD = gauge("adloop_learner_mean_reward", "Mean realized reward per item of the last batch.")
+KL = gauge("adloop_learner_kl_reference", "Sample KL(π_ref ‖ π_θ) on the last batch's items.")
+UPDATE_SECONDS = histogram("adloop_learner_update_seconds", "Wall time of one RSPO step.")
+WATERMARK = gauge("adloop_learner_data_watermark_timestamp_seconds",
+                  "Newest event time trained on.")
+PUBLISH_TS = gauge("adloop_learner_last_publish_timestamp_seconds",
+                   "Wall time of the last published snapshot.")
+FRESHNESS = histogram("adloop_learner_freshness_seconds",
+                      "Newest trained record's Kafka append time -> snapshot announced.",
+                      buckets=FRESHNESS_BUCKETS)
+MODEL_VERSION = gauge("adloop_learner_model_version", "Number of the last published version.")
+NEW_ADS = counter("adloop_learner_new_ads_total", "Ads that received an id online.")
+HOLDOUT = gauge("adloop_learner_holdout_ndcg", "Online-holdout value-NDCG, by model.", ("model",))
+
+STATE_FILE = "learner_state.pt"
+STATE_FORMAT = 1
+
+
+class LearnerSettings(BaseSettings):
+    """``adloop learn`` settings (env ADLOOP_LEARN_<NAME>, flags --name)."""
+
+    model_config = SettingsConfigDict(env_prefix="ADLOOP_LEARN_", extra="ignore")
+
+    bootstrap_servers: str = os.environ.get("ADLOOP_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    topic_prefix: str = os.environ.get("ADLOOP_TOPIC_PREFIX", "")
+    init_run_dir: Path = Path("runs/pretrain")
+    """The pretrained model (``adloop pretrain`` run dir) to start from."""
+    state_dir: Path = Path("runs/learner")
+    """Checkpoints and the training ledger."""
+    snapshot_store: str = os.environ.get("ADLOOP_SNAPSHOT_STORE", "runs/snapshots")
+    """Directory or fsspec URL where snapshots are stored."""
+    model_name: str = "adloop"
+    group_id: str = "adloop-learner"
+    batch_lists: int = 64
+    max_wait_s: float = 1.0
+    lr: float = 5e-4
+    beta: float = 0.5
+    vsl_alpha: float = 0.2
+    value_weight: float = 0.5
+    hepo_weight: float = 0.0
+    train_on: str = "all"
+    """all (provisional + corrections + changed finals) or final (final lists only)."""
+    replay_size: int = 4096
+    replay_frac: float = 0.25
+    holdout_every: int = 10
+    """Every n-th request (by id hash) is held out for the promotion guard."""
+    holdout_size: int = 512
+    max_regression: float = 0.05
+    snapshot_every_updates: int = 50
+    snapshot_every_s: float = 10.0
+    checkpoint_every_s: float = 5.0
+    keep_snapshots: int = 5
+    seed: int = 0
+    threads: int = 0
+    metrics_port: int = 9302
+    metrics_host: str = "127.0.0.1"
+
+
+class LedgerError(RuntimeError):
+    """The ledger and the checkpoint disagree (offsets went backwards)."""
+
+
+class LearnerService:
+    """The stream loop around :class:`OnlineLearner` (see the module docstring)."""
+
+    def __init__(self, s: LearnerSettings) -> None:
+        self.s = s
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        self.kafka = KafkaSettings(bootstrap_servers=s.bootstrap_servers,
+                                   topic_prefix=s.topic_prefix, client_id="adloop-learner")
+        self.topics = Topics(s.topic_prefix)
+        self.state_dir = Path(s.state_dir)
+        (self.state_dir / "ledger").mkdir(parents=True, exist_ok=True)
+        self.store = SnapshotStore(s.snapshot_store)
+        self.publisher = Publisher(self.store, self.state_dir / "staging", s.model_name,
+                                   s.max_regression, s.keep_snapshots)
+        self.producer = EventProducer(self.kafka)
+        self.rng = random.Random(s.seed)
+        self.rspo_cfg = RSPOConfig(beta=s.beta, vsl_alpha=s.vsl_alpha, hepo_weight=s.hepo_weight)
+        # state restored from / saved to the checkpoint
+        self.seq = 0
+        self.positions: dict[int, int] = {}
+        self.next_version = 1
+        self.last_published: str | None = None
+        self.pending_update: str | None = None
+        self.watermark = 0.0
+        self.newest_append_ms = 0
+        self.seen: OrderedDict[str, tuple[float, list[float]]] = OrderedDict()
+        self.ledger: list[dict[str, Any]] = []
+        self.pending: list[tuple[Feedback, float]] = []
+        self.pending_since = 0.0
+        self.replay: deque[tuple[Feedback, float]] = deque(maxlen=max(1, s.replay_size))
+        self.holdout: deque[tuple[Feedback, float]] = deque(maxlen=max(1, s.holdout_size))
+        self.updates_since_publish = 0
+        self.last_publish = time.monotonic()
+        self.last_checkpoint = time.monotonic()
+        self.ready = False
+        self.model, self.tok, self.learner = self._load()
+        self.consumer = EventConsumer(self.kafka, ["feedback"], s.group_id, dlq=self.producer,
+                                      subscribe=False, max_poll_records=s.batch_lists)
+        self.ads_consumer = KafkaConsumer(bootstrap_servers=s.bootstrap_servers,
+                                          enable_auto_commit=False,
+                                          isolation_level="read_committed")
+
+    # -- start-up ----------------------------------------------------------------------
+    def _load(self) -> tuple[GenerativeRecommender, UASIDTokenizer, OnlineLearner]:
+        path = self.state_dir / STATE_FILE
+        if path.exists():
+            st = torch.load(path, map_location="cpu", weights_only=True)
+            if st.get("format") != STATE_FORMAT:
+                raise LedgerError(f"{path}: state format {st.get('format')} not readable")
+            tok = UASIDTokenizer.load(self.state_dir / st["tokenizer_dir"])
+            tok.check_version(st["id_space_version"], what=f"learner state {path}")
+            model = GenerativeRecommender(ModelConfig.from_json(st["config"]))
+            model.load_state_dict(st["model"])
+            learner = self._learner(model)
+            learner.opt.load_state_dict(st["optimizer"])
+            learner.ref.load_state_dict(st["reference"])
+            learner.steps = int(st["steps"])
+            self.seq = int(st["seq"])
+            self.positions = {int(k): int(v) for k, v in st["positions"].items()}
+            self.next_version = int(st["next_version"])
+            self.last_published = st["last_published"]
+            self.pending_update = st["pending_update"]
+            self.watermark = float(st["watermark"])
+            self.seen = OrderedDict((k, (float(v[0]), list(v[1]))) for k, v in st["seen"])
+            for seg in (self.state_dir / "ledger").glob("*.jsonl"):
+                if int(seg.stem) > self.seq:   # trained after the checkpoint: lost, redo
+                    seg.unlink()
+            log.info("learner.resumed", seq=self.seq, positions=self.positions,
+                     next_version=self.next_version)
+            return model, tok, learner
+        init = Path(self.s.init_run_dir)
+        if not (init / "checkpoint.pt").exists():
+            raise SystemExit(f"adloop learn: no learner state in {self.state_dir} and no "
+                             f"pretrained model in {init}; run `adloop pretrain` first "
+                             "(or pass --init-run-dir)")
+        model, tok, _ = load_model(init)
+        log.info("learner.initialised", from_run=str(init), params=model.num_parameters())
+        return model, tok, self._learner(model)
+
+    def _learner(self, model: GenerativeRecommender) -> OnlineLearner:
+        return OnlineLearner(model, self.rspo_cfg, lr=self.s.lr, value_weight=self.s.value_weight)
+
+    def start(self) -> None:
+        feedback = self.topics.feedback
+        parts = sorted(self.consumer.consumer.partitions_for_topic(feedback) or ())
+        if not parts:
+            raise SystemExit(f"adloop learn: topic {feedback} does not exist "
+                             "(run `adloop topics create`)")
+        tps = [TopicPartition(feedback, p) for p in parts]
+        self.consumer.consumer.assign(tps)
+        for tp in tps:
+            if tp.partition in self.positions:
+                self.consumer.consumer.seek(tp, self.positions[tp.partition])
+            else:
+                self.consumer.consumer.seek_to_beginning(tp)
+        ads_tp = TopicPartition(self.topics.ads, 0)
+        self.ads_consumer.assign([ads_tp])
+        self.ads_consumer.seek_to_beginning(ads_tp)
+        self.poll_ads(timeout_ms=2000, until_end=True)
+        if self.pending_update is not None:          # announced? make sure it is
+            self.publisher.announce(self.producer, decode(self.pending_update.encode(),
+                                                          ModelUpdate))  # type: ignore[arg-type]
+            self.pending_update = None
+        if self.last_published is None:
+            self.publish()
+        self.ready = True
+
+    # -- ads -----------------------------------------------------------------------------
+    def poll_ads(self, timeout_ms: int = 0, until_end: bool = False) -> None:
+        tp = TopicPartition(self.topics.ads, 0)
+        end = self.ads_consumer.end_offsets([tp])[tp] if until_end else 0
+        while True:
+            new: list[Ad] = []
+            for msgs in self.ads_consumer.poll(timeout_ms=timeout_ms).values():
+                for m in msgs:
+                    ad = decode(m.value, Ad)
+                    if isinstance(ad, DecodeFailure):
+                        continue  # the ads consumers of record (server) dead-letter these
+                    if ad.ad_id not in self.tok:
+                        new.append(ad)
+            if new:
+                try:
+                    self.tok.add_ads(new)
+                    NEW_ADS.inc(len(new))
+                except TokenizerError as exc:
+                    for ad in new:  # one by one, so one bad ad does not block the rest
+                        try:
+                            self.tok.add_ads([ad])
+                            NEW_ADS.inc()
+                        except TokenizerError as one:
+                            log.warning("learner.ad_rejected", ad_id=ad.ad_id, error=str(one))
+                    log.warning("learner.ads_batch_partial", error=str(exc))
+            if not until_end or self.ads_consumer.position(tp) >= end:
+                return
+
+    # -- feedback ------------------------------------------------------------------------
+    def _is_holdout(self, request_id: str) -> bool:
+        if self.s.holdout_every <= 0:
+            return False
+        import zlib
+
+        return zlib.crc32(request_id.encode()) % self.s.holdout_every == 0
+
+    def classify(self, fb: Feedback) -> tuple[float | None, str]:
+        """The list weight to train ``fb`` with, or None and the reason it is skipped."""
+        rewards = [round(it.reward, 9) for it in fb.items]
+        if self._is_holdout(fb.request_id):
+            if fb.kind == "final":
+                self.holdout.append((fb, 1.0))
+            return None, "holdout"
+        prev = self.seen.get(fb.request_id)
+        if self.s.train_on == "final" and fb.kind != "final":
+            return None, "not_final"
+        if fb.kind == "provisional":
+            w = provisional_weight(fb)
+        elif prev is not None and prev[1] == rewards:
+            return None, "unchanged"
+        else:
+            w = 1.0 - prev[0] if prev is not None else 1.0
+            w = max(w, 0.05)
+        self.seen[fb.request_id] = (1.0 if fb.kind != "provisional" else w, rewards)
+        self.seen.move_to_end(fb.request_id)
+        while len(self.seen) > 200_000:
+            self.seen.popitem(last=False)
+        if fb.kind == "final":
+            self.seen.pop(fb.request_id, None)  # nothing follows a final
+        return w, "trained"
+
+    def handle(self, batch: list[Received[Any]]) -> None:
+        if batch and not self.pending:
+            self.pending_since = time.monotonic()
+        for rec in batch:
+            fb: Feedback = rec.record
+            w, outcome = self.classify(fb)
+            self.ledger.append({"p": rec.partition, "o": rec.offset, "request_id": fb.request_id,
+                                "revision": fb.revision, "kind": fb.kind, "outcome": outcome})
+            LISTS.labels(outcome).inc()
+            if w is not None:
+                self.pending.append((fb, w))
+                self.watermark = max(self.watermark, fb.event_time)
+                self.newest_append_ms = max(self.newest_append_ms, rec.timestamp_ms)
+
+    def train_pending(self) -> dict[str, float] | None:
+        if not self.pending:
+            return None
+        lists = list(self.pending)
+        n_replay = int(len(lists) * self.s.replay_frac)
+        if n_replay and self.replay:
+            lists += self.rng.sample(list(self.replay), min(n_replay, len(self.replay)))
+            REPLAYED.inc(len(lists) - len(self.pending))
+        self.replay.extend(self.pending)
+        self.pending = []
+        t0 = time.perf_counter()
+        metrics = self.learner.update(lists_to_batch(lists, self.tok, self.model))
+        UPDATE_SECONDS.observe(time.perf_counter() - t0)
+        UPDATES.inc()
+        self.updates_since_publish += 1
+        for term in ("loss", "rspo", "vsl", "value", "hepo"):
+            LOSS.labels(term).set(metrics[term])
+        REWARD.set(metrics["mean_reward"])
+        KL.set(metrics["kl_ref"])
+        WATERMARK.set(self.watermark)
+        return metrics
+
+    # -- snapshots -----------------------------------------------------------------------
+    def _holdout_batch(self) -> ListBatch | None:
+        if not self.holdout:
+            return None
+        return lists_to_batch(list(self.holdout), self.tok, self.model)
+
+    def publish(self) -> bool:
+        """Export + guard + store the current model, checkpoint, then announce it."""
+        version = f"v{self.next_version:06d}"
+        hb = self._holdout_batch()
+        serving = None
+        if hb is not None and self.last_published is not None:
+            serving = self.learner.holdout_ndcg(self.learner.ref, hb)
+            HOLDOUT.labels("serving").set(serving)
+
+        def holdout(m: GenerativeRecommender) -> float:
+            if hb is None:
+                return math.nan
+            v = self.learner.holdout_ndcg(m, hb)
+            HOLDOUT.labels("candidate").set(v)
+            return v
+
+        try:
+            pub = self.publisher.publish(
+                self.model, self.tok, version, self.last_published, self.watermark,
+                holdout=holdout, serving_holdout=serving,
+                metrics={"updates": float(self.learner.steps)})
+        except SnapshotRefusedError:
+            self.next_version += 1  # the refused name is never reused
+            self.updates_since_publish = 0
+            self.last_publish = time.monotonic()
+            return False
+        event = self.publisher.update_event(pub, self.watermark)
+        self.next_version += 1
+        self.last_published = version
+        self.pending_update = json.dumps(_builtins(event))
+        self.learner.refresh_reference()
+        self.commit()                                        # durable before announcing
+        self.publisher.announce(self.producer, event)
+        self.pending_update = None
+        now = time.time()
+        PUBLISH_TS.set(now)
+        MODEL_VERSION.set(self.next_version - 1)
+        if self.newest_append_ms:
+            FRESHNESS.observe(max(0.0, now - self.newest_append_ms / 1000.0))
+        self.updates_since_publish = 0
+        self.last_publish = time.monotonic()
+        return True
+
+    # -- the commit path -----------------------------------------------------------------
+    def commit(self) -> None:
+        """Make the effect of everything consumed so far durable (see module docstring)."""
+        if self.pending:
+            raise LedgerError("commit with untrained pending lists would skip them")
+        # 1. dead letters durable
+        self.producer.flush(30)
+        # 2. ledger segment for this checkpoint
+        positions = {tp.partition: self.consumer.consumer.position(tp)
+                     for tp in self.consumer.consumer.assignment()}
+        for p, off in positions.items():
+            if off < self.positions.get(p, 0):
+                raise LedgerError(f"partition {p}: position {off} is behind the checkpoint's "
+                                  f"{self.positions[p]} (offsets only increase)")
+        seq = self.seq + 1
+        if self.ledger:
+            seg = self.state_dir / "ledger" / f"{seq:08d}.jsonl"
+            tmp = seg.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.ledger))
+            os.replace(tmp, seg)
+        # 3. checkpoint (tokenizer first, in a directory named for this checkpoint)
+        tok_dir = f"{TOKENIZER_DIR}.{seq:08d}"
+        self.tok.save(self.state_dir / tok_dir)
+        state = {
+            "format": STATE_FORMAT, "seq": seq, "config": self.model.cfg.to_json(),
+            "model": self.model.state_dict(), "optimizer": self.learner.opt.state_dict(),
+            "reference": self.learner.ref.state_dict(), "steps": self.learner.steps,
+            "tokenizer_dir": tok_dir, "id_space_version": self.tok.id_space_version,
+            "positions": {str(p): o for p, o in positions.items()},
+            "next_version": self.next_version, "last_published": self.last_published,
+            "pending_update": self.pending_update, "watermark": self.watermark,
+            "seen": [[k, [v[0], v[1]]] for k, v in self.seen.items()],
+        }
+        tmp_state = self.state_dir / (STATE_FILE + ".tmp")
+        with open(tmp_state, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_state, self.state_dir / STATE_FILE)
+        self.seq, self.positions, self.ledger = seq, positions, []
+        for old in self.state_dir.glob(f"{TOKENIZER_DIR}.*"):
+            if old.name != tok_dir:
+                import shutil
+
+                shutil.rmtree(old, ignore_errors=True)
+        # 4. mirror to Kafka (informational; the checkpoint is the truth)
+        try:
+            self.consumer.commit({tp: positions[tp.partition]
+                                  for tp in self.consumer.consumer.assignment()})
+        except Exception as exc:  # a mirror failure must not stop training
+            log.warning("learner.offset_mirror_failed", error=repr(exc))
+        self.last_checkpoint = time.monotonic()
+
+    # -- the loop ------------------------------------------------------------------------
+    def step(self, poll_timeout_ms: int = 200) -> None:
+        room = max(1, self.s.batch_lists - len(self.pending))
+        self.handle(self.consumer.poll(poll_timeout_ms, max_records=room))
+        self.poll_ads()
+        full = len(self.pending) >= self.s.batch_lists
+        waited = self.pending and time.monotonic() - self.pending_since >= self.s.max_wait_s
+        if full or waited:
+            self.train_pending()
+        if self.pending:
+            return
+        due = (self.updates_since_publish >= self.s.snapshot_every_updates or (
+            self.updates_since_publish > 0
+            and time.monotonic() - self.last_publish >= self.s.snapshot_every_s))
+        if due:
+            self.publish()
+        elif time.monotonic() - self.last_checkpoint >= self.s.checkpoint_every_s and (
+                self.ledger or self.updates_since_publish):
+            self.commit()
+
+    def run(self, stop: threading.Event) -> None:
+        self.start()
+        while not stop.is_set():
+            self.step()
+        self.train_pending()
+        self.commit()
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.ads_consumer.close(autocommit=False)
+        self.producer.close()
+
+
+def _builtins(event: ModelUpdate) -> Any:
+    import msgspec
+
+    return msgspec.to_builtins(event)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_settings_arguments(parser, LearnerSettings)
+
+
+def run(args: argparse.Namespace) -> int:
+    s = settings_from_args(LearnerSettings, args)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    service = LearnerService(s)
+    metrics = start_metrics_server(s.metrics_port, s.metrics_host, lambda: (
+        service.ready, {"last_published": service.last_published}))
+    log.info("learner.metrics", url=metrics.url)
+    try:
+        service.run(stop)
+    finally:
+        service.close()
+        metrics.stop()
+    return 0

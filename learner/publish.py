@@ -1,0 +1,212 @@
+"""From a trained model to a served snapshot: export, promotion guard, store, announce.
+
+``Publisher.publish(model, ...)`` runs, in order:
+
+1. **export** the model to ONNX + manifest in a local staging directory
+   (``learner.export.export_snapshot``; it already refuses ORT/torch parity beyond
+   the manifest's tolerance);
+2. **guard**: every parameter and every parity output finite (no NaN/inf), and the
+   online-holdout value-NDCG not below the serving version's by more than
+   ``max_regression`` (relative);
+3. **store**: copy the files to ``{store}/{version}/`` — a directory (written to a
+   temporary name, then renamed) or any fsspec URL;
+4. the caller checkpoints, then **announces** the version on ``model-updates``
+   (``announce``), so a crash between the two re-announces the same version on restart
+   instead of training a different model under that name.
+
+A refused snapshot is logged, counted in ``adloop_learner_snapshots_refused_total``
+with its reason, and never stored or announced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+
+from learner.export import SnapshotError, export_snapshot
+from learner.model import GenerativeRecommender
+from learner.tokenizer import UASIDTokenizer
+from streams.kafka_io import EventProducer
+from streams.logs import get_logger
+from streams.metrics import counter, histogram
+from streams.schemas import ModelUpdate
+
+log = get_logger(__name__)
+
+EXPORT_SECONDS = histogram("adloop_learner_export_seconds",
+                           "Wall time to export a snapshot to ONNX (with parity check).")
+VALIDATE_SECONDS = histogram("adloop_learner_validation_seconds",
+                             "Wall time of the promotion guard (NaN check + holdout metric).")
+PUBLISHED = counter("adloop_learner_snapshots_published_total", "Snapshots stored and announced.")
+REFUSED = counter("adloop_learner_snapshots_refused_total",
+                  "Snapshots refused by the promotion guard, by reason.", ("reason",))
+
+
+class SnapshotRefusedError(RuntimeError):
+    """The promotion guard refused a snapshot; ``reason`` is a short metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass
+class Published:
+    version: str
+    uri: str
+    manifest_sha256: str
+    manifest: dict[str, Any]
+    export_s: float
+    validate_s: float
+
+
+def _all_finite(model: GenerativeRecommender) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _nested_finite(obj: Any) -> bool:
+    if isinstance(obj, float):
+        return math.isfinite(obj)
+    if isinstance(obj, list):
+        return all(_nested_finite(x) for x in obj)
+    if isinstance(obj, dict):
+        return all(_nested_finite(v) for v in obj.values())
+    return True
+
+
+class SnapshotStore:
+    """Snapshots under one root: a local directory (default) or any fsspec URL."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+        self.fs, self.path = fsspec.core.url_to_fs(self.root)
+        self.local = self.fs.protocol in ("file", ("file", "local")) or isinstance(
+            self.fs, fsspec.implementations.local.LocalFileSystem)
+
+    def uri(self, version: str) -> str:
+        if self.local:
+            return Path(self.path, version).resolve().as_uri()
+        return f"{self.root}/{version}"
+
+    def put(self, local_dir: Path, version: str) -> str:
+        if self.local:
+            dest = Path(self.path) / version
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.parent / f".{version}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(local_dir, tmp)
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        else:
+            # manifest last, so a reader that sees the manifest sees every file
+            files = sorted(local_dir.iterdir(), key=lambda p: p.name == "manifest.json")
+            for f in files:
+                self.fs.put_file(str(f), f"{self.path}/{version}/{f.name}")
+        return self.uri(version)
+
+    def versions(self) -> list[str]:
+        try:
+            names = [Path(p).name for p in self.fs.ls(self.path, detail=False)]
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if not n.startswith("."))
+
+    def prune(self, keep: int, protect: set[str] | None = None) -> list[str]:
+        """Delete all but the newest ``keep`` versions (and never those in ``protect``)."""
+        versions = self.versions()
+        doomed = [v for v in versions[:-keep] if v not in (protect or set())] if keep else []
+        for v in doomed:
+            self.fs.rm(f"{self.path}/{v}", recursive=True)
+        return doomed
+
+
+class Publisher:
+    """Export → guard → store for one model name; ``announce`` sends the event."""
+
+    def __init__(self, store: SnapshotStore, staging_dir: Path, model_name: str = "adloop",
+                 max_regression: float = 0.05, keep: int = 5) -> None:
+        self.store = store
+        self.staging = Path(staging_dir)
+        self.model_name = model_name
+        self.max_regression = max_regression
+        self.keep = keep
+
+    def publish(self, model: GenerativeRecommender, tok: UASIDTokenizer, version: str,
+                parent: str | None, data_watermark: float,
+                holdout: Callable[[GenerativeRecommender], float] | None = None,
+                serving_holdout: float | None = None,
+                metrics: dict[str, float] | None = None) -> Published:
+        """Export, check and store ``model`` as ``version``; raise SnapshotRefusedError."""
+        metrics = dict(metrics or {})
+        t0 = time.perf_counter()
+        if not _all_finite(model):
+            self._refuse("nan", f"{version}: model parameters contain NaN/inf")
+        stage = self.staging / version
+        shutil.rmtree(stage, ignore_errors=True)
+        try:
+            manifest = export_snapshot(model, tok, stage, version, parent, self.model_name,
+                                       metrics, extra={"data_watermark": data_watermark})
+        except SnapshotError as exc:
+            self._refuse("parity", str(exc))
+        export_s = time.perf_counter() - t0
+        EXPORT_SECONDS.observe(export_s)
+
+        t1 = time.perf_counter()
+        if not _nested_finite(manifest["parity"]["outputs"]):
+            shutil.rmtree(stage, ignore_errors=True)
+            self._refuse("nan", f"{version}: reference outputs contain NaN/inf")
+        if holdout is not None:
+            cand = holdout(model)
+            manifest["metrics"]["holdout_ndcg"] = cand
+            if serving_holdout is not None and math.isfinite(serving_holdout) and \
+                    math.isfinite(cand):
+                floor = serving_holdout * (1.0 - self.max_regression)
+                manifest["metrics"]["serving_holdout_ndcg"] = serving_holdout
+                if cand < floor:
+                    shutil.rmtree(stage, ignore_errors=True)
+                    self._refuse("regression", f"{version}: holdout value-NDCG {cand:.4f} < "
+                                 f"{floor:.4f} (serving {serving_holdout:.4f} minus "
+                                 f"{self.max_regression:.0%})")
+            (stage / "manifest.json").write_text(json.dumps(manifest, separators=(",", ":")))
+        validate_s = time.perf_counter() - t1
+        VALIDATE_SECONDS.observe(validate_s)
+
+        digest = hashlib.sha256((stage / "manifest.json").read_bytes()).hexdigest()
+        uri = self.store.put(stage, version)
+        shutil.rmtree(stage, ignore_errors=True)
+        log.info("snapshot.stored", version=version, uri=uri, export_s=round(export_s, 3),
+                 validate_s=round(validate_s, 3))
+        return Published(version, uri, digest, manifest, export_s, validate_s)
+
+    def _refuse(self, reason: str, detail: str) -> Any:
+        REFUSED.labels(reason).inc()
+        log.warning("snapshot.refused", reason=reason, detail=detail)
+        raise SnapshotRefusedError(reason, detail)
+
+    def update_event(self, pub: Published, data_watermark: float) -> ModelUpdate:
+        m = pub.manifest
+        return ModelUpdate(
+            model_name=self.model_name, version=pub.version, parent=m.get("parent"),
+            sha256=pub.manifest_sha256, uri=pub.uri, id_space_version=m["id_space_version"],
+            data_watermark=data_watermark, created_time=float(m["created_time"]),
+            metrics={k: float(v) for k, v in m.get("metrics", {}).items()
+                     if isinstance(v, int | float) and math.isfinite(float(v))})
+
+    def announce(self, producer: EventProducer, event: ModelUpdate) -> None:
+        producer.send("model-updates", event)
+        producer.flush(30)
+        PUBLISHED.inc()
+        pruned = self.store.prune(self.keep, protect={event.version})
+        log.info("snapshot.published", version=event.version, pruned=pruned)

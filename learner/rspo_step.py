@@ -1,0 +1,199 @@
+"""The learner's pure step: feedback lists -> one RSPO (+VSL, +value, +HEPO) update.
+
+``OnlineLearner.update(batch) -> metrics`` is what tests call with no Kafka in sight;
+``learner.online`` wraps it in the stream loop. A :class:`ListBatch` is one row per
+feedback list (one served slate with realized rewards):
+
+    history [B, H, T]  history_mask [B, H]  context [B, C]
+    items   [B, K, T]  item_mask [B, K]     rewards [B, K]
+    clicked [B, K]     converted [B, K]     list_weight [B]
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from learner.losses import value_loss, value_weights
+from learner.model import GenerativeRecommender
+from learner.rspo import RSPOConfig, fake_negative_weight, hepo_loss, rspo_loss
+from learner.tokenizer import UASIDTokenizer, UnknownAdError
+from streams.features import context_ids
+from streams.schemas import Feedback
+
+
+@dataclass
+class ListBatch:
+    history: Tensor
+    history_mask: Tensor
+    context: Tensor
+    items: Tensor
+    item_mask: Tensor
+    rewards: Tensor
+    clicked: Tensor
+    converted: Tensor
+    list_weight: Tensor
+
+    def __len__(self) -> int:
+        return int(self.items.shape[0])
+
+
+def provisional_weight(fb: Feedback) -> float:
+    """Weight of a provisional list: the chance its unconverted CPA items are true negatives.
+
+    Lists without a CPA item that could still convert are not uncertain (weight 1).
+    """
+    uncertain = any(it.bid_type == "cpa" and not it.converted for it in fb.items)
+    if not uncertain:
+        return 1.0
+    return float(fake_negative_weight(torch.tensor([fb.elapsed_s]))[0])
+
+
+def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
+                   model: GenerativeRecommender) -> ListBatch:
+    """Tensors for ``(feedback, list weight)`` pairs; unknown ads are left out."""
+    cfg = model.cfg
+    T, H = cfg.id_len, cfg.history_len
+    B = len(lists)
+    K = max((len(fb.items) for fb, _ in lists), default=1) or 1
+    hist = np.zeros((B, H, T), np.int64)
+    hmask = np.zeros((B, H), np.float32)
+    ctx = np.zeros((B, len(cfg.context_features)), np.int64)
+    items = np.zeros((B, K, T), np.int64)
+    imask = np.zeros((B, K), np.float32)
+    rewards = np.zeros((B, K), np.float32)
+    clicked = np.zeros((B, K), np.float32)
+    converted = np.zeros((B, K), np.float32)
+    weight = np.zeros(B, np.float32)
+    for b, (fb, w) in enumerate(lists):
+        weight[b] = w
+        h = 0
+        for ad_id in fb.recent_ad_ids:
+            if h == H:
+                break
+            try:
+                hist[b, h] = tok.ids_of(ad_id)
+            except UnknownAdError:
+                continue
+            hmask[b, h] = 1.0
+            h += 1
+        ctx[b] = context_ids(fb.context, cfg.context_features, cfg.context_buckets)
+        k = 0
+        for it in fb.items:
+            try:
+                items[b, k] = tok.ids_of(it.ad_id)
+            except UnknownAdError:
+                continue
+            imask[b, k] = 1.0
+            rewards[b, k] = it.reward
+            clicked[b, k] = float(it.clicked or it.converted)
+            converted[b, k] = float(it.converted)
+            k += 1
+    t = torch.from_numpy
+    return ListBatch(t(hist), t(hmask), t(ctx), t(items), t(imask), t(rewards), t(clicked),
+                     t(converted), t(weight))
+
+
+def _level_logprob(model: GenerativeRecommender, b: ListBatch
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-level log-probs of every list item [B, K, T], plus the encoder memory."""
+    B, K, T = b.items.shape
+    memory, mask, lower = model.encode(b.history, b.history_mask, b.context)
+    flat = b.items.reshape(B * K, T)
+    logits = model.decoder.teacher_forced(memory.repeat_interleave(K, 0),
+                                          mask.repeat_interleave(K, 0),
+                                          lower.repeat_interleave(K, 0), flat)
+    logp = torch.log_softmax(logits, -1).gather(-1, flat.unsqueeze(-1))[..., 0]
+    return logp.reshape(B, K, T), memory, mask
+
+
+def ndcg_of_scores(scores: Tensor, rewards: Tensor, mask: Tensor) -> Tensor:
+    """Value-weighted NDCG of ranking each list's items by ``scores``: [B] (NaN-free)."""
+    neg = torch.finfo(scores.dtype).min
+    s = torch.where(mask > 0, scores, torch.full_like(scores, neg))
+    order = torch.argsort(s, 1, descending=True)
+    gains = torch.gather(rewards * mask, 1, order)
+    disc = 1.0 / torch.log2(torch.arange(2, scores.shape[1] + 2, dtype=scores.dtype))
+    dcg = (gains * disc).sum(1)
+    ideal = (torch.sort(rewards * mask, 1, descending=True).values * disc).sum(1)
+    return torch.where(ideal > 0, dcg / ideal.clamp_min(1e-12), torch.zeros_like(dcg))
+
+
+class OnlineLearner:
+    """Model + frozen reference policy + optimizer; ``update`` is one RSPO step."""
+
+    def __init__(self, model: GenerativeRecommender, cfg: RSPOConfig | None = None,
+                 lr: float = 5e-4, value_weight: float = 0.5, grad_clip: float = 1.0,
+                 weight_decay: float = 0.0) -> None:
+        self.model = model
+        self.cfg = cfg or RSPOConfig()
+        self.value_weight = value_weight
+        self.grad_clip = grad_clip
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.ref = self._frozen_copy(model)
+        self.steps = 0
+
+    @staticmethod
+    def _frozen_copy(model: GenerativeRecommender) -> GenerativeRecommender:
+        ref = copy.deepcopy(model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
+
+    def refresh_reference(self) -> None:
+        """π_ref ← π_θ (called when a snapshot of π_θ is published)."""
+        self.ref.load_state_dict(self.model.state_dict())
+
+    def update(self, b: ListBatch) -> dict[str, float]:
+        """One optimizer step on a batch of lists; returns the loss terms and diagnostics."""
+        self.model.train()
+        level_logp, memory, mem_mask = _level_logprob(self.model, b)
+        logp = (level_logp * b.item_mask.unsqueeze(-1)).sum(-1)                # [B, K]
+        with torch.no_grad():
+            ref_level, _, _ = _level_logprob(self.ref, b)
+        logp_ref = (ref_level * b.item_mask.unsqueeze(-1)).sum(-1)
+        l_rspo, stats = rspo_loss(logp, logp_ref, b.rewards, b.item_mask, self.cfg.beta,
+                                  b.list_weight, self.cfg.min_gap)
+        # VSL anchor on the positives (value-weighted sequence CE), list-weighted
+        pos_w = value_weights(b.rewards.flatten()).reshape(b.rewards.shape) * b.item_mask
+        pos_w = pos_w * b.list_weight.unsqueeze(1)
+        l_vsl = -(pos_w * logp).sum() / (pos_w > 0).sum().clamp_min(1)
+        pctr, pcvr = self.model.value(memory, mem_mask, b.items)
+        l_val = value_loss(pctr, pcvr, b.clicked, b.converted, b.item_mask)
+        loss = l_rspo + self.cfg.vsl_alpha * l_vsl + self.value_weight * l_val
+        l_hepo = torch.zeros(())
+        if self.cfg.hepo_weight > 0:
+            l_hepo = hepo_loss(level_logp, ref_level, b.items, b.rewards, b.item_mask,
+                               self.cfg.hepo_clip)
+            loss = loss + self.cfg.hepo_weight * l_hepo
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.opt.step()
+        self.steps += 1
+        n_items = b.item_mask.sum().clamp_min(1)
+        kl = float(((logp_ref - logp.detach()) * b.item_mask).sum() / n_items)
+        return {
+            "loss": float(loss.detach()), "rspo": float(l_rspo.detach()),
+            "vsl": float(l_vsl.detach()), "value": float(l_val.detach()),
+            "hepo": float(l_hepo.detach()), "kl_ref": kl, "grad_norm": float(grad_norm),
+            "mean_reward": float((b.rewards * b.item_mask).sum() / n_items),
+            "lists": float(len(b)), **stats,
+        }
+
+    @torch.no_grad()
+    def holdout_ndcg(self, model: GenerativeRecommender, b: ListBatch) -> float:
+        """Mean value-NDCG of ranking held-out slates by the model's sequence log-prob."""
+        model.eval()
+        level_logp, _, _ = _level_logprob(model, b)
+        scores = (level_logp * b.item_mask.unsqueeze(-1)).sum(-1)
+        has_value = (b.rewards * b.item_mask).sum(1) > 0
+        if not bool(has_value.any()):
+            return math.nan
+        return float(ndcg_of_scores(scores, b.rewards, b.item_mask)[has_value].mean())

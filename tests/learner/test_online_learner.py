@@ -1,0 +1,99 @@
+"""The learner's pure RSPO step and its promotion guard (no Kafka)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from learner import synthetic
+from learner.export import verify_snapshot
+from learner.pretrain import PretrainResult
+from learner.publish import Publisher, SnapshotRefusedError, SnapshotStore
+from learner.rspo import RSPOConfig
+from learner.rspo_step import OnlineLearner, lists_to_batch, provisional_weight
+from streams.schemas import Feedback, FeedbackItem
+
+
+def _lists(log: synthetic.SyntheticLog, n: int) -> list[tuple[Feedback, float]]:
+    with_value = [fb for fb in log.feedback if any(it.reward > 0 for it in fb.items)]
+    return [(fb, 1.0) for fb in with_value[:n]]
+
+
+def test_rspo_updates_rank_higher_value_items_higher(trained_lazy: PretrainResult,
+                                                     synth_log: synthetic.SyntheticLog) -> None:
+    torch.manual_seed(0)
+    model = copy.deepcopy(trained_lazy.model)
+    learner = OnlineLearner(model, RSPOConfig(beta=1.0, vsl_alpha=0.0), lr=3e-3,
+                            value_weight=0.0)
+    batch = lists_to_batch(_lists(synth_log, 64), trained_lazy.tokenizer, model)
+    before = learner.holdout_ndcg(model, batch)
+    metrics = {}
+    for _ in range(25):
+        metrics = learner.update(batch)
+    after = learner.holdout_ndcg(model, batch)
+    assert after > before + 0.02, (before, after)
+    assert metrics["kl_ref"] > 0      # moved away from the reference policy
+    assert metrics["lists_with_preference"] > 0
+    learner.refresh_reference()       # π_ref ← π_θ: the implicit rewards restart at 0
+    for p, q in zip(learner.ref.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_update_reports_every_loss_term_and_hepo_option(trained_lazy: PretrainResult,
+                                                        synth_log: synthetic.SyntheticLog) -> None:
+    model = copy.deepcopy(trained_lazy.model)
+    learner = OnlineLearner(model, RSPOConfig(hepo_weight=0.5))
+    m = learner.update(lists_to_batch(_lists(synth_log, 16), trained_lazy.tokenizer, model))
+    for key in ("loss", "rspo", "vsl", "value", "hepo", "kl_ref", "mean_reward"):
+        assert key in m and m[key] == m[key], key   # present and not NaN
+    assert m["hepo"] != 0.0
+
+
+def test_provisional_lists_with_pending_cpa_items_weigh_less() -> None:
+    item = FeedbackItem(ad_id="a", semantic_id=[0], position=0, score=0.0, bid=10.0,
+                        bid_type="cpa", clicked=True)
+    early = Feedback(request_id="r", user_id="u", kind="provisional", revision=0,
+                     impression_time=0.0, event_time=60.0, elapsed_s=60.0,
+                     window_closed=False, items=[item])
+    late = Feedback(request_id="r", user_id="u", kind="provisional", revision=0,
+                    impression_time=0.0, event_time=7200.0, elapsed_s=7200.0,
+                    window_closed=False, items=[item])
+    cpc = Feedback(request_id="r", user_id="u", kind="provisional", revision=0,
+                   impression_time=0.0, event_time=60.0, elapsed_s=60.0, window_closed=False,
+                   items=[FeedbackItem(ad_id="a", semantic_id=[0], position=0, score=0.0,
+                                       bid=1.0, bid_type="cpc", clicked=True, reward=1.0)])
+    assert 0 < provisional_weight(early) < provisional_weight(late) < 1
+    assert provisional_weight(cpc) == 1.0
+
+
+def test_promotion_guard_refuses_nan_and_regression_and_stores_nothing(
+        trained_lazy: PretrainResult, tmp_path: Path) -> None:
+    store = SnapshotStore(str(tmp_path / "store"))
+    pub = Publisher(store, tmp_path / "staging", max_regression=0.05)
+    poisoned = copy.deepcopy(trained_lazy.model)
+    with torch.no_grad():
+        next(poisoned.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(SnapshotRefusedError) as nan:
+        pub.publish(poisoned, trained_lazy.tokenizer, "v000002", "v000001", 0.0)
+    assert nan.value.reason == "nan"
+    with pytest.raises(SnapshotRefusedError) as reg:
+        pub.publish(trained_lazy.model, trained_lazy.tokenizer, "v000003", "v000001", 0.0,
+                    holdout=lambda _m: 0.50, serving_holdout=0.80)
+    assert reg.value.reason == "regression" and "0.5000" in str(reg.value)
+    assert store.versions() == []
+
+    ok = pub.publish(trained_lazy.model, trained_lazy.tokenizer, "v000004", "v000001", 12.5,
+                     holdout=lambda _m: 0.79, serving_holdout=0.80)
+    assert store.versions() == ["v000004"]
+    manifest = verify_snapshot(tmp_path / "store" / "v000004", parity=True)
+    assert manifest["metrics"]["holdout_ndcg"] == 0.79
+    assert manifest["data_watermark"] == 12.5
+    event = pub.update_event(ok, 12.5)
+    assert event.uri.startswith("file://") and event.version == "v000004"
+    import hashlib
+
+    raw = (tmp_path / "store" / "v000004" / "manifest.json").read_bytes()
+    assert event.sha256 == hashlib.sha256(raw).hexdigest()
