@@ -207,7 +207,12 @@ class LearnerService:
 
     def start(self) -> None:
         feedback = self.topics.feedback
-        parts = sorted(self.consumer.consumer.partitions_for_topic(feedback) or ())
+        deadline = time.monotonic() + 30
+        parts: list[int] = []
+        while not parts and time.monotonic() < deadline:
+            parts = sorted(self.consumer.consumer.partitions_for_topic(feedback) or ())
+            if not parts:
+                time.sleep(0.2)
         if not parts:
             raise SystemExit(f"adloop learn: topic {feedback} does not exist "
                              "(run `adloop topics create`)")

@@ -1,0 +1,86 @@
+"""The learner on the real broker: kill -9 twice, and every feedback offset is trained once."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from kafka import KafkaConsumer, TopicPartition
+
+from learner import synthetic
+from learner.pretrain import PretrainSettings, pretrain
+from streams.kafka_io import EventProducer, read_all
+from streams.settings import KafkaSettings
+from streams.stack import ManagedProcess, free_port
+from streams.topics import Topics
+
+
+def _ledger(state_dir: Path) -> Counter[tuple[int, int]]:
+    seen: Counter[tuple[int, int]] = Counter()
+    for seg in sorted((state_dir / "ledger").glob("*.jsonl")):
+        for line in seg.read_text().splitlines():
+            rec = json.loads(line)
+            seen[(rec["p"], rec["o"])] += 1
+    return seen
+
+
+def _end_offsets(kafka: KafkaSettings) -> dict[int, int]:
+    topic = Topics(kafka.topic_prefix).feedback
+    c = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
+        return {tp.partition: off for tp, off in c.end_offsets(tps).items()}
+    finally:
+        c.close()
+
+
+def test_learner_kill9_restarts_train_every_feedback_offset_exactly_once(
+        kafka: KafkaSettings, tmp_path: Path, synth_log: synthetic.SyntheticLog,
+        make_settings: Callable[..., PretrainSettings]) -> None:
+    pre = tmp_path / "pretrain"
+    pretrain(make_settings(pre, steps=20), synth_log.ads, synth_log.feedback)
+    producer = EventProducer(kafka)
+    for ad in synth_log.ads:
+        producer.send("ads", ad)
+    for fb in synth_log.feedback[:900]:
+        producer.send("feedback", fb)
+    producer.flush()
+    producer.close()
+    ends = _end_offsets(kafka)
+    assert sum(ends.values()) == 900
+
+    state, store, port = tmp_path / "state", tmp_path / "store", free_port()
+    proc = ManagedProcess("learn", [
+        "learn", "--bootstrap-servers", kafka.bootstrap_servers,
+        "--topic-prefix", kafka.topic_prefix, "--init-run-dir", str(pre),
+        "--state-dir", str(state), "--snapshot-store", str(store), "--batch-lists", "16",
+        "--max-wait-s", "0.1", "--checkpoint-every-s", "0.3", "--snapshot-every-updates", "8",
+        "--snapshot-every-s", "2", "--holdout-every", "10", "--threads", "1",
+        "--metrics-port", str(port)], tmp_path / "logs",
+        ready_url=f"http://127.0.0.1:{port}/readyz")
+    rng = random.Random(7)
+    proc.start().wait_ready(180)
+    for _ in range(2):                        # kill -9 twice at random points
+        time.sleep(rng.uniform(1.0, 4.0))
+        proc.kill()
+        proc.start().wait_ready(180)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and sum(_ledger(state).values()) < 900:
+        time.sleep(1.0)
+    assert proc.stop() == 0, proc.log_tail()
+
+    seen = _ledger(state)
+    expected = {(p, o) for p, end in ends.items() for o in range(end)}
+    assert set(seen) == expected, f"missing {sorted(expected - set(seen))[:10]}"
+    doubled = [k for k, v in seen.items() if v > 1]
+    assert not doubled, f"trained twice: {doubled[:10]}"
+
+    updates = [r.record for r in read_all(kafka, "model-updates")]
+    versions = sorted({u.version for u in updates})
+    assert len(versions) >= 2, versions
+    assert all(u.sha256 and u.uri.startswith("file://") for u in updates)
+    assert max(u.data_watermark for u in updates) > 0
