@@ -1,0 +1,1 @@
+"""What runs the stack: Prometheus/Grafana config generators and deployment files."""

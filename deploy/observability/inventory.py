@@ -1,0 +1,369 @@
+"""Every metric an adloop process exposes, in one table.
+
+This is the source of ``docs/metrics.md`` and the list the naming lint
+(``tests/observability/test_metric_names.py``) checks the code against: a metric
+defined in ``streams/``, ``learner/`` or ``server/`` must be listed here, and
+every metric a dashboard panel or a Prometheus rule reads must be listed here.
+
+Naming (Prometheus conventions, enforced by ``streams.metrics``): the ``adloop_``
+prefix, then the process (``server_``, ``join_``, ``learner_``, ``traffic_``;
+none for the Kafka helpers every process shares), base units in the name
+(``_seconds``, ``_bytes``, ``_timestamp_seconds`` for Unix times, ``_records``
+for record counts), ``_total`` for counters, histograms (never summaries) for
+latencies and freshness so they aggregate across replicas, and label values from
+a small fixed set — never a user, request, ad or event id.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+ROOT = Path(__file__).resolve().parents[2]
+
+Kind = Literal["counter", "gauge", "histogram"]
+Process = Literal["all", "server", "join", "learn", "replay", "pretrain"]
+
+FORBIDDEN_LABELS = frozenset({
+    "user", "user_id", "request", "request_id", "ad", "ad_id", "event_id", "session_id",
+    "impression_id", "click_id", "conversion_id", "advertiser_id", "semantic_id", "offset",
+    "key", "uri", "path", "url", "sha256", "error", "detail", "message",
+})
+"""Labels whose values are unbounded (ids, free text): never allowed on an adloop metric."""
+
+HISTOGRAM_UNITS = ("_seconds", "_bytes", "_size", "_ratio", "_width")
+"""Suffixes a histogram name may end in (the same list ``streams.metrics.histogram`` accepts)."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One row of the inventory."""
+
+    name: str
+    kind: Kind
+    process: Process
+    labels: tuple[str, ...]
+    meaning: str
+    label_values: str = ""
+    """The bounded set each label takes, in words."""
+    planned: bool = False
+    """True while the component that exposes it is not in the tree yet."""
+
+
+def _m(name: str, kind: Kind, process: Process, labels: tuple[str, ...], meaning: str,
+       label_values: str = "", planned: bool = False) -> Metric:
+    return Metric(name, kind, process, labels, meaning, label_values, planned)
+
+
+METRICS: tuple[Metric, ...] = (
+    # --- every process (streams.metrics, streams.kafka_io) -------------------------------
+    _m("adloop_build_info", "gauge", "all", ("version", "process"),
+       "Always 1; the labels carry the package version and the subcommand.",
+       "version: the package version; process: join, learn, serve, replay, ..."),
+    _m("adloop_produced_records_total", "counter", "all", ("topic",),
+       "Records the broker acknowledged, by logical topic.",
+       "topic: the 7 logical topics (ads, impressions, clicks, conversions, feedback, "
+       "model-updates, dlq)"),
+    _m("adloop_produce_errors_total", "counter", "all", ("topic",),
+       "Records the broker did not acknowledge (after the producer's retries).",
+       "topic: logical topic"),
+    _m("adloop_consumed_records_total", "counter", "all", ("topic",),
+       "Records consumed and decoded, good or dead-lettered.", "topic: logical topic"),
+    _m("adloop_dead_letters_total", "counter", "all", ("topic", "reason"),
+       "Records sent to the `dlq` topic, by source topic and rejection reason.",
+       "topic: logical source topic; reason: the DlqReason enum (not_json, schema, "
+       "too_large, handler_error, ...)"),
+    _m("adloop_consumer_lag_records", "gauge", "all", ("group", "topic", "partition"),
+       "High watermark minus the consumer's position.",
+       "group: consumer group; topic: logical topic; partition: 0..partitions-1"),
+    # --- server: adloop serve (server/metrics.py) ---------------------------------------
+    _m("adloop_server_requests_total", "counter", "server", ("code",),
+       "HTTP requests to /v1/recommend, by status code.", "code: HTTP status (200, 422, 429, ...)"),
+    _m("adloop_server_request_duration_seconds", "histogram", "server", (),
+       "Request arrival to response, /v1/recommend."),
+    _m("adloop_server_queue_wait_seconds", "histogram", "server", (),
+       "Time a request waited for its batch to start."),
+    _m("adloop_server_batch_size", "histogram", "server", (), "Requests per model call."),
+    _m("adloop_server_batch_duration_seconds", "histogram", "server", (),
+       "Model time per batch (encoder, beam search, value heads)."),
+    _m("adloop_server_queue_depth", "gauge", "server", (), "Requests waiting for a batch."),
+    _m("adloop_server_beam_width", "gauge", "server", ("level",),
+       "Beam width in use per semantic-id level (after load shedding).",
+       "level: 0..levels-1 of the semantic id"),
+    _m("adloop_server_beam_scale_ratio", "gauge", "server", (),
+       "The load controller's beam scale in (0, 1]; below 1 the server sheds load by "
+       "narrowing beams."),
+    _m("adloop_server_request_beam_width", "histogram", "server", ("level",),
+       "Beam width used per request and level.", "level: semantic-id level"),
+    _m("adloop_server_shed_total", "counter", "server", (),
+       "Requests refused with 429 (the narrowest beams could not hold the latency target)."),
+    _m("adloop_server_impressions_produced_total", "counter", "server", (),
+       "Impressions acknowledged by Kafka."),
+    _m("adloop_server_impressions_dropped_total", "counter", "server", ("reason",),
+       "Impressions not logged.", "reason: overflow (bounded buffer full), produce_error, "
+       "shutdown"),
+    _m("adloop_server_impression_buffer_records", "gauge", "server", (),
+       "Impressions waiting to be produced."),
+    _m("adloop_server_swaps_total", "counter", "server", ("result",),
+       "Snapshot loads, by result.", "result: ok, rollback, or the step that refused it "
+       "(manifest, fetch, checksum, load, parity, nan, warmup)"),
+    _m("adloop_server_snapshot_load_seconds", "histogram", "server", (),
+       "Fetch + verify + load + warm-up + parity check of one snapshot."),
+    _m("adloop_server_model_version_info", "gauge", "server", ("version",),
+       "1 for the version being served, 0 for the other kept versions (rollback targets).",
+       "version: the kept versions only (--keep-versions, default 3); evicted ones are removed"),
+    _m("adloop_server_provider_info", "gauge", "server", ("provider",),
+       "1 for the onnxruntime execution provider in use.",
+       "provider: CUDAExecutionProvider, CPUExecutionProvider"),
+    _m("adloop_server_snapshot_data_watermark_timestamp_seconds", "gauge", "server", (),
+       "Newest event time the served snapshot was trained on."),
+    _m("adloop_server_model_swap_timestamp_seconds", "gauge", "server", (),
+       "Wall-clock time of the last model swap."),
+    _m("adloop_server_servable_ads", "gauge", "server", (), "Ads in the serving trie."),
+    _m("adloop_server_catalog_ads", "gauge", "server", (), "Ads known from the `ads` topic."),
+    _m("adloop_server_bad_records_total", "counter", "server", ("topic", "reason"),
+       "Undecodable records skipped by the server's topic followers.",
+       "topic: ads, model-updates; reason: the DlqReason enum"),
+    # --- joiner: adloop join (streams/joiner.py) -----------------------------------------
+    _m("adloop_join_feedback_total", "counter", "join", ("kind",), "Feedback lists emitted.",
+       "kind: provisional, final, correction"),
+    _m("adloop_join_corrections_total", "counter", "join", (),
+       "Correction lists emitted (a click or conversion after the list was emitted)."),
+    _m("adloop_join_events_total", "counter", "join", ("topic", "outcome"),
+       "Input records processed, by topic and outcome.",
+       "topic: impressions, clicks, conversions; outcome: applied, held, duplicate, late, "
+       "orphan, invalid"),
+    _m("adloop_join_late_total", "counter", "join", ("topic",),
+       "Records dead-lettered as late (after their attribution window closed).",
+       "topic: clicks, conversions"),
+    _m("adloop_join_orphan_total", "counter", "join", ("topic",),
+       "Records dead-lettered as orphan (their impression never arrived).",
+       "topic: clicks, conversions"),
+    _m("adloop_join_reconciled_total", "counter", "join", (),
+       "Feedback lists found on the output whose table mark was lost (after a restart)."),
+    _m("adloop_join_table_requests", "gauge", "join", (), "Request ids held in the join table."),
+    _m("adloop_join_process_resident_memory_bytes", "gauge", "join", (),
+       "Resident memory of the joiner (faust worker)."),
+    _m("adloop_join_lag_records", "gauge", "join", ("topic", "partition"),
+       "Unread records per input topic and partition (the joiner's consumer lag).",
+       "topic: impressions, clicks, conversions; partition: 0..3"),
+    _m("adloop_join_watermark_seconds", "gauge", "join", ("partition",),
+       "Event-time watermark per partition (Unix seconds).", "partition: 0..3"),
+    _m("adloop_join_elapsed_seconds", "histogram", "join", ("kind",),
+       "Event time from impression to feedback emission.", "kind: provisional, final, "
+       "correction"),
+    # --- learner: adloop learn (learner/online.py, learner/publish.py) -------------------
+    _m("adloop_learner_updates_total", "counter", "learn", (), "RSPO optimizer steps."),
+    _m("adloop_learner_lists_total", "counter", "learn", ("outcome",),
+       "Feedback lists consumed, by what happened to them.",
+       "outcome: trained, holdout, not_final, unchanged, ..."),
+    _m("adloop_learner_replayed_lists_total", "counter", "learn", (),
+       "Lists re-used from the replay buffer (against forgetting)."),
+    _m("adloop_learner_loss", "gauge", "learn", ("term",), "Latest loss, by term.",
+       "term: loss (total), rspo, vsl, value, hepo"),
+    _m("adloop_learner_mean_reward", "gauge", "learn", (),
+       "Mean realized reward per item of the last batch."),
+    _m("adloop_learner_kl_reference", "gauge", "learn", (),
+       "Sample KL(reference ‖ policy) on the last batch's items."),
+    _m("adloop_learner_update_seconds", "histogram", "learn", (), "Wall time of one RSPO step."),
+    _m("adloop_learner_data_watermark_timestamp_seconds", "gauge", "learn", (),
+       "Newest event time trained on."),
+    _m("adloop_learner_last_publish_timestamp_seconds", "gauge", "learn", (),
+       "Wall-clock time of the last published snapshot."),
+    _m("adloop_learner_freshness_seconds", "histogram", "learn", (),
+       "Newest trained record's Kafka append time to the snapshot being announced."),
+    _m("adloop_learner_model_version", "gauge", "learn", (),
+       "Number of the last published version."),
+    _m("adloop_learner_new_ads_total", "counter", "learn", (), "Ads that received an id online."),
+    _m("adloop_learner_holdout_ndcg", "gauge", "learn", ("model",),
+       "Online-holdout value-NDCG.", "model: serving, candidate"),
+    _m("adloop_learner_export_seconds", "histogram", "learn", (),
+       "Time to export a snapshot to ONNX."),
+    _m("adloop_learner_validation_seconds", "histogram", "learn", (),
+       "Time to check a snapshot (parity, holdout) before publishing."),
+    _m("adloop_learner_snapshots_published_total", "counter", "learn", (),
+       "Snapshots stored and announced on `model-updates`."),
+    _m("adloop_learner_snapshots_refused_total", "counter", "learn", ("reason",),
+       "Snapshots the promotion guard refused.", "reason: nan, parity, regression"),
+    # --- traffic: adloop replay (streams/traffic.py) -------------------------------------
+    _m("adloop_traffic_requests_total", "counter", "replay", ("outcome",),
+       "Recommend requests, by outcome.", "outcome: ok, shed, unavailable, timeout, "
+       "unreachable, http_error, bad_response, error, client_overload"),
+    _m("adloop_traffic_request_latency_seconds", "histogram", "replay", (),
+       "Wall time from sending a recommend request to its answer (client side)."),
+    _m("adloop_traffic_impressions_total", "counter", "replay", (), "Slate items shown to users."),
+    _m("adloop_traffic_clicks_total", "counter", "replay", (),
+       "Clicks produced (at their event time)."),
+    _m("adloop_traffic_conversions_total", "counter", "replay", (),
+       "Conversions produced (at their event time)."),
+    _m("adloop_traffic_revenue_total", "counter", "replay", (),
+       "Realized reward booked when responses are sampled (currency units)."),
+    _m("adloop_traffic_ad_events_total", "counter", "replay", ("status",),
+       "Ad records produced, by status.", "status: the Ad status enum (active, paused, ...)"),
+    _m("adloop_traffic_pending_events", "gauge", "replay", (),
+       "Delayed clicks and conversions waiting for their event time."),
+    _m("adloop_traffic_sim_time_seconds", "gauge", "replay", (),
+       "The simulator's clock (event time, Unix seconds)."),
+    _m("adloop_traffic_requests_in_flight", "gauge", "replay", (),
+       "Recommend requests awaiting an answer."),
+    _m("adloop_traffic_bad_lines_total", "counter", "replay", ("reason",),
+       "Recorded-log lines that could not be read, by reason.", "reason: fixed parse-error set"),
+    # --- offline pretraining: adloop pretrain -------------------------------------------
+    _m("adloop_pretrain_steps_total", "counter", "pretrain", (),
+       "Optimizer steps taken by pretraining."),
+    _m("adloop_pretrain_loss", "gauge", "pretrain", ("part",), "Latest pretraining loss by part.",
+       "part: vsl, mtp, total"),
+    _m("adloop_pretrain_step_seconds", "histogram", "pretrain", (),
+       "Wall time of one training step."),
+    _m("adloop_pretrain_eval", "gauge", "pretrain", ("metric",),
+       "Held-out evaluation metrics of pretraining.", "metric: recall@K, value-NDCG@K names"),
+)
+
+BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
+
+CLIENT_DEFAULT_METRICS = (
+    "process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
+    "process_start_time_seconds", "process_virtual_memory_bytes", "process_max_fds",
+    "python_gc_objects_collected_total", "python_gc_collections_total", "python_info", "up",
+)
+"""Series every process (and Prometheus itself) provides without adloop defining them."""
+
+
+def series_names(metric: Metric) -> tuple[str, ...]:
+    """The sample names a metric produces on ``/metrics`` (histograms have three)."""
+    if metric.kind == "histogram":
+        return (f"{metric.name}_bucket", f"{metric.name}_sum", f"{metric.name}_count")
+    return (metric.name,)
+
+
+def naming_problems(name: str, kind: str, labels: tuple[str, ...]) -> list[str]:
+    """What is wrong with one metric definition under adloop's rules (empty when fine)."""
+    problems = []
+    if not name.startswith("adloop_"):
+        problems.append("does not start with adloop_")
+    if name != name.lower():
+        problems.append("is not lower snake_case")
+    if kind == "counter" and not name.endswith("_total"):
+        problems.append("is a counter not ending in _total")
+    if kind != "counter" and name.endswith("_total"):
+        problems.append("ends in _total but is not a counter")
+    if kind == "histogram" and not name.endswith(HISTOGRAM_UNITS):
+        problems.append(f"is a histogram without a unit suffix {HISTOGRAM_UNITS}")
+    for bad in ("_milliseconds", "_ms", "_millis", "_kb", "_mb", "_percent", "_minutes",
+                "_hours"):
+        if name.endswith(bad) or f"{bad}_" in name:
+            problems.append(f"uses a non-base unit ({bad})")
+    if ("_timestamp" in name or "_time" in name) and kind != "counter" \
+            and not name.endswith("_seconds") and not name.endswith("_info"):
+        problems.append("a time must end in _timestamp_seconds or _seconds")
+    for label in labels:
+        if label in FORBIDDEN_LABELS or label.endswith("_id"):
+            problems.append(f"has unbounded label {label!r}")
+        if label == "le" or label == "quantile":
+            problems.append(f"uses reserved label {label!r}")
+    return problems
+
+
+@dataclass(frozen=True)
+class CodeMetric:
+    """A metric definition found in the code: ``counter("adloop_...", ..., ("label",))``."""
+
+    name: str
+    kind: str
+    labels: tuple[str, ...]
+    where: str
+
+
+_CONSTRUCTORS = {"counter": "counter", "gauge": "gauge", "histogram": "histogram",
+                 "Counter": "counter", "Gauge": "gauge", "Histogram": "histogram",
+                 "Summary": "summary", "Info": "info", "Enum": "enum"}
+
+
+def _literal_labels(node: ast.expr | None) -> tuple[str, ...] | None:
+    if node is None:
+        return ()
+    if isinstance(node, ast.Tuple | ast.List) and all(
+            isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+        return tuple(str(e.value) for e in node.elts if isinstance(e, ast.Constant))
+    return None
+
+
+def code_metrics(packages: tuple[str, ...] = ("streams", "learner", "server")) -> list[CodeMetric]:
+    """Every metric constructor call with a literal name in the given packages."""
+    found = []
+    for pkg in packages:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            try:
+                tree = ast.parse(path.read_text(), str(path))
+            except (SyntaxError, UnicodeDecodeError):
+                continue
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.Call):
+                    continue
+                fn = node.func
+                fname = fn.id if isinstance(fn, ast.Name) else (
+                    fn.attr if isinstance(fn, ast.Attribute) else "")
+                if fname not in _CONSTRUCTORS or not node.args:
+                    continue
+                first = node.args[0]
+                if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
+                    continue
+                label_node = node.args[2] if len(node.args) > 2 else next(
+                    (k.value for k in node.keywords if k.arg in ("labels", "labelnames")), None)
+                labels = _literal_labels(label_node)
+                where = f"{path.relative_to(ROOT)}:{node.lineno}"
+                found.append(CodeMetric(first.value, _CONSTRUCTORS[fname],
+                                        labels if labels is not None else ("<dynamic>",), where))
+    return found
+
+
+_PROCESS_TITLES = {
+    "all": "Every process (Kafka helpers, `streams.metrics`)",
+    "server": "Server — `adloop serve`",
+    "join": "Joiner — `adloop join`",
+    "learn": "Learner — `adloop learn`",
+    "replay": "Traffic — `adloop replay`",
+    "pretrain": "Offline pretraining — `adloop pretrain`",
+}
+
+
+def render_markdown() -> str:
+    """``docs/metrics.md``: the inventory as one table per process."""
+    out = [
+        "# Metrics",
+        "",
+        "<!-- Generated by `python -m deploy.observability.dashboards` from",
+        "     deploy/observability/inventory.py; edit that file, not this one. -->",
+        "",
+        "Every adloop process serves `/metrics` (Prometheus text format), `/healthz` and",
+        "`/readyz` on one port (`streams.metrics.start_metrics_server`; the server serves",
+        "them on its HTTP port). Names follow Prometheus conventions: the `adloop_` prefix,",
+        "base units in the name (`_seconds`, `_bytes`, `_timestamp_seconds` for Unix",
+        "times), `_total` for counters, histograms (not summaries) for latency and",
+        "freshness so they aggregate across replicas, and label values from small fixed",
+        "sets — never a user, request, ad or event id. `tests/observability/"
+        "test_metric_names.py`",
+        "checks the code's metric definitions against these rules and against this table.",
+        "",
+        "Histograms expose `_bucket{le}`, `_sum` and `_count`. Latency histograms use",
+        "`streams.metrics.LATENCY_BUCKETS` (0.5 ms .. 10 s), freshness and lag histograms",
+        "`FRESHNESS_BUCKETS` (0.1 s .. 1 h). Every process also exposes prometheus-client's",
+        "defaults (`process_cpu_seconds_total`, `process_resident_memory_bytes`,",
+        "`process_open_fds`, `python_gc_*`, `python_info`); Prometheus adds `up` per target.",
+    ]
+    if any(m.planned for m in METRICS):
+        out += ["", "*planned*: read by the dashboards/rules, but the component that exposes",
+                "it does not define it yet."]
+    for process, title in _PROCESS_TITLES.items():
+        rows = [m for m in METRICS if m.process == process]
+        out += ["", f"## {title}", "",
+                "| name | type | labels | meaning |", "|---|---|---|---|"]
+        for m in rows:
+            labels = ", ".join(f"`{lb}`" for lb in m.labels) or "—"
+            if m.label_values:
+                labels += f" ({m.label_values})"
+            status = " *planned*" if m.planned else ""
+            out.append(f"| `{m.name}`{status} | {m.kind} | {labels} | {m.meaning} |")
+    return "\n".join(out) + "\n"
