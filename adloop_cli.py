@@ -63,6 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
+    from importlib.metadata import PackageNotFoundError, version
+
+    from streams.metrics import BUILD_INFO
+
+    try:
+        build = version("adloop")
+    except PackageNotFoundError:
+        build = "dev"
+    BUILD_INFO.labels(build, args.command).set(1)
     return int(args._run(args) or 0)
 
 
