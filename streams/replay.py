@@ -1,0 +1,360 @@
+"""``adloop replay``: simulated or recorded traffic against the server and Kafka.
+
+Three modes:
+
+* **simulated, HTTP** (default): a seeded :class:`~streams.simulator.World` sends
+  open-loop requests at ``--rate`` per wall second to ``--server-url``; responses
+  are sampled from the ground truth; clicks/conversions/ads go to Kafka at their
+  event times (``--speed`` simulated seconds per wall second).
+* **simulated, in-process** (``--policy oracle|random``): no server; the policy
+  ranks and the driver also produces ``impressions``. Fully deterministic.
+* **recorded** (``--from FILE``): replays a recorded log (docs/traffic.md) at
+  ``--speed``× preserving inter-arrival times: requests to the server, ads/clicks/
+  conversions (and impressions when no server is used) to Kafka.
+
+``--record FILE`` writes the recorded format from a simulated run, ``--ledger FILE``
+the request/event ledger. ``--convert-criteo TSV --record FILE`` converts the Criteo
+attribution dataset. The summary (counts, outcomes, sha256 of the produced events)
+is printed as JSON at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streams.logs import get_logger
+from streams.recorded import Recorded, RecordError, RecordWriter, read_recorded
+from streams.settings import KafkaSettings, add_settings_arguments, settings_from_args
+from streams.simulator import DEFAULT_START_TIME, DelayModel, World, WorldConfig
+from streams.traffic import (
+    BAD_LINES,
+    LATENCY,
+    REQUESTS,
+    SIM_TIME,
+    Emitter,
+    HttpOptions,
+    HttpRecommender,
+    Ledger,
+    RunStats,
+    SimClock,
+    TrafficDriver,
+    policy_by_name,
+)
+
+log = get_logger(__name__)
+
+
+class ReplaySettings(BaseSettings):
+    """Settings of ``adloop replay`` (env ``ADLOOP_REPLAY_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="ADLOOP_REPLAY_", extra="ignore")
+
+    server_url: str = Field("http://127.0.0.1:8000", description="the serving worker")
+    seed: int = Field(0, description="seed of the simulated world")
+    rate: float = Field(20.0, description="requests per wall second (Poisson arrivals)")
+    speed: float = Field(60.0, description="simulated seconds per wall second "
+                         "(recorded replay: N× speed; 0 = as fast as possible)")
+    duration: float = Field(0.0, description="stop after this many wall seconds (0 = no limit)")
+    requests: int = Field(0, description="stop after this many requests (0 = no limit)")
+    n_users: int = Field(2000, description="simulated users")
+    n_ads: int = Field(200, description="ads at the start")
+    new_ads_per_hour: float = Field(6.0, description="new ads per simulated hour")
+    slate_size: int = Field(5, description="k of each recommend request")
+    start_time: float = Field(DEFAULT_START_TIME,
+                              description="simulated start (epoch s); 0 = now")
+    attribution_window_s: float = Field(3600.0, description="attribution window (sim s); "
+                                        "scales the conversion delay distribution")
+    budget_scale: float = Field(1.0, description="multiplies every ad budget")
+    run_id: str = Field("", description="request id prefix (default sim<seed>)")
+    policy: str = Field("", description="'' = the HTTP server; oracle|random = in-process")
+    timeout_s: float = Field(2.0, description="HTTP request timeout")
+    max_in_flight: int = Field(256, description="cap on outstanding HTTP requests")
+    metrics_port: int = Field(0, description="port of /metrics /healthz /readyz (0 = any)")
+    metrics_host: str = Field("127.0.0.1", description="address of the metrics endpoint")
+    from_file: Path | None = Field(None, description="recorded log to replay (JSONL/Parquet)")
+    record_file: Path | None = Field(None, description="write a recorded log of this run")
+    ledger_file: Path | None = Field(None, description="write the request/event ledger")
+    on_error: Literal["skip", "stop"] = Field("skip", description="bad recorded line: "
+                                              "skip it (reported) or stop")
+    impressions: Literal["auto", "kafka", "skip"] = Field(
+        "auto", description="recorded impressions: auto = to Kafka only without a server")
+    drain: bool = Field(True, description="at the end, produce pending delayed events now")
+    kafka: bool = Field(True, description="produce to Kafka (--no-kafka: hash/record only)")
+
+
+def world_config(s: ReplaySettings) -> WorldConfig:
+    return WorldConfig(
+        seed=s.seed, n_users=s.n_users, n_ads=s.n_ads,
+        start_time=s.start_time or float(int(time.time())),
+        request_rate=s.rate / s.speed if s.speed > 0 else s.rate, slate_size=s.slate_size,
+        run_id=s.run_id, new_ads_per_hour=s.new_ads_per_hour, budget_scale=s.budget_scale,
+        delays=DelayModel(window_s=s.attribution_window_s))
+
+
+# -- recorded replay --------------------------------------------------------------------
+
+
+@dataclass
+class ReplayStats:
+    entries: int = 0
+    by_kind: Counter[str] = field(default_factory=Counter)
+    bad_lines: list[str] = field(default_factory=list)
+    stopped_at_line: int | None = None
+    outcomes: Counter[str] = field(default_factory=Counter)
+    events_sha256: str = ""
+    requests_sha256: str = ""
+    wall_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"entries": self.entries, "by_kind": dict(self.by_kind),
+                "bad_lines": len(self.bad_lines), "stopped_at_line": self.stopped_at_line,
+                "outcomes": dict(self.outcomes), "events_sha256": self.events_sha256,
+                "requests_sha256": self.requests_sha256, "wall_s": round(self.wall_s, 3)}
+
+
+async def replay_recorded(path: Path | str, emitter: Emitter, *, speed: float = 1.0,
+                          on_error: str = "skip", server_url: str | None = None,
+                          impressions: str = "auto", timeout_s: float = 2.0,
+                          max_in_flight: int = 256, stop: threading.Event | None = None,
+                          recommender: HttpRecommender | None = None) -> ReplayStats:
+    """Replay a recorded log in file order at ``speed``× (0 = no waiting).
+
+    Requests go to ``server_url`` (open loop, counted per outcome) when given; ads,
+    clicks and conversions to the emitter; impressions too when ``impressions`` is
+    ``kafka``, or ``auto`` and no server is used. The produced stream depends only on
+    the file, so its sha256 is the same on every replay.
+    """
+    stop = stop or threading.Event()
+    stats = ReplayStats()
+    use_server = bool(server_url) or recommender is not None
+    send_impressions = impressions == "kafka" or (impressions == "auto" and not use_server)
+    rec_client = recommender or (HttpRecommender(server_url, timeout_s, max_in_flight)
+                                 if server_url else None)
+    own_client = recommender is None and rec_client is not None
+    in_flight: set[asyncio.Task[None]] = set()
+
+    def bad(err: RecordError) -> None:
+        stats.bad_lines.append(str(err))
+        BAD_LINES.labels(err.reason.split(":", 1)[0][:40]).inc()
+        log.warning("replay.bad_line", line=err.line, reason=err.reason, action=on_error)
+
+    async def send(entry: Recorded) -> None:
+        assert rec_client is not None
+        req = entry.record
+        outcome, slate, latency = await rec_client.recommend(req)  # type: ignore[arg-type]
+        stats.outcomes[outcome] += 1
+        REQUESTS.labels(outcome).inc()
+        if latency is not None:
+            LATENCY.observe(latency)
+        if emitter.ledger is not None:
+            emitter.ledger.request(req, outcome, latency, slate)  # type: ignore[arg-type]
+
+    t_wall0 = time.monotonic()
+    t0: float | None = None
+    entries = read_recorded(path, "stop" if on_error == "stop" else "skip",
+                            errors=_Reporter(bad))
+    try:
+        while not stop.is_set():
+            try:
+                entry = next(entries)
+            except StopIteration:
+                break
+            except RecordError as err:
+                bad(err)
+                stats.stopped_at_line = err.line
+                break
+            if t0 is None:
+                t0 = entry.t
+            if speed > 0:
+                due = t_wall0 + (entry.t - t0) / speed
+                while not stop.is_set():
+                    delay = due - time.monotonic()
+                    if delay <= 0:
+                        break
+                    await asyncio.sleep(min(delay, 0.1))
+                if stop.is_set():
+                    break
+            stats.entries += 1
+            stats.by_kind[entry.kind] += 1
+            SIM_TIME.set(entry.t)
+            if entry.kind == "request":
+                emitter.note_request(entry.record)  # type: ignore[arg-type]
+                if rec_client is not None:
+                    if len(in_flight) >= max_in_flight:
+                        stats.outcomes["client_overload"] += 1
+                        REQUESTS.labels("client_overload").inc()
+                        continue
+                    task = asyncio.create_task(send(entry))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+            elif entry.kind == "impression":
+                if send_impressions:
+                    emitter.emit("impressions", entry.record)  # type: ignore[arg-type]
+            else:
+                assert entry.topic is not None
+                emitter.emit(entry.topic, entry.record)  # type: ignore[arg-type]
+            if speed <= 0 and stats.entries % 256 == 0:
+                await asyncio.sleep(0)  # let responses in
+        if in_flight:
+            await asyncio.wait(set(in_flight), timeout=timeout_s + 1.0)
+        for task in list(in_flight):
+            task.cancel()
+    finally:
+        if own_client and rec_client is not None:
+            await rec_client.aclose()
+    stats.events_sha256 = emitter.sha256
+    stats.requests_sha256 = emitter.requests_sha256
+    stats.wall_s = time.monotonic() - t_wall0
+    return stats
+
+
+class _Reporter(list[RecordError]):
+    """An ``errors`` list that reports each bad line as it is appended."""
+
+    def __init__(self, report: Callable[[RecordError], None]) -> None:
+        super().__init__()
+        self._report = report
+
+    def append(self, err: RecordError) -> None:
+        super().append(err)
+        self._report(err)
+
+
+# -- the command ------------------------------------------------------------------------
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_settings_arguments(parser, ReplaySettings)
+    add_settings_arguments(parser, KafkaSettings)
+    short = parser.add_argument_group("short forms")
+    short.add_argument("--from", dest="from_file", type=Path, default=None,
+                       help="same as --from-file")
+    short.add_argument("--record", dest="record_file", type=Path, default=None,
+                       help="same as --record-file")
+    short.add_argument("--ledger", dest="ledger_file", type=Path, default=None,
+                       help="same as --ledger-file")
+    parser.add_argument("--convert-criteo", type=Path, default=None, metavar="TSV",
+                        help="convert the Criteo attribution dataset TSV to the recorded "
+                             "format at --record FILE and exit")
+    parser.add_argument("--convert-limit", type=int, default=None,
+                        help="rows to convert (default: all)")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(ReplaySettings, args)
+    if getattr(args, "convert_criteo", None):
+        from streams.recorded import convert_criteo_attribution
+
+        if settings.record_file is None:
+            print("--convert-criteo needs --record FILE")
+            return 2
+        counts = convert_criteo_attribution(args.convert_criteo, settings.record_file,
+                                            settings.start_time or DEFAULT_START_TIME,
+                                            args.convert_limit)
+        print(json.dumps({"converted": counts, "to": str(settings.record_file)}))
+        return 0
+    kafka = settings_from_args(KafkaSettings, args)
+    stop = threading.Event()
+    ready = {"running": False}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("replay.signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    from streams.metrics import start_metrics_server
+
+    metrics = start_metrics_server(settings.metrics_port, settings.metrics_host,
+                                   ready_check=lambda: (ready["running"], {}))
+    log.info("replay.metrics", url=metrics.url)
+    producer = None
+    if settings.kafka:
+        from streams.kafka_io import EventProducer
+
+        producer = EventProducer(kafka)
+    recorder = RecordWriter(settings.record_file) if settings.record_file else None
+    ledger = Ledger(settings.ledger_file, keep=False) if settings.ledger_file else None
+    emitter = Emitter(producer, recorder, ledger)
+    summary: dict[str, Any]
+    code = 0
+    ready["running"] = True
+    try:
+        if settings.from_file is not None:
+            rstats = asyncio.run(replay_recorded(
+                settings.from_file, emitter, speed=settings.speed, on_error=settings.on_error,
+                server_url=settings.server_url or None, impressions=settings.impressions,
+                timeout_s=settings.timeout_s, max_in_flight=settings.max_in_flight,
+                stop=stop))
+            summary = {"mode": "recorded", **rstats.as_dict()}
+            for line in rstats.bad_lines[:20]:
+                print(line)
+            if rstats.stopped_at_line is not None:
+                code = 2
+        else:
+            summary = _run_simulated(settings, emitter, stop)
+    finally:
+        ready["running"] = False
+        if producer is not None:
+            producer.flush(30.0)
+            producer.close()
+        if recorder is not None:
+            recorder.close()
+        if ledger is not None:
+            ledger.close()
+        metrics.stop()
+    print(json.dumps(summary, default=str))
+    return code
+
+
+def _progress(stats: RunStats, in_flight: int) -> None:
+    log.info("replay.progress", requests=stats.requests, outcomes=dict(stats.outcomes),
+             in_flight=in_flight, impressions=stats.impressions, clicks=stats.clicks,
+             conversions=stats.conversions, revenue=round(stats.revenue, 2),
+             sim_time=round(stats.sim_end, 1))
+
+
+def _run_simulated(settings: ReplaySettings, emitter: Emitter,
+                   stop: threading.Event) -> dict[str, Any]:
+    world = World(world_config(settings))
+    driver = TrafficDriver(world, emitter)
+    if settings.policy:
+        policy = policy_by_name(settings.policy, world, settings.seed)
+        if settings.requests > 0:
+            n = settings.requests
+        elif settings.duration > 0:
+            n = max(1, int(settings.duration * settings.rate))
+        else:
+            n = 2**62
+        clock = SimClock(world.now, settings.speed) if settings.speed > 0 else None
+        stats = driver.run_inprocess(policy, n, drain=settings.drain, clock=clock, stop=stop)
+        mode = f"inprocess:{settings.policy}"
+    else:
+        opts = HttpOptions(server_url=settings.server_url, rate=settings.rate,
+                           speed=settings.speed if settings.speed > 0 else 1.0,
+                           duration_s=settings.duration, n_requests=settings.requests,
+                           timeout_s=settings.timeout_s, max_in_flight=settings.max_in_flight)
+        stats = asyncio.run(driver.run_http(opts, stop, drain=settings.drain,
+                                            on_progress=_progress))
+        mode = "http"
+    d = stats.as_dict()
+    d["revenue"] = round(d["revenue"], 4)
+    d["expected_revenue"] = round(d["expected_revenue"], 4)
+    if not math.isfinite(d["sim_end"]):
+        d["sim_end"] = None
+    return {"mode": mode, **d}

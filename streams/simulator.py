@@ -1,0 +1,745 @@
+"""A seeded, simulated ad world: users, ads, a ground-truth response model, delays.
+
+Everything here is pure and in-process (no Kafka, no HTTP), so an evaluation harness
+can run policies over identical traffic. :mod:`streams.traffic` drives it against
+the serving worker and Kafka.
+
+* **Users** have a latent interest vector over the topic space (industries and
+  product categories). It follows an Ornstein-Uhlenbeck process around a long-run
+  mean that occasionally jumps to a new favourite category, plus an hour-of-day
+  modulation per industry (gaming at night, finance in office hours, ...).
+* **Ads** have a latent topic vector tied to their text's category, business
+  attributes (industry, advertiser, bid type cpc/cpa/cpm, bid, budget) and a
+  status. Budgets deplete with realized spend; ads pause and resume; new ads arrive.
+* **Ground truth**: ``pCTR = sigmoid(a·<u,ad> + hour effect + position bias +
+  placement/device bias + ad quality + b)``, ``pCVR = sigmoid(c·<u,ad> + bid-type
+  bias + b)`` given a click. Expected value per impression is the serving formula:
+  cpc ``bid·pCTR``, cpa ``bid·pCTR·pCVR``, cpm ``bid/1000``.
+* **Delays**: a click follows its impression after an exponential delay (mean 5 s);
+  a conversion follows its click after a mixture: 35 % exponential (mean 3 min),
+  65 % log-normal (median window/4, sigma 1.0), so about 5 % of conversions land
+  after the attribution window (the joiner's "late" path).
+
+Randomness comes from numpy Generators seeded from one seed, with separate streams
+for the world (catalog and lifecycle), arrivals (request times, users, contexts,
+interest drift) and responses (one generator per request, derived from the seed and
+the request's sequence number, so responses do not depend on completion order).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from streams.schemas import Ad, BidType, Click, Conversion
+
+DEFAULT_START_TIME = 1_704_067_200.0
+"""2024-01-01T00:00:00Z: the default simulated start, so runs are reproducible."""
+
+# -- the catalog vocabulary -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IndustrySpec:
+    """Words and numbers of one industry: categories with products, offers, goals."""
+
+    name: str
+    categories: dict[str, tuple[str, ...]]
+    """category -> product names (the category word is in every text)."""
+    offers: tuple[str, ...]
+    goal: str
+    brand_words: tuple[str, ...]
+    value_median: float
+    """Median conversion value (currency)."""
+    peak_hour: int
+    """Hour of day (UTC) at which interest in the industry peaks."""
+
+
+INDUSTRIES: tuple[IndustrySpec, ...] = (
+    IndustrySpec(
+        "retail",
+        {"running shoes": ("Trail running shoes", "Road racing shoes",
+                           "Cushioned walking sneakers"),
+         "headphones": ("Noise-cancelling headphones", "Wireless earbuds", "Studio headphones"),
+         "winter jackets": ("Down parka", "Waterproof shell jacket", "Fleece-lined coat"),
+         "home decor": ("Linen throw pillows", "Ceramic table lamp", "Wool area rug")},
+        ("20% off this week", "free shipping on all orders", "buy one, get one half price",
+         "new season arrivals", "members save 15%"),
+        "purchase", ("Acme", "Northpeak", "Urbanline", "Cobalt", "Maple & Co"), 60.0, 13),
+    IndustrySpec(
+        "travel",
+        {"beach holidays": ("All-inclusive beach resort", "Island hopping cruise",
+                            "Seaside villa stay"),
+         "city breaks": ("Weekend in Lisbon", "Paris city break", "Tokyo food tour"),
+         "flights": ("Nonstop flights to New York", "Cheap flights to Barcelona",
+                     "Business class to Singapore"),
+         "hotels": ("Boutique hotel downtown", "Airport hotel with shuttle",
+                    "Mountain lodge retreat")},
+        ("book now, pay later", "save up to 30%", "free cancellation", "kids stay free",
+         "last-minute deals"),
+        "booking", ("Skyward", "Wanderly", "BlueHarbor", "Atlas Trips", "SunTrail"), 400.0, 20),
+    IndustrySpec(
+        "finance",
+        {"credit cards": ("Cashback credit card", "Travel rewards card", "No-fee student card"),
+         "savings accounts": ("High-yield savings account", "Fixed-rate savings bond",
+                              "Kids savings account"),
+         "investing": ("Commission-free investing app", "Robo-advisor portfolio",
+                       "Retirement fund plan"),
+         "insurance": ("Home insurance quote", "Pet insurance plan", "Term life insurance")},
+        ("0% APR for 12 months", "open an account in 5 minutes", "$100 sign-up bonus",
+         "no monthly fees", "get a free quote"),
+        "signup", ("Ledgerly", "Crestbank", "Finwise", "Summit Capital", "Harbor Mutual"),
+        120.0, 11),
+    IndustrySpec(
+        "gaming",
+        {"strategy games": ("Empire strategy game", "Space colony builder",
+                            "Medieval tactics saga"),
+         "racing games": ("Street racing game", "Rally championship", "Kart racing party"),
+         "puzzle games": ("Daily word puzzle", "Match-three adventure", "Logic grid puzzles"),
+         "consoles": ("Handheld game console", "Next-gen console bundle", "Retro mini console")},
+        ("free to play", "download today", "season pass 50% off", "exclusive launch skin",
+         "play with friends"),
+        "install", ("Pixelforge", "Nebula Games", "Riftworks", "Bytewave", "Kraken Studio"),
+        10.0, 22),
+    IndustrySpec(
+        "food",
+        {"meal kits": ("Weekly meal kit box", "Family dinner kit", "High-protein meal plan"),
+         "pizza delivery": ("Stone-baked pizza delivery", "Two large pizzas deal",
+                            "Gluten-free pizza"),
+         "coffee": ("Single-origin coffee subscription", "Espresso bean bundle",
+                    "Cold brew pack"),
+         "snacks": ("Vegan snack box", "Organic trail mix", "Dark chocolate bites")},
+        ("first box free", "free delivery tonight", "2 for 1 on weekends", "save 25% today",
+         "order in one tap"),
+        "order", ("Tastebox", "Urban Oven", "Beanhouse", "Greenbite", "Daily Crave"), 35.0, 19),
+    IndustrySpec(
+        "auto",
+        {"electric cars": ("Electric SUV test drive", "Compact electric hatchback",
+                           "Electric pickup truck"),
+         "car leasing": ("Flexible car lease", "Business car leasing", "Used car financing"),
+         "tyres": ("All-season tyres", "Winter tyres fitted", "Performance tyres"),
+         "car care": ("Full-service car wash", "Ceramic paint coating", "Oil change package")},
+        ("book a test drive", "0% financing", "trade-in bonus", "free fitting", "limited stock"),
+        "lead", ("Voltara", "Roadmaster", "Axle & Sons", "Drivewise", "Torque Motors"),
+        800.0, 10),
+    IndustrySpec(
+        "education",
+        {"coding": ("Python coding bootcamp", "Web development course", "Data science program"),
+         "languages": ("Spanish language course", "Japanese for beginners",
+                       "Business English classes"),
+         "degrees": ("Online MBA program", "Part-time master's degree", "Nursing degree"),
+         "test prep": ("SAT test prep", "GMAT prep course", "IELTS practice tests")},
+        ("enroll today", "first lesson free", "scholarships available", "learn at your own pace",
+         "certificate included"),
+        "enrollment", ("Learnify", "Brightpath", "Scholarly", "CodeCamp", "Lingua Hub"),
+        300.0, 15),
+    IndustrySpec(
+        "health",
+        {"fitness trackers": ("Smart fitness tracker", "GPS running watch",
+                              "Sleep tracking ring"),
+         "vitamins": ("Daily multivitamin", "Vitamin D drops", "Omega-3 capsules"),
+         "telehealth": ("Online doctor visit", "Therapy sessions online", "Dermatology consult"),
+         "yoga": ("Beginner yoga classes", "Hot yoga membership", "Pilates at home")},
+        ("try free for 30 days", "15% off your first order", "same-day appointments",
+         "cancel anytime", "covered by most insurance"),
+        "subscription", ("Vitalis", "Pulsewell", "Calmly", "Healthbridge", "Zenfit"), 50.0, 7),
+)
+
+INDUSTRY_NAMES: tuple[str, ...] = tuple(s.name for s in INDUSTRIES)
+CATEGORIES: tuple[tuple[str, str], ...] = tuple(
+    (s.name, c) for s in INDUSTRIES for c in s.categories
+)
+"""(industry, category) pairs; topic dims are industries first, then categories."""
+N_TOPICS = len(INDUSTRIES) + len(CATEGORIES)
+
+DEVICES = ("mobile", "desktop", "tablet")
+PLACEMENTS = ("feed", "search", "sidebar", "video")
+PLACEMENT_WEIGHTS = (0.5, 0.25, 0.15, 0.10)
+PLACEMENT_BIAS = {"feed": 0.0, "search": 0.35, "sidebar": -0.6, "video": -0.25}
+DEVICE_BIAS = {"mobile": 0.1, "desktop": 0.0, "tablet": -0.1}
+REGIONS = ("na", "eu", "apac", "latam")
+REGION_WEIGHTS = (0.35, 0.3, 0.25, 0.10)
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DelayModel:
+    """Conversion delay after the click: a share of fast conversions, a heavy tail.
+
+    ``fast_share`` of conversions arrive after ``Exp(fast_mean_s)``; the rest after a
+    log-normal with median ``window_s * slow_median_frac`` and ``slow_sigma``. With the
+    defaults and a 3600 s window, ~37 % arrive within 5 minutes, the median is ~10 minutes
+    and ~5 % arrive after the window.
+    """
+
+    window_s: float = 3600.0
+    fast_share: float = 0.35
+    fast_mean_s: float = 180.0
+    slow_median_frac: float = 0.25
+    slow_sigma: float = 1.0
+    click_mean_s: float = 5.0
+    """Mean of the exponential delay from impression to click."""
+
+    def sample_conversion(self, rng: np.random.Generator) -> float:
+        if rng.random() < self.fast_share:
+            return float(rng.exponential(self.fast_mean_s))
+        median = self.window_s * self.slow_median_frac
+        return float(math.exp(math.log(median) + self.slow_sigma * rng.standard_normal()))
+
+    def sample_click(self, rng: np.random.Generator) -> float:
+        return float(rng.exponential(self.click_mean_s))
+
+    def late_share(self) -> float:
+        """Probability that a conversion lands after the attribution window."""
+        fast_late = math.exp(-self.window_s / self.fast_mean_s)
+        z = math.log(1.0 / self.slow_median_frac) / self.slow_sigma
+        slow_late = 0.5 * math.erfc(z / math.sqrt(2.0))
+        return self.fast_share * fast_late + (1.0 - self.fast_share) * slow_late
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Every parameter of the simulated world (documented in docs/traffic.md)."""
+
+    seed: int = 0
+    n_users: int = 2000
+    n_ads: int = 200
+    start_time: float = DEFAULT_START_TIME
+    request_rate: float = 20.0 / 60.0
+    """Requests per *simulated* second (the driver sets wall rate / speed)."""
+    slate_size: int = 5
+    run_id: str = ""
+    """Prefix of request ids; default ``sim<seed>``. Change it to run the same seed twice
+    against the same topics without the joiner deduplicating the second run."""
+    # lifecycle (rates per simulated hour)
+    new_ads_per_hour: float = 6.0
+    pause_per_hour: float = 0.02
+    """Hazard of an active ad pausing."""
+    resume_per_hour: float = 0.5
+    """Hazard of a paused ad resuming."""
+    budget_scale: float = 1.0
+    """Budgets are uniform in [50, 1000] × this (currency)."""
+    new_advertiser_share: float = 0.3
+    # ground truth
+    ctr_affinity: float = 2.5
+    ctr_bias: float = -4.2
+    position_bias: float = -0.3
+    """Added to the click logit per position (0 = top)."""
+    cvr_affinity: float = 2.0
+    cvr_bias: dict[str, float] = field(
+        default_factory=lambda: {"cpc": -3.5, "cpa": -2.8, "cpm": -4.0})
+    hour_amplitude: float = 0.3
+    ad_quality_sigma: float = 0.3
+    # user interests
+    interest_theta_per_hour: float = 1.0 / 3.0
+    """OU mean reversion rate."""
+    interest_sigma: float = 0.1
+    """OU stationary standard deviation per topic dimension."""
+    interest_shift_per_day: float = 0.5
+    """Rate at which a user's long-run interest jumps to a new favourite category."""
+    activity_sigma: float = 1.0
+    """Log-normal sigma of per-user request frequency (some users are much busier)."""
+    recent_ads: int = 5
+    delays: DelayModel = field(default_factory=DelayModel)
+
+    @property
+    def prefix(self) -> str:
+        return self.run_id or f"sim{self.seed}"
+
+
+# -- records ---------------------------------------------------------------------------
+
+
+@dataclass
+class SimUser:
+    user_id: str
+    device: str
+    region: str
+    activity: float
+    mean: np.ndarray
+    state: np.ndarray
+    last_t: float
+    recent: deque[str] = field(default_factory=deque)
+
+
+@dataclass
+class SimAd:
+    """An ad in the world: its record (``Ad``) plus the hidden ground truth."""
+
+    record: Ad
+    vector: np.ndarray
+    quality: float
+    category: str
+    spend: float = 0.0
+
+    @property
+    def ad_id(self) -> str:
+        return self.record.ad_id
+
+    @property
+    def active(self) -> bool:
+        return self.record.status == "active"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One recommend request, as the traffic driver sends it (event time included)."""
+
+    seq: int
+    request_id: str
+    user_id: str
+    context: dict[str, str]
+    recent_ad_ids: list[str]
+    k: int
+    event_time: float
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of ``POST /v1/recommend``."""
+        return {"user_id": self.user_id, "context": dict(self.context),
+                "recent_ad_ids": list(self.recent_ad_ids), "k": self.k,
+                "request_id": self.request_id, "event_time": self.event_time}
+
+
+@dataclass(frozen=True)
+class ItemOutcome:
+    """What the user did with one slate item, and the truth behind it."""
+
+    ad_id: str
+    position: int
+    pctr: float
+    pcvr: float
+    expected_value: float
+    clicked: bool = False
+    converted: bool = False
+    click_time: float | None = None
+    conversion_time: float | None = None
+    conversion_value: float = 0.0
+    reward: float = 0.0
+    """Realized reward (revenue): cpc bid per click, cpa bid per in-window conversion,
+    cpm bid/1000 per impression."""
+
+
+@dataclass
+class Response:
+    """The sampled user response to one served slate."""
+
+    request_id: str
+    event_time: float
+    items: list[ItemOutcome]
+    clicks: list[Click]
+    conversions: list[Conversion]
+    ad_updates: list[Ad]
+    """Ads whose status changed (budget exhausted) because of this response's spend."""
+    unknown_ad_ids: list[str]
+    """Served ads the world does not know or that are not active (no response sampled)."""
+
+    @property
+    def reward(self) -> float:
+        return sum(i.reward for i in self.items)
+
+    @property
+    def expected_value(self) -> float:
+        """True expected reward of the slate as shown (positions included)."""
+        return sum(i.expected_value for i in self.items)
+
+    @property
+    def impressions(self) -> int:
+        return len(self.items)
+
+
+def _sigmoid(x: np.ndarray | float) -> Any:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    n = float(np.linalg.norm(v))
+    return v / n if n > 0 else v
+
+
+# -- the world -------------------------------------------------------------------------
+
+
+class World:
+    """The simulated ad world. Deterministic given its :class:`WorldConfig`."""
+
+    def __init__(self, config: WorldConfig | None = None) -> None:
+        self.config = cfg = config or WorldConfig()
+        ss = np.random.SeedSequence(cfg.seed)
+        world_ss, arrivals_ss, _resp_ss = ss.spawn(3)
+        self.rng_world = np.random.default_rng(world_ss)
+        self.rng_arrivals = np.random.default_rng(arrivals_ss)
+        self.now = cfg.start_time
+        """Simulated time up to which the lifecycle has been advanced."""
+        self._next_arrival = cfg.start_time
+        self._seq = 0
+        self._ad_counter = 0
+        self._advertisers: dict[str, list[str]] = {s.name: [] for s in INDUSTRIES}
+        self._adv_counter = 0
+        self.ads: dict[str, SimAd] = {}
+        self.users: list[SimUser] = []
+        self._matrix_cache: tuple[list[SimAd], np.ndarray] | None = None
+        self._industry_index = {s.name: i for i, s in enumerate(INDUSTRIES)}
+        self._category_index = {c: len(INDUSTRIES) + i for i, c in enumerate(CATEGORIES)}
+        self._build_users()
+        self._initial: list[Ad] = []
+        for _ in range(cfg.n_ads):
+            created = cfg.start_time - float(self.rng_world.uniform(0.0, 7 * 86400.0))
+            self._initial.append(self._new_ad(created, cfg.start_time).record)
+        self._next_lifecycle = self._draw_lifecycle_gap(cfg.start_time)
+        weights = np.array([u.activity for u in self.users])
+        self._user_p = weights / weights.sum()
+
+    # -- construction ------------------------------------------------------------------
+    def _build_users(self) -> None:
+        cfg, rng = self.config, self.rng_world
+        for i in range(cfg.n_users):
+            mean = self._draw_interest_mean(rng)
+            state = mean + rng.normal(0.0, cfg.interest_sigma, N_TOPICS)
+            self.users.append(SimUser(
+                user_id=f"u-{i:06d}",
+                device=str(rng.choice(DEVICES, p=(0.6, 0.3, 0.1))),
+                region=str(rng.choice(REGIONS, p=REGION_WEIGHTS)),
+                activity=float(rng.lognormal(0.0, cfg.activity_sigma)),
+                mean=mean, state=state, last_t=cfg.start_time,
+                recent=deque(maxlen=cfg.recent_ads)))
+
+    def _draw_interest_mean(self, rng: np.random.Generator) -> np.ndarray:
+        """A few favourite categories (and their industries), unit length."""
+        v = np.zeros(N_TOPICS)
+        n_fav = int(rng.integers(1, 4))
+        for _ in range(n_fav):
+            ind, cat = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+            w = float(rng.uniform(0.5, 1.0))
+            v[self._category_index[(ind, cat)]] += w
+            v[self._industry_index[ind]] += 0.6 * w
+        v += np.abs(rng.normal(0.0, 0.05, N_TOPICS))
+        return _unit(v)
+
+    def _new_advertiser(self, industry: IndustrySpec, rng: np.random.Generator) -> str:
+        self._adv_counter += 1
+        brand = industry.brand_words[int(rng.integers(len(industry.brand_words)))]
+        adv = f"adv-{self._adv_counter:04d}-{brand.lower().replace(' & ', '-').replace(' ', '-')}"
+        self._advertisers[industry.name].append(adv)
+        return adv
+
+    def _new_ad(self, created_time: float, event_time: float) -> SimAd:
+        cfg, rng = self.config, self.rng_world
+        spec = INDUSTRIES[int(rng.integers(len(INDUSTRIES)))]
+        owners = self._advertisers[spec.name]
+        if not owners or rng.random() < cfg.new_advertiser_share:
+            advertiser = self._new_advertiser(spec, rng)
+        else:
+            advertiser = owners[int(rng.integers(len(owners)))]
+        brand = advertiser.split("-", 2)[2].replace("-", " ").title()
+        category = list(spec.categories)[int(rng.integers(len(spec.categories)))]
+        products = spec.categories[category]
+        product = products[int(rng.integers(len(products)))]
+        offer = spec.offers[int(rng.integers(len(spec.offers)))]
+        bid_types: tuple[BidType, ...] = ("cpc", "cpa", "cpm")
+        bid_type = bid_types[int(rng.choice(3, p=(0.5, 0.3, 0.2)))]
+        if bid_type == "cpc":
+            bid = float(np.clip(rng.lognormal(math.log(0.8), 0.6), 0.2, 3.0))
+        elif bid_type == "cpa":
+            bid = float(np.clip(rng.lognormal(math.log(20.0), 0.6), 5.0, 60.0))
+        else:
+            bid = float(np.clip(rng.lognormal(math.log(4.0), 0.5), 1.0, 10.0))
+        budget = float(rng.uniform(50.0, 1000.0)) * cfg.budget_scale
+        self._ad_counter += 1
+        ad_id = f"ad-{self._ad_counter:06d}"
+        title = f"{product} from {brand} — {offer}"
+        description = (f"{spec.name.title()} · {category}: {product.lower()} by {brand}. "
+                       f"{offer[0].upper()}{offer[1:]}. Goal: {spec.goal}.")
+        record = Ad(ad_id=ad_id, advertiser_id=advertiser, industry=spec.name,
+                    bid_type=bid_type, conversion_goal=spec.goal, bid=round(bid, 4),
+                    budget=round(budget, 2), title=title, description=description,
+                    status="active", created_time=created_time, event_time=event_time)
+        v = np.zeros(N_TOPICS)
+        v[self._industry_index[spec.name]] = 1.0
+        v[self._category_index[(spec.name, category)]] = 1.5
+        v += rng.normal(0.0, 0.15, N_TOPICS)
+        ad = SimAd(record=record, vector=_unit(v),
+                   quality=float(rng.normal(0.0, cfg.ad_quality_sigma)), category=category)
+        self.ads[ad_id] = ad
+        self._matrix_cache = None
+        return ad
+
+    # -- catalog -----------------------------------------------------------------------
+    def initial_ads(self) -> list[Ad]:
+        """The catalog at the start (to produce to ``ads`` before any traffic)."""
+        return list(self._initial)
+
+    def servable_ads(self) -> list[SimAd]:
+        return [a for a in self.ads.values() if a.active]
+
+    def ad_records(self) -> list[Ad]:
+        """Current state of every ad (active, paused and exhausted)."""
+        return [a.record for a in self.ads.values()]
+
+    def _set_status(self, ad: SimAd, status: str, t: float) -> Ad:
+        import msgspec
+
+        ad.record = msgspec.structs.replace(ad.record, status=status, event_time=t)
+        self._matrix_cache = None
+        return ad.record
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def _lifecycle_rates(self) -> tuple[float, float, float]:
+        cfg = self.config
+        n_active = sum(1 for a in self.ads.values() if a.active)
+        n_paused = sum(1 for a in self.ads.values() if a.record.status == "paused")
+        return (cfg.new_ads_per_hour / 3600.0, n_active * cfg.pause_per_hour / 3600.0,
+                n_paused * cfg.resume_per_hour / 3600.0)
+
+    def _draw_lifecycle_gap(self, t: float) -> float:
+        total = sum(self._lifecycle_rates())
+        if total <= 0:
+            return math.inf
+        return t + float(self.rng_world.exponential(1.0 / total))
+
+    def advance_to(self, t: float) -> list[Ad]:
+        """Run the ad lifecycle up to simulated time ``t``; the ads that changed, in order.
+
+        New ads arrive as a Poisson process (``new_ads_per_hour``); each active ad pauses
+        and each paused ad resumes at its hazard rate.
+        """
+        changed: list[Ad] = []
+        rng = self.rng_world
+        while self._next_lifecycle <= t:
+            te = self._next_lifecycle
+            new, pause, resume = self._lifecycle_rates()
+            u = float(rng.uniform(0.0, new + pause + resume))
+            if u < new:
+                changed.append(self._new_ad(te, te).record)
+            elif u < new + pause:
+                active = [a for a in self.ads.values() if a.active]
+                if active:
+                    ad = active[int(rng.integers(len(active)))]
+                    changed.append(self._set_status(ad, "paused", te))
+            else:
+                paused = [a for a in self.ads.values() if a.record.status == "paused"]
+                if paused:
+                    ad = paused[int(rng.integers(len(paused)))]
+                    changed.append(self._set_status(ad, "active", te))
+            self._next_lifecycle = self._draw_lifecycle_gap(te)
+        self.now = max(self.now, t)
+        return changed
+
+    # -- users -------------------------------------------------------------------------
+    def user(self, user_id: str) -> SimUser:
+        return self.users[int(user_id.rsplit("-", 1)[1])]
+
+    def _drift(self, user: SimUser, t: float, rng: np.random.Generator) -> None:
+        """Exact OU transition of the user's interest from ``user.last_t`` to ``t``."""
+        cfg = self.config
+        dt = t - user.last_t
+        if dt <= 0:
+            return
+        hours = dt / 3600.0
+        if rng.random() < 1.0 - math.exp(-cfg.interest_shift_per_day * hours / 24.0):
+            user.mean = _unit(0.5 * user.mean + self._draw_interest_mean(rng))
+        decay = math.exp(-cfg.interest_theta_per_hour * hours)
+        noise_sd = cfg.interest_sigma * math.sqrt(max(0.0, 1.0 - decay * decay))
+        user.state = (user.mean + (user.state - user.mean) * decay
+                      + rng.normal(0.0, noise_sd, N_TOPICS))
+        user.last_t = t
+
+    def hour_effect(self, t: float) -> np.ndarray:
+        """Per-industry additive interest at the hour of day of ``t`` (UTC)."""
+        h = (t % 86400.0) / 3600.0
+        peaks = np.array([s.peak_hour for s in INDUSTRIES], dtype=float)
+        return self.config.hour_amplitude * np.cos(2.0 * math.pi * (h - peaks) / 24.0)
+
+    # -- requests ----------------------------------------------------------------------
+    def next_request(self, k: int | None = None) -> Request:
+        """The next request of the Poisson arrival process (advances arrival time only)."""
+        cfg, rng = self.config, self.rng_arrivals
+        self._next_arrival += float(rng.exponential(1.0 / cfg.request_rate))
+        t = self._next_arrival
+        user = self.users[int(rng.choice(len(self.users), p=self._user_p))]
+        device = user.device if rng.random() < 0.8 else str(rng.choice(DEVICES))
+        placement = str(rng.choice(PLACEMENTS, p=PLACEMENT_WEIGHTS))
+        self._drift(user, t, rng)
+        context = {"device": device, "placement": placement,
+                   "hour": str(int((t % 86400.0) // 3600.0)), "region": user.region}
+        seq = self._seq
+        self._seq += 1
+        return Request(seq=seq, request_id=f"{cfg.prefix}-{seq:09d}", user_id=user.user_id,
+                       context=context, recent_ad_ids=list(user.recent),
+                       k=k or cfg.slate_size, event_time=t)
+
+    def step_requests(self, n: int, k: int | None = None) -> list[Request]:
+        """The next ``n`` requests (without serving them)."""
+        return [self.next_request(k) for _ in range(n)]
+
+    def iter_requests(self, k: int | None = None) -> Iterator[Request]:
+        while True:
+            yield self.next_request(k)
+
+    # -- ground truth ------------------------------------------------------------------
+    def _matrix(self, ads: Sequence[SimAd] | None) -> tuple[list[SimAd], np.ndarray]:
+        if ads is None:
+            if self._matrix_cache is None:
+                servable = self.servable_ads()
+                mat = (np.stack([a.vector for a in servable]) if servable
+                       else np.zeros((0, N_TOPICS)))
+                self._matrix_cache = (servable, mat)
+            return self._matrix_cache
+        ads = list(ads)
+        mat = np.stack([a.vector for a in ads]) if ads else np.zeros((0, N_TOPICS))
+        return ads, mat
+
+    def probabilities(self, user: SimUser | str, context: dict[str, str], t: float,
+                      ads: Sequence[SimAd] | None = None,
+                      positions: np.ndarray | int = 0) -> tuple[list[SimAd], Any, Any]:
+        """True (pCTR, pCVR) of ``ads`` (default: all servable) for this user and context.
+
+        pCTR includes the position bias of ``positions`` (0 = top).
+        """
+        cfg = self.config
+        if isinstance(user, str):
+            user = self.user(user)
+        ads_list, mat = self._matrix(ads)
+        if not ads_list:
+            return ads_list, np.zeros(0), np.zeros(0)
+        affinity = mat @ user.state
+        hour = self.hour_effect(t)
+        ind = np.array([self._industry_index[a.record.industry] for a in ads_list])
+        quality = np.array([a.quality for a in ads_list])
+        ctx_bias = (PLACEMENT_BIAS.get(context.get("placement", ""), 0.0)
+                    + DEVICE_BIAS.get(context.get("device", ""), 0.0))
+        logit = (cfg.ctr_affinity * affinity + hour[ind] + quality + ctx_bias
+                 + cfg.ctr_bias + cfg.position_bias * np.asarray(positions, dtype=float))
+        pctr = _sigmoid(logit)
+        cvr_b = np.array([cfg.cvr_bias[a.record.bid_type] for a in ads_list])
+        pcvr = _sigmoid(cfg.cvr_affinity * affinity + cvr_b)
+        return ads_list, pctr, pcvr
+
+    @staticmethod
+    def expected_values(ads: Sequence[SimAd], pctr: Any, pcvr: Any) -> np.ndarray:
+        """Expected reward per impression: cpc bid·pCTR, cpa bid·pCTR·pCVR, cpm bid/1000."""
+        out = np.empty(len(ads))
+        for i, a in enumerate(ads):
+            bid = a.record.bid
+            if a.record.bid_type == "cpc":
+                out[i] = bid * pctr[i]
+            elif a.record.bid_type == "cpa":
+                out[i] = bid * pctr[i] * pcvr[i]
+            else:
+                out[i] = bid / 1000.0
+        return out
+
+    def oracle_slate(self, user: SimUser | str, context: dict[str, str],
+                     servable_ads: Sequence[SimAd] | None = None, k: int | None = None,
+                     t: float | None = None) -> list[str]:
+        """The ``k`` ad ids with the highest true expected value per impression."""
+        k = k or self.config.slate_size
+        t = self.now if t is None else t
+        ads, pctr, pcvr = self.probabilities(user, context, t, servable_ads)
+        if not ads:
+            return []
+        ev = self.expected_values(ads, pctr, pcvr)
+        order = np.lexsort((np.arange(len(ads)), -ev))[:k]
+        return [ads[int(i)].ad_id for i in order]
+
+    # -- responses ---------------------------------------------------------------------
+    def response_rng(self, seq: int) -> np.random.Generator:
+        """The response generator of request number ``seq`` (independent of order)."""
+        return np.random.default_rng(np.random.SeedSequence(self.config.seed,
+                                                            spawn_key=(2, seq)))
+
+    def sample_response(self, user: SimUser | str, slate: Sequence[str], request_id: str,
+                        event_time: float, context: dict[str, str],
+                        rng: np.random.Generator) -> Response:
+        """Sample clicks and (delayed) conversions for ``slate`` shown at ``event_time``.
+
+        Updates spend and budgets (booked at sampling time) and returns ads that became
+        ``exhausted``. Unknown or non-active ads get no response.
+        """
+        cfg = self.config
+        if isinstance(user, str):
+            user = self.user(user)
+        known: list[SimAd] = []
+        positions: list[int] = []
+        unknown: list[str] = []
+        for pos, ad_id in enumerate(slate):
+            ad = self.ads.get(ad_id)
+            if ad is None or not ad.active:
+                unknown.append(ad_id)
+                continue
+            known.append(ad)
+            positions.append(pos)
+        items: list[ItemOutcome] = []
+        clicks: list[Click] = []
+        conversions: list[Conversion] = []
+        updates: list[Ad] = []
+        if not known:
+            return Response(request_id, event_time, items, clicks, conversions, updates, unknown)
+        ads, pctr, pcvr = self.probabilities(user, context, event_time, known,
+                                             np.array(positions))
+        ev = self.expected_values(ads, pctr, pcvr)
+        window = cfg.delays.window_s
+        for i, ad in enumerate(ads):
+            r = ad.record
+            # draw every variate for every item so the stream layout is fixed
+            u_click, u_conv = float(rng.random()), float(rng.random())
+            click_delay = cfg.delays.sample_click(rng)
+            conv_delay = cfg.delays.sample_conversion(rng)
+            value_draw = float(rng.lognormal(0.0, 0.5))
+            clicked = u_click < pctr[i]
+            converted = clicked and u_conv < pcvr[i]
+            reward = r.bid / 1000.0 if r.bid_type == "cpm" else 0.0
+            click_t = conv_t = None
+            value = 0.0
+            if clicked:
+                click_t = event_time + click_delay
+                clicks.append(Click(event_id=f"{request_id}:click:{r.ad_id}",
+                                    request_id=request_id, user_id=user.user_id,
+                                    ad_id=r.ad_id, event_time=click_t))
+                user.recent.append(r.ad_id)
+                if r.bid_type == "cpc":
+                    reward += r.bid
+            if converted:
+                assert click_t is not None
+                conv_t = click_t + conv_delay
+                spec = INDUSTRIES[self._industry_index[r.industry]]
+                value = round(spec.value_median * value_draw, 2)
+                conversions.append(Conversion(
+                    event_id=f"{request_id}:conversion:{r.ad_id}", request_id=request_id,
+                    user_id=user.user_id, ad_id=r.ad_id, event_time=conv_t, value=value))
+                if r.bid_type == "cpa" and conv_t - event_time <= window:
+                    reward += r.bid
+            items.append(ItemOutcome(
+                ad_id=r.ad_id, position=positions[i], pctr=float(pctr[i]),
+                pcvr=float(pcvr[i]), expected_value=float(ev[i]), clicked=bool(clicked),
+                converted=bool(converted), click_time=click_t, conversion_time=conv_t,
+                conversion_value=value, reward=reward))
+            ad.spend += reward
+            if ad.spend >= r.budget and ad.active:
+                updates.append(self._set_status(ad, "exhausted", event_time))
+        return Response(request_id, event_time, items, clicks, conversions, updates, unknown)
+
+    def respond(self, request: Request, slate: Sequence[str]) -> Response:
+        """The response to ``request`` served ``slate`` (ad ids, top first)."""
+        return self.sample_response(request.user_id, slate, request.request_id,
+                                    request.event_time, request.context,
+                                    self.response_rng(request.seq))
+
+
+def slate_ids(items: Iterable[Any]) -> list[str]:
+    """Ad ids of slate items (dicts or objects with ``ad_id``/``position``), top first."""
+    rows: list[tuple[int, int, str]] = []
+    for n, item in enumerate(items):
+        if isinstance(item, dict):
+            pos, ad_id = item.get("position"), item["ad_id"]
+        else:
+            pos, ad_id = getattr(item, "position", None), item.ad_id
+        rows.append((n if pos is None else int(pos), n, str(ad_id)))
+    rows.sort()
+    return [r[2] for r in rows]

@@ -1,0 +1,196 @@
+"""The simulated ad world and the in-process driver: determinism, ground truth, lifecycle."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from streams.features import DEFAULT_CONTEXT_FEATURES
+from streams.schemas import Ad, Click, Conversion, Impression
+from streams.simulator import (
+    INDUSTRY_NAMES,
+    DelayModel,
+    World,
+    WorldConfig,
+    slate_ids,
+)
+from streams.traffic import (
+    Emitter,
+    OraclePolicy,
+    RandomPolicy,
+    SimClock,
+    TrafficDriver,
+)
+
+SMALL = {"n_users": 200, "n_ads": 50}
+
+
+def _run(seed: int, n: int = 600, policy: str = "oracle", **cfg: object):
+    world = World(WorldConfig(seed=seed, **{**SMALL, **cfg}))  # type: ignore[arg-type]
+    emitter = Emitter(keep=True)
+    driver = TrafficDriver(world, emitter)
+    pol = OraclePolicy(world) if policy == "oracle" else RandomPolicy(world, seed)
+    stats = driver.run_inprocess(pol, n)
+    return world, emitter, stats
+
+
+def test_same_seed_same_world_and_requests() -> None:
+    a, b = World(WorldConfig(seed=7, **SMALL)), World(WorldConfig(seed=7, **SMALL))
+    assert a.initial_ads() == b.initial_ads()
+    assert a.step_requests(50) == b.step_requests(50)
+    c = World(WorldConfig(seed=8, **SMALL))
+    assert c.initial_ads() != a.initial_ads()
+
+
+def test_event_stream_hash_is_deterministic_per_seed() -> None:
+    _, e1, s1 = _run(3)
+    _, e2, s2 = _run(3)
+    _, _, s3 = _run(4)
+    assert s1.events_sha256 == s2.events_sha256 == e1.sha256
+    assert s1.requests_sha256 == s2.requests_sha256
+    assert e1.events == e2.events
+    assert s3.events_sha256 != s1.events_sha256
+    assert s1.clicks > 0 and s1.conversions > 0 and s1.pending_left == 0
+    assert s1.produced["clicks"] == s1.clicks
+
+
+def test_pacing_does_not_change_the_stream() -> None:
+    _, _, plain = _run(5, n=200)
+    world = World(WorldConfig(seed=5, request_rate=2000.0, **SMALL))
+    ref_world = World(WorldConfig(seed=5, request_rate=2000.0, **SMALL))
+    ref = TrafficDriver(ref_world, Emitter()).run_inprocess(OraclePolicy(ref_world), 200)
+    paced = TrafficDriver(world, Emitter()).run_inprocess(
+        OraclePolicy(world), 200, clock=SimClock(world.now, speed=2000.0))
+    assert paced.events_sha256 == ref.events_sha256
+    assert plain.events_sha256 != ref.events_sha256  # the arrival rate is part of the world
+
+
+def test_events_come_out_in_causal_order() -> None:
+    _, emitter, _ = _run(11, n=800)
+    shown: dict[str, float] = {}
+    clicked: set[tuple[str, str]] = set()
+    for _topic, rec in emitter.events:
+        if isinstance(rec, Impression):
+            shown[rec.request_id] = rec.event_time
+        elif isinstance(rec, Click):
+            assert rec.request_id in shown and rec.event_time >= shown[rec.request_id]
+            clicked.add((rec.request_id, rec.ad_id))
+        elif isinstance(rec, Conversion):
+            assert (rec.request_id, rec.ad_id) in clicked
+    times = [r.event_time for t, r in emitter.events if t in ("clicks", "conversions")]
+    assert times == sorted(times)
+
+
+def test_requests_carry_the_model_context_features() -> None:
+    world = World(WorldConfig(seed=1, **SMALL))
+    reqs = world.step_requests(100)
+    assert all(set(DEFAULT_CONTEXT_FEATURES) <= set(r.context) for r in reqs)
+    for r in reqs:
+        assert r.context["hour"] == str(int((r.event_time % 86400) // 3600))
+        assert r.k == 5 and r.request_id.startswith("sim1-")
+    times = [r.event_time for r in reqs]
+    assert times == sorted(times) and len(set(r.request_id for r in reqs)) == 100
+    body = reqs[0].body()
+    assert set(body) == {"user_id", "context", "recent_ad_ids", "k", "request_id", "event_time"}
+
+
+def test_ads_have_distinguishable_texts_and_realistic_bids() -> None:
+    world = World(WorldConfig(seed=2, n_users=10, n_ads=400))
+    ads = world.initial_ads()
+    assert {a.industry for a in ads} == set(INDUSTRY_NAMES)
+    assert len({a.title for a in ads}) > 150
+    for a in ads:
+        assert " from " in a.title and " — " in a.title
+        lo, hi = {"cpc": (0.2, 3.0), "cpa": (5.0, 60.0), "cpm": (1.0, 10.0)}[a.bid_type]
+        assert lo <= a.bid <= hi
+        assert a.created_time <= a.event_time
+    per_adv: dict[str, int] = {}
+    for a in ads:
+        per_adv[a.advertiser_id] = per_adv.get(a.advertiser_id, 0) + 1
+    assert max(per_adv.values()) >= 3  # advertisers own several ads
+    assert {a.bid_type for a in ads} == {"cpc", "cpa", "cpm"}
+
+
+def test_delay_distribution_is_heavy_tailed_with_some_late() -> None:
+    model = DelayModel(window_s=3600.0)
+    rng = np.random.default_rng(0)
+    d = np.array([model.sample_conversion(rng) for _ in range(20000)])
+    assert 0.30 < (d < 300).mean() < 0.45  # a share within minutes
+    late = (d > 3600).mean()
+    assert 0.03 < late < 0.08
+    assert abs(late - model.late_share()) < 0.01
+    assert np.percentile(d, 99) > 3 * 3600 / 2  # a long tail
+
+
+def test_oracle_beats_random_and_matches_serving_formula() -> None:
+    world = World(WorldConfig(seed=9, **SMALL))
+    req = world.next_request()
+    ads, pctr, pcvr = world.probabilities(req.user_id, req.context, req.event_time)
+    ev = world.expected_values(ads, pctr, pcvr)
+    for a, p, c, v in zip(ads, pctr, pcvr, ev, strict=True):
+        expect = {"cpc": a.record.bid * p, "cpa": a.record.bid * p * c,
+                  "cpm": a.record.bid / 1000.0}[a.record.bid_type]
+        assert math.isclose(v, expect)
+    top = world.oracle_slate(req.user_id, req.context, k=5, t=req.event_time)
+    assert top == [ads[i].ad_id for i in np.argsort(-ev, kind="stable")[:5]]
+    _, _, oracle = _run(9, n=500)
+    _, _, rand = _run(9, n=500, policy="random")
+    assert oracle.expected_revenue > 2 * rand.expected_revenue
+
+
+def test_position_bias_lowers_ctr() -> None:
+    world = World(WorldConfig(seed=1, **SMALL))
+    req = world.next_request()
+    ads = world.servable_ads()[:1]
+    _, top, _ = world.probabilities(req.user_id, req.context, req.event_time, ads, 0)
+    _, low, _ = world.probabilities(req.user_id, req.context, req.event_time, ads, 4)
+    assert low[0] < top[0]
+
+
+def test_interests_drift_over_time() -> None:
+    world = World(WorldConfig(seed=1, n_users=1, n_ads=10, request_rate=1 / 3600.0))
+    before = world.users[0].state.copy()
+    world.step_requests(24)  # about a simulated day
+    after = world.users[0].state
+    assert np.linalg.norm(after - before) > 0.05
+
+
+def test_budgets_exhaust_and_ads_arrive_and_pause() -> None:
+    world = World(WorldConfig(seed=1, n_users=50, n_ads=20, budget_scale=0.01,
+                              new_ads_per_hour=60.0, pause_per_hour=2.0))
+    changed = world.advance_to(world.now + 3600.0)
+    new = [a for a in changed if a.created_time == a.event_time and a.ad_id not in
+           {x.ad_id for x in world.initial_ads()}]
+    assert 30 < len(new) < 100
+    assert any(a.status == "paused" for a in changed)
+    emitter = Emitter(keep=True)
+    driver = TrafficDriver(world, emitter)
+    stats = driver.run_inprocess(OraclePolicy(world), 400)
+    exhausted = [r for t, r in emitter.events if isinstance(r, Ad) and r.status == "exhausted"]
+    assert exhausted, stats
+    for a in exhausted:
+        assert world.ads[a.ad_id].spend >= a.budget
+        assert a.ad_id not in {x.ad_id for x in world.servable_ads()}
+
+
+def test_unknown_and_inactive_ads_get_no_response() -> None:
+    world = World(WorldConfig(seed=1, **SMALL))
+    req = world.next_request()
+    resp = world.respond(req, ["nope", *world.oracle_slate(req.user_id, req.context, k=2)])
+    assert resp.unknown_ad_ids == ["nope"] and resp.impressions == 2
+    assert [i.position for i in resp.items] == [1, 2]
+
+
+def test_response_depends_on_request_not_on_order() -> None:
+    w1, w2 = World(WorldConfig(seed=1, **SMALL)), World(WorldConfig(seed=1, **SMALL))
+    r1, r2 = w1.step_requests(2), w2.step_requests(2)
+    s = [a.ad_id for a in w1.servable_ads()[:5]]
+    a = [w1.respond(r1[0], s).items, w1.respond(r1[1], s).items]
+    b = [w2.respond(r2[1], s).items, w2.respond(r2[0], s).items]
+    assert [i.clicked for i in a[0]] == [i.clicked for i in b[1]]
+    assert a[0] == b[1] and a[1] == b[0]
+
+
+def test_slate_ids_orders_by_position() -> None:
+    assert slate_ids([{"ad_id": "b", "position": 1}, {"ad_id": "a", "position": 0}]) == ["a", "b"]
