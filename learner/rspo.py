@@ -42,6 +42,8 @@ class RSPOConfig:
     """Scale of the implicit reward β·log(π_θ/π_ref)."""
     vsl_alpha: float = 0.2
     """Weight of the VSL anchoring term added by the learner."""
+    rspo_weight: float = 1.0
+    """Weight of the RSPO term (0 gives the VSL-only ablation)."""
     hepo_weight: float = 0.0
     """Weight of the per-level (HEPO-style) credit term; 0 disables it."""
     hepo_clip: float = 0.2

@@ -166,7 +166,8 @@ class OnlineLearner:
         l_vsl = -(pos_w * logp).sum() / (pos_w > 0).sum().clamp_min(1)
         pctr, pcvr = self.model.value(memory, mem_mask, b.items)
         l_val = value_loss(pctr, pcvr, b.clicked, b.converted, b.item_mask)
-        loss = l_rspo + self.cfg.vsl_alpha * l_vsl + self.value_weight * l_val
+        loss = (self.cfg.rspo_weight * l_rspo + self.cfg.vsl_alpha * l_vsl
+                + self.value_weight * l_val)
         l_hepo = torch.zeros(())
         if self.cfg.hepo_weight > 0:
             l_hepo = hepo_loss(level_logp, ref_level, b.items, b.rewards, b.item_mask,

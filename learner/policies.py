@@ -1,0 +1,282 @@
+"""Learned policies for the closed-loop comparison, all behind one in-process contract.
+
+Each policy has ``recommend_batch(requests) -> list[ServedSlate]`` and
+``learn(lists)`` (a no-op for the fixed ones). The harness in
+:mod:`streams.evaluation` feeds every policy the same simulated traffic.
+
+* :class:`GenerativePolicy`: the generative recommender served the way the server
+  serves it (trie-constrained beam search over servable ads, then value-head
+  rescoring by expected value), optionally updated online by
+  :class:`learner.rspo_step.OnlineLearner` — ``rspo`` (RSPO + VSL anchor + value
+  heads), ``vsl_only`` (the same without the RSPO term) or ``frozen`` (no updates).
+  The reference policy is refreshed every ``publish_every`` updates, as the live
+  learner does at each published snapshot.
+* :class:`DLRMPolicy`: the DLRM-style baseline: embeddings of user, ad, advertiser,
+  industry, bid type and context, pairwise dot interactions, an MLP to pCTR and
+  pCVR logits, trained online with BCE; ranks *all* servable ads by
+  expected value with the bid (cpc bid·pCTR, cpa bid·pCTR·pCVR, cpm bid/1000).
+* :class:`PopularityPolicy`: every servable ad ranked by its smoothed realized
+  revenue per impression so far (the same slate for everyone).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from learner.beam import IdTrie, TorchBackend, beam_search
+from learner.model import GenerativeRecommender
+from learner.rspo import RSPOConfig
+from learner.rspo_step import OnlineLearner, lists_to_batch
+from learner.tokenizer import TokenizerError, UASIDTokenizer
+from streams.features import context_ids
+from streams.schemas import Feedback
+from streams.simulator import Request, World
+from streams.traffic import ServedAd, ServedSlate
+
+
+def expected_value(bid_type: str, bid: float, pctr: float, pcvr: float) -> float:
+    """Expected reward per impression (the serving formula)."""
+    if bid_type == "cpc":
+        return bid * pctr
+    if bid_type == "cpa":
+        return bid * pctr * pcvr
+    return bid / 1000.0
+
+
+class GenerativePolicy:
+    """The generative recommender, served with constrained beam search + value rescoring."""
+
+    def __init__(self, name: str, world: World, model: GenerativeRecommender,
+                 tok: UASIDTokenizer, update: str = "none", beam_width: int = 32,
+                 lr: float = 5e-4, publish_every: int = 10, seed: int = 0) -> None:
+        if update not in ("none", "rspo", "vsl_only"):
+            raise ValueError(f"update must be none, rspo or vsl_only, got {update!r}")
+        self.name = name
+        self.world = world
+        self.model = copy.deepcopy(model)
+        self.tok = copy.deepcopy(tok)
+        self.update = update
+        self.beam_width = beam_width
+        self.publish_every = publish_every
+        cfg = RSPOConfig(rspo_weight=0.0) if update == "vsl_only" else RSPOConfig()
+        self.learner = (OnlineLearner(self.model, cfg, lr=lr) if update != "none" else None)
+        self.version = 1
+        self._trie_key: tuple[str, ...] = ()
+        self._trie: IdTrie | None = None
+        self._trie_ads: list[str] = []
+        torch.manual_seed(seed)
+
+    # -- serving ---------------------------------------------------------------------------
+    def _servable_trie(self) -> tuple[IdTrie | None, list[str]]:
+        servable = sorted(a.ad_id for a in self.world.servable_ads())
+        key = tuple(servable)
+        if key != self._trie_key:
+            new = [self.world.ads[a].record for a in servable if a not in self.tok]
+            if new:
+                try:
+                    self.tok.add_ads(new)
+                except TokenizerError:
+                    for ad in new:
+                        try:
+                            self.tok.add_ads([ad])
+                        except TokenizerError:
+                            continue
+            known = [a for a in servable if a in self.tok]
+            ids = np.array([self.tok.ids_of(a) for a in known], dtype=np.int64)
+            self._trie = (IdTrie(ids.reshape(len(known), self.tok.config.id_len),
+                                 self.tok.config.token_sizes) if known else None)
+            self._trie_ads, self._trie_key = known, key
+        return self._trie, self._trie_ads
+
+    def _inputs(self, requests: Sequence[Request]) -> tuple[Tensor, Tensor, Tensor]:
+        cfg = self.model.cfg
+        B, H, T = len(requests), cfg.history_len, cfg.id_len
+        hist = np.zeros((B, H, T), np.int64)
+        mask = np.zeros((B, H), np.float32)
+        ctx = np.zeros((B, len(cfg.context_features)), np.int64)
+        for b, r in enumerate(requests):
+            h = 0
+            for ad_id in reversed(r.recent_ad_ids):   # most recent first
+                if h == H:
+                    break
+                if ad_id in self.tok:
+                    hist[b, h], mask[b, h] = self.tok.ids_of(ad_id), 1.0
+                    h += 1
+            ctx[b] = context_ids(r.context, cfg.context_features, cfg.context_buckets)
+        return torch.from_numpy(hist), torch.from_numpy(mask), torch.from_numpy(ctx)
+
+    def recommend_batch(self, requests: Sequence[Request]) -> list[ServedSlate]:
+        trie, ads = self._servable_trie()
+        if trie is None:
+            return [ServedSlate(r.request_id, self.name, []) for r in requests]
+        backend = TorchBackend(self.model)
+        hist, mask, ctx = self._inputs(requests)
+        widths = [min(self.beam_width, 8 * (t + 1)) for t in range(trie.id_len)]
+        res = beam_search(backend, hist, mask, ctx, trie, widths)
+        memory, mmask, _ = backend.encode(hist, mask, ctx)
+        cand = res.ids.clamp_min(0)
+        pctr, pcvr = backend.value(memory, mmask, cand)
+        out = []
+        for b, r in enumerate(requests):
+            scored = []
+            for j in range(res.rows.shape[1]):
+                row = int(res.rows[b, j])
+                if row < 0:
+                    continue
+                ad = self.world.ads[ads[row]].record
+                ev = expected_value(ad.bid_type, ad.bid, float(pctr[b, j]), float(pcvr[b, j]))
+                scored.append((ev, float(res.scores[b, j]), ads[row], res.ids[b, j].tolist()))
+            scored.sort(key=lambda x: (-x[0], -x[1]))
+            slate = [ServedAd(a, i, score=lp, expected_value=ev, semantic_id=sid)
+                     for i, (ev, lp, a, sid) in enumerate(scored[: r.k])]
+            out.append(ServedSlate(r.request_id, f"{self.name}-v{self.version}", slate,
+                                   beam_widths=widths))
+        return out
+
+    # -- learning --------------------------------------------------------------------------
+    def learn(self, lists: Sequence[Feedback]) -> dict[str, float]:
+        if self.learner is None or not lists:
+            return {}
+        metrics = self.learner.update(lists_to_batch([(fb, 1.0) for fb in lists], self.tok,
+                                                     self.model))
+        if self.learner.steps % self.publish_every == 0:
+            self.learner.refresh_reference()
+            self.version += 1
+        return metrics
+
+
+def _bucket(text: str, n: int) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % n
+
+
+class _DLRM(nn.Module):
+    """Sparse features -> embeddings -> pairwise dot interactions + MLP -> 2 logits."""
+
+    def __init__(self, n_fields: int, buckets: int, d: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(n_fields * buckets, d)
+        nn.init.normal_(self.emb.weight, std=0.05)
+        self.buckets = buckets
+        n_pairs = n_fields * (n_fields - 1) // 2
+        self.mlp = nn.Sequential(nn.Linear(n_fields * d + n_pairs, 64), nn.ReLU(),
+                                 nn.Linear(64, 2))
+        iu = torch.triu_indices(n_fields, n_fields, 1)
+        self.iu0: Tensor = iu[0]
+        self.iu1: Tensor = iu[1]
+
+    def forward(self, feats: Tensor) -> Tensor:                      # feats [N, F]
+        offs = torch.arange(feats.shape[1]) * self.buckets
+        e = self.emb(feats + offs)                                   # [N, F, d]
+        inter = torch.einsum("nfd,ngd->nfg", e, e)[:, self.iu0, self.iu1]
+        return self.mlp(torch.cat([e.flatten(1), inter], 1))         # [N, 2]
+
+
+class DLRMPolicy:
+    """Online-trained pCTR/pCVR model × bid over all servable ads (see module docstring)."""
+
+    FIELDS = ("user", "ad", "advertiser", "industry", "bid_type", "device", "placement",
+              "hour", "region")
+
+    def __init__(self, world: World, buckets: int = 4096, lr: float = 3e-3,
+                 seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.name = "dlrm"
+        self.world = world
+        self.buckets = buckets
+        self.net = _DLRM(len(self.FIELDS), buckets)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=lr)
+
+    def _feats(self, user: str, context: dict[str, str], ad_ids: Sequence[str]) -> Tensor:
+        rows = []
+        for a in ad_ids:
+            rec = self.world.ads[a].record
+            vals = (user, a, rec.advertiser_id, rec.industry, rec.bid_type,
+                    context.get("device", ""), context.get("placement", ""),
+                    context.get("hour", ""), context.get("region", ""))
+            rows.append([_bucket(f"{f}={v}", self.buckets) for f, v in zip(self.FIELDS, vals,
+                                                                             strict=True)])
+        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), len(self.FIELDS))
+
+    @torch.no_grad()
+    def recommend_batch(self, requests: Sequence[Request]) -> list[ServedSlate]:
+        servable = sorted(a.ad_id for a in self.world.servable_ads())
+        out = []
+        for r in requests:
+            if not servable:
+                out.append(ServedSlate(r.request_id, "dlrm", []))
+                continue
+            p = torch.sigmoid(self.net(self._feats(r.user_id, r.context, servable)))
+            evs = [expected_value(self.world.ads[a].record.bid_type,
+                                  self.world.ads[a].record.bid, float(p[i, 0]), float(p[i, 1]))
+                   for i, a in enumerate(servable)]
+            order = sorted(range(len(servable)), key=lambda i: (-evs[i], servable[i]))[: r.k]
+            out.append(ServedSlate(r.request_id, "dlrm", [
+                ServedAd(servable[i], pos, score=evs[i], expected_value=evs[i])
+                for pos, i in enumerate(order)]))
+        return out
+
+    def learn(self, lists: Sequence[Feedback]) -> dict[str, float]:
+        feats, clicked, converted = [], [], []
+        for fb in lists:
+            ids = [it.ad_id for it in fb.items if it.ad_id in self.world.ads]
+            if not ids:
+                continue
+            feats.append(self._feats(fb.user_id, fb.context, ids))
+            by_id = {it.ad_id: it for it in fb.items}
+            clicked += [float(by_id[a].clicked or by_id[a].converted) for a in ids]
+            converted += [float(by_id[a].converted) for a in ids]
+        if not feats:
+            return {}
+        x = torch.cat(feats)
+        y_click, y_conv = torch.tensor(clicked), torch.tensor(converted)
+        logits = self.net(x)
+        bce = nn.functional.binary_cross_entropy_with_logits
+        loss = bce(logits[:, 0], y_click)
+        if bool((y_click > 0).any()):    # pCVR is P(conversion | click)
+            loss = loss + bce(logits[y_click > 0, 1], y_conv[y_click > 0])
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return {"loss": float(loss.detach())}
+
+
+class PopularityPolicy:
+    """Servable ads by smoothed realized revenue per impression (same slate for all)."""
+
+    def __init__(self, world: World, prior_impressions: float = 20.0) -> None:
+        self.name = "popularity"
+        self.world = world
+        self.prior = prior_impressions
+        self.revenue: dict[str, float] = {}
+        self.shown: dict[str, float] = {}
+
+    def _score(self, ad_id: str) -> float:
+        rec = self.world.ads[ad_id].record
+        prior_rate = expected_value(rec.bid_type, rec.bid, 0.01, 0.05)  # a flat prior
+        return (self.revenue.get(ad_id, 0.0) + self.prior * prior_rate) / (
+            self.shown.get(ad_id, 0.0) + self.prior)
+
+    def recommend_batch(self, requests: Sequence[Request]) -> list[ServedSlate]:
+        servable = sorted(a.ad_id for a in self.world.servable_ads())
+        ranked = sorted(servable, key=lambda a: (-self._score(a), a))
+        return [ServedSlate(r.request_id, "popularity", [
+            ServedAd(a, i, score=self._score(a)) for i, a in enumerate(ranked[: r.k])])
+            for r in requests]
+
+    def learn(self, lists: Sequence[Feedback]) -> dict[str, float]:
+        for fb in lists:
+            for it in fb.items:
+                self.revenue[it.ad_id] = self.revenue.get(it.ad_id, 0.0) + it.reward
+                self.shown[it.ad_id] = self.shown.get(it.ad_id, 0.0) + 1.0
+        return {}
+
+
+def finite_or_nan(x: float) -> float:
+    return x if math.isfinite(x) else math.nan

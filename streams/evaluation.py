@@ -1,0 +1,370 @@
+"""Closed-loop evaluation: every policy fed the same simulated traffic, side by side.
+
+For each seed a :class:`streams.simulator.World` is built, a logging phase serves
+uniformly random slates (the logs pretrain the generative model), then each policy
+serves the *same* request stream (same users, contexts and arrival times; the world
+is rebuilt from the seed and replayed through the identical logging phase for every
+policy). Learning policies receive the final feedback of each block of
+``update_every`` requests at the end of that block (a delay of up to one block,
+standing in for the joiner's attribution window; the live stack of ``adloop demo``
+runs the real delayed path).
+
+Reported per policy (mean and 95 % interval over seeds, Student t):
+
+* **RPM**: revenue per mille impressions, 1000·Σ expected revenue / impressions,
+  where expected revenue is the ground-truth expected value of each shown ad (the
+  realized revenue, which adds sampling noise, is reported beside it);
+* CTR, CVR (conversions per click), regret vs the oracle (expected revenue the
+  oracle would have made minus the policy's, summed over the run);
+* **cold-start share**: revenue from ads created after pretraining;
+* latency: wall time of ``recommend_batch`` per request.
+
+The headline window is the last quarter of the run, when learning policies have
+adapted. The generative policies live in :mod:`learner.policies` (imported lazily).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from streams.logs import get_logger
+from streams.schemas import Feedback, FeedbackItem
+from streams.simulator import Request, Response, World, WorldConfig
+from streams.traffic import OraclePolicy, RandomPolicy, ServedSlate
+
+log = get_logger(__name__)
+
+POLICIES = ("rspo", "frozen", "vsl_only", "dlrm", "popularity", "random", "oracle")
+# two-sided 95 % Student t quantiles by degrees of freedom
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228}
+
+
+class BatchPolicy(Protocol):
+    name: str
+
+    def recommend_batch(self, requests: Sequence[Request]) -> list[ServedSlate]: ...
+
+    def learn(self, lists: Sequence[Feedback]) -> dict[str, float]: ...
+
+
+class _Single:
+    """Adapts a one-request policy (oracle, random) to the batch contract."""
+
+    def __init__(self, name: str, policy: OraclePolicy | RandomPolicy) -> None:
+        self.name, self.policy = name, policy
+
+    def recommend_batch(self, requests: Sequence[Request]) -> list[ServedSlate]:
+        return [self.policy.recommend(r) for r in requests]
+
+    def learn(self, lists: Sequence[Feedback]) -> dict[str, float]:
+        return {}
+
+
+@dataclass
+class EvalConfig:
+    seeds: tuple[int, ...] = (0, 1, 2)
+    requests: int = 4000
+    """Requests per policy and seed in the evaluation phase."""
+    log_requests: int = 4000
+    """Requests of the random logging phase (the pretraining data)."""
+    n_users: int = 400
+    n_ads: int = 150
+    slate_size: int = 5
+    request_rate: float = 2.0
+    """Requests per simulated second (lifecycle and drift advance with simulated time)."""
+    new_ads_per_hour: float = 60.0
+    batch: int = 32
+    update_every: int = 64
+    buckets: int = 16
+    pretrain_steps: int = 400
+    encoder: str = "minilm"
+    beam_width: int = 32
+    policies: tuple[str, ...] = POLICIES
+
+
+@dataclass
+class PolicyRun:
+    policy: str
+    seed: int
+    impressions: list[int] = field(default_factory=list)
+    revenue: list[float] = field(default_factory=list)
+    expected: list[float] = field(default_factory=list)
+    oracle_expected: list[float] = field(default_factory=list)
+    clicks: list[int] = field(default_factory=list)
+    conversions: list[int] = field(default_factory=list)
+    cold_revenue: float = 0.0
+    total_revenue: float = 0.0
+    latency_s: list[float] = field(default_factory=list)
+    model_versions: int = 0
+
+    def window(self, frac: float = 0.25) -> slice:
+        n = len(self.impressions)
+        return slice(n - max(1, round(n * frac)), n)
+
+    def rpm(self, sl: slice | None = None, realized: bool = False) -> float:
+        sl = sl or slice(None)
+        rev = sum((self.revenue if realized else self.expected)[sl])
+        imp = sum(self.impressions[sl])
+        return 1000.0 * rev / imp if imp else 0.0
+
+    def summary(self) -> dict[str, float]:
+        last = self.window()
+        imp, clk = sum(self.impressions), sum(self.clicks)
+        return {
+            "rpm_last_quarter": self.rpm(last),
+            "rpm_realized_last_quarter": self.rpm(last, realized=True),
+            "rpm_all": self.rpm(),
+            "ctr": clk / imp if imp else 0.0,
+            "cvr": sum(self.conversions) / clk if clk else 0.0,
+            "regret": sum(self.oracle_expected) - sum(self.expected),
+            "cold_start_revenue_share": (self.cold_revenue / self.total_revenue
+                                         if self.total_revenue else 0.0),
+            "latency_ms_per_request": 1000.0 * statistics.mean(self.latency_s)
+            if self.latency_s else 0.0,
+        }
+
+
+def feedback_of(request: Request, slate: ServedSlate, response: Response,
+                world: World) -> Feedback:
+    """The final feedback list the joiner would emit for this request."""
+    by_id = {o.ad_id: o for o in response.items}
+    items = []
+    for a in slate.ads:
+        o = by_id.get(a.ad_id)
+        ad = world.ads.get(a.ad_id)
+        if o is None or ad is None:
+            continue
+        items.append(FeedbackItem(
+            ad_id=a.ad_id, semantic_id=list(a.semantic_id), position=a.position,
+            score=a.score, bid=ad.record.bid, bid_type=ad.record.bid_type, clicked=o.clicked,
+            converted=o.converted, conversion_value=o.conversion_value, reward=o.reward))
+    window = world.config.delays.window_s
+    return Feedback(request_id=request.request_id, user_id=request.user_id, kind="final",
+                    revision=0, impression_time=request.event_time,
+                    event_time=request.event_time + window, elapsed_s=window,
+                    window_closed=True, context=dict(request.context),
+                    recent_ad_ids=list(reversed(request.recent_ad_ids)),
+                    model_version=slate.model_version, items=items)
+
+
+def world_config(cfg: EvalConfig, seed: int) -> WorldConfig:
+    return WorldConfig(seed=seed, n_users=cfg.n_users, n_ads=cfg.n_ads,
+                       slate_size=cfg.slate_size, request_rate=cfg.request_rate,
+                       new_ads_per_hour=cfg.new_ads_per_hour)
+
+
+def logging_phase(world: World, cfg: EvalConfig, seed: int) -> list[Feedback]:
+    """Serve ``log_requests`` random slates; return their feedback (the pretraining log)."""
+    policy = RandomPolicy(world, seed)
+    out = []
+    for _ in range(cfg.log_requests):
+        req = world.next_request()
+        world.advance_to(req.event_time)
+        slate = policy.recommend(req)
+        out.append(feedback_of(req, slate, world.respond(req, slate.ad_ids()), world))
+    return out
+
+
+def run_policy(world: World, policy: BatchPolicy, cfg: EvalConfig, seed: int,
+               cold_after: float, progress: Callable[[str], None] | None = None) -> PolicyRun:
+    """Serve ``cfg.requests`` requests with ``policy``; learn every ``update_every``."""
+    run = PolicyRun(policy.name, seed)
+    per_bucket = max(1, cfg.requests // cfg.buckets)
+    pending: list[Feedback] = []
+    served = 0
+    bucket: dict[str, float] = {"imp": 0, "rev": 0.0, "exp": 0.0, "orc": 0.0, "clk": 0, "cv": 0}
+
+    def close_bucket() -> None:
+        run.impressions.append(int(bucket["imp"]))
+        run.revenue.append(bucket["rev"])
+        run.expected.append(bucket["exp"])
+        run.oracle_expected.append(bucket["orc"])
+        run.clicks.append(int(bucket["clk"]))
+        run.conversions.append(int(bucket["cv"]))
+        bucket.update(imp=0, rev=0.0, exp=0.0, orc=0.0, clk=0, cv=0)
+
+    while served < cfg.requests:
+        n = min(cfg.batch, cfg.requests - served)
+        reqs = world.step_requests(n)
+        world.advance_to(reqs[-1].event_time)
+        t0 = time.perf_counter()
+        slates = policy.recommend_batch(reqs)
+        dt = (time.perf_counter() - t0) / n
+        for req, slate in zip(reqs, slates, strict=True):
+            run.latency_s.append(dt)
+            oracle_ids = world.oracle_slate(req.user_id, req.context, k=req.k,
+                                            t=req.event_time)
+            _, pctr, pcvr = world.probabilities(
+                req.user_id, req.context, req.event_time,
+                [world.ads[a] for a in oracle_ids], positions=_positions(len(oracle_ids)))
+            bucket["orc"] += float(world.expected_values(
+                [world.ads[a] for a in oracle_ids], pctr, pcvr).sum()) if oracle_ids else 0.0
+            resp = world.respond(req, slate.ad_ids())
+            bucket["imp"] += resp.impressions
+            bucket["rev"] += resp.reward
+            bucket["exp"] += resp.expected_value
+            bucket["clk"] += sum(o.clicked for o in resp.items)
+            bucket["cv"] += sum(o.converted for o in resp.items)
+            for o in resp.items:
+                run.total_revenue += o.reward
+                if world.ads[o.ad_id].record.created_time > cold_after:
+                    run.cold_revenue += o.reward
+            pending.append(feedback_of(req, slate, resp, world))
+            served += 1
+            if served % per_bucket == 0 and len(run.impressions) < cfg.buckets:
+                close_bucket()
+            if served % cfg.update_every == 0:
+                policy.learn(pending)
+                pending = []
+        if progress and served % (per_bucket * 4) < n:
+            progress(f"{policy.name} seed {seed}: {served}/{cfg.requests} requests")
+    if bucket["imp"] and len(run.impressions) < cfg.buckets:
+        close_bucket()
+    versions = getattr(policy, "version", 1)
+    run.model_versions = int(versions)
+    return run
+
+
+def _positions(k: int) -> Any:
+    import numpy as np
+
+    return np.arange(k)
+
+
+def make_policy(name: str, world: World, seed: int, cfg: EvalConfig,
+                pretrained: Any) -> BatchPolicy:
+    if name == "oracle":
+        return _Single("oracle", OraclePolicy(world))
+    if name == "random":
+        return _Single("random", RandomPolicy(world, seed + 1000))
+    from learner import policies
+
+    if name == "popularity":
+        return policies.PopularityPolicy(world)
+    if name == "dlrm":
+        return policies.DLRMPolicy(world, seed=seed)
+    update = {"rspo": "rspo", "frozen": "none", "vsl_only": "vsl_only"}[name]
+    model, tok = pretrained
+    return policies.GenerativePolicy(name, world, model, tok, update=update,
+                                     beam_width=cfg.beam_width, seed=seed)
+
+
+def pretrain_on(log_feedback: list[Feedback], world: World, cfg: EvalConfig, seed: int,
+                run_dir: Path) -> tuple[Any, Any]:
+    """Pretrain the generative model on the logging phase (VSL + MTP)."""
+    from learner.pretrain import PretrainSettings, pretrain
+
+    ads = [a.record for a in world.ads.values()]
+    s = PretrainSettings(run_dir=run_dir, encoder=cfg.encoder, steps=cfg.pretrain_steps,
+                         level_sizes="64,32,16", history_len=10, batch_size=128, seed=seed,
+                         progress=False, checkpoint_every=0, held_out_frac=0.05,
+                         resume=False)
+    res = pretrain(s, ads, log_feedback)
+    return res.model, res.tokenizer
+
+
+def compare(cfg: EvalConfig, work_dir: Path,
+            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every policy on every seed; return per-run summaries and aggregates."""
+    runs: list[PolicyRun] = []
+    for seed in cfg.seeds:
+        t0 = time.perf_counter()
+        world = World(world_config(cfg, seed))
+        logs = logging_phase(world, cfg, seed)
+        cold_after = world.now
+        pretrained = None
+        if any(p in ("rspo", "frozen", "vsl_only") for p in cfg.policies):
+            pretrained = pretrain_on(logs, world, cfg, seed, work_dir / f"pretrain-{seed}")
+        if progress:
+            progress(f"seed {seed}: logging phase + pretraining {time.perf_counter() - t0:.0f}s")
+        for name in cfg.policies:
+            w = World(world_config(cfg, seed))
+            logging_phase(w, cfg, seed)           # identical state for every policy
+            policy = make_policy(name, w, seed, cfg, pretrained)
+            t1 = time.perf_counter()
+            runs.append(run_policy(w, policy, cfg, seed, cold_after, progress))
+            if progress:
+                s = runs[-1].summary()
+                progress(f"{name} seed {seed}: RPM(last quarter) {s['rpm_last_quarter']:.2f} "
+                         f"in {time.perf_counter() - t1:.0f}s")
+    return aggregate(runs, cfg)
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
+    m = statistics.mean(values)
+    if len(values) < 2:
+        return m, m, m
+    half = _T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    return m, m - half, m + half
+
+
+def aggregate(runs: Sequence[PolicyRun], cfg: EvalConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"seeds": list(cfg.seeds), "requests_per_policy": cfg.requests,
+                           "window": "last quarter of the run", "policies": {}}
+    by_policy: dict[str, list[PolicyRun]] = {}
+    for r in runs:
+        by_policy.setdefault(r.policy, []).append(r)
+    for name, rs in by_policy.items():
+        sums = [r.summary() for r in rs]
+        entry: dict[str, Any] = {}
+        for key in sums[0]:
+            m, lo, hi = mean_ci([s[key] for s in sums])
+            entry[key] = {"mean": m, "ci95": [lo, hi]}
+        entry["rpm_curve"] = [statistics.mean(r.rpm(slice(i, i + 1)) for r in rs)
+                              for i in range(min(len(r.impressions) for r in rs))]
+        entry["per_seed_rpm_last_quarter"] = [s["rpm_last_quarter"] for s in sums]
+        out["policies"][name] = entry
+    pol = out["policies"]
+
+    def ratio(a: str, b: str) -> float | None:
+        if a in pol and b in pol and pol[b]["rpm_last_quarter"]["mean"]:
+            return pol[a]["rpm_last_quarter"]["mean"] / pol[b]["rpm_last_quarter"]["mean"]
+        return None
+
+    out["rspo_over_oracle"] = ratio("rspo", "oracle")
+    out["rspo_over_frozen"] = ratio("rspo", "frozen")
+    out["rspo_over_dlrm"] = ratio("rspo", "dlrm")
+    return out
+
+
+def headline_table(results: dict[str, Any]) -> str:
+    rows = ["| policy | RPM last quarter (95% CI) | realized RPM | CTR | CVR | regret vs oracle "
+            "| cold-start revenue share | ms / request |", "|---|---|---|---|---|---|---|---|"]
+    for name, e in results["policies"].items():
+        r = e["rpm_last_quarter"]
+        rows.append(
+            f"| {name} | {r['mean']:.2f} ({r['ci95'][0]:.2f}–{r['ci95'][1]:.2f}) "
+            f"| {e['rpm_realized_last_quarter']['mean']:.2f} | {e['ctr']['mean']:.4f} "
+            f"| {e['cvr']['mean']:.3f} | {e['regret']['mean']:.1f} "
+            f"| {e['cold_start_revenue_share']['mean']:.1%} "
+            f"| {e['latency_ms_per_request']['mean']:.2f} |")
+    return "\n".join(rows)
+
+
+def plot_rpm_curves(results: dict[str, Any], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, e in results["policies"].items():
+        ax.plot(range(1, len(e["rpm_curve"]) + 1), e["rpm_curve"], label=name,
+                linewidth=2.5 if name == "rspo" else 1.2)
+    ax.set_xlabel("time bucket of the evaluation run")
+    ax.set_ylabel("expected revenue per mille impressions")
+    ax.set_title(title)
+    ax.legend(ncol=2, fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
