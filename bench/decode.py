@@ -1,0 +1,279 @@
+"""Decode benchmark: LazyAR vs full AR, and ONNX Runtime vs torch eager.
+
+    python bench/decode.py --quick
+
+1. Generates a synthetic log (learner.synthetic), fits UA-SID, pretrains two models
+   with identical settings except the decoder mode (lazy_ar, full_ar).
+2. Recall@K / vNDCG@K of trie-constrained beam search on held-out requests, same beams.
+3. Decode latency (encoder + every beam-search step) per batch for several beam
+   widths, both modes, torch eager; lazyar_speedup = full-AR latency / LazyAR latency
+   at the headline beam width.
+4. Exports the LazyAR model, runs the whole beam search with ONNX Runtime sessions
+   (CPU provider) and with the torch modules on the same requests, checks the beams
+   are identical, and reports throughput (requests/s) of both.
+
+Writes bench/results/decode.json and the ``## decode`` section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from learner import synthetic  # noqa: E402
+from learner.beam import OrtBackend, TorchBackend, beam_search  # noqa: E402
+from learner.evaluate import trie_of  # noqa: E402
+from learner.export import export_snapshot  # noqa: E402
+from learner.pretrain import PretrainSettings, pretrain  # noqa: E402
+
+
+def device_name() -> str:
+    """Where the benchmark ran: it runs torch and ONNX Runtime on the CPU."""
+    model = platform.processor() or "unknown"
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        if m:
+            model = m.group(1).strip()
+    except OSError:
+        pass
+    return f"cpu {model}"
+
+
+def time_interleaved(backends: dict, batches: list, trie, widths, repeats: int
+                     ) -> dict[str, float]:
+    """Median seconds per beam search over ``batches`` for each backend, measured in
+    alternation (so load from other processes hits every backend alike)."""
+    for be in backends.values():  # warm-up
+        b = batches[0]
+        beam_search(be, b.history, b.history_mask, b.context, trie, widths)
+    times: dict[str, list[float]] = {name: [] for name in backends}
+    for _ in range(repeats):
+        for b in batches:
+            for name, be in backends.items():
+                t0 = time.perf_counter()
+                beam_search(be, b.history, b.history_mask, b.context, trie, widths)
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes: a couple of minutes")
+    ap.add_argument("--encoder", default="minilm", help="content encoder for UA-SID")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "decode.json"))
+    ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-top", type=int, default=1, help="LazyAR: decoder blocks (M of N=4) "
+                    "that take the generated token")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads for torch and ONNX Runtime alike (default 1: on a "
+                    "shared 2-core machine more threads mostly measure contention)")
+    a = ap.parse_args()
+
+    torch.manual_seed(a.seed)
+    torch.set_num_threads(a.threads)
+    n_ads, n_req, steps = (400, 6000, 500) if a.quick else (1500, 20000, 2000)
+    log = synthetic.generate(n_ads=n_ads, n_users=n_ads // 2, n_requests=n_req,
+                             n_categories=12, seed=a.seed)
+    k, eval_beam = 10, 32
+    bench_widths = [16, 64, 128]
+    headline = 64
+    batch_rows = 8
+    repeats = 5 if a.quick else 15
+    work = Path(tempfile.mkdtemp(prefix="adloop-bench-"))
+    common = dict(encoder=a.encoder, level_sizes="32,16,8", industry_size=16, goal_size=8,
+                  advertiser_size=16, suffix_size=16, d_model=64, n_head=4, n_enc_layer=2,
+                  n_layer=4, n_top=a.n_top, steps=steps, batch_size=64, lr=3e-3, seed=a.seed,
+                  eval_beam_width=eval_beam, eval_k=k, progress=False, checkpoint_every=0,
+                  threads=a.threads)
+    results: dict[str, dict] = {}
+    runs = {}
+    for mode in ("lazy_ar", "full_ar"):
+        t0 = time.perf_counter()
+        s = PretrainSettings(run_dir=work / mode, mode=mode, **common)
+        runs[mode] = pretrain(s, log.ads, log.feedback)
+        results[mode] = {"train_seconds": time.perf_counter() - t0, **runs[mode].metrics}
+        print(f"{mode}: trained in {results[mode]['train_seconds']:.1f}s, "
+              f"recall@{k}={runs[mode].metrics.get(f'recall@{k}', 0):.4f}", flush=True)
+
+    tok = runs["lazy_ar"].tokenizer
+    trie, _ = trie_of(tok)
+    from learner.data import build_examples, split_by_time
+
+    ex = build_examples(log.feedback, tok)
+    _, test = split_by_time(ex, 0.1)
+    batch = test.batch(test.positives[:batch_rows])
+
+    latency: dict[str, dict[int, float]] = {"lazy_ar": {}, "full_ar": {}}
+    modes = {m: TorchBackend(runs[m].model) for m in latency}
+    for w in bench_widths:
+        med = time_interleaved(modes, [batch], trie, w, repeats)
+        for m in latency:
+            latency[m][w] = med[m]
+        print(f"beam {w}: lazy {med['lazy_ar'] * 1e3:.2f} ms, full {med['full_ar'] * 1e3:.2f} ms"
+              f" / batch of {batch_rows}", flush=True)
+    speedup = {w: latency["full_ar"][w] / latency["lazy_ar"][w] for w in bench_widths}
+
+    # ONNX Runtime vs torch eager on the whole beam search (LazyAR model)
+    t0 = time.perf_counter()
+    manifest = export_snapshot(runs["lazy_ar"].model, tok, work / "snapshot", "bench")
+    export_seconds = time.perf_counter() - t0
+    ort_b = OrtBackend(work / "snapshot", threads=a.threads)
+    torch_b = TorchBackend(runs["lazy_ar"].model)
+    rt = {"torch": torch_b, "ort": ort_b}
+    parity = manifest["metrics"]["parity_max_abs_diff"]
+    same = True
+    single = [test.batch([i]) for i in test.positives[: (10 if a.quick else 50)]]
+    med = time_interleaved(rt, single, trie, headline, 3)
+    tput = {name: 1.0 / v for name, v in med.items()}
+    for b in single:
+        r_t = beam_search(torch_b, b.history, b.history_mask, b.context, trie, headline)
+        r_o = beam_search(ort_b, b.history, b.history_mask, b.context, trie, headline)
+        same &= bool(torch.equal(r_t.rows, r_o.rows))
+        finite = torch.isfinite(r_t.scores)
+        parity = max(parity, float((r_t.scores[finite] - r_o.scores[finite]).abs().max()))
+    # batched throughput too (the server batches requests)
+    med = time_interleaved(rt, [batch], trie, headline, repeats)
+    tput_batched = {name: batch_rows / v for name, v in med.items()}
+    ort_vs_torch = tput["ort"] / tput["torch"]
+    recall_lazy = results["lazy_ar"].get(f"recall@{k}", 0.0)
+    recall_full = results["full_ar"].get(f"recall@{k}", 0.0)
+    out = {
+        "lazyar_speedup": speedup[headline],
+        "lazyar_speedup_by_beam": {str(w): v for w, v in speedup.items()},
+        "decode_latency_ms": {m: {str(w): v * 1e3 for w, v in d.items()}
+                              for m, d in latency.items()},
+        "decode_batch_requests": batch_rows,
+        "headline_beam_width": headline,
+        "recall_lazyar": recall_lazy,
+        "recall_full_ar": recall_full,
+        "recall_k": k,
+        "recall_beam_width": eval_beam,
+        "vndcg_lazyar": results["lazy_ar"].get(f"vndcg@{k}", 0.0),
+        "vndcg_full_ar": results["full_ar"].get(f"vndcg@{k}", 0.0),
+        "recall_chance": k / len(tok),
+        "ort_vs_torch_throughput": ort_vs_torch,
+        "ort_vs_torch_throughput_batched": tput_batched["ort"] / tput_batched["torch"],
+        "throughput_requests_per_s": {"torch": tput["torch"], "ort": tput["ort"],
+                                      "torch_batched": tput_batched["torch"],
+                                      "ort_batched": tput_batched["ort"]},
+        "ort_beams_identical": same,
+        "parity_max_abs_diff": parity,
+        "export_seconds": export_seconds,
+        "train_seconds": {m: results[m]["train_seconds"] for m in results},
+        "ads": len(tok), "id_len": tok.config.id_len, "d_model": 64, "n_layer": 4, "n_top": a.n_top,
+        "train_steps": steps, "encoder": a.encoder, "quick": a.quick, "threads": a.threads,
+        "device": device_name(),
+        "targets": {"lazyar_speedup": ">= 2", "recall_gap": "<= 0.02 absolute",
+                    "ort_vs_torch_throughput": ">= 3"},
+        "targets_met": {"lazyar_speedup": speedup[headline] >= 2.0,
+                        "recall_gap": abs(recall_lazy - recall_full) <= 0.02,
+                        "ort_vs_torch_throughput": ort_vs_torch >= 3.0},
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    write_docs(Path(a.docs), out, bench_widths)
+    print(json.dumps({k2: out[k2] for k2 in ("lazyar_speedup", "recall_lazyar",
+                                             "recall_full_ar", "ort_vs_torch_throughput",
+                                             "parity_max_abs_diff", "device")}, indent=1))
+    return 0
+
+
+def write_docs(path: Path, r: dict, widths: list[int]) -> None:
+    lat = r["decode_latency_ms"]
+    met = r["targets_met"]
+    lines = [
+        "## decode",
+        "",
+        f"`python bench/decode.py{' --quick' if r['quick'] else ''}` on {r['device']}, "
+        f"{r['threads']} intra-op thread(s) for torch and ONNX Runtime; "
+        f"{r['ads']} synthetic ads, id length {r['id_len']}, d_model {r['d_model']}, "
+        f"N={r['n_layer']} decoder blocks, LazyAR top M={r['n_top']}, "
+        f"{r['train_steps']} pretraining steps per model, content encoder `{r['encoder']}`. "
+        "Raw numbers: `bench/results/decode.json`.",
+        "",
+        "| beam width | LazyAR ms / batch | full AR ms / batch | speedup |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for w in widths:
+        lines.append(f"| {w} | {lat['lazy_ar'][str(w)]:.2f} | {lat['full_ar'][str(w)]:.2f} | "
+                     f"{r['lazyar_speedup_by_beam'][str(w)]:.2f}x |")
+    tp = r["throughput_requests_per_s"]
+    lines += [
+        "",
+        f"Latency is the whole trie-constrained beam search (encoder + {r['id_len']} steps) "
+        f"for a batch of {r['decode_batch_requests']} requests, torch eager, median.",
+        "",
+        "| metric | LazyAR | full AR | target | met |",
+        "| --- | ---: | ---: | --- | --- |",
+        f"| recall@{r['recall_k']} (beam {r['recall_beam_width']}) | {r['recall_lazyar']:.4f} | "
+        f"{r['recall_full_ar']:.4f} | within 0.02 | {'yes' if met['recall_gap'] else 'NO'} |",
+        f"| vNDCG@{r['recall_k']} | {r['vndcg_lazyar']:.4f} | {r['vndcg_full_ar']:.4f} | | |",
+        f"| decode speedup at beam {r['headline_beam_width']} | "
+        f"{r['lazyar_speedup']:.2f}x | 1x | >= 2x | {'yes' if met['lazyar_speedup'] else 'NO'} |",
+        "",
+        f"Chance recall@{r['recall_k']} is {r['recall_chance']:.4f}.",
+        "",
+        "| runtime (LazyAR, beam " + str(r["headline_beam_width"]) + ") | requests/s, one at a "
+        "time | requests/s, batch of " + str(r["decode_batch_requests"]) + " |",
+        "| --- | ---: | ---: |",
+        f"| torch eager | {tp['torch']:.1f} | {tp['torch_batched']:.1f} |",
+        f"| ONNX Runtime (CPU EP) | {tp['ort']:.1f} | {tp['ort_batched']:.1f} |",
+        f"| ratio | {r['ort_vs_torch_throughput']:.2f}x | "
+        f"{r['ort_vs_torch_throughput_batched']:.2f}x |",
+        "",
+        "ONNX Runtime returns the same beams as torch: "
+        f"{'yes' if r['ort_beams_identical'] else 'NO'}; "
+        f"max |ORT - torch| over parity tensors and beam scores: {r['parity_max_abs_diff']:.2e}; "
+        f"target ORT >= 3x torch eager (one request at a time): "
+        f"{'met' if met['ort_vs_torch_throughput'] else 'NOT met'}. "
+        f"Export of the three graphs + manifest took {r['export_seconds']:.2f}s.",
+        "",
+    ]
+    if not met["recall_gap"]:
+        lines += [
+            f"Recall gap not met: with M={r['n_top']} of N={r['n_layer']} blocks taking the "
+            "generated prefix, LazyAR learns the conditional p(c_t | c_<t) with fewer "
+            "token-aware layers than full AR after the same number of steps. In a one-off run "
+            "with M=2 (`--n-top 2`) the gap narrowed only to 0.32 vs 0.38 while the speedup "
+            "fell to about 1.5x, so M=1 stays the default; closing the gap needs more "
+            "training or a wider top block, not tried yet.",
+            "",
+        ]
+    if not met["ort_vs_torch_throughput"]:
+        lines += [
+            "ORT target not met: at this size the decoder step is compute-bound, not "
+            "overhead-bound. The contract feeds `memory` per beam row ([N, S, D]), so every "
+            "step re-projects the cross-attention K/V for each beam (N·S·2D² per block), and "
+            "both runtimes use similar GEMM kernels for that; ONNX Runtime's advantage "
+            "(lower per-op overhead) is what remains. Feeding per-request memory (or "
+            "precomputed K/V from encoder.onnx) with a beam-to-request index would remove "
+            "most of that work; that needs a snapshot-format change.",
+            "",
+        ]
+    section = "\n".join(lines)
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    pattern = re.compile(r"^## decode\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _m: section + "\n", text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""adloop learner: UA-SID tokenizer, generative model, pretraining, ONNX export."""

@@ -1,0 +1,173 @@
+"""Trie-constrained beam search over UA-SIDs (offline evaluation and benchmarks).
+
+The search is one plain function over tensors, written against a small backend
+interface (``encode`` / ``step``) so the same code runs the torch model
+(:class:`TorchBackend`) or an exported snapshot's ONNX Runtime sessions
+(:class:`OrtBackend`). The server has its own numpy implementation; this one is the
+learner's reference.
+
+Per-level beam widths ``(b_0, ..., b_{T-1})`` [reconstruction of GR4AD's dynamic
+beam serving, mechanisms.md §1.6]: after level t at most b_t prefixes survive, and
+the final beam is ranked by summed log-probability.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from learner.model import GenerativeRecommender
+
+
+class IdTrie:
+    """Valid ids as dense child tables: ``children[t][node, token]`` is the node reached
+    from ``node`` (a valid prefix of length t) by ``token``, or -1. At the last level the
+    'node' is the ad's row in ``ids``."""
+
+    def __init__(self, ids: np.ndarray, level_sizes: Sequence[int]) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        n, T = ids.shape
+        if len(level_sizes) != T:
+            raise ValueError(f"ids have {T} tokens, level_sizes has {len(level_sizes)}")
+        self.ids = ids
+        self.level_sizes = tuple(int(s) for s in level_sizes)
+        self.children: list[Tensor] = []
+        parent = np.zeros(n, dtype=np.int64)
+        n_parent = 1
+        for t in range(T):
+            if t < T - 1:
+                _, child = np.unique(ids[:, : t + 1], axis=0, return_inverse=True)
+                child = child.reshape(-1)
+            else:
+                child = np.arange(n)
+            table = np.full((n_parent, self.level_sizes[t]), -1, dtype=np.int64)
+            table[parent, ids[:, t]] = child
+            self.children.append(torch.from_numpy(table))
+            parent, n_parent = child, int(child.max()) + 1 if n else 1
+
+    @property
+    def id_len(self) -> int:
+        return len(self.level_sizes)
+
+
+class Backend(Protocol):
+    def encode(self, history: Tensor, history_mask: Tensor,
+               context: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def step(self, memory: Tensor, memory_mask: Tensor, lower: Tensor,
+             prefix: Tensor) -> Tensor: ...
+
+
+class TorchBackend:
+    """The torch model in eager mode (no grad)."""
+
+    def __init__(self, model: GenerativeRecommender) -> None:
+        self.model = model.eval()
+
+    @torch.inference_mode()
+    def encode(self, history: Tensor, history_mask: Tensor,
+               context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.model.encode(history, history_mask, context)
+
+    @torch.inference_mode()
+    def step(self, memory: Tensor, memory_mask: Tensor, lower: Tensor, prefix: Tensor) -> Tensor:
+        return self.model.decoder.step(memory, memory_mask, lower, prefix)
+
+    @torch.inference_mode()
+    def value(self, memory: Tensor, memory_mask: Tensor,
+              candidates: Tensor) -> tuple[Tensor, Tensor]:
+        pctr, pcvr = self.model.value(memory, memory_mask, candidates)
+        return torch.sigmoid(pctr), torch.sigmoid(pcvr)
+
+
+class OrtBackend:
+    """A snapshot's ``encoder.onnx`` / ``decoder_step.onnx`` / ``value.onnx`` in ONNX
+    Runtime (CPU execution provider unless ``providers`` says otherwise)."""
+
+    def __init__(self, snapshot_dir: str | Path, providers: Sequence[str] | None = None,
+                 threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        # No busy-waiting between runs: the beam search does torch work between steps,
+        # and spinning ORT threads would steal those cores.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        provs = list(providers or ["CPUExecutionProvider"])
+        d = Path(snapshot_dir)
+        self.sessions = {name: ort.InferenceSession(str(d / f"{name}.onnx"), opts,
+                                                    providers=provs)
+                         for name in ("encoder", "decoder_step", "value")}
+
+    def run(self, name: str, **inputs: Tensor) -> list[Tensor]:
+        feeds = {k: v.numpy() for k, v in inputs.items()}
+        outs: list[Any] = self.sessions[name].run(None, feeds)
+        return [torch.from_numpy(np.asarray(o)) for o in outs]
+
+    def encode(self, history: Tensor, history_mask: Tensor,
+               context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        m, mm, lo = self.run("encoder", history=history, history_mask=history_mask,
+                             context=context)
+        return m, mm, lo
+
+    def step(self, memory: Tensor, memory_mask: Tensor, lower: Tensor, prefix: Tensor) -> Tensor:
+        return self.run("decoder_step", memory=memory, memory_mask=memory_mask, lower=lower,
+                        prefix=prefix)[0]
+
+    def value(self, memory: Tensor, memory_mask: Tensor,
+              candidates: Tensor) -> tuple[Tensor, Tensor]:
+        pctr, pcvr = self.run("value", memory=memory, memory_mask=memory_mask,
+                              candidates=candidates)
+        return pctr, pcvr
+
+
+@dataclass
+class BeamResult:
+    ids: Tensor        # [B, K, T] int64 (-1 rows where fewer than K valid ids exist)
+    scores: Tensor     # [B, K] summed log-probability, -inf for missing beams
+    rows: Tensor       # [B, K] row of each id in the trie's ``ids`` (-1 if missing)
+
+
+def beam_widths_for(widths: int | Sequence[int], id_len: int) -> list[int]:
+    ws = [int(widths)] * id_len if isinstance(widths, int) else [int(w) for w in widths]
+    if len(ws) != id_len or min(ws) < 1:
+        raise ValueError(f"need {id_len} beam widths >= 1, got {ws}")
+    return ws
+
+
+@torch.inference_mode()
+def beam_search(backend: Backend, history: Tensor, history_mask: Tensor, context: Tensor,
+                trie: IdTrie, beam_widths: int | Sequence[int]) -> BeamResult:
+    """Constrained beam search for B requests; the encoder runs once per request."""
+    widths = beam_widths_for(beam_widths, trie.id_len)
+    memory, mmask, lower = backend.encode(history, history_mask, context)
+    B = history.shape[0]
+    node = torch.zeros(B, 1, dtype=torch.long)              # [B, k] trie node per beam
+    scores = torch.zeros(B, 1)                              # [B, k]
+    prefix = torch.zeros(B, 1, 0, dtype=torch.long)         # [B, k, t]
+    for t, V in enumerate(trie.level_sizes):
+        k = node.shape[1]
+        logits = backend.step(memory.repeat_interleave(k, dim=0),       # [B*k, S, D]
+                              mmask.repeat_interleave(k, dim=0),
+                              lower.repeat_interleave(k, dim=0), prefix.reshape(B * k, t))
+        logp = torch.log_softmax(logits[:, :V].float(), dim=-1).reshape(B, k, V)
+        child = trie.children[t][node.clamp_min(0)]         # [B, k, V]
+        ok = (child >= 0) & (node >= 0).unsqueeze(-1)
+        cand = torch.where(ok, scores.unsqueeze(-1) + logp, torch.full_like(logp, -torch.inf))
+        width = min(widths[t], k * V)
+        scores, flat = cand.reshape(B, k * V).topk(width, dim=-1)    # [B, width]
+        src, tok = flat // V, flat % V
+        prefix = torch.cat([prefix.gather(1, src.unsqueeze(-1).expand(-1, -1, t)),
+                            tok.unsqueeze(-1)], dim=-1)     # [B, width, t+1]
+        node = child.reshape(B, k * V).gather(1, flat)
+        node = torch.where(torch.isfinite(scores), node, torch.full_like(node, -1))
+    ids = torch.where((node >= 0).unsqueeze(-1), prefix, torch.full_like(prefix, -1))
+    return BeamResult(ids=ids, scores=scores, rows=node)

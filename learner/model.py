@@ -1,0 +1,437 @@
+"""The generative recommender: user encoder, LazyAR decoder, value / MTP / prior heads.
+
+Read top to bottom (nanoGPT-style: one small module per idea). Notation:
+B requests, K beams or candidates, N = B·K rows, H history length, C context
+features, S = C + H memory length, T id length (semantic levels + business tokens +
+suffix), P tokens already chosen, D model width, V = max vocabulary over positions.
+
+* ``UserEncoder``: the user's recent ad ids (each id = sum of its token embeddings)
+  and hashed context features -> ``memory`` [B, S, D].
+* ``LazyARDecoder`` [reconstruction of GR4AD's LazyAR, mechanisms.md §1.3]: N blocks
+  (causal self-attention over id positions, cross-attention to memory, MLP). In
+  ``lazy_ar`` mode the lower N−M blocks see only the memory and learned per-level
+  queries, never a generated token, so they run once per request for all levels
+  and beams (``lower`` [B, T, D]); the generated prefix (sum of the embeddings of
+  y_<t, so y_{t-1} and its ancestors) is added at the input of the top M blocks, the
+  only ones a decoding step runs. In ``full_ar`` mode the token is
+  added before block 0 and every step runs all N blocks. Both modes have the same
+  parameters, so weights are interchangeable.
+* ``ValueHead`` [reconstruction of OneRanker's ranking decoder, §3]: each candidate
+  id is a query that cross-attends to the encoder's memory (K/V pass-through, no
+  re-encoding) -> pCTR, pCVR.
+* MTP heads [reconstruction of GPR's multi-token prediction, §2.3]: from the pooled
+  user state, predict the ids of the next ``mtp_heads`` future positives.
+* Prior-conditioned heads [reconstruction of "Don't Waste It", §4], off unless
+  ``prior_heads > 0``: z_p = h + MLP_p(h) with the shared output projection; training
+  routes each target to its prior's head, inference mixes the heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from streams.features import DEFAULT_CONTEXT_BUCKETS, DEFAULT_CONTEXT_FEATURES
+
+NEG = -1e9  # additive mask value (finite, so fully-masked rows never give NaN)
+MODES = ("lazy_ar", "full_ar")
+
+
+@dataclass
+class ModelConfig:
+    level_sizes: tuple[int, ...]
+    """Vocabulary size of every id position (the tokenizer's ``token_sizes``)."""
+    semantic_levels: int = 3
+    history_len: int = 20
+    context_features: tuple[str, ...] = DEFAULT_CONTEXT_FEATURES
+    context_buckets: int = DEFAULT_CONTEXT_BUCKETS
+    d_model: int = 64
+    n_head: int = 4
+    n_enc_layer: int = 2
+    n_layer: int = 4
+    """Decoder blocks N."""
+    n_top: int = 1
+    """M: decoder blocks that see the previous token (LazyAR); ignored in full_ar."""
+    mode: str = "lazy_ar"
+    mtp_heads: int = 2
+    prior_heads: int = 0
+    """Number of prior values (0 = off). The data routes by interaction type:
+    0 = click, 1 = conversion."""
+    prior_mix: tuple[float, ...] = field(default_factory=tuple)
+    """Inference mixture over prior heads (uniform when empty)."""
+    n_value_layers: int = 1
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.level_sizes = tuple(int(s) for s in self.level_sizes)
+        self.context_features = tuple(self.context_features)
+        self.prior_mix = tuple(float(p) for p in self.prior_mix)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not 1 <= self.n_top <= self.n_layer:
+            raise ValueError(f"n_top (M={self.n_top}) must be in 1..n_layer ({self.n_layer})")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model {self.d_model} not divisible by n_head {self.n_head}")
+        if self.prior_mix and len(self.prior_mix) != self.prior_heads:
+            raise ValueError("prior_mix needs one weight per prior head")
+
+    @property
+    def id_len(self) -> int:
+        return len(self.level_sizes)
+
+    @property
+    def vocab_max(self) -> int:
+        return max(self.level_sizes)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("level_sizes", "context_features", "prior_mix"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ModelConfig:
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------
+# building blocks
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries ``x`` over ``ctx`` with an additive ``bias``."""
+
+    def __init__(self, d: int, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: Tensor, ctx: Tensor, bias: Tensor) -> Tensor:
+        # x [N, Q, D], ctx [N, S, D], bias broadcastable to [N, Q, S]
+        N, Q, D = x.shape
+        S = ctx.shape[1]
+        h = self.n_head
+        q = self.q(x).reshape(N, Q, h, D // h).transpose(1, 2)        # [N, h, Q, D/h]
+        k, v = self.kv(ctx).chunk(2, dim=-1)
+        k = k.reshape(N, S, h, D // h).transpose(1, 2)                # [N, h, S, D/h]
+        v = v.reshape(N, S, h, D // h).transpose(1, 2)
+        att = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(D // h))   # [N, h, Q, S]
+        att = torch.softmax(att + bias.unsqueeze(1), dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(N, Q, D)                # [N, Q, D]
+        out: Tensor = self.proj(y)
+        return out
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, 4 * d)
+        self.proj = nn.Linear(4 * d, d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.drop(self.proj(F.gelu(self.fc(x))))
+        return out
+
+
+class Block(nn.Module):
+    """Pre-norm block: [self-attention] -> [cross-attention to memory] -> MLP."""
+
+    def __init__(self, d: int, n_head: int, self_attn: bool = True, cross_attn: bool = True,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.ln_s = nn.LayerNorm(d) if self_attn else None
+        self.attn_s = Attention(d, n_head) if self_attn else None
+        self.ln_c = nn.LayerNorm(d) if cross_attn else None
+        self.attn_c = Attention(d, n_head) if cross_attn else None
+        self.ln_m = nn.LayerNorm(d)
+        self.mlp = MLP(d, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, self_bias: Tensor | None = None, mem: Tensor | None = None,
+                mem_bias: Tensor | None = None) -> Tensor:
+        if self.attn_s is not None and self.ln_s is not None and self_bias is not None:
+            y = self.ln_s(x)
+            x = x + self.drop(self.attn_s(y, y, self_bias))
+        if self.attn_c is not None and self.ln_c is not None and mem is not None \
+                and mem_bias is not None:
+            x = x + self.drop(self.attn_c(self.ln_c(x), mem, mem_bias))
+        return x + self.mlp(self.ln_m(x))
+
+
+class ItemEmbedding(nn.Module):
+    """One flat table; token ``c`` at id position ``t`` is row ``offset[t] + c``."""
+
+    offsets: Tensor
+
+    def __init__(self, level_sizes: tuple[int, ...], d: int) -> None:
+        super().__init__()
+        offsets = torch.tensor([0, *level_sizes[:-1]], dtype=torch.long).cumsum(0)
+        self.register_buffer("offsets", offsets, persistent=False)        # [T]
+        self.table = nn.Embedding(sum(level_sizes), d)
+
+    def tokens(self, codes: Tensor) -> Tensor:
+        """codes [..., P] at positions 0..P-1 -> [..., P, D] (one vector per token)."""
+        P = codes.shape[-1]
+        out: Tensor = self.table(codes + self.offsets[:P])
+        return out
+
+    def items(self, ids: Tensor) -> Tensor:
+        """Full ids [..., T] -> [..., D] (sum of the token vectors)."""
+        return self.tokens(ids).sum(-2)
+
+
+def _share(module: nn.Module, items: ItemEmbedding) -> None:
+    """Give ``module`` the model's one item table without registering it again (so it
+    appears once in the state dict, as ``items.*``)."""
+    object.__setattr__(module, "items", items)
+
+
+def key_bias(mask: Tensor) -> Tensor:
+    """mask [N, S] (1 = attend) -> additive bias [N, 1, S]."""
+    return ((1.0 - mask) * NEG).unsqueeze(1)
+
+
+# --------------------------------------------------------------------------------------
+# the three parts
+
+
+class UserEncoder(nn.Module):
+    """(history [B, H, T], history_mask [B, H], context [B, C]) -> memory [B, S, D]."""
+
+    items: ItemEmbedding
+
+    def __init__(self, cfg: ModelConfig, items: ItemEmbedding) -> None:
+        super().__init__()
+        d = cfg.d_model
+        _share(self, items)
+        self.hist_pos = nn.Parameter(torch.zeros(cfg.history_len, d))
+        self.ctx_emb = nn.Embedding(cfg.context_buckets, d)
+        self.ctx_feat = nn.Parameter(torch.zeros(len(cfg.context_features), d))
+        self.blocks = nn.ModuleList(Block(d, cfg.n_head, cross_attn=False, dropout=cfg.dropout)
+                                    for _ in range(cfg.n_enc_layer))
+        self.ln_f = nn.LayerNorm(d)
+
+    def forward(self, history: Tensor, history_mask: Tensor,
+                context: Tensor) -> tuple[Tensor, Tensor]:
+        H = history.shape[1]
+        hist = self.items.items(history) + self.hist_pos[:H]            # [B, H, D]
+        ctx = self.ctx_emb(context) + self.ctx_feat                     # [B, C, D]
+        x = torch.cat([ctx, hist], dim=1)                               # [B, S, D]
+        mask = torch.cat([torch.ones_like(context, dtype=x.dtype),
+                          history_mask.to(x.dtype)], dim=1)             # [B, S]
+        bias = key_bias(mask)                                           # [B, 1, S]
+        for blk in self.blocks:
+            x = blk(x, self_bias=bias)
+        return self.ln_f(x), mask
+
+
+class LazyARDecoder(nn.Module):
+    """Per-level id generation; see the module docstring for lazy vs full AR."""
+
+    items: ItemEmbedding
+    invalid: Tensor
+    causal: Tensor
+    log_mix: Tensor
+
+    def __init__(self, cfg: ModelConfig, items: ItemEmbedding) -> None:
+        super().__init__()
+        d, T, V = cfg.d_model, cfg.id_len, cfg.vocab_max
+        _share(self, items)
+        self.lazy = cfg.mode == "lazy_ar"
+        self.start = cfg.n_layer - cfg.n_top if self.lazy else 0  # first block that sees tokens
+        self.level_query = nn.Parameter(torch.zeros(T, d))
+        self.bos = nn.Parameter(torch.zeros(d))
+        self.blocks = nn.ModuleList(Block(d, cfg.n_head, dropout=cfg.dropout)
+                                    for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        # one output projection per id position, stacked and padded to V: [T, V, D]
+        self.head_w = nn.Parameter(torch.zeros(T, V, d))
+        self.head_b = nn.Parameter(torch.zeros(T, V))
+        invalid = torch.zeros(T, V)
+        for t, size in enumerate(cfg.level_sizes):
+            invalid[t, size:] = NEG
+        self.register_buffer("invalid", invalid, persistent=False)      # [T, V]
+        causal = torch.full((T, T), NEG).triu(1)
+        self.register_buffer("causal", causal, persistent=False)        # [T, T]
+        self.priors = nn.ModuleList(MLP(d) for _ in range(cfg.prior_heads))
+        mix = torch.tensor(cfg.prior_mix or [1.0] * cfg.prior_heads)
+        self.register_buffer("log_mix", (mix / mix.sum().clamp_min(1e-12)).log(),
+                             persistent=False)                          # [n_priors]
+
+    def lower(self, memory: Tensor, memory_mask: Tensor) -> Tensor:
+        """Token-independent states, once per request: [B, S, D] -> [B, T, D]."""
+        B, T = memory.shape[0], self.level_query.shape[0]
+        x = self.level_query.unsqueeze(0).expand(B, T, -1)
+        bias = key_bias(memory_mask)
+        for blk in self.blocks[: self.start]:
+            x = blk(x, self.causal.unsqueeze(0), memory, bias)
+        return x
+
+    def top(self, memory: Tensor, memory_mask: Tensor, lower: Tensor, prev: Tensor) -> Tensor:
+        """Hidden states for positions 0..P given the P tokens ``prev`` [N, P].
+        memory [N, S, D], lower [N, T, D] -> [N, P+1, D]."""
+        N, P1 = prev.shape[0], prev.shape[1] + 1
+        # position t gets the chosen prefix y_<t as the sum of its token vectors
+        inject = torch.cat([self.bos.expand(N, 1, -1), self.items.tokens(prev).cumsum(1)], 1)
+        x = lower[:, :P1] + inject                                      # [N, P+1, D]
+        causal, bias = self.causal[:P1, :P1].unsqueeze(0), key_bias(memory_mask)  # [1, P+1, P+1]
+        for blk in self.blocks[self.start:]:
+            x = blk(x, causal, memory, bias)
+        out: Tensor = self.ln_f(x)
+        return out
+
+    def project(self, h: Tensor, first: int | Tensor = 0,
+                prior: Tensor | None = None) -> Tensor:
+        """Logits for consecutive positions ``first..first+P-1``: h [N, P, D] -> [N, P, V].
+        With prior heads: log of the prior mixture, or the head ``prior`` [N] routes to."""
+        P = h.shape[1]
+        w = self.head_w[first: first + P].transpose(1, 2)               # [P, D, V]
+        b = self.head_b[first: first + P] + self.invalid[first: first + P]  # [P, V]
+        # per-position projection as one batched matmul: [P, N, D] @ [P, D, V] -> [N, P, V]
+        proj = lambda z: (z.transpose(0, 1) @ w).transpose(0, 1) + b  # noqa: E731
+        if len(self.priors) == 0:
+            out: Tensor = proj(h)
+            return out
+        per_prior = torch.stack([proj(h + mlp(h)) for mlp in self.priors], dim=1)  # [N, n_p, P, V]
+        if prior is not None:
+            return per_prior[torch.arange(h.shape[0]), prior]
+        logp = torch.log_softmax(per_prior, dim=-1) + self.log_mix[:, None, None]
+        return torch.logsumexp(logp, dim=1)
+
+    def step(self, memory: Tensor, memory_mask: Tensor, lower: Tensor, prefix: Tensor) -> Tensor:
+        """One decoding step: logits [N, V] for level P = prefix.shape[1]."""
+        h = self.top(memory, memory_mask, lower, prefix)[:, -1:]        # [N, 1, D]
+        return self.project(h, prefix.shape[1])[:, 0]
+
+    def teacher_forced(self, memory: Tensor, memory_mask: Tensor, lower: Tensor, ids: Tensor,
+                       prior: Tensor | None = None) -> Tensor:
+        """Logits at every level given the true ids [N, T] -> [N, T, V] (one pass)."""
+        return self.project(self.top(memory, memory_mask, lower, ids[:, :-1]), 0, prior)
+
+
+class ValueHead(nn.Module):
+    """OneRanker-style ranking decoder: candidates [B, K, T] -> (pCTR, pCVR) logits [B, K]."""
+
+    items: ItemEmbedding
+
+    def __init__(self, cfg: ModelConfig, items: ItemEmbedding) -> None:
+        super().__init__()
+        d = cfg.d_model
+        _share(self, items)
+        self.query = nn.Parameter(torch.zeros(d))
+        self.blocks = nn.ModuleList(Block(d, cfg.n_head, self_attn=False, dropout=cfg.dropout)
+                                    for _ in range(cfg.n_value_layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.out = nn.Linear(d, 2)
+
+    def forward(self, memory: Tensor, memory_mask: Tensor,
+                candidates: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.items.items(candidates) + self.query                   # [B, K, D]
+        bias = key_bias(memory_mask)
+        for blk in self.blocks:  # candidates never see each other: scored independently
+            x = blk(x, mem=memory, mem_bias=bias)
+        logits = self.out(self.ln_f(x))                                 # [B, K, 2]
+        return logits[..., 0], logits[..., 1]
+
+
+class MTPHeads(nn.Module):
+    """GPR-style multi-token prediction: pooled user state -> ids of the next
+    ``mtp_heads`` future positives, every level in parallel: [B, n_mtp, T, V]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(MLP(cfg.d_model) for _ in range(cfg.mtp_heads))
+        self.ln = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, memory: Tensor, memory_mask: Tensor, decoder: LazyARDecoder) -> Tensor:
+        m = memory_mask.unsqueeze(-1)
+        pooled = (memory * m).sum(1) / m.sum(1).clamp_min(1.0)          # [B, D]
+        x = pooled.unsqueeze(1) + decoder.level_query                   # [B, T, D]
+        return torch.stack([decoder.project(self.ln(x + mlp(x))) for mlp in self.heads], 1)
+
+
+# --------------------------------------------------------------------------------------
+# the whole model
+
+
+class UserInputs(Protocol):
+    history: Tensor        # [B, H, T] int64
+    history_mask: Tensor   # [B, H] float32
+    context: Tensor        # [B, C] int64
+
+
+class GenerativeRecommender(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.items = ItemEmbedding(cfg.level_sizes, cfg.d_model)
+        self.encoder = UserEncoder(cfg, self.items)
+        self.decoder = LazyARDecoder(cfg, self.items)
+        self.value = ValueHead(cfg, self.items)
+        self.mtp = MTPHeads(cfg)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+        for name, p in m.named_parameters(recurse=False):
+            if name in ("hist_pos", "ctx_feat", "level_query", "bos", "query", "head_w"):
+                nn.init.normal_(p, std=0.02)
+
+    def set_mode(self, mode: str) -> None:
+        """Switch lazy_ar <-> full_ar in place (same parameters)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.cfg.mode = mode
+        self.decoder.lazy = mode == "lazy_ar"
+        self.decoder.start = self.cfg.n_layer - self.cfg.n_top if self.decoder.lazy else 0
+
+    def encode(self, history: Tensor, history_mask: Tensor,
+               context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """-> memory [B, S, D], memory_mask [B, S], lower [B, T, D] (encoder.onnx)."""
+        memory, mask = self.encoder(history, history_mask, context)
+        return memory, mask, self.decoder.lower(memory, mask)
+
+    def forward(self, history: Tensor, history_mask: Tensor, context: Tensor, target: Tensor,
+                prior: Tensor | None = None) -> dict[str, Tensor]:
+        """Teacher-forced training pass. target [B, T] ->
+        logits [B, T, V], mtp [B, n_mtp, T, V], memory/memory_mask (for the value head),
+        and prior_logits [B, T, V] (the routed prior head) when prior heads are on."""
+        memory, mask, lower = self.encode(history, history_mask, context)
+        out = {"logits": self.decoder.teacher_forced(memory, mask, lower, target),
+               "mtp": self.mtp(memory, mask, self.decoder), "memory": memory,
+               "memory_mask": mask}
+        if prior is not None and len(self.decoder.priors) > 0:
+            out["prior_logits"] = self.decoder.teacher_forced(memory, mask, lower, target, prior)
+        return out
+
+    def level_logprob(self, batch: UserInputs, ids: Tensor) -> Tensor:
+        """log p(id_t | id_<t, user) per level for K ids per request: ids [B, K, T] ->
+        [B, K, T]. ``batch`` has history, history_mask and context (e.g.
+        :class:`learner.data.Batch`). The encoder and lower layers run once per request."""
+        B, K, T = ids.shape
+        memory, mask, lower = self.encode(batch.history, batch.history_mask, batch.context)
+        rep = lambda x: x.repeat_interleave(K, dim=0)  # noqa: E731  [B, ...] -> [B*K, ...]
+        flat = ids.reshape(B * K, T)
+        logits = self.decoder.teacher_forced(rep(memory), rep(mask), rep(lower), flat)
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, flat.unsqueeze(-1))[..., 0]
+        return logp.reshape(B, K, T)
+
+    def sequence_logprob(self, batch: UserInputs, ids: Tensor) -> Tensor:
+        """log p(id | user) summed over levels: ids [B, K, T] -> [B, K]."""
+        return self.level_logprob(batch, ids).sum(-1)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

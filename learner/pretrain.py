@@ -1,0 +1,269 @@
+"""``adloop pretrain``: offline VSL + MTP pretraining from logged events.
+
+Steps:
+1. read the ad catalog and feedback records (JSONL files, or the ``ads`` and
+   ``feedback`` Kafka topics from the beginning to their current end offsets);
+2. fit the UA-SID tokenizer (or reuse the run's, giving ids to new ads online);
+3. build examples (:mod:`learner.data`) and hold out the latest requests;
+4. train VSL + MTP + value-head BCE (:func:`learner.losses.pretrain_loss`) with AdamW,
+   checkpointing every ``checkpoint_every`` steps (atomic, :mod:`learner.checkpoint`);
+5. evaluate recall@K / vNDCG@K on the held-out requests and store them in the
+   checkpoint (they travel into the snapshot manifest's ``metrics``).
+
+Deterministic for a seed: model init uses ``torch.manual_seed(seed)`` and the batch of
+step s is a pure function of (seed, s), so a run resumed from a checkpoint continues
+exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from tqdm import tqdm
+
+from learner.beam import TorchBackend
+from learner.checkpoint import TOKENIZER_DIR, load_checkpoint, save_checkpoint
+from learner.data import (
+    ExampleSet,
+    build_examples,
+    latest_ads,
+    read_jsonl,
+    read_kafka,
+    split_by_time,
+)
+from learner.evaluate import evaluate, trie_of
+from learner.losses import pretrain_loss
+from learner.model import GenerativeRecommender, ModelConfig
+from learner.tokenizer import TokenizerConfig, UASIDTokenizer
+from streams.features import DEFAULT_CONTEXT_BUCKETS, DEFAULT_CONTEXT_FEATURES
+from streams.logs import get_logger
+from streams.metrics import counter, gauge, histogram, start_metrics_server
+from streams.schemas import Ad, Feedback
+from streams.settings import add_settings_arguments, settings_from_args
+
+log = get_logger(__name__)
+
+STEPS = counter("adloop_pretrain_steps_total", "Optimizer steps taken by pretraining.")
+LOSS = gauge("adloop_pretrain_loss", "Latest pretraining loss by part.", ("part",))
+STEP_SECONDS = histogram("adloop_pretrain_step_seconds", "Wall time of one training step.")
+EVAL = gauge("adloop_pretrain_eval", "Held-out evaluation metrics of pretraining.", ("metric",))
+
+
+class PretrainSettings(BaseSettings):
+    """``adloop pretrain`` settings (env ADLOOP_PRETRAIN_<NAME>, flags --name)."""
+
+    model_config = SettingsConfigDict(env_prefix="ADLOOP_PRETRAIN_", extra="ignore")
+
+    source: str = "file"
+    """file (--ads/--feedback JSONL) or kafka (the ads and feedback topics)."""
+    ads: Path | None = None
+    feedback: Path | None = None
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic_prefix: str = ""
+    run_dir: Path = Path("runs/pretrain")
+    """Where checkpoint.pt and tokenizer/ are written."""
+    resume: bool = True
+    """Continue from run_dir's checkpoint (and reuse its tokenizer) when present."""
+    refit_tokenizer: bool = False
+    """Fit a new id space even if run_dir has a tokenizer (needs resume off)."""
+    encoder: str = "minilm"
+    level_sizes: str = "256,256,256"
+    industry_size: int = 32
+    goal_size: int = 16
+    advertiser_size: int = 32
+    suffix_size: int = 32
+    history_len: int = 20
+    d_model: int = 64
+    n_head: int = 4
+    n_enc_layer: int = 2
+    n_layer: int = 4
+    n_top: int = 1
+    mode: str = "lazy_ar"
+    mtp_heads: int = 2
+    prior_heads: int = 0
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    mtp_weight: float = 0.3
+    value_weight: float = 0.5
+    w_min: float = 0.2
+    w_max: float = 5.0
+    seed: int = 0
+    held_out_frac: float = 0.1
+    checkpoint_every: int = 200
+    eval_beam_width: int = 32
+    eval_k: int = 10
+    metrics_port: int = -1
+    """Serve /metrics on this port (0 picks one, -1 none)."""
+    progress: bool = True
+    threads: int = 0
+    """torch intra-op threads (0 = torch's default)."""
+
+
+@dataclass
+class PretrainResult:
+    model: GenerativeRecommender
+    tokenizer: UASIDTokenizer
+    metrics: dict[str, float]
+    step: int
+    run_dir: Path
+
+
+def load_events(s: PretrainSettings) -> tuple[list[Ad], list[Feedback]]:
+    if s.source == "file":
+        if s.ads is None or s.feedback is None:
+            raise SystemExit("adloop pretrain: --ads and --feedback JSONL files are required "
+                             "with --source file")
+        return latest_ads(read_jsonl(s.ads, Ad)), read_jsonl(s.feedback, Feedback)
+    if s.source == "kafka":
+        from streams.topics import Topics
+
+        topics = Topics(s.topic_prefix)
+        ads = read_kafka(s.bootstrap_servers, topics.ads, Ad)
+        return latest_ads(ads), read_kafka(s.bootstrap_servers, topics.feedback, Feedback)
+    raise SystemExit(f"adloop pretrain: unknown --source {s.source!r} (file or kafka)")
+
+
+def tokenizer_for(s: PretrainSettings, ads: list[Ad]) -> UASIDTokenizer:
+    tok_dir = Path(s.run_dir) / TOKENIZER_DIR
+    if (tok_dir / "tokenizer.json").exists() and not s.refit_tokenizer:
+        tok = UASIDTokenizer.load(tok_dir)
+        new = [a for a in ads if a.ad_id not in tok]
+        if new:
+            tok.add_ads(new)
+            log.info("assigned ids to new ads", count=len(new))
+    else:
+        cfg = TokenizerConfig(
+            level_sizes=tuple(int(x) for x in s.level_sizes.split(",")),
+            industry_size=s.industry_size, goal_size=s.goal_size,
+            advertiser_size=s.advertiser_size, suffix_size=s.suffix_size, seed=s.seed,
+            encoder=s.encoder)
+        tok = UASIDTokenizer.fit(ads, cfg)
+        log.info("fitted tokenizer", **{k: v for k, v in tok.report().items()
+                                        if not isinstance(v, list)})
+    tok.save(tok_dir)
+    return tok
+
+
+def model_config(s: PretrainSettings, tok: UASIDTokenizer) -> ModelConfig:
+    return ModelConfig(
+        level_sizes=tok.config.token_sizes, semantic_levels=tok.config.semantic_levels,
+        history_len=s.history_len, context_features=DEFAULT_CONTEXT_FEATURES,
+        context_buckets=DEFAULT_CONTEXT_BUCKETS, d_model=s.d_model, n_head=s.n_head,
+        n_enc_layer=s.n_enc_layer, n_layer=s.n_layer, n_top=s.n_top, mode=s.mode,
+        mtp_heads=s.mtp_heads, prior_heads=s.prior_heads)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """The examples of step ``step``: epoch-wise permutations seeded by (seed, epoch)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[k * batch_size: (k + 1) * batch_size]
+
+
+def train_steps(model: GenerativeRecommender, opt: torch.optim.Optimizer, train: ExampleSet,
+                start: int, stop: int, s: PretrainSettings,
+                on_checkpoint: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Run steps ``start..stop-1``; the pure training core (no I/O besides callbacks)."""
+    model.train()
+    parts: dict[str, float] = {}
+    bar = tqdm(range(start, stop), initial=start, total=stop, disable=not s.progress,
+               desc="pretrain", unit="step")
+    for step in bar:
+        t0 = time.perf_counter()
+        batch = train.batch(batch_indices(len(train), s.batch_size, s.seed, step))
+        loss, parts = pretrain_loss(model, batch, s.mtp_weight, s.value_weight,
+                                    w_min=s.w_min, w_max=s.w_max)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        opt.step()
+        STEPS.inc()
+        STEP_SECONDS.observe(time.perf_counter() - t0)
+        for k, v in parts.items():
+            LOSS.labels(k).set(v)
+        bar.set_postfix(loss=f"{parts['loss']:.3f}", vsl=f"{parts['vsl']:.3f}")
+        if on_checkpoint is not None and s.checkpoint_every > 0 \
+                and (step + 1) % s.checkpoint_every == 0 and step + 1 < stop:
+            on_checkpoint(step + 1)
+    model.eval()
+    return parts
+
+
+def pretrain(s: PretrainSettings, ads: list[Ad] | None = None,
+             feedback: list[Feedback] | None = None) -> PretrainResult:
+    """The whole offline run (events given directly, or read per the settings)."""
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    if ads is None or feedback is None:
+        ads, feedback = load_events(s)
+    run_dir = Path(s.run_dir)
+    ckpt: dict[str, Any] | None = None
+    if s.resume and (run_dir / "checkpoint.pt").exists():
+        ckpt = load_checkpoint(run_dir)
+        if s.refit_tokenizer:
+            raise SystemExit("adloop pretrain: --refit-tokenizer makes a new id space; "
+                             "it cannot resume a checkpoint (use --no-resume)")
+    tok = tokenizer_for(s, ads)
+    cfg = model_config(s, tok)
+    if ckpt is not None:
+        tok.check_version(ckpt["id_space_version"], what=f"checkpoint in {run_dir}")
+        cfg = ModelConfig.from_json(ckpt["config"])
+    torch.manual_seed(s.seed)
+    model = GenerativeRecommender(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    start = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        if ckpt.get("optimizer") is not None:
+            opt.load_state_dict(ckpt["optimizer"])
+        start = int(ckpt["step"])
+        log.info("resumed", step=start, run_dir=str(run_dir))
+
+    examples = build_examples(feedback, tok, cfg.history_len, cfg.context_features,
+                              cfg.context_buckets, cfg.mtp_heads)
+    train, test = split_by_time(examples, s.held_out_frac)
+    log.info("examples", train=len(train), held_out=len(test),
+             positives=len(train.positives), params=model.num_parameters())
+
+    def checkpoint(step: int, metrics: dict[str, float] | None = None) -> None:
+        save_checkpoint(run_dir, model, tok.id_space_version, step, opt, metrics,
+                        extra={"data_watermark": float(examples.time.max(initial=0.0))})
+
+    if start < s.steps:
+        train_steps(model, opt, train, start, s.steps, s, checkpoint)
+    metrics: dict[str, float] = {}
+    if len(test.positives):
+        trie, _ = trie_of(tok)
+        metrics = evaluate(TorchBackend(model), test, trie, s.eval_beam_width, (s.eval_k,))
+        for k, v in metrics.items():
+            EVAL.labels(k).set(v)
+    checkpoint(max(start, s.steps), metrics)
+    log.info("pretrained", step=max(start, s.steps), **metrics)
+    return PretrainResult(model, tok, metrics, max(start, s.steps), run_dir)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_settings_arguments(parser, PretrainSettings)
+
+
+def run(args: argparse.Namespace) -> int:
+    s = settings_from_args(PretrainSettings, args)
+    server = start_metrics_server(s.metrics_port) if s.metrics_port >= 0 else None
+    try:
+        pretrain(s)
+    finally:
+        if server is not None:
+            server.stop()
+    return 0

@@ -1,0 +1,126 @@
+"""The model: LazyAR computes its lower layers once per request, both modes learn."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from learner import synthetic
+from learner.beam import TorchBackend, beam_search
+from learner.data import build_examples
+from learner.evaluate import trie_of
+from learner.losses import pretrain_loss
+from learner.model import GenerativeRecommender, ModelConfig
+from learner.pretrain import PretrainResult, PretrainSettings, pretrain
+from learner.tokenizer import UASIDTokenizer
+
+
+def _cfg(tok: UASIDTokenizer, **kw: object) -> ModelConfig:
+    base: dict[str, object] = dict(level_sizes=tok.config.token_sizes,
+                                   semantic_levels=tok.config.semantic_levels, history_len=10,
+                                   d_model=32, n_head=4, n_enc_layer=1, n_layer=4, n_top=1)
+    base.update(kw)
+    return ModelConfig(**base)  # type: ignore[arg-type]
+
+
+def _count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["lazy_ar", "full_ar"])
+def test_lower_layers_run_once_per_request_only_in_lazyar(
+        mode: str, small_tokenizer: UASIDTokenizer, synth_log: synthetic.SyntheticLog) -> None:
+    torch.manual_seed(0)
+    model = GenerativeRecommender(_cfg(small_tokenizer, mode=mode)).eval()
+    lower_calls = _count_calls(model.decoder.blocks[0])     # a lower block in lazy mode
+    top_calls = _count_calls(model.decoder.blocks[-1])      # the top block (takes the token)
+    enc_calls = _count_calls(model.encoder)
+    ex = build_examples(synth_log.feedback[:40], small_tokenizer, history_len=10)
+    b = ex.batch(list(range(5)))                             # 5 requests in one call
+    trie, _ = trie_of(small_tokenizer)
+    res = beam_search(TorchBackend(model), b.history, b.history_mask, b.context, trie, 8)
+    T = small_tokenizer.config.id_len
+    assert res.ids.shape == (5, 8, T)
+    assert enc_calls[0] == 1
+    assert top_calls[0] == T                                 # one step per level, all beams
+    if mode == "lazy_ar":
+        assert lower_calls[0] == 1                           # once, for all levels and beams
+    else:
+        assert lower_calls[0] == T                           # re-run at every step
+
+
+def test_lazy_and_full_ar_share_one_parameter_layout(small_tokenizer: UASIDTokenizer) -> None:
+    lazy = GenerativeRecommender(_cfg(small_tokenizer, mode="lazy_ar"))
+    full = GenerativeRecommender(_cfg(small_tokenizer, mode="full_ar"))
+    ls, fs = lazy.state_dict(), full.state_dict()
+    assert {k: v.shape for k, v in ls.items()} == {k: v.shape for k, v in fs.items()}
+    full.load_state_dict(ls)
+    assert "items.table.weight" in ls and not any(k.startswith("encoder.items") for k in ls)
+
+
+def test_decoder_step_agrees_with_teacher_forcing(small_tokenizer: UASIDTokenizer,
+                                                  synth_log: synthetic.SyntheticLog) -> None:
+    torch.manual_seed(0)
+    for mode in ("lazy_ar", "full_ar"):
+        model = GenerativeRecommender(_cfg(small_tokenizer, mode=mode)).eval()
+        ex = build_examples(synth_log.feedback[:30], small_tokenizer, history_len=10)
+        b = ex.batch(ex.positives[:6])
+        with torch.no_grad():
+            mem, mask, lower = model.encode(b.history, b.history_mask, b.context)
+            tf = model.decoder.teacher_forced(mem, mask, lower, b.target)     # [B, T, V]
+            for p in range(small_tokenizer.config.id_len):
+                step = model.decoder.step(mem, mask, lower, b.target[:, :p])  # [B, V]
+                assert torch.allclose(step, tf[:, p], atol=1e-5)
+
+
+def test_sequence_logprob_is_the_sum_of_level_logprobs(small_tokenizer: UASIDTokenizer,
+                                                       synth_log: synthetic.SyntheticLog) -> None:
+    torch.manual_seed(0)
+    model = GenerativeRecommender(_cfg(small_tokenizer)).eval()
+    ex = build_examples(synth_log.feedback[:30], small_tokenizer, history_len=10)
+    b = ex.batch([0, 1, 2])
+    _, arr = small_tokenizer.id_array()
+    ids = torch.from_numpy(arr[:12]).reshape(3, 4, -1)
+    per_level = model.level_logprob(b, ids)
+    seq = model.sequence_logprob(b, ids)
+    assert per_level.shape == (3, 4, small_tokenizer.config.id_len) and seq.shape == (3, 4)
+    assert torch.allclose(seq, per_level.sum(-1))
+    assert (per_level <= 0).all()
+    # differentiable, for RSPO
+    seq.sum().backward()
+    assert model.items.table.weight.grad is not None
+
+
+def test_prior_heads_behind_a_flag_route_training_and_mix_at_inference(
+        small_tokenizer: UASIDTokenizer, synth_log: synthetic.SyntheticLog) -> None:
+    torch.manual_seed(0)
+    model = GenerativeRecommender(_cfg(small_tokenizer, prior_heads=2, prior_mix=(0.7, 0.3)))
+    ex = build_examples(synth_log.feedback[:60], small_tokenizer, history_len=10)
+    b = ex.batch(ex.positives[:16])
+    loss, parts = pretrain_loss(model, b)
+    assert "prior" in parts and torch.isfinite(loss)
+    loss.backward()
+    assert model.decoder.priors[0].fc.weight.grad is not None
+    with torch.no_grad():
+        mem, mask, lower = model.encode(b.history, b.history_mask, b.context)
+        logits = model.decoder.step(mem, mask, lower, b.target[:, :1])
+    V1 = small_tokenizer.config.token_sizes[1]
+    assert torch.allclose(torch.logsumexp(logits[:, :V1], -1), torch.zeros(16), atol=1e-4)
+    plain = GenerativeRecommender(_cfg(small_tokenizer))
+    assert len(plain.decoder.priors) == 0
+
+
+def test_lazyar_and_full_ar_both_learn_above_chance_recall(
+        trained_lazy: PretrainResult, synth_log: synthetic.SyntheticLog, tmp_path,
+        make_settings: Callable[..., PretrainSettings]) -> None:
+    chance = 10 / len(trained_lazy.tokenizer)
+    full = pretrain(make_settings(tmp_path / "full", mode="full_ar"), synth_log.ads,
+                    synth_log.feedback)
+    for result in (trained_lazy, full):
+        assert result.metrics["recall@10"] > 3 * chance, result.metrics
+        assert result.metrics["vndcg@10"] > 0
+    assert full.model.cfg.mode == "full_ar" and trained_lazy.model.cfg.mode == "lazy_ar"
