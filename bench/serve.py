@@ -1,0 +1,410 @@
+"""Serving worker under open-loop load: fixed vs dynamic beams, and RSS across swaps.
+
+An embedded Kafka broker carries the ``ads`` catalog and ``model-updates``; the
+server runs as its own process (``adloop serve``) exactly as deployed, and the load
+generator sends ``POST /v1/recommend`` at a fixed rate regardless of completions
+(open loop: latency counts from the scheduled send time, so a slow server cannot
+slow the load down). For each rate: throughput, p50/p99 latency, refusals (429).
+A rate is *within SLO* when p99 ≤ SLO and ≥ 99% of requests were answered 200.
+
+Then, with the dynamic server under steady load, 100 snapshot versions are
+published to ``model-updates``; the server's RSS is read from /proc after a warm-up
+of 10 swaps and after the 100 swaps, and every non-200 response is counted.
+
+    python bench/serve.py [--quick] [--provider auto|cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx
+import numpy as np
+
+from bench.common import ROOT, markdown_table, update_doc_section, write_results
+from server.snapshot import sha256_hex
+from server.testing import BuiltSnapshot, SnapshotSpec, build_snapshot, make_ads
+from streams.broker import BrokerSettings, EmbeddedBroker
+from streams.kafka_io import EventProducer
+from streams.schemas import ModelUpdate
+from streams.settings import KafkaSettings
+from streams.topics import create_topics
+
+MODEL = dict(level_sizes=(64, 64, 64, 16), n_ads=5000, d_model=256, mlp_hidden=1024,
+             history_len=20)
+SCHEDULE = "64,64,32,32"
+SWAP_RATE = 10.0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clone_version(base: BuiltSnapshot, root: Path, version: str, parent: str) -> ModelUpdate:
+    """Same ONNX files, a new version: a fresh manifest (and sha256) per version."""
+    d = root / version
+    d.mkdir(parents=True, exist_ok=True)
+    for name in base.manifest["files"]:
+        os.link(base.directory / name, d / name)
+    manifest = {**base.manifest, "version": version, "parent": parent,
+                "created_time": time.time()}
+    data = json.dumps(manifest).encode()
+    (d / "manifest.json").write_bytes(data)
+    return ModelUpdate(model_name="adloop", version=version, parent=parent,
+                       sha256=sha256_hex(data), uri=d.as_uri(),
+                       id_space_version=str(manifest["id_space_version"]),
+                       data_watermark=time.time(), created_time=time.time())
+
+
+class Server:
+    def __init__(self, kafka: KafkaSettings, cache: Path, provider: str, dynamic: bool,
+                 slo_ms: float, threads: int) -> None:
+        self.port = _free_port()
+        cmd = [sys.executable, str(ROOT / "adloop_cli.py"), "serve", "--port", str(self.port),
+               "--bootstrap-servers", kafka.bootstrap_servers,
+               "--topic-prefix", kafka.topic_prefix, "--cache-dir", str(cache),
+               "--provider", provider, "--beam-schedule", SCHEDULE,
+               "--slo-ms", str(slo_ms), "--intra-op-threads", str(threads),
+               "--max-batch-size", "16", "--max-wait-ms", "2", "--keep-versions", "3",
+               "--dynamic-beams" if dynamic else "--no-dynamic-beams"]
+        env = {**os.environ, "ADLOOP_LOG_LEVEL": "WARNING"}
+        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout_s: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
+            try:
+                r = httpx.get(self.url + "/readyz", timeout=2)
+                if r.status_code == 200:
+                    body: dict[str, Any] = r.json()
+                    return body
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server not ready")
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def _payload(i: int, ad_ids: list[str], rng: np.random.Generator) -> dict[str, Any]:
+    recent = [ad_ids[j] for j in rng.integers(0, len(ad_ids), 8)]
+    return {"user_id": f"u{i % 5000}", "k": 10, "recent_ad_ids": recent,
+            "context": {"device": ("ios", "android", "web")[i % 3], "placement": "feed",
+                        "hour": str(i % 24), "region": f"r{i % 11}"}}
+
+
+async def open_loop(url: str, rate: float, seconds: float, ad_ids: list[str],
+                    seed: int = 0) -> dict[str, Any]:
+    """Send ``rate`` req/s for ``seconds`` on schedule; latency from the scheduled time."""
+    rng = np.random.default_rng(seed)
+    n = int(rate * seconds)
+    payloads = [_payload(i, ad_ids, rng) for i in range(n)]
+    latencies: list[float] = []
+    codes: dict[str, int] = {}
+    widths: list[int] = []
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        start = time.perf_counter() + 0.05
+
+        async def one(i: int) -> None:
+            due = start + i / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            try:
+                r = await client.post("/v1/recommend", json=payloads[i])
+                code = str(r.status_code)
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - due)
+                    widths.append(sum(r.json()["beam_widths"]))
+            except httpx.HTTPError as exc:
+                code = type(exc).__name__
+            codes[code] = codes.get(code, 0) + 1
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+        elapsed = time.perf_counter() - start
+    ok = codes.get("200", 0)
+    lat = np.array(latencies) * 1000 if latencies else np.array([np.inf])
+    return {"rate": rate, "sent": n, "ok": ok, "codes": codes,
+            "throughput_rps": ok / elapsed, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)),
+            "mean_beam_width_sum": float(np.mean(widths)) if widths else 0.0}
+
+
+def measure(server: Server, rate: float, seconds: float, ad_ids: list[str], slo_ms: float,
+            label: str) -> dict[str, Any]:
+    row = asyncio.run(open_loop(server.url, rate, seconds, ad_ids))
+    row["within_slo"] = bool(row["p99_ms"] <= slo_ms and row["ok"] >= 0.99 * row["sent"])
+    print(f"  {label:7s} rate {rate:5.0f}/s  ok {row['ok']}/{row['sent']}  "
+          f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:8.1f} ms  "
+          f"beams {row['mean_beam_width_sum']:.0f}  {row['codes']}", flush=True)
+    time.sleep(0.5)
+    return row
+
+
+def max_rate(rows: list[dict[str, Any]]) -> float:
+    """The highest rate within SLO with every lower rate within SLO too."""
+    best = 0.0
+    for row in rows:
+        if not row.get("within_slo"):
+            break
+        best = row["rate"]
+    return best
+
+
+async def _steady(url: str, rate: float, stop: asyncio.Event, ad_ids: list[str],
+                  out: dict[str, Any]) -> None:
+    rng = np.random.default_rng(7)
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(i: int) -> None:
+            try:
+                r = await client.post("/v1/recommend", json=_payload(i, ad_ids, rng))
+                key = str(r.status_code)
+                if r.status_code == 200:
+                    out["versions"].add(r.json()["model_version"])
+            except httpx.HTTPError as exc:
+                key = type(exc).__name__
+            out["codes"][key] = out["codes"].get(key, 0) + 1
+
+        i = 0
+        while not stop.is_set():
+            t = asyncio.get_running_loop().create_task(one(i))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+            i += 1
+            await asyncio.sleep(1.0 / rate)
+        await asyncio.gather(*tasks)
+
+
+def swap_rss(server: Server, producer: EventProducer, base: BuiltSnapshot, store: Path,
+             n_swaps: int, warm: int, ad_ids: list[str], rate: float) -> dict[str, Any]:
+    out: dict[str, Any] = {"codes": {}, "versions": set()}
+    published = [base.version]
+
+    def publish(count: int) -> None:
+        ok0 = server.metric('adloop_server_swaps_total{result="ok"}')
+        for _ in range(count):
+            v = f"v{len(published):06d}"
+            producer.send("model-updates", clone_version(base, store, v, published[-1]))
+            published.append(v)
+            producer.flush()
+            deadline = time.monotonic() + 60
+            while server.metric('adloop_server_swaps_total{result="ok"}') < ok0 + 1:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"swap to {v} did not happen")
+                time.sleep(0.02)
+            ok0 += 1
+
+    async def run() -> dict[str, Any]:
+        stop = asyncio.Event()
+        load = asyncio.create_task(_steady(server.url, rate, stop, ad_ids, out))
+        await asyncio.to_thread(publish, warm)
+        await asyncio.sleep(1.0)
+        rss0 = server.rss_bytes()
+        t0 = time.perf_counter()
+        await asyncio.to_thread(publish, n_swaps)
+        swap_s = time.perf_counter() - t0
+        await asyncio.sleep(1.0)
+        rss1 = server.rss_bytes()
+        stop.set()
+        await load
+        return {"rss_before_bytes": rss0, "rss_after_bytes": rss1, "swap_seconds": swap_s}
+
+    res = asyncio.run(run())
+    failed = sum(v for k, v in out["codes"].items() if k != "200")
+    unknown = sorted(set(out["versions"]) - set(published))
+    return {**res, "swaps": n_swaps, "warmup_swaps": warm,
+            "rss_growth_ratio_100_swaps": res["rss_after_bytes"] / res["rss_before_bytes"],
+            "requests_during_swaps": sum(out["codes"].values()),
+            "failed_requests_during_swaps": failed, "codes_during_swaps": out["codes"],
+            "unknown_versions_served": unknown}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short steps (a few minutes)")
+    ap.add_argument("--provider", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--slo-ms", type=float, default=100.0, help="end-to-end p99 target")
+    ap.add_argument("--rates", default="", help="comma-separated request rates")
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    ap.add_argument("--swaps", type=int, default=100)
+    ap.add_argument("--bootstrap-servers", default="", help="use a running broker")
+    args = ap.parse_args()
+    seconds = 4.0 if args.quick else 15.0
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else \
+        [10, 20, 30, 40, 60, 80, 120, 160, 200]
+    # the controller aims below the end-to-end target: HTTP + client time comes on top
+    server_slo = args.slo_ms * 0.5
+
+    work = Path(tempfile.mkdtemp(prefix="adloop-bench-serve-"))
+    broker = None
+    try:
+        if args.bootstrap_servers:
+            bootstrap = args.bootstrap_servers
+        else:
+            broker = EmbeddedBroker(BrokerSettings(port=0, data_dir=work / "kafka",
+                                                   heap="512m")).start()
+            bootstrap = broker.bootstrap_servers
+        prefix = f"bench-serve-{int(time.time())}."
+        create_topics(bootstrap, prefix)
+        kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=prefix,
+                              client_id="bench-serve")
+        spec = SnapshotSpec(version="v000000", **MODEL)  # type: ignore[arg-type]
+        base = build_snapshot(work / "store" / "v000000", spec)
+        ad_ids = list(base.ids)
+        producer = EventProducer(kafka)
+        for ad in make_ads(ad_ids):
+            producer.send("ads", ad)
+        producer.send("model-updates", base.model_update())
+        producer.flush()
+
+        results: dict[str, Any] = {}
+        sweeps: dict[str, list[dict[str, Any]]] = {"fixed": [], "dynamic": []}
+        ready: dict[str, Any] = {}
+        servers = {mode: Server(kafka, work / f"cache-{mode}", args.provider,
+                                mode == "dynamic", server_slo, args.threads)
+                   for mode in ("fixed", "dynamic")}
+        try:
+            for srv in servers.values():
+                ready = srv.wait_ready()
+            for srv in servers.values():
+                asyncio.run(open_loop(srv.url, rates[0], 2.0, ad_ids, seed=99))   # warm-up
+            print(f"beams {SCHEDULE}, server SLO {server_slo:.0f} ms; fixed and dynamic "
+                  "interleaved per rate", flush=True)
+            misses = {"fixed": 0, "dynamic": 0}
+            for rate in rates:
+                for mode, srv in servers.items():
+                    if misses[mode] >= 2:        # broken twice in a row: stop raising it
+                        sweeps[mode].append({"rate": rate, "skipped": True,
+                                             "within_slo": False, "p99_ms": None})
+                        continue
+                    row = measure(srv, rate, seconds, ad_ids, args.slo_ms, mode)
+                    misses[mode] = 0 if row["within_slo"] else misses[mode] + 1
+                    sweeps[mode].append(row)
+                if misses["fixed"] >= 2 and misses["dynamic"] >= 2:
+                    break
+            servers["fixed"].stop()
+            print(f"swaps: {args.swaps} under load", flush=True)
+            results["swaps"] = swap_rss(servers["dynamic"], producer, base, work / "store",
+                                        args.swaps, 10, ad_ids, rate=SWAP_RATE)
+            print(f"  {results['swaps']}", flush=True)
+        finally:
+            for srv in servers.values():
+                srv.stop()
+        producer.close()
+    finally:
+        if broker is not None:
+            broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    fixed_max, dyn_max = max_rate(sweeps["fixed"]), max_rate(sweeps["dynamic"])
+    swaps = results["swaps"]
+    provider = ready.get("provider", "?")
+    out = {
+        "device": ready.get("device", "?"),
+        "provider": provider,
+        "provider_reason": ready.get("provider_reason", ""),
+        "quick": args.quick,
+        "slo_ms": args.slo_ms,
+        "server_slo_ms": server_slo,
+        "model": {**MODEL, "level_sizes": list(MODEL["level_sizes"])},  # type: ignore[call-overload]
+        "beam_schedule": SCHEDULE,
+        "seconds_per_rate": seconds,
+        "fixed_beam_max_rate_within_slo": fixed_max,
+        "dynamic_beam_max_rate_within_slo": dyn_max,
+        "dynamic_over_fixed": dyn_max / fixed_max if fixed_max else None,
+        "p99_ms_at_rates": {mode: {str(int(r["rate"])): (round(r["p99_ms"], 2)
+                                                          if r.get("p99_ms") is not None
+                                                          and np.isfinite(r["p99_ms"]) else None)
+                                   for r in rows}
+                            for mode, rows in sweeps.items()},
+        "load_average_1m_at_end": os.getloadavg()[0],
+        "sweeps": sweeps,
+        "rss_growth_ratio_100_swaps": swaps["rss_growth_ratio_100_swaps"],
+        "failed_requests_during_swaps": swaps["failed_requests_during_swaps"],
+        "swaps": swaps,
+    }
+    name = "serve" if provider == "cpu" or args.provider == "auto" else f"serve_{provider}"
+    path = write_results(name, out)
+    print(f"wrote {path.relative_to(ROOT)}")
+
+    def cells(row: dict[str, Any]) -> list[Any]:
+        if row.get("skipped"):
+            return ["–", "–", "–", "–"]
+        return [round(row["throughput_rps"], 1), round(row["p50_ms"], 1),
+                round(row["p99_ms"], 1), row["codes"].get("429", 0)]
+
+    table_rows = []
+    for f_row, d_row in zip(sweeps["fixed"], sweeps["dynamic"], strict=True):
+        table_rows.append([int(f_row["rate"]), *cells(f_row), *cells(d_row),
+                           "–" if d_row.get("skipped") else
+                           round(d_row["mean_beam_width_sum"], 1)])
+    body = (
+        f"`bench/serve.py{' --quick' if args.quick else ''}`: open-loop POST /v1/recommend "
+        f"({seconds:g} s per rate) to `adloop serve` in its own process, {out['device']}, "
+        f"provider {provider}, ONNX Runtime intra-op threads {args.threads}; model from "
+        f"`server/testing.py` (levels {list(MODEL['level_sizes'])}, "  # type: ignore[call-overload]
+        f"{MODEL['n_ads']} ads, D={MODEL['d_model']}, MLP {MODEL['mlp_hidden']}), beam "
+        f"schedule {SCHEDULE}, batches of ≤16. SLO: p99 ≤ {args.slo_ms:g} ms end to end "
+        f"with ≥ 99% answered (the controller aims at {server_slo:g} ms inside the server).\n\n"
+        + markdown_table(["rate/s", "fixed rps", "fixed p50 ms", "fixed p99 ms", "fixed 429",
+                          "dynamic rps", "dynamic p50 ms", "dynamic p99 ms", "dynamic 429",
+                          "dynamic Σ widths"], table_rows)
+        + f"\n\nMax rate within SLO: fixed {fixed_max:g}/s, dynamic {dyn_max:g}/s"
+        + (f" ({dyn_max / fixed_max:.1f}×)." if fixed_max else ".")
+        + f" Rates are interleaved (fixed, then dynamic, per rate) so both see the same "
+        f"background load; a mode stops after two rates out of SLO (–). 1-minute load "
+        f"average at the end: {out['load_average_1m_at_end']:.1f} on {os.cpu_count()} cores."
+        + f"\n\nHot swap: {swaps['swaps']} swaps under {SWAP_RATE:g} req/s "
+        f"(after {swaps['warmup_swaps']} warm-up swaps): RSS "
+        f"{swaps['rss_before_bytes'] / 2**20:.0f} → {swaps['rss_after_bytes'] / 2**20:.0f} MiB "
+        f"(ratio {swaps['rss_growth_ratio_100_swaps']:.3f}), "
+        f"{swaps['failed_requests_during_swaps']} failed of "
+        f"{swaps['requests_during_swaps']} requests, "
+        f"{swaps['swap_seconds'] / swaps['swaps'] * 1000:.0f} ms per swap.\n")
+    update_doc_section("serve" if name == "serve" else name, body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

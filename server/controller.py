@@ -1,0 +1,124 @@
+"""Dynamic beam width: a load controller that narrows beams before refusing requests.
+
+Widths per level are ``b_l(α) = max(b_min, floor(α·b_l), k)`` for the base schedule
+``b`` (mechanisms.md §1.6). α moves on a ladder of rungs from 1 down to ``alpha_min``
+(each rung ≈ 0.7× the previous). After every batch the controller compares the
+*pressure* with the SLO:
+
+* ``latency`` = queue wait of the batch's oldest request + the batch's model time
+  (the slowest request of that batch, inside the server),
+* ``backlog`` = requests still queued / max batch size × recent batch time + one
+  batch time (what the newest queued request should expect at the current α).
+
+pressure = max(latency, backlog) / SLO. Above 0.6 α drops straight to the rung where
+the pressure, scaled by the width ratio (model time is about linear in the widths),
+is back at 0.4. It widens one rung at a time, only after ``calm_batches`` batches in
+a row whose pressure *predicted one rung wider* stays below 0.35, and at most once
+per ``hold_s`` (hysteresis: narrow fast, widen slowly). A request is
+refused (429) only when α is already at its floor, requests are already queued and
+the backlog estimate for the new one exceeds the SLO, or when the queue is full.
+With ``dynamic=False`` α stays 1 and only the queue bound refuses (the fixed-beam
+baseline of the benchmark).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from server import metrics as M
+
+
+def scale_widths(schedule: list[int], alpha: float, levels: int, min_width: int = 1,
+                 k: int = 1) -> list[int]:
+    """Base schedule trimmed/extended (last value repeats) to ``levels``, scaled by α.
+
+    No level goes below ``k``: ids are sparse at the deeper levels (about one ad per
+    full prefix), so fewer than k beams at any level could cut the slate short of k
+    ads. Under load the slate keeps its size; recall narrows."""
+    base = (schedule + [schedule[-1]] * levels)[:levels]
+    return [max(min_width, int(alpha * b), k) for b in base]
+
+
+class BeamController:
+    def __init__(self, schedule: list[int], slo_s: float, alpha_min: float = 0.125,
+                 min_width: int = 1, dynamic: bool = True, max_batch: int = 16,
+                 max_queue: int = 2048, step_down: float = 0.6, step_up: float = 0.35,
+                 calm_batches: int = 8, target: float = 0.4, hold_s: float = 0.5) -> None:
+        self.schedule = list(schedule)
+        self.slo_s = slo_s
+        self.min_width = min_width
+        self.dynamic = dynamic
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.step_down, self.step_up, self.calm_batches = step_down, step_up, calm_batches
+        self.target, self.hold_s = target, hold_s
+        rungs = [1.0]
+        while rungs[-1] * 0.7 > alpha_min:
+            rungs.append(rungs[-1] * 0.7)
+        rungs.append(alpha_min)
+        self.rungs = rungs if dynamic else [1.0]
+        self.rung = 0
+        self._calm = 0
+        self._batch_s = 0.0                    # EWMA of model time per batch
+        self._lock = threading.Lock()
+        self._last_change = time.monotonic()
+        M.BEAM_SCALE.set(1.0)
+
+    @property
+    def alpha(self) -> float:
+        return self.rungs[self.rung]
+
+    @property
+    def at_floor(self) -> bool:
+        return self.rung == len(self.rungs) - 1
+
+    def widths(self, levels: int, k: int = 1) -> list[int]:
+        widths = scale_widths(self.schedule, self.alpha, levels, self.min_width, k)
+        for level, w in enumerate(widths):
+            M.BEAM_WIDTH.labels(str(level)).set(w)
+        return widths
+
+    def backlog_s(self, queued: int) -> float:
+        batches = queued / max(1, self.max_batch)
+        return (batches + 1.0) * self._batch_s
+
+    def admit(self, queued: int) -> bool:
+        """May one more request join a queue of ``queued``?"""
+        if queued >= self.max_queue:
+            return False
+        if not self.dynamic or queued == 0:
+            # an empty queue always admits: refusing then would also stop the batches
+            # that keep the service-time estimate current
+            return True
+        return not (self.at_floor and self.backlog_s(queued + 1) > self.slo_s)
+
+    def observe(self, batch_size: int, batch_s: float, oldest_wait_s: float,
+                queued_after: int) -> None:
+        with self._lock:
+            a = 0.3
+            self._batch_s = batch_s if self._batch_s == 0 else (1 - a) * self._batch_s + a * batch_s
+            if not self.dynamic:
+                return
+            pressure = max(oldest_wait_s + batch_s, self.backlog_s(queued_after)) / self.slo_s
+            now = time.monotonic()
+            if pressure > self.step_down:
+                # model time scales about linearly with the widths: jump straight to the
+                # rung whose predicted pressure is back at the target
+                self._calm = 0
+                new = self.rung
+                while new < len(self.rungs) - 1 and \
+                        pressure * self.rungs[new] / self.alpha > self.target:
+                    new += 1
+                if new != self.rung:
+                    self.rung, self._last_change = new, now
+            elif self.rung > 0 and pressure * self.rungs[self.rung - 1] / self.alpha \
+                    < self.step_up and now - self._last_change > self.hold_s:
+                self._calm += 1             # predicted pressure one rung wider is still low
+                if self._calm >= self.calm_batches:
+                    self.rung -= 1
+                    self._calm = 0
+                    self._last_change = now
+            else:
+                self._calm = 0
+            M.BEAM_SCALE.set(self.alpha)

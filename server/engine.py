@@ -1,0 +1,110 @@
+"""One model call for a batch of requests: encoder once per request, constrained beam
+search over all beams of the batch at once, value heads on the final beams, slates.
+
+Runs on a worker thread (onnxruntime releases the GIL). The serving state is read
+once per batch, so every request of a batch is answered by one model version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from server.beam import beam_search, expected_value, pad_candidates, rank_slates
+from server.catalog import AdCatalog, is_servable
+from server.models import ModelManager, ServingState
+from streams.features import context_ids
+
+
+class NotReadyError(Exception):
+    """No snapshot is being served yet."""
+
+
+@dataclass(frozen=True)
+class RecRequest:
+    user_id: str
+    context: dict[str, str]
+    recent_ad_ids: list[str]
+    k: int
+
+
+@dataclass
+class RankedAd:
+    ad_id: str
+    semantic_id: list[int]
+    position: int
+    score: float              # sequence log-probability of the id under the model
+    expected_value: float
+    pctr: float
+    pcvr: float
+    bid: float
+    bid_type: str
+
+
+@dataclass
+class RecResult:
+    model_version: str
+    beam_widths: list[int]
+    ads: list[RankedAd] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, models: ModelManager, catalog: AdCatalog) -> None:
+        self.models = models
+        self.catalog = catalog
+
+    def inputs(self, state: ServingState,
+               requests: list[RecRequest]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """history [B, H, T], history_mask [B, H], context [B, C] (as the learner builds
+        them: recent ads in the order given, first H known ones, zero padding)."""
+        man, row_of = state.model.manifest, state.model.row_of
+        B, H, T = len(requests), man.history_len, man.id_len
+        history = np.zeros((B, H, T), np.int64)
+        hmask = np.zeros((B, H), np.float32)
+        context = np.zeros((B, len(man.context_features)), np.int64)
+        for b, r in enumerate(requests):
+            rows = [row_of[a] for a in r.recent_ad_ids if a in row_of][:H]
+            if rows:
+                history[b, : len(rows)] = man.ids[rows]
+                hmask[b, : len(rows)] = 1.0
+            context[b] = context_ids(r.context, man.context_features, man.context_buckets)
+        return history, hmask, context
+
+    def run(self, requests: list[RecRequest], widths_for: Any) -> list[RecResult]:
+        """``widths_for(levels, k) -> widths``; one list for the whole batch."""
+        state = self.models.state
+        if state is None:
+            raise NotReadyError("no model snapshot loaded yet")
+        man, rt, trie = state.model.manifest, state.model.runtime, state.trie
+        B = len(requests)
+        widths: list[int] = widths_for(man.id_len, max(r.k for r in requests))
+        history, hmask, context = self.inputs(state, requests)
+        memory, mmask, lower = rt.encode(history, hmask, context)
+
+        def step(req: np.ndarray, prefix: np.ndarray) -> np.ndarray:
+            return rt.step(memory[req], mmask[req], lower[req], prefix)
+
+        beams = beam_search(step, trie, B, widths)
+        results = [RecResult(state.model.version, list(widths)) for _ in requests]
+        if beams.request.shape[0] == 0:
+            return results
+        candidates, col = pad_candidates(beams, B)
+        pctr_all, pcvr_all = rt.value(memory, mmask, candidates)
+        pctr = pctr_all[beams.request, col].astype(np.float64)
+        pcvr = pcvr_all[beams.request, col].astype(np.float64)
+        ad_ids = [man.ad_ids[r] for r in beams.rows]
+        bid, kind, recs = self.catalog.bids(ad_ids)
+        ev = expected_value(bid, kind, pctr, pcvr)
+        allowed = np.fromiter((is_servable(a) for a in recs), bool, count=len(recs))
+        for b, idx in enumerate(rank_slates(beams, ev, [r.k for r in requests], allowed)):
+            for pos, i in enumerate(idx):
+                rec = recs[i]
+                assert rec is not None
+                results[b].ads.append(RankedAd(
+                    ad_id=ad_ids[i], semantic_id=[int(x) for x in beams.ids[i]], position=pos,
+                    score=float(beams.logprob[i]), expected_value=float(ev[i]),
+                    pctr=float(pctr[i]), pcvr=float(pcvr[i]), bid=float(rec.bid),
+                    bid_type=rec.bid_type))
+        return results

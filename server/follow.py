@@ -1,0 +1,125 @@
+"""Following a compacted topic from its beginning without a consumer group.
+
+The server's view of ``ads`` and ``model-updates`` is rebuilt from offset 0 at every
+start (assign + seek_to_beginning, nothing committed), then followed. A broker that
+is down delays the follower (it retries with backoff); it never stops the server.
+Undecodable records are counted in ``adloop_server_bad_records_total`` and skipped
+(they are not dead-lettered: every replica re-reads the topic at every start).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kafka import KafkaConsumer, TopicPartition
+
+from server.metrics import BAD_RECORDS
+from streams.logs import get_logger
+from streams.schemas import DecodeFailure, decode
+from streams.settings import KafkaSettings
+from streams.topics import TOPICS, Topics
+
+log = get_logger(__name__)
+
+BatchHandler = Callable[[list[tuple[bytes | None, Any]]], None]
+"""Gets ``(key, record)`` pairs in topic order; ``record`` is None for a tombstone."""
+
+
+class TopicFollower:
+    """A daemon thread: read ``topic`` from the beginning, then follow it.
+
+    ``handle`` gets each polled batch; ``on_caught_up`` runs once, after the records
+    that existed at start were handled (with those records already handled).
+    """
+
+    def __init__(self, kafka: KafkaSettings, topic: str, handle: BatchHandler,
+                 on_caught_up: Callable[[], None] | None = None,
+                 poll_timeout_ms: int = 200, name: str | None = None) -> None:
+        self.kafka = kafka
+        self.topic = topic
+        self.physical = Topics(kafka.topic_prefix).name(topic)
+        self.record_type = TOPICS[topic].record
+        self.handle = handle
+        self.on_caught_up = on_caught_up
+        self.poll_timeout_ms = poll_timeout_ms
+        self.caught_up = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name or f"follow-{topic}",
+                                        daemon=True)
+        self.error: str | None = None
+
+    def start(self) -> TopicFollower:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            consumer: KafkaConsumer | None = None
+            try:
+                consumer = self._open()
+                backoff = 0.5
+                self._follow(consumer)
+            except Exception as exc:  # broker down, topic missing, ...
+                self.error = repr(exc)
+                log.warning("follow.retry", topic=self.topic, error=repr(exc)[:300])
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                if consumer is not None:
+                    with contextlib.suppress(Exception):
+                        consumer.close(autocommit=False)
+
+    def _open(self) -> KafkaConsumer:
+        consumer = KafkaConsumer(bootstrap_servers=self.kafka.bootstrap_servers,
+                                 client_id=f"{self.kafka.client_id}-server-{self.topic}",
+                                 group_id=None, enable_auto_commit=False,
+                                 isolation_level="read_committed", fetch_max_wait_ms=100,
+                                 request_timeout_ms=15_000)
+        deadline = time.monotonic() + 10
+        parts: set[int] | None = None
+        while not parts and time.monotonic() < deadline and not self._stop.is_set():
+            parts = consumer.partitions_for_topic(self.physical)
+            if not parts:
+                time.sleep(0.2)
+        if not parts:
+            consumer.close(autocommit=False)
+            raise RuntimeError(f"topic {self.physical} has no partitions (not created?)")
+        tps = [TopicPartition(self.physical, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        return consumer
+
+    def _follow(self, consumer: KafkaConsumer) -> None:
+        tps = list(consumer.assignment())
+        ends = consumer.end_offsets(tps) if not self.caught_up.is_set() else {}
+        while not self._stop.is_set():
+            polled = consumer.poll(timeout_ms=self.poll_timeout_ms)
+            batch: list[tuple[bytes | None, Any]] = []
+            for _tp, msgs in sorted(polled.items(), key=lambda kv: kv[0].partition):
+                for msg in msgs:
+                    if msg.value is None:
+                        batch.append((msg.key, None))
+                        continue
+                    rec = decode(msg.value, self.record_type)
+                    if isinstance(rec, DecodeFailure):
+                        BAD_RECORDS.labels(self.topic, rec.reason).inc()
+                        log.warning("follow.bad_record", topic=self.topic, offset=msg.offset,
+                                    reason=rec.reason, detail=rec.detail[:200])
+                        continue
+                    batch.append((msg.key, rec))
+            if batch:
+                self.handle(batch)
+            if not self.caught_up.is_set() and all(
+                    consumer.position(tp) >= ends.get(tp, 0) for tp in tps):
+                if self.on_caught_up is not None:
+                    self.on_caught_up()
+                self.caught_up.set()

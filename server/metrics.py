@@ -1,0 +1,50 @@
+"""The serving worker's Prometheus metrics (one process-wide registry, ``adloop_server_``)."""
+
+from __future__ import annotations
+
+from streams.metrics import counter, gauge, histogram
+
+REQUESTS = counter("adloop_server_requests_total", "HTTP requests to /v1/recommend by status code.",
+                   ("code",))
+REQUEST_SECONDS = histogram("adloop_server_request_duration_seconds",
+                            "Time from request arrival to response, /v1/recommend.")
+QUEUE_SECONDS = histogram("adloop_server_queue_wait_seconds",
+                          "Time a request waited for its batch to start.")
+BATCH_SIZE = histogram("adloop_server_batch_size", "Requests per model call.",
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+BATCH_SECONDS = histogram("adloop_server_batch_duration_seconds",
+                          "Model time per batch (encoder, beam search, value heads).")
+QUEUE_DEPTH = gauge("adloop_server_queue_depth", "Requests waiting for a batch.")
+BEAM_WIDTH = gauge("adloop_server_beam_width", "Beam width in use per id level.", ("level",))
+BEAM_SCALE = gauge("adloop_server_beam_scale_ratio",
+                   "Load controller's beam scale alpha in (0, 1].")
+REQUEST_BEAM_WIDTH = histogram("adloop_server_request_beam_width",
+                               "Beam width used per request and level.", ("level",),
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+SHED = counter("adloop_server_shed_total",
+               "Requests refused with 429 (narrowest beams could not hold the SLO).")
+IMPRESSIONS = counter("adloop_server_impressions_produced_total",
+                      "Impressions acknowledged by Kafka.")
+IMPRESSIONS_DROPPED = counter("adloop_server_impressions_dropped_total",
+                              "Impressions not logged: buffer overflow or produce failure.",
+                              ("reason",))
+IMPRESSION_BUFFER = gauge("adloop_server_impression_buffer_records",
+                          "Impressions waiting to be produced.")
+SWAPS = counter("adloop_server_swaps_total",
+                "Snapshot loads by result (ok, rollback, or the failed step).", ("result",))
+LOAD_SECONDS = histogram("adloop_server_snapshot_load_seconds",
+                         "Fetch + verify + load + warm-up + parity of one snapshot.",
+                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+MODEL_INFO = gauge("adloop_server_model_version_info",
+                   "1 for the serving version, 0 for other kept versions.", ("version",))
+PROVIDER_INFO = gauge("adloop_server_provider_info",
+                      "1 for the onnxruntime execution provider in use.", ("provider",))
+WATERMARK = gauge("adloop_server_snapshot_data_watermark_timestamp_seconds",
+                  "Newest event time the serving snapshot was trained on.")
+SWAP_TIME = gauge("adloop_server_model_swap_timestamp_seconds",
+                  "Wall-clock time of the last model swap.")
+SERVABLE_ADS = gauge("adloop_server_servable_ads", "Ads in the serving trie.")
+CATALOG_ADS = gauge("adloop_server_catalog_ads", "Ads known from the ads topic.")
+BAD_RECORDS = counter("adloop_server_bad_records_total",
+                      "Undecodable records skipped by the server's followers.",
+                      ("topic", "reason"))

@@ -1,0 +1,355 @@
+"""Serving versions: load, verify, warm up, swap, roll back.
+
+One immutable :class:`ServingState` (model + trie of servable ads) is what every
+batch reads, through a single reference that writers replace atomically. A new
+version goes through these steps, each with its own failure name (the ``result``
+label of ``adloop_server_swaps_total``); any failure keeps the old state:
+
+1. fetch ``manifest.json`` and its files into the local cache, verifying the
+   manifest's sha256 (from ``model-updates``) and every file's sha256   (fetch, checksum, manifest)
+2. load the three onnxruntime sessions beside the serving ones            (load)
+3. warm up: a beam search over the whole id table; every output must be finite (warmup, nan)
+4. run the manifest's parity inputs and compare with its references          (parity)
+5. build the trie of servable ads for the new id table, swap the reference, and drop
+   the old state (its sessions are freed once no in-flight batch holds them).
+
+The last ``keep_versions`` verified versions stay in the cache for rollback; a
+rollback re-verifies the cached files and goes through steps 2-5 again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server import metrics as M
+from server.beam import beam_search
+from server.catalog import AdCatalog
+from server.runtime import ModelRuntime, Provider, check_parity
+from server.snapshot import Manifest, SnapshotRejectedError, fetch_snapshot, verify_local
+from server.trie import Trie, build_trie, sort_ids
+from streams.logs import get_logger
+from streams.schemas import ModelUpdate
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    version: str
+    manifest: Manifest
+    runtime: ModelRuntime
+    directory: Path
+    update: ModelUpdate | None
+    order: np.ndarray                       # lexicographic order of manifest.ids
+    row_of: dict[str, int]
+    loaded_at: float
+
+    @property
+    def data_watermark(self) -> float | None:
+        return self.update.data_watermark if self.update is not None else None
+
+
+@dataclass(frozen=True)
+class ServingState:
+    model: LoadedModel
+    trie: Trie
+    catalog_generation: int
+
+
+@dataclass
+class VersionInfo:
+    version: str
+    update: ModelUpdate | None
+    directory: Path | None = None
+    status: str = "seen"            # seen | serving | kept | failed
+    detail: str = ""
+    loaded_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelManager:
+    """Owns the serving reference and the kept versions."""
+
+    def __init__(self, catalog: AdCatalog, provider: Provider, cache_dir: Path,
+                 keep_versions: int = 3, intra_op_threads: int = 0, device_id: int = 0,
+                 warmup_widths: list[int] | None = None) -> None:
+        self.catalog = catalog
+        self.provider = provider
+        self.cache_dir = Path(cache_dir)
+        self.keep_versions = keep_versions
+        self.intra_op_threads = intra_op_threads
+        self.device_id = device_id
+        self.warmup_widths = warmup_widths or [8]
+        self.state: ServingState | None = None
+        self.versions: OrderedDict[str, VersionInfo] = OrderedDict()
+        self._lock = threading.RLock()       # writers only; readers use self.state
+        self.history: list[str] = []         # versions in the order they started serving
+        M.PROVIDER_INFO.labels(provider.ort_name).set(1)
+
+    # -- the read side ---------------------------------------------------------------
+    @property
+    def version(self) -> str | None:
+        s = self.state
+        return s.model.version if s is not None else None
+
+    # -- loading ---------------------------------------------------------------------
+    def apply_update(self, update: ModelUpdate) -> str:
+        """Load and swap to ``update``; returns the result (``ok`` or the failed step)."""
+        if self.version == update.version:
+            return "ok"
+        info = self.versions.get(update.version) or VersionInfo(update.version, update)
+        self.versions[update.version] = info
+        self.versions.move_to_end(update.version)
+        started = time.perf_counter()
+        try:
+            directory, manifest = fetch_snapshot(update.uri, update.sha256, self.cache_dir,
+                                                 update.version)
+        except SnapshotRejectedError as exc:
+            return self._failed(info, exc, started)
+        info.directory = directory
+        return self._load_and_swap(info, directory, manifest, update, started)
+
+    def load_directory(self, directory: Path) -> str:
+        """Serve a local snapshot directory (``--snapshot``); its files are verified
+        against its own manifest."""
+        started = time.perf_counter()
+        try:
+            local, manifest = fetch_snapshot(str(directory), None, self.cache_dir)
+        except SnapshotRejectedError as exc:
+            info = VersionInfo(str(directory), None)
+            return self._failed(info, exc, started)
+        info = self.versions.get(manifest.version) or VersionInfo(manifest.version, None)
+        self.versions[manifest.version] = info
+        info.directory = local
+        return self._load_and_swap(info, local, manifest, None, started)
+
+    def start_from(self, updates: list[ModelUpdate]) -> str | None:
+        """At start: serve the newest update that passes, trying older ones after it;
+        the ones before it are fetched and verified as rollback candidates."""
+        serving: str | None = None
+        older: list[ModelUpdate] = []
+        for i in range(len(updates) - 1, -1, -1):
+            if self.apply_update(updates[i]) == "ok":
+                serving, older = updates[i].version, updates[:i]
+                break
+        candidates = [u for u in older if u.version != serving][-(self.keep_versions - 1):] \
+            if self.keep_versions > 1 else []
+        for update in candidates:
+            self.prefetch(update)
+        return serving
+
+    def prefetch(self, update: ModelUpdate) -> bool:
+        """Fetch and verify checksums of a version without serving it (a rollback
+        candidate; loading, warm-up and parity run when it is rolled back to)."""
+        with self._lock:
+            info = self.versions.get(update.version) or VersionInfo(update.version, update)
+            try:
+                directory, _ = fetch_snapshot(update.uri, update.sha256, self.cache_dir,
+                                              update.version)
+            except SnapshotRejectedError as exc:
+                info.status, info.detail = "failed", str(exc)[:500]
+                self.versions[update.version] = info
+                return False
+            info.directory, info.status = directory, "kept"
+            self.versions[update.version] = info
+            self.versions.move_to_end(update.version, last=False)
+            if update.version not in self.history:
+                self.history.insert(max(0, len(self.history) - 1), update.version)
+            return True
+
+    def rollback(self, version: str | None = None) -> tuple[str, str]:
+        """Serve a kept version again (default: the one served before the current one).
+        Returns (result, version)."""
+        with self._lock:
+            current = self.version
+            if version is None:
+                prior = [v for v in reversed(self.history) if v != current
+                         and v in self.versions and self.versions[v].status == "kept"]
+                if not prior:
+                    return "no_candidate", ""
+                version = prior[0]
+            info = self.versions.get(version)
+            if info is None or info.directory is None or info.status not in ("kept", "serving"):
+                return "no_candidate", version
+            if version == current:
+                return "ok", version
+            started = time.perf_counter()
+            try:
+                manifest = verify_local(info.directory,
+                                        info.update.sha256 if info.update else None)
+            except (SnapshotRejectedError, OSError) as exc:
+                err = exc if isinstance(exc, SnapshotRejectedError) else \
+                    SnapshotRejectedError("checksum", repr(exc))
+                return self._failed(info, err, started), version
+            result = self._load_and_swap(info, info.directory, manifest, info.update, started,
+                                         ok_label="rollback")
+            return ("ok" if result == "rollback" else result), version
+
+    def _load_and_swap(self, info: VersionInfo, directory: Path, manifest: Manifest,
+                       update: ModelUpdate | None, started: float,
+                       ok_label: str = "ok") -> str:
+        with self._lock:
+            try:
+                model = self._load(directory, manifest, update)
+            except SnapshotRejectedError as exc:
+                return self._failed(info, exc, started)
+            old = self.state
+            generation = self.catalog.generation     # read before the mask: never newer
+            trie = self._build_trie(model)
+            self.state = ServingState(model, trie, generation)   # the swap
+            if old is not None:
+                old_info = self.versions.get(old.model.version)
+                if old_info is not None and old_info.status == "serving":
+                    old_info.status = "kept"
+                M.MODEL_INFO.labels(old.model.version).set(0)
+            del old   # in-flight batches keep their own reference until they finish
+            info.status, info.detail, info.loaded_at = "serving", "", time.time()
+            self.history.append(model.version)
+            self._evict()
+            elapsed = time.perf_counter() - started
+            M.SWAPS.labels(ok_label).inc()
+            M.LOAD_SECONDS.observe(elapsed)
+            M.MODEL_INFO.labels(model.version).set(1)
+            M.SWAP_TIME.set(time.time())
+            if model.data_watermark is not None:
+                M.WATERMARK.set(model.data_watermark)
+            M.SERVABLE_ADS.set(trie.n_ads)
+            log.info("model.swapped", version=model.version, result=ok_label,
+                     seconds=round(elapsed, 3), servable=trie.n_ads)
+            return ok_label
+
+    def _failed(self, info: VersionInfo, exc: SnapshotRejectedError, started: float) -> str:
+        if info.status != "serving":
+            info.status, info.detail = "failed", str(exc)[:500]
+            if info.directory is not None:
+                shutil.rmtree(info.directory, ignore_errors=True)
+                info.directory = None
+        M.SWAPS.labels(exc.step).inc()
+        M.LOAD_SECONDS.observe(time.perf_counter() - started)
+        log.warning("model.rejected", version=info.version, step=exc.step,
+                    detail=exc.detail[:300], serving=self.version)
+        self._evict()
+        return exc.step
+
+    def _load(self, directory: Path, manifest: Manifest,
+              update: ModelUpdate | None) -> LoadedModel:
+        try:
+            runtime = ModelRuntime(directory, self.provider, self.intra_op_threads,
+                                   self.device_id)
+        except Exception as exc:
+            raise SnapshotRejectedError("load", repr(exc)[:500]) from None
+        order = sort_ids(manifest.ids)
+        model = LoadedModel(manifest.version, manifest, runtime, directory, update, order,
+                            {a: i for i, a in enumerate(manifest.ad_ids)}, time.time())
+        self._warm_up(model)
+        try:
+            check_parity(runtime, manifest.parity)
+        except ValueError as exc:
+            raise SnapshotRejectedError("parity", str(exc)) from None
+        except Exception as exc:
+            raise SnapshotRejectedError("parity", repr(exc)[:500]) from None
+        return model
+
+    def _warm_up(self, model: LoadedModel) -> None:
+        """A real beam search for two requests over every id; all outputs finite."""
+        man, rt = model.manifest, model.runtime
+        T, H, C = man.id_len, man.history_len, len(man.context_features)
+        B = 2
+        history = np.zeros((B, H, T), np.int64)
+        hmask = np.zeros((B, H), np.float32)
+        n = min(H, len(man.ad_ids))
+        if n:
+            history[0, :n] = man.ids[:n]
+            hmask[0, :n] = 1
+        context = np.zeros((B, C), np.int64)
+        context[0] = np.arange(1, C + 1) % max(2, man.context_buckets)
+
+        def finite(name: str, *arrays: np.ndarray) -> None:
+            for a in arrays:
+                if not np.isfinite(a).all():
+                    raise SnapshotRejectedError("nan", f"{name} produced non-finite values in "
+                                           "warm-up")
+        try:
+            memory, mmask, lower = rt.encode(history, hmask, context)
+            finite("encoder", memory, mmask, lower)
+
+            def step(req: np.ndarray, prefix: np.ndarray) -> np.ndarray:
+                logits = rt.step(memory[req], mmask[req], lower[req], prefix)
+                finite("decoder_step", logits)
+                return logits
+
+            trie = build_trie(man.ids, model.order, np.ones(len(man.ad_ids), bool),
+                              man.level_sizes)
+            widths = (self.warmup_widths * T)[:T] if len(self.warmup_widths) < T \
+                else self.warmup_widths[:T]
+            beams = beam_search(step, trie, B, widths)
+            cand = (man.ids[:4] if len(man.ad_ids) else np.zeros((1, T), np.int64))
+            pctr, pcvr = rt.value(memory, mmask, np.stack([cand] * B))
+            finite("value", pctr, pcvr)
+            if len(man.ad_ids) and beams.request.shape[0] == 0:
+                raise SnapshotRejectedError("warmup", "beam search found no ids")
+        except SnapshotRejectedError:
+            raise
+        except Exception as exc:
+            raise SnapshotRejectedError("warmup", repr(exc)[:500]) from None
+
+    # -- the catalog side ------------------------------------------------------------
+    def _build_trie(self, model: LoadedModel) -> Trie:
+        mask = self.catalog.servable_mask(model.manifest.ad_ids)
+        return build_trie(model.manifest.ids, model.order, mask, model.manifest.level_sizes)
+
+    def on_catalog_change(self) -> None:
+        """Rebuild the trie for the serving model and swap the state reference."""
+        with self._lock:
+            state = self.state
+            if state is None or state.catalog_generation == self.catalog.generation:
+                return
+            gen = self.catalog.generation
+            trie = self._build_trie(state.model)
+            self.state = ServingState(state.model, trie, gen)
+            M.SERVABLE_ADS.set(trie.n_ads)
+
+    # -- bookkeeping -----------------------------------------------------------------
+    def _evict(self) -> None:
+        """Keep ``keep_versions`` verified versions (and a bounded list of failures)."""
+        kept = [v for v, i in self.versions.items() if i.status in ("kept", "serving")]
+        for v in kept[: max(0, len(kept) - self.keep_versions)]:
+            info = self.versions[v]
+            if info.status == "serving":
+                continue
+            info.status = "evicted"
+            with contextlib.suppress(KeyError):
+                M.MODEL_INFO.remove(v)
+            if info.directory is not None:
+                shutil.rmtree(info.directory, ignore_errors=True)
+                info.directory = None
+        stale = [v for v, i in self.versions.items() if i.status in ("failed", "evicted",
+                                                                       "seen")]
+        for v in stale[: max(0, len(stale) - 2 * self.keep_versions)]:
+            info = self.versions.pop(v)
+            if info.directory is not None and info.status != "serving":
+                shutil.rmtree(info.directory, ignore_errors=True)
+        if len(self.history) > 4 * self.keep_versions:
+            del self.history[: len(self.history) - 4 * self.keep_versions]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "serving": self.version,
+            "provider": self.provider.name,
+            "versions": [
+                {"version": i.version, "status": i.status, "detail": i.detail,
+                 "loaded_at": i.loaded_at,
+                 "data_watermark": i.update.data_watermark if i.update else None,
+                 "uri": i.update.uri if i.update else None}
+                for i in self.versions.values()],
+        }
+

@@ -1,0 +1,75 @@
+"""Settings of ``adloop serve`` (env ``ADLOOP_SERVER_*``, flags ``--name``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streams.settings import cache_dir
+
+
+def _default_server_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class ServerSettings(BaseSettings):
+    """Everything the serving worker can be told. Kafka comes from ``KafkaSettings``."""
+
+    model_config = SettingsConfigDict(env_prefix="ADLOOP_SERVER_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="HTTP listen address")
+    port: int = Field(8080, description="HTTP port (0 = any free port)")
+    server_id: str = Field(default_factory=_default_server_id,
+                           description="written on every impression")
+    model_name: str = Field("adloop", description="model-updates records of this name are served")
+    snapshot: Path | None = Field(None, description="load this snapshot directory at start "
+                                  "(before/besides following model-updates)")
+    follow_model_updates: bool = Field(True, description="follow the model-updates topic")
+    cache_dir: Path = Field(default_factory=lambda: cache_dir() / "server-snapshots",
+                            description="local copies of fetched snapshots")
+    keep_versions: int = Field(3, ge=1, description="versions kept for rollback")
+
+    # execution
+    provider: str = Field("auto", description="auto | cpu | cuda")
+    cuda_device_id: int = Field(0, description="CUDA device for the cuda provider")
+    intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0 = auto)")
+    workers: int = Field(1, ge=1, description="model-execution threads (one batch each)")
+
+    # batching and dynamic beams
+    max_batch_size: int = Field(16, ge=1, description="requests per model call at most")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill up")
+    beam_schedule: str = Field("16,16,8", description="base beam width per id level, "
+                               "comma separated; the last value repeats for deeper levels")
+    min_beam_width: int = Field(1, ge=1, description="no level goes below this width")
+    dynamic_beams: bool = Field(True, description="scale beams with load (else fixed widths)")
+    alpha_min: float = Field(0.125, gt=0, le=1, description="smallest beam scale")
+    slo_ms: float = Field(50.0, gt=0, description="latency target inside the server")
+    max_queue: int = Field(2048, ge=1, description="queued requests beyond this get 429")
+
+    # request limits
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="request bodies above get 413")
+
+    # impressions
+    log_impressions: bool = Field(True, description="produce an impression per served slate")
+    impression_buffer: int = Field(10_000, ge=1, description="impressions waiting for Kafka")
+
+    # admin
+    admin_token: str | None = Field(None, description="bearer token for /v1/models*; "
+                                    "unset = admin endpoints disabled")
+
+    def schedule(self) -> list[int]:
+        return parse_schedule(self.beam_schedule)
+
+
+def parse_schedule(text: str) -> list[int]:
+    try:
+        widths = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f"beam schedule {text!r} must be comma-separated integers") from None
+    if not widths or min(widths) < 1:
+        raise ValueError(f"beam schedule {text!r} needs at least one width >= 1")
+    return widths
