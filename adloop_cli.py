@@ -29,7 +29,7 @@ def _register_optional() -> None:
         "pretrain": ("learner.pretrain", "offline VSL + MTP pretraining from logged events"),
         "export": ("learner.export", "export a checkpoint to an ONNX snapshot"),
         "evaluate": ("learner.evaluate", "offline recall@K / value-NDCG@K of beam search"),
-        "join": ("streams.joiner", "the faust joiner: impressions ⋈ clicks ⋈ conversions"),
+        "join": ("streams.joiner", "the joiner: impressions ⋈ clicks ⋈ conversions → feedback"),
         "learn": ("learner.online", "the continuous RSPO learner"),
         "serve": ("server.app", "the serving worker (HTTP API, ONNX Runtime)"),
         "replay": ("streams.replay", "replay simulated or recorded traffic"),

@@ -1,0 +1,567 @@
+"""The joiner's state machine: impressions ⋈ clicks ⋈ conversions → feedback lists.
+
+Pure logic, no Kafka: :class:`JoinCore` reads and writes a ``MutableMapping[bytes, bytes]``
+(the changelog-backed store in production, a dict in unit tests) and returns what to emit
+and what to dead-letter. :mod:`streams.joiner` owns the Kafka I/O and the commit protocol.
+
+Event time drives everything. Per source partition:
+
+* ``watermark = min over input topics that still have unread records of the max event
+  time seen on that topic - out_of_orderness_s`` (a topic read to its end does not hold
+  the watermark back; when every topic is caught up the max over all is used). It never
+  decreases.
+* Emission checks run when the watermark crosses a multiple of ``emit_every_s`` and right
+  after a click/conversion changed a request whose provisional list is out; at a check,
+  every request whose provisional time (impression + observation window) or final time
+  (impression + attribution window) has passed is emitted, and so is a correction for
+  every request whose rewards changed since its last emitted list.
+
+State per request id (the table key) is a :class:`RequestState`; it lives until
+``impression + attribution window + dedup_retention_s`` (then a tombstone), so its size is
+bounded by the attribution window.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Iterator, MutableMapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import msgspec
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streams.schemas import (
+    Click,
+    Conversion,
+    DecodeFailure,
+    DlqReason,
+    Feedback,
+    FeedbackItem,
+    FeedbackKind,
+    Impression,
+    decode,
+)
+
+INPUT_TOPICS = ("impressions", "clicks", "conversions")
+"""Logical input topics, co-partitioned by user id and read by one agent."""
+
+META_PREFIX = b"\x00meta/"
+"""Table keys of per-partition metadata (request ids never start with NUL)."""
+
+
+class JoinSettings(BaseSettings):
+    """Settings of ``adloop join`` (env ``ADLOOP_JOIN_<NAME>``). Windows are event-time seconds."""
+
+    model_config = SettingsConfigDict(env_prefix="ADLOOP_JOIN_", extra="ignore")
+
+    observation_window_s: float = Field(
+        300.0, description="event seconds after an impression until the provisional list")
+    attribution_window_s: float = Field(
+        3600.0, description="event seconds after an impression in which clicks and "
+        "conversions count; the final list is emitted when it closes")
+    out_of_orderness_s: float = Field(
+        30.0, description="allowed event-time disorder: watermark = max event time - this")
+    orphan_grace_s: float = Field(
+        600.0, description="event seconds a click/conversion waits for its impression "
+        "before it is dead-lettered as orphan")
+    dedup_retention_s: float = Field(
+        600.0, description="event seconds a finished request's ids are kept after the "
+        "final list, so that re-delivered events are recognised as duplicates")
+    emit_every_s: float = Field(
+        1.0, description="emission checks run when the watermark crosses a multiple of this")
+    app_id: str = Field("adloop-joiner", description="consumer group and changelog name "
+                        "(the topic prefix is prepended)")
+    metrics_port: int = Field(9464, description="port of /metrics /healthz /readyz (0 = any)")
+    metrics_host: str = Field("127.0.0.1", description="address of the metrics endpoint")
+    commit_interval_s: float = Field(1.0, description="commit protocol interval (wall s)")
+    commit_every_records: int = Field(20_000, description="also commit after this many records")
+    session_timeout_s: float = Field(10.0, description="consumer group session timeout")
+    max_record_bytes: int = Field(256 * 1024, description="larger records are dead-lettered")
+
+    def model_post_init(self, _ctx: object) -> None:
+        if not 0 < self.observation_window_s <= self.attribution_window_s:
+            raise ValueError("need 0 < observation_window_s <= attribution_window_s")
+        if self.out_of_orderness_s < 0 or self.emit_every_s <= 0 or self.orphan_grace_s < 0:
+            raise ValueError("out_of_orderness_s, orphan_grace_s >= 0 and emit_every_s > 0")
+
+
+# --- state records -----------------------------------------------------------------------
+
+class HeldEvent(msgspec.Struct, kw_only=True):
+    """A click/conversion waiting for its impression (orphan candidate)."""
+
+    topic: str
+    partition: int
+    offset: int
+    raw: bytes
+    key: bytes | None = None
+
+
+class RequestState(msgspec.Struct, kw_only=True):
+    """Everything the joiner knows about one request id."""
+
+    request_id: str
+    user_id: str
+    partition: int
+    impression: Impression | None = None
+    clicks: dict[str, str] = {}
+    """Applied click event id -> ad id."""
+    conversions: dict[str, tuple[str, float]] = {}
+    """Applied conversion event id -> (ad id, value)."""
+    held: list[HeldEvent] = []
+    held_since: float = 0.0
+    """Earliest event time among ``held`` (orphan grace runs from here)."""
+    revision: int = -1
+    """Last emitted revision (-1: nothing emitted yet)."""
+    provisional_sent: bool = False
+    final_sent: bool = False
+    emitted_sig: str = ""
+    """Signature of the rewards in the last emitted list (a correction is due if it differs)."""
+
+
+class PartitionMeta(msgspec.Struct, kw_only=True):
+    """Per source partition: watermark and the feedback offset known to be marked."""
+
+    watermark: float = float("-inf")
+    next_check: float = float("-inf")
+    feedback_offset: int = -1
+    """Every feedback record at or below this offset has its mark in the table (lists after
+    it are read back from ``feedback`` on restart: :meth:`JoinCore.reconcile`)."""
+
+
+_state_dec = msgspec.json.Decoder(RequestState)
+_meta_dec = msgspec.json.Decoder(PartitionMeta)
+_enc = msgspec.json.Encoder()
+
+
+def meta_key(partition: int) -> bytes:
+    return META_PREFIX + str(partition).encode()
+
+
+# --- rewards -------------------------------------------------------------------------------
+
+def feedback_items(state: RequestState) -> list[FeedbackItem]:
+    """Per slate item: clicked / converted / value and the reward by bid type.
+
+    * cpc: ``bid`` if the item was clicked, else 0;
+    * cpa: ``bid`` if the item converted (a conversion attributed to this request and ad);
+    * cpm: ``bid / 1000`` for the impression, whatever the user did.
+
+    ``conversion_value`` is the sum of the advertiser values of the item's conversions.
+    """
+    assert state.impression is not None
+    clicked = set(state.clicks.values())
+    values: dict[str, float] = {}
+    for ad_id, value in state.conversions.values():
+        values[ad_id] = values.get(ad_id, 0.0) + value
+    items = []
+    for it in state.impression.slate:
+        c = it.ad_id in clicked
+        v = it.ad_id in values
+        if it.bid_type == "cpc":
+            reward = it.bid if c else 0.0
+        elif it.bid_type == "cpa":
+            reward = it.bid if v else 0.0
+        else:
+            reward = it.bid / 1000.0
+        items.append(FeedbackItem(
+            ad_id=it.ad_id, semantic_id=it.semantic_id, position=it.position, score=it.score,
+            bid=it.bid, bid_type=it.bid_type, clicked=c, converted=v,
+            conversion_value=round(values.get(it.ad_id, 0.0), 9), reward=reward))
+    return items
+
+
+def items_signature(items: Iterable[FeedbackItem]) -> str:
+    return ";".join(f"{i.ad_id}:{int(i.clicked)}{int(i.converted)}:{i.conversion_value!r}"
+                    for i in items)
+
+
+# --- results ---------------------------------------------------------------------------------
+
+@dataclass
+class Rejected:
+    """A record to dead-letter."""
+
+    topic: str
+    partition: int
+    offset: int
+    reason: DlqReason
+    detail: str
+    raw: bytes
+    key: bytes | None
+
+
+@dataclass
+class Step:
+    """What one input record caused."""
+
+    emissions: list[Feedback] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    outcome: str = "applied"
+    """applied | held | duplicate | late | orphan | invalid (for metrics)."""
+
+
+Due = Literal["provisional", "final", "orphan", "expire"]
+
+
+@dataclass
+class _Partition:
+    meta: PartitionMeta
+    heap: list[tuple[float, str, str]] = field(default_factory=list)
+    dirty: set[str] = field(default_factory=set)
+    max_seen: dict[str, float] = field(default_factory=dict)
+
+
+class JoinCore:
+    """The join state machine over a key-value store of encoded :class:`RequestState`."""
+
+    def __init__(self, settings: JoinSettings, store: MutableMapping[bytes, bytes]) -> None:
+        self.s = settings
+        self.store = store
+        self.parts: dict[int, _Partition] = {}
+        self.emitted_before: dict[str, Feedback] = {}
+        """Lists found on ``feedback`` (reconcile) for requests the table does not hold yet:
+        applied when the re-delivered impression recreates the state."""
+
+    # -- store helpers -----------------------------------------------------------------
+    def get(self, request_id: str) -> RequestState | None:
+        raw = self.store.get(request_id.encode())
+        return None if raw is None else _state_dec.decode(raw)
+
+    def put(self, st: RequestState) -> None:
+        self.store[st.request_id.encode()] = _enc.encode(st)
+
+    def delete(self, request_id: str) -> None:
+        key = request_id.encode()
+        if key in self.store:
+            del self.store[key]
+
+    def save_meta(self, partition: int) -> None:
+        self.store[meta_key(partition)] = _enc.encode(self.parts[partition].meta)
+
+    def states(self) -> Iterator[RequestState]:
+        for k, v in list(self.store.items()):
+            if not k.startswith(META_PREFIX):
+                yield _state_dec.decode(v)
+
+    # -- partitions ----------------------------------------------------------------------
+    def loaded(self, partition: int) -> bool:
+        return partition in self.parts
+
+    def forget_partition(self, partition: int) -> None:
+        """Drop a revoked partition's in-memory index (the store evicts its keys)."""
+        self.parts.pop(partition, None)
+
+    def load_partition(self, partition: int) -> PartitionMeta:
+        """Rebuild the deadline heap of ``partition`` from the table; return its metadata."""
+        raw = self.store.get(meta_key(partition))
+        meta = _meta_dec.decode(raw) if raw is not None else PartitionMeta()
+        part = _Partition(meta)
+        self.parts[partition] = part
+        for st in self.states():
+            if st.partition == partition:
+                self._schedule(part, st)
+                if (st.provisional_sent and not st.final_sent and st.impression is not None
+                        and items_signature(feedback_items(st)) != st.emitted_sig):
+                    part.dirty.add(st.request_id)  # a correction was due when we stopped
+        return meta
+
+    def reconcile(self, partition: int, emitted: Iterable[tuple[int, Feedback]]) -> int:
+        """Mark feedback found on the output topic after ``meta.feedback_offset``.
+
+        A crash between a feedback record's ack and its mark reaching the changelog leaves
+        a record whose mark is missing; this re-applies those marks so the restarted joiner
+        never emits a second list with the same revision. Returns how many were marked.
+        """
+        part = self.parts[partition]
+        n = 0
+        for offset, fb in emitted:
+            st = self.get(fb.request_id)
+            if st is None or st.impression is None:
+                # the state never reached the changelog: remember the list until the
+                # re-delivered impression recreates it
+                prev = self.emitted_before.get(fb.request_id)
+                if prev is None or fb.revision > prev.revision:
+                    self.emitted_before[fb.request_id] = fb
+                    n += 1
+            elif fb.revision > st.revision:
+                self._mark(st, fb)
+                self.put(st)
+                if fb.kind == "final":
+                    self._schedule_expiry(part, st)
+                n += 1
+            part.meta.feedback_offset = max(part.meta.feedback_offset, offset)
+        if n:
+            self.save_meta(partition)
+        return n
+
+    def _schedule(self, part: _Partition, st: RequestState) -> None:
+        imp = st.impression
+        if imp is None:
+            if st.held:
+                heapq.heappush(part.heap, (st.held_since + self.s.orphan_grace_s,
+                                           st.request_id, "orphan"))
+            return
+        t0 = imp.event_time
+        if not st.provisional_sent:
+            heapq.heappush(part.heap, (t0 + self.s.observation_window_s, st.request_id,
+                                       "provisional"))
+        if not st.final_sent:
+            heapq.heappush(part.heap, (t0 + self.s.attribution_window_s, st.request_id,
+                                       "final"))
+        else:
+            self._schedule_expiry(part, st)
+
+    def _schedule_expiry(self, part: _Partition, st: RequestState) -> None:
+        assert st.impression is not None
+        due = st.impression.event_time + self.s.attribution_window_s + self.s.dedup_retention_s
+        heapq.heappush(part.heap, (due, st.request_id, "expire"))
+
+    # -- the per-record step -------------------------------------------------------------
+    def on_record(self, topic: str, partition: int, offset: int, key: bytes | None,
+                  raw: bytes | None, caught_up: dict[str, bool]) -> Step:
+        """Decode and apply one input record, advance the watermark, collect emissions.
+
+        ``caught_up[topic]`` says whether that topic's partition has no unread records
+        (so it does not hold the watermark back).
+        """
+        part = self.parts[partition]
+        step = Step()
+        record = decode(raw, _RECORD_TYPES[topic], self.s.max_record_bytes)
+        if isinstance(record, DecodeFailure):
+            step.rejected.append(Rejected(topic, partition, offset, record.reason,
+                                          record.detail, raw or b"", key))
+            step.outcome = "invalid"
+        else:
+            prev = part.max_seen.get(topic, float("-inf"))
+            part.max_seen[topic] = max(prev, record.event_time)
+            wm = part.meta.watermark
+            if isinstance(record, Impression):
+                step.outcome = self._on_impression(part, record, topic, partition, offset,
+                                                   raw or b"", key, step, wm)
+            else:
+                step.outcome = self._on_action(part, record, topic, partition, offset,
+                                               raw or b"", key, step, wm)
+        self._advance(part, partition, caught_up, step)
+        return step
+
+    def _on_impression(self, part: _Partition, imp: Impression, topic: str, partition: int,
+                       offset: int, raw: bytes, key: bytes | None, step: Step, wm: float) -> str:
+        st = self.get(imp.request_id)
+        if st is not None and st.impression is not None:
+            return "duplicate"
+        if imp.event_time + self.s.attribution_window_s <= wm:
+            step.rejected.append(Rejected(
+                topic, partition, offset, "late",
+                f"impression at {imp.event_time} but watermark {wm} is past its "
+                f"attribution window ({self.s.attribution_window_s}s)", raw, key))
+            return "late"
+        held = st.held if st is not None else []
+        st = RequestState(request_id=imp.request_id, user_id=imp.user_id,
+                          partition=partition, impression=imp)
+        for h in held:  # the orphans waiting for this impression
+            rec = decode(h.raw, _RECORD_TYPES[h.topic], 1 << 30)
+            if isinstance(rec, Click | Conversion):
+                self._apply(st, rec, h.topic, h.partition, h.offset, h.raw, h.key, step, wm)
+        before = self.emitted_before.pop(imp.request_id, None)
+        if before is not None:  # emitted before a crash whose state was lost
+            self._mark(st, before)
+        self.put(st)
+        self._schedule(part, st)
+        return "applied"
+
+    def _on_action(self, part: _Partition, ev: Click | Conversion, topic: str, partition: int,
+                   offset: int, raw: bytes, key: bytes | None, step: Step, wm: float) -> str:
+        st = self.get(ev.request_id)
+        if st is None or st.impression is None:
+            if st is not None and any(h.topic == topic and h.offset == offset for h in st.held):
+                return "duplicate"
+            if ev.event_time + self.s.orphan_grace_s <= wm:
+                step.rejected.append(Rejected(
+                    topic, partition, offset, "orphan",
+                    f"no impression for request {ev.request_id} and watermark {wm} is past "
+                    f"the orphan grace period", raw, key))
+                return "orphan"
+            if st is None:
+                st = RequestState(request_id=ev.request_id, user_id=ev.user_id,
+                                  partition=partition, held_since=ev.event_time)
+            st.held.append(HeldEvent(topic=topic, partition=partition, offset=offset, raw=raw,
+                                     key=key))
+            first = len(st.held) == 1
+            st.held_since = ev.event_time if first else min(st.held_since, ev.event_time)
+            self.put(st)
+            if first:
+                heapq.heappush(part.heap, (st.held_since + self.s.orphan_grace_s,
+                                           st.request_id, "orphan"))
+            return "held"
+        outcome = self._apply(st, ev, topic, partition, offset, raw, key, step, wm)
+        if outcome == "applied":
+            self.put(st)
+            if st.provisional_sent:
+                part.dirty.add(st.request_id)
+        return outcome
+
+    def _apply(self, st: RequestState, ev: Click | Conversion, topic: str, partition: int,
+               offset: int, raw: bytes, key: bytes | None, step: Step, wm: float) -> str:
+        """Apply one click/conversion to a request that has its impression (no store write)."""
+        assert st.impression is not None
+        if ev.event_id in st.clicks or ev.event_id in st.conversions:
+            return "duplicate"
+        t0 = st.impression.event_time
+        if st.final_sent or ev.event_time > t0 + self.s.attribution_window_s:
+            step.rejected.append(Rejected(
+                topic, partition, offset, "late",
+                f"{topic[:-1]} at {ev.event_time} is outside the attribution window "
+                f"[{t0}, {t0 + self.s.attribution_window_s}] of request {ev.request_id}"
+                + (" (final already emitted)" if st.final_sent else ""), raw, key))
+            return "late"
+        if not any(it.ad_id == ev.ad_id for it in st.impression.slate):
+            step.rejected.append(Rejected(
+                topic, partition, offset, "orphan",
+                f"ad {ev.ad_id} was not shown in request {ev.request_id}", raw, key))
+            return "orphan"
+        if isinstance(ev, Click):
+            st.clicks[ev.event_id] = ev.ad_id
+        else:
+            st.conversions[ev.event_id] = (ev.ad_id, ev.value)
+        return "applied"
+
+    # -- watermark and emission -------------------------------------------------------------
+    def watermark_candidate(self, part: _Partition, caught_up: dict[str, bool]) -> float:
+        behind = [part.max_seen.get(t, float("-inf")) for t in INPUT_TOPICS
+                  if not caught_up.get(t, False)]
+        if behind:
+            base = min(behind)
+        elif part.max_seen:
+            base = max(part.max_seen.values())
+        else:
+            return float("-inf")
+        return base - self.s.out_of_orderness_s
+
+    def _advance(self, part: _Partition, partition: int, caught_up: dict[str, bool],
+                 step: Step) -> None:
+        cand = self.watermark_candidate(part, caught_up)
+        meta = part.meta
+        if cand > meta.watermark:
+            meta.watermark = cand
+        if meta.watermark < meta.next_check and not part.dirty:
+            return  # corrections (dirty requests) go out at once, the rest at checks
+        every = self.s.emit_every_s
+        meta.next_check = (meta.watermark // every + 1) * every
+        self._check(part, partition, step)
+        self.save_meta(partition)
+
+    def _check(self, part: _Partition, partition: int, step: Step) -> None:
+        wm = part.meta.watermark
+        touched: dict[str, RequestState] = {}
+        expired: list[str] = []
+        while part.heap and part.heap[0][0] <= wm:
+            _due, rid, kind = heapq.heappop(part.heap)
+            st = touched.get(rid) or self.get(rid)
+            if st is None:
+                continue
+            if kind == "orphan":
+                if st.impression is None and st.held:
+                    for h in st.held:
+                        step.rejected.append(Rejected(
+                            h.topic, h.partition, h.offset, "orphan",
+                            f"no impression for request {rid} within the orphan grace "
+                            f"period ({self.s.orphan_grace_s}s)", h.raw, h.key))
+                    expired.append(rid)
+                    touched.pop(rid, None)
+                continue
+            if kind == "expire":
+                if st.final_sent:
+                    expired.append(rid)
+                    touched.pop(rid, None)
+                continue
+            touched[rid] = st
+        for rid in part.dirty:
+            if rid not in touched:
+                st = self.get(rid)
+                if st is not None:
+                    touched[rid] = st
+        part.dirty.clear()
+        for st in sorted(touched.values(), key=_t0):
+            fb = self._due_list(st, wm)
+            if fb is not None:
+                step.emissions.append(fb)
+        for rid in expired:
+            self.delete(rid)
+
+    def _due_list(self, st: RequestState, wm: float) -> Feedback | None:
+        imp = st.impression
+        if imp is None or st.final_sent:
+            return None
+        t0 = imp.event_time
+        kind: FeedbackKind
+        if wm >= t0 + self.s.attribution_window_s:
+            kind = "final"
+        elif wm >= t0 + self.s.observation_window_s:
+            kind = "correction" if st.provisional_sent else "provisional"
+        else:
+            return None
+        items = feedback_items(st)
+        if kind == "correction" and items_signature(items) == st.emitted_sig:
+            return None
+        at = max(wm, t0)
+        return Feedback(request_id=st.request_id, user_id=st.user_id, kind=kind,
+                        revision=st.revision + 1, impression_time=t0, event_time=at,
+                        elapsed_s=at - t0, window_closed=kind == "final",
+                        context=imp.context, recent_ad_ids=imp.recent_ad_ids,
+                        model_version=imp.model_version, items=items)
+
+    # -- marks (after the output is acknowledged) --------------------------------------------
+    def _mark(self, st: RequestState, fb: Feedback) -> None:
+        if fb.revision <= st.revision:
+            raise InvariantError(f"revision of {fb.request_id} went from {st.revision} "
+                                 f"to {fb.revision}")
+        st.revision = fb.revision
+        st.emitted_sig = items_signature(fb.items)
+        st.provisional_sent = True
+        if fb.kind == "final":
+            st.final_sent = True
+            st.held = []
+
+    def mark_emitted(self, partition: int, emitted: list[Feedback]) -> None:
+        """Record in the table that these lists were handed to the producer."""
+        part = self.parts[partition]
+        for fb in emitted:
+            st = self.get(fb.request_id)
+            if st is None:
+                raise InvariantError(f"emitted {fb.request_id} has no state")
+            self._mark(st, fb)
+            self.put(st)
+            if fb.kind == "final":
+                self._schedule_expiry(part, st)
+
+    def set_feedback_offset(self, partition: int, offset: int) -> None:
+        """Every feedback list of ``partition`` up to ``offset`` is acknowledged."""
+        meta = self.parts[partition].meta
+        if offset < meta.feedback_offset:
+            raise InvariantError(f"feedback offset went back from {meta.feedback_offset} "
+                                 f"to {offset}")
+        if offset > meta.feedback_offset:
+            meta.feedback_offset = offset
+            self.save_meta(partition)
+
+    def watermark(self, partition: int) -> float:
+        return self.parts[partition].meta.watermark
+
+    def requests_held(self) -> int:
+        return sum(1 for k in self.store if not k.startswith(META_PREFIX))
+
+
+class InvariantError(RuntimeError):
+    """A joiner invariant broke (revisions or output offsets went backwards)."""
+
+
+def _t0(st: RequestState) -> float:
+    return st.impression.event_time if st.impression is not None else 0.0
+
+
+_RECORD_TYPES: dict[str, type[Impression] | type[Click] | type[Conversion]] = {
+    "impressions": Impression, "clicks": Click, "conversions": Conversion,
+}

@@ -1,0 +1,121 @@
+"""Helpers for the joiner tests (no tests here): build events, run `adloop join` as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from streams.kafka_io import read_all
+from streams.schemas import Click, Conversion, Feedback, Impression, SlateItem
+from streams.settings import KafkaSettings
+
+REPO = Path(__file__).resolve().parents[2]
+
+# a0: cpc bid 2 -> 2 if clicked; a1: cpa bid 5 -> 5 if converted; a2: cpm bid 1000 -> 1.0
+SLATE = [
+    SlateItem(ad_id="a0", semantic_id=[1, 2, 3], position=0, score=0.9, bid=2.0, bid_type="cpc"),
+    SlateItem(ad_id="a1", semantic_id=[1, 2, 4], position=1, score=0.8, bid=5.0, bid_type="cpa"),
+    SlateItem(ad_id="a2", semantic_id=[1, 5, 6], position=2, score=0.7, bid=1000.0,
+              bid_type="cpm"),
+]
+
+
+def imp(rid: str, t: float, user: str = "u1") -> Impression:
+    return Impression(request_id=rid, event_time=t, user_id=user, slate=list(SLATE),
+                      model_version="m1", context={"page": "home"})
+
+
+def click(eid: str, rid: str, t: float, ad: str = "a0", user: str = "u1") -> Click:
+    return Click(event_id=eid, request_id=rid, user_id=user, ad_id=ad, event_time=t)
+
+
+def conv(eid: str, rid: str, t: float, value: float, ad: str = "a1",
+         user: str = "u1") -> Conversion:
+    return Conversion(event_id=eid, request_id=rid, user_id=user, ad_id=ad, event_time=t,
+                      value=value)
+
+
+def rewards(fb: Feedback) -> list[float]:
+    return [round(i.reward, 6) for i in fb.items]
+
+
+class JoinerProcess:
+    """``python -m adloop_cli join`` for one test's topic prefix."""
+
+    def __init__(self, kafka: KafkaSettings, log_path: Path, **settings: Any) -> None:
+        self.kafka = kafka
+        self.log_path = log_path
+        self.settings = {"metrics_port": 0, "session_timeout_s": 6.0,
+                         "commit_interval_s": 0.5, **settings}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> JoinerProcess:
+        cmd = [sys.executable, "-m", "adloop_cli", "join",
+               "--bootstrap-servers", self.kafka.bootstrap_servers,
+               "--topic-prefix", self.kafka.topic_prefix]
+        for k, v in self.settings.items():
+            cmd += ["--" + k.replace("_", "-"), str(v)]
+        env = {**os.environ, "ADLOOP_LOG_JSON": "1"}
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                     env=env)
+        log.close()
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                return self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                return -9
+        return int(self.proc.returncode)
+
+    def diagnostics(self) -> str:
+        """The joiner's watermark/lag metrics and the tail of its log."""
+        text = self.log_path.read_text(errors="replace")
+        out = [text[-3000:]]
+        urls = [ln.split()[1] for ln in text.splitlines() if ln.startswith("metrics http")]
+        if urls and self.alive():
+            try:
+                with urllib.request.urlopen(urls[-1] + "/metrics", timeout=5) as r:
+                    body = r.read().decode()
+                out += [ln for ln in body.splitlines()
+                        if ln.startswith(("adloop_join_watermark", "adloop_join_lag",
+                                          "adloop_join_events_total"))]
+            except OSError as exc:
+                out.append(repr(exc))
+        return "\n".join(out)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def wait_for(kafka: KafkaSettings, topic: str, pred: Callable[[list[Any]], bool],
+             timeout_s: float = 60.0, proc: JoinerProcess | None = None) -> list[Any]:
+    """Read ``topic`` until ``pred(records)`` holds (records are the decoded values)."""
+    deadline = time.monotonic() + timeout_s
+    recs: list[Any] = []
+    while time.monotonic() < deadline:
+        recs = [r.record for r in read_all(kafka, topic, timeout_s=5)]
+        if pred(recs):
+            return recs
+        if proc is not None and not proc.alive():
+            raise AssertionError(f"joiner exited; log:\n{proc.log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+    detail = proc.diagnostics() if proc is not None else ""
+    raise AssertionError(f"timed out waiting on {topic}; have {len(recs)} records\n{detail}")
