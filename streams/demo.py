@@ -1,0 +1,372 @@
+"""``adloop demo``: the whole loop on the embedded stack, ending with a report.
+
+1. start the embedded Apache Kafka broker and create the topics;
+2. build the simulated ad world and log a random-policy phase (the pretraining data);
+3. pretrain a small generative model on it (VSL + MTP, in this process);
+4. start the joiner, the learner and the server as real processes, each with
+   ``/metrics`` ``/healthz`` ``/readyz``; the learner publishes the pretrained model as
+   the first snapshot and the server loads it;
+5. drive open-loop traffic at the server for ``--minutes`` (simulated time runs
+   ``--speed`` times faster): impressions from the server, clicks and delayed
+   conversions from the simulated users, feedback from the joiner, RSPO updates and new
+   snapshots from the learner, hot swaps in the server;
+6. print the headline table and write ``report.md`` and PNG plots to the run directory;
+7. stop everything cleanly (also on Ctrl-C). ``--keep-running`` keeps traffic and
+   endpoints up for dashboards until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import signal
+import statistics
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streams.kafka_io import EventProducer
+from streams.logs import get_logger
+from streams.metrics import start_metrics_server
+from streams.settings import add_settings_arguments, settings_from_args
+from streams.simulator import World, WorldConfig
+from streams.stack import LocalStack, free_port
+from streams.traffic import Emitter, HttpOptions, Ledger, RunStats, TrafficDriver
+
+log = get_logger(__name__)
+
+
+class DemoSettings(BaseSettings):
+    """``adloop demo`` settings (env ADLOOP_DEMO_<NAME>, flags --name)."""
+
+    model_config = SettingsConfigDict(env_prefix="ADLOOP_DEMO_", extra="ignore")
+
+    minutes: float = Field(3.0, description="wall minutes of live traffic")
+    rate: float = Field(15.0, description="requests per wall second (open loop)")
+    speed: float = Field(120.0, description="simulated seconds per wall second")
+    seed: int = Field(0, description="seed of the simulated world")
+    n_users: int = Field(600, description="simulated users")
+    n_ads: int = Field(150, description="ads at the start")
+    new_ads_per_hour: float = Field(30.0, description="new ads per simulated hour")
+    log_requests: int = Field(4000, description="random-policy requests logged for pretraining")
+    pretrain_steps: int = Field(300, description="pretraining steps")
+    encoder: str = Field("minilm", description="ad content encoder (minilm or hashing)")
+    out: Path = Field(Path("runs/demo"), description="run directory (logs, snapshots, report)")
+    keep_running: bool = Field(False, description="keep traffic and endpoints up until Ctrl-C")
+    metrics_port: int = Field(9304, description="the demo's own /metrics (traffic metrics)")
+    server_port: int = Field(0, description="the server's HTTP port (0 = a free one)")
+    threads: int = Field(1, description="torch threads of the learner")
+
+
+# -- small helpers ---------------------------------------------------------------------
+
+
+def scrape(url: str) -> dict[str, float]:
+    """A process's /metrics as {'name{label="v",...}': value} (samples only)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url, timeout=3) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def metric_sum(samples: dict[str, float], name: str, **labels: str) -> float:
+    total = 0.0
+    for key, v in samples.items():
+        base = key.split("{", 1)[0]
+        if base != name:
+            continue
+        if all(f'{k}="{val}"' in key for k, val in labels.items()):
+            total += v
+    return total
+
+
+def histogram_quantile(samples: dict[str, float], name: str, q: float) -> float | None:
+    """Quantile from cumulative ``name_bucket`` samples (linear within a bucket)."""
+    buckets: dict[float, float] = defaultdict(float)
+    for key, v in samples.items():
+        if key.startswith(name + "_bucket{"):
+            le = key.split('le="', 1)[1].split('"', 1)[0]
+            buckets[math.inf if le == "+Inf" else float(le)] += v
+    if not buckets or buckets[max(buckets)] == 0:
+        return None
+    edges = sorted(buckets)
+    total = buckets[edges[-1]]
+    prev_edge, prev_count = 0.0, 0.0
+    for e in edges:
+        if buckets[e] >= q * total:
+            if math.isinf(e):
+                return prev_edge
+            frac = (q * total - prev_count) / max(buckets[e] - prev_count, 1e-12)
+            return prev_edge + frac * (e - prev_edge)
+        prev_edge, prev_count = e, buckets[e]
+    return prev_edge
+
+
+# -- the run ---------------------------------------------------------------------------
+
+
+class Demo:
+    def __init__(self, s: DemoSettings) -> None:
+        self.s = s
+        self.run_dir = Path(s.out)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.stop = threading.Event()
+        self.stack = LocalStack(self.run_dir / "stack")
+        self.step_no = 0
+        self.t0 = time.monotonic()
+
+    def say(self, msg: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", flush=True)
+
+    def step(self, msg: str) -> None:
+        self.step_no += 1
+        self.say(f"({self.step_no}/7) {msg}")
+
+    # 1-3 ---------------------------------------------------------------------------------
+    def prepare(self) -> tuple[World, Path]:
+        s = self.s
+        self.step("starting Apache Kafka (embedded, KRaft) and creating topics")
+        self.stack.start_broker()
+        assert self.stack.broker is not None
+        self.say(f"     Kafka {self.stack.broker.version} on {self.stack.kafka.bootstrap_servers}")
+        self.step(f"simulated world (seed {s.seed}): {s.n_users} users, {s.n_ads} ads; "
+                  f"logging {s.log_requests} random-policy requests for pretraining")
+        world = World(WorldConfig(seed=s.seed, n_users=s.n_users, n_ads=s.n_ads,
+                                  new_ads_per_hour=s.new_ads_per_hour, request_rate=2.0))
+        from streams.evaluation import EvalConfig, logging_phase
+
+        logs = logging_phase(world, EvalConfig(log_requests=s.log_requests), s.seed)
+        self.step(f"pretraining the generative recommender ({s.pretrain_steps} steps, "
+                  f"{s.encoder} ad encoder)")
+        from learner.pretrain import PretrainSettings, pretrain
+
+        pre_dir = self.run_dir / "pretrain"
+        import shutil
+
+        shutil.rmtree(pre_dir, ignore_errors=True)
+        res = pretrain(PretrainSettings(
+            run_dir=pre_dir, encoder=s.encoder, steps=s.pretrain_steps, level_sizes="64,32,16",
+            history_len=10, batch_size=128, seed=s.seed, progress=False, checkpoint_every=0,
+            held_out_frac=0.05, resume=False), [a.record for a in world.ads.values()], logs)
+        self.say("     held-out: " + ", ".join(f"{k}={v:.3f}" for k, v in res.metrics.items()))
+        self.pretrained_ads = len(res.tokenizer)
+        return world, pre_dir
+
+    # 4 -----------------------------------------------------------------------------------
+    def start_processes(self, pre_dir: Path) -> dict[str, str]:
+        st = self.stack
+        self.step("starting joiner, learner and server (real processes)")
+        ports = {"join": free_port(), "learn": free_port(),
+                 "serve": self.s.server_port or free_port()}
+        kafka = st.kafka_args()
+        st.add("join", ["join", *kafka, "--metrics-port", str(ports["join"]),
+                        "--observation-window-s", "300", "--attribution-window-s", "3600"],
+               f"http://127.0.0.1:{ports['join']}/readyz")
+        st.add("learn", ["learn", *kafka, "--init-run-dir", str(pre_dir),
+                         "--state-dir", str(self.run_dir / "learner"),
+                         "--snapshot-store", str(self.run_dir / "snapshots"),
+                         "--metrics-port", str(ports["learn"]), "--batch-lists", "64",
+                         "--max-wait-s", "1.0", "--snapshot-every-s", "15",
+                         "--snapshot-every-updates", "30", "--threads", str(self.s.threads)],
+               f"http://127.0.0.1:{ports['learn']}/readyz")
+        st.add("serve", ["serve", *kafka, "--port", str(ports["serve"]),
+                         "--cache-dir", str(self.run_dir / "server-cache")],
+               f"http://127.0.0.1:{ports['serve']}/readyz")
+        import shutil
+
+        shutil.rmtree(self.run_dir / "learner", ignore_errors=True)
+        shutil.rmtree(self.run_dir / "snapshots", ignore_errors=True)
+        for name in ("join", "learn", "serve"):
+            st.processes[name].start()
+        for name in ("join", "learn", "serve"):
+            st.processes[name].wait_ready(300)
+            self.say(f"     {name} ready (pid {st.processes[name].pid}, "
+                     f"http://127.0.0.1:{ports[name]}/metrics)")
+        return {name: f"http://127.0.0.1:{p}" for name, p in ports.items()}
+
+    # 5 -----------------------------------------------------------------------------------
+    def traffic(self, world: World, urls: dict[str, str]) -> tuple[RunStats, TrafficDriver]:
+        s = self.s
+        duration = 0.0 if s.keep_running else s.minutes * 60.0
+        self.step(f"driving traffic: {s.rate:g} req/s for "
+                  f"{'ever (Ctrl-C stops)' if s.keep_running else f'{s.minutes:g} min'}, "
+                  f"simulated time ×{s.speed:g}")
+        producer = EventProducer(self.stack.kafka)
+        ledger = Ledger(self.run_dir / "ledger.jsonl", keep=True)
+        driver = TrafficDriver(world, Emitter(producer=producer, ledger=ledger))
+        driver.keep_responses = True
+        driver.start()
+        for ad in world.ad_records():           # the catalog as it stands after logging
+            driver.emitter.emit("ads", ad)
+        opts = HttpOptions(server_url=urls["serve"], rate=s.rate, speed=s.speed,
+                           duration_s=duration, timeout_s=2.0)
+
+        def progress(stats: RunStats, in_flight: int) -> None:
+            learn = scrape(urls["learn"] + "/metrics")
+            join = scrape(urls["join"] + "/metrics")
+            self.say(
+                f"     sim {time.strftime('%H:%M', time.gmtime(stats.sim_end))} | "
+                f"requests {stats.requests} ({dict(stats.outcomes)}) | revenue "
+                f"{stats.revenue:.1f} | feedback "
+                f"{metric_sum(join, 'adloop_join_feedback_total'):.0f} | trained "
+                f"{metric_sum(learn, 'adloop_learner_lists_total', outcome='trained'):.0f} | "
+                f"model v{metric_sum(learn, 'adloop_learner_model_version'):.0f}")
+
+        stats = asyncio.run(driver.run_http(opts, self.stop, drain=True,
+                                            on_progress=progress))
+        producer.flush()
+        producer.close()
+        ledger.close()
+        return stats, driver
+
+    # 6 -----------------------------------------------------------------------------------
+    def report(self, stats: RunStats, driver: TrafficDriver,
+               urls: dict[str, str]) -> dict[str, Any]:
+        self.step("report")
+        time.sleep(3.0)  # let the last scrapes settle
+        scraped = {name: scrape(url + "/metrics") for name, url in urls.items()}
+        req_entries = {e["request_id"]: e for e in driver.emitter.ledger.of_kind("request")} \
+            if driver.emitter.ledger else {}
+        timeline: list[dict[str, Any]] = []
+        for resp in driver.responses:
+            e = req_entries.get(resp.request_id, {})
+            timeline.append({"t": resp.event_time, "exp": resp.expected_value,
+                             "rev": resp.reward, "imp": resp.impressions,
+                             "version": e.get("model_version") or "",
+                             "latency": e.get("latency_s")})
+        latencies = [e["latency_s"] for e in req_entries.values() if e.get("latency_s")]
+        versions = sorted({t["version"] for t in timeline if t["version"]})
+        n = len(timeline)
+        q = max(1, n // 4)
+        first, last = timeline[:q], timeline[-q:]
+
+        def rpm(rows: list[dict[str, Any]], key: str = "exp") -> float:
+            imp = sum(r["imp"] for r in rows)
+            return 1000.0 * sum(r[key] for r in rows) / imp if imp else 0.0
+
+        learn, serve, join = scraped.get("learn", {}), scraped.get("serve", {}), \
+            scraped.get("join", {})
+        summary: dict[str, Any] = {
+            "requests": stats.requests, "outcomes": dict(stats.outcomes),
+            "impressions": stats.impressions, "clicks": stats.clicks,
+            "conversions": stats.conversions, "revenue": round(stats.revenue, 2),
+            "sim_hours": round((stats.sim_end - stats.sim_start) / 3600.0, 2),
+            "rpm_first_quarter": round(rpm(first), 3), "rpm_last_quarter": round(rpm(last), 3),
+            "realized_rpm_all": round(rpm(timeline, "rev"), 3),
+            "model_versions_served": versions,
+            "latency_p50_ms": round(1000 * statistics.median(latencies), 2) if latencies else None,
+            "latency_p99_ms": round(1000 * sorted(latencies)[int(0.99 * (len(latencies) - 1))],
+                                    2) if latencies else None,
+            "feedback_lists": metric_sum(join, "adloop_join_feedback_total"),
+            "dead_letters": sum(metric_sum(s, "adloop_dead_letters_total")
+                                for s in scraped.values()),
+            "lists_trained": metric_sum(learn, "adloop_learner_lists_total", outcome="trained"),
+            "rspo_updates": metric_sum(learn, "adloop_learner_updates_total"),
+            "snapshots_published": metric_sum(learn, "adloop_learner_snapshots_published_total"),
+            "snapshots_refused": metric_sum(learn, "adloop_learner_snapshots_refused_total"),
+            "learner_freshness_p50_s": histogram_quantile(learn, "adloop_learner_freshness_seconds",
+                                                          0.5),
+            "learner_freshness_p95_s": histogram_quantile(learn, "adloop_learner_freshness_seconds",
+                                                          0.95),
+            "server_swaps_ok": metric_sum(serve, "adloop_server_swaps_total", result="ok"),
+        }
+        self._plots(timeline, latencies)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        table = "\n".join(f"| {k} | {v} |" for k, v in summary.items())
+        md = ("# adloop demo report\n\n"
+              f"Seed {self.s.seed}, {self.s.minutes:g} wall minutes at {self.s.rate:g} req/s, "
+              f"simulated time ×{self.s.speed:g}.\n\n| figure | value |\n|---|---|\n{table}\n\n"
+              "RPM = expected revenue per 1000 impressions (ground-truth expected value of "
+              "each shown ad).\n\n![revenue per mille over simulated time](rpm.png)\n\n"
+              "![latency](latency.png)\n")
+        (self.run_dir / "report.md").write_text(md)
+        print("\n" + "\n".join(f"  {k:28s} {v}" for k, v in summary.items()))
+        self.say(f"report: {self.run_dir / 'report.md'}")
+        return summary
+
+    def _plots(self, timeline: list[dict[str, Any]], latencies: list[float]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if timeline:
+            t0 = timeline[0]["t"]
+            n_buckets = 24
+            span = max(1e-9, timeline[-1]["t"] - t0)
+            sums: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
+            for r in timeline:
+                b = min(n_buckets - 1, int((r["t"] - t0) / span * n_buckets))
+                sums[b][0] += r["exp"]
+                sums[b][1] += r["imp"]
+            xs = [(b + 0.5) * span / n_buckets / 3600 for b in sorted(sums)]
+            ys = [1000 * sums[b][0] / sums[b][1] if sums[b][1] else 0 for b in sorted(sums)]
+            fig, ax = plt.subplots(figsize=(8, 4))
+            ax.plot(xs, ys, marker="o")
+            seen = ""
+            for r in timeline:
+                if r["version"] and r["version"] != seen:
+                    ax.axvline((r["t"] - t0) / 3600, color="grey", alpha=0.3)
+                    seen = r["version"]
+            ax.set_xlabel("simulated hours (grey lines: a new model version served)")
+            ax.set_ylabel("expected RPM")
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(self.run_dir / "rpm.png", dpi=110)
+            plt.close(fig)
+        if latencies:
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            ax.hist([1000 * x for x in latencies], bins=50)
+            ax.set_xlabel("request latency at the client (ms)")
+            ax.set_ylabel("requests")
+            fig.tight_layout()
+            fig.savefig(self.run_dir / "latency.png", dpi=110)
+            plt.close(fig)
+
+    def shutdown(self) -> None:
+        self.step("stopping processes and the broker")
+        codes = self.stack.stop()
+        self.say("     exit codes: " + ", ".join(f"{k}={v}" for k, v in codes.items()))
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_settings_arguments(parser, DemoSettings)
+
+
+def run(args: argparse.Namespace) -> int:
+    s = settings_from_args(DemoSettings, args)
+    demo = Demo(s)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        demo.say(f"{signal.Signals(signum).name}: finishing up")
+        demo.stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    metrics = start_metrics_server(s.metrics_port, "127.0.0.1")
+    try:
+        world, pre_dir = demo.prepare()
+        urls = demo.start_processes(pre_dir)
+        stats, driver = demo.traffic(world, urls)
+        demo.report(stats, driver, urls)
+    finally:
+        demo.shutdown()
+        metrics.stop()
+    return 0
