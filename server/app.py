@@ -7,7 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
+from collections.abc import Iterator
 
+import uvicorn
 from fastapi import FastAPI
 
 from server.settings import ServerSettings
@@ -28,11 +32,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     settings = settings_from_args(ServerSettings, args)
     kafka = settings_from_args(KafkaSettings, args)
     app = create_app(settings, kafka)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
-                access_log=False, timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                            access_log=False, timeout_graceful_shutdown=10)
+    _GracefulServer(config).run()
     return 0
+
+
+class _GracefulServer(uvicorn.Server):
+    """SIGTERM / SIGINT shut down gracefully and the process exits 0 (uvicorn's own
+    handler re-raises the signal after shutdown, which reads as a kill)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in sigs}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
