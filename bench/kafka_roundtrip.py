@@ -21,14 +21,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kafka import KafkaConsumer, KafkaProducer  # noqa: E402
+from kafka import KafkaConsumer, KafkaProducer
 
-from bench.common import device, markdown_table, update_doc_section, write_results  # noqa: E402
-from streams.broker import BrokerSettings, EmbeddedBroker  # noqa: E402
-from streams.kafka_io import EventConsumer, EventProducer, Received, producer_config  # noqa: E402
-from streams.schemas import Click, encode  # noqa: E402
-from streams.settings import KafkaSettings  # noqa: E402
-from streams.topics import Topics, create_topics  # noqa: E402
+from bench.common import device, markdown_table, update_doc_section, write_results
+from streams.broker import BrokerSettings, EmbeddedBroker
+from streams.kafka_io import EventConsumer, EventProducer, Received, producer_config
+from streams.schemas import Click, encode
+from streams.settings import KafkaSettings
+from streams.topics import Topics, create_topics
 
 
 def _clicks(n: int) -> list[Click]:

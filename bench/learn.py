@@ -1,0 +1,123 @@
+"""Learner benchmark: RSPO lists/s, snapshot export+validation seconds, end-to-end freshness.
+
+    python bench/learn.py [--quick] [--skip-freshness]
+
+* ``rspo_lists_per_s``: :meth:`OnlineLearner.update` on batches of feedback lists
+  (default model config of ``adloop pretrain``: 3×256 semantic levels + business
+  tokens, D=64, 4 decoder blocks, LazyAR M=1; slates of 10), torch on the CPU threads
+  given (2 by default). The same batches run with the RSPO term only and with the
+  full objective (RSPO + VSL + value heads) side by side.
+* ``snapshot_export_validate_s``: ``Publisher.publish`` of that model (ONNX export,
+  parity check, NaN check, holdout metric, store).
+* ``freshness_p50_s`` / ``freshness_p95_s``: on the embedded stack (broker, learner,
+  server), the wall time from a feedback record being appended to Kafka until the
+  server answers with a model version whose data watermark covers it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from bench.common import device, markdown_table, update_doc_section, write_results
+from learner import synthetic
+from learner.model import GenerativeRecommender, ModelConfig
+from learner.publish import Publisher, SnapshotStore
+from learner.rspo import RSPOConfig
+from learner.rspo_step import OnlineLearner, lists_to_batch
+from learner.tokenizer import TokenizerConfig, UASIDTokenizer
+
+
+def default_model_and_lists(n_lists: int) -> tuple[GenerativeRecommender, UASIDTokenizer, list]:
+    log = synthetic.generate(n_ads=600, n_users=400, n_requests=n_lists, slate_size=10, seed=3)
+    tok = UASIDTokenizer.fit(log.ads, TokenizerConfig(encoder="hashing"))
+    cfg = ModelConfig(level_sizes=tok.config.token_sizes,
+                      semantic_levels=tok.config.semantic_levels)
+    torch.manual_seed(0)
+    return GenerativeRecommender(cfg), tok, [(fb, 1.0) for fb in log.feedback]
+
+
+def rspo_throughput(model: GenerativeRecommender, tok: UASIDTokenizer, lists: list,
+                    batch: int, seconds: float, cfg: RSPOConfig, value_weight: float) -> float:
+    learner = OnlineLearner(model, cfg, value_weight=value_weight)
+    batches = [lists_to_batch(lists[i:i + batch], tok, model)
+               for i in range(0, len(lists) - batch + 1, batch)]
+    learner.update(batches[0])  # warm-up
+    done, t0, i = 0, time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        learner.update(batches[i % len(batches)])
+        done += batch
+        i += 1
+    return done / (time.perf_counter() - t0)
+
+
+def export_validate(model: GenerativeRecommender, tok: UASIDTokenizer, lists: list,
+                    rounds: int) -> float:
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        learner = OnlineLearner(model)
+        hb = lists_to_batch(lists[:256], tok, model)
+        pub = Publisher(SnapshotStore(str(Path(tmp) / "store")), Path(tmp) / "staging")
+        for r in range(rounds):
+            t0 = time.perf_counter()
+            serving = learner.holdout_ndcg(learner.ref, hb)
+            pub.publish(model, tok, f"v{r:06d}", None, 0.0,
+                        holdout=lambda m: learner.holdout_ndcg(m, hb), serving_holdout=serving)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--skip-freshness", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    seconds = 8.0 if args.quick else 30.0
+    model, tok, lists = default_model_and_lists(2048 if args.quick else 8192)
+    full = rspo_throughput(model, tok, lists, args.batch, seconds, RSPOConfig(), 0.5)
+    rspo_only = rspo_throughput(model, tok, lists, args.batch, seconds,
+                                RSPOConfig(vsl_alpha=0.0), 0.0)
+    export_s = export_validate(model, tok, lists, 2 if args.quick else 5)
+    results: dict[str, object] = {
+        "device": device(), "quick": args.quick, "threads": args.threads,
+        "batch_lists": args.batch, "model_params": model.num_parameters(),
+        "rspo_lists_per_s": round(full, 1), "rspo_only_lists_per_s": round(rspo_only, 1),
+        "snapshot_export_validate_s": round(export_s, 3),
+        "freshness_p50_s": None, "freshness_p95_s": None,
+    }
+    if not args.skip_freshness:
+        try:
+            from bench.freshness import measure_freshness
+
+            fresh = measure_freshness(quick=args.quick)
+            results.update(fresh)
+        except ImportError:
+            results["freshness_note"] = "end-to-end freshness needs the serving worker"
+    path = write_results("learn", results)
+    rows = [["RSPO + VSL + value heads (lists/s)", results["rspo_lists_per_s"], "≥ 2,000"],
+            ["RSPO term only (lists/s)", results["rspo_only_lists_per_s"], ""],
+            ["snapshot export + validation (s)", results["snapshot_export_validate_s"], ""],
+            ["freshness p50 (s)", results["freshness_p50_s"], ""],
+            ["freshness p95 (s)", results["freshness_p95_s"], "≤ 10"]]
+    update_doc_section("learn", (
+        f"`bench/learn.py{' --quick' if args.quick else ''}`: default model "
+        f"({results['model_params']:,} parameters), batches of {args.batch} lists of 10 items, "
+        f"{args.threads} torch threads, {results['device']}.\n\n"
+        + markdown_table(["figure", "measured", "goal"], rows)))
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
