@@ -144,6 +144,8 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_join_reconciled_total", "counter", "join", (),
        "Feedback lists found on the output whose table mark was lost (after a restart)."),
     _m("adloop_join_table_requests", "gauge", "join", (), "Request ids held in the join table."),
+    _m("adloop_join_table_bytes", "gauge", "join", (), "Encoded size of the join state."),
+    _m("adloop_join_commits_total", "counter", "join", (), "Completed commit protocols."),
     _m("adloop_join_process_resident_memory_bytes", "gauge", "join", (),
        "Resident memory of the joiner (faust worker)."),
     _m("adloop_join_lag_records", "gauge", "join", ("topic", "partition"),
