@@ -35,10 +35,13 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--encoder", default="minilm")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--beam-width", type=int, default=EvalConfig.beam_width,
+                    help="final beam of the generative policies (wider = more candidates "
+                         "for value rescoring: inference-time scaling)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = EvalConfig(seeds=tuple(int(s) for s in args.seeds.split(",")),
-                     encoder=args.encoder)
+                     encoder=args.encoder, beam_width=args.beam_width)
     if args.quick:
         cfg.requests, cfg.log_requests, cfg.pretrain_steps = 1600, 2500, 250
     if args.requests:
@@ -74,7 +77,7 @@ def main() -> int:
              f"rspo / dlrm = {out['rspo_over_dlrm']} (goal ≥ 1.042)")
     update_doc_section("closed_loop", (
         f"`bench/closed_loop.py{' --quick' if args.quick else ''}`: seeds {list(cfg.seeds)}, "
-        f"{cfg.requests} requests per policy after a {cfg.log_requests}-request random "
+        f"{cfg.requests} requests per policy (generative final beam {cfg.beam_width}) after a {cfg.log_requests}-request random "
         f"logging phase (the pretraining data), {out['device']}, {elapsed:.0f} s. "
         "RPM = expected revenue per 1000 impressions (ground-truth expected value of every "
         "shown ad), over the last quarter of the run; 95 % Student-t intervals over seeds.\n\n"

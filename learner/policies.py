@@ -118,7 +118,7 @@ class GenerativePolicy:
             return [ServedSlate(r.request_id, self.name, []) for r in requests]
         backend = TorchBackend(self.model)
         hist, mask, ctx = self._inputs(requests)
-        widths = [min(self.beam_width, 8 * (t + 1)) for t in range(trie.id_len)]
+        widths = [min(self.beam_width, 16 * 2**t) for t in range(trie.id_len)]
         res = beam_search(backend, hist, mask, ctx, trie, widths)
         memory, mmask, _ = backend.encode(hist, mask, ctx)
         cand = res.ids.clamp_min(0)
