@@ -85,7 +85,7 @@ class EvalConfig:
     buckets: int = 16
     pretrain_steps: int = 400
     encoder: str = "minilm"
-    beam_width: int = 32
+    beam_width: int = 128
     policies: tuple[str, ...] = POLICIES
 
 
