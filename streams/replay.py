@@ -53,6 +53,7 @@ from streams.traffic import (
     SimClock,
     TrafficDriver,
     policy_by_name,
+    sleep_until,
 )
 
 log = get_logger(__name__)
@@ -179,15 +180,8 @@ async def replay_recorded(path: Path | str, emitter: Emitter, *, speed: float = 
                 break
             if t0 is None:
                 t0 = entry.t
-            if speed > 0:
-                due = t_wall0 + (entry.t - t0) / speed
-                while not stop.is_set():
-                    delay = due - time.monotonic()
-                    if delay <= 0:
-                        break
-                    await asyncio.sleep(min(delay, 0.1))
-                if stop.is_set():
-                    break
+            if speed > 0 and not await sleep_until(t_wall0 + (entry.t - t0) / speed, stop):
+                break
             stats.entries += 1
             stats.by_kind[entry.kind] += 1
             SIM_TIME.set(entry.t)

@@ -396,6 +396,16 @@ class HttpOptions:
     """How often delayed events and the ad lifecycle are released."""
 
 
+async def sleep_until(due: float, stop: threading.Event) -> bool:
+    """Sleep until monotonic time ``due`` in short steps; False if ``stop`` was set."""
+    while not stop.is_set():
+        delay = due - time.monotonic()
+        if delay <= 0:
+            return True
+        await asyncio.sleep(min(delay, 0.1))
+    return False
+
+
 def _warn(event: str, **kw: Any) -> None:
     """Log a warning; a broken log sink must never lose a request's outcome."""
     with contextlib.suppress(ValueError, OSError):
@@ -626,12 +636,7 @@ class TrafficDriver:
                 due = clock.wall_at(req.event_time)
                 if due > wall_end:
                     break
-                while not stop.is_set():
-                    delay = due - time.monotonic()
-                    if delay <= 0:
-                        break
-                    await asyncio.sleep(min(delay, 0.1))
-                if stop.is_set():
+                if not await sleep_until(due, stop):
                     break
                 await asyncio.sleep(0)  # behind schedule: still let answers and the pump in
                 sent += 1
