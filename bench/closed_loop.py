@@ -77,7 +77,8 @@ def main() -> int:
              f"rspo / dlrm = {out['rspo_over_dlrm']} (goal ≥ 1.042)")
     update_doc_section("closed_loop", (
         f"`bench/closed_loop.py{' --quick' if args.quick else ''}`: seeds {list(cfg.seeds)}, "
-        f"{cfg.requests} requests per policy (generative final beam {cfg.beam_width}) after a {cfg.log_requests}-request random "
+        f"{cfg.requests} requests per policy (generative final beam {cfg.beam_width}) "
+        f"after a {cfg.log_requests}-request random "
         f"logging phase (the pretraining data), {out['device']}, {elapsed:.0f} s. "
         "RPM = expected revenue per 1000 impressions (ground-truth expected value of every "
         "shown ad), over the last quarter of the run; 95 % Student-t intervals over seeds.\n\n"
