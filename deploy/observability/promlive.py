@@ -74,21 +74,38 @@ SPECS: dict[str, ProcessSpec] = {
     "learn": ProcessSpec("adloop-learn", "learn", lambda s, p: [
         "learn", *s.kafka_args(), "--metrics-port", str(p["learn"]),
         "--init-run-dir", str(s.run_dir / "pretrain"), "--state-dir", str(s.run_dir / "learner"),
-        "--snapshot-store", str(s.run_dir / "snapshots")]),
+        "--snapshot-store", str(s.run_dir / "snapshots"), "--batch-lists", "16",
+        "--max-wait-s", "0.5", "--snapshot-every-s", "5", "--threads", "1"]),
     "serve": ProcessSpec("adloop-serve", "server", lambda s, p: [
         "serve", *s.kafka_args(), "--host", "127.0.0.1", "--port", str(p["serve"]),
         "--server-id", "serve-1", "--cache-dir", str(s.run_dir / "serve-cache")]),
     "replay": ProcessSpec("adloop-replay", "replay", lambda s, p: [
         "replay", *s.kafka_args(), "--metrics-port", str(p["replay"]),
-        "--rate", "0.5", "--speed", "30",
+        *(["--rate", "5", "--speed", "60"] if "serve" in p else ["--rate", "0.5", "--speed", "30"]),
         # without a server in the stack, the simulator's in-process random policy answers
         *(["--server-url", f"http://127.0.0.1:{p['serve']}"] if "serve" in p
           else ["--policy", "random"])]),
 }
 
-LIVE_PROCESSES: tuple[str, ...] = ("kafka-loop", "join", "replay")
-"""What the live check starts. Add "learn" and "serve" once they can start from
-scratch (they need a pretrained run / a snapshot: ``adloop demo`` prepares both)."""
+LIVE_PROCESSES: tuple[str, ...] = ("kafka-loop", "join", "learn", "serve", "replay")
+"""What the live check starts: the whole loop plus the Kafka workload."""
+
+
+def pretrain_for_replay(run_dir: Path) -> Path:
+    """A small pretrained run over the ads of the replay's simulated world (its default
+    seed and size), so the learner can start and the server serves the world's ads."""
+    from learner.pretrain import PretrainSettings, pretrain
+    from streams.evaluation import EvalConfig, logging_phase
+    from streams.simulator import World, WorldConfig
+
+    world = World(WorldConfig())
+    logs = logging_phase(world, EvalConfig(log_requests=600), 0)
+    out = run_dir / "pretrain"
+    pretrain(PretrainSettings(run_dir=out, encoder="hashing", steps=20, level_sizes="16,8",
+                              history_len=10, batch_size=64, progress=False,
+                              checkpoint_every=0, resume=False),
+             [a.record for a in world.ads.values()], logs)
+    return out
 
 
 @dataclass
@@ -116,6 +133,8 @@ def start_stack_processes(stack: LocalStack, names: Sequence[str] = LIVE_PROCESS
                           ready_timeout_s: float = 180.0) -> LiveStack:
     """Start ``names`` on ``stack`` (broker already up) and wait until each is ready."""
     live = LiveStack(stack, ports={n: free_port() for n in names})
+    if "learn" in names and not (stack.run_dir / "pretrain" / "checkpoint.pt").exists():
+        pretrain_for_replay(stack.run_dir)
     env = {"PYTHONPATH": os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     for name in names:

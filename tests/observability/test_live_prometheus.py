@@ -1,8 +1,8 @@
 """Dashboards and rules against a real Prometheus scraping real adloop processes.
 
-The processes are ``deploy.observability.promlive.LIVE_PROCESSES`` (today a real
-Kafka workload through the shared helpers; the full loop once ``adloop demo``
-exists). Queries reading metrics of processes that are not started are skipped
+The processes are ``deploy.observability.promlive.LIVE_PROCESSES`` (the whole loop:
+joiner, learner, server and traffic, plus a Kafka workload through the shared helpers).
+Queries reading metrics of processes that are not started are skipped
 (listed in the test output), never failed; every other query must succeed and
 return series unless it is marked as allowed to be empty.
 """
@@ -28,6 +28,11 @@ def prom(live_stack: LiveStack, prometheus_server: PrometheusFactory) -> Prometh
     # Rates need two scrapes; recording rules one more evaluation.
     server.wait_for("adloop:produced_records:rate1m > 0", timeout_s=60)
     server.wait_for("adloop:consumed_records:rate1m > 0", timeout_s=60)
+    if "learn" in live_stack.processes:   # the loop closed: feedback trained, served
+        server.wait_for('sum(adloop_learner_lists_total{outcome="trained"}) > 0',
+                        timeout_s=180)
+        server.wait_for("sum(adloop_learner_snapshots_published_total) > 1", timeout_s=120)
+        server.wait_for("sum(rate(adloop_server_requests_total[1m])) > 0", timeout_s=60)
     time.sleep(3)
     return server
 
