@@ -421,13 +421,19 @@ class GenerativeRecommender(nn.Module):
         """log p(id_t | id_<t, user) per level for K ids per request: ids [B, K, T] ->
         [B, K, T]. ``batch`` has history, history_mask and context (e.g.
         :class:`learner.data.Batch`). The encoder and lower layers run once per request."""
+        return self.level_logprob_and_memory(batch, ids)[0]
+
+    def level_logprob_and_memory(self, batch: UserInputs,
+                                 ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`level_logprob` [B, K, T] plus the encoder's memory [B, S, D] and
+        memory_mask [B, S], for callers that also run the value head on the same pass."""
         B, K, T = ids.shape
         memory, mask, lower = self.encode(batch.history, batch.history_mask, batch.context)
         rep = lambda x: x.repeat_interleave(K, dim=0)  # noqa: E731  [B, ...] -> [B*K, ...]
         flat = ids.reshape(B * K, T)
         logits = self.decoder.teacher_forced(rep(memory), rep(mask), rep(lower), flat)
         logp = torch.log_softmax(logits, dim=-1).gather(-1, flat.unsqueeze(-1))[..., 0]
-        return logp.reshape(B, K, T)
+        return logp.reshape(B, K, T), memory, mask
 
     def sequence_logprob(self, batch: UserInputs, ids: Tensor) -> Tensor:
         """log p(id | user) summed over levels: ids [B, K, T] -> [B, K]."""

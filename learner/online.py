@@ -28,9 +28,11 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
+import zlib
 from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any
@@ -267,8 +269,6 @@ class LearnerService:
     def _is_holdout(self, request_id: str) -> bool:
         if self.s.holdout_every <= 0:
             return False
-        import zlib
-
         return zlib.crc32(request_id.encode()) % self.s.holdout_every == 0
 
     def classify(self, fb: Feedback) -> tuple[float | None, str]:
@@ -423,8 +423,6 @@ class LearnerService:
         self.seq, self.positions, self.ledger = seq, positions, []
         for old in self.state_dir.glob(f"{TOKENIZER_DIR}.*"):
             if old.name != tok_dir:
-                import shutil
-
                 shutil.rmtree(old, ignore_errors=True)
         # 4. mirror to Kafka (informational; the checkpoint is the truth)
         try:

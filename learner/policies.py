@@ -41,15 +41,6 @@ from streams.simulator import Request, World
 from streams.traffic import ServedAd, ServedSlate
 
 
-def expected_value(bid_type: str, bid: float, pctr: float, pcvr: float) -> float:
-    """Expected reward per impression (the serving formula)."""
-    if bid_type == "cpc":
-        return bid * pctr
-    if bid_type == "cpa":
-        return bid * pctr * pcvr
-    return bid / 1000.0
-
-
 class GenerativePolicy:
     """The generative recommender, served with constrained beam search + value rescoring."""
 
@@ -125,14 +116,11 @@ class GenerativePolicy:
         pctr, pcvr = backend.value(memory, mmask, cand)
         out = []
         for b, r in enumerate(requests):
-            scored = []
-            for j in range(res.rows.shape[1]):
-                row = int(res.rows[b, j])
-                if row < 0:
-                    continue
-                ad = self.world.ads[ads[row]].record
-                ev = expected_value(ad.bid_type, ad.bid, float(pctr[b, j]), float(pcvr[b, j]))
-                scored.append((ev, float(res.scores[b, j]), ads[row], res.ids[b, j].tolist()))
+            cols = [j for j in range(res.rows.shape[1]) if int(res.rows[b, j]) >= 0]
+            sim_ads = [self.world.ads[ads[int(res.rows[b, j])]] for j in cols]
+            evs = World.expected_values(sim_ads, pctr[b, cols].tolist(), pcvr[b, cols].tolist())
+            scored = [(float(ev), float(res.scores[b, j]), a.ad_id, res.ids[b, j].tolist())
+                      for ev, j, a in zip(evs, cols, sim_ads, strict=True)]
             scored.sort(key=lambda x: (-x[0], -x[1]))
             slate = [ServedAd(a, i, score=lp, expected_value=ev, semantic_id=sid)
                      for i, (ev, lp, a, sid) in enumerate(scored[: r.k])]
@@ -213,9 +201,8 @@ class DLRMPolicy:
                 out.append(ServedSlate(r.request_id, "dlrm", []))
                 continue
             p = torch.sigmoid(self.net(self._feats(r.user_id, r.context, servable)))
-            evs = [expected_value(self.world.ads[a].record.bid_type,
-                                  self.world.ads[a].record.bid, float(p[i, 0]), float(p[i, 1]))
-                   for i, a in enumerate(servable)]
+            evs = World.expected_values([self.world.ads[a] for a in servable],
+                                        p[:, 0].tolist(), p[:, 1].tolist()).tolist()
             order = sorted(range(len(servable)), key=lambda i: (-evs[i], servable[i]))[: r.k]
             out.append(ServedSlate(r.request_id, "dlrm", [
                 ServedAd(servable[i], pos, score=evs[i], expected_value=evs[i])
@@ -258,8 +245,8 @@ class PopularityPolicy:
         self.shown: dict[str, float] = {}
 
     def _score(self, ad_id: str) -> float:
-        rec = self.world.ads[ad_id].record
-        prior_rate = expected_value(rec.bid_type, rec.bid, 0.01, 0.05)  # a flat prior
+        ad = self.world.ads[ad_id]
+        prior_rate = float(World.expected_values([ad], [0.01], [0.05])[0])  # a flat prior
         return (self.revenue.get(ad_id, 0.0) + self.prior * prior_rate) / (
             self.shown.get(ad_id, 0.0) + self.prior)
 

@@ -100,19 +100,6 @@ def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
                      t(converted), t(weight))
 
 
-def _level_logprob(model: GenerativeRecommender, b: ListBatch
-                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-level log-probs of every list item [B, K, T], plus the encoder memory."""
-    B, K, T = b.items.shape
-    memory, mask, lower = model.encode(b.history, b.history_mask, b.context)
-    flat = b.items.reshape(B * K, T)
-    logits = model.decoder.teacher_forced(memory.repeat_interleave(K, 0),
-                                          mask.repeat_interleave(K, 0),
-                                          lower.repeat_interleave(K, 0), flat)
-    logp = torch.log_softmax(logits, -1).gather(-1, flat.unsqueeze(-1))[..., 0]
-    return logp.reshape(B, K, T), memory, mask
-
-
 def ndcg_of_scores(scores: Tensor, rewards: Tensor, mask: Tensor) -> Tensor:
     """Value-weighted NDCG of ranking each list's items by ``scores``: [B] (NaN-free)."""
     neg = torch.finfo(scores.dtype).min
@@ -153,10 +140,10 @@ class OnlineLearner:
     def update(self, b: ListBatch) -> dict[str, float]:
         """One optimizer step on a batch of lists; returns the loss terms and diagnostics."""
         self.model.train()
-        level_logp, memory, mem_mask = _level_logprob(self.model, b)
+        level_logp, memory, mem_mask = self.model.level_logprob_and_memory(b, b.items)
         logp = (level_logp * b.item_mask.unsqueeze(-1)).sum(-1)                # [B, K]
         with torch.no_grad():
-            ref_level, _, _ = _level_logprob(self.ref, b)
+            ref_level, _, _ = self.ref.level_logprob_and_memory(b, b.items)
         logp_ref = (ref_level * b.item_mask.unsqueeze(-1)).sum(-1)
         l_rspo, stats = rspo_loss(logp, logp_ref, b.rewards, b.item_mask, self.cfg.beta,
                                   b.list_weight, self.cfg.min_gap)
@@ -192,7 +179,7 @@ class OnlineLearner:
     def holdout_ndcg(self, model: GenerativeRecommender, b: ListBatch) -> float:
         """Mean value-NDCG of ranking held-out slates by the model's sequence log-prob."""
         model.eval()
-        level_logp, _, _ = _level_logprob(model, b)
+        level_logp, _, _ = model.level_logprob_and_memory(b, b.items)
         scores = (level_logp * b.item_mask.unsqueeze(-1)).sum(-1)
         has_value = (b.rewards * b.item_mask).sum(1) > 0
         if not bool(has_value.any()):

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import math
+import shutil
 import signal
 import statistics
 import threading
@@ -158,8 +159,6 @@ class Demo:
         from learner.pretrain import PretrainSettings, pretrain
 
         pre_dir = self.run_dir / "pretrain"
-        import shutil
-
         shutil.rmtree(pre_dir, ignore_errors=True)
         res = pretrain(PretrainSettings(
             run_dir=pre_dir, encoder=s.encoder, steps=s.pretrain_steps, level_sizes="64,32,16",
@@ -189,8 +188,6 @@ class Demo:
         st.add("serve", ["serve", *kafka, "--port", str(ports["serve"]),
                          "--cache-dir", str(self.run_dir / "server-cache")],
                f"http://127.0.0.1:{ports['serve']}/readyz")
-        import shutil
-
         shutil.rmtree(self.run_dir / "learner", ignore_errors=True)
         shutil.rmtree(self.run_dir / "snapshots", ignore_errors=True)
         for name in ("join", "learn", "serve"):
