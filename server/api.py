@@ -19,7 +19,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from server import metrics as M
 from server.batcher import OverloadedError
@@ -56,6 +56,14 @@ class RecommendRequest(BaseModel):
     event_time: float | None = Field(
         None, ge=0, description="event time of the request (seconds since the epoch) for "
         "simulated-time replays; the server's clock when absent")
+
+    @field_validator("k", "event_time", mode="before")
+    @classmethod
+    def _json_numbers_only(cls, v: Any) -> Any:
+        """JSON numbers only: no ``"10"`` for 10 and no ``false`` for 0 (16.0 is 16)."""
+        if isinstance(v, bool | str):
+            raise ValueError(f"must be a JSON number, not {type(v).__name__}")
+        return v
 
 
 class RecommendedAd(BaseModel):
@@ -249,12 +257,17 @@ def create_api(service: Service) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(admin)])
+    admin_responses: dict[int | str, dict[str, Any]] = {
+        401: {"description": "missing or wrong bearer token"},
+        403: {"description": "admin endpoints are disabled (no token configured)"}}
+
+    @app.get("/v1/models", dependencies=[Depends(admin)], responses=admin_responses)
     async def models() -> dict[str, Any]:
         return service.models.describe()
 
     @app.post("/v1/models/rollback", dependencies=[Depends(admin)],
-              responses={409: {"description": "no such kept version, or it failed to load"}})
+              responses={**admin_responses,
+                         409: {"description": "no such kept version, or it failed to load"}})
     async def rollback(request: Request, body: RollbackRequest | None = None) -> JSONResponse:
         version = body.version if body is not None else None
         result, target = await asyncio.to_thread(service.models.rollback, version)

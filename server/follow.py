@@ -4,7 +4,8 @@ The server's view of ``ads`` and ``model-updates`` is rebuilt from offset 0 at e
 start (assign + seek_to_beginning, nothing committed), then followed. A broker that
 is down delays the follower (it retries with backoff); it never stops the server.
 Undecodable records are counted in ``adloop_server_bad_records_total`` and skipped
-(they are not dead-lettered: every replica re-reads the topic at every start).
+(not dead-lettered here: every replica re-reads the topic at every start; the learner
+is the ``ads`` consumer that dead-letters them, once per offset).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class TopicFollower:
                         consumer.close(autocommit=False)
 
     def _open(self) -> KafkaConsumer:
-        consumer = KafkaConsumer(bootstrap_servers=self.kafka.bootstrap_servers,
+        consumer = KafkaConsumer(**self.kafka.client_config(),
                                  client_id=f"{self.kafka.client_id}-server-{self.topic}",
                                  group_id=None, enable_auto_commit=False,
                                  isolation_level="read_committed", fetch_max_wait_ms=100,

@@ -28,6 +28,8 @@ IMPRESSIONS = counter("adloop_server_impressions_produced_total",
 IMPRESSIONS_DROPPED = counter("adloop_server_impressions_dropped_total",
                               "Impressions not logged: buffer overflow or produce failure.",
                               ("reason",))
+IMPRESSIONS_REPLAYED = counter("adloop_server_impressions_replayed_total",
+                               "Spooled impressions of an earlier process produced at start.")
 IMPRESSION_BUFFER = gauge("adloop_server_impression_buffer_records",
                           "Impressions waiting to be produced.")
 SWAPS = counter("adloop_server_swaps_total",

@@ -42,7 +42,8 @@ class Service:
         self.engine = Engine(self.models, self.catalog)
         self.batcher = Batcher(self.engine.run, self.controller, settings.max_batch_size,
                                settings.max_wait_ms / 1000.0, settings.workers)
-        self.impressions = (ImpressionLogger(kafka, settings.impression_buffer)
+        self.impressions = (ImpressionLogger(kafka, settings.impression_buffer,
+                                            spool_dir=settings.spool_dir())
                             if settings.log_impressions else None)
         self.ads_follower = TopicFollower(kafka, "ads", self._on_ads)
         self.updates_follower = (TopicFollower(kafka, "model-updates", self._on_updates,

@@ -56,6 +56,16 @@ class ServerSettings(BaseSettings):
     # impressions
     log_impressions: bool = Field(True, description="produce an impression per served slate")
     impression_buffer: int = Field(10_000, ge=1, description="impressions waiting for Kafka")
+    impression_spool: bool = Field(True, description="spool served impressions to local "
+                                   "files until Kafka acknowledges them (survives kill -9)")
+    impression_spool_dir: Path | None = Field(
+        None, description="spool directory, one per server process "
+        "(default: <cache-dir>/impression-spool)")
+
+    def spool_dir(self) -> Path | None:
+        if not (self.log_impressions and self.impression_spool):
+            return None
+        return self.impression_spool_dir or self.cache_dir / "impression-spool"
 
     # admin
     admin_token: str | None = Field(None, description="bearer token for /v1/models*; "
