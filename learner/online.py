@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from learner.checkpoint import TOKENIZER_DIR, load_model
@@ -73,6 +74,8 @@ FRESHNESS = histogram("adloop_learner_freshness_seconds",
                       "Newest trained record's Kafka append time -> snapshot announced.",
                       buckets=FRESHNESS_BUCKETS)
 MODEL_VERSION = gauge("adloop_learner_model_version", "Number of the last published version.")
+KAFKA_ERRORS = counter("adloop_learner_kafka_errors_total",
+                       "Loop steps interrupted by an unreachable Kafka (retried with backoff).")
 NEW_ADS = counter("adloop_learner_new_ads_total", "Ads that received an id online.")
 HOLDOUT = gauge("adloop_learner_holdout_ndcg", "Online-holdout value-NDCG, by model.", ("model",))
 
@@ -146,6 +149,8 @@ class LearnerService:
         self.seq = 0
         self.positions: dict[int, int] = {}
         self.next_version = 1
+        self.ads_checked = 0
+        """Offsets of ``ads`` below this were dead-lettered (if bad) before the checkpoint."""
         self.last_published: str | None = None
         self.pending_update: str | None = None
         self.watermark = 0.0
@@ -163,7 +168,7 @@ class LearnerService:
         self.model, self.tok, self.learner = self._load()
         self.consumer = EventConsumer(self.kafka, ["feedback"], s.group_id, dlq=self.producer,
                                       subscribe=False, max_poll_records=s.batch_lists)
-        self.ads_consumer = KafkaConsumer(bootstrap_servers=s.bootstrap_servers,
+        self.ads_consumer = KafkaConsumer(**self.kafka.client_config(),
                                           enable_auto_commit=False,
                                           isolation_level="read_committed")
 
@@ -185,6 +190,7 @@ class LearnerService:
             self.seq = int(st["seq"])
             self.positions = {int(k): int(v) for k, v in st["positions"].items()}
             self.next_version = int(st["next_version"])
+            self.ads_checked = int(st.get("ads_checked", 0))
             self.last_published = st["last_published"]
             self.pending_update = st["pending_update"]
             self.watermark = float(st["watermark"])
@@ -247,7 +253,13 @@ class LearnerService:
                 for m in msgs:
                     ad = decode(m.value, Ad)
                     if isinstance(ad, DecodeFailure):
-                        continue  # the ads consumers of record (server) dead-letter these
+                        # the learner is the ads consumer of record for dead letters (one
+                        # per model; servers only count them); each offset once
+                        if m.offset >= self.ads_checked:
+                            self.consumer.send_dead_letter("ads", m.partition, m.offset,
+                                                           ad.reason, ad.detail,
+                                                           m.value or b"", m.key)
+                        continue
                     if ad.ad_id not in self.tok:
                         new.append(ad)
             if new:
@@ -369,7 +381,17 @@ class LearnerService:
         self.last_published = version
         self.pending_update = json.dumps(_builtins(event))
         self.learner.refresh_reference()
-        self.commit()                                        # durable before announcing
+        self.finish_publish()
+        return True
+
+    def finish_publish(self) -> None:
+        """Checkpoint (durable before announcing), then announce ``pending_update``.
+
+        Retried by :meth:`step` until it goes through when Kafka is unreachable."""
+        assert self.pending_update is not None
+        event = decode(self.pending_update.encode(), ModelUpdate)
+        assert isinstance(event, ModelUpdate)
+        self.commit()
         self.publisher.announce(self.producer, event)
         self.pending_update = None
         now = time.time()
@@ -379,7 +401,6 @@ class LearnerService:
             FRESHNESS.observe(max(0.0, now - self.newest_append_ms / 1000.0))
         self.updates_since_publish = 0
         self.last_publish = time.monotonic()
-        return True
 
     # -- the commit path -----------------------------------------------------------------
     def commit(self) -> None:
@@ -395,6 +416,8 @@ class LearnerService:
             if off < self.positions.get(p, 0):
                 raise LedgerError(f"partition {p}: position {off} is behind the checkpoint's "
                                   f"{self.positions[p]} (offsets only increase)")
+        ads_tp = TopicPartition(self.topics.ads, 0)
+        ads_checked = max(self.ads_checked, self.ads_consumer.position(ads_tp))
         seq = self.seq + 1
         if self.ledger:
             seg = self.state_dir / "ledger" / f"{seq:08d}.jsonl"
@@ -411,6 +434,7 @@ class LearnerService:
             "tokenizer_dir": tok_dir, "id_space_version": self.tok.id_space_version,
             "positions": {str(p): o for p, o in positions.items()},
             "next_version": self.next_version, "last_published": self.last_published,
+            "ads_checked": ads_checked,
             "pending_update": self.pending_update, "watermark": self.watermark,
             "seen": [[k, [v[0], v[1]]] for k, v in self.seen.items()],
         }
@@ -421,6 +445,7 @@ class LearnerService:
             os.fsync(f.fileno())
         os.replace(tmp_state, self.state_dir / STATE_FILE)
         self.seq, self.positions, self.ledger = seq, positions, []
+        self.ads_checked = ads_checked
         for old in self.state_dir.glob(f"{TOKENIZER_DIR}.*"):
             if old.name != tok_dir:
                 shutil.rmtree(old, ignore_errors=True)
@@ -434,6 +459,8 @@ class LearnerService:
 
     # -- the loop ------------------------------------------------------------------------
     def step(self, poll_timeout_ms: int = 200) -> None:
+        if self.pending_update is not None:   # a publish that Kafka interrupted
+            self.finish_publish()
         room = max(1, self.s.batch_lists - len(self.pending))
         self.handle(self.consumer.poll(poll_timeout_ms, max_records=room))
         self.poll_ads()
@@ -454,10 +481,22 @@ class LearnerService:
 
     def run(self, stop: threading.Event) -> None:
         self.start()
+        backoff = 0.5
         while not stop.is_set():
-            self.step()
+            try:
+                self.step()
+                backoff = 0.5
+            except KafkaError as exc:   # broker unreachable: keep state, retry the step
+                KAFKA_ERRORS.inc()
+                log.warning("learner.kafka_unavailable", error=repr(exc)[:300],
+                            retry_in_s=backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
         self.train_pending()
-        self.commit()
+        if self.pending_update is not None:
+            self.finish_publish()
+        else:
+            self.commit()
 
     def close(self) -> None:
         self.consumer.close()

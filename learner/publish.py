@@ -50,7 +50,8 @@ VALIDATE_SECONDS = histogram("adloop_learner_validation_seconds",
                              "Wall time of the promotion guard (NaN check + holdout metric).")
 PUBLISHED = counter("adloop_learner_snapshots_published_total", "Snapshots stored and announced.")
 REFUSED = counter("adloop_learner_snapshots_refused_total",
-                  "Snapshots refused by the promotion guard, by reason.", ("reason",))
+                  "Snapshots not published (promotion guard or store unavailable), by reason.",
+                  ("reason",))
 
 
 class SnapshotRefusedError(RuntimeError):
@@ -184,7 +185,12 @@ class Publisher:
         VALIDATE_SECONDS.observe(validate_s)
 
         digest = hashlib.sha256((stage / "manifest.json").read_bytes()).hexdigest()
-        uri = self.store.put(stage, version)
+        try:
+            uri = self.store.put(stage, version)
+        except OSError as exc:   # store unreachable: nothing announced, the next one retries
+            shutil.rmtree(stage, ignore_errors=True)
+            self._refuse("store_unavailable", f"{version}: snapshot store {self.store.root}: "
+                         f"{exc}")
         shutil.rmtree(stage, ignore_errors=True)
         log.info("snapshot.stored", version=version, uri=uri, export_s=round(export_s, 3),
                  validate_s=round(validate_s, 3))
@@ -208,5 +214,9 @@ class Publisher:
         producer.send("model-updates", event)
         producer.flush(30)
         PUBLISHED.inc()
-        pruned = self.store.prune(self.keep, protect={event.version})
+        try:
+            pruned = self.store.prune(self.keep, protect={event.version})
+        except OSError as exc:   # pruning waits for the next publish
+            log.warning("snapshot.prune_failed", error=str(exc))
+            pruned = []
         log.info("snapshot.published", version=event.version, pruned=pruned)

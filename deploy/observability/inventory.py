@@ -103,12 +103,16 @@ METRICS: tuple[Metric, ...] = (
        "Impressions acknowledged by Kafka."),
     _m("adloop_server_impressions_dropped_total", "counter", "server", ("reason",),
        "Impressions not logged.", "reason: overflow (bounded buffer full), produce_error, "
-       "shutdown"),
+       "shutdown (only without a spool)"),
+    _m("adloop_server_impressions_replayed_total", "counter", "server", (),
+       "Spooled impressions an earlier server process left unacknowledged, produced again "
+       "at start (after a crash; the joiner drops copies already joined)."),
     _m("adloop_server_impression_buffer_records", "gauge", "server", (),
        "Impressions waiting to be produced."),
     _m("adloop_server_swaps_total", "counter", "server", ("result",),
        "Snapshot loads, by result.", "result: ok, rollback, or the step that refused it "
-       "(manifest, fetch, checksum, load, parity, nan, warmup)"),
+       "(manifest, fetch, checksum, load, parity, nan, warmup), or stale (an announcement "
+       "of data older than the serving version's)"),
     _m("adloop_server_snapshot_load_seconds", "histogram", "server", (),
        "Fetch + verify + load + warm-up + parity check of one snapshot."),
     _m("adloop_server_model_version_info", "gauge", "server", ("version",),
@@ -179,6 +183,9 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_learner_model_version", "gauge", "learn", (),
        "Number of the last published version."),
     _m("adloop_learner_new_ads_total", "counter", "learn", (), "Ads that received an id online."),
+    _m("adloop_learner_kafka_errors_total", "counter", "learn", (),
+       "Loop steps interrupted by an unreachable Kafka (the step is retried with backoff; "
+       "nothing trained is lost)."),
     _m("adloop_learner_holdout_ndcg", "gauge", "learn", ("model",),
        "Online-holdout value-NDCG.", "model: serving, candidate"),
     _m("adloop_learner_export_seconds", "histogram", "learn", (),
@@ -188,7 +195,8 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_learner_snapshots_published_total", "counter", "learn", (),
        "Snapshots stored and announced on `model-updates`."),
     _m("adloop_learner_snapshots_refused_total", "counter", "learn", ("reason",),
-       "Snapshots the promotion guard refused.", "reason: nan, parity, regression"),
+       "Snapshots not published: refused by the promotion guard, or the store was "
+       "unreachable.", "reason: nan, parity, regression, store_unavailable"),
     # --- traffic: adloop replay (streams/traffic.py) -------------------------------------
     _m("adloop_traffic_requests_total", "counter", "replay", ("outcome",),
        "Recommend requests, by outcome.", "outcome: ok, shed, unavailable, timeout, "
