@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.logs import get_logger
@@ -52,6 +52,10 @@ class BrokerSettings(BaseSettings):
     java: str = Field("java", description="the java executable (JDK 17+)")
     start_timeout_s: float = Field(90.0, description="how long to wait for readiness")
     stop_timeout_s: float = Field(30.0, description="how long to wait after SIGTERM")
+    sasl_port: int = Field(0, description="also listen with SASL_PLAINTEXT (PLAIN) on this "
+                           "port; 0 = off (for trying secured clients locally)")
+    sasl_users: dict[str, SecretStr] = Field(
+        default_factory=dict, description="PLAIN users of the SASL listener (name -> password)")
 
 
 def _free_port(host: str) -> int:
@@ -119,15 +123,29 @@ class EmbeddedBroker:
     def server_properties(self) -> str:
         s = self.settings
         logs = self.data_dir / "kraft-logs"
+        listeners = f"PLAINTEXT://{s.host}:{s.port},CONTROLLER://{s.host}:{s.controller_port}"
+        advertised = f"PLAINTEXT://{s.host}:{s.port}"
+        protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+        sasl: list[str] = []
+        if s.sasl_port:
+            listeners += f",SASL_PLAINTEXT://{s.host}:{s.sasl_port}"
+            advertised += f",SASL_PLAINTEXT://{s.host}:{s.sasl_port}"
+            protocols += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
+            users = " ".join(f'user_{u}="{p.get_secret_value()}"'
+                             for u, p in s.sasl_users.items())
+            sasl = ["sasl.enabled.mechanisms=PLAIN",
+                    "listener.name.sasl_plaintext.plain.sasl.jaas.config="
+                    f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};"]
         return "\n".join([
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.voters=1@{s.host}:{s.controller_port}",
-            f"listeners=PLAINTEXT://{s.host}:{s.port},CONTROLLER://{s.host}:{s.controller_port}",
-            f"advertised.listeners=PLAINTEXT://{s.host}:{s.port}",
+            f"listeners={listeners}",
+            f"advertised.listeners={advertised}",
             "controller.listener.names=CONTROLLER",
             "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            f"listener.security.protocol.map={protocols}",
+            *sasl,
             f"log.dirs={logs}",
             "num.partitions=1",
             "auto.create.topics.enable=false",

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     kafka = settings_from_args(KafkaSettings, args)
     if args.action == "create":
         created = create_topics(kafka.bootstrap_servers, kafka.topic_prefix,
-                                args.replication_factor)
+                                args.replication_factor, kafka.security_config())
         for name, what in created.items():
             print(f"{name:40s} {what}")
         return 0
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{Topics(kafka.topic_prefix).name(name):30s} {spec.record.__name__:12s} "
                   f"partitions={spec.partitions} key={spec.key!r} {spec.configs}")
         return 0
-    admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+    admin = KafkaAdminClient(**kafka.client_config())
     try:
         for name in sorted(admin.list_topics()):
             print(name)

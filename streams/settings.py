@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, TypeVar, get_args, get_origin
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 S = TypeVar("S", bound=BaseSettings)
@@ -29,7 +29,12 @@ def cache_dir() -> Path:
 
 
 class KafkaSettings(BaseSettings):
-    """How a process reaches Kafka. Embedded into each process's settings."""
+    """How a process reaches Kafka. Embedded into each process's settings.
+
+    PLAINTEXT by default (the embedded broker); TLS and SASL for a secured cluster
+    (docs/security.md). The SASL password is read from the environment only
+    (``ADLOOP_SASL_PASSWORD``), never from a flag, and never printed.
+    """
 
     model_config = SettingsConfigDict(env_prefix="ADLOOP_", extra="ignore")
 
@@ -37,6 +42,43 @@ class KafkaSettings(BaseSettings):
     topic_prefix: str = ""
     """Prepended to every topic name; tests give each test its own prefix."""
     client_id: str = "adloop"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism (with SASL_PLAINTEXT / SASL_SSL)")
+    sasl_username: str | None = Field(None, description="SASL user name")
+    sasl_password: SecretStr | None = Field(
+        None, description="SASL password (environment ADLOOP_SASL_PASSWORD only)")
+    ssl_cafile: Path | None = Field(None, description="CA bundle that signed the brokers")
+    ssl_certfile: Path | None = Field(None, description="client certificate (mutual TLS)")
+    ssl_keyfile: Path | None = Field(None, description="client key (mutual TLS)")
+
+    def model_post_init(self, _ctx: object) -> None:
+        if self.security_protocol.startswith("SASL_") and not (
+                self.sasl_mechanism and self.sasl_username and self.sasl_password):
+            raise ValueError(f"security_protocol {self.security_protocol} needs "
+                             "sasl_mechanism, sasl_username and ADLOOP_SASL_PASSWORD")
+
+    def security_config(self) -> dict[str, Any]:
+        """kafka-python client arguments for TLS / SASL (none for PLAINTEXT)."""
+        cfg: dict[str, Any] = {}
+        if self.security_protocol == "PLAINTEXT":
+            return cfg
+        cfg["security_protocol"] = self.security_protocol
+        if self.security_protocol.startswith("SASL_"):
+            assert self.sasl_password is not None
+            cfg.update(sasl_mechanism=self.sasl_mechanism,
+                       sasl_plain_username=self.sasl_username,
+                       sasl_plain_password=self.sasl_password.get_secret_value())
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            value = getattr(self, name)
+            if value is not None:
+                cfg[name] = str(value)
+        return cfg
+
+    def client_config(self, **extra: Any) -> dict[str, Any]:
+        """Arguments for any kafka-python client of this cluster (plus ``extra``)."""
+        return {"bootstrap_servers": self.bootstrap_servers, **self.security_config(), **extra}
 
 
 def _flag(name: str) -> str:
@@ -61,6 +103,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel]
     """Add one ``--flag`` per settings field; defaults stay ``None`` so env/defaults win."""
     group = parser.add_argument_group(f"{cls.__name__} (env ADLOOP_<NAME>)")
     for name, field in cls.model_fields.items():
+        if SecretStr in (field.annotation, *get_args(field.annotation)):
+            continue   # secrets come from the environment only, never from a flag
         help_text = field.description or ""
         if field.annotation is bool:
             group.add_argument(

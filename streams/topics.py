@@ -7,7 +7,9 @@ partition and impressions, clicks, conversions and feedback are co-partitioned
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
@@ -109,13 +111,16 @@ class Topics:
 
 
 def create_topics(bootstrap_servers: str, prefix: str = "",
-                  replication_factor: int = 1) -> dict[str, str]:
+                  replication_factor: int = 1,
+                  security: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Create every topic that does not exist yet. Idempotent.
 
+    ``security``: TLS/SASL client arguments (:meth:`KafkaSettings.security_config`).
     Returns ``{physical name: "created" | "exists"}``.
     """
     topics = Topics(prefix)
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="adloop-topics")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="adloop-topics",
+                             **(security or {}))
     try:
         existing = set(admin.list_topics())
         result: dict[str, str] = {}

@@ -56,3 +56,28 @@ def test_compose_mounts_exist_and_secrets_are_not_committed() -> None:
         for key, value in (svc.get("environment") or {}).items():
             if any(word in key for word in ("TOKEN", "PASSWORD", "SECRET")):
                 assert str(value).startswith("${"), f"{key} must come from the environment"
+
+
+def test_the_sasl_override_wires_every_client_and_takes_the_password_from_the_env() -> None:
+    exe = shutil.which("docker-compose")
+    assert exe is not None
+    files = ["-f", str(ROOT / "compose.yaml"), "-f", str(ROOT / "deploy" / "compose.sasl.yaml")]
+    env = dict(os.environ, COMPOSE_PROFILES="single,traffic")
+    env.pop("ADLOOP_SASL_PASSWORD", None)
+    res = subprocess.run([exe, *files, "config"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode != 0 and "ADLOOP_SASL_PASSWORD" in res.stderr   # no default secret
+    res = subprocess.run([exe, *files, "config"], cwd=ROOT, capture_output=True, text=True,
+                         env={**env, "ADLOOP_SASL_PASSWORD": "from-the-env"}, timeout=60)
+    assert res.returncode == 0, res.stderr
+    cfg = yaml.safe_load(res.stdout)
+    for name in ("topics", "join", "learn", "serve-1", "serve-2", "replay"):
+        e = cfg["services"][name]["environment"]
+        assert e["ADLOOP_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT", name
+        assert e["ADLOOP_SASL_PASSWORD"] == "from-the-env" and e["ADLOOP_BOOTSTRAP_SERVERS"] \
+            == "kafka:9094", name
+    assert cfg["services"]["serve-1"]["environment"]["ADLOOP_SERVER_ID"] == "serve-1"
+    jaas = cfg["services"]["kafka"]["environment"][
+        "KAFKA_LISTENER_NAME_SASL__PLAINTEXT_PLAIN_SASL_JAAS_CONFIG"]
+    assert 'user_adloop="from-the-env"' in jaas
+    assert "from-the-env" not in (ROOT / "deploy" / "compose.sasl.yaml").read_text()
