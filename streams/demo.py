@@ -38,7 +38,7 @@ from streams.kafka_io import EventProducer
 from streams.logs import get_logger
 from streams.metrics import start_metrics_server
 from streams.settings import add_settings_arguments, settings_from_args
-from streams.simulator import World, WorldConfig
+from streams.simulator import DelayModel, World, WorldConfig
 from streams.stack import LocalStack, free_port
 from streams.traffic import Emitter, HttpOptions, Ledger, RunStats, TrafficDriver
 
@@ -65,6 +65,16 @@ class DemoSettings(BaseSettings):
     metrics_port: int = Field(9304, description="the demo's own /metrics (traffic metrics)")
     server_port: int = Field(0, description="the server's HTTP port (0 = a free one)")
     threads: int = Field(1, description="torch threads of the learner")
+    bootstrap_servers: str = Field("", description="use this Kafka instead of starting the "
+                                   "embedded broker")
+    topic_prefix: str = Field("", description="prepended to every topic name")
+    snapshot_every_s: float = Field(15.0, description="the learner publishes at least this "
+                                    "often (wall seconds) while it trains")
+    observation_window_s: float = Field(300.0, description="joiner observation window "
+                                        "(simulated seconds until the provisional list)")
+    attribution_window_s: float = Field(3600.0, description="joiner attribution window "
+                                        "(simulated seconds; also the world's conversion "
+                                        "delay scale)")
 
 
 # -- small helpers ---------------------------------------------------------------------
@@ -129,7 +139,8 @@ class Demo:
         self.run_dir = Path(s.out)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.stop = threading.Event()
-        self.stack = LocalStack(self.run_dir / "stack")
+        self.stack = LocalStack(self.run_dir / "stack", s.bootstrap_servers or None,
+                                s.topic_prefix)
         self.step_no = 0
         self.t0 = time.monotonic()
 
@@ -145,12 +156,13 @@ class Demo:
         s = self.s
         self.step("starting Apache Kafka (embedded, KRaft) and creating topics")
         self.stack.start_broker()
-        assert self.stack.broker is not None
-        self.say(f"     Kafka {self.stack.broker.version} on {self.stack.kafka.bootstrap_servers}")
+        version = self.stack.broker.version if self.stack.broker else "(external)"
+        self.say(f"     Kafka {version} on {self.stack.kafka.bootstrap_servers}")
         self.step(f"simulated world (seed {s.seed}): {s.n_users} users, {s.n_ads} ads; "
                   f"logging {s.log_requests} random-policy requests for pretraining")
         world = World(WorldConfig(seed=s.seed, n_users=s.n_users, n_ads=s.n_ads,
-                                  new_ads_per_hour=s.new_ads_per_hour, request_rate=2.0))
+                                  new_ads_per_hour=s.new_ads_per_hour, request_rate=2.0,
+                                  delays=DelayModel(window_s=s.attribution_window_s)))
         from streams.evaluation import EvalConfig, logging_phase
 
         logs = logging_phase(world, EvalConfig(log_requests=s.log_requests), s.seed)
@@ -176,13 +188,14 @@ class Demo:
                  "serve": self.s.server_port or free_port()}
         kafka = st.kafka_args()
         st.add("join", ["join", *kafka, "--metrics-port", str(ports["join"]),
-                        "--observation-window-s", "300", "--attribution-window-s", "3600"],
+                        "--observation-window-s", str(self.s.observation_window_s),
+                        "--attribution-window-s", str(self.s.attribution_window_s)],
                f"http://127.0.0.1:{ports['join']}/readyz")
         st.add("learn", ["learn", *kafka, "--init-run-dir", str(pre_dir),
                          "--state-dir", str(self.run_dir / "learner"),
                          "--snapshot-store", str(self.run_dir / "snapshots"),
                          "--metrics-port", str(ports["learn"]), "--batch-lists", "64",
-                         "--max-wait-s", "1.0", "--snapshot-every-s", "15",
+                         "--max-wait-s", "1.0", "--snapshot-every-s", str(self.s.snapshot_every_s),
                          "--snapshot-every-updates", "30", "--threads", str(self.s.threads)],
                f"http://127.0.0.1:{ports['learn']}/readyz")
         st.add("serve", ["serve", *kafka, "--port", str(ports["serve"]),

@@ -1,0 +1,247 @@
+"""Account for every event of a run: the ledger checker of the fault runs.
+
+The traffic driver's :class:`~streams.traffic.Ledger` says what the world did (every
+request answered, click and conversion produced); the fault injector adds the
+malformed records it wrote. After the run this module reads what the loop made of
+it (``impressions``, ``feedback``, ``dlq`` and the learner's training ledger) and
+reconciles, per phase of the run:
+
+* every answered request has its impression and **exactly one** final feedback list
+  (none: *lost*; more: *doubled*), at most one provisional list, and the final's
+  per-item clicks, conversions and values are what the ledger says happened inside
+  the attribution window (else *wrong*);
+* every click and conversion is in its request's final list, or in ``dlq`` with a
+  reason (``late`` outside the window, ``orphan`` without an impression);
+* every malformed record is in ``dlq`` with a reason;
+* the learner's ledger holds each feedback offset at most once (*trained twice*
+  counts as doubled) and, up to its checkpoint, every offset (a gap: *untrained*).
+
+Dead letters are matched by their source coordinates, so a dead letter written
+twice (the at-least-once edge of a crash between the write and the offset commit)
+counts once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streams.kafka_io import Received
+from streams.schemas import DeadLetter, Feedback, Impression
+
+
+@dataclass(frozen=True)
+class Malformed:
+    phase: str
+    topic: str
+    raw: bytes
+
+
+@dataclass
+class Row:
+    """One line of the fault table."""
+
+    fault: str
+    events_in: int = 0
+    accounted: int = 0
+    lost: int = 0
+    doubled: int = 0
+    dead_lettered: int = 0
+    wrong: int = 0
+    """Final lists whose rewards disagree with the ledger."""
+    untrained: int = 0
+    """Feedback offsets below the learner's checkpoint missing from its ledger."""
+    late_inside_window: int = 0
+    """Events dead-lettered as ``late`` although their event time was inside the window
+    (accounted for, but the join was wrong: e.g. a watermark pushed ahead by clock skew)."""
+    recovery_s: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Observed:
+    """What the loop wrote, read back from Kafka and the learner's state directory."""
+
+    impressions: Counter[str] = field(default_factory=Counter)
+    finals: dict[str, list[Feedback]] = field(default_factory=lambda: defaultdict(list))
+    provisionals: Counter[str] = field(default_factory=Counter)
+    feedback_offsets: dict[tuple[int, int], str] = field(default_factory=dict)
+    """(partition, offset) of every feedback record -> its request id."""
+    dead: dict[tuple[str, int, int], DeadLetter] = field(default_factory=dict)
+    trained: Counter[tuple[int, int]] = field(default_factory=Counter)
+    learner_positions: dict[int, int] = field(default_factory=dict)
+
+    def add_impression(self, imp: Impression) -> None:
+        self.impressions[imp.request_id] += 1
+
+    def add_feedback(self, partition: int, offset: int, fb: Feedback) -> None:
+        self.feedback_offsets[(partition, offset)] = fb.request_id
+        if fb.kind == "final":
+            self.finals[fb.request_id].append(fb)
+        elif fb.kind == "provisional":
+            self.provisionals[fb.request_id] += 1
+
+    def add_dead_letter(self, d: DeadLetter) -> None:
+        self.dead[(d.source_topic, d.partition, d.offset)] = d
+
+    def dead_event_ids(self) -> dict[str, str]:
+        """event id -> reason, for dead-lettered clicks and conversions."""
+        out: dict[str, str] = {}
+        for d in self.dead.values():
+            try:
+                obj = json.loads(d.raw())
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and isinstance(obj.get("event_id"), str):
+                out[obj["event_id"]] = d.reason
+        return out
+
+    def dead_impressions(self) -> dict[str, str]:
+        """Request id -> reason, for dead-lettered impressions."""
+        out: dict[str, str] = {}
+        for d in self.dead.values():
+            if d.source_topic != "impressions":
+                continue
+            try:
+                obj = json.loads(d.raw())
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and isinstance(obj.get("request_id"), str):
+                out[obj["request_id"]] = d.reason
+        return out
+
+    def dead_raw(self) -> dict[tuple[str, bytes], str]:
+        return {(d.source_topic, d.raw()): d.reason for d in self.dead.values()}
+
+
+def read_learner_ledger(state_dir: Path, obs: Observed,
+                        positions: dict[int, int] | None = None) -> None:
+    """The learner's training ledger segments (``<state-dir>/ledger/*.jsonl``) and the
+    feedback positions of its last checkpoint (mirrored to its consumer group)."""
+    for seg in sorted((state_dir / "ledger").glob("*.jsonl")):
+        for line in seg.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                obs.trained[(int(r["p"]), int(r["o"]))] += 1
+    obs.learner_positions = dict(positions or {})
+
+
+def observe(impressions: Iterable[Received[Any]], feedback: Iterable[Received[Any]],
+            dlq: Iterable[Received[Any]]) -> Observed:
+    """Build :class:`Observed` from the decoded records of ``impressions``, ``feedback``
+    and ``dlq`` (e.g. :func:`streams.kafka_io.read_all`)."""
+    obs = Observed()
+    for r in impressions:
+        obs.add_impression(r.record)
+    for r in feedback:
+        obs.add_feedback(r.partition, r.offset, r.record)
+    for r in dlq:
+        obs.add_dead_letter(r.record)
+    return obs
+
+
+def reconcile(ledger: Sequence[dict[str, Any]], obs: Observed, phase_of: dict[str, str],
+              phases: Sequence[str], attribution_window_s: float,
+              malformed: Sequence[Malformed] = ()) -> dict[str, Row]:
+    """One :class:`Row` per phase (see the module docstring for the rules).
+
+    ``phase_of`` maps the request ids to account for to their phase (requests of other
+    stretches of the run, e.g. a warm-up, are left out)."""
+    rows = {p: Row(p) for p in phases}
+    requests: dict[str, tuple[str, float]] = {}   # id -> (phase, event time)
+    for e in ledger:
+        if e["kind"] == "request" and e["outcome"] == "ok" and e["request_id"] in phase_of:
+            requests[e["request_id"]] = (phase_of[e["request_id"]], float(e["t"]))
+    actions: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for e in ledger:
+        if e["kind"] in ("click", "conversion") and e["request_id"] in requests:
+            actions[e["request_id"]].append(e)
+    dead_ids = obs.dead_event_ids()
+    dead_requests = obs.dead_impressions()
+
+    for rid, (ph, t0) in requests.items():
+        row = rows[ph]
+        acts = actions.get(rid, [])
+        row.events_in += 1 + len(acts)
+        finals = obs.finals.get(rid, [])
+        if len(finals) > 1:
+            row.doubled += len(finals) - 1
+        if obs.provisionals.get(rid, 0) > 1:
+            row.doubled += obs.provisionals[rid] - 1
+        if not finals and rid in dead_requests:    # the impression itself was rejected
+            row.dead_lettered += 1 + len(acts)
+            row.accounted += 1 + len(acts)
+            row.late_inside_window += dead_requests[rid] == "late"
+            continue
+        if not finals:
+            row.lost += 1
+            lost_ids = [a["event_id"] for a in acts if a["event_id"] not in dead_ids]
+            row.lost += len(lost_ids)
+            row.dead_lettered += len(acts) - len(lost_ids)
+            row.accounted += len(acts) - len(lost_ids)
+            row.detail.setdefault("lost_requests", []).append(rid)
+            continue
+        row.accounted += 1
+        final = finals[0]
+        by_ad = {it.ad_id: it for it in final.items}
+        clicked: set[str] = set()
+        values: dict[str, float] = defaultdict(float)
+        for a in acts:
+            inside = a["t"] <= t0 + attribution_window_s
+            if a["event_id"] in dead_ids:
+                row.dead_lettered += 1
+                row.accounted += 1
+                if inside and dead_ids[a["event_id"]] == "late":
+                    row.late_inside_window += 1
+                continue
+            if not inside:          # outside the window yet not dead-lettered
+                row.lost += 1
+                row.detail.setdefault("lost_events", []).append(a["event_id"])
+                continue
+            if a["kind"] == "click":
+                clicked.add(a["ad_id"])
+            else:
+                values[a["ad_id"]] += float(a["value"])
+            row.accounted += 1
+        for ad_id, it in by_ad.items():
+            ok = it.clicked == (ad_id in clicked) and it.converted == (ad_id in values) \
+                and abs(it.conversion_value - round(values.get(ad_id, 0.0), 9)) < 1e-6
+            if not ok:
+                row.wrong += 1
+                row.detail.setdefault("wrong_requests", []).append(rid)
+                break
+
+    dead_raw = obs.dead_raw()
+    for m in malformed:
+        row = rows[m.phase]
+        row.events_in += 1
+        if (m.topic, m.raw) in dead_raw:
+            row.accounted += 1
+            row.dead_lettered += 1
+        else:
+            row.lost += 1
+            row.detail.setdefault("malformed_not_dead_lettered", []).append(m.topic)
+
+    # training: each feedback offset at most once; none missing below the checkpoint
+    for (p, o), n in obs.trained.items():
+        fb_rid = obs.feedback_offsets.get((p, o))
+        fb_ph = requests[fb_rid][0] if fb_rid is not None and fb_rid in requests else None
+        if n > 1 and fb_ph is not None:
+            rows[fb_ph].doubled += n - 1
+            rows[fb_ph].detail.setdefault("trained_twice", []).append([p, o])
+    for (p, o), rid in obs.feedback_offsets.items():
+        if o < obs.learner_positions.get(p, 0) and (p, o) not in obs.trained \
+                and rid in requests:
+            rows[requests[rid][0]].untrained += 1
+    for row in rows.values():   # keep the detail readable
+        for k, v in row.detail.items():
+            if isinstance(v, list) and len(v) > 10:
+                row.detail[k] = [*v[:10], f"... {len(v) - 10} more"]
+    return rows

@@ -1,0 +1,107 @@
+"""The ledger checker finds every kind of loss and duplication it is meant to find."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from streams.reconcile import Malformed, Observed, reconcile
+from streams.schemas import DeadLetter, Feedback, FeedbackItem
+
+W = 600.0
+
+
+def _req(rid: str, t: float = 0.0) -> dict[str, Any]:
+    return {"kind": "request", "request_id": rid, "outcome": "ok", "t": t, "ads": ["a", "b"]}
+
+
+def _click(rid: str, ad: str, t: float) -> dict[str, Any]:
+    return {"kind": "click", "event_id": f"{rid}:click:{ad}", "request_id": rid, "ad_id": ad,
+            "t": t}
+
+
+def _final(rid: str, clicked: frozenset[str] = frozenset(), revision: int = 1) -> Feedback:
+    items = [FeedbackItem(ad_id=a, semantic_id=[i], position=i, score=0.0, bid=1.0,
+                          bid_type="cpc", clicked=a in clicked, reward=float(a in clicked))
+             for i, a in enumerate(("a", "b"))]
+    return Feedback(request_id=rid, user_id="u", kind="final", revision=revision,
+                    impression_time=0.0, event_time=W, elapsed_s=W, window_closed=True,
+                    items=items)
+
+
+def _dead(topic: str, raw: bytes, offset: int, reason: str = "invalid") -> DeadLetter:
+    return DeadLetter.of(source_topic=topic, partition=0, offset=offset, reason=reason,  # type: ignore[arg-type]
+                         detail="", raw=raw)
+
+
+def _observed(finals: list[Feedback], dead: Sequence[DeadLetter] = ()) -> Observed:
+    obs = Observed()
+    for i, fb in enumerate(finals):
+        obs.add_feedback(0, i, fb)
+    for d in dead:
+        obs.add_dead_letter(d)
+    return obs
+
+
+def test_a_clean_run_accounts_for_every_event() -> None:
+    ledger = [_req("r1"), _click("r1", "a", 5.0), _req("r2")]
+    obs = _observed([_final("r1", frozenset({"a"})), _final("r2")])
+    row = reconcile(ledger, obs, {"r1": "p", "r2": "p"}, ["p"], W)["p"]
+    assert (row.events_in, row.accounted, row.lost, row.doubled, row.wrong) == (3, 3, 0, 0, 0)
+
+
+def test_a_missing_final_is_lost_with_its_clicks_and_a_second_final_is_doubled() -> None:
+    ledger = [_req("r1"), _click("r1", "a", 5.0), _req("r2")]
+    obs = _observed([_final("r2"), _final("r2", revision=2)])
+    row = reconcile(ledger, obs, {"r1": "p", "r2": "p"}, ["p"], W)["p"]
+    assert row.lost == 2 and row.doubled == 1 and row.accounted == 1
+    assert row.detail["lost_requests"] == ["r1"]
+
+
+def test_a_final_that_misses_a_click_is_wrong() -> None:
+    ledger = [_req("r1"), _click("r1", "b", 5.0)]
+    row = reconcile(ledger, _observed([_final("r1")]), {"r1": "p"}, ["p"], W)["p"]
+    assert row.wrong == 1
+
+
+def test_a_late_click_must_be_dead_lettered_to_count() -> None:
+    late = _click("r1", "a", W + 50)
+    ledger = [_req("r1"), late]
+    row = reconcile(ledger, _observed([_final("r1")]), {"r1": "p"}, ["p"], W)["p"]
+    assert row.lost == 1 and row.detail["lost_events"] == [late["event_id"]]
+    raw = b'{"event_id":"' + late["event_id"].encode() + b'"}'
+    row = reconcile(ledger, _observed([_final("r1")], [_dead("clicks", raw, 7, "late")]),
+                    {"r1": "p"}, ["p"], W)["p"]
+    assert (row.lost, row.dead_lettered, row.accounted) == (0, 1, 2)
+    assert row.late_inside_window == 0
+
+
+def test_an_event_dead_lettered_late_inside_its_window_is_flagged() -> None:
+    click = _click("r1", "a", 30.0)
+    raw = b'{"event_id":"' + click["event_id"].encode() + b'"}'
+    row = reconcile([_req("r1"), click], _observed([_final("r1")], [_dead("clicks", raw, 1,
+                                                                          "late")]),
+                    {"r1": "p"}, ["p"], W)["p"]
+    assert row.lost == 0 and row.late_inside_window == 1
+
+
+def test_malformed_records_count_only_when_they_are_in_the_dlq() -> None:
+    bad = [Malformed("p", "clicks", b"not json 1"), Malformed("p", "ads", b"not json 2")]
+    obs = _observed([], [_dead("clicks", b"not json 1", 3), _dead("clicks", b"not json 1", 3)])
+    row = reconcile([], obs, {}, ["p"], W, bad)["p"]
+    assert (row.events_in, row.dead_lettered, row.lost) == (2, 1, 1)
+    assert row.detail["malformed_not_dead_lettered"] == ["ads"]
+
+
+def test_a_feedback_offset_trained_twice_is_doubled_and_a_gap_is_untrained() -> None:
+    obs = _observed([_final("r1"), _final("r2")])
+    obs.trained[(0, 0)] = 2              # r1's final trained twice
+    obs.learner_positions = {0: 2}       # r2's final (offset 1) below the checkpoint, untrained
+    rows = reconcile([_req("r1"), _req("r2")], obs, {"r1": "a", "r2": "b"}, ["a", "b"], W)
+    assert rows["a"].doubled == 1 and rows["a"].untrained == 0
+    assert rows["b"].untrained == 1 and rows["b"].doubled == 0
+
+
+def test_requests_outside_the_phases_are_not_accounted() -> None:
+    row = reconcile([_req("warmup")], _observed([]), {}, ["p"], W)["p"]
+    assert row.events_in == 0 and row.lost == 0
