@@ -175,16 +175,40 @@ async def _send_json(send: Send, code: int, payload: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class LoopLag:
+    """How late the event loop runs a 10 ms timer (EWMA, seconds).
+
+    Requests that wait for the HTTP front (parsing, the accept queue) are invisible to
+    the batcher's queue; a late loop is how that wait shows. With beams already at their
+    narrowest, a loop later than the latency target sheds requests with 429 at once."""
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self.interval_s = interval_s
+        self.value = 0.0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(self.interval_s)
+            late = max(0.0, loop.time() - t - self.interval_s)
+            self.value = 0.8 * self.value + 0.2 * late
+            M.LOOP_LAG.set(self.value)
+
+
 def create_api(service: Service) -> FastAPI:
     settings = service.settings
+    lag = LoopLag()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         service.batcher.start()
         await asyncio.to_thread(service.start_threads)
+        lag_task = asyncio.create_task(lag.run())
         try:
             yield
         finally:
+            lag_task.cancel()
             await service.batcher.stop()
             await asyncio.to_thread(service.stop_threads)
 
@@ -211,6 +235,12 @@ def create_api(service: Service) -> FastAPI:
         if service.models.state is None:
             return JSONResponse({"detail": "not ready: no model snapshot loaded yet"}, 503,
                                 headers={"Retry-After": "1"})
+        ctl = service.controller
+        if ctl.dynamic and ctl.at_floor and lag.value > ctl.slo_s:
+            M.SHED.inc()
+            return JSONResponse({"detail": f"overloaded: the HTTP front runs "
+                                 f"{1000 * lag.value:.0f} ms late at the narrowest beams"},
+                                429, headers={"Retry-After": "1"})
         try:
             result, _wait, widths = await service.batcher.submit(
                 RecRequest(req.user_id, dict(req.context), list(req.recent_ad_ids), req.k))

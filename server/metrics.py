@@ -23,6 +23,8 @@ REQUEST_BEAM_WIDTH = histogram("adloop_server_request_beam_width",
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 SHED = counter("adloop_server_shed_total",
                "Requests refused with 429 (narrowest beams could not hold the SLO).")
+LOOP_LAG = gauge("adloop_server_event_loop_lag_seconds",
+                 "How late the HTTP event loop runs a 10 ms timer (EWMA).")
 IMPRESSIONS = counter("adloop_server_impressions_produced_total",
                       "Impressions acknowledged by Kafka.")
 IMPRESSIONS_DROPPED = counter("adloop_server_impressions_dropped_total",

@@ -99,6 +99,9 @@ METRICS: tuple[Metric, ...] = (
        "Beam width used per request and level.", "level: semantic-id level"),
     _m("adloop_server_shed_total", "counter", "server", (),
        "Requests refused with 429 (the narrowest beams could not hold the latency target)."),
+    _m("adloop_server_event_loop_lag_seconds", "gauge", "server", (),
+       "How late the HTTP event loop runs a 10 ms timer (EWMA); above the latency target "
+       "at the narrowest beams, requests are shed with 429."),
     _m("adloop_server_impressions_produced_total", "counter", "server", (),
        "Impressions acknowledged by Kafka."),
     _m("adloop_server_impressions_dropped_total", "counter", "server", ("reason",),
