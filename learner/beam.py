@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from learner.model import GenerativeRecommender
+from server.runtime import session_options
 
 
 class IdTrie:
@@ -56,28 +57,31 @@ class IdTrie:
         return len(self.level_sizes)
 
 
-class Backend(Protocol):
-    def encode(self, history: Tensor, history_mask: Tensor,
-               context: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
+Encoded = tuple[Tensor, Tensor, Tensor, Tensor]
+"""memory [B, S, D], memory_mask [B, S], lower [B, T, D], memory_kv [B, M, 2, h, S, D/h]."""
 
-    def step(self, memory: Tensor, memory_mask: Tensor, lower: Tensor,
-             prefix: Tensor) -> Tensor: ...
+
+class Backend(Protocol):
+    def encode(self, history: Tensor, history_mask: Tensor, context: Tensor) -> Encoded: ...
+
+    def step(self, memory_kv: Tensor, memory_mask: Tensor, lower: Tensor,
+             beam_request: Tensor, prefix: Tensor) -> Tensor: ...
 
 
 class TorchBackend:
-    """The torch model in eager mode (no grad)."""
+    """The torch model in eager mode (inference mode: no autograd bookkeeping)."""
 
     def __init__(self, model: GenerativeRecommender) -> None:
         self.model = model.eval()
 
     @torch.inference_mode()
-    def encode(self, history: Tensor, history_mask: Tensor,
-               context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def encode(self, history: Tensor, history_mask: Tensor, context: Tensor) -> Encoded:
         return self.model.encode(history, history_mask, context)
 
     @torch.inference_mode()
-    def step(self, memory: Tensor, memory_mask: Tensor, lower: Tensor, prefix: Tensor) -> Tensor:
-        return self.model.decoder.step(memory, memory_mask, lower, prefix)
+    def step(self, memory_kv: Tensor, memory_mask: Tensor, lower: Tensor,
+             beam_request: Tensor, prefix: Tensor) -> Tensor:
+        return self.model.decoder.step(memory_kv, memory_mask, lower, beam_request, prefix)
 
     @torch.inference_mode()
     def value(self, memory: Tensor, memory_mask: Tensor,
@@ -94,13 +98,7 @@ class OrtBackend:
                  threads: int = 0) -> None:
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        # No busy-waiting between runs: the beam search does torch work between steps,
-        # and spinning ORT threads would steal those cores.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts = session_options(threads)
         provs = list(providers or ["CPUExecutionProvider"])
         d = Path(snapshot_dir)
         self.sessions = {name: ort.InferenceSession(str(d / f"{name}.onnx"), opts,
@@ -112,15 +110,15 @@ class OrtBackend:
         outs: list[Any] = self.sessions[name].run(None, feeds)
         return [torch.from_numpy(np.asarray(o)) for o in outs]
 
-    def encode(self, history: Tensor, history_mask: Tensor,
-               context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        m, mm, lo = self.run("encoder", history=history, history_mask=history_mask,
-                             context=context)
-        return m, mm, lo
+    def encode(self, history: Tensor, history_mask: Tensor, context: Tensor) -> Encoded:
+        m, mm, lo, kv = self.run("encoder", history=history, history_mask=history_mask,
+                                 context=context)
+        return m, mm, lo, kv
 
-    def step(self, memory: Tensor, memory_mask: Tensor, lower: Tensor, prefix: Tensor) -> Tensor:
-        return self.run("decoder_step", memory=memory, memory_mask=memory_mask, lower=lower,
-                        prefix=prefix)[0]
+    def step(self, memory_kv: Tensor, memory_mask: Tensor, lower: Tensor,
+             beam_request: Tensor, prefix: Tensor) -> Tensor:
+        return self.run("decoder_step", memory_kv=memory_kv, memory_mask=memory_mask,
+                        lower=lower, beam_request=beam_request, prefix=prefix)[0]
 
     def value(self, memory: Tensor, memory_mask: Tensor,
               candidates: Tensor) -> tuple[Tensor, Tensor]:
@@ -146,28 +144,29 @@ def beam_widths_for(widths: int | Sequence[int], id_len: int) -> list[int]:
 @torch.inference_mode()
 def beam_search(backend: Backend, history: Tensor, history_mask: Tensor, context: Tensor,
                 trie: IdTrie, beam_widths: int | Sequence[int]) -> BeamResult:
-    """Constrained beam search for B requests; the encoder runs once per request."""
+    """Constrained beam search for B requests; the encoder runs once per request, each
+    step runs the decoder's top blocks over all beams (per-request states are looked
+    up by each beam's request, never copied per beam here)."""
     widths = beam_widths_for(beam_widths, trie.id_len)
-    memory, mmask, lower = backend.encode(history, history_mask, context)
+    _, mmask, lower, memory_kv = backend.encode(history, history_mask, context)
     B = history.shape[0]
     node = torch.zeros(B, 1, dtype=torch.long)              # [B, k] trie node per beam
     scores = torch.zeros(B, 1)                              # [B, k]
     prefix = torch.zeros(B, 1, 0, dtype=torch.long)         # [B, k, t]
     for t, V in enumerate(trie.level_sizes):
         k = node.shape[1]
-        logits = backend.step(memory.repeat_interleave(k, dim=0),       # [B*k, S, D]
-                              mmask.repeat_interleave(k, dim=0),
-                              lower.repeat_interleave(k, dim=0), prefix.reshape(B * k, t))
+        beam_request = torch.arange(B).repeat_interleave(k)  # [B*k]
+        logits = backend.step(memory_kv, mmask, lower, beam_request, prefix.reshape(B * k, t))
         logp = torch.log_softmax(logits[:, :V].float(), dim=-1).reshape(B, k, V)
         child = trie.children[t][node.clamp_min(0)]         # [B, k, V]
-        ok = (child >= 0) & (node >= 0).unsqueeze(-1)
-        cand = torch.where(ok, scores.unsqueeze(-1) + logp, torch.full_like(logp, -torch.inf))
+        # a dead beam (node -1) has score -inf, so its children are -inf already
+        cand = (scores.unsqueeze(-1) + logp).masked_fill(child < 0, -torch.inf)
         width = min(widths[t], k * V)
         scores, flat = cand.reshape(B, k * V).topk(width, dim=-1)    # [B, width]
         src, tok = flat // V, flat % V
         prefix = torch.cat([prefix.gather(1, src.unsqueeze(-1).expand(-1, -1, t)),
                             tok.unsqueeze(-1)], dim=-1)     # [B, width, t+1]
         node = child.reshape(B, k * V).gather(1, flat)
-        node = torch.where(torch.isfinite(scores), node, torch.full_like(node, -1))
+        node = node.masked_fill(scores == -torch.inf, -1)
     ids = torch.where((node >= 0).unsqueeze(-1), prefix, torch.full_like(prefix, -1))
     return BeamResult(ids=ids, scores=scores, rows=node)

@@ -39,12 +39,16 @@ from torch import Tensor, nn
 
 from learner.model import GenerativeRecommender
 from learner.tokenizer import IdSpaceMismatchError, UASIDTokenizer
+from server.runtime import session_options
 from streams.logs import get_logger
 from streams.settings import add_settings_arguments, settings_from_args
 
 log = get_logger(__name__)
 
-FORMAT = 1
+FORMAT = 2
+"""Snapshot format version. 2: ``encoder.onnx`` also outputs the top blocks' memory
+keys/values, ``decoder_step.onnx`` takes per-request states plus ``beam_request``
+(format 1 took per-beam copies of ``memory``)."""
 OPSET = 17
 ATOL = 1e-4
 FILES = ("encoder.onnx", "decoder_step.onnx", "value.onnx")
@@ -66,7 +70,7 @@ class EncoderGraph(nn.Module):
         self.model = model
 
     def forward(self, history: Tensor, history_mask: Tensor,
-                context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                context: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.model.encode(history, history_mask, context)
 
 
@@ -75,9 +79,9 @@ class DecoderStepGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, memory: Tensor, memory_mask: Tensor, lower: Tensor,
-                prefix: Tensor) -> Tensor:
-        return self.model.decoder.step(memory, memory_mask, lower, prefix)
+    def forward(self, memory_kv: Tensor, memory_mask: Tensor, lower: Tensor,
+                beam_request: Tensor, prefix: Tensor) -> Tensor:
+        return self.model.decoder.step(memory_kv, memory_mask, lower, beam_request, prefix)
 
 
 class ValueGraph(nn.Module):
@@ -93,13 +97,14 @@ class ValueGraph(nn.Module):
 
 SPECS: dict[str, tuple[list[str], list[str], dict[str, dict[int, str]]]] = {
     "encoder.onnx": (
-        ["history", "history_mask", "context"], ["memory", "memory_mask", "lower"],
+        ["history", "history_mask", "context"], ["memory", "memory_mask", "lower", "memory_kv"],
         {"history": {0: "B", 1: "H"}, "history_mask": {0: "B", 1: "H"}, "context": {0: "B"},
-         "memory": {0: "B", 1: "S"}, "memory_mask": {0: "B", 1: "S"}, "lower": {0: "B"}}),
+         "memory": {0: "B", 1: "S"}, "memory_mask": {0: "B", 1: "S"}, "lower": {0: "B"},
+         "memory_kv": {0: "B", 4: "S"}}),
     "decoder_step.onnx": (
-        ["memory", "memory_mask", "lower", "prefix"], ["logits"],
-        {"memory": {0: "N", 1: "S"}, "memory_mask": {0: "N", 1: "S"}, "lower": {0: "N"},
-         "prefix": {0: "N", 1: "P"}, "logits": {0: "N"}}),
+        ["memory_kv", "memory_mask", "lower", "beam_request", "prefix"], ["logits"],
+        {"memory_kv": {0: "B", 4: "S"}, "memory_mask": {0: "B", 1: "S"}, "lower": {0: "B"},
+         "beam_request": {0: "N"}, "prefix": {0: "N", 1: "P"}, "logits": {0: "N"}}),
     "value.onnx": (
         ["memory", "memory_mask", "candidates"], ["pctr", "pcvr"],
         {"memory": {0: "B", 1: "S"}, "memory_mask": {0: "B", 1: "S"},
@@ -122,12 +127,14 @@ def reference_inputs(model: GenerativeRecommender, ids: np.ndarray, seed: int = 
     enc_in: dict[str, np.ndarray] = {"history": history, "history_mask": mask,
                                      "context": context.astype(np.int64)}
     with torch.no_grad():
-        memory, mmask, lower = (x.numpy() for x in model.encode(
+        memory, mmask, lower, memory_kv = (x.numpy() for x in model.encode(
             *(torch.from_numpy(v) for v in enc_in.values())))
     P = min(P, T - 1)
+    # beams not grouped by request and not the same count per request, as in the server
+    beam_request = rng.permutation(np.r_[np.arange(B), rng.integers(B, size=B * K - B)])
     step_in: dict[str, np.ndarray] = {
-        "memory": np.repeat(memory, K, 0), "memory_mask": np.repeat(mmask, K, 0),
-        "lower": np.repeat(lower, K, 0),
+        "memory_kv": memory_kv, "memory_mask": mmask, "lower": lower,
+        "beam_request": beam_request.astype(np.int64),
         "prefix": ids[rng.integers(len(ids), size=B * K), :P].astype(np.int64)}
     value_in: dict[str, np.ndarray] = {"memory": memory, "memory_mask": mmask,
                 "candidates": ids[rng.integers(len(ids), size=(B, C))].astype(np.int64)}
@@ -156,9 +163,7 @@ def ort_outputs(snapshot_dir: Path, inputs: dict[str, dict[str, np.ndarray]]
 
     out: dict[str, dict[str, np.ndarray]] = {}
     for name in FILES:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(str(snapshot_dir / name), opts,
+        sess = ort.InferenceSession(str(snapshot_dir / name), session_options(),
                                     providers=["CPUExecutionProvider"])
         res = sess.run(None, inputs[name])
         out[name] = {k: np.asarray(r) for k, r in zip(SPECS[name][1], res, strict=True)}
@@ -291,7 +296,7 @@ def verify_snapshot(snapshot_dir: str | Path, parity: bool = False,
         raise SnapshotError(f"{mpath}: not JSON ({exc})") from exc
     if manifest.get("format") != FORMAT:
         raise SnapshotError(f"{mpath}: format {manifest.get('format')} not supported "
-                            f"(reads {FORMAT})")
+                            f"(reads {FORMAT}; re-export the checkpoint with adloop export)")
     if id_space_version is not None and manifest.get("id_space_version") != id_space_version:
         raise IdSpaceMismatchError(
             f"snapshot {d.name} is in id space {manifest.get('id_space_version')!r}, "
@@ -326,7 +331,7 @@ def verify_snapshot(snapshot_dir: str | Path, parity: bool = False,
     if parity:
         p = manifest["parity"]
         dtypes = {"history": np.int64, "context": np.int64, "prefix": np.int64,
-                  "candidates": np.int64}
+                  "candidates": np.int64, "beam_request": np.int64}
         inputs = {f: {k: np.asarray(v, dtype=dtypes.get(k, np.float32)) for k, v in t.items()}
                   for f, t in p["inputs"].items()}
         expected = {f: {k: np.asarray(v, dtype=np.float32) for k, v in t.items()}

@@ -7,6 +7,12 @@ suffix), P tokens already chosen, D model width, V = max vocabulary over positio
 
 * ``UserEncoder``: the user's recent ad ids (each id = sum of its token embeddings)
   and hashed context features -> ``memory`` [B, S, D].
+* Cross-attention keys/values of the memory depend only on the request, so the
+  blocks that run per beam or per candidate (the decoder's top blocks) take them
+  precomputed once per request: ``memory_kv`` [B, M, 2, h, S, D/h] (keys, values by
+  head for each of the M token-taking blocks). Rows that share a request attend to its
+  keys either grouped (``N = B·G`` request-major rows: a free reshape of the queries)
+  or through ``rows`` [N], the request of each row (beam search, variable beams).
 * ``LazyARDecoder`` [reconstruction of GR4AD's LazyAR, mechanisms.md §1.3]: N blocks
   (causal self-attention over id positions, cross-attention to memory, MLP). In
   ``lazy_ar`` mode the lower N−M blocks see only the memory and learned per-level
@@ -58,6 +64,11 @@ class ModelConfig:
     n_top: int = 1
     """M: decoder blocks that see the previous token (LazyAR); ignored in full_ar."""
     mode: str = "lazy_ar"
+    inject_mlp: bool = True
+    """A residual MLP over the injected prefix vector (the sum of the chosen tokens'
+    embeddings) before it enters the first token-taking block: the token path gets a
+    non-linear layer of its own, which LazyAR with M=1 otherwise lacks (its one top
+    block has to mix prefix and user in a single step). Same in both modes."""
     mtp_heads: int = 2
     prior_heads: int = 0
     """Number of prior values (0 = off). The data routes by interaction type:
@@ -96,7 +107,8 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ModelConfig:
-        return cls(**d)
+        # checkpoints written before ``inject_mlp`` existed have no such parameters
+        return cls(**{"inject_mlp": False, **d})
 
 
 # --------------------------------------------------------------------------------------
@@ -104,7 +116,10 @@ class ModelConfig:
 
 
 class Attention(nn.Module):
-    """Multi-head attention of queries ``x`` over ``ctx`` with an additive ``bias``."""
+    """Multi-head attention of queries over keys/values with an additive ``bias``.
+
+    Keys/values come from :meth:`keys_values` so that a context seen by many query rows
+    (a request's memory, seen by all its beams or candidates) is projected once."""
 
     def __init__(self, d: int, n_head: int) -> None:
         super().__init__()
@@ -113,18 +128,21 @@ class Attention(nn.Module):
         self.kv = nn.Linear(d, 2 * d)
         self.proj = nn.Linear(d, d)
 
-    def forward(self, x: Tensor, ctx: Tensor, bias: Tensor) -> Tensor:
-        # x [N, Q, D], ctx [N, S, D], bias broadcastable to [N, Q, S]
-        N, Q, D = x.shape
-        S = ctx.shape[1]
+    def keys_values(self, ctx: Tensor) -> Tensor:
+        """ctx [B, S, D] -> keys and values by head [B, 2, h, S, D/h]."""
+        B, S, D = ctx.shape
         h = self.n_head
-        q = self.q(x).reshape(N, Q, h, D // h).transpose(1, 2)        # [N, h, Q, D/h]
-        k, v = self.kv(ctx).chunk(2, dim=-1)
-        k = k.reshape(N, S, h, D // h).transpose(1, 2)                # [N, h, S, D/h]
-        v = v.reshape(N, S, h, D // h).transpose(1, 2)
-        att = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(D // h))   # [N, h, Q, S]
+        return self.kv(ctx).reshape(B, S, 2, h, D // h).permute(0, 2, 3, 1, 4)
+
+    def forward(self, x: Tensor, kv: Tensor, bias: Tensor) -> Tensor:
+        """x [N, Q, D] with N = B·G (G rows per context, request-major); kv [B, 2, h, S,
+        D/h]; bias broadcastable to [B, G·Q, S] -> [N, Q, D]."""
+        N, Q, D = x.shape
+        B, h = kv.shape[0], self.n_head
+        q = self.q(x).reshape(B, -1, h, D // h).transpose(1, 2)       # [B, h, G·Q, D/h]
+        att = (q @ kv[:, 0].transpose(-1, -2)) * (1.0 / math.sqrt(D // h))  # [B, h, G·Q, S]
         att = torch.softmax(att + bias.unsqueeze(1), dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(N, Q, D)                # [N, Q, D]
+        y = (att @ kv[:, 1]).transpose(1, 2).reshape(N, Q, D)         # [N, Q, D]
         out: Tensor = self.proj(y)
         return out
 
@@ -156,13 +174,25 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, self_bias: Tensor | None = None, mem: Tensor | None = None,
-                mem_bias: Tensor | None = None) -> Tensor:
+                mem_bias: Tensor | None = None, mem_kv: Tensor | None = None,
+                last_only: bool = False) -> Tensor:
+        """x [N, Q, D] -> [N, Q, D], or [N, 1, D] with ``last_only`` (only the last
+        position's output is computed; self-attention still sees every position).
+        Cross-attention goes to ``mem`` [N, S, D], or to its precomputed ``mem_kv``
+        [B, 2, h, S, D/h] (``self.attn_c.keys_values``) shared by G = N/B rows."""
         if self.attn_s is not None and self.ln_s is not None and self_bias is not None:
             y = self.ln_s(x)
-            x = x + self.drop(self.attn_s(y, y, self_bias))
-        if self.attn_c is not None and self.ln_c is not None and mem is not None \
-                and mem_bias is not None:
-            x = x + self.drop(self.attn_c(self.ln_c(x), mem, mem_bias))
+            kv = self.attn_s.keys_values(y)
+            if last_only:
+                x, y, self_bias = x[:, -1:], y[:, -1:], self_bias[..., -1:, :]
+            x = x + self.drop(self.attn_s(y, kv, self_bias))
+        elif last_only:
+            x = x[:, -1:]
+        if self.attn_c is not None and self.ln_c is not None and mem_bias is not None:
+            if mem_kv is None and mem is not None:
+                mem_kv = self.attn_c.keys_values(mem)
+            if mem_kv is not None:
+                x = x + self.drop(self.attn_c(self.ln_c(x), mem_kv, mem_bias))
         return x + self.mlp(self.ln_m(x))
 
 
@@ -247,6 +277,7 @@ class LazyARDecoder(nn.Module):
         _share(self, items)
         self.lazy = cfg.mode == "lazy_ar"
         self.start = cfg.n_layer - cfg.n_top if self.lazy else 0  # first block that sees tokens
+        self.level_sizes = cfg.level_sizes
         self.level_query = nn.Parameter(torch.zeros(T, d))
         self.bos = nn.Parameter(torch.zeros(d))
         self.blocks = nn.ModuleList(Block(d, cfg.n_head, dropout=cfg.dropout)
@@ -262,6 +293,8 @@ class LazyARDecoder(nn.Module):
         causal = torch.full((T, T), NEG).triu(1)
         self.register_buffer("causal", causal, persistent=False)        # [T, T]
         self.priors = nn.ModuleList(MLP(d) for _ in range(cfg.prior_heads))
+        self.inject_ln = nn.LayerNorm(d) if cfg.inject_mlp else None
+        self.inject_mlp = MLP(d) if cfg.inject_mlp else None
         mix = torch.tensor(cfg.prior_mix or [1.0] * cfg.prior_heads)
         self.register_buffer("log_mix", (mix / mix.sum().clamp_min(1e-12)).log(),
                              persistent=False)                          # [n_priors]
@@ -275,16 +308,37 @@ class LazyARDecoder(nn.Module):
             x = blk(x, self.causal.unsqueeze(0), memory, bias)
         return x
 
-    def top(self, memory: Tensor, memory_mask: Tensor, lower: Tensor, prev: Tensor) -> Tensor:
-        """Hidden states for positions 0..P given the P tokens ``prev`` [N, P].
-        memory [N, S, D], lower [N, T, D] -> [N, P+1, D]."""
+    def memory_kv(self, memory: Tensor) -> Tensor:
+        """Cross-attention keys/values of the memory for the M blocks that take tokens,
+        once per request: memory [B, S, D] -> [B, M, 2, h, S, D/h]."""
+        kvs = []
+        for blk in self.blocks[self.start:]:
+            assert isinstance(blk, Block) and blk.attn_c is not None
+            kvs.append(blk.attn_c.keys_values(memory))                     # [B, 2, h, S, D/h]
+        return torch.stack(kvs, dim=1)
+
+    def top(self, memory_kv: Tensor, memory_mask: Tensor, lower: Tensor, prev: Tensor,
+            rows: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """Hidden states for positions 0..P given the P tokens ``prev`` [N, P] -> [N, P+1, D]
+        (only position P, [N, 1, D], with ``last_only``).
+
+        Per-request inputs: memory_kv [B, M, 2, h, S, D/h], memory_mask [B, S],
+        lower [B, T, D]. ``rows`` [N] is the request of each row (any order, any count
+        per request); without it the rows are request-major, N/B per request."""
+        if rows is not None:  # each row's request states: [B, ...] -> [N, ...]
+            memory_kv, memory_mask, lower = memory_kv[rows], memory_mask[rows], lower[rows]
+        B, D = lower.shape[0], lower.shape[2]
         N, P1 = prev.shape[0], prev.shape[1] + 1
         # position t gets the chosen prefix y_<t as the sum of its token vectors
         inject = torch.cat([self.bos.expand(N, 1, -1), self.items.tokens(prev).cumsum(1)], 1)
-        x = lower[:, :P1] + inject                                      # [N, P+1, D]
+        if self.inject_mlp is not None and self.inject_ln is not None:
+            inject = inject + self.inject_mlp(self.inject_ln(inject))     # [N, P+1, D]
+        x = (lower[:, None, :P1] + inject.reshape(B, -1, P1, D)).reshape(N, P1, D)
         causal, bias = self.causal[:P1, :P1].unsqueeze(0), key_bias(memory_mask)  # [1, P+1, P+1]
-        for blk in self.blocks[self.start:]:
-            x = blk(x, causal, memory, bias)
+        top = self.blocks[self.start:]
+        for i, blk in enumerate(top):
+            x = blk(x, causal, mem_bias=bias, mem_kv=memory_kv[:, i],
+                    last_only=last_only and i == len(top) - 1)
         out: Tensor = self.ln_f(x)
         return out
 
@@ -306,15 +360,36 @@ class LazyARDecoder(nn.Module):
         logp = torch.log_softmax(per_prior, dim=-1) + self.log_mix[:, None, None]
         return torch.logsumexp(logp, dim=1)
 
-    def step(self, memory: Tensor, memory_mask: Tensor, lower: Tensor, prefix: Tensor) -> Tensor:
-        """One decoding step: logits [N, V] for level P = prefix.shape[1]."""
-        h = self.top(memory, memory_mask, lower, prefix)[:, -1:]        # [N, 1, D]
+    def target_logprob(self, h: Tensor, ids: Tensor) -> Tensor:
+        """log p(ids[:, t]) at levels t = 0..P-1 from their hidden states: h [N, P, D],
+        ids [N, P] -> [N, P]. The values of ``log_softmax(project(h)).gather(ids)`` (prior
+        mixture included), but each level is projected onto its own vocabulary only, not
+        padded to V, and no [N, P, V] tensor is built."""
+        zs = [h] if len(self.priors) == 0 else [h + mlp(h) for mlp in self.priors]
+        out = []
+        for t in range(ids.shape[1]):
+            size = self.level_sizes[t]
+            w, b, tgt = self.head_w[t, :size], self.head_b[t, :size], ids[:, t:t + 1]
+            per_prior = []
+            for z in zs:
+                logits = F.linear(z[:, t], w, b)                           # [N, size_t]
+                per_prior.append(logits.gather(1, tgt)[:, 0] - logits.logsumexp(1))
+            lp = per_prior[0] if len(zs) == 1 else \
+                torch.logsumexp(torch.stack(per_prior) + self.log_mix[:, None], 0)
+            out.append(lp)
+        return torch.stack(out, 1)
+
+    def step(self, memory_kv: Tensor, memory_mask: Tensor, lower: Tensor,
+             rows: Tensor | None, prefix: Tensor) -> Tensor:
+        """One decoding step: logits [N, V] for level P = prefix.shape[1] (see :meth:`top`)."""
+        h = self.top(memory_kv, memory_mask, lower, prefix, rows, last_only=True)  # [N, 1, D]
         return self.project(h, prefix.shape[1])[:, 0]
 
-    def teacher_forced(self, memory: Tensor, memory_mask: Tensor, lower: Tensor, ids: Tensor,
+    def teacher_forced(self, memory_kv: Tensor, memory_mask: Tensor, lower: Tensor, ids: Tensor,
                        prior: Tensor | None = None) -> Tensor:
-        """Logits at every level given the true ids [N, T] -> [N, T, V] (one pass)."""
-        return self.project(self.top(memory, memory_mask, lower, ids[:, :-1]), 0, prior)
+        """Logits at every level given the true ids [N, T] (request-major, N/B per
+        request) -> [N, T, V] (one pass)."""
+        return self.project(self.top(memory_kv, memory_mask, lower, ids[:, :-1]), 0, prior)
 
 
 class ValueHead(nn.Module):
@@ -399,22 +474,23 @@ class GenerativeRecommender(nn.Module):
         self.decoder.start = self.cfg.n_layer - self.cfg.n_top if self.decoder.lazy else 0
 
     def encode(self, history: Tensor, history_mask: Tensor,
-               context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """-> memory [B, S, D], memory_mask [B, S], lower [B, T, D] (encoder.onnx)."""
+               context: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """-> memory [B, S, D], memory_mask [B, S], lower [B, T, D] and memory_kv
+        [B, M, 2, h, S, D/h] (encoder.onnx): everything that runs once per request."""
         memory, mask = self.encoder(history, history_mask, context)
-        return memory, mask, self.decoder.lower(memory, mask)
+        return memory, mask, self.decoder.lower(memory, mask), self.decoder.memory_kv(memory)
 
     def forward(self, history: Tensor, history_mask: Tensor, context: Tensor, target: Tensor,
                 prior: Tensor | None = None) -> dict[str, Tensor]:
         """Teacher-forced training pass. target [B, T] ->
         logits [B, T, V], mtp [B, n_mtp, T, V], memory/memory_mask (for the value head),
         and prior_logits [B, T, V] (the routed prior head) when prior heads are on."""
-        memory, mask, lower = self.encode(history, history_mask, context)
-        out = {"logits": self.decoder.teacher_forced(memory, mask, lower, target),
+        memory, mask, lower, kv = self.encode(history, history_mask, context)
+        out = {"logits": self.decoder.teacher_forced(kv, mask, lower, target),
                "mtp": self.mtp(memory, mask, self.decoder), "memory": memory,
                "memory_mask": mask}
         if prior is not None and len(self.decoder.priors) > 0:
-            out["prior_logits"] = self.decoder.teacher_forced(memory, mask, lower, target, prior)
+            out["prior_logits"] = self.decoder.teacher_forced(kv, mask, lower, target, prior)
         return out
 
     def level_logprob(self, batch: UserInputs, ids: Tensor) -> Tensor:
@@ -428,12 +504,10 @@ class GenerativeRecommender(nn.Module):
         """:meth:`level_logprob` [B, K, T] plus the encoder's memory [B, S, D] and
         memory_mask [B, S], for callers that also run the value head on the same pass."""
         B, K, T = ids.shape
-        memory, mask, lower = self.encode(batch.history, batch.history_mask, batch.context)
-        rep = lambda x: x.repeat_interleave(K, dim=0)  # noqa: E731  [B, ...] -> [B*K, ...]
-        flat = ids.reshape(B * K, T)
-        logits = self.decoder.teacher_forced(rep(memory), rep(mask), rep(lower), flat)
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, flat.unsqueeze(-1))[..., 0]
-        return logp.reshape(B, K, T), memory, mask
+        memory, mask, lower, kv = self.encode(batch.history, batch.history_mask, batch.context)
+        flat = ids.reshape(B * K, T)                        # request-major: K rows per request
+        h = self.decoder.top(kv, mask, lower, flat[:, :-1])                # [B*K, T, D]
+        return self.decoder.target_logprob(h, flat).reshape(B, K, T), memory, mask
 
     def sequence_logprob(self, batch: UserInputs, ids: Tensor) -> Tensor:
         """log p(id | user) summed over levels: ids [B, K, T] -> [B, K]."""

@@ -111,7 +111,7 @@ class GenerativePolicy:
         hist, mask, ctx = self._inputs(requests)
         widths = [min(self.beam_width, 16 * 2**t) for t in range(trie.id_len)]
         res = beam_search(backend, hist, mask, ctx, trie, widths)
-        memory, mmask, _ = backend.encode(hist, mask, ctx)
+        memory, mmask, _, _ = backend.encode(hist, mask, ctx)
         cand = res.ids.clamp_min(0)
         pctr, pcvr = backend.value(memory, mmask, cand)
         out = []

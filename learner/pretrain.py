@@ -87,6 +87,8 @@ class PretrainSettings(BaseSettings):
     n_layer: int = 4
     n_top: int = 1
     mode: str = "lazy_ar"
+    inject_mlp: bool = True
+    """Residual MLP over the injected prefix vector (ModelConfig.inject_mlp)."""
     mtp_heads: int = 2
     prior_heads: int = 0
     steps: int = 1000
@@ -161,7 +163,7 @@ def model_config(s: PretrainSettings, tok: UASIDTokenizer) -> ModelConfig:
         history_len=s.history_len, context_features=DEFAULT_CONTEXT_FEATURES,
         context_buckets=DEFAULT_CONTEXT_BUCKETS, d_model=s.d_model, n_head=s.n_head,
         n_enc_layer=s.n_enc_layer, n_layer=s.n_layer, n_top=s.n_top, mode=s.mode,
-        mtp_heads=s.mtp_heads, prior_heads=s.prior_heads)
+        inject_mlp=s.inject_mlp, mtp_heads=s.mtp_heads, prior_heads=s.prior_heads)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:

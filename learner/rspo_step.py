@@ -57,7 +57,8 @@ def provisional_weight(fb: Feedback) -> float:
 
 def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
                    model: GenerativeRecommender) -> ListBatch:
-    """Tensors for ``(feedback, list weight)`` pairs; unknown ads are left out."""
+    """Tensors for ``(feedback, list weight)`` pairs; unknown ads are left out. The
+    history axis is as long as the longest history in the batch (at most H)."""
     cfg = model.cfg
     T, H = cfg.id_len, cfg.history_len
     B = len(lists)
@@ -95,9 +96,12 @@ def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
             clicked[b, k] = float(it.clicked or it.converted)
             converted[b, k] = float(it.converted)
             k += 1
+    # history padding is trailing: columns no list uses are dropped (the encoder's outputs
+    # at padded positions are masked everywhere, so the results are the same)
+    used = max(int(hmask.sum(1).max(initial=0.0)), 1)
     t = torch.from_numpy
-    return ListBatch(t(hist), t(hmask), t(ctx), t(items), t(imask), t(rewards), t(clicked),
-                     t(converted), t(weight))
+    return ListBatch(t(hist[:, :used]), t(hmask[:, :used]), t(ctx), t(items), t(imask),
+                     t(rewards), t(clicked), t(converted), t(weight))
 
 
 def ndcg_of_scores(scores: Tensor, rewards: Tensor, mask: Tensor) -> Tensor:

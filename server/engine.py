@@ -81,17 +81,17 @@ class Engine:
         B = len(requests)
         widths: list[int] = widths_for(man.id_len, max(r.k for r in requests))
         history, hmask, context = self.inputs(state, requests)
-        memory, mmask, lower = rt.encode(history, hmask, context)
+        states = rt.encode(history, hmask, context)
 
         def step(req: np.ndarray, prefix: np.ndarray) -> np.ndarray:
-            return rt.step(memory[req], mmask[req], lower[req], prefix)
+            return rt.step(states, req, prefix)
 
         beams = beam_search(step, trie, B, widths)
         results = [RecResult(state.model.version, list(widths)) for _ in requests]
         if beams.request.shape[0] == 0:
             return results
         candidates, col = pad_candidates(beams, B)
-        pctr_all, pcvr_all = rt.value(memory, mmask, candidates)
+        pctr_all, pcvr_all = rt.value(states.memory, states.memory_mask, candidates)
         pctr = pctr_all[beams.request, col].astype(np.float64)
         pcvr = pcvr_all[beams.request, col].astype(np.float64)
         ad_ids = [man.ad_ids[r] for r in beams.rows]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -24,10 +24,22 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 MODEL_IO = {
-    "encoder": (("history", "history_mask", "context"), ("memory", "memory_mask", "lower")),
-    "decoder_step": (("memory", "memory_mask", "lower", "prefix"), ("logits",)),
+    "encoder": (("history", "history_mask", "context"),
+                ("memory", "memory_mask", "lower", "memory_kv")),
+    "decoder_step": (("memory_kv", "memory_mask", "lower", "beam_request", "prefix"),
+                     ("logits",)),
     "value": (("memory", "memory_mask", "candidates"), ("pctr", "pcvr")),
 }
+"""Tensor names of snapshot format 2 (docs/snapshot-format.md)."""
+
+
+class UserStates(NamedTuple):
+    """``encoder.onnx`` outputs for B requests, computed once per request."""
+
+    memory: np.ndarray        # [B, S, D]
+    memory_mask: np.ndarray   # [B, S]
+    lower: np.ndarray         # [B, T, D]
+    memory_kv: np.ndarray     # [B, M, 2, heads, S, D/heads]
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,21 @@ def _gpu_name(device_id: int) -> str:
     return f"gpu: cuda:{device_id}"
 
 
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    """ONNX Runtime session options for the snapshot graphs (the server's and the
+    learner's checks alike): every graph optimization, ``threads`` intra-op threads (0 =
+    onnxruntime's default), no busy-waiting between runs (the beam search does other
+    work between steps; spinning threads would steal those cores)."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
 class ModelRuntime:
     """The three sessions of one snapshot. Thread-safe (onnxruntime's ``run`` is)."""
 
@@ -126,12 +153,7 @@ class ModelRuntime:
                  device_id: int = 0) -> None:
         self.provider = provider
         self.device_id = device_id
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if intra_op_threads:
-            opts.intra_op_num_threads = intra_op_threads
-        opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts = session_options(intra_op_threads)
         providers: list[Any] = ([(CUDA, {"device_id": device_id}), CPU]
                                 if provider.name == "cuda" else [CPU])
         self.sessions: dict[str, ort.InferenceSession] = {}
@@ -164,15 +186,19 @@ class ModelRuntime:
         return [np.asarray(o) for o in binding.copy_outputs_to_cpu()]
 
     def encode(self, history: np.ndarray, history_mask: np.ndarray,
-               context: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        m, mm, lo = self.run("encoder", {"history": history, "history_mask": history_mask,
-                                         "context": context})
-        return m, mm, lo
+               context: np.ndarray) -> UserStates:
+        return UserStates(*self.run("encoder", {"history": history,
+                                                "history_mask": history_mask,
+                                                "context": context}))
 
-    def step(self, memory: np.ndarray, memory_mask: np.ndarray, lower: np.ndarray,
+    def step(self, states: UserStates, beam_request: np.ndarray,
              prefix: np.ndarray) -> np.ndarray:
-        return self.run("decoder_step", {"memory": memory, "memory_mask": memory_mask,
-                                         "lower": lower, "prefix": prefix})[0]
+        """Logits [N, V_max] for the next level of N beams: ``beam_request`` [N] is each
+        beam's request (row of ``states``), ``prefix`` [N, P] its codes so far."""
+        return self.run("decoder_step", {
+            "memory_kv": states.memory_kv, "memory_mask": states.memory_mask,
+            "lower": states.lower, "beam_request": np.asarray(beam_request, np.int64),
+            "prefix": prefix})[0]
 
     def value(self, memory: np.ndarray, memory_mask: np.ndarray,
               candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

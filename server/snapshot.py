@@ -22,6 +22,9 @@ import fsspec
 import numpy as np
 
 REQUIRED_FILES = ("encoder.onnx", "decoder_step.onnx", "value.onnx")
+FORMAT = 2
+"""The snapshot format this server reads (docs/snapshot-format.md). Format 1 (per-beam
+``memory`` into ``decoder_step.onnx``) is refused: re-export such a checkpoint."""
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*\.(onnx|json)$")
 MAX_MANIFEST_BYTES = 512 * 1024 * 1024
 
@@ -72,8 +75,10 @@ def parse_manifest(data: bytes) -> Manifest:
     if not isinstance(raw, dict):
         raise SnapshotRejectedError("manifest", "manifest.json is not an object")
     try:
-        if raw.get("format") != 1:
-            raise ValueError(f"format {raw.get('format')!r} not supported (reads 1)")
+        if raw.get("format") != FORMAT:
+            raise ValueError(f"snapshot format {raw.get('format')!r} not supported: this "
+                             f"server reads format {FORMAT} only (re-export the checkpoint "
+                             "with this version's adloop export)")
         level_sizes = tuple(int(s) for s in raw["level_sizes"])
         if not level_sizes or min(level_sizes) < 1:
             raise ValueError("level_sizes must be a non-empty list of sizes >= 1")

@@ -4,9 +4,11 @@
 (file names, tensor names and shapes, manifest keys, parity references computed
 with onnxruntime), so the server code that loads it is the code that loads the
 learner's export. The models are small stand-ins: the encoder sums per-level
-embeddings of the history ids and context embeddings into ``memory``; the decoder
-step attends from (lower state of level P + prefix embedding) over memory, runs an
-MLP and projects to ``V_max`` logits (entries beyond the level's size are -1e9);
+embeddings of the history ids and context embeddings into ``memory`` and passes it on as
+both keys and values of one top block with one head (``memory_kv`` [B, 1, 2, 1, S, D]);
+the decoder step gathers each beam's request states (``beam_request``), attends from
+(lower state of level P + prefix embedding) over them, runs an MLP and projects to
+``V_max`` logits (entries beyond the level's size are -1e9);
 the value heads are sigmoids of a bilinear user x candidate score.
 
 Faults for tests: ``nan`` (logits contain NaN), ``corrupt`` (a file is garbage but
@@ -27,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from server.snapshot import sha256_hex
+from server.snapshot import FORMAT, sha256_hex
 from streams.features import DEFAULT_CONTEXT_BUCKETS, DEFAULT_CONTEXT_FEATURES
 from streams.schemas import Ad, ModelUpdate
 
@@ -58,6 +60,8 @@ class SnapshotSpec:
     bad_checksum: str | None = None
     parity_fail: bool = False
     parity_layout: str = "per_file"   # as learner.export writes; or "short_names", "flat"
+    format: int = FORMAT
+    """Manifest ``format`` (tests of the refusal of other formats change it)."""
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -173,6 +177,8 @@ def _graphs(spec: SnapshotSpec, rng: np.random.Generator) -> dict[str, onnx.Mode
         helper.make_node("Unsqueeze", ["e_user", "ax1"], ["u3"]),
         helper.make_node("Add", ["u3", "q"], ["lq"]),
         helper.make_node("Tanh", ["lq"], ["lower"]),
+        helper.make_node("Unsqueeze", ["memory", "ax123"], ["mem6"]),   # [B, 1, 1, 1, S, D]
+        helper.make_node("Concat", ["mem6", "mem6"], ["memory_kv"], axis=2),
     ]
     encoder = _model(
         enc_nodes, "encoder",
@@ -181,9 +187,11 @@ def _graphs(spec: SnapshotSpec, rng: np.random.Generator) -> dict[str, onnx.Mode
          helper.make_tensor_value_info("context", I64, ["B", C])],
         [helper.make_tensor_value_info("memory", F, ["B", "S", D]),
          helper.make_tensor_value_info("memory_mask", F, ["B", "S"]),
-         helper.make_tensor_value_info("lower", F, ["B", T, D])],
+         helper.make_tensor_value_info("lower", F, ["B", T, D]),
+         helper.make_tensor_value_info("memory_kv", F, ["B", 1, 2, 1, "S", D])],
         [*common, eps, _init("cemb_w", w(spec.context_buckets, D, scale=8.0)), _init("wm", w(D, D)),
-         _init("zero_i", np.array(0, np.int64)), _init("q", w(T, D, scale=4.0))])
+         _init("zero_i", np.array(0, np.int64)), _init("q", w(T, D, scale=4.0)),
+         _init("ax123", np.array([1, 2, 3], np.int64))])
 
     # decoder step
     level_bias = np.zeros((T, V), np.float32)
@@ -193,9 +201,18 @@ def _graphs(spec: SnapshotSpec, rng: np.random.Generator) -> dict[str, onnx.Mode
     if spec.nan:
         nan_bias[0] = np.nan
     dec_nodes = [
+        # each beam's request states: [B, ...] -> [N, ...]
+        helper.make_node("Gather", ["memory_kv", "beam_request"], ["kvN"], axis=0),
+        helper.make_node("Gather", ["kvN", "zero_s"], ["kvN0"], axis=1),    # top block 0
+        helper.make_node("Gather", ["kvN0", "zero_s"], ["kN1"], axis=1),    # keys
+        helper.make_node("Gather", ["kvN0", "one_s"], ["vN1"], axis=1),     # values
+        helper.make_node("Gather", ["kN1", "zero_s"], ["keysN"], axis=1),   # head 0: [N, S, D]
+        helper.make_node("Gather", ["vN1", "zero_s"], ["valsN"], axis=1),
+        helper.make_node("Gather", ["memory_mask", "beam_request"], ["mmaskN"], axis=0),
+        helper.make_node("Gather", ["lower", "beam_request"], ["lowerN"], axis=0),
         helper.make_node("Shape", ["prefix"], ["pshape"]),
         helper.make_node("Slice", ["pshape", "ax1", "two"], ["P1"]),
-        helper.make_node("Gather", ["lower", "P1"], ["lowP3"], axis=1),
+        helper.make_node("Gather", ["lowerN", "P1"], ["lowP3"], axis=1),
         helper.make_node("Squeeze", ["lowP3", "ax1"], ["lowP"]),
         helper.make_node("Slice", ["off", "zero1", "P1"], ["offP"]),
         helper.make_node("Add", ["prefix", "offP"], ["pidx"]),
@@ -205,14 +222,14 @@ def _graphs(spec: SnapshotSpec, rng: np.random.Generator) -> dict[str, onnx.Mode
         helper.make_node("Add", ["lowP", "pw"], ["h0"]),
         helper.make_node("Tanh", ["h0"], ["h"]),
         helper.make_node("Unsqueeze", ["h", "ax2"], ["h3"]),
-        helper.make_node("MatMul", ["memory", "h3"], ["sc3"]),
+        helper.make_node("MatMul", ["keysN", "h3"], ["sc3"]),
         helper.make_node("Squeeze", ["sc3", "ax2"], ["sc"]),
-        helper.make_node("Sub", ["memory_mask", "one"], ["mneg"]),
+        helper.make_node("Sub", ["mmaskN", "one"], ["mneg"]),
         helper.make_node("Mul", ["mneg", "big"], ["mpen"]),
         helper.make_node("Add", ["sc", "mpen"], ["scm"]),
         helper.make_node("Softmax", ["scm"], ["att"], axis=1),
         helper.make_node("Unsqueeze", ["att", "ax1"], ["att3"]),
-        helper.make_node("MatMul", ["att3", "memory"], ["ctx3"]),
+        helper.make_node("MatMul", ["att3", "valsN"], ["ctx3"]),
         helper.make_node("Squeeze", ["ctx3", "ax1"], ["ctx"]),
         helper.make_node("Add", ["h", "ctx"], ["z"]),
         helper.make_node("MatMul", ["z", "w1"], ["z1"]),
@@ -228,12 +245,14 @@ def _graphs(spec: SnapshotSpec, rng: np.random.Generator) -> dict[str, onnx.Mode
     ]
     decoder = _model(
         dec_nodes, "decoder_step",
-        [helper.make_tensor_value_info("memory", F, ["N", "S", D]),
-         helper.make_tensor_value_info("memory_mask", F, ["N", "S"]),
-         helper.make_tensor_value_info("lower", F, ["N", T, D]),
+        [helper.make_tensor_value_info("memory_kv", F, ["B", 1, 2, 1, "S", D]),
+         helper.make_tensor_value_info("memory_mask", F, ["B", "S"]),
+         helper.make_tensor_value_info("lower", F, ["B", T, D]),
+         helper.make_tensor_value_info("beam_request", I64, ["N"]),
          helper.make_tensor_value_info("prefix", I64, ["N", "P"])],
         [helper.make_tensor_value_info("logits", F, ["N", V])],
         [*common, _init("two", np.array([2], np.int64)), _init("zero1", np.array([0], np.int64)),
+         _init("zero_s", np.array(0, np.int64)), _init("one_s", np.array(1, np.int64)),
          _init("wp", w(D, D)), _init("one", np.array(1.0, np.float32)),
          _init("big", np.array(1e9, np.float32)), _init("w1", w(D, Hd)),
          _init("b1", np.zeros(Hd, np.float32)), _init("w2", w(Hd, D)),
@@ -287,23 +306,28 @@ def _parity(directory: Path, spec: SnapshotSpec, ids: dict[str, list[int]],
             hmask[b, :n] = 1.0
     context = rng.integers(0, spec.context_buckets, (B, C)).astype(np.int64)
     enc_in = {"history": history, "history_mask": hmask, "context": context}
-    memory, mmask, lower = sess["encoder"].run(None, enc_in)
-    prefix = table[:B, :1] if len(table) >= B else np.zeros((B, 1), np.int64)
-    dec_in = {"memory": memory, "memory_mask": mmask, "lower": lower, "prefix": prefix}
+    memory, mmask, lower, memory_kv = sess["encoder"].run(None, enc_in)
+    # three beams: two of request 1, one of request 0 (order as the server's search may have)
+    beam_request = np.array([1, 0, 1], np.int64)
+    prefix = table[:3, :1] if len(table) >= 3 else np.zeros((3, 1), np.int64)
+    dec_in = {"memory_kv": memory_kv, "memory_mask": mmask, "lower": lower,
+              "beam_request": beam_request, "prefix": prefix}
     (logits,) = sess["decoder_step"].run(None, dec_in)
     cands = np.stack([table[:3] if len(table) >= 3 else np.zeros((3, T), np.int64)] * B)
     val_in = {"memory": memory, "memory_mask": mmask, "candidates": cands}
     pctr, pcvr = sess["value"].run(None, val_in)
     delta = 0.5 if spec.parity_fail else 0.0
     outs: dict[str, dict[str, Any]] = {
-        "encoder": {"memory": memory + delta, "memory_mask": mmask, "lower": lower},
+        "encoder": {"memory": memory + delta, "memory_mask": mmask, "lower": lower,
+                    "memory_kv": memory_kv},
         "decoder_step": {"logits": logits}, "value": {"pctr": pctr, "pcvr": pcvr}}
 
     def lists(d: dict[str, Any]) -> dict[str, Any]:
         return {k: np.asarray(v).tolist() for k, v in d.items()}
 
     if spec.parity_layout == "flat":
-        return {"inputs": lists({**enc_in, "prefix": prefix, "candidates": cands}),
+        return {"inputs": lists({**enc_in, "beam_request": beam_request, "prefix": prefix,
+                                 "candidates": cands}),
                 "outputs": lists({**outs["encoder"], **outs["decoder_step"], **outs["value"]}),
                 "atol": 1e-4}
     if spec.parity_layout == "short_names":
@@ -340,7 +364,7 @@ def build_snapshot(directory: Path, spec: SnapshotSpec | None = None,
     parity = _parity(directory, spec, ids, rng) if spec.corrupt is None else \
         {"inputs": {}, "outputs": {}, "atol": 1e-4}
     manifest = {
-        "format": 1, "model_name": spec.model_name, "version": spec.version,
+        "format": spec.format, "model_name": spec.model_name, "version": spec.version,
         "parent": spec.parent, "id_space_version": f"ids-test-{spec.id_seed}",
         "created_time": time.time(), "mode": "lazy_ar", "level_sizes": list(spec.level_sizes),
         "semantic_levels": max(1, len(spec.level_sizes) - 1), "history_len": spec.history_len,

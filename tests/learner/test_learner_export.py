@@ -21,9 +21,9 @@ from learner.pretrain import PretrainResult
 
 CONTRACT = {
     "encoder.onnx": ({"history": "int64", "history_mask": "float", "context": "int64"},
-                     ["memory", "memory_mask", "lower"]),
-    "decoder_step.onnx": ({"memory": "float", "memory_mask": "float", "lower": "float",
-                           "prefix": "int64"}, ["logits"]),
+                     ["memory", "memory_mask", "lower", "memory_kv"]),
+    "decoder_step.onnx": ({"memory_kv": "float", "memory_mask": "float", "lower": "float",
+                           "beam_request": "int64", "prefix": "int64"}, ["logits"]),
     "value.onnx": ({"memory": "float", "memory_mask": "float", "candidates": "int64"},
                    ["pctr", "pcvr"]),
 }
@@ -54,22 +54,29 @@ def test_onnx_matches_torch_for_random_batches_and_beams(
     history[mask == 0] = 0
     context = rng.integers(0, 1024, size=(B, 4)).astype(np.int64)
     enc, step, val = (_sess(snapshot, n) for n in CONTRACT)
-    memory, mmask, lower = enc.run(None, {"history": history, "history_mask": mask,
-                                          "context": context})
+    memory, mmask, lower, kv = enc.run(None, {"history": history, "history_mask": mask,
+                                              "context": context})
     with torch.no_grad():
-        t_mem, t_mask, t_lower = model.encode(torch.from_numpy(history), torch.from_numpy(mask),
-                                              torch.from_numpy(context))
-    worst = max(np.abs(memory - t_mem.numpy()).max(), np.abs(lower - t_lower.numpy()).max(),
-                np.abs(mmask - t_mask.numpy()).max())
+        t_enc = model.encode(torch.from_numpy(history), torch.from_numpy(mask),
+                             torch.from_numpy(context))
+    assert kv.shape == (B, 1, 2, 4, H + 4, 32 // 4)   # M=1 top block, 4 heads, S = C + H
+    worst = max(np.abs(a - t.numpy()).max()
+                for a, t in zip((memory, mmask, lower, kv), t_enc, strict=True))
     N = B * K
-    rep = {"memory": np.repeat(memory, K, 0), "memory_mask": np.repeat(mmask, K, 0),
-           "lower": np.repeat(lower, K, 0)}
+    # beams in any order, a different number per request (as the server's search has them)
+    beam_request = np.sort(rng.integers(B, size=N)) if K > 1 else np.arange(B)
+    per_request = {"memory_kv": kv, "memory_mask": mmask, "lower": lower,
+                   "beam_request": beam_request}
     for P in range(trained_lazy.tokenizer.config.id_len):
         prefix = ids[rng.integers(len(ids), size=N), :P].astype(np.int64)
-        (logits,) = step.run(None, {**rep, "prefix": prefix})
+        (logits,) = step.run(None, {**per_request, "prefix": prefix})
         with torch.no_grad():
-            t_logits = model.decoder.step(*(torch.from_numpy(v) for v in rep.values()),
+            t_logits = model.decoder.step(*(torch.from_numpy(v) for v in per_request.values()),
                                           torch.from_numpy(prefix))
+            # the same beams as per-beam rows of their request's states
+            per_beam = model.decoder.step(*(torch.from_numpy(v[beam_request]) for v in
+                                            (kv, mmask, lower)), None, torch.from_numpy(prefix))
+        assert torch.allclose(t_logits, per_beam, atol=1e-5)
         assert logits.shape == (N, max(trained_lazy.tokenizer.config.token_sizes))
         valid = trained_lazy.tokenizer.config.token_sizes[P]
         assert (logits[:, valid:] <= -1e8).all()
@@ -77,7 +84,7 @@ def test_onnx_matches_torch_for_random_batches_and_beams(
     cands = ids[rng.integers(len(ids), size=(B, C))]
     pctr, pcvr = val.run(None, {"memory": memory, "memory_mask": mmask, "candidates": cands})
     with torch.no_grad():
-        t_ctr, t_cvr = model.value(t_mem, t_mask, torch.from_numpy(cands))
+        t_ctr, t_cvr = model.value(t_enc[0], t_enc[1], torch.from_numpy(cands))
     assert pctr.shape == pcvr.shape == (B, C) and ((pctr > 0) & (pctr < 1)).all()
     worst = max(worst, np.abs(pctr - torch.sigmoid(t_ctr).numpy()).max(),
                 np.abs(pcvr - torch.sigmoid(t_cvr).numpy()).max())

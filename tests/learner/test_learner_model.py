@@ -70,10 +70,11 @@ def test_decoder_step_agrees_with_teacher_forcing(small_tokenizer: UASIDTokenize
         ex = build_examples(synth_log.feedback[:30], small_tokenizer, history_len=10)
         b = ex.batch(ex.positives[:6])
         with torch.no_grad():
-            mem, mask, lower = model.encode(b.history, b.history_mask, b.context)
-            tf = model.decoder.teacher_forced(mem, mask, lower, b.target)     # [B, T, V]
+            _, mask, lower, kv = model.encode(b.history, b.history_mask, b.context)
+            tf = model.decoder.teacher_forced(kv, mask, lower, b.target)      # [B, T, V]
+            rows = torch.arange(len(b.target))
             for p in range(small_tokenizer.config.id_len):
-                step = model.decoder.step(mem, mask, lower, b.target[:, :p])  # [B, V]
+                step = model.decoder.step(kv, mask, lower, rows, b.target[:, :p])  # [B, V]
                 assert torch.allclose(step, tf[:, p], atol=1e-5)
 
 
@@ -106,8 +107,8 @@ def test_prior_heads_behind_a_flag_route_training_and_mix_at_inference(
     loss.backward()
     assert model.decoder.priors[0].fc.weight.grad is not None
     with torch.no_grad():
-        mem, mask, lower = model.encode(b.history, b.history_mask, b.context)
-        logits = model.decoder.step(mem, mask, lower, b.target[:, :1])
+        _, mask, lower, kv = model.encode(b.history, b.history_mask, b.context)
+        logits = model.decoder.step(kv, mask, lower, None, b.target[:, :1])
     V1 = small_tokenizer.config.token_sizes[1]
     assert torch.allclose(torch.logsumexp(logits[:, :V1], -1), torch.zeros(16), atol=1e-4)
     plain = GenerativeRecommender(_cfg(small_tokenizer))
@@ -124,3 +125,26 @@ def test_lazyar_and_full_ar_both_learn_above_chance_recall(
         assert result.metrics["recall@10"] > 3 * chance, result.metrics
         assert result.metrics["vndcg@10"] > 0
     assert full.model.cfg.mode == "full_ar" and trained_lazy.model.cfg.mode == "lazy_ar"
+
+
+@pytest.mark.parametrize("prior_heads", [0, 2])
+def test_level_logprob_matches_teacher_forced_log_softmax_per_row(
+        prior_heads: int, small_tokenizer: UASIDTokenizer,
+        synth_log: synthetic.SyntheticLog) -> None:
+    """K ids per request share the request's memory keys/values (grouped rows) and each
+    level is projected onto its own vocabulary: same values as one row per (request, id)
+    through the padded teacher-forced logits."""
+    torch.manual_seed(0)
+    model = GenerativeRecommender(_cfg(small_tokenizer, prior_heads=prior_heads)).eval()
+    ex = build_examples(synth_log.feedback[:30], small_tokenizer, history_len=10)
+    b = ex.batch([0, 1, 2])
+    _, arr = small_tokenizer.id_array()
+    ids = torch.from_numpy(arr[:12]).reshape(3, 4, -1)
+    with torch.no_grad():
+        grouped = model.level_logprob(b, ids)                             # [3, 4, T]
+        _, mask, lower, kv = model.encode(b.history, b.history_mask, b.context)
+        rows = torch.arange(3).repeat_interleave(4)
+        flat = ids.reshape(12, -1)
+        per_row = model.decoder.teacher_forced(kv[rows], mask[rows], lower[rows], flat)
+        expect = torch.log_softmax(per_row, -1).gather(-1, flat.unsqueeze(-1))[..., 0]
+    assert torch.allclose(grouped.reshape(12, -1), expect, atol=1e-5)

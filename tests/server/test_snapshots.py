@@ -135,3 +135,17 @@ def test_history_and_context_inputs_follow_the_learner(tmp_path: Path,
     from streams.features import context_ids
     assert context[0].tolist() == context_ids({"device": "ios"})
     assert np.count_nonzero(context) == 1
+
+
+def test_a_format_1_snapshot_is_refused_with_a_clear_error(tmp_path: Path,
+                                                           snapshots: Builder) -> None:
+    from server.snapshot import SnapshotRejectedError, parse_manifest
+
+    mgr, engine = _manager(tmp_path)
+    assert mgr.apply_update(snapshots("v1").model_update()) == "ok"
+    old = snapshots("v2", format=1)     # per-beam memory into decoder_step (format 1)
+    assert mgr.apply_update(old.model_update()) == "manifest"
+    assert mgr.version == "v1" and _recommend(engine)[0] == "v1"
+    with pytest.raises(SnapshotRejectedError, match=r"format 1 not supported: this server "
+                       r"reads format 2 only \(re-export"):
+        parse_manifest((old.directory / "manifest.json").read_bytes())
