@@ -106,6 +106,15 @@ class ModelManager:
         """Load and swap to ``update``; returns the result (``ok`` or the failed step)."""
         if self.version == update.version:
             return "ok"
+        serving = self.state.model.data_watermark if self.state is not None else None
+        if serving is not None and update.data_watermark < serving:
+            # a replayed or stray announcement of older data: never go back in freshness
+            # on our own (operators roll back explicitly through the admin API)
+            M.SWAPS.labels("stale").inc()
+            log.warning("model.rejected", version=update.version, step="stale",
+                        detail=f"data watermark {update.data_watermark} is older than the "
+                        f"serving version's {serving}", serving=self.version)
+            return "stale"
         info = self.versions.get(update.version) or VersionInfo(update.version, update)
         self.versions[update.version] = info
         self.versions.move_to_end(update.version)
@@ -279,11 +288,11 @@ class ModelManager:
                     raise SnapshotRejectedError("nan", f"{name} produced non-finite values in "
                                            "warm-up")
         try:
-            memory, mmask, lower = rt.encode(history, hmask, context)
-            finite("encoder", memory, mmask, lower)
+            states = rt.encode(history, hmask, context)
+            finite("encoder", *states)
 
             def step(req: np.ndarray, prefix: np.ndarray) -> np.ndarray:
-                logits = rt.step(memory[req], mmask[req], lower[req], prefix)
+                logits = rt.step(states, req, prefix)
                 finite("decoder_step", logits)
                 return logits
 
@@ -293,7 +302,7 @@ class ModelManager:
                 else self.warmup_widths[:T]
             beams = beam_search(step, trie, B, widths)
             cand = (man.ids[:4] if len(man.ad_ids) else np.zeros((1, T), np.int64))
-            pctr, pcvr = rt.value(memory, mmask, np.stack([cand] * B))
+            pctr, pcvr = rt.value(states.memory, states.memory_mask, np.stack([cand] * B))
             finite("value", pctr, pcvr)
             if len(man.ad_ids) and beams.request.shape[0] == 0:
                 raise SnapshotRejectedError("warmup", "beam search found no ids")

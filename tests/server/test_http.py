@@ -219,6 +219,21 @@ def test_bad_snapshots_over_kafka_are_refused_and_rollback_works(
         assert r.status_code == 200 and r.json()["serving"] == "v2"
 
 
+def test_a_replayed_older_announcement_is_refused_as_stale(
+        kafka: KafkaSettings, start_server: Start, snapshots: Builder, producer: Send) -> None:
+    publish_ads(producer)
+    v1 = snapshots("v1", data_watermark=100.0)
+    producer("model-updates", v1.model_update())
+    producer("model-updates", snapshots("v2", data_watermark=200.0).model_update())
+    srv = start_server(kafka)
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        wait_for(lambda: ready(c, "v2"), what="v2 ready")
+        producer("model-updates", v1.model_update())          # the old announcement again
+        wait_for(lambda: metric_value(c.get("/metrics").text, "adloop_server_swaps_total",
+                                      'result="stale"') >= 1, what="a stale refusal")
+        assert c.post("/v1/recommend", json=REQ).json()["model_version"] == "v2"
+
+
 def test_continuous_requests_during_20_swaps_never_fail(
         kafka: KafkaSettings, start_server: Start, snapshots: Builder, producer: Send) -> None:
     publish_ads(producer)
