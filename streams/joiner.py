@@ -4,7 +4,8 @@ The join semantics (windows, watermark, rewards, dedup) are in :mod:`streams.joi
 This module is the Kafka side, on kafka-python: one consumer in group
 ``<prefix><app_id>`` subscribed to the three co-partitioned input topics with the range
 assignor (so partition ``p`` of every input goes to the same instance), one idempotent
-producer for ``feedback``, ``dlq`` and the state changelog
+:class:`streams.kafka_io.BatchProducer` (aiokafka's C record-batch builder on a background
+thread, ``acks=all``) for ``feedback``, ``dlq`` and the state changelog
 ``<prefix><app_id>-requests-changelog`` (compacted, partition ``p`` holds the state of
 input partition ``p``; key = request id, tombstones when a request expires).
 
@@ -19,8 +20,8 @@ or ``commit_every_records`` and before partitions are given up:
 1. flush the producer: every feedback list and dead letter handed over so far is
    acknowledged (``FeedbackNotAckedError`` otherwise: nothing below happens);
 2. per partition, record the newest acknowledged feedback offset in the state;
-3. produce the changed state keys (and tombstones) to the changelog and flush
-   (``ChangelogNotAckedError``);
+3. produce the changed state keys (and tombstones), each encoded once however often it
+   changed since the last commit, to the changelog and flush (``ChangelogNotAckedError``);
 4. commit the consumer positions (``OffsetCommitFailedError``);
 5. invariant: committed offsets only increase.
 
@@ -35,14 +36,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.coordinator.assignors.range import RangePartitionAssignor
@@ -50,7 +52,7 @@ from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from streams.joiner_core import INPUT_TOPICS, JoinCore, JoinSettings, Rejected
-from streams.kafka_io import DEAD_LETTERS, producer_config
+from streams.kafka_io import DEAD_LETTERS, BatchProducer
 from streams.logs import get_logger
 from streams.metrics import counter, gauge, histogram, start_metrics_server
 from streams.schemas import DeadLetter, DecodeFailure, Feedback, decode, encode
@@ -74,6 +76,8 @@ COMMITS = counter("adloop_join_commits_total", "Completed commit protocols.")
 TABLE_REQUESTS = gauge("adloop_join_table_requests", "Request ids held in the join state.")
 TABLE_BYTES = gauge("adloop_join_table_bytes", "Encoded size of the join state.")
 RSS = gauge("adloop_join_process_resident_memory_bytes", "Resident memory of the joiner.")
+REJOINS = counter("adloop_join_rejoins_total",
+                  "Fresh group members after a long stretch with nothing assigned.")
 LAG = gauge("adloop_join_lag_records", "Unread records per input topic and partition.",
             ("topic", "partition"))
 WATERMARK = gauge("adloop_join_watermark_seconds", "Event-time watermark per partition.",
@@ -81,6 +85,10 @@ WATERMARK = gauge("adloop_join_watermark_seconds", "Event-time watermark per par
 ELAPSED = histogram("adloop_join_elapsed_seconds",
                     "Event time from impression to emission, by kind.", ("kind",),
                     buckets=(1, 10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 86400))
+
+
+FEEDBACK_BY_KIND = {k: FEEDBACK.labels(k) for k in ("provisional", "correction", "final")}
+ELAPSED_BY_KIND = {k: ELAPSED.labels(k) for k in ("provisional", "correction", "final")}
 
 
 class FeedbackNotAckedError(RuntimeError):
@@ -103,62 +111,6 @@ def _rss_bytes() -> int:
         return 0
 
 
-class ChangelogStore(MutableMapping[bytes, bytes]):
-    """The join state: a dict that remembers which keys changed, per partition.
-
-    Writes belong to ``current`` (the partition being processed); :meth:`take_dirty`
-    hands the changes to the commit protocol.
-    """
-
-    def __init__(self) -> None:
-        self.data: dict[bytes, bytes] = {}
-        self.owner: dict[bytes, int] = {}
-        self.dirty: dict[bytes, tuple[int, bytes | None]] = {}
-        self.current = -1
-        self.nbytes = 0
-
-    def __getitem__(self, key: bytes) -> bytes:
-        return self.data[key]
-
-    def __setitem__(self, key: bytes, value: bytes) -> None:
-        old = self.data.get(key)
-        self.nbytes += len(value) - (len(old) if old is not None else 0)
-        self.data[key] = value
-        self.owner[key] = self.current
-        self.dirty[key] = (self.current, value)
-
-    def __delitem__(self, key: bytes) -> None:
-        self.nbytes -= len(self.data.pop(key))
-        self.dirty[key] = (self.owner.pop(key), None)
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self.data)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def restore(self, partition: int, key: bytes, value: bytes | None) -> None:
-        """Apply one changelog record (no dirty tracking)."""
-        old = self.data.pop(key, None)
-        if old is not None:
-            self.nbytes -= len(old)
-            self.owner.pop(key, None)
-        if value is not None:
-            self.data[key] = value
-            self.owner[key] = partition
-            self.nbytes += len(value)
-
-    def evict(self, partition: int) -> None:
-        for k in [k for k, p in self.owner.items() if p == partition]:
-            self.nbytes -= len(self.data.pop(k))
-            del self.owner[k]
-        self.dirty = {k: v for k, v in self.dirty.items() if v[0] != partition}
-
-    def take_dirty(self) -> dict[bytes, tuple[int, bytes | None]]:
-        out, self.dirty = self.dirty, {}
-        return out
-
-
 class Joiner:
     """The consumer loop and commit protocol around a :class:`JoinCore`."""
 
@@ -168,21 +120,19 @@ class Joiner:
         self.topics = Topics(kafka.topic_prefix)
         self.group = kafka.topic_prefix + settings.app_id
         self.changelog = f"{self.group}-requests-changelog"
-        self.store = ChangelogStore()
-        self.core = JoinCore(settings, self.store)
-        self.producer = KafkaProducer(**producer_config(kafka, client_id=f"{self.group}-out"))
-        self.consumer = KafkaConsumer(
-            bootstrap_servers=kafka.bootstrap_servers, client_id=f"{self.group}-in",
-            group_id=self.group, enable_auto_commit=False, auto_offset_reset="earliest",
-            isolation_level="read_committed", max_poll_records=2000, fetch_max_wait_ms=100,
-            partition_assignment_strategy=[RangePartitionAssignor],
-            session_timeout_ms=int(settings.session_timeout_s * 1000),
-            heartbeat_interval_ms=int(settings.session_timeout_s * 1000 / 3),
-            max_poll_interval_ms=300_000)
+        self.core = JoinCore(settings, None)
+        self.producer = BatchProducer(kafka, client_id=f"{self.group}-out",
+                                      linger_ms=5, max_batch_bytes=512 * 1024)
+        self.consumer = self._new_consumer()
+        self.rejoins = 0
+        self.tps: dict[tuple[str, int], TopicPartition] = {}
+        self.outcomes: dict[tuple[str, str], int] = {}
+        """Input records per (topic, outcome) not yet added to ``EVENTS``."""
+        self.kinds: dict[str, int] = dict.fromkeys(FEEDBACK_BY_KIND, 0)
+        """Feedback lists per kind not yet added to ``FEEDBACK``."""
         self.positions: dict[tuple[str, int], int] = {}
         self.committed: dict[TopicPartition, int] = {}
         self.fb_offsets: dict[int, int] = {}
-        self.pending: list[tuple[int, Any]] = []
         self.since_commit = 0
         self.processed = 0
         self.ready = False
@@ -191,8 +141,7 @@ class Joiner:
 
     # -- setup -----------------------------------------------------------------------------
     def ensure_changelog(self) -> None:
-        admin = KafkaAdminClient(bootstrap_servers=self.kafka.bootstrap_servers,
-                                 client_id=f"{self.group}-admin")
+        admin = KafkaAdminClient(**self.kafka.client_config(), client_id=f"{self.group}-admin")
         try:
             if self.changelog not in set(admin.list_topics()):
                 with contextlib.suppress(TopicAlreadyExistsError):  # a peer created it
@@ -202,6 +151,33 @@ class Joiner:
                                        "max.message.bytes": str(4 * 1024 * 1024)})])
         finally:
             admin.close()
+
+    def _new_consumer(self) -> KafkaConsumer:
+        return KafkaConsumer(
+            **self.kafka.client_config(), client_id=f"{self.group}-in",
+            group_id=self.group, enable_auto_commit=False, auto_offset_reset="earliest",
+            isolation_level="read_committed", max_poll_records=5000, fetch_max_wait_ms=100,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            partition_assignment_strategy=[RangePartitionAssignor],
+            session_timeout_ms=int(self.s.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(self.s.session_timeout_s * 1000 / 3),
+            max_poll_interval_ms=300_000)
+
+    def rejoin(self) -> None:
+        """A fresh group member: kafka-python 3.0 can leave a member sitting in its group
+        with nothing assigned after an early rebalance (seen on freshly created topics);
+        a new consumer joins cleanly. Only called while nothing is assigned, so there is
+        no state to hand over."""
+        self.rejoins += 1
+        REJOINS.inc()
+        log.warning("join.rejoin", attempt=self.rejoins, group=self.group)
+        with contextlib.suppress(Exception):
+            self.consumer.close(autocommit=False)
+        self.to_load.clear()
+        self.consumer = self._new_consumer()
+        inputs = [self.topics.name(t) for t in INPUT_TOPICS]
+        self.wait_for_metadata(inputs)
+        self.consumer.subscribe(inputs, listener=self._listener())
 
     def _listener(self) -> ConsumerRebalanceListener:
         joiner = self
@@ -229,7 +205,6 @@ class Joiner:
         self.commit(in_callback=True)
         for p in partitions:
             self.core.forget_partition(p)
-            self.store.evict(p)
             for t in INPUT_TOPICS:
                 self.positions.pop((t, p), None)
         log.info("join.revoked", partitions=sorted(partitions))
@@ -241,13 +216,13 @@ class Joiner:
     def load(self, p: int) -> None:
         """Restore partition ``p``: changelog → state, index, then reconcile with feedback."""
         t0 = time.monotonic()
-        c = KafkaConsumer(bootstrap_servers=self.kafka.bootstrap_servers,
+        c = KafkaConsumer(**self.kafka.client_config(),
                           client_id=f"{self.group}-restore", enable_auto_commit=False,
                           isolation_level="read_committed")
         try:
             restored = 0
             for msg in _read_partition(c, TopicPartition(self.changelog, p), 0):
-                self.store.restore(p, msg.key, msg.value)
+                self.core.restore(msg.key, msg.value)
                 restored += 1
             meta = self.core.load_partition(p)
             ftp = TopicPartition(self.topics.feedback, p)
@@ -258,7 +233,6 @@ class Joiner:
                     found.append((msg.offset, fb))
         finally:
             c.close(autocommit=False)
-        self.store.current = p
         n = self.core.reconcile(p, found)
         RECONCILED.inc(n)
         if found:
@@ -276,43 +250,81 @@ class Joiner:
                  seconds=round(time.monotonic() - t0, 3))
 
     # -- processing ------------------------------------------------------------------------
+    def _tp(self, logical: str, p: int) -> TopicPartition:
+        tp = self.tps.get((logical, p))
+        if tp is None:
+            tp = self.tps[(logical, p)] = TopicPartition(self.topics.name(logical), p)
+        return tp
+
+    def process_chunk(self, logical: str, p: int, msgs: list[Any]) -> None:
+        """Consecutive records of one input partition: apply each, dead-letter what it
+        rejected, emit what is due.
+
+        A topic counts as caught up (not holding the watermark back) when its position
+        has reached the high watermark of the last fetch; the high watermarks are read
+        once per chunk.
+        """
+        caught: dict[str, bool] = {}
+        for t in INPUT_TOPICS:
+            if t != logical:
+                hw = self.consumer.highwater(self._tp(t, p))
+                pos = self.positions.get((t, p))
+                caught[t] = hw is not None and pos is not None and pos >= hw
+        hw_self = self.consumer.highwater(self._tp(logical, p))
+        if hw_self is None:
+            hw_self = 1 << 62
+        on_record = self.core.on_record
+        outcomes = self.outcomes
+        for m in msgs:
+            offset = m.offset
+            caught[logical] = offset + 1 >= hw_self
+            step = on_record(logical, p, offset, m.key, m.value, caught)
+            k = (logical, step.outcome)
+            outcomes[k] = outcomes.get(k, 0) + 1
+            if step.rejected:
+                for r in step.rejected:
+                    self._dead_letter(r)
+            if step.emissions:
+                self._emit(p, step.emissions)
+        if msgs:
+            self.positions[(logical, p)] = msgs[-1].offset + 1
+        self.processed += len(msgs)
+        self.since_commit += len(msgs)
+
     def process(self, logical: str, p: int, offset: int, key: bytes | None,
                 value: bytes | None) -> None:
-        """One input record: apply, dead-letter what it rejected, emit what is due."""
-        self.store.current = p
-        self.positions[(logical, p)] = offset + 1
-        caught = {t: self._caught_up(t, p) for t in INPUT_TOPICS}
-        step = self.core.on_record(logical, p, offset, key, value, caught)
-        EVENTS.labels(logical, step.outcome).inc()
-        for r in step.rejected:
-            self._dead_letter(r)
-        if step.emissions:
-            self._emit(p, step.emissions)
-        self.processed += 1
-        self.since_commit += 1
+        """One input record (see :meth:`process_chunk`)."""
+        self.process_chunk(logical, p, [_Msg(offset, key, value)])
 
-    def _caught_up(self, logical: str, p: int) -> bool:
-        hw = self.consumer.highwater(TopicPartition(self.topics.name(logical), p))
-        pos = self.positions.get((logical, p))
-        return hw is not None and pos is not None and pos >= hw
+    def count_outcomes(self) -> None:
+        """Add the per-record counts to ``adloop_join_events_total`` and the feedback
+        counters (once per poll, not per record)."""
+        for (t, outcome), n in self.outcomes.items():
+            EVENTS.labels(t, outcome).inc(n)
+        self.outcomes.clear()
+        for kind, n in self.kinds.items():
+            if n:
+                FEEDBACK_BY_KIND[kind].inc(n)
+                if kind == "correction":
+                    CORRECTIONS.inc(n)
+                self.kinds[kind] = 0
 
     def _emit(self, p: int, emissions: list[Feedback]) -> None:
+        topic = self.topics.feedback
+        send = self.producer.send
+        kinds = self.kinds
         for fb in emissions:
-            fut = self.producer.send(self.topics.feedback, key=fb.user_id.encode(),
-                                     value=encode(fb), partition=p)
-            self.pending.append((p, fut))
-            FEEDBACK.labels(fb.kind).inc()
-            ELAPSED.labels(fb.kind).observe(fb.elapsed_s)
-            if fb.kind == "correction":
-                CORRECTIONS.inc()
+            send(topic, fb.user_id.encode(), encode(fb), p)
+            kind = fb.kind
+            kinds[kind] += 1
+            ELAPSED_BY_KIND[kind].observe(fb.elapsed_s)
         self.core.mark_emitted(p, emissions)
 
     def _dead_letter(self, r: Rejected) -> None:
         letter = DeadLetter.of(source_topic=self.topics.name(r.topic), partition=r.partition,
                                offset=r.offset, reason=r.reason, detail=r.detail, raw=r.raw,
                                key=r.key)
-        self.producer.send(self.topics.dlq, key=letter.source_topic.encode(),
-                           value=encode(letter))
+        self.producer.send(self.topics.dlq, letter.source_topic.encode(), encode(letter))
         DEAD_LETTERS.labels(r.topic, r.reason).inc()
         if r.reason == "late":
             LATE.labels(r.topic).inc()
@@ -326,24 +338,22 @@ class Joiner:
         """Flush outputs, persist state, commit offsets (steps in the module docstring)."""
         # 1. outputs (feedback, dead letters) acknowledged
         try:
-            self.producer.flush(timeout=60)
-            for p, fut in self.pending:
-                md = fut.get(timeout=0)
-                self.fb_offsets[p] = max(self.fb_offsets.get(p, -1), md.offset)
+            acked = self.producer.flush(timeout_s=60)
         except Exception as exc:
             raise FeedbackNotAckedError(repr(exc)) from exc
-        self.pending.clear()
+        feedback = self.topics.feedback
+        for (topic, p), off in acked.items():
+            if topic == feedback:
+                self.fb_offsets[p] = max(self.fb_offsets.get(p, -1), off)
         # 2. the newest acknowledged feedback offset goes into each partition's state
         for p, off in self.fb_offsets.items():
             if self.core.loaded(p):
-                self.store.current = p
                 self.core.set_feedback_offset(p, off)
-        # 3. changed state to the changelog, acknowledged
-        dirty = self.store.take_dirty()
+        # 3. changed state to the changelog (each key once), acknowledged
         try:
-            for key, (p, value) in dirty.items():
-                self.producer.send(self.changelog, key=key, value=value, partition=p)
-            self.producer.flush(timeout=60)
+            for p, key, value in self.core.take_changes():
+                self.producer.send(self.changelog, key, value, p)
+            self.producer.flush(timeout_s=60)
         except Exception as exc:
             raise ChangelogNotAckedError(repr(exc)) from exc
         # 4. consumer positions
@@ -372,23 +382,41 @@ class Joiner:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
+        # The state is many long-lived objects and every record allocates; with the default
+        # thresholds the cyclic GC rescans the state so often that it costs about a quarter
+        # of the CPU (the state structs are gc=False; this covers the lists and dicts).
+        gc.set_threshold(50_000, 20, 20)
+        gc.freeze()  # modules and start-up objects: never scanned again
         self.ensure_changelog()
-        self.consumer.subscribe([self.topics.name(t) for t in INPUT_TOPICS],
-                                listener=self._listener())
+        inputs = [self.topics.name(t) for t in INPUT_TOPICS]
+        self.wait_for_metadata(inputs)
+        self.consumer.subscribe(inputs, listener=self._listener())
         last_commit = last_metrics = time.monotonic()
+        unassigned_since: float | None = time.monotonic()
+        rejoin_after = max(10.0, 2 * self.s.session_timeout_s)
         try:
             while not self.stop_event.is_set():
                 batches = self.consumer.poll(timeout_ms=200)
+                if self.core.parts or self.to_load:
+                    unassigned_since = None
+                elif unassigned_since is None:
+                    unassigned_since = time.monotonic()
+                elif time.monotonic() - unassigned_since > rejoin_after * (1 + self.rejoins) \
+                        and self.rejoins < 5:
+                    self.rejoin()     # backs off: 1x, 2x, ... the wait; an idle extra
+                    unassigned_since = time.monotonic()   # member rejoins a few times only
+                    continue
                 for p in sorted(self.to_load):
                     self.load(p)
                 self.to_load.clear()
                 self.ready = bool(self.core.parts)
                 for tp, msgs in _interleaved(batches):
-                    logical = self.topics.logical(tp.topic)
                     if not self.core.loaded(tp.partition):
                         continue  # revoked inside this poll
-                    for m in msgs:
-                        self.process(logical, tp.partition, m.offset, m.key, m.value)
+                    self.process_chunk(self.topics.logical(tp.topic), tp.partition, msgs)
+                if batches:
+                    self.producer.ship()  # sent while the next poll is processed
+                    self.count_outcomes()
                 now = time.monotonic()
                 if (self.since_commit >= self.s.commit_every_records
                         or now - last_commit >= self.s.commit_interval_s):
@@ -400,21 +428,47 @@ class Joiner:
             self.commit()
         finally:
             self.consumer.close(autocommit=False)
-            self.producer.close(timeout=10)
+            self.producer.close(timeout_s=10)
+
+    def wait_for_metadata(self, topics: list[str], timeout_s: float = 60.0) -> None:
+        """Know every input topic's partitions before joining the group.
+
+        A member that joins while its metadata lacks a subscribed topic can be handed an
+        assignment without that topic's partitions and, with kafka-python, may then sit
+        in the group with nothing assigned (seen on freshly created topics)."""
+        deadline = time.monotonic() + timeout_s
+        missing = list(topics)
+        while missing and not self.stop_event.is_set():
+            missing = [t for t in missing if not self.consumer.partitions_for_topic(t)]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise SystemExit(f"adloop join: no partitions for {missing} after "
+                                 f"{timeout_s:.0f}s (run `adloop topics create`)")
+            time.sleep(0.2)
 
     def refresh_metrics(self) -> None:
         TABLE_REQUESTS.set(self.core.requests_held())
-        TABLE_BYTES.set(self.store.nbytes)
+        TABLE_BYTES.set(self.core.nbytes)
         RSS.set(_rss_bytes())
         for p in list(self.core.parts):
             WATERMARK.labels(str(p)).set(max(self.core.watermark(p), 0.0))
         for (t, p), pos in list(self.positions.items()):
-            hw = self.consumer.highwater(TopicPartition(self.topics.name(t), p))
+            hw = self.consumer.highwater(self._tp(t, p))
             if hw is not None:
                 LAG.labels(t, str(p)).set(max(0, hw - pos))
 
     def ready_check(self) -> tuple[bool, dict[str, Any]]:
         return self.ready, {"processed": self.processed, "partitions": sorted(self.core.parts)}
+
+
+class _Msg:
+    """The fields of a consumer record that :meth:`Joiner.process_chunk` reads."""
+
+    __slots__ = ("key", "offset", "value")
+
+    def __init__(self, offset: int, key: bytes | None, value: bytes | None) -> None:
+        self.offset, self.key, self.value = offset, key, value
 
 
 def _interleaved(batches: dict[Any, list[Any]], chunk: int = 50) -> Iterator[tuple[Any, list]]:

@@ -1,8 +1,9 @@
 """The joiner's state machine: impressions ⋈ clicks ⋈ conversions → feedback lists.
 
-Pure logic, no Kafka: :class:`JoinCore` reads and writes a ``MutableMapping[bytes, bytes]``
-(the changelog-backed store in production, a dict in unit tests) and returns what to emit
-and what to dead-letter. :mod:`streams.joiner` owns the Kafka I/O and the commit protocol.
+Pure logic, no Kafka: :class:`JoinCore` holds the live state as decoded objects, returns
+what to emit and what to dead-letter, and hands the changed keys, encoded once each, to the
+commit protocol (:meth:`JoinCore.take_changes`); :meth:`JoinCore.restore` applies changelog
+records. :mod:`streams.joiner` owns the Kafka I/O and the commit protocol.
 
 Event time drives everything. Per source partition:
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import msgspec
 from pydantic import Field
@@ -46,6 +47,9 @@ from streams.schemas import (
 
 INPUT_TOPICS = ("impressions", "clicks", "conversions")
 """Logical input topics, co-partitioned by user id and read by one agent."""
+
+_INF = float("inf")
+_NEG_INF = float("-inf")
 
 META_PREFIX = b"\x00meta/"
 """Table keys of per-partition metadata (request ids never start with NUL)."""
@@ -88,8 +92,9 @@ class JoinSettings(BaseSettings):
 
 
 # --- state records -----------------------------------------------------------------------
+# ``gc=False``: these never form reference cycles, and the cyclic GC need not scan them.
 
-class HeldEvent(msgspec.Struct, kw_only=True):
+class HeldEvent(msgspec.Struct, kw_only=True, gc=False):
     """A click/conversion waiting for its impression (orphan candidate)."""
 
     topic: str
@@ -99,7 +104,7 @@ class HeldEvent(msgspec.Struct, kw_only=True):
     key: bytes | None = None
 
 
-class RequestState(msgspec.Struct, kw_only=True):
+class RequestState(msgspec.Struct, kw_only=True, gc=False):
     """Everything the joiner knows about one request id."""
 
     request_id: str
@@ -121,7 +126,7 @@ class RequestState(msgspec.Struct, kw_only=True):
     """Signature of the rewards in the last emitted list (a correction is due if it differs)."""
 
 
-class PartitionMeta(msgspec.Struct, kw_only=True):
+class PartitionMeta(msgspec.Struct, kw_only=True, gc=False):
     """Per source partition: watermark and the feedback offset known to be marked."""
 
     watermark: float = float("-inf")
@@ -131,8 +136,23 @@ class PartitionMeta(msgspec.Struct, kw_only=True):
     it are read back from ``feedback`` on restart: :meth:`JoinCore.reconcile`)."""
 
 
+class _MetaRecord(msgspec.Struct, kw_only=True):
+    """:class:`PartitionMeta` as JSON has it: -inf (and NaN) are written as ``null``."""
+
+    watermark: float | None = None
+    next_check: float | None = None
+    feedback_offset: int = -1
+
+    def meta(self) -> PartitionMeta:
+        return PartitionMeta(
+            watermark=_NEG_INF if self.watermark is None else self.watermark,
+            next_check=_NEG_INF if self.next_check is None else self.next_check,
+            feedback_offset=self.feedback_offset)
+
+
+_S = TypeVar("_S", RequestState, _MetaRecord)
 _state_dec = msgspec.json.Decoder(RequestState)
-_meta_dec = msgspec.json.Decoder(PartitionMeta)
+_meta_dec = msgspec.json.Decoder(_MetaRecord)
 _enc = msgspec.json.Encoder()
 
 
@@ -193,14 +213,16 @@ class Rejected:
     key: bytes | None
 
 
-@dataclass
 class Step:
-    """What one input record caused."""
+    """What one input record caused (a plain class: one is made per record)."""
 
-    emissions: list[Feedback] = field(default_factory=list)
-    rejected: list[Rejected] = field(default_factory=list)
-    outcome: str = "applied"
-    """applied | held | duplicate | late | orphan | invalid (for metrics)."""
+    __slots__ = ("emissions", "outcome", "rejected")
+
+    def __init__(self) -> None:
+        self.emissions: list[Feedback] = []
+        self.rejected: list[Rejected] = []
+        self.outcome = "applied"
+        """applied | held | duplicate | late | orphan | invalid (for metrics)."""
 
 
 Due = Literal["provisional", "final", "orphan", "expire"]
@@ -215,49 +237,138 @@ class _Partition:
 
 
 class JoinCore:
-    """The join state machine over a key-value store of encoded :class:`RequestState`."""
+    """The join state machine over decoded :class:`RequestState` objects.
 
-    def __init__(self, settings: JoinSettings, store: MutableMapping[bytes, bytes]) -> None:
+    ``store`` (optional): encoded changelog records to start from (key -> value, as written
+    by :meth:`take_changes`); it also receives every change :meth:`take_changes` hands out.
+    """
+
+    def __init__(self, settings: JoinSettings,
+                 store: MutableMapping[bytes, bytes] | None = None) -> None:
         self.s = settings
         self.store = store
         self.parts: dict[int, _Partition] = {}
+        self.table: dict[str, RequestState] = {}
+        """Live state of every loaded (or being restored) partition, by request id."""
+        self.changed: dict[str, int] = {}
+        """Request ids written or deleted since the last :meth:`take_changes` -> partition."""
+        self.meta_changed: set[int] = set()
+        self.persisted: set[str] = set()
+        """Request ids whose newest changelog record is a value (not a tombstone): only
+        these need a tombstone when they expire."""
+        self.restored_meta: dict[int, PartitionMeta] = {}
+        self.sizes: dict[bytes, int] = {}
+        self.nbytes = 0
+        """Encoded size of the state as last written to / read from the changelog."""
         self.emitted_before: dict[str, Feedback] = {}
         """Lists found on ``feedback`` (reconcile) for requests the table does not hold yet:
         applied when the re-delivered impression recreates the state."""
+        if store:
+            for k, v in list(store.items()):
+                self.restore(k, v)
 
-    # -- store helpers -----------------------------------------------------------------
+    # -- state access ------------------------------------------------------------------
     def get(self, request_id: str) -> RequestState | None:
-        raw = self.store.get(request_id.encode())
-        return None if raw is None else _state_dec.decode(raw)
+        return self.table.get(request_id)
 
     def put(self, st: RequestState) -> None:
-        self.store[st.request_id.encode()] = _enc.encode(st)
+        self.table[st.request_id] = st
+        self.changed[st.request_id] = st.partition
 
     def delete(self, request_id: str) -> None:
-        key = request_id.encode()
-        if key in self.store:
-            del self.store[key]
+        st = self.table.pop(request_id, None)
+        if st is not None:
+            self.changed[request_id] = st.partition
 
     def save_meta(self, partition: int) -> None:
-        self.store[meta_key(partition)] = _enc.encode(self.parts[partition].meta)
+        self.meta_changed.add(partition)
 
     def states(self) -> Iterator[RequestState]:
-        for k, v in list(self.store.items()):
-            if not k.startswith(META_PREFIX):
-                yield _state_dec.decode(v)
+        yield from list(self.table.values())
+
+    # -- persistence (changelog) ---------------------------------------------------------
+    def restore(self, key: bytes, value: bytes | None) -> None:
+        """Apply one changelog record (before :meth:`load_partition` of its partition).
+
+        Raises :class:`StateFormatError` for a record this build cannot read.
+        """
+        if key.startswith(META_PREFIX):
+            part = int(key[len(META_PREFIX):])
+            if value is None:
+                self.restored_meta.pop(part, None)
+            else:
+                self.restored_meta[part] = _decode_state(_meta_dec, key, value).meta()
+        else:
+            rid = key.decode()
+            if value is None:
+                self.table.pop(rid, None)
+                self.persisted.discard(rid)
+            else:
+                self.table[rid] = _decode_state(_state_dec, key, value)
+                self.persisted.add(rid)
+        self._size(key, value)
+
+    def _size(self, key: bytes, value: bytes | None) -> None:
+        old = self.sizes.pop(key, 0)
+        self.nbytes -= old
+        if value is not None:
+            self.sizes[key] = len(value)
+            self.nbytes += len(value)
+
+    def take_changes(self) -> list[tuple[int, bytes, bytes | None]]:
+        """``(partition, key, value or None)`` of every key changed since the last call,
+        each encoded once. A request created and expired in between is left out (nothing
+        of it reached the changelog, so it needs no tombstone)."""
+        out: list[tuple[int, bytes, bytes | None]] = []
+        for rid, p in self.changed.items():
+            key = rid.encode()
+            st = self.table.get(rid)
+            if st is not None:
+                value = _enc.encode(st)
+                out.append((p, key, value))
+                self.persisted.add(rid)
+                self._size(key, value)
+            elif rid in self.persisted:
+                out.append((p, key, None))
+                self.persisted.discard(rid)
+                self._size(key, None)
+        for p in sorted(self.meta_changed):
+            part = self.parts.get(p)
+            if part is not None:
+                key = meta_key(p)
+                value = _enc.encode(part.meta)
+                out.append((p, key, value))
+                self._size(key, value)
+        self.changed = {}
+        self.meta_changed = set()
+        if self.store is not None:
+            for _p, key, maybe in out:
+                if maybe is None:
+                    self.store.pop(key, None)
+                else:
+                    self.store[key] = maybe
+        return out
 
     # -- partitions ----------------------------------------------------------------------
     def loaded(self, partition: int) -> bool:
         return partition in self.parts
 
     def forget_partition(self, partition: int) -> None:
-        """Drop a revoked partition's in-memory index (the store evicts its keys)."""
+        """Drop a revoked partition's state (already persisted by the commit protocol)."""
         self.parts.pop(partition, None)
+        self.restored_meta.pop(partition, None)
+        self.meta_changed.discard(partition)
+        for rid in [r for r, st in self.table.items() if st.partition == partition]:
+            del self.table[rid]
+            self.persisted.discard(rid)
+            self.changed.pop(rid, None)
+            self._size(rid.encode(), None)
+        self._size(meta_key(partition), None)
 
     def load_partition(self, partition: int) -> PartitionMeta:
-        """Rebuild the deadline heap of ``partition`` from the table; return its metadata."""
-        raw = self.store.get(meta_key(partition))
-        meta = _meta_dec.decode(raw) if raw is not None else PartitionMeta()
+        """Rebuild the deadline heap of ``partition`` from the restored state; return its
+        metadata."""
+        meta = self.restored_meta.pop(partition, None) or PartitionMeta()
         part = _Partition(meta)
         self.parts[partition] = part
         for st in self.states():
@@ -335,8 +446,8 @@ class JoinCore:
                                           record.detail, raw or b"", key))
             step.outcome = "invalid"
         else:
-            prev = part.max_seen.get(topic, float("-inf"))
-            part.max_seen[topic] = max(prev, record.event_time)
+            if record.event_time > part.max_seen.get(topic, _NEG_INF):
+                part.max_seen[topic] = record.event_time
             wm = part.meta.watermark
             if isinstance(record, Impression):
                 step.outcome = self._on_impression(part, record, topic, partition, offset,
@@ -417,7 +528,11 @@ class JoinCore:
                 f"[{t0}, {t0 + self.s.attribution_window_s}] of request {ev.request_id}"
                 + (" (final already emitted)" if st.final_sent else ""), raw, key))
             return "late"
-        if not any(it.ad_id == ev.ad_id for it in st.impression.slate):
+        ad_id = ev.ad_id
+        for it in st.impression.slate:
+            if it.ad_id == ad_id:
+                break
+        else:
             step.rejected.append(Rejected(
                 topic, partition, offset, "orphan",
                 f"ad {ev.ad_id} was not shown in request {ev.request_id}", raw, key))
@@ -430,14 +545,17 @@ class JoinCore:
 
     # -- watermark and emission -------------------------------------------------------------
     def watermark_candidate(self, part: _Partition, caught_up: dict[str, bool]) -> float:
-        behind = [part.max_seen.get(t, float("-inf")) for t in INPUT_TOPICS
-                  if not caught_up.get(t, False)]
-        if behind:
-            base = min(behind)
-        elif part.max_seen:
-            base = max(part.max_seen.values())
-        else:
-            return float("-inf")
+        max_seen = part.max_seen
+        base = _INF
+        for t in INPUT_TOPICS:
+            if not caught_up.get(t, False):
+                seen = max_seen.get(t, _NEG_INF)
+                if seen < base:
+                    base = seen
+        if base == _INF:  # every topic caught up
+            if not max_seen:
+                return _NEG_INF
+            base = max(max_seen.values())
         return base - self.s.out_of_orderness_s
 
     def _advance(self, part: _Partition, partition: int, caught_up: dict[str, bool],
@@ -551,11 +669,24 @@ class JoinCore:
         return self.parts[partition].meta.watermark
 
     def requests_held(self) -> int:
-        return sum(1 for k in self.store if not k.startswith(META_PREFIX))
+        return len(self.table)
 
 
 class InvariantError(RuntimeError):
     """A joiner invariant broke (revisions or output offsets went backwards)."""
+
+
+class StateFormatError(RuntimeError):
+    """A changelog record this build cannot read (written by an incompatible version)."""
+
+
+def _decode_state(dec: msgspec.json.Decoder[_S], key: bytes, value: bytes) -> _S:
+    try:
+        return dec.decode(value)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise StateFormatError(f"changelog record {key!r} is not a state record of this "
+                               f"version ({exc}); start with a new app_id or delete the "
+                               f"changelog topic") from exc
 
 
 def _t0(st: RequestState) -> float:

@@ -155,6 +155,9 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_join_commits_total", "counter", "join", (), "Completed commit protocols."),
     _m("adloop_join_process_resident_memory_bytes", "gauge", "join", (),
        "Resident memory of the joiner (faust worker)."),
+    _m("adloop_join_rejoins_total", "counter", "join", (),
+       "Fresh group members after a long stretch with nothing assigned (kafka-python can "
+       "leave a member idle in its group after an early rebalance)."),
     _m("adloop_join_lag_records", "gauge", "join", ("topic", "partition"),
        "Unread records per input topic and partition (the joiner's consumer lag).",
        "topic: impressions, clicks, conversions; partition: 0..3"),
