@@ -226,7 +226,8 @@ def create_api(service: Service) -> FastAPI:
                                 headers={"WWW-Authenticate": "Bearer"})
 
     @app.post("/v1/recommend", response_model=RecommendResponse,
-              responses={429: {"description": "overloaded at the narrowest beams"},
+              responses={400: {"description": "the body is not valid JSON"},
+                         429: {"description": "overloaded at the narrowest beams"},
                          503: {"description": "no model snapshot loaded yet"},
                          413: {"description": "request body too large"}})
     async def recommend(req: RecommendRequest) -> Response:
@@ -297,6 +298,8 @@ def create_api(service: Service) -> FastAPI:
 
     @app.post("/v1/models/rollback", dependencies=[Depends(admin)],
               responses={**admin_responses,
+                         400: {"description": "the body is not valid JSON"},
+                         413: {"description": "request body too large"},
                          409: {"description": "no such kept version, or it failed to load"}})
     async def rollback(request: Request, body: RollbackRequest | None = None) -> JSONResponse:
         version = body.version if body is not None else None

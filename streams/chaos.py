@@ -343,8 +343,8 @@ class ChaosRun:
         want = {(m.topic, m.raw) for m in sent}
 
         def all_dead_lettered() -> bool:
-            got = {(r.record.source_topic, r.record.raw())
-                   for r in read_all(self.stack.kafka, "dlq", timeout_s=2)}
+            got = {(topics.logical(r.record.source_topic), r.record.raw())
+                   for r in read_all(self.stack.kafka, "dlq", timeout_s=10)}
             return want <= got
 
         self.wait_until("every malformed record in dlq", all_dead_lettered, 120)
@@ -659,7 +659,7 @@ class ChaosRun:
         kafka = self.stack.kafka
         obs = observe(read_all(kafka, "impressions", timeout_s=20),
                       read_all(kafka, "feedback", timeout_s=20),
-                      read_all(kafka, "dlq", timeout_s=20))
+                      read_all(kafka, "dlq", timeout_s=20), kafka.topic_prefix)
         read_learner_ledger(self.out / "learner", obs, self.learner_positions())
         phase_of = {rid: r.name for r in self.results for rid in r.request_ids}
         rows = reconcile(self.ledger.entries, obs, phase_of, [r.name for r in self.results],

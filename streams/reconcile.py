@@ -30,8 +30,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from streams.kafka_io import Received
 from streams.schemas import DeadLetter, Feedback, Impression
+from streams.topics import Topics
 
 
 @dataclass(frozen=True)
@@ -88,33 +91,25 @@ class Observed:
         elif fb.kind == "provisional":
             self.provisionals[fb.request_id] += 1
 
-    def add_dead_letter(self, d: DeadLetter) -> None:
+    def add_dead_letter(self, d: DeadLetter, prefix: str = "") -> None:
+        """``d.source_topic`` is the physical name; it is kept by its logical name."""
+        if prefix:
+            d = msgspec.structs.replace(d, source_topic=Topics(prefix).logical(d.source_topic))
         self.dead[(d.source_topic, d.partition, d.offset)] = d
 
-    def dead_event_ids(self) -> dict[str, str]:
-        """event id -> reason, for dead-lettered clicks and conversions."""
+    def dead_by(self, field_name: str, topics: tuple[str, ...] | None = None
+                ) -> dict[str, str]:
+        """``field_name`` of each dead-lettered JSON record (from ``topics``) -> its reason."""
         out: dict[str, str] = {}
         for d in self.dead.values():
-            try:
-                obj = json.loads(d.raw())
-            except ValueError:
-                continue
-            if isinstance(obj, dict) and isinstance(obj.get("event_id"), str):
-                out[obj["event_id"]] = d.reason
-        return out
-
-    def dead_impressions(self) -> dict[str, str]:
-        """Request id -> reason, for dead-lettered impressions."""
-        out: dict[str, str] = {}
-        for d in self.dead.values():
-            if d.source_topic != "impressions":
+            if topics is not None and d.source_topic not in topics:
                 continue
             try:
                 obj = json.loads(d.raw())
             except ValueError:
                 continue
-            if isinstance(obj, dict) and isinstance(obj.get("request_id"), str):
-                out[obj["request_id"]] = d.reason
+            if isinstance(obj, dict) and isinstance(obj.get(field_name), str):
+                out[obj[field_name]] = d.reason
         return out
 
     def dead_raw(self) -> dict[tuple[str, bytes], str]:
@@ -134,16 +129,17 @@ def read_learner_ledger(state_dir: Path, obs: Observed,
 
 
 def observe(impressions: Iterable[Received[Any]], feedback: Iterable[Received[Any]],
-            dlq: Iterable[Received[Any]]) -> Observed:
+            dlq: Iterable[Received[Any]], prefix: str = "") -> Observed:
     """Build :class:`Observed` from the decoded records of ``impressions``, ``feedback``
-    and ``dlq`` (e.g. :func:`streams.kafka_io.read_all`)."""
+    and ``dlq`` (e.g. :func:`streams.kafka_io.read_all`); ``prefix`` is the topic prefix
+    of the run (dead letters name their source topic physically)."""
     obs = Observed()
     for r in impressions:
         obs.add_impression(r.record)
     for r in feedback:
         obs.add_feedback(r.partition, r.offset, r.record)
     for r in dlq:
-        obs.add_dead_letter(r.record)
+        obs.add_dead_letter(r.record, prefix)
     return obs
 
 
@@ -163,8 +159,8 @@ def reconcile(ledger: Sequence[dict[str, Any]], obs: Observed, phase_of: dict[st
     for e in ledger:
         if e["kind"] in ("click", "conversion") and e["request_id"] in requests:
             actions[e["request_id"]].append(e)
-    dead_ids = obs.dead_event_ids()
-    dead_requests = obs.dead_impressions()
+    dead_ids = obs.dead_by("event_id", ("clicks", "conversions"))
+    dead_requests = obs.dead_by("request_id", ("impressions",))
 
     for rid, (ph, t0) in requests.items():
         row = rows[ph]

@@ -85,6 +85,13 @@ def test_an_event_dead_lettered_late_inside_its_window_is_flagged() -> None:
     assert row.lost == 0 and row.late_inside_window == 1
 
 
+def test_dead_letters_name_their_source_physically_and_are_matched_logically() -> None:
+    obs = Observed()
+    obs.add_dead_letter(_dead("run7.clicks", b"not json 1", 3), prefix="run7.")
+    row = reconcile([], obs, {}, ["p"], W, [Malformed("p", "clicks", b"not json 1")])["p"]
+    assert (row.dead_lettered, row.lost) == (1, 0)
+
+
 def test_malformed_records_count_only_when_they_are_in_the_dlq() -> None:
     bad = [Malformed("p", "clicks", b"not json 1"), Malformed("p", "ads", b"not json 2")]
     obs = _observed([], [_dead("clicks", b"not json 1", 3), _dead("clicks", b"not json 1", 3)])
