@@ -59,6 +59,18 @@ def rspo_throughput(model: GenerativeRecommender, tok: UASIDTokenizer, lists: li
     return done / (time.perf_counter() - t0)
 
 
+def update_gflop(model: GenerativeRecommender, tok: UASIDTokenizer, lists: list,
+                 batch: int) -> float:
+    """Floating-point work of one update (forward + backward, counted by torch), GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    learner = OnlineLearner(model, RSPOConfig())
+    b = lists_to_batch(lists[:batch], tok, model)
+    with FlopCounterMode(display=False) as counter:
+        learner.update(b)
+    return counter.get_total_flops() / 1e9
+
+
 def export_validate(model: GenerativeRecommender, tok: UASIDTokenizer, lists: list,
                     rounds: int) -> float:
     times = []
@@ -89,11 +101,15 @@ def main() -> int:
     rspo_only = rspo_throughput(model, tok, lists, args.batch, seconds,
                                 RSPOConfig(vsl_alpha=0.0), 0.0)
     export_s = export_validate(model, tok, lists, 2 if args.quick else 5)
+    gflop = update_gflop(model, tok, lists, args.batch)
     results: dict[str, object] = {
         "device": device(), "quick": args.quick, "threads": args.threads,
         "batch_lists": args.batch, "model_params": model.num_parameters(),
         "rspo_lists_per_s": round(full, 1), "rspo_only_lists_per_s": round(rspo_only, 1),
         "snapshot_export_validate_s": round(export_s, 3),
+        "update_gflop": round(gflop, 2),
+        "achieved_gflop_per_s": round(gflop * full / args.batch, 1),
+        "gflop_per_s_for_2000_lists": round(gflop * 2000 / args.batch, 1),
         "freshness_p50_s": None, "freshness_p95_s": None,
     }
     if not args.skip_freshness:
@@ -114,7 +130,13 @@ def main() -> int:
         f"`bench/learn.py{' --quick' if args.quick else ''}`: default model "
         f"({results['model_params']:,} parameters), batches of {args.batch} lists of 10 items, "
         f"{args.threads} torch threads, {results['device']}.\n\n"
-        + markdown_table(["figure", "measured", "goal"], rows)))
+        + markdown_table(["figure", "measured", "goal"], rows)
+        + f"\n\nOne update of {args.batch} lists is {gflop:.1f} GFLOP (forward + backward, "
+        f"counted by torch's FlopCounterMode); the measured rate is "
+        f"{results['achieved_gflop_per_s']} GFLOP/s, and 2,000 lists/s would need "
+        f"{results['gflop_per_s_for_2000_lists']} GFLOP/s, more than two cores deliver "
+        f"to these small matrices: the goal needs a smaller model (or fewer items per "
+        f"list in the RSPO term), not a faster loop."))
     print(path.read_text())
     return 0
 
