@@ -26,6 +26,7 @@ import fcntl
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,13 +171,13 @@ class ImpressionLogger:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="impressions", daemon=True)
         self.spool = ImpressionSpool(spool_dir) if spool_dir is not None else None
-        self._replay: list[tuple[int, Impression]] = []
+        self._replay: deque[tuple[int, Impression]] = deque()
         self.produced = 0
         self.dropped = 0
 
     def start(self) -> ImpressionLogger:
         if self.spool is not None:
-            self._replay = self.spool.leftovers()
+            self._replay = deque(self.spool.leftovers())
             if self._replay:
                 log.info("impressions.spool_replay", records=len(self._replay))
                 M.IMPRESSIONS_REPLAYED.inc(len(self._replay))
@@ -230,7 +231,7 @@ class ImpressionLogger:
 
     def _next(self) -> tuple[int, Impression] | None:
         if self._replay:
-            return self._replay.pop(0)
+            return self._replay.popleft()
         try:
             item = self._queue.get(timeout=0.1)
         except queue.Empty:

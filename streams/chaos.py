@@ -375,20 +375,15 @@ class ChaosRun:
 
     def _expect_refusal(self, res: PhaseResult, serving: str | None, injected: str,
                         announce: Callable[[], None]) -> None:
-        swaps = scrape(self.urls["serve"] + "/metrics")
-        refused_before = metric_sum(swaps, "adloop_server_swaps_total") - metric_sum(
-            swaps, "adloop_server_swaps_total", result="ok")
+        def refusals() -> float:   # snapshot loads that ended in any step but ok
+            swaps = "adloop_server_swaps_total"
+            return self.metric("serve", swaps) - self.metric("serve", swaps, result="ok")
+
+        before = refusals()
         t0 = time.monotonic()
         announce()
         res.snapshot_events += 1
-
-        def refused() -> bool:
-            m = scrape(self.urls["serve"] + "/metrics")
-            now = metric_sum(m, "adloop_server_swaps_total") - metric_sum(
-                m, "adloop_server_swaps_total", result="ok")
-            return now > refused_before
-
-        self.wait_until("the server to refuse the snapshot", refused, 60)
+        self.wait_until("the server to refuse the snapshot", lambda: refusals() > before, 60)
         res.recovery_s = time.monotonic() - t0
         after = self.serving_version()
         res.detail["serving_before"], res.detail["serving_after"] = serving, after
