@@ -30,6 +30,18 @@ last commit. Lists emitted after that commit were acknowledged (step 1) but thei
 may be missing: on restart the joiner reads ``feedback`` after the recorded offset and
 marks them (``JoinCore.reconcile``), so no (request id, revision) is emitted twice, and
 re-delivered clicks/conversions are recognised by event id.
+
+Restore (:meth:`Joiner.load`): the partitions of one assignment are restored together,
+before any of their records is processed, with one restore consumer for the batch:
+
+1. read every changelog partition of the batch to its end offset in one pass (records of
+   different partitions interleave; each goes to ``JoinCore.restore``);
+2. rebuild each partition's deadline index (``JoinCore.load_partitions``);
+3. read every feedback partition of the batch in one pass, each after the feedback offset
+   its restored metadata records, and reconcile each partition with what it found;
+4. each input partition resumes at its committed offset (or its beginning).
+
+A pass that does not reach its end offsets within 300 s raises ``TimeoutError``.
 """
 
 from __future__ import annotations
@@ -41,7 +53,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
@@ -176,8 +188,8 @@ class Joiner:
         self.to_load.clear()
         self.consumer = self._new_consumer()
         inputs = [self.topics.name(t) for t in INPUT_TOPICS]
-        self.wait_for_metadata(inputs)
         self.consumer.subscribe(inputs, listener=self._listener())
+        self.wait_for_metadata(inputs)
 
     def _listener(self) -> ConsumerRebalanceListener:
         joiner = self
@@ -213,41 +225,62 @@ class Joiner:
         """Remember the partitions; the loop loads them before it processes their records."""
         self.to_load |= {p for p in partitions if not self.core.loaded(p)}
 
-    def load(self, p: int) -> None:
-        """Restore partition ``p``: changelog → state, index, then reconcile with feedback."""
+    def load(self, partitions: Iterable[int]) -> None:
+        """Restore the partitions of one assignment together (see "Restore" in the module
+        docstring): changelog → state, deadline index, reconcile with ``feedback``, and
+        where each input partition resumes.
+
+        One restore consumer for the batch reads all its changelog partitions in one pass,
+        then all its feedback partitions (each after its recorded offset) in another.
+        """
+        ps = sorted(set(partitions))
+        if not ps:
+            return
         t0 = time.monotonic()
+        restored = dict.fromkeys(ps, 0)
+        found: dict[int, list[tuple[int, Feedback]]] = {p: [] for p in ps}
+        # a short fetch wait: the fetch in flight when the changelog pass ends waits this
+        # long (no new changelog records) before the feedback pass can fetch
         c = KafkaConsumer(**self.kafka.client_config(),
                           client_id=f"{self.group}-restore", enable_auto_commit=False,
-                          isolation_level="read_committed")
+                          isolation_level="read_committed", fetch_max_wait_ms=20)
         try:
-            restored = 0
-            for msg in _read_partition(c, TopicPartition(self.changelog, p), 0):
+            changelog = [TopicPartition(self.changelog, p) for p in ps]
+            feedback = [TopicPartition(self.topics.feedback, p) for p in ps]
+            # both topics' log start offsets in one lookup: it also fetches both topics'
+            # metadata at once (each separate first lookup of a topic costs ~0.1 s)
+            begins = c.beginning_offsets(changelog + feedback)
+            for msg in _read_partitions(c, {tp: begins[tp] for tp in changelog}):
                 self.core.restore(msg.key, msg.value)
-                restored += 1
-            meta = self.core.load_partition(p)
-            ftp = TopicPartition(self.topics.feedback, p)
-            found: list[tuple[int, Feedback]] = []
-            for msg in _read_partition(c, ftp, meta.feedback_offset + 1):
+                restored[msg.partition] += 1
+            metas = self.core.load_partitions(ps)
+            after_mark = {tp: max(metas[p].feedback_offset + 1, begins[tp])
+                          for p, tp in zip(ps, feedback, strict=True)}
+            for msg in _read_partitions(c, after_mark):
                 fb = decode(msg.value, Feedback, 1 << 30)
                 if not isinstance(fb, DecodeFailure):
-                    found.append((msg.offset, fb))
+                    found[msg.partition].append((msg.offset, fb))
         finally:
             c.close(autocommit=False)
-        n = self.core.reconcile(p, found)
-        RECONCILED.inc(n)
-        if found:
-            self.fb_offsets[p] = max(self.fb_offsets.get(p, -1), found[-1][0])
+        reconciled: dict[int, int] = {}
+        for p in ps:
+            reconciled[p] = n = self.core.reconcile(p, found[p])
+            RECONCILED.inc(n)
+            if found[p]:
+                self.fb_offsets[p] = max(self.fb_offsets.get(p, -1), found[p][-1][0])
         # where processing resumes (the consumer's position may already be past records
         # returned by the poll that brought this assignment)
-        tps = [TopicPartition(self.topics.name(t), p) for t in INPUT_TOPICS]
-        begins = self.consumer.beginning_offsets(tps)
-        for t, tp in zip(INPUT_TOPICS, tps, strict=True):
+        tps = {(t, p): TopicPartition(self.topics.name(t), p) for p in ps for t in INPUT_TOPICS}
+        begins = self.consumer.beginning_offsets(list(tps.values()))
+        for key, tp in tps.items():
             committed = self.consumer.committed(tp)
-            self.positions[(t, p)] = committed if committed is not None else begins[tp]
-        log.info("join.partition_loaded", partition=p, changelog_records=restored,
-                 watermark=meta.watermark, feedback_offset=meta.feedback_offset,
-                 feedback_after_mark=len(found), reconciled=n,
-                 seconds=round(time.monotonic() - t0, 3))
+            self.positions[key] = committed if committed is not None else begins[tp]
+        seconds = round(time.monotonic() - t0, 3)
+        for p in ps:
+            log.info("join.partition_loaded", partition=p, changelog_records=restored[p],
+                     watermark=metas[p].watermark, feedback_offset=metas[p].feedback_offset,
+                     feedback_after_mark=len(found[p]), reconciled=reconciled[p],
+                     batch=ps, seconds=seconds)
 
     # -- processing ------------------------------------------------------------------------
     def _tp(self, logical: str, p: int) -> TopicPartition:
@@ -389,8 +422,8 @@ class Joiner:
         gc.freeze()  # modules and start-up objects: never scanned again
         self.ensure_changelog()
         inputs = [self.topics.name(t) for t in INPUT_TOPICS]
-        self.wait_for_metadata(inputs)
         self.consumer.subscribe(inputs, listener=self._listener())
+        self.wait_for_metadata(inputs)
         last_commit = last_metrics = time.monotonic()
         unassigned_since: float | None = time.monotonic()
         rejoin_after = max(10.0, 2 * self.s.session_timeout_s)
@@ -406,9 +439,10 @@ class Joiner:
                     self.rejoin()     # backs off: 1x, 2x, ... the wait; an idle extra
                     unassigned_since = time.monotonic()   # member rejoins a few times only
                     continue
-                for p in sorted(self.to_load):
-                    self.load(p)
-                self.to_load.clear()
+                if self.to_load:  # the whole assignment in one batch
+                    batch = sorted(self.to_load)
+                    self.load(batch)
+                    self.to_load.difference_update(batch)
                 self.ready = bool(self.core.parts)
                 for tp, msgs in _interleaved(batches):
                     if not self.core.loaded(tp.partition):
@@ -431,11 +465,17 @@ class Joiner:
             self.producer.close(timeout_s=10)
 
     def wait_for_metadata(self, topics: list[str], timeout_s: float = 60.0) -> None:
-        """Know every input topic's partitions before joining the group.
+        """Know every input topic's partitions before joining the group (called after
+        ``subscribe`` and before the first ``poll``, which joins).
 
         A member that joins while its metadata lacks a subscribed topic can be handed an
         assignment without that topic's partitions and, with kafka-python, may then sit
-        in the group with nothing assigned (seen on freshly created topics)."""
+        in the group with nothing assigned (seen on freshly created topics). The order
+        matters too: kafka-python's coordinator snapshots the subscribed topics'
+        partitions on each metadata update; fetched before ``subscribe``, the snapshot
+        stays empty, the leader assigns against it, and the first metadata refresh after
+        the join sees a difference and rebalances the group once more (a second restore
+        of every partition, seconds after start)."""
         deadline = time.monotonic() + timeout_s
         missing = list(topics)
         while missing and not self.stop_event.is_set():
@@ -485,22 +525,41 @@ def _interleaved(batches: dict[Any, list[Any]], chunk: int = 50) -> Iterator[tup
                 queues[tp] = msgs[chunk:]
 
 
-def _read_partition(c: KafkaConsumer, tp: TopicPartition, start: int) -> Iterator[Any]:
-    """Records of one partition from ``start`` to its current end."""
-    c.assign([tp])
-    end = c.end_offsets([tp])[tp]
-    begin = c.beginning_offsets([tp])[tp]
-    start = max(start, begin)
-    if start >= end:
+def _read_partitions(c: KafkaConsumer, starts: dict[TopicPartition, int],
+                     timeout_s: float = 300.0) -> Iterator[Any]:
+    """Records of several partitions, each from its start offset (at or after its log
+    start) to its end offset at the time of the call; partitions interleave, each one's
+    order is kept.
+
+    Raises ``TimeoutError`` naming the partitions not read to their end in ``timeout_s``.
+    """
+    if not starts:
         return
-    c.seek(tp, start)
-    deadline = time.monotonic() + 300
-    while c.position(tp) < end:
+    ends = c.end_offsets(list(starts))
+    todo = {tp: end for tp, end in ends.items() if starts[tp] < end}
+    if not todo:
+        return
+    c.assign(list(todo))
+    for tp in todo:
+        c.seek(tp, starts[tp])
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for tp in [tp for tp, end in todo.items() if c.position(tp) >= end]:
+            del todo[tp]
+            c.pause(tp)  # read to its end: fetch no more of it
+        if not todo:
+            return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"reading {tp} did not reach offset {end}")
-        for msg in c.poll(timeout_ms=500).get(tp, []):
-            if msg.offset < end:
-                yield msg
+            behind = ", ".join(f"{tp.topic}[{tp.partition}] at {c.position(tp)} of {end}"
+                               for tp, end in sorted(todo.items()))
+            raise TimeoutError(f"restore did not read to the end in {timeout_s:.0f}s: "
+                               f"{behind}")
+        for tp, msgs in c.poll(timeout_ms=500).items():
+            end = todo.get(tp)
+            if end is not None:
+                for msg in msgs:
+                    if msg.offset < end:
+                        yield msg
 
 
 # --- CLI ------------------------------------------------------------------------------------

@@ -171,31 +171,65 @@ def feedback_items(state: RequestState) -> list[FeedbackItem]:
 
     ``conversion_value`` is the sum of the advertiser values of the item's conversions.
     """
-    assert state.impression is not None
+    return rewards_and_signature(state)[0]
+
+
+_FLAGS = (":00:", ":10:", ":01:", ":11:")
+"""The ``clicked``/``converted`` part of a signature, by ``clicked + 2 * converted``."""
+
+
+def rewards_and_signature(state: RequestState) -> tuple[list[FeedbackItem], str]:
+    """:func:`feedback_items` and their :func:`items_signature`, built in one pass.
+
+    A request without clicks and conversions (most of them) takes a short path: no
+    attribution sets, no rounding, the default ``clicked``/``converted``/``value`` fields.
+    """
+    imp = state.impression
+    assert imp is not None
+    items: list[FeedbackItem] = []
+    sig: list[str] = []
+    if not state.clicks and not state.conversions:
+        for it in imp.slate:
+            bt = it.bid_type
+            items.append(FeedbackItem(
+                ad_id=it.ad_id, semantic_id=it.semantic_id, position=it.position,
+                score=it.score, bid=it.bid, bid_type=bt,
+                reward=0.0 if bt == "cpc" or bt == "cpa" else it.bid / 1000.0))
+            sig.append(it.ad_id + ":00:0.0")
+        return items, ";".join(sig)
     clicked = set(state.clicks.values())
     values: dict[str, float] = {}
     for ad_id, value in state.conversions.values():
         values[ad_id] = values.get(ad_id, 0.0) + value
-    items = []
-    for it in state.impression.slate:
-        c = it.ad_id in clicked
-        v = it.ad_id in values
-        if it.bid_type == "cpc":
+    for it in imp.slate:
+        ad_id = it.ad_id
+        c = ad_id in clicked
+        v = ad_id in values
+        bt = it.bid_type
+        if bt == "cpc":
             reward = it.bid if c else 0.0
-        elif it.bid_type == "cpa":
+        elif bt == "cpa":
             reward = it.bid if v else 0.0
         else:
             reward = it.bid / 1000.0
+        if v:
+            cv = round(values[ad_id], 9)
+            sig.append(f"{ad_id}{_FLAGS[c + 2]}{cv!r}")  # converted: ":01:" or ":11:"
+        else:
+            cv = 0.0
+            sig.append(ad_id + (":10:0.0" if c else ":00:0.0"))
         items.append(FeedbackItem(
-            ad_id=it.ad_id, semantic_id=it.semantic_id, position=it.position, score=it.score,
-            bid=it.bid, bid_type=it.bid_type, clicked=c, converted=v,
-            conversion_value=round(values.get(it.ad_id, 0.0), 9), reward=reward))
-    return items
+            ad_id=ad_id, semantic_id=it.semantic_id, position=it.position, score=it.score,
+            bid=it.bid, bid_type=bt, clicked=c, converted=v, conversion_value=cv,
+            reward=reward))
+    return items, ";".join(sig)
 
 
 def items_signature(items: Iterable[FeedbackItem]) -> str:
-    return ";".join(f"{i.ad_id}:{int(i.clicked)}{int(i.converted)}:{i.conversion_value!r}"
-                    for i in items)
+    """What a correction compares: per item ``ad_id:<clicked><converted>:<value>``
+    (``RequestState.emitted_sig`` holds this string, so its format is persisted)."""
+    return ";".join([f"{i.ad_id}{_FLAGS[i.clicked + 2 * i.converted]}{i.conversion_value!r}"
+                     for i in items])
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -263,6 +297,10 @@ class JoinCore:
         self.emitted_before: dict[str, Feedback] = {}
         """Lists found on ``feedback`` (reconcile) for requests the table does not hold yet:
         applied when the re-delivered impression recreates the state."""
+        self.pending_sigs: dict[str, tuple[Feedback, str]] = {}
+        """Request id -> (list, its signature) for the lists of the latest check, so that
+        :meth:`mark_emitted` need not rebuild the signature (used only for that very
+        object; a list marked later, or read back from ``feedback``, is signed anew)."""
         if store:
             for k, v in list(store.items()):
                 self.restore(k, v)
@@ -320,18 +358,22 @@ class JoinCore:
         each encoded once. A request created and expired in between is left out (nothing
         of it reached the changelog, so it needs no tombstone)."""
         out: list[tuple[int, bytes, bytes | None]] = []
+        table, persisted, sizes, encode = self.table, self.persisted, self.sizes, _enc.encode
+        nbytes = self.nbytes  # the bookkeeping of _size, inlined: once per changed key
         for rid, p in self.changed.items():
             key = rid.encode()
-            st = self.table.get(rid)
+            st = table.get(rid)
             if st is not None:
-                value = _enc.encode(st)
+                value = encode(st)
                 out.append((p, key, value))
-                self.persisted.add(rid)
-                self._size(key, value)
-            elif rid in self.persisted:
+                persisted.add(rid)
+                nbytes += len(value) - sizes.get(key, 0)
+                sizes[key] = len(value)
+            elif rid in persisted:
                 out.append((p, key, None))
-                self.persisted.discard(rid)
-                self._size(key, None)
+                persisted.discard(rid)
+                nbytes -= sizes.pop(key, 0)
+        self.nbytes = nbytes
         for p in sorted(self.meta_changed):
             part = self.parts.get(p)
             if part is not None:
@@ -368,16 +410,23 @@ class JoinCore:
     def load_partition(self, partition: int) -> PartitionMeta:
         """Rebuild the deadline heap of ``partition`` from the restored state; return its
         metadata."""
-        meta = self.restored_meta.pop(partition, None) or PartitionMeta()
-        part = _Partition(meta)
-        self.parts[partition] = part
+        return self.load_partitions([partition])[partition]
+
+    def load_partitions(self, partitions: Iterable[int]) -> dict[int, PartitionMeta]:
+        """:meth:`load_partition` for several partitions in one pass over the table (after
+        their changelog records were restored); returns each one's metadata."""
+        parts: dict[int, _Partition] = {}
+        for p in sorted(set(partitions)):
+            meta = self.restored_meta.pop(p, None)
+            parts[p] = self.parts[p] = _Partition(meta if meta is not None else PartitionMeta())
         for st in self.states():
-            if st.partition == partition:
+            part = parts.get(st.partition)
+            if part is not None:
                 self._schedule(part, st)
                 if (st.provisional_sent and not st.final_sent and st.impression is not None
-                        and items_signature(feedback_items(st)) != st.emitted_sig):
+                        and rewards_and_signature(st)[1] != st.emitted_sig):
                     part.dirty.add(st.request_id)  # a correction was due when we stopped
-        return meta
+        return {p: part.meta for p, part in parts.items()}
 
     def reconcile(self, partition: int, emitted: Iterable[tuple[int, Feedback]]) -> int:
         """Mark feedback found on the output topic after ``meta.feedback_offset``.
@@ -460,7 +509,8 @@ class JoinCore:
 
     def _on_impression(self, part: _Partition, imp: Impression, topic: str, partition: int,
                        offset: int, raw: bytes, key: bytes | None, step: Step, wm: float) -> str:
-        st = self.get(imp.request_id)
+        rid = imp.request_id
+        st = self.table.get(rid)
         if st is not None and st.impression is not None:
             return "duplicate"
         if imp.event_time + self.s.attribution_window_s <= wm:
@@ -476,10 +526,12 @@ class JoinCore:
             rec = decode(h.raw, _RECORD_TYPES[h.topic], 1 << 30)
             if isinstance(rec, Click | Conversion):
                 self._apply(st, rec, h.topic, h.partition, h.offset, h.raw, h.key, step, wm)
-        before = self.emitted_before.pop(imp.request_id, None)
-        if before is not None:  # emitted before a crash whose state was lost
-            self._mark(st, before)
-        self.put(st)
+        if self.emitted_before:
+            before = self.emitted_before.pop(rid, None)
+            if before is not None:  # emitted before a crash whose state was lost
+                self._mark(st, before)
+        self.table[rid] = st  # self.put(st), inlined
+        self.changed[rid] = partition
         self._schedule(part, st)
         return "applied"
 
@@ -572,12 +624,18 @@ class JoinCore:
         self.save_meta(partition)
 
     def _check(self, part: _Partition, partition: int, step: Step) -> None:
+        if self.pending_sigs:  # lists of an earlier check, marked by now (or never)
+            self.pending_sigs.clear()
         wm = part.meta.watermark
+        heap = part.heap
+        if not part.dirty and (not heap or heap[0][0] > wm):
+            return  # nothing due
+        table = self.table
         touched: dict[str, RequestState] = {}
         expired: list[str] = []
-        while part.heap and part.heap[0][0] <= wm:
-            _due, rid, kind = heapq.heappop(part.heap)
-            st = touched.get(rid) or self.get(rid)
+        while heap and heap[0][0] <= wm:
+            _due, rid, kind = heapq.heappop(heap)
+            st = table.get(rid)
             if st is None:
                 continue
             if kind == "orphan":
@@ -621,15 +679,17 @@ class JoinCore:
             kind = "correction" if st.provisional_sent else "provisional"
         else:
             return None
-        items = feedback_items(st)
-        if kind == "correction" and items_signature(items) == st.emitted_sig:
+        items, sig = rewards_and_signature(st)
+        if kind == "correction" and sig == st.emitted_sig:
             return None
         at = max(wm, t0)
-        return Feedback(request_id=st.request_id, user_id=st.user_id, kind=kind,
-                        revision=st.revision + 1, impression_time=t0, event_time=at,
-                        elapsed_s=at - t0, window_closed=kind == "final",
-                        context=imp.context, recent_ad_ids=imp.recent_ad_ids,
-                        model_version=imp.model_version, items=items)
+        fb = Feedback(request_id=st.request_id, user_id=st.user_id, kind=kind,
+                      revision=st.revision + 1, impression_time=t0, event_time=at,
+                      elapsed_s=at - t0, window_closed=kind == "final",
+                      context=imp.context, recent_ad_ids=imp.recent_ad_ids,
+                      model_version=imp.model_version, items=items)
+        self.pending_sigs[st.request_id] = (fb, sig)
+        return fb
 
     # -- marks (after the output is acknowledged) --------------------------------------------
     def _mark(self, st: RequestState, fb: Feedback) -> None:
@@ -637,7 +697,9 @@ class JoinCore:
             raise InvariantError(f"revision of {fb.request_id} went from {st.revision} "
                                  f"to {fb.revision}")
         st.revision = fb.revision
-        st.emitted_sig = items_signature(fb.items)
+        pending = self.pending_sigs.pop(fb.request_id, None)
+        st.emitted_sig = (pending[1] if pending is not None and pending[0] is fb
+                          else items_signature(fb.items))
         st.provisional_sent = True
         if fb.kind == "final":
             st.final_sent = True
@@ -646,12 +708,14 @@ class JoinCore:
     def mark_emitted(self, partition: int, emitted: list[Feedback]) -> None:
         """Record in the table that these lists were handed to the producer."""
         part = self.parts[partition]
+        table, changed = self.table, self.changed
         for fb in emitted:
-            st = self.get(fb.request_id)
+            rid = fb.request_id
+            st = table.get(rid)
             if st is None:
-                raise InvariantError(f"emitted {fb.request_id} has no state")
+                raise InvariantError(f"emitted {rid} has no state")
             self._mark(st, fb)
-            self.put(st)
+            changed[rid] = st.partition  # self.put(st), inlined (st is in the table)
             if fb.kind == "final":
                 self._schedule_expiry(part, st)
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from streams.joiner_core import JoinCore, JoinSettings
+from streams.joiner_core import (
+    JoinCore,
+    JoinSettings,
+    feedback_items,
+    items_signature,
+    rewards_and_signature,
+)
 from streams.schemas import Event, Feedback, encode
 from tests.streams.test_joiner_helpers import click, conv, imp, rewards
 
@@ -73,3 +79,23 @@ def test_restart_reconciles_lists_whose_marks_were_lost() -> None:
     again.feed(imp("tick", 15))
     again.feed(imp("end", 500))
     assert [x[:3] for x in again.lists() if x[0] == "r1"] == [("r1", "final", 1)]
+
+
+def test_signature_is_built_once_in_the_persisted_format() -> None:
+    """``emitted_sig`` is stored in the changelog: its format must not change, whichever
+    path (no clicks/conversions, clicks, conversions) built it."""
+    r = Run()
+    r.feed(imp("r1", 0))
+    r.feed(click("c1", "r1", 2))
+    r.feed(imp("tick", 15))                        # provisional of r1
+    r.feed(conv("v1", "r1", 40, 0.1))              # correction of r1, provisional of tick
+    r.feed(conv("v2", "r1", 41, 0.2))              # 0.1 + 0.2, rounded to 9 digits
+    r1, tick = r.core.get("r1"), r.core.get("tick")
+    assert r1 is not None and tick is not None
+    assert [x[1:3] for x in r.lists() if x[0] == "r1"] == [
+        ("provisional", 0), ("correction", 1), ("correction", 2)]
+    assert r1.emitted_sig == "a0:10:0.0;a1:01:0.3;a2:00:0.0"
+    assert tick.emitted_sig == "a0:00:0.0;a1:00:0.0;a2:00:0.0"
+    for st in (r1, tick):
+        items, sig = rewards_and_signature(st)
+        assert items == feedback_items(st) and sig == items_signature(items) == st.emitted_sig

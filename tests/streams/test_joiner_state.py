@@ -1,14 +1,20 @@
 """The joiner's persistence path: changed keys written once per commit, tombstones only for
-keys that reached the changelog, restore round trip, unreadable state fails loudly; and the
-batch producer it writes with (order, acknowledged offsets, dead-letter partitioning)."""
+keys that reached the changelog, restore round trip, unreadable state fails loudly, the
+batched restore of an assignment on the broker; and the batch producer it writes with
+(order, acknowledged offsets, dead-letter partitioning)."""
 
 from __future__ import annotations
+
+from collections import Counter
+from typing import Any
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
+from streams import joiner as joiner_module
+from streams.joiner import Joiner
 from streams.joiner_core import JoinCore, JoinSettings, StateFormatError, meta_key
-from streams.kafka_io import BatchProducer
+from streams.kafka_io import BatchProducer, read_all
 from streams.schemas import Event, Feedback, encode
 from streams.settings import KafkaSettings
 from streams.topics import Topics
@@ -116,3 +122,76 @@ def test_batch_producer_keeps_order_and_reports_acked_offsets(kafka: KafkaSettin
         assert values[-1] == b"more"
     finally:
         c.close()
+
+
+def _caught_up(j: Joiner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every input counts as read to its end (records are fed with ``process``)."""
+    monkeypatch.setattr(j.consumer, "highwater", lambda _tp: 0)
+
+
+def test_assignment_is_restored_in_one_batch(kafka: KafkaSettings,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four partitions restored by one ``load`` with one restore consumer: each gets its
+    own state, watermark, feedback offset and reconciled lists (acknowledged after the
+    last commit, marks lost), and the re-delivered records emit nothing twice."""
+    settings = S.model_copy(update={"app_id": "restore-batch"})
+    parts = range(4)
+    first = Joiner(settings, kafka)
+    try:
+        first.ensure_changelog()
+        _caught_up(first, monkeypatch)
+        first.load(parts)
+        for p in parts:  # committed: a provisional list and the state that marks it
+            first.process("impressions", p, 0, b"u", encode(imp(f"a{p}", 0)))
+            first.process("clicks", p, 0, b"u", encode(click(f"c{p}", f"a{p}", 1)))
+            first.process("impressions", p, 1, b"u", encode(imp(f"t{p}", 20 + p)))
+        first.commit()
+        for p in parts:  # acknowledged lists of t and b whose marks never reach the changelog
+            first.process("impressions", p, 2, b"u", encode(imp(f"b{p}", 25 + p)))
+            first.process("impressions", p, 3, b"u", encode(imp(f"w{p}", 40 + p)))
+        first.producer.flush()
+        committed_state = {rid: first.core.get(rid) for p in parts for rid in (f"a{p}",)}
+    finally:
+        first.consumer.close(autocommit=False)
+        first.producer.close()
+
+    second = Joiner(settings, kafka)
+    restore_consumers: list[str] = []
+    real_consumer = joiner_module.KafkaConsumer
+
+    def counting_consumer(**kw: Any) -> Any:
+        restore_consumers.append(kw["client_id"])
+        return real_consumer(**kw)
+
+    monkeypatch.setattr(joiner_module, "KafkaConsumer", counting_consumer)
+    try:
+        _caught_up(second, monkeypatch)
+        second.load(parts)
+        assert restore_consumers == [f"{second.group}-restore"]
+        assert sorted(second.core.parts) == list(parts)
+        for p in parts:
+            assert second.core.get(f"a{p}") == committed_state[f"a{p}"]
+            assert second.core.watermark(p) == 20 + p     # as committed
+            assert second.positions[("impressions", p)] == 2
+            assert second.positions[("clicks", p)] == 1
+            assert second.fb_offsets[p] == 2               # a's list, then t's and b's
+            st = second.core.get(f"t{p}")
+            assert st is not None and st.revision == 0     # reconciled from feedback
+            assert second.core.get(f"b{p}") is None        # known from feedback only
+        for p in parts:  # the records after the commit, re-delivered; then time moves on
+            second.process("impressions", p, 2, b"u", encode(imp(f"b{p}", 25 + p)))
+            second.process("impressions", p, 3, b"u", encode(imp(f"w{p}", 40 + p)))
+            second.process("impressions", p, 4, b"u", encode(imp(f"end{p}", 1000)))
+        second.commit()
+    finally:
+        second.consumer.close(autocommit=False)
+        second.producer.close()
+
+    fbs: list[Feedback] = [r.record for r in read_all(kafka, "feedback")]
+    twice = [k for k, n in Counter((f.request_id, f.revision) for f in fbs).items() if n > 1]
+    assert not twice
+    for p in parts:
+        assert [(f.kind, f.revision) for f in fbs if f.request_id == f"b{p}"] == [
+            ("provisional", 0), ("final", 1)]
+        assert [(f.kind, f.revision) for f in fbs if f.request_id == f"a{p}"] == [
+            ("provisional", 0), ("final", 1)]
