@@ -56,6 +56,9 @@ class BrokerSettings(BaseSettings):
                            "port; 0 = off (for trying secured clients locally)")
     sasl_users: dict[str, SecretStr] = Field(
         default_factory=dict, description="PLAIN users of the SASL listener (name -> password)")
+    initial_rebalance_delay_ms: int = Field(
+        0, ge=0, description="how long a new consumer group waits for more members before "
+        "its first assignment (Kafka's default is 3000; 0 lets test groups form at once)")
 
 
 def _free_port(host: str) -> int:
@@ -156,7 +159,7 @@ class EmbeddedBroker:
             "transaction.state.log.num.partitions=4",
             "share.coordinator.state.topic.replication.factor=1",
             "share.coordinator.state.topic.min.isr=1",
-            "group.initial.rebalance.delay.ms=0",
+            f"group.initial.rebalance.delay.ms={s.initial_rebalance_delay_ms}",
             "log.segment.bytes=67108864",
             "log.retention.check.interval.ms=60000",
             "log.cleaner.backoff.ms=2000",

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from kafka.admin import KafkaAdminClient
 
+from streams.broker import BrokerSettings, EmbeddedBroker
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -38,3 +40,13 @@ def test_broker_cli_detach_then_stop_via_pid_file(tmp_path: Path) -> None:
     except ProcessLookupError:
         alive = False
     assert not alive
+
+
+def test_initial_rebalance_delay_goes_into_server_properties(tmp_path: Path) -> None:
+    """0 by default (test groups form at once); Kafka's 3000 ms on request (benchmarks,
+    so that consumers started together share the first assignment)."""
+    default = EmbeddedBroker(BrokerSettings(port=19092, data_dir=tmp_path / "a"))
+    assert "group.initial.rebalance.delay.ms=0\n" in default.server_properties()
+    delayed = EmbeddedBroker(BrokerSettings(port=19092, data_dir=tmp_path / "b",
+                                            initial_rebalance_delay_ms=3000))
+    assert "group.initial.rebalance.delay.ms=3000\n" in delayed.server_properties()
