@@ -10,7 +10,9 @@ Event time drives everything. Per source partition:
 * ``watermark = min over input topics that still have unread records of the max event
   time seen on that topic - out_of_orderness_s`` (a topic read to its end does not hold
   the watermark back; when every topic is caught up the max over all is used). It never
-  decreases.
+  decreases. "Seen" counts every impression but only the clicks/conversions applied to
+  their impression: one rejected as outside its attribution window (a clock far ahead)
+  or held for an impression not seen yet does not move the watermark.
 * Emission checks run when the watermark crosses a multiple of ``emit_every_s`` and right
   after a click/conversion changed a request whose provisional list is out; at a check,
   every request whose provisional time (impression + observation window) or final time
@@ -495,15 +497,20 @@ class JoinCore:
                                           record.detail, raw or b"", key))
             step.outcome = "invalid"
         else:
-            if record.event_time > part.max_seen.get(topic, _NEG_INF):
-                part.max_seen[topic] = record.event_time
             wm = part.meta.watermark
             if isinstance(record, Impression):
                 step.outcome = self._on_impression(part, record, topic, partition, offset,
                                                    raw or b"", key, step, wm)
+                seen = True
             else:
                 step.outcome = self._on_action(part, record, topic, partition, offset,
                                                raw or b"", key, step, wm)
+                # only a click/conversion inside its impression's window counts: one from
+                # a clock far ahead (rejected) or one still waiting for its impression
+                # must not move the watermark for every other request
+                seen = step.outcome == "applied"
+            if seen and record.event_time > part.max_seen.get(topic, _NEG_INF):
+                part.max_seen[topic] = record.event_time
         self._advance(part, partition, caught_up, step)
         return step
 

@@ -99,3 +99,29 @@ def test_signature_is_built_once_in_the_persisted_format() -> None:
     for st in (r1, tick):
         items, sig = rewards_and_signature(st)
         assert items == feedback_items(st) and sig == items_signature(items) == st.emitted_sig
+
+
+def test_click_from_a_clock_far_ahead_does_not_move_the_watermark() -> None:
+    """A click stamped far in the future (beyond its request's window) is dead-lettered
+    as late, and the watermark stays where the honest events put it: the next click,
+    inside its window, is applied, and no list is closed early."""
+    r = Run()
+    r.feed(imp("r1", 0))
+    r.feed(imp("r2", 5))
+    r.feed(click("c1", "r1", 0 + 250))             # 2.5 x the window ahead: rejected
+    assert r.dlq == [("clicks", "late")]
+    assert r.core.watermark(0) == 5.0              # the impressions' time, not 250
+    r.feed(click("c2", "r2", 8))                   # inside r2's window: applied
+    assert r.dlq == [("clicks", "late")]
+    assert [x[1] for x in r.lists()] == []         # nothing due yet at watermark 8
+    r.feed(imp("tick", 20))
+    assert ("r2", "provisional", 0, [2.0, 0.0, 1.0]) in r.lists()
+
+
+def test_held_click_does_not_move_the_watermark_until_applied() -> None:
+    r = Run()
+    r.feed(imp("r1", 0))
+    r.feed(click("c9", "r9", 30))                  # r9's impression not seen yet: held
+    assert r.core.watermark(0) == 0.0
+    r.feed(imp("r9", 29))                          # applies the held click
+    assert r.core.watermark(0) == 29.0
