@@ -271,10 +271,10 @@ class Joiner:
         # where processing resumes (the consumer's position may already be past records
         # returned by the poll that brought this assignment)
         tps = {(t, p): TopicPartition(self.topics.name(t), p) for p in ps for t in INPUT_TOPICS}
-        begins = self.consumer.beginning_offsets(list(tps.values()))
+        input_begins = self.consumer.beginning_offsets(list(tps.values()))
         for key, tp in tps.items():
             committed = self.consumer.committed(tp)
-            self.positions[key] = committed if committed is not None else begins[tp]
+            self.positions[key] = committed if committed is not None else input_begins[tp]
         seconds = round(time.monotonic() - t0, 3)
         for p in ps:
             log.info("join.partition_loaded", partition=p, changelog_records=restored[p],

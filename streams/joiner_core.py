@@ -360,22 +360,18 @@ class JoinCore:
         each encoded once. A request created and expired in between is left out (nothing
         of it reached the changelog, so it needs no tombstone)."""
         out: list[tuple[int, bytes, bytes | None]] = []
-        table, persisted, sizes, encode = self.table, self.persisted, self.sizes, _enc.encode
-        nbytes = self.nbytes  # the bookkeeping of _size, inlined: once per changed key
         for rid, p in self.changed.items():
             key = rid.encode()
-            st = table.get(rid)
+            st = self.table.get(rid)
             if st is not None:
-                value = encode(st)
+                value = _enc.encode(st)
                 out.append((p, key, value))
-                persisted.add(rid)
-                nbytes += len(value) - sizes.get(key, 0)
-                sizes[key] = len(value)
-            elif rid in persisted:
+                self.persisted.add(rid)
+                self._size(key, value)
+            elif rid in self.persisted:
                 out.append((p, key, None))
-                persisted.discard(rid)
-                nbytes -= sizes.pop(key, 0)
-        self.nbytes = nbytes
+                self.persisted.discard(rid)
+                self._size(key, None)
         for p in sorted(self.meta_changed):
             part = self.parts.get(p)
             if part is not None:
@@ -537,8 +533,7 @@ class JoinCore:
             before = self.emitted_before.pop(rid, None)
             if before is not None:  # emitted before a crash whose state was lost
                 self._mark(st, before)
-        self.table[rid] = st  # self.put(st), inlined
-        self.changed[rid] = partition
+        self.put(st)
         self._schedule(part, st)
         return "applied"
 
@@ -715,14 +710,12 @@ class JoinCore:
     def mark_emitted(self, partition: int, emitted: list[Feedback]) -> None:
         """Record in the table that these lists were handed to the producer."""
         part = self.parts[partition]
-        table, changed = self.table, self.changed
         for fb in emitted:
-            rid = fb.request_id
-            st = table.get(rid)
+            st = self.table.get(fb.request_id)
             if st is None:
-                raise InvariantError(f"emitted {rid} has no state")
+                raise InvariantError(f"emitted {fb.request_id} has no state")
             self._mark(st, fb)
-            changed[rid] = st.partition  # self.put(st), inlined (st is in the table)
+            self.put(st)
             if fb.kind == "final":
                 self._schedule_expiry(part, st)
 
