@@ -1,6 +1,6 @@
 """Every fault once during live traffic on the embedded stack, then account for every event.
 
-See :mod:`streams.chaos` for the faults and :mod:`streams.reconcile` for the rules.
+See :mod:`adloop.chaos` for the faults and :mod:`adloop.reconcile` for the rules.
 Prints the table (fault, events in, accounted, lost, doubled, dead-lettered, recovery
 seconds), writes ``bench/results/chaos.json`` (``rows``: one per fault and load phase;
 ``load``: the 1x/2x/3x capacity table) and the tables of ``docs/reliability.md``.
@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from adloop.chaos import ChaosRun, configure, settings_of  # noqa: E402
 from bench.common import device, markdown_table, write_results  # noqa: E402
-from streams.chaos import ChaosRun, configure, settings_of  # noqa: E402
 
 DOC = ROOT / "docs" / "reliability.md"
 COLUMNS = ["fault", "events_in", "accounted", "lost", "doubled", "dead_lettered", "recovery_s"]

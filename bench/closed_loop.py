@@ -1,4 +1,4 @@
-"""Closed-loop policy comparison on the simulated ad world (see streams/evaluation.py).
+"""Closed-loop policy comparison on the simulated ad world (see adloop/evaluation.py).
 
     python bench/closed_loop.py [--quick] [--seeds 0,1,2] [--requests N]
 
@@ -19,13 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from bench.common import ROOT, device, update_doc_section, write_results
-from streams.evaluation import (
+from adloop.evaluation import (
     EvalConfig,
     compare,
     headline_table,
     plot_rpm_curves,
 )
+from bench.common import ROOT, device, update_doc_section, write_results
 
 
 def main() -> int:

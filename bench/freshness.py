@@ -14,11 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from adloop.demo import metric_sum, scrape
+from adloop.stack import LocalStack, free_port
 from learner import synthetic
 from learner.pretrain import PretrainSettings, pretrain
-from streams.demo import metric_sum, scrape
 from streams.kafka_io import EventProducer
-from streams.stack import LocalStack, free_port
 
 
 def measure_freshness(quick: bool = True) -> dict[str, float | int | None]:

@@ -177,7 +177,7 @@ def joiner_rate(kafka: KafkaSettings, total: int, instances: int,
     record processed. Returns (records/s, joiner CPU microseconds per record)."""
     procs = []
     for k in range(instances):
-        cmd = [sys.executable, "-m", "adloop_cli", "join", "--bootstrap-servers",
+        cmd = [sys.executable, "-m", "adloop", "join", "--bootstrap-servers",
                kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix,
                "--metrics-port", "0", *JOIN_FLAGS]
         log = open(logdir / f"join-{instances}-{k}.log", "wb")  # noqa: SIM115

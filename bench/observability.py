@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from adloop.stack import LocalStack  # noqa: E402
 from bench.common import device, markdown_table, update_doc_section, write_results  # noqa: E402
 from deploy.observability import dashboards as dash  # noqa: E402
 from deploy.observability import promlive  # noqa: E402
-from streams.stack import LocalStack  # noqa: E402
 
 PLOT = ROOT / "deploy" / "grafana" / "rendered" / "adloop-overview.png"
 

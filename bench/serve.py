@@ -34,13 +34,13 @@ import httpx
 import numpy as np
 
 from bench.common import ROOT, markdown_table, update_doc_section, write_results
-from server.snapshot import sha256_hex
-from server.testing import BuiltSnapshot, SnapshotSpec, build_snapshot, make_ads
+from snapshot_format import sha256_hex
 from streams.broker import BrokerSettings, EmbeddedBroker
 from streams.kafka_io import EventProducer
 from streams.schemas import ModelUpdate
 from streams.settings import KafkaSettings
 from streams.topics import create_topics
+from tests.support.snapshots import BuiltSnapshot, SnapshotSpec, build_snapshot, make_ads
 
 MODEL = dict(level_sizes=(64, 64, 64, 16), n_ads=5000, d_model=256, mlp_hidden=1024,
              history_len=20)
@@ -76,7 +76,7 @@ class Server:
     def __init__(self, kafka: KafkaSettings, cache: Path, provider: str, dynamic: bool,
                  slo_ms: float, threads: int) -> None:
         self.port = _free_port()
-        cmd = [sys.executable, str(ROOT / "adloop_cli.py"), "serve", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "adloop", "serve", "--port", str(self.port),
                "--bootstrap-servers", kafka.bootstrap_servers,
                "--topic-prefix", kafka.topic_prefix, "--cache-dir", str(cache),
                "--provider", provider, "--beam-schedule", SCHEDULE,
@@ -383,7 +383,7 @@ def main() -> int:
         f"`bench/serve.py{' --quick' if args.quick else ''}`: open-loop POST /v1/recommend "
         f"({seconds:g} s per rate) to `adloop serve` in its own process, {out['device']}, "
         f"provider {provider}, ONNX Runtime intra-op threads {args.threads}; model from "
-        f"`server/testing.py` (levels {list(MODEL['level_sizes'])}, "  # type: ignore[call-overload]
+        f"`tests/support/snapshots.py` (levels {list(MODEL['level_sizes'])}, "  # type: ignore[call-overload]
         f"{MODEL['n_ads']} ads, D={MODEL['d_model']}, MLP {MODEL['mlp_hidden']}), beam "
         f"schedule {SCHEDULE}, batches of ≤16. SLO: p99 ≤ {args.slo_ms:g} ms end to end "
         f"with ≥ 99% answered (the controller aims at {server_slo:g} ms inside the server).\n\n"

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from learner.model import GenerativeRecommender
-from server.runtime import session_options
+from snapshot_format import session_options
 
 
 class IdTrie:

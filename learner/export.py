@@ -39,19 +39,14 @@ from torch import Tensor, nn
 
 from learner.model import GenerativeRecommender
 from learner.tokenizer import IdSpaceMismatchError, UASIDTokenizer
-from server.runtime import session_options
+from snapshot_format import FORMAT, REQUIRED_FILES, session_options
 from streams.logs import get_logger
 from streams.settings import add_settings_arguments, settings_from_args
 
 log = get_logger(__name__)
 
-FORMAT = 2
-"""Snapshot format version. 2: ``encoder.onnx`` also outputs the top blocks' memory
-keys/values, ``decoder_step.onnx`` takes per-request states plus ``beam_request``
-(format 1 took per-beam copies of ``memory``)."""
 OPSET = 17
 ATOL = 1e-4
-FILES = ("encoder.onnx", "decoder_step.onnx", "value.onnx")
 HISTORY_ORDER = ("rows follow recent_ad_ids in the order given; the first history_len of "
                  "them; padding rows (all 0, mask 0) after the real ones")
 
@@ -162,7 +157,7 @@ def ort_outputs(snapshot_dir: Path, inputs: dict[str, dict[str, np.ndarray]]
     import onnxruntime as ort
 
     out: dict[str, dict[str, np.ndarray]] = {}
-    for name in FILES:
+    for name in REQUIRED_FILES:
         sess = ort.InferenceSession(str(snapshot_dir / name), session_options(),
                                     providers=["CPUExecutionProvider"])
         res = sess.run(None, inputs[name])
@@ -242,7 +237,7 @@ def export_snapshot(model: GenerativeRecommender, tok: UASIDTokenizer, out_dir: 
             "d_model": model.cfg.d_model,
             "opset": OPSET,
             "files": {name: {"sha256": sha256_file(tmp / name),
-                             "bytes": (tmp / name).stat().st_size} for name in FILES},
+                             "bytes": (tmp / name).stat().st_size} for name in REQUIRED_FILES},
             "ids": tok.table(),
             "parity": {"inputs": _jsonable(inputs), "outputs": _jsonable(expected),
                        "atol": ATOL},
@@ -302,7 +297,7 @@ def verify_snapshot(snapshot_dir: str | Path, parity: bool = False,
             f"snapshot {d.name} is in id space {manifest.get('id_space_version')!r}, "
             f"expected {id_space_version!r}")
     files = manifest.get("files", {})
-    for name in FILES:
+    for name in REQUIRED_FILES:
         entry, path = files.get(name), d / name
         if entry is None:
             raise SnapshotError(f"{mpath}: no entry for {name}")

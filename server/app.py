@@ -1,7 +1,7 @@
 """``adloop serve``: the serving worker's entry point (FastAPI on uvicorn).
 
 ``create_app(settings, kafka)`` builds the ASGI app (used by tests and the benchmark);
-``configure`` / ``run`` are what ``adloop_cli`` calls. Nothing here imports torch.
+``configure`` / ``run`` are what ``adloop.cli`` calls. Nothing here imports torch.
 """
 
 from __future__ import annotations

@@ -34,8 +34,9 @@ from server import metrics as M
 from server.beam import beam_search
 from server.catalog import AdCatalog
 from server.runtime import ModelRuntime, Provider, check_parity
-from server.snapshot import Manifest, SnapshotRejectedError, fetch_snapshot, verify_local
+from server.snapshot import fetch_snapshot, verify_local
 from server.trie import Trie, build_trie, sort_ids
+from snapshot_format import Manifest, SnapshotRejectedError
 from streams.logs import get_logger
 from streams.schemas import ModelUpdate
 

@@ -16,22 +16,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import onnxruntime as ort
 
+from snapshot_format import MODEL_IO, session_options
 from streams.logs import get_logger
 
 log = get_logger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-
-MODEL_IO = {
-    "encoder": (("history", "history_mask", "context"),
-                ("memory", "memory_mask", "lower", "memory_kv")),
-    "decoder_step": (("memory_kv", "memory_mask", "lower", "beam_request", "prefix"),
-                     ("logits",)),
-    "value": (("memory", "memory_mask", "candidates"), ("pctr", "pcvr")),
-}
-"""Tensor names of snapshot format 2 (docs/snapshot-format.md)."""
-
 
 class UserStates(NamedTuple):
     """``encoder.onnx`` outputs for B requests, computed once per request."""
@@ -129,21 +120,6 @@ def _gpu_name(device_id: int) -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return f"gpu: cuda:{device_id}"
-
-
-def session_options(threads: int = 0) -> ort.SessionOptions:
-    """ONNX Runtime session options for the snapshot graphs (the server's and the
-    learner's checks alike): every graph optimization, ``threads`` intra-op threads (0 =
-    onnxruntime's default), no busy-waiting between runs (the beam search does other
-    work between steps; spinning threads would steal those cores)."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return opts
 
 
 class ModelRuntime:

@@ -203,7 +203,7 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_learner_snapshots_refused_total", "counter", "learn", ("reason",),
        "Snapshots not published: refused by the promotion guard, or the store was "
        "unreachable.", "reason: nan, parity, regression, store_unavailable"),
-    # --- traffic: adloop replay (streams/traffic.py) -------------------------------------
+    # --- traffic: adloop replay (traffic/driver.py) -------------------------------------
     _m("adloop_traffic_requests_total", "counter", "replay", ("outcome",),
        "Recommend requests, by outcome.", "outcome: ok, shed, unavailable, timeout, "
        "unreachable, http_error, bad_response, error, client_overload"),

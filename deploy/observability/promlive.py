@@ -3,7 +3,7 @@
 Used by ``tests/observability/test_live_prometheus.py`` and ``bench/observability.py``:
 
 1. :func:`start_stack_processes` starts the processes named in
-   :data:`LIVE_PROCESSES` on a :class:`streams.stack.LocalStack` (embedded broker),
+   :data:`LIVE_PROCESSES` on a :class:`adloop.stack.LocalStack` (embedded broker),
    each with its metrics on a free loopback port;
 2. :class:`PrometheusServer` runs Debian's ``prometheus`` binary (never the system
    service) on loopback with a temporary data dir and the config of
@@ -30,8 +30,8 @@ from typing import Any
 import httpx
 import yaml
 
+from adloop.stack import LocalStack, ManagedProcess, free_port
 from deploy.observability.dashboards import panel_queries, processes_needed, recording_rules
-from streams.stack import LocalStack, ManagedProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.embedded.yml"
@@ -53,7 +53,7 @@ class ProcessSpec:
     """The inventory process whose metrics it exposes (see inventory.Metric.process)."""
     argv: Callable[[LocalStack, dict[str, int]], list[str]]
     """Arguments, given the stack and every process's port (by spec name)."""
-    module: str = "adloop_cli"
+    module: str = "adloop"
 
 
 def _kafka_loop_argv(stack: LocalStack, ports: dict[str, int]) -> list[str]:
@@ -94,9 +94,9 @@ LIVE_PROCESSES: tuple[str, ...] = ("kafka-loop", "join", "learn", "serve", "repl
 def pretrain_for_replay(run_dir: Path) -> Path:
     """A small pretrained run over the ads of the replay's simulated world (its default
     seed and size), so the learner can start and the server serves the world's ads."""
+    from adloop.evaluation import EvalConfig, logging_phase
     from learner.pretrain import PretrainSettings, pretrain
-    from streams.evaluation import EvalConfig, logging_phase
-    from streams.simulator import World, WorldConfig
+    from traffic.world import World, WorldConfig
 
     world = World(WorldConfig())
     logs = logging_phase(world, EvalConfig(log_requests=600), 0)

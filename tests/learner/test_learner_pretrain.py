@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import adloop_cli
+from adloop import cli
 from learner import synthetic
 from learner.checkpoint import load_checkpoint
 from learner.data import build_examples, latest_feedback
@@ -36,18 +36,18 @@ def test_pretrain_export_evaluate_from_the_command_line(
     ads = synthetic.write_jsonl(synth_log.ads, tmp_path / "ads.jsonl")
     fb = synthetic.write_jsonl(synth_log.feedback, tmp_path / "feedback.jsonl")
     run = tmp_path / "run"
-    rc = adloop_cli.main([
+    rc = cli.main([
         "pretrain", "--ads", str(ads), "--feedback", str(fb), "--run-dir", str(run),
         "--encoder", "hashing", "--level-sizes", "8,4", "--d-model", "16", "--n-layer", "2",
         "--n-enc-layer", "1", "--history-len", "5", "--steps", "4", "--no-progress",
         "--checkpoint-every", "2", "--eval-beam-width", "4"])
     assert rc == 0 and (run / "checkpoint.pt").exists()
     assert (run / "tokenizer" / "tokenizer.json").exists()
-    rc = adloop_cli.main(["export", "--run-dir", str(run), "--out", str(tmp_path / "snap"),
+    rc = cli.main(["export", "--run-dir", str(run), "--out", str(tmp_path / "snap"),
                           "--version", "v1"])
     assert rc == 0 and (tmp_path / "snap" / "manifest.json").exists()
     out = tmp_path / "eval.json"
-    rc = adloop_cli.main(["evaluate", "--run-dir", str(run), "--feedback", str(fb),
+    rc = cli.main(["evaluate", "--run-dir", str(run), "--feedback", str(fb),
                           "--backend", "onnx", "--snapshot", str(tmp_path / "snap"),
                           "--beam-width", "4", "--k", "1,4", "--out", str(out)])
     assert rc == 0

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
 
+from adloop.stack import ManagedProcess, free_port
 from learner import synthetic
 from learner.pretrain import PretrainSettings, pretrain
 from streams.kafka_io import EventProducer, read_all
 from streams.settings import KafkaSettings
-from streams.stack import ManagedProcess, free_port
 from streams.topics import Topics
 
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from adloop.stack import LocalStack
 from deploy.observability.promlive import (
     LiveStack,
     PrometheusServer,
     render_config,
     start_stack_processes,
 )
-from streams.stack import LocalStack
 
 
 def require_tool(name: str) -> str:

@@ -1,4 +1,4 @@
-"""Fixtures for the serving worker: snapshots built with server.testing, a real
+"""Fixtures for the serving worker: snapshots built with tests.support.snapshots, a real
 server on real HTTP, and helpers to publish ``ads`` / ``model-updates`` records."""
 
 from __future__ import annotations
@@ -12,10 +12,16 @@ import httpx
 import pytest
 
 from server.settings import ServerSettings
-from server.testing import BuiltSnapshot, ServerThread, SnapshotSpec, build_snapshot, make_ads
 from streams.kafka_io import EventProducer
 from streams.schemas import Ad, Event
 from streams.settings import KafkaSettings
+from tests.support.snapshots import (
+    BuiltSnapshot,
+    ServerThread,
+    SnapshotSpec,
+    build_snapshot,
+    make_ads,
+)
 
 AD_IDS = [f"ad-{i:04d}" for i in range(40)]
 

@@ -11,8 +11,8 @@ from server.catalog import AdCatalog
 from server.engine import Engine, RecRequest
 from server.models import ModelManager
 from server.runtime import resolve_provider
-from server.testing import make_ads
 from tests.server.conftest import AD_IDS, Builder
+from tests.support.snapshots import make_ads
 
 pytestmark = pytest.mark.gpu
 

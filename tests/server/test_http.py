@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.testing import ServerThread, make_ads
 from streams.kafka_io import read_all
 from streams.schemas import Event, Impression
 from streams.settings import KafkaSettings
@@ -23,6 +22,7 @@ from tests.server.conftest import (
     ready,
     wait_for,
 )
+from tests.support.snapshots import ServerThread, make_ads
 
 pytestmark = pytest.mark.kafka
 Send = Callable[[str, Event], None]

@@ -7,11 +7,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from adloop.stack import ManagedProcess, free_port
 from server.impressions import ImpressionSpool, SpoolInUseError
 from streams.kafka_io import read_all
 from streams.schemas import Impression, SlateItem
 from streams.settings import KafkaSettings
-from streams.stack import ManagedProcess, free_port
 from tests.server.conftest import Builder, publish_ads, wait_for
 from tests.server.test_http import REQ, Send, _closed_port
 

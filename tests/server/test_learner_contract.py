@@ -13,7 +13,7 @@ from server.catalog import AdCatalog
 from server.engine import Engine, RecRequest
 from server.models import ModelManager
 from server.runtime import resolve_provider
-from server.snapshot import sha256_hex
+from snapshot_format import sha256_hex
 from streams.schemas import ModelUpdate
 
 

@@ -13,11 +13,11 @@ import pytest
 import schemathesis
 from schemathesis import Case, CheckContext, GenerationMode, Response
 
-from server.testing import ServerThread, SnapshotSpec, build_snapshot, make_ads
 from streams.kafka_io import EventProducer
 from streams.settings import KafkaSettings
 from streams.topics import create_topics
 from tests.server.conftest import AD_IDS, server_settings, wait_for
+from tests.support.snapshots import ServerThread, SnapshotSpec, build_snapshot, make_ads
 
 
 @pytest.fixture(scope="module")

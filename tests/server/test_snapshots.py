@@ -13,8 +13,8 @@ from server.catalog import AdCatalog
 from server.engine import Engine, RecRequest
 from server.models import ModelManager
 from server.runtime import resolve_provider
-from server.testing import make_ads
 from tests.server.conftest import AD_IDS, Builder
+from tests.support.snapshots import make_ads
 
 
 def _manager(tmp_path: Path, keep: int = 3) -> tuple[ModelManager, Engine]:
@@ -139,7 +139,7 @@ def test_history_and_context_inputs_follow_the_learner(tmp_path: Path,
 
 def test_a_format_1_snapshot_is_refused_with_a_clear_error(tmp_path: Path,
                                                            snapshots: Builder) -> None:
-    from server.snapshot import SnapshotRejectedError, parse_manifest
+    from snapshot_format import SnapshotRejectedError, parse_manifest
 
     mgr, engine = _manager(tmp_path)
     assert mgr.apply_update(snapshots("v1").model_update()) == "ok"

@@ -21,7 +21,7 @@ def _free_port() -> int:
 
 def test_broker_cli_detach_then_stop_via_pid_file(tmp_path: Path) -> None:
     port = _free_port()
-    cmd = [sys.executable, "-m", "adloop_cli", "broker", "--port", str(port),
+    cmd = [sys.executable, "-m", "adloop", "broker", "--port", str(port),
            "--data-dir", str(tmp_path), "--heap", "256m"]
     env = dict(os.environ, ADLOOP_LOG_JSON="1")
     out = subprocess.run([*cmd, "--detach"], capture_output=True, text=True, timeout=120, env=env)

@@ -46,7 +46,7 @@ def rewards(fb: Feedback) -> list[float]:
 
 
 class JoinerProcess:
-    """``python -m adloop_cli join`` for one test's topic prefix."""
+    """``python -m adloop join`` for one test's topic prefix."""
 
     def __init__(self, kafka: KafkaSettings, log_path: Path, **settings: Any) -> None:
         self.kafka = kafka
@@ -56,7 +56,7 @@ class JoinerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> JoinerProcess:
-        cmd = [sys.executable, "-m", "adloop_cli", "join",
+        cmd = [sys.executable, "-m", "adloop", "join",
                "--bootstrap-servers", self.kafka.bootstrap_servers,
                "--topic-prefix", self.kafka.topic_prefix]
         for k, v in self.settings.items():

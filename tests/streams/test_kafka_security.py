@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from adloop.stack import free_port
 from streams.broker import BrokerSettings, EmbeddedBroker
 from streams.kafka_io import EventProducer, read_all
 from streams.schemas import Click
 from streams.settings import KafkaSettings, add_settings_arguments
-from streams.stack import free_port
 from streams.topics import create_topics
 
 PASSWORD = "not-a-real-secret-7f3a"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from streams.reconcile import Malformed, Observed, reconcile
+from adloop.reconcile import Malformed, Observed, reconcile
 from streams.schemas import DeadLetter, Feedback, FeedbackItem
 
 W = 600.0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.chaos import ChaosRun, ChaosSettings
+from adloop.chaos import ChaosRun, ChaosSettings
 
 pytestmark = pytest.mark.kafka
 

@@ -32,8 +32,8 @@ def _register_optional() -> None:
         "join": ("streams.joiner", "the joiner: impressions ⋈ clicks ⋈ conversions → feedback"),
         "learn": ("learner.online", "the continuous RSPO learner"),
         "serve": ("server.app", "the serving worker (HTTP API, ONNX Runtime)"),
-        "replay": ("streams.replay", "replay simulated or recorded traffic"),
-        "demo": ("streams.demo", "the whole loop on the embedded stack, with a report"),
+        "replay": ("traffic.replay", "replay simulated or recorded traffic"),
+        "demo": ("adloop.demo", "the whole loop on the embedded stack, with a report"),
     }
     for name, (module, help_text) in optional.items():
         if importlib.util.find_spec(module) is not None:

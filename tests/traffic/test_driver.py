@@ -27,10 +27,10 @@ from fastapi.responses import JSONResponse
 from prometheus_client import REGISTRY
 
 from streams.kafka_io import EventProducer, read_all
-from streams.recorded import read_recorded
 from streams.settings import KafkaSettings
-from streams.simulator import World, WorldConfig
-from streams.traffic import Emitter, HttpOptions, Ledger, TrafficDriver
+from traffic.driver import Emitter, HttpOptions, Ledger, TrafficDriver
+from traffic.recorded import read_recorded
+from traffic.world import World, WorldConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -191,7 +191,7 @@ def test_cli_run_exposes_metrics_and_stops_cleanly_on_sigterm(
     rec, led = tmp_path / "rec.jsonl", tmp_path / "ledger.jsonl"
     with ToyServer([a.ad_id for a in world.initial_ads()]) as server:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "adloop_cli", "replay", "--server-url", server.url,
+            [sys.executable, "-m", "adloop", "replay", "--server-url", server.url,
              "--seed", "0", "--n-users", "100", "--n-ads", "40", "--rate", "50",
              "--speed", "120", "--metrics-port", str(port), "--record", str(rec),
              "--ledger", str(led), "--bootstrap-servers", kafka.bootstrap_servers,

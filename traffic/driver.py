@@ -1,7 +1,7 @@
 """The traffic driver: simulated users hitting the server, their responses into Kafka.
 
 * :class:`SimClock` maps wall time to simulated event time (``speed`` sim s per wall s).
-* :class:`TrafficDriver` takes requests from a :class:`~streams.simulator.World` and
+* :class:`TrafficDriver` takes requests from a :class:`~traffic.world.World` and
   either sends them **open loop** to the server's ``POST /v1/recommend`` at a target
   rate (:meth:`TrafficDriver.run_http`: a request is sent on schedule whatever the
   number outstanding, so overload is real) or asks an in-process :class:`Policy`
@@ -36,7 +36,7 @@ import numpy as np
 from streams.logs import get_logger
 from streams.metrics import counter, gauge, histogram
 from streams.schemas import Ad, Click, Conversion, Event, Impression, SlateItem, encode
-from streams.simulator import Request, Response, World
+from traffic.world import Request, Response, World
 
 log = get_logger(__name__)
 

@@ -32,7 +32,7 @@ from typing import IO, Any, Literal
 import msgspec
 
 from streams.schemas import Ad, Click, Conversion, Event, Impression, SlateItem, encode
-from streams.simulator import Request
+from traffic.world import Request
 
 RecordKind = Literal["ad", "request", "impression", "click", "conversion"]
 RECORD_TYPES: dict[str, type[Event]] = {

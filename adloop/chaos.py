@@ -1,11 +1,11 @@
 """Faults, load and bad input across the whole loop, with a ledger that proves nothing
-is lost (``bench/chaos.py``; a CI-sized subset runs in ``tests/test_chaos.py``).
+is lost (``bench/chaos.py``; a CI-sized subset runs in ``tests/adloop/test_chaos.py``).
 
 One embedded stack (broker, joiner, learner, server as real processes, the demo's
 set-up) takes live open-loop traffic in *phases*. Each phase injects one fault while
 traffic runs, waits until the loop has recovered, and goes on. After the last phase,
 tail traffic pushes the event-time watermark past every attribution window, the
-processes stop cleanly, and :mod:`streams.reconcile` accounts for every event each
+processes stop cleanly, and :mod:`adloop.reconcile` accounts for every event each
 phase caused: lost and doubled must be 0.
 
 Faults (``--faults`` takes a comma-separated subset; ``all`` is the default):
@@ -58,15 +58,15 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from streams.demo import Demo, DemoSettings, histogram_quantile, metric_sum, scrape
+from adloop.demo import Demo, DemoSettings, histogram_quantile, metric_sum, scrape
+from adloop.reconcile import Malformed, Row, observe, read_learner_ledger, reconcile
 from streams.kafka_io import EventProducer, read_all
 from streams.logs import get_logger
-from streams.reconcile import Malformed, Row, observe, read_learner_ledger, reconcile
 from streams.schemas import Click, Conversion, Event, ModelUpdate
 from streams.settings import add_settings_arguments, settings_from_args
-from streams.simulator import World
 from streams.topics import Topics
-from streams.traffic import Emitter, HttpOptions, Ledger, TrafficDriver
+from traffic.driver import Emitter, HttpOptions, Ledger, TrafficDriver
+from traffic.world import World
 
 log = get_logger(__name__)
 

@@ -2,7 +2,7 @@
 
 Each policy has ``recommend_batch(requests) -> list[ServedSlate]`` and
 ``learn(lists)`` (a no-op for the fixed ones). The harness in
-:mod:`streams.evaluation` feeds every policy the same simulated traffic.
+:mod:`adloop.evaluation` feeds every policy the same simulated traffic.
 
 * :class:`GenerativePolicy`: the generative recommender served the way the server
   serves it (trie-constrained beam search over servable ads, then value-head
@@ -37,8 +37,8 @@ from learner.rspo_step import OnlineLearner, lists_to_batch
 from learner.tokenizer import TokenizerError, UASIDTokenizer
 from streams.features import context_ids
 from streams.schemas import Feedback
-from streams.simulator import Request, World
-from streams.traffic import ServedAd, ServedSlate
+from traffic.driver import ServedAd, ServedSlate
+from traffic.world import Request, World
 
 
 class GenerativePolicy:

@@ -19,7 +19,7 @@ def test_demo_closes_the_loop_feedback_reaches_the_learner_and_new_snapshots_are
     out = tmp_path / "demo"
     env = dict(os.environ, ADLOOP_LOG_JSON="1", HF_HUB_OFFLINE="1")
     res = subprocess.run(
-        [sys.executable, "-m", "adloop_cli", "demo", "--minutes", "0.75", "--rate", "10",
+        [sys.executable, "-m", "adloop", "demo", "--minutes", "0.75", "--rate", "10",
          "--log-requests", "800", "--pretrain-steps", "20", "--encoder", "hashing",
          "--n-users", "200", "--out", str(out), "--metrics-port", "0"],
         capture_output=True, text=True, timeout=600, env=env)

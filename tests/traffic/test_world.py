@@ -8,19 +8,19 @@ import numpy as np
 
 from streams.features import DEFAULT_CONTEXT_FEATURES
 from streams.schemas import Ad, Click, Conversion, Impression
-from streams.simulator import (
-    INDUSTRY_NAMES,
-    DelayModel,
-    World,
-    WorldConfig,
-    slate_ids,
-)
-from streams.traffic import (
+from traffic.driver import (
     Emitter,
     OraclePolicy,
     RandomPolicy,
     SimClock,
     TrafficDriver,
+)
+from traffic.world import (
+    INDUSTRY_NAMES,
+    DelayModel,
+    World,
+    WorldConfig,
+    slate_ids,
 )
 
 SMALL = {"n_users": 200, "n_ads": 50}

@@ -14,24 +14,24 @@ from pathlib import Path
 import pytest
 import structlog
 
-import adloop_cli
+from adloop import cli
 from streams.kafka_io import read_all
-from streams.recorded import (
+from streams.schemas import Event, encode
+from streams.settings import KafkaSettings
+from traffic.driver import Emitter, OraclePolicy, TrafficDriver
+from traffic.recorded import (
     RecordError,
     RecordWriter,
     convert_criteo_attribution,
     read_recorded,
 )
-from streams.replay import replay_recorded
-from streams.schemas import Event, encode
-from streams.settings import KafkaSettings
-from streams.simulator import World, WorldConfig
-from streams.traffic import Emitter, OraclePolicy, TrafficDriver
+from traffic.replay import replay_recorded
+from traffic.world import World, WorldConfig
 
 
 @pytest.fixture(autouse=True)
 def _reset_logging() -> Iterator[None]:
-    """``adloop_cli.main`` binds structlog to this test's captured stderr; undo that."""
+    """``adloop.cli.main`` binds structlog to this test's captured stderr; undo that."""
     yield
     structlog.reset_defaults()
 
@@ -111,7 +111,7 @@ def test_corrupt_line_can_stop_the_replay(tmp_path: Path) -> None:
     emitter, stats = _replay(path, speed=0, on_error="stop")
     assert stats.stopped_at_line == 5  # type: ignore[attr-defined]
     assert emitter.counts["clicks"] == 1 and emitter.counts["conversions"] == 0
-    code = adloop_cli.main(["replay", "--from", str(path), "--speed", "0", "--no-kafka",
+    code = cli.main(["replay", "--from", str(path), "--speed", "0", "--no-kafka",
                             "--server-url", "", "--on-error", "stop"])
     assert code == 2
 
@@ -169,7 +169,7 @@ def test_cli_replays_a_recorded_file_into_kafka(tmp_path: Path, kafka: KafkaSett
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "run.jsonl"
     original = _record_run(path, n=150)
-    code = adloop_cli.main(["replay", "--from", str(path), "--speed", "0", "--server-url", "",
+    code = cli.main(["replay", "--from", str(path), "--speed", "0", "--server-url", "",
                             "--bootstrap-servers", kafka.bootstrap_servers,
                             "--topic-prefix", kafka.topic_prefix])
     assert code == 0

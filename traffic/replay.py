@@ -2,7 +2,7 @@
 
 Three modes:
 
-* **simulated, HTTP** (default): a seeded :class:`~streams.simulator.World` sends
+* **simulated, HTTP** (default): a seeded :class:`~traffic.world.World` sends
   open-loop requests at ``--rate`` per wall second to ``--server-url``; responses
   are sampled from the ground truth; clicks/conversions/ads go to Kafka at their
   event times (``--speed`` simulated seconds per wall second).
@@ -37,10 +37,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.logs import get_logger
-from streams.recorded import Recorded, RecordError, RecordWriter, read_recorded
 from streams.settings import KafkaSettings, add_settings_arguments, settings_from_args
-from streams.simulator import DEFAULT_START_TIME, DelayModel, World, WorldConfig
-from streams.traffic import (
+from traffic.driver import (
     BAD_LINES,
     LATENCY,
     REQUESTS,
@@ -55,6 +53,8 @@ from streams.traffic import (
     policy_by_name,
     sleep_until,
 )
+from traffic.recorded import Recorded, RecordError, RecordWriter, read_recorded
+from traffic.world import DEFAULT_START_TIME, DelayModel, World, WorldConfig
 
 log = get_logger(__name__)
 
@@ -251,7 +251,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(ReplaySettings, args)
     if getattr(args, "convert_criteo", None):
-        from streams.recorded import convert_criteo_attribution
+        from traffic.recorded import convert_criteo_attribution
 
         if settings.record_file is None:
             print("--convert-criteo needs --record FILE")

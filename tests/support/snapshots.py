@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from server.snapshot import FORMAT, sha256_hex
+from snapshot_format import FORMAT, sha256_hex
 from streams.features import DEFAULT_CONTEXT_BUCKETS, DEFAULT_CONTEXT_FEATURES
 from streams.schemas import Ad, ModelUpdate
 

@@ -1,6 +1,6 @@
 """Closed-loop evaluation: every policy fed the same simulated traffic, side by side.
 
-For each seed a :class:`streams.simulator.World` is built, a logging phase serves
+For each seed a :class:`traffic.world.World` is built, a logging phase serves
 uniformly random slates (the logs pretrain the generative model), then each policy
 serves the *same* request stream (same users, contexts and arrival times; the world
 is rebuilt from the seed and replayed through the identical logging phase for every
@@ -20,7 +20,7 @@ Reported per policy (mean and 95 % interval over seeds, Student t):
 * latency: wall time of ``recommend_batch`` per request.
 
 The headline window is the last quarter of the run, when learning policies have
-adapted. The generative policies live in :mod:`learner.policies` (imported lazily).
+adapted. The generative policies live in :mod:`adloop.policies` (imported lazily).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from typing import Any, Protocol
 
 from streams.logs import get_logger
 from streams.schemas import Feedback, FeedbackItem
-from streams.simulator import Request, Response, World, WorldConfig
-from streams.traffic import OraclePolicy, RandomPolicy, ServedSlate
+from traffic.driver import OraclePolicy, RandomPolicy, ServedSlate
+from traffic.world import Request, Response, World, WorldConfig
 
 log = get_logger(__name__)
 
@@ -244,7 +244,7 @@ def make_policy(name: str, world: World, seed: int, cfg: EvalConfig,
         return _Single("oracle", OraclePolicy(world))
     if name == "random":
         return _Single("random", RandomPolicy(world, seed + 1000))
-    from learner import policies
+    from adloop import policies
 
     if name == "popularity":
         return policies.PopularityPolicy(world)

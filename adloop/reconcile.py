@@ -1,6 +1,6 @@
 """Account for every event of a run: the ledger checker of the fault runs.
 
-The traffic driver's :class:`~streams.traffic.Ledger` says what the world did (every
+The traffic driver's :class:`~traffic.driver.Ledger` says what the world did (every
 request answered, click and conversion produced); the fault injector adds the
 malformed records it wrote. After the run this module reads what the loop made of
 it (``impressions``, ``feedback``, ``dlq`` and the learner's training ledger) and

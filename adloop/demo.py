@@ -34,13 +34,13 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adloop.stack import LocalStack, free_port
 from streams.kafka_io import EventProducer
 from streams.logs import get_logger
 from streams.metrics import start_metrics_server
 from streams.settings import add_settings_arguments, settings_from_args
-from streams.simulator import DelayModel, World, WorldConfig
-from streams.stack import LocalStack, free_port
-from streams.traffic import Emitter, HttpOptions, Ledger, RunStats, TrafficDriver
+from traffic.driver import Emitter, HttpOptions, Ledger, RunStats, TrafficDriver
+from traffic.world import DelayModel, World, WorldConfig
 
 log = get_logger(__name__)
 
@@ -163,7 +163,7 @@ class Demo:
         world = World(WorldConfig(seed=s.seed, n_users=s.n_users, n_ads=s.n_ads,
                                   new_ads_per_hour=s.new_ads_per_hour, request_rate=2.0,
                                   delays=DelayModel(window_s=s.attribution_window_s)))
-        from streams.evaluation import EvalConfig, logging_phase
+        from adloop.evaluation import EvalConfig, logging_phase
 
         logs = logging_phase(world, EvalConfig(log_requests=s.log_requests), s.seed)
         self.step(f"pretraining the generative recommender ({s.pretrain_steps} steps, "

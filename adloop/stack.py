@@ -1,7 +1,7 @@
 """Run adloop processes as real OS processes: start, wait until ready, kill, restart, stop.
 
 Used by ``adloop demo``, the closed-loop test and the fault-injection runner. Each
-process is ``python -m adloop_cli <command> ...`` with its own log file; readiness is
+process is ``python -m adloop <command> ...`` with its own log file; readiness is
 its ``/readyz`` answering 200. Stopping sends SIGTERM (clean shutdown) and falls back
 to SIGKILL; :meth:`ManagedProcess.kill` is the ``kill -9`` of fault tests.
 """
@@ -51,7 +51,7 @@ class ManagedProcess:
     def __init__(self, name: str, argv: Sequence[str], log_dir: Path,
                  ready_url: str | None = None, env: dict[str, str] | None = None) -> None:
         self.name = name
-        self.argv = [sys.executable, "-m", "adloop_cli", *argv]
+        self.argv = [sys.executable, "-m", "adloop", *argv]
         self.ready_url = ready_url
         self.env = {**os.environ, "ADLOOP_LOG_JSON": "1", "PYTHONUNBUFFERED": "1",
                     **(env or {})}

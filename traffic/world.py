@@ -1,7 +1,7 @@
 """A seeded, simulated ad world: users, ads, a ground-truth response model, delays.
 
 Everything here is pure and in-process (no Kafka, no HTTP), so an evaluation harness
-can run policies over identical traffic. :mod:`streams.traffic` drives it against
+can run policies over identical traffic. :mod:`traffic.driver` drives it against
 the serving worker and Kafka.
 
 * **Users** have a latent interest vector over the topic space (industries and

@@ -1,0 +1,142 @@
+"""The snapshot contract between the learner and the server (docs/snapshot-format.md).
+
+One small module both sides import, so neither imports the other: the format version,
+the files and tensor names a snapshot has, ``manifest.json`` parsing and validation, and
+the ONNX Runtime session options every snapshot graph is run with (the learner's export
+checks and the server's sessions alike).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+REQUIRED_FILES = ("encoder.onnx", "decoder_step.onnx", "value.onnx")
+FORMAT = 2
+"""The snapshot format the learner writes and the server reads. 2: ``encoder.onnx`` also
+outputs the top blocks' memory keys/values, ``decoder_step.onnx`` takes per-request states
+plus ``beam_request``. Format 1 (per-beam copies of ``memory``) is refused: re-export such
+a checkpoint."""
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*\.(onnx|json)$")
+MAX_MANIFEST_BYTES = 512 * 1024 * 1024
+
+
+class SnapshotRejectedError(Exception):
+    """A snapshot that must not be served; ``step`` names where it failed
+    (fetch, checksum, manifest, load, warmup, nan, parity)."""
+
+    def __init__(self, step: str, detail: str) -> None:
+        super().__init__(f"{step}: {detail}")
+        self.step = step
+        self.detail = detail
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parts of ``manifest.json`` the server uses (``raw`` keeps everything)."""
+
+    version: str
+    model_name: str
+    parent: str | None
+    id_space_version: str
+    level_sizes: tuple[int, ...]
+    history_len: int
+    context_features: tuple[str, ...]
+    context_buckets: int
+    files: dict[str, dict[str, Any]]
+    ad_ids: list[str]
+    ids: np.ndarray            # [n, T] int64, rows in ``ad_ids`` order
+    parity: dict[str, Any]
+    raw: dict[str, Any]
+
+    @property
+    def id_len(self) -> int:
+        return len(self.level_sizes)
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """Validate and parse ``manifest.json`` bytes (raises :class:`SnapshotRejectedError`)."""
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SnapshotRejectedError("manifest", f"manifest.json is not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SnapshotRejectedError("manifest", "manifest.json is not an object")
+    try:
+        if raw.get("format") != FORMAT:
+            raise ValueError(f"snapshot format {raw.get('format')!r} not supported: this "
+                             f"server reads format {FORMAT} only (re-export the checkpoint "
+                             "with this version's adloop export)")
+        level_sizes = tuple(int(s) for s in raw["level_sizes"])
+        if not level_sizes or min(level_sizes) < 1:
+            raise ValueError("level_sizes must be a non-empty list of sizes >= 1")
+        files = raw["files"]
+        if not isinstance(files, dict):
+            raise ValueError("files must be an object")
+        for name, meta in files.items():
+            if not _SAFE_NAME.match(name) or name == "manifest.json":
+                raise ValueError(f"file name {name!r} not allowed (plain .onnx/.json only)")
+            if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
+                raise ValueError(f"files[{name!r}] needs a sha256")
+        missing = [f for f in REQUIRED_FILES if f not in files]
+        if missing:
+            raise ValueError(f"files misses {missing}")
+        id_table = raw["ids"]
+        if not isinstance(id_table, dict):
+            raise ValueError("ids must be an object ad id -> id")
+        ad_ids = list(id_table)
+        T = len(level_sizes)
+        ids = np.array([id_table[a] for a in ad_ids], dtype=np.int64).reshape(len(ad_ids), T) \
+            if ad_ids else np.zeros((0, T), dtype=np.int64)
+        if ad_ids and ((ids < 0).any() or (ids >= np.array(level_sizes)).any()):
+            raise ValueError("an id has a code outside its level's size")
+        return Manifest(
+            version=str(raw["version"]), model_name=str(raw.get("model_name", "")),
+            parent=raw.get("parent"), id_space_version=str(raw.get("id_space_version", "")),
+            level_sizes=level_sizes, history_len=int(raw["history_len"]),
+            context_features=tuple(str(f) for f in raw["context_features"]),
+            context_buckets=int(raw["context_buckets"]), files=files, ad_ids=ad_ids, ids=ids,
+            parity=raw.get("parity") or {}, raw=raw)
+    except SnapshotRejectedError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SnapshotRejectedError("manifest", f"manifest.json: {exc!r}") from None
+
+
+MODEL_IO = {
+    "encoder": (("history", "history_mask", "context"),
+                ("memory", "memory_mask", "lower", "memory_kv")),
+    "decoder_step": (("memory_kv", "memory_mask", "lower", "beam_request", "prefix"),
+                     ("logits",)),
+    "value": (("memory", "memory_mask", "candidates"), ("pctr", "pcvr")),
+}
+"""Tensor names of snapshot format 2 (docs/snapshot-format.md)."""
+
+
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    """ONNX Runtime session options for the snapshot graphs (the server's and the
+    learner's checks alike): every graph optimization, ``threads`` intra-op threads (0 =
+    onnxruntime's default), no busy-waiting between runs (the beam search does other
+    work between steps; spinning threads would steal those cores)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
