@@ -124,6 +124,12 @@ ALERTS: tuple[Alert, ...] = (
     Alert("AdloopTargetDown", 'up{job=~"adloop-.*"} == 0', "1m", "critical",
           "{{ $labels.job }} target {{ $labels.instance }} is down",
           "Prometheus cannot scrape the process: it crashed, hangs, or its port moved."),
+    Alert("AdloopProcessRestarted",
+          'changes(process_start_time_seconds{job=~"adloop-.*"}[15m]) > 0', "0m", "warning",
+          "{{ $labels.job }} on {{ $labels.instance }} restarted",
+          "The process started again within the last 15 minutes: it crashed or was killed "
+          "and its supervisor restarted it. Read the end of its previous log; repeated "
+          "restarts are a crash loop."),
     Alert("AdloopSnapshotRefused",
           'sum by (job, instance) (increase(adloop_server_swaps_total{result!~"ok|rollback"}[15m]))'
           " > 0",

@@ -306,7 +306,8 @@ def _literal_labels(node: ast.expr | None) -> tuple[str, ...] | None:
     return None
 
 
-def code_metrics(packages: tuple[str, ...] = ("streams", "learner", "server")) -> list[CodeMetric]:
+def code_metrics(packages: tuple[str, ...] = ("streams", "traffic", "learner", "server")
+                 ) -> list[CodeMetric]:
     """Every metric constructor call with a literal name in the given packages."""
     found = []
     for pkg in packages:
@@ -367,7 +368,9 @@ def render_markdown() -> str:
         "`streams.metrics.LATENCY_BUCKETS` (0.5 ms .. 10 s), freshness and lag histograms",
         "`FRESHNESS_BUCKETS` (0.1 s .. 1 h). Every process also exposes prometheus-client's",
         "defaults (`process_cpu_seconds_total`, `process_resident_memory_bytes`,",
-        "`process_open_fds`, `python_gc_*`, `python_info`); Prometheus adds `up` per target.",
+        "`process_open_fds`, `process_start_time_seconds`, `python_gc_*`, `python_info`);",
+        "Prometheus adds `up` per target. A change of `process_start_time_seconds` is a",
+        "restart (alert `AdloopProcessRestarted`).",
     ]
     if any(m.planned for m in METRICS):
         out += ["", "*planned*: read by the dashboards/rules, but the component that exposes",
