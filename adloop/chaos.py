@@ -60,6 +60,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adloop.demo import Demo, DemoSettings, histogram_quantile, metric_sum, scrape
 from adloop.reconcile import Malformed, Row, observe, read_learner_ledger, reconcile
+from adloop.stack import CrashLoopError, ProcessExit, RestartPolicy, Supervisor
 from streams.kafka_io import EventProducer, read_all
 from streams.logs import get_logger
 from streams.schemas import Click, Conversion, Event, ModelUpdate
@@ -162,10 +163,9 @@ class ChaosRun:
         self.load_rows: list[dict[str, Any]] = []
         self.stop = threading.Event()
         self.current = "setup"
-        self.faulted: set[str] = set()
-        """Processes a fault is killing and restarting (the supervisor leaves them alone)."""
         self.exits: list[dict[str, Any]] = []
         """Processes that exited on their own and were restarted by the supervisor."""
+        self.supervisor: Supervisor | None = None
 
     # -- set-up ------------------------------------------------------------------------
     def setup(self) -> None:
@@ -184,21 +184,28 @@ class ChaosRun:
     def say(self, msg: str) -> None:
         self.demo.say(msg)
 
-    def supervise(self) -> None:
-        """Restart a process that exits on its own, as compose's ``restart:
-        unless-stopped`` or a Kubernetes deployment would; each exit is recorded and
-        shown in the table of the phase it happened in."""
-        while not self.stop.wait(0.5):
-            for name, proc in self.stack.processes.items():
-                if name in self.faulted or proc.alive() or proc.proc is None:
-                    continue
-                code = proc.proc.returncode
-                self.exits.append({"process": name, "exit_code": code,
-                                   "phase": self.current,
-                                   "t": round(time.monotonic() - self.demo.t0, 1)})
-                log.warning("chaos.process_exited", process=name, exit_code=code)
-                with contextlib.suppress(Exception):
-                    proc.start()
+    def supervise(self) -> Supervisor:
+        """The stack's supervisor (:class:`adloop.stack.Supervisor`) restarts a process
+        that exits on its own, as compose's ``restart: unless-stopped`` would; each exit
+        is recorded and counted in the row of the phase it happened in."""
+        def on_exit(e: ProcessExit) -> None:
+            self.exits.append({"process": e.process, "exit_code": e.exit_code,
+                               "phase": self.current,
+                               "t": round(e.at - self.demo.t0, 1)})
+
+        def on_crash_loop(err: CrashLoopError) -> None:
+            self.say(f"  {err.name} is in a crash loop: stopping the run")
+            self.stop.set()
+
+        self.supervisor = self.stack.supervise(
+            RestartPolicy(backoff_initial_s=0.5, backoff_max_s=10.0, stable_after_s=30.0,
+                          crash_loop_exits=5, crash_loop_window_s=120.0),
+            on_exit=on_exit, on_crash_loop=on_crash_loop)
+        return self.supervisor
+
+    def check_crash_loop(self) -> None:
+        if self.supervisor is not None and self.supervisor.crash_loop is not None:
+            raise self.supervisor.crash_loop
 
     # -- traffic -----------------------------------------------------------------------
     def traffic(self, rate: float, seconds: float | None, stop: threading.Event | None = None
@@ -283,8 +290,8 @@ class ChaosRun:
     def kill(self, res: PhaseResult, names: tuple[str, ...]) -> None:
         procs = [self.stack.processes[n] for n in names]
         t0 = time.monotonic()
-        self.faulted.update(names)
-        try:
+        hold = self.supervisor.hold(names) if self.supervisor else contextlib.nullcontext()
+        with hold:   # the fault kills and restarts these itself
             for p in procs:
                 p.kill()
             time.sleep(1.0)
@@ -292,8 +299,6 @@ class ChaosRun:
                 p.start()
             for p in procs:
                 p.wait_ready(300)
-        finally:
-            self.faulted.difference_update(names)
         progress = {"join": "adloop_join_events_total", "learn": "adloop_learner_lists_total",
                     "serve": "adloop_server_impressions_produced_total"}
         for n in names:
@@ -612,11 +617,12 @@ class ChaosRun:
         s = self.s
         try:
             self.setup()
-            threading.Thread(target=self.supervise, name="supervisor", daemon=True).start()
+            self.supervise()
             self.say("warm-up traffic")
             self.traffic(s.rate, s.phase_s)
             for name in s.fault_list():
                 self.phase(name, self.injector(name))
+                self.check_crash_loop()
             if s.load:
                 cap = self.capacity()
                 self.say(f"  server capacity ≈ {cap:.1f} requests/s (closed loop)")
@@ -628,7 +634,9 @@ class ChaosRun:
             self.driver.finish(drain=True)
             self.producer.flush(60)
             self.settle()
-            self.stop.set()          # the supervisor must not restart what we stop now
+            self.check_crash_loop()
+            self.stop.set()
+            self.stack.stop_supervisor()   # it must not restart what we stop now
             codes = {name: p.stop() for name, p in reversed(self.stack.processes.items())}
             return self.account(codes)
         finally:
@@ -672,7 +680,12 @@ class ChaosRun:
             row.recovery_s = None if r.recovery_s is None else round(r.recovery_s, 2)
             row.detail.update(r.detail)
             out.append(row)
-        return {"rows": [r.as_dict() for r in out], "load": self.load_rows, "exits": self.exits,
+        dicts = []
+        for row in out:   # exits of the processes' own (not the fault's kill -9) per phase
+            d = row.as_dict()
+            d["process_exits"] = sum(e["phase"] == d["fault"] for e in self.exits)
+            dicts.append(d)
+        return {"rows": dicts, "load": self.load_rows, "exits": self.exits,
                 "capacity_per_s": round(getattr(self, "load_capacity", 0.0), 1),
                 "exit_codes": codes}
 
