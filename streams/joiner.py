@@ -63,7 +63,7 @@ from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
-from streams.joiner_core import INPUT_TOPICS, JoinCore, JoinSettings, Rejected
+from streams.joiner_core import INPUT_TOPICS, JoinCore, JoinSettings, Rejected, Step
 from streams.kafka_io import DEAD_LETTERS, BatchProducer
 from streams.logs import get_logger
 from streams.metrics import counter, gauge, histogram, start_metrics_server
@@ -78,7 +78,8 @@ __all__ = ["JoinSettings", "Joiner", "configure", "run"]
 FEEDBACK = counter("adloop_join_feedback_total", "Feedback lists emitted, by kind.", ("kind",))
 CORRECTIONS = counter("adloop_join_corrections_total", "Correction lists emitted.")
 EVENTS = counter("adloop_join_events_total", "Input records processed, by topic and outcome "
-                 "(applied, held, duplicate, late, orphan, invalid).", ("topic", "outcome"))
+                 "(applied, held, duplicate, late, orphan, invalid, handler_error).",
+                 ("topic", "outcome"))
 LATE = counter("adloop_join_late_total", "Records dead-lettered as late, by topic.", ("topic",))
 ORPHANS = counter("adloop_join_orphan_total", "Records dead-lettered as orphan, by topic.",
                   ("topic",))
@@ -311,7 +312,10 @@ class Joiner:
         for m in msgs:
             offset = m.offset
             caught[logical] = offset + 1 >= hw_self
-            step = on_record(logical, p, offset, m.key, m.value, caught)
+            try:
+                step = on_record(logical, p, offset, m.key, m.value, caught)
+            except Exception as exc:  # a record that decodes but breaks the join
+                step = self._handler_error(logical, p, m, exc)
             k = (logical, step.outcome)
             outcomes[k] = outcomes.get(k, 0) + 1
             if step.rejected:
@@ -323,6 +327,17 @@ class Joiner:
             self.positions[(logical, p)] = msgs[-1].offset + 1
         self.processed += len(msgs)
         self.since_commit += len(msgs)
+
+    def _handler_error(self, logical: str, p: int, m: Any, exc: Exception) -> Step:
+        """Dead-letter a record whose join step raised (``handler_error``) and go on: a
+        poison record must not stop the joiner, nor stop it again after a restart."""
+        log.error("join.handler_error", topic=logical, partition=p, offset=m.offset,
+                  error=repr(exc)[:500])
+        step = Step()
+        step.outcome = "handler_error"
+        step.rejected.append(Rejected(logical, p, m.offset, "handler_error",
+                                      f"join step failed: {exc!r}", m.value or b"", m.key))
+        return step
 
     def process(self, logical: str, p: int, offset: int, key: bytes | None,
                 value: bytes | None) -> None:
