@@ -4,11 +4,16 @@ read-only tool, on stderr), and the good records after it are processed."""
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+from streams.joiner import Joiner
+from streams.joiner_core import JoinSettings
 from streams.kafka_io import EventProducer
 from streams.schemas import DeadLetter, Feedback, encode
 from streams.settings import KafkaSettings
@@ -88,3 +93,41 @@ def test_adloop_consume_reports_undecodable_records_and_prints_the_rest(
     reported = [ln for ln in out.stderr.splitlines() if ln.startswith("clicks[")]
     assert sorted(ln.split(": ")[1] for ln in reported) == sorted(w for _, _, w in POISON)
     assert f"{len(POISON)} undecodable records skipped" in out.stderr
+
+
+def test_a_record_that_decodes_but_breaks_the_join_is_dead_lettered_as_handler_error(
+        kafka: KafkaSettings) -> None:
+    joiner = Joiner(JoinSettings(**WINDOWS, session_timeout_s=6.0, commit_interval_s=0.5),
+                    kafka)
+    apply_action = joiner.core._on_action
+
+    def breaks_on_boom(part: Any, ev: Any, *args: Any) -> str:  # a fault in the join logic
+        if ev.ad_id == "boom":
+            raise KeyError("slate position of ad boom")
+        return apply_action(part, ev, *args)
+
+    joiner.core._on_action = breaks_on_boom  # type: ignore[method-assign]
+    p = EventProducer(kafka)
+    for topic, rec in (("impressions", imp("r1", 0)), ("clicks", click("c0", "r1", 1, "boom")),
+                       ("clicks", click("c1", "r1", 2)), ("impressions", imp("tick", 200))):
+        p.send(topic, rec)
+    p.flush()
+    p.close()
+    thresholds = gc.get_threshold()
+    runner = threading.Thread(target=joiner.run, name="joiner")
+    runner.start()
+    try:
+        fbs = wait_for(kafka, "feedback", lambda fbs: any(
+            f.request_id == "r1" and f.kind == "final" for f in fbs))
+        letters = wait_for(kafka, "dlq", lambda ls: len(ls) >= 1)
+        assert runner.is_alive()
+    finally:
+        joiner.stop_event.set()
+        runner.join(60)
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+    final = next(f for f in fbs if f.request_id == "r1" and f.kind == "final")
+    assert [i.clicked for i in final.items] == [True, False, False]  # c1 after the poison
+    assert [(d.reason, "slate position of ad boom" in d.detail) for d in letters] == [
+        ("handler_error", True)]
+    assert letters[0].raw() == encode(click("c0", "r1", 1, "boom"))
