@@ -456,15 +456,17 @@ def swap_doc(swaps: dict[str, Any]) -> str:
         f"{swaps['failed_requests_during_swaps']} failed of {swaps['requests_during_swaps']} "
         f"requests, {swaps['swap_seconds'] / swaps['swaps'] * 1000:.0f} ms per swap. A leak "
         "grows by the same amount every swap; allocator warm-up levels off, so the slope "
-        "over the second half tells them apart.\n\n"
+        "over the second half tells them apart. The server hands the heap a swapped-out "
+        "model freed back to the OS after each swap (glibc `malloc_trim`, "
+        "`server/models.py`).\n\n"
         + markdown_table(["swaps", "RSS after 0 (MiB)", *[f"after {k}" for k in at if k != "0"],
                           "ratio at 100", "ratio at end", "slope 1st half KiB/swap",
                           "slope 2nd half KiB/swap"],
-                         [[swaps["swaps"], *at.values(),
-                           round(swaps["rss_growth_ratio_100_swaps"], 3),
-                           round(swaps["rss_growth_ratio_all_swaps"], 3),
-                           round(swaps["rss_slope_kib_per_swap_first_half"], 1),
-                           round(swaps["rss_slope_kib_per_swap"], 1)]]) + "\n")
+                         [[swaps["swaps"], *(f"{v:.1f}" for v in at.values()),
+                           f"{swaps['rss_growth_ratio_100_swaps']:.3f}",
+                           f"{swaps['rss_growth_ratio_all_swaps']:.3f}",
+                           f"{swaps['rss_slope_kib_per_swap_first_half']:.1f}",
+                           f"{swaps['rss_slope_kib_per_swap']:.1f}"]]) + "\n")
 
 
 def write_swaps_only(swaps: dict[str, Any], ready: dict[str, Any], provider: str) -> int:
