@@ -107,3 +107,23 @@ def test_a_process_stopped_on_purpose_stays_stopped(tmp_path: Path) -> None:
 def test_restart_backoff_doubles_up_to_its_cap() -> None:
     p = RestartPolicy(backoff_initial_s=1.0, backoff_max_s=30.0)
     assert [p.backoff_s(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
+
+
+def test_the_demo_stops_on_a_crash_loop_and_keeps_the_log_tail(tmp_path: Path) -> None:
+    from adloop.demo import Demo, DemoSettings
+
+    demo = Demo(DemoSettings(out=tmp_path / "demo", bootstrap_servers="127.0.0.1:1",
+                             restart_backoff_s=0.05, restart_backoff_max_s=0.1,
+                             crash_loop_exits=3, crash_loop_window_s=60.0))
+    proc = demo.stack.add("serve", [], command=[
+        sys.executable, "-c", "import sys; print('cannot bind port', flush=True); sys.exit(1)"])
+    proc.start()
+    demo.supervise()
+    try:
+        assert demo.stop.wait(60), "the demo was not told to stop"
+        assert demo.crash_loop is not None and demo.crash_loop.name == "serve"
+        assert "cannot bind port" in str(demo.crash_loop)
+        assert demo.restarts() == {"serve": 2}
+        assert demo.restarts_text() == "restarts 2 (serve=2)"
+    finally:
+        demo.stack.stop()
