@@ -44,13 +44,15 @@ class TopicFollower:
     that existed at start were handled (with those records already handled). When
     ``handle`` raises for a batch, its records are handed over one at a time and those
     that still fail are skipped as ``handler_error``. ``dead_letters`` (optional)
-    dead-letters what is skipped, once per offset.
+    dead-letters what is skipped, once per offset. ``tombstones``: a null value is handed
+    to ``handle`` as ``(key, None)`` (a deletion); if False it is skipped as ``invalid``.
     """
 
     def __init__(self, kafka: KafkaSettings, topic: str, handle: BatchHandler,
                  on_caught_up: Callable[[], None] | None = None,
                  poll_timeout_ms: int = 200, name: str | None = None,
-                 dead_letters: DeadLetterOnce | None = None) -> None:
+                 dead_letters: DeadLetterOnce | None = None,
+                 tombstones: bool = True) -> None:
         self.kafka = kafka
         self.topic = topic
         self.physical = Topics(kafka.topic_prefix).name(topic)
@@ -64,6 +66,7 @@ class TopicFollower:
                                         daemon=True)
         self.error: str | None = None
         self.dead_letters = dead_letters
+        self.tombstones = tombstones
         self.skipped = 0
         """Records skipped (undecodable or handler_error) since start."""
 
@@ -149,7 +152,7 @@ class TopicFollower:
             msgs: list[Any] = []
             for _tp, polled_msgs in sorted(polled.items(), key=lambda kv: kv[0].partition):
                 for msg in polled_msgs:
-                    if msg.value is None:  # a tombstone: the handler decides what it means
+                    if msg.value is None and self.tombstones:  # a deletion
                         batch.append((msg.key, None))
                         msgs.append(msg)
                         continue

@@ -54,7 +54,8 @@ class Service:
             dead_letters=DeadLetterOnce(kafka, dead) if dead else None)
         self.updates_follower = (TopicFollower(
             kafka, "model-updates", self._on_updates, on_caught_up=self._updates_caught_up,
-            dead_letters=DeadLetterOnce(kafka, dead) if dead else None)
+            dead_letters=DeadLetterOnce(kafka, dead) if dead else None,
+            tombstones=False)  # the learner never deletes an announcement: not ours
             if settings.follow_model_updates else None)
         self._initial_updates: list[ModelUpdate] = []
         self._updates_initial_done = False

@@ -343,9 +343,8 @@ class DeadLetterOnce:
                     enable_auto_commit=False, request_timeout_ms=15_000)
             if self._producer is None:
                 self._producer = EventProducer(self.kafka)
-            mark = self._marks.get(tp)
-            if mark is None:
-                mark = self._marks[tp] = self._consumer.committed(tp) or 0
+            # read fresh each time (bad records are rare): another reader may have moved it
+            mark = max(self._marks.get(tp, 0), self._consumer.committed(tp) or 0)
             if offset < mark:
                 return False
             self._producer.dead_letter(DeadLetter.of(

@@ -60,7 +60,8 @@ def test_poison_on_ads_and_model_updates_is_dead_lettered_once_and_serving_goes_
                                        (b"ad-y", DEEP)])
     upd_bad = _send_raw(kafka, "model-updates", [(b"adloop", b'"\x80"'),
                                                  (b"\xff\xfe", DEEP),
-                                                 (b"adloop", b'{"schema":7}')])
+                                                 (b"adloop", b'{"schema":7}'),
+                                                 (b"\xc0tomb", None)])
     publish_ads(producer)
     producer("model-updates", snapshots("v1", data_watermark=10.0).model_update())
     retries_before = _retries()
@@ -88,6 +89,7 @@ def test_poison_on_ads_and_model_updates_is_dead_lettered_once_and_serving_goes_
     expected = {("ads", o): "not_json" for o in ads_bad}
     expected |= {("model-updates", o): "not_json" for o in upd_bad[:2] + more}
     expected[("model-updates", upd_bad[2])] = "schema_version"
+    expected[("model-updates", upd_bad[3])] = "invalid"  # a tombstone: the learner sends none
 
     def letters() -> dict[tuple[str, int], str]:
         got = {}

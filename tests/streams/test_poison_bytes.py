@@ -14,7 +14,7 @@ from typing import Any
 
 from streams.joiner import Joiner
 from streams.joiner_core import JoinSettings
-from streams.kafka_io import EventProducer
+from streams.kafka_io import DeadLetterOnce, EventProducer, read_all
 from streams.schemas import DeadLetter, Feedback, encode
 from streams.settings import KafkaSettings
 from streams.topics import Topics
@@ -131,3 +131,18 @@ def test_a_record_that_decodes_but_breaks_the_join_is_dead_lettered_as_handler_e
     assert [(d.reason, "slate position of ad boom" in d.detail) for d in letters] == [
         ("handler_error", True)]
     assert letters[0].raw() == encode(click("c0", "r1", 1, "boom"))
+
+
+def test_dead_letter_once_sends_each_offset_once_across_readers(kafka: KafkaSettings) -> None:
+    a, b = DeadLetterOnce(kafka, "test-once"), DeadLetterOnce(kafka, "test-once")
+    try:
+        assert a.offer("ads", 0, 3, "not_json", "x", b'"\x80"', b"\xff")
+        assert not b.offer("ads", 0, 3, "not_json", "x", b'"\x80"', b"\xff")  # a restart
+        assert not b.offer("ads", 0, 1, "not_json", "x", b"{", None)  # below the mark
+        assert b.offer("ads", 0, 5, "invalid", "y", b"", b"k")
+        assert not a.offer("ads", 0, 5, "invalid", "y", b"", b"k")  # the other reader
+    finally:
+        a.close()
+        b.close()
+    letters = [r.record for r in read_all(kafka, "dlq", expect=2)]
+    assert [(d.offset, d.reason) for d in letters] == [(3, "not_json"), (5, "invalid")]
