@@ -87,6 +87,9 @@ class Impression(Event, kw_only=True):
     user_id: str
     context: dict[str, str] = {}
     recent_ad_ids: list[str] = []
+    recent_organic: list[str] = []
+    """The user's recent organic items (``<topic>#<n>``), oldest first; empty in old
+    records."""
     slate: list[SlateItem]
     model_version: str
     beam_widths: list[int] = []
@@ -152,6 +155,8 @@ class Feedback(Event, kw_only=True):
     window_closed: bool
     context: dict[str, str] = {}
     recent_ad_ids: list[str] = []
+    recent_organic: list[str] = []
+    """The impression's recent organic items, oldest first; empty in old records."""
     model_version: str = ""
     items: list[FeedbackItem]
 
