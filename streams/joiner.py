@@ -10,9 +10,11 @@ thread, ``acks=all``) for ``feedback``, ``dlq`` and the state changelog
 input partition ``p``; key = request id, tombstones when a request expires).
 
 Why not faust: the first version ran on faust-streaming 0.15.3 (one agent over the three
-topics, a table with changelog). Its kill -9 test lost impressions (no state, no output,
-no dead letter, offsets committed) in about half the runs, and its producer-buffer flush
-returns before the buffer is drained. See ``streams/README.md`` ("joiner").
+topics, a table with changelog, at-least-once, concurrency 1). Its kill -9 test lost
+impressions (no state, no output, no dead letter, offsets committed) in about half the
+runs: its commit awaits ``ProducerBuffer.flush()``, which returns after 0.1 s without
+progress even with table changelog writes still queued. See ``streams/README.md``
+("Why not faust") for the upstream issues.
 
 Commit protocol (:meth:`Joiner.commit`), one block per step, every ``commit_interval_s``
 or ``commit_every_records`` and before partitions are given up:

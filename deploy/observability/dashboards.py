@@ -87,7 +87,7 @@ RECORDING_RULES: tuple[RecordingRule, ...] = (
     RecordingRule(FRESHNESS_P95, _quantile(0.95, "adloop_learner_freshness_seconds", "15m")),
     RecordingRule(RPM, "1000 * sum by (job) (rate(adloop_traffic_revenue_total[5m]))\n"
                        "/\nsum by (job) (rate(adloop_traffic_impressions_total[5m]))"),
-    # The joiner (faust) reports its lag as adloop_join_lag_records; its group is its job.
+    # The joiner reports its lag as adloop_join_lag_records; its group is its job.
     RecordingRule(LAG, "sum by (job, group, topic) (adloop_consumer_lag_records)\nor\n"
                        "sum by (job, group, topic) (label_replace(adloop_join_lag_records, "
                        "\"group\", \"$1\", \"job\", \"(.*)\"))"),

@@ -160,7 +160,7 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_join_table_bytes", "gauge", "join", (), "Encoded size of the join state."),
     _m("adloop_join_commits_total", "counter", "join", (), "Completed commit protocols."),
     _m("adloop_join_process_resident_memory_bytes", "gauge", "join", (),
-       "Resident memory of the joiner (faust worker)."),
+       "Resident memory of the joiner process."),
     _m("adloop_join_rejoins_total", "counter", "join", (),
        "Fresh group members after a long stretch with nothing assigned (kafka-python can "
        "leave a member idle in its group after an early rebalance)."),
