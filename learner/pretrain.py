@@ -43,7 +43,11 @@ from learner.evaluate import evaluate, trie_of
 from learner.losses import pretrain_loss
 from learner.model import GenerativeRecommender, ModelConfig
 from learner.tokenizer import TokenizerConfig, UASIDTokenizer
-from streams.features import DEFAULT_CONTEXT_BUCKETS, DEFAULT_CONTEXT_FEATURES
+from streams.features import (
+    DEFAULT_CONTEXT_BUCKETS,
+    DEFAULT_CONTEXT_FEATURES,
+    DEFAULT_ORGANIC_LEN,
+)
 from streams.logs import get_logger
 from streams.metrics import counter, gauge, histogram, start_metrics_server
 from streams.schemas import Ad, Feedback
@@ -161,7 +165,8 @@ def model_config(s: PretrainSettings, tok: UASIDTokenizer) -> ModelConfig:
     return ModelConfig(
         level_sizes=tok.config.token_sizes, semantic_levels=tok.config.semantic_levels,
         history_len=s.history_len, context_features=DEFAULT_CONTEXT_FEATURES,
-        context_buckets=DEFAULT_CONTEXT_BUCKETS, d_model=s.d_model, n_head=s.n_head,
+        context_buckets=DEFAULT_CONTEXT_BUCKETS, organic_len=DEFAULT_ORGANIC_LEN,
+        d_model=s.d_model, n_head=s.n_head,
         n_enc_layer=s.n_enc_layer, n_layer=s.n_layer, n_top=s.n_top, mode=s.mode,
         inject_mlp=s.inject_mlp, mtp_heads=s.mtp_heads, prior_heads=s.prior_heads)
 
@@ -234,7 +239,7 @@ def pretrain(s: PretrainSettings, ads: list[Ad] | None = None,
         log.info("resumed", step=start, run_dir=str(run_dir))
 
     examples = build_examples(feedback, tok, cfg.history_len, cfg.context_features,
-                              cfg.context_buckets, cfg.mtp_heads)
+                              cfg.context_buckets, cfg.mtp_heads, organic_len=cfg.organic_len)
     train, test = split_by_time(examples, s.held_out_frac)
     log.info("examples", train=len(train), held_out=len(test),
              positives=len(train.positives), params=model.num_parameters())

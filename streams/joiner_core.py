@@ -694,6 +694,7 @@ class JoinCore:
                       revision=st.revision + 1, impression_time=t0, event_time=at,
                       elapsed_s=at - t0, window_closed=kind == "final",
                       context=imp.context, recent_ad_ids=imp.recent_ad_ids,
+                      recent_organic=imp.recent_organic,
                       model_version=imp.model_version, items=items)
         self.pending_sigs[st.request_id] = (fb, sig)
         return fb

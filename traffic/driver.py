@@ -192,7 +192,8 @@ def impression_of(request: Request, slate: ServedSlate, world: World,
                                bid_type=ad.record.bid_type if ad else "cpc"))
     return Impression(request_id=request.request_id, event_time=request.event_time,
                       user_id=request.user_id, context=dict(request.context),
-                      recent_ad_ids=list(request.recent_ad_ids), slate=items,
+                      recent_ad_ids=list(request.recent_ad_ids),
+                      recent_organic=list(request.recent_organic), slate=items,
                       model_version=slate.model_version, beam_widths=list(slate.beam_widths),
                       server_id=server_id)
 

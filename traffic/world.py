@@ -361,7 +361,8 @@ class Request:
         """The JSON body of ``POST /v1/recommend``."""
         return {"user_id": self.user_id, "context": dict(self.context),
                 "recent_ad_ids": list(self.recent_ad_ids), "k": self.k,
-                "request_id": self.request_id, "event_time": self.event_time}
+                "request_id": self.request_id, "event_time": self.event_time,
+                "recent_organic": list(self.recent_organic)}
 
 
 @dataclass(frozen=True)
