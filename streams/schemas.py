@@ -95,6 +95,13 @@ class Impression(Event, kw_only=True):
     beam_widths: list[int] = []
     server_id: str = ""
 
+    def __post_init__(self) -> None:
+        n = len(self.slate)
+        for i, item in enumerate(self.slate):
+            if not 0 <= item.position < n:
+                raise ValueError(f"slate[{i}].position {item.position} is outside the slate "
+                                 f"of {n} item(s) (0..{n - 1})")
+
 
 class Click(Event, kw_only=True):
     """A click on one ad of a slate (topic ``clicks``, key = user id)."""

@@ -145,9 +145,12 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_join_corrections_total", "counter", "join", (),
        "Correction lists emitted (a click or conversion after the list was emitted)."),
     _m("adloop_join_events_total", "counter", "join", ("topic", "outcome"),
-       "Input records processed, by topic and outcome.",
+       "Input records processed, by topic and outcome. A click/conversion held for its "
+       "impression is counted as `held` on arrival and again (applied, late or orphan) when "
+       "its impression arrives, so `applied` of clicks counts every click that reached a "
+       "list.",
        "topic: impressions, clicks, conversions; outcome: applied, held, duplicate, late, "
-       "orphan, invalid, handler_error"),
+       "orphan, invalid, handler_error, end_of_stream"),
     _m("adloop_join_late_total", "counter", "join", ("topic",),
        "Records dead-lettered as late (after their attribution window closed).",
        "topic: clicks, conversions"),
