@@ -211,7 +211,8 @@ def rewards_and_signature(state: RequestState) -> tuple[list[FeedbackItem], str]
             items.append(FeedbackItem(
                 ad_id=it.ad_id, semantic_id=it.semantic_id, position=it.position,
                 score=it.score, bid=it.bid, bid_type=bt,
-                reward=0.0 if bt == "cpc" or bt == "cpa" else it.bid / 1000.0))
+                reward=0.0 if bt == "cpc" or bt == "cpa" else it.bid / 1000.0,
+                propensity=it.propensity))
             sig.append(it.ad_id + ":00:0.0")
         return items, ";".join(sig)
     clicked = set(state.clicks.values())
@@ -238,7 +239,7 @@ def rewards_and_signature(state: RequestState) -> tuple[list[FeedbackItem], str]
         items.append(FeedbackItem(
             ad_id=ad_id, semantic_id=it.semantic_id, position=it.position, score=it.score,
             bid=it.bid, bid_type=bt, clicked=c, converted=v, conversion_value=cv,
-            reward=reward))
+            reward=reward, propensity=it.propensity))
     return items, ";".join(sig)
 
 

@@ -77,6 +77,10 @@ class SlateItem(msgspec.Struct, kw_only=True):
     score: float
     bid: float
     bid_type: BidType
+    propensity: float | None = None
+    """Probability that the logging policy served this ad at this position, when the log
+    knows it (a logged dataset's propensity, in (0, 1]); ``None`` otherwise. Used by
+    off-policy evaluation; absent in older records."""
 
 
 class Impression(Event, kw_only=True):
@@ -101,6 +105,9 @@ class Impression(Event, kw_only=True):
             if not 0 <= item.position < n:
                 raise ValueError(f"slate[{i}].position {item.position} is outside the slate "
                                  f"of {n} item(s) (0..{n - 1})")
+            p = item.propensity
+            if p is not None and not 0.0 < p <= 1.0:
+                raise ValueError(f"slate[{i}].propensity {p} is not in (0, 1]")
 
 
 class Click(Event, kw_only=True):
@@ -141,6 +148,8 @@ class FeedbackItem(msgspec.Struct, kw_only=True):
     converted: bool = False
     conversion_value: float = 0.0
     reward: float = 0.0
+    propensity: float | None = None
+    """The impression's logging propensity of this item (``SlateItem.propensity``)."""
 
 
 class Feedback(Event, kw_only=True):

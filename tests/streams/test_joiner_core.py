@@ -157,3 +157,20 @@ def test_held_click_is_counted_again_when_its_impression_applies_it() -> None:
     step = r.core.on_record("impressions", 0, 50, b"u1", encode(imp("r9", 2)), ALL_CAUGHT_UP)
     assert step.outcome == "applied"
     assert step.released == [("clicks", "applied")]
+
+
+def test_joiner_carries_each_items_logging_propensity_into_feedback() -> None:
+    import msgspec
+
+    r = Run()
+    logged = imp("r1", 0)
+    logged.slate = [msgspec.structs.replace(it, propensity=0.1 * (i + 1))
+                    for i, it in enumerate(logged.slate)]
+    r.feed(logged)
+    r.feed(click("c1", "r1", 2))
+    r.feed(imp("end", 500))
+    final = next(f for f in r.out if f.request_id == "r1" and f.kind == "final")
+    assert [round(i.propensity or 0, 3) for i in final.items] == [0.1, 0.2, 0.3]
+    assert final.items[0].clicked
+    r.feed(imp("later", 600))
+    assert [i.propensity for i in feedback_items(r.core.get("later"))] == [None] * 3  # type: ignore[arg-type]
