@@ -36,6 +36,8 @@ def _register_optional() -> None:
         "replay": ("traffic.replay", "replay simulated or recorded traffic"),
         "demo": ("adloop.demo", "the whole loop on the embedded stack, with a report"),
     }
+        "import": ("adloop.importer", "a recorded log to a snapshot: offline join, "
+                   "tokenizer, context features from the data, pretrain, export"),
     for name, (module, help_text) in optional.items():
         if importlib.util.find_spec(module) is not None:
             COMMANDS.setdefault(name, (module, help_text))
