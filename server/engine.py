@@ -12,10 +12,14 @@ from typing import Any
 
 import numpy as np
 
+from server import metrics as M
 from server.beam import beam_search, expected_value, pad_candidates, rank_slates
 from server.catalog import AdCatalog, is_servable
 from server.models import ModelManager, ServingState
 from streams.features import request_ids
+from streams.logs import get_logger
+
+log = get_logger(__name__)
 
 
 class NotReadyError(Exception):
@@ -56,6 +60,7 @@ class Engine:
     def __init__(self, models: ModelManager, catalog: AdCatalog) -> None:
         self.models = models
         self.catalog = catalog
+        self._warned_context: set[str] = set()
 
     def inputs(self, state: ServingState,
                requests: list[RecRequest]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -74,7 +79,18 @@ class Engine:
                 hmask[b, : len(rows)] = 1.0
             context[b] = request_ids(r.context, r.recent_organic, man.context_features,
                                      man.context_buckets, man.organic_len)
+            if man.context_features and not any(f in r.context for f in man.context_features):
+                self._context_unmatched(man.version, man.context_features, r.context)
         return history, hmask, context
+
+    def _context_unmatched(self, version: str, features: tuple[str, ...],
+                           context: dict[str, str]) -> None:
+        """Count a request whose context the model cannot read; warn once per model."""
+        M.CONTEXT_UNMATCHED.inc()
+        if version not in self._warned_context:
+            self._warned_context.add(version)
+            log.warning("serve.context_unmatched", model_version=version,
+                        model_reads=list(features), request_keys=sorted(context)[:20])
 
     def run(self, requests: list[RecRequest], widths_for: Any) -> list[RecResult]:
         """``widths_for(levels, k) -> widths``; one list for the whole batch."""

@@ -97,6 +97,10 @@ METRICS: tuple[Metric, ...] = (
        "narrowing beams."),
     _m("adloop_server_request_beam_width", "histogram", "server", ("level",),
        "Beam width used per request and level.", "level: semantic-id level"),
+    _m("adloop_server_context_unmatched_total", "counter", "server", (),
+       "Requests whose context has no key the model reads (its manifest's "
+       "context_features): ranked as if no context were given. The first one per model "
+       "version is logged (serve.context_unmatched)."),
     _m("adloop_server_shed_total", "counter", "server", (),
        "Requests refused with 429 (the narrowest beams could not hold the latency target)."),
     _m("adloop_server_event_loop_lag_seconds", "gauge", "server", (),
@@ -176,6 +180,10 @@ METRICS: tuple[Metric, ...] = (
        "Event time from impression to feedback emission.", "kind: provisional, final, "
        "correction"),
     # --- learner: adloop learn (learner/online.py, learner/publish.py) -------------------
+    _m("adloop_learner_no_preference_lists_total", "counter", "learn", ("reason",),
+       "Lists taken for training that state no preference (RSPO learns nothing from them; "
+       "only the VSL and value terms do). Mostly one_item: a log of one-ad slates trains no "
+       "ranking.", "reason: one_item, equal_rewards"),
     _m("adloop_learner_updates_total", "counter", "learn", (), "RSPO optimizer steps."),
     _m("adloop_learner_lists_total", "counter", "learn", ("outcome",),
        "Feedback lists consumed, by what happened to them.",

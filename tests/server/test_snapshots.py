@@ -157,3 +157,18 @@ def test_snapshots_of_older_formats_are_refused_with_a_clear_error(
         with pytest.raises(SnapshotRejectedError, match=rf"format {fmt} not supported: this "
                            r"server reads format 3 only \(format 3 adds the organic history"):
             parse_manifest((old.directory / "manifest.json").read_bytes())
+
+
+def test_a_context_the_model_cannot_read_is_counted_and_warned_once(
+        tmp_path: Path, snapshots: Builder, capsys: pytest.CaptureFixture[str]) -> None:
+    from server import metrics as M
+
+    mgr, engine = _manager(tmp_path)
+    assert mgr.apply_update(snapshots("v1").model_update()) == "ok"
+    before = M.CONTEXT_UNMATCHED._value.get()
+    engine.run([RecRequest("u1", {"device": "ios"}, [], 5)], lambda levels, k: [8] * levels)
+    assert M.CONTEXT_UNMATCHED._value.get() == before            # device is a model feature
+    for _ in range(2):
+        engine.run([RecRequest("u1", {"segment": "b"}, [], 5)], lambda levels, k: [8] * levels)
+    assert M.CONTEXT_UNMATCHED._value.get() == before + 2
+    assert capsys.readouterr().out.count("serve.context_unmatched") == 1
