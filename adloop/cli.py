@@ -31,13 +31,15 @@ def _register_optional() -> None:
         "export": ("learner.export", "export a checkpoint to an ONNX snapshot"),
         "evaluate": ("learner.evaluate", "offline recall@K / value-NDCG@K of beam search"),
         "join": ("streams.joiner", "the joiner: impressions ⋈ clicks ⋈ conversions → feedback"),
+        "stats": ("streams.stats", "windowed ad/advertiser/industry stats of feedback → ad-stats "
+                  "(faust-streaming, at-least-once)"),
         "learn": ("learner.online", "the continuous RSPO learner"),
         "serve": ("server.app", "the serving worker (HTTP API, ONNX Runtime)"),
         "replay": ("traffic.replay", "replay simulated or recorded traffic"),
-        "demo": ("adloop.demo", "the whole loop on the embedded stack, with a report"),
-    }
         "import": ("adloop.importer", "a recorded log to a snapshot: offline join, "
                    "tokenizer, context features from the data, pretrain, export"),
+        "demo": ("adloop.demo", "the whole loop on the embedded stack, with a report"),
+    }
     for name, (module, help_text) in optional.items():
         if importlib.util.find_spec(module) is not None:
             COMMANDS.setdefault(name, (module, help_text))

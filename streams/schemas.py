@@ -193,6 +193,41 @@ class ModelUpdate(Event, kw_only=True):
     metrics: dict[str, float] = {}
 
 
+StatsDimension = Literal["ad", "advertiser", "industry"]
+StatsWindow = Literal["tumbling", "hopping"]
+
+
+class AdStats(Event, kw_only=True):
+    """Aggregates of final feedback lists over one event-time window (topic ``ad-stats``,
+    compacted, key = ``<dimension>:<id>:<window>:<window_start>``), written by
+    ``adloop stats``. At-least-once: after a crash a window may briefly count a few
+    records twice (``streams/stats.py``)."""
+
+    dimension: StatsDimension
+    id: str
+    window: StatsWindow
+    window_start: float
+    window_end: float
+    impressions: int
+    clicks: int
+    conversions: int
+    revenue: float
+    """Sum of the items' rewards (the platform's realized revenue)."""
+    conversion_value: float
+    ctr: float
+    """clicks / impressions (0 without impressions)."""
+    cvr: float
+    """conversions / clicks (0 without clicks)."""
+    ecpm: float
+    """1000 × revenue / impressions."""
+    updated_time: float
+    """Wall-clock time of this update."""
+
+    def key(self) -> str:
+        """Its compaction key: one record per dimension, id, window kind and start."""
+        return f"{self.dimension}:{self.id}:{self.window}:{self.window_start:.0f}"
+
+
 class DeadLetter(Event, kw_only=True):
     """A rejected record with where it came from and why (topic ``dlq``)."""
 

@@ -24,7 +24,7 @@ from typing import Literal
 ROOT = Path(__file__).resolve().parents[2]
 
 Kind = Literal["counter", "gauge", "histogram"]
-Process = Literal["all", "server", "join", "learn", "replay", "pretrain"]
+Process = Literal["all", "server", "join", "stats", "learn", "replay", "pretrain"]
 
 FORBIDDEN_LABELS = frozenset({
     "user", "user_id", "request", "request_id", "ad", "ad_id", "event_id", "session_id",
@@ -64,8 +64,8 @@ METRICS: tuple[Metric, ...] = (
        "version: the package version; process: join, learn, serve, replay, ..."),
     _m("adloop_produced_records_total", "counter", "all", ("topic",),
        "Records the broker acknowledged, by logical topic.",
-       "topic: the 7 logical topics (ads, impressions, clicks, conversions, feedback, "
-       "model-updates, dlq)"),
+       "topic: the 8 logical topics (ads, impressions, clicks, conversions, feedback, "
+       "model-updates, ad-stats, dlq)"),
     _m("adloop_produce_errors_total", "counter", "all", ("topic",),
        "Records the broker did not acknowledge (after the producer's retries).",
        "topic: logical topic"),
@@ -245,6 +245,29 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_traffic_bad_lines_total", "counter", "replay", ("reason",),
        "Recorded-log lines that could not be read, by reason.", "reason: fixed parse-error set"),
     # --- offline pretraining: adloop pretrain -------------------------------------------
+    _m("adloop_stats_events_total", "counter", "stats", ("topic", "outcome"),
+       "Records the stats stage read, by topic and outcome.",
+       "topic: ads, feedback, finals; outcome: counted, skipped (not a final list), bad"),
+    _m("adloop_stats_industry_impressions_total", "counter", "stats", ("industry",),
+       "Ad impressions in final feedback lists, by industry (at-least-once).",
+       "industry: the world's industries, unknown"),
+    _m("adloop_stats_industry_clicks_total", "counter", "stats", ("industry",),
+       "Clicked ads in final feedback lists, by industry (at-least-once).",
+       "industry: the world's industries, unknown"),
+    _m("adloop_stats_industry_conversions_total", "counter", "stats", ("industry",),
+       "Converted ads in final feedback lists, by industry (at-least-once).",
+       "industry: the world's industries, unknown"),
+    _m("adloop_stats_industry_revenue_total", "counter", "stats", ("industry",),
+       "Revenue (sum of rewards) in final feedback lists, by industry (at-least-once).",
+       "industry: the world's industries, unknown"),
+    _m("adloop_stats_top_revenue", "gauge", "stats", ("dimension", "rank", "id"),
+       "Revenue of the top-N ads and advertisers in the newest complete tumbling window.",
+       "dimension: ad, advertiser; rank: 1..top_n; id: the ad or advertiser at that rank "
+       "(at most top_n series per dimension at a time, replaced each second)"),
+    _m("adloop_stats_window_end_seconds", "gauge", "stats", (),
+       "Event-time end of the tumbling window the top-N gauges describe."),
+    _m("adloop_stats_ad_stats_sent_total", "counter", "stats", (),
+       "AdStats records the broker acknowledged."),
     _m("adloop_pretrain_steps_total", "counter", "pretrain", (),
        "Optimizer steps taken by pretraining."),
     _m("adloop_pretrain_loss", "gauge", "pretrain", ("part",), "Latest pretraining loss by part.",
@@ -358,6 +381,7 @@ _PROCESS_TITLES = {
     "all": "Every process (Kafka helpers, `streams.metrics`)",
     "server": "Server — `adloop serve`",
     "join": "Joiner — `adloop join`",
+    "stats": "Ad statistics — `adloop stats` (faust-streaming, at-least-once)",
     "learn": "Learner — `adloop learn`",
     "replay": "Traffic — `adloop replay`",
     "pretrain": "Offline pretraining — `adloop pretrain`",
