@@ -834,6 +834,17 @@ class World:
         order = np.lexsort((np.arange(len(ads)), -ev))[:k]
         return [ads[int(i)].ad_id for i in order]
 
+    def value_table(self, request: Request) -> tuple[list[str], np.ndarray]:
+        """True expected value of every servable ad at every slate position for
+        ``request`` as the world stands now: (ad ids, values [k, n_ads]). Lets a
+        counterfactual slate be scored later against the state the request saw."""
+        ads = self._matrix(None)[0]
+        rows = [self.expected_values(ads, *self.probabilities(
+            request.user_id, request.context, request.event_time, None, pos)[1:])
+            for pos in range(request.k)]
+        return [a.ad_id for a in ads], (np.stack(rows) if rows and ads
+                                        else np.zeros((request.k, len(ads))))
+
     def observable_oracle_slate(self, request: Request,
                                 k: int | None = None) -> list[str]:
         """The ``k`` ads with the highest expected value given only what models see.
