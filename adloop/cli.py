@@ -29,7 +29,8 @@ def _register_optional() -> None:
     optional = {
         "pretrain": ("learner.pretrain", "offline VSL + MTP pretraining from logged events"),
         "export": ("learner.export", "export a checkpoint to an ONNX snapshot"),
-        "evaluate": ("learner.evaluate", "offline recall@K / value-NDCG@K of beam search"),
+        "evaluate": ("adloop.offpolicy", "offline recall@K / value-NDCG@K of beam search; "
+                     "--offline: a snapshot's value on a recorded log (IPS, SNIPS, DR)"),
         "join": ("streams.joiner", "the joiner: impressions ⋈ clicks ⋈ conversions → feedback"),
         "stats": ("streams.stats", "windowed ad/advertiser/industry stats of feedback → ad-stats "
                   "(faust-streaming, at-least-once)"),
