@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -177,17 +178,23 @@ def snapshot_slates(snapshot_dir: Path, finals: Sequence[Feedback], ads: Sequenc
     """The slate the snapshot serves (the server's engine, ONNX Runtime on CPU) in each
     final list's context, as long as the logged slate."""
     from server.catalog import AdCatalog
-    from server.engine import Engine, RecRequest
     from server.models import ModelManager
     from server.runtime import resolve_provider
-    from snapshot_format import parse_manifest, sha256_hex
 
     raw = (snapshot_dir / "manifest.json").read_bytes()
-    man = parse_manifest(raw)
     catalog = AdCatalog()
     catalog.apply((a.ad_id, a) for a in ads)
-    cache = snapshot_dir.parent / f".{snapshot_dir.name}-ope-cache"
-    mgr = ModelManager(catalog, resolve_provider("cpu"), cache, 1, 1)
+    with tempfile.TemporaryDirectory(prefix="adloop-ope-") as cache:
+        return _serve_all(ModelManager(catalog, resolve_provider("cpu"), Path(cache), 1, 1),
+                          catalog, raw, snapshot_dir, finals, beam_width, batch)
+
+
+def _serve_all(mgr: Any, catalog: Any, raw: bytes, snapshot_dir: Path,
+               finals: Sequence[Feedback], beam_width: int, batch: int) -> list[list[str]]:
+    from server.engine import Engine, RecRequest
+    from snapshot_format import parse_manifest, sha256_hex
+
+    man = parse_manifest(raw)
     update = ModelUpdate(model_name=man.model_name, version=man.version, parent=man.parent,
                          sha256=sha256_hex(raw), uri=snapshot_dir.resolve().as_uri(),
                          id_space_version=man.id_space_version,

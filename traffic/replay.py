@@ -270,9 +270,9 @@ async def replay_recorded(path: Path | str, emitter: Emitter, *, speed: float = 
             await asyncio.wait(set(in_flight), timeout=timeout_s + 1.0)
         for task in list(in_flight):
             task.cancel()
-        if (end_of_stream and t_last is not None and not stop.is_set()
-                and stats.stopped_at_line is None):
-            send_end_of_stream(emitter, t_last)
+        closes = (end_of_stream and t_last is not None and not stop.is_set()
+                  and stats.stopped_at_line is None)
+        if closes and t_last is not None and send_end_of_stream(emitter, t_last):
             stats.end_of_stream = t_last
     finally:
         if own_client and rec_client is not None:
