@@ -199,14 +199,18 @@ class Demo:
     # 4 -----------------------------------------------------------------------------------
     def start_processes(self, pre_dir: Path) -> dict[str, str]:
         st = self.stack
-        self.step("starting joiner, learner and server (real processes)")
-        ports = {"join": free_port(), "learn": free_port(),
+        self.step("starting joiner, stats, learner and server (real processes)")
+        ports = {"join": free_port(), "stats": free_port(), "learn": free_port(),
                  "serve": self.s.server_port or free_port()}
         kafka = st.kafka_args()
         st.add("join", ["join", *kafka, "--metrics-port", str(ports["join"]),
                         "--observation-window-s", str(self.s.observation_window_s),
                         "--attribution-window-s", str(self.s.attribution_window_s)],
                f"http://127.0.0.1:{ports['join']}/readyz")
+        # windowed ad/advertiser/industry statistics (faust-streaming, at-least-once)
+        st.add("stats", ["stats", *kafka, "--metrics-port", str(ports["stats"]),
+                         "--data-dir", str(self.run_dir / "stats")],
+               f"http://127.0.0.1:{ports['stats']}/readyz")
         st.add("learn", ["learn", *kafka, "--init-run-dir", str(pre_dir),
                          "--state-dir", str(self.run_dir / "learner"),
                          "--snapshot-store", str(self.run_dir / "snapshots"),
@@ -219,9 +223,9 @@ class Demo:
                f"http://127.0.0.1:{ports['serve']}/readyz")
         shutil.rmtree(self.run_dir / "learner", ignore_errors=True)
         shutil.rmtree(self.run_dir / "snapshots", ignore_errors=True)
-        for name in ("join", "learn", "serve"):
+        for name in ("join", "stats", "learn", "serve"):
             st.processes[name].start()
-        for name in ("join", "learn", "serve"):
+        for name in ("join", "stats", "learn", "serve"):
             st.processes[name].wait_ready(300)
             self.say(f"     {name} ready (pid {st.processes[name].pid}, "
                      f"http://127.0.0.1:{ports[name]}/metrics)")

@@ -274,6 +274,7 @@ class StatsApp:
         self.app.agent(self.finals_topic, name="aggregate", concurrency=1)(
             self._aggregate_agent)
         self.app.timer(1.0)(self._publish_top)
+        self.app.task(self._started)
 
     def restore(self) -> None:
         """Load the ads and the window sums from ``ads`` and ``ad-stats`` (compacted).
@@ -293,6 +294,9 @@ class StatsApp:
         log.info("stats.restored", ads=len(self.ads), windows=len(self.table))
 
     # -- agents ------------------------------------------------------------------------
+    async def _started(self) -> None:
+        self.ready = True  # the worker is up and its agents are running
+
     async def _ads_agent(self, stream: Any) -> None:
         async for event in stream.events():
             if event.value is None:  # tombstone: the ad is gone
@@ -322,7 +326,6 @@ class StatsApp:
     async def _aggregate_agent(self, stream: Any) -> None:
         decoder = msgspec.json.Decoder(FinalList)
         async for value in stream:
-            self.ready = True
             final = decoder.decode(value)
             dirty: dict[str, list[float]] = {}
             for key, inc, industry in contributions(final, self.ads, self.windows):
@@ -372,7 +375,7 @@ class StatsApp:
         WINDOW_END.set(start + self.s.tumbling_s)
 
     def ready_check(self) -> tuple[bool, dict[str, Any]]:
-        return self.ready, {"assigned": self.ready}
+        return self.ready, {"worker_started": self.ready}
 
 
 # -- command line -----------------------------------------------------------------------

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
@@ -162,9 +163,18 @@ def test_stats_are_the_exact_windowed_sums_of_final_lists_with_advertiser_and_in
     proc = _start(kafka, tmp_path, "stats")
     try:
         latest = _wait_for(kafka, expected, proc, tmp_path)
+        url = next(line.split()[1] for line in (tmp_path / "stats.log").read_text().splitlines()
+                   if line.startswith("metrics http"))
+        assert urllib.request.urlopen(url + "/readyz").status == 200
+        metrics = urllib.request.urlopen(url + "/metrics").read().decode()
     finally:
         _stop(proc)
     assert proc.returncode == 0, (tmp_path / "stats.log").read_text()[-3000:]
+    # bridged to Prometheus: per industry and a top-N, never a series per ad
+    assert 'adloop_stats_industry_impressions_total{industry="retail"} 240.0' in metrics
+    assert 'adloop_stats_industry_impressions_total{industry="travel"} 120.0' in metrics
+    assert 'adloop_stats_top_revenue{dimension="ad",id="a' in metrics
+    assert "ad_id=" not in metrics
     assert set(latest) == set(expected)
     for key, (imp, clk, conv, rev, value) in expected.items():
         rec = latest[key]
