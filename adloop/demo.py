@@ -37,6 +37,7 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adloop.console import Console
 from adloop.stack import CrashLoopError, LocalStack, RestartPolicy, free_port
 from streams.kafka_io import EventProducer
 from streams.logs import get_logger
@@ -87,6 +88,9 @@ class DemoSettings(BaseSettings):
     shadow_frozen: bool = Field(True, description="a frozen copy of the pretrained model "
                                 "answers every request in shadow (never served); the world "
                                 "scores its slates too, for the online-vs-frozen comparison")
+    verbose: bool = Field(False, description="show every log line on the console (default: "
+                          "steps, a progress line and the summary; logs go to files under "
+                          "the run directory)")
 
 
 # -- small helpers ---------------------------------------------------------------------
@@ -158,9 +162,23 @@ class Demo:
         self.crash_loop: CrashLoopError | None = None
         self.pretrained: tuple[Any, Any] | None = None
         """(model, tokenizer) after pretraining: the frozen shadow's starting point."""
+        self.console: Console | None = None
+        """Set by :func:`run`: steps and progress on the console, logs to files."""
 
     def say(self, msg: str) -> None:
-        print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", flush=True)
+        line = f"[{time.monotonic() - self.t0:6.1f}s] {msg}"
+        if self.console is not None:
+            self.console.say(line)
+        else:
+            print(line, flush=True)
+
+    def progress(self, msg: str) -> None:
+        """The live progress line (redrawn in place on a terminal)."""
+        line = f"[{time.monotonic() - self.t0:6.1f}s] {msg}"
+        if self.console is not None:
+            self.console.progress(line)
+        else:
+            print(line, flush=True)
 
     def step(self, msg: str) -> None:
         self.step_no += 1
@@ -281,7 +299,7 @@ class Demo:
         def progress(stats: RunStats, in_flight: int) -> None:
             learn = scrape(urls["learn"] + "/metrics")
             join = scrape(urls["join"] + "/metrics")
-            self.say(
+            self.progress(
                 f"     sim {time.strftime('%H:%M', time.gmtime(stats.sim_end))} | "
                 f"requests {stats.requests} ({dict(stats.outcomes)}) | revenue "
                 f"{stats.revenue:.1f} | feedback "
@@ -368,7 +386,11 @@ class Demo:
               "each shown ad).\n\n![revenue per mille over simulated time](rpm.png)\n\n"
               "![latency](latency.png)\n")
         (self.run_dir / "report.md").write_text(md)
-        print("\n" + "\n".join(f"  {k:28s} {v}" for k, v in summary.items()))
+        table = "\n" + "\n".join(f"  {k:28s} {v}" for k, v in summary.items())
+        if self.console is not None:
+            self.console.say(table)
+        else:
+            print(table, flush=True)
         if driver.shadow_values:
             self.say(f"last quarter: online {summary['rpm_last_quarter']:.1f} RPM vs frozen "
                      f"(shadow, never served) {summary['frozen_rpm_last_quarter']:.1f} RPM")
@@ -442,6 +464,11 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     metrics = start_metrics_server(s.metrics_port, "127.0.0.1")
+    console = demo.console = Console(demo.run_dir / "logs" / "demo.log", s.verbose).__enter__()
+    if console.quiet:
+        demo.say(f"logs: {console.log_path} (this process and the broker), "
+                 f"{demo.stack.run_dir / 'logs'}/<process>.log (joiner, stats, learner, "
+                 f"server); --verbose shows them here")
     try:
         world, pre_dir = demo.prepare()
         urls = demo.start_processes(pre_dir)
@@ -453,4 +480,5 @@ def run(args: argparse.Namespace) -> int:
     finally:
         demo.shutdown()
         metrics.stop()
+        console.close()
     return 0

@@ -33,10 +33,16 @@ def test_demo_closes_the_loop_feedback_reaches_the_learner_and_new_snapshots_are
     assert summary["server_swaps_ok"] >= 2         # ... which the server swapped in
     assert summary["snapshots_refused"] == 0
     # the supervisor watched every process, and none had to be restarted
-    assert summary["process_restarts"] == {"join": 0, "learn": 0, "serve": 0}
+    assert summary["process_restarts"] == {"join": 0, "stats": 0, "learn": 0, "serve": 0}
     # a frozen copy of the pretrained model answered every request in shadow
     assert summary["frozen_rpm_last_quarter"] > 0
     assert summary["online_over_frozen_last_quarter"] == round(
         summary["rpm_last_quarter"] / summary["frozen_rpm_last_quarter"], 4)
     assert (out / "report.md").exists() and (out / "rpm.png").exists()
     assert "stopping processes" in res.stdout
+    # the console keeps to steps, progress and the summary; the logs are in files
+    assert not [line for line in res.stdout.splitlines() if line.lstrip().startswith("{")]
+    assert "broker.ready" not in res.stdout + res.stderr
+    assert f"logs: {out / 'logs' / 'demo.log'}" in res.stdout
+    assert "broker.ready" in (out / "logs" / "demo.log").read_text()
+    assert (out / "stack" / "logs" / "stats.log").exists()
