@@ -86,6 +86,8 @@ class EvalConfig:
     pretrain_steps: int = 400
     encoder: str = "minilm"
     beam_width: int = 128
+    explore: float = 0.05
+    """Share of a learning policy's requests whose last slot explores a low-exposure ad."""
     policies: tuple[str, ...] = POLICIES
 
 
@@ -253,7 +255,8 @@ def make_policy(name: str, world: World, seed: int, cfg: EvalConfig,
     update = {"rspo": "rspo", "frozen": "none", "vsl_only": "vsl_only"}[name]
     model, tok = pretrained
     return policies.GenerativePolicy(name, world, model, tok, update=update,
-                                     beam_width=cfg.beam_width, seed=seed)
+                                     beam_width=cfg.beam_width, seed=seed,
+                                     explore=cfg.explore if update != "none" else 0.0)
 
 
 def pretrain_on(log_feedback: list[Feedback], world: World, cfg: EvalConfig, seed: int,
