@@ -19,6 +19,13 @@ Faults (``--faults`` takes a comma-separated subset; ``all`` is the default):
 ``malformed_burst``         bad records on every input topic (impressions, clicks,
                             conversions, feedback, ads): not JSON, missing fields,
                             a wrong schema version, oversized
+``poison_bytes``            bytes no decoder should choke on, on every topic a process
+                            reads (compacted ``ads`` and ``model-updates`` included):
+                            invalid UTF-8, tombstones (null values), non-UTF-8 keys;
+                            each must reach ``dlq`` with a reason (a tombstone on
+                            ``ads`` is a deletion there), no process may exit,
+                            and the server must go on following new ads and serve a
+                            snapshot published after the poison
 ``corrupt_snapshot``        a model-update whose files fail their checksums
 ``poisoned_snapshot``       NaN weights with valid checksums
 ``stale_snapshot``          a replayed announcement of an older snapshot (regressing)
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -60,9 +68,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adloop.demo import Demo, DemoSettings, histogram_quantile, metric_sum, scrape
 from adloop.reconcile import Malformed, Row, observe, read_learner_ledger, reconcile
+from adloop.stack import CrashLoopError, ProcessExit, RestartPolicy, Supervisor
 from streams.kafka_io import EventProducer, read_all
 from streams.logs import get_logger
-from streams.schemas import Click, Conversion, Event, ModelUpdate
+from streams.schemas import Click, Conversion, DeadLetter, Event, ModelUpdate
 from streams.settings import add_settings_arguments, settings_from_args
 from streams.topics import Topics
 from traffic.driver import Emitter, HttpOptions, Ledger, TrafficDriver
@@ -71,9 +80,11 @@ from traffic.world import World
 log = get_logger(__name__)
 
 FAULTS = ("kill_joiner", "kill_learner", "kill_server", "kill_joiner_learner",
-          "broker_restart", "malformed_burst", "corrupt_snapshot", "poisoned_snapshot",
+          "broker_restart", "malformed_burst", "poison_bytes", "corrupt_snapshot",
+          "poisoned_snapshot",
           "stale_snapshot", "store_unreadable", "skew_within", "skew_beyond")
 INPUT_TOPICS = ("impressions", "clicks", "conversions", "feedback", "ads")
+POISON_TOPICS = (*INPUT_TOPICS, "model-updates")
 
 
 class ChaosSettings(BaseSettings):
@@ -162,10 +173,9 @@ class ChaosRun:
         self.load_rows: list[dict[str, Any]] = []
         self.stop = threading.Event()
         self.current = "setup"
-        self.faulted: set[str] = set()
-        """Processes a fault is killing and restarting (the supervisor leaves them alone)."""
         self.exits: list[dict[str, Any]] = []
         """Processes that exited on their own and were restarted by the supervisor."""
+        self.supervisor: Supervisor | None = None
 
     # -- set-up ------------------------------------------------------------------------
     def setup(self) -> None:
@@ -184,21 +194,28 @@ class ChaosRun:
     def say(self, msg: str) -> None:
         self.demo.say(msg)
 
-    def supervise(self) -> None:
-        """Restart a process that exits on its own, as compose's ``restart:
-        unless-stopped`` or a Kubernetes deployment would; each exit is recorded and
-        shown in the table of the phase it happened in."""
-        while not self.stop.wait(0.5):
-            for name, proc in self.stack.processes.items():
-                if name in self.faulted or proc.alive() or proc.proc is None:
-                    continue
-                code = proc.proc.returncode
-                self.exits.append({"process": name, "exit_code": code,
-                                   "phase": self.current,
-                                   "t": round(time.monotonic() - self.demo.t0, 1)})
-                log.warning("chaos.process_exited", process=name, exit_code=code)
-                with contextlib.suppress(Exception):
-                    proc.start()
+    def supervise(self) -> Supervisor:
+        """The stack's supervisor (:class:`adloop.stack.Supervisor`) restarts a process
+        that exits on its own, as compose's ``restart: unless-stopped`` would; each exit
+        is recorded and counted in the row of the phase it happened in."""
+        def on_exit(e: ProcessExit) -> None:
+            self.exits.append({"process": e.process, "exit_code": e.exit_code,
+                               "phase": self.current,
+                               "t": round(e.at - self.demo.t0, 1)})
+
+        def on_crash_loop(err: CrashLoopError) -> None:
+            self.say(f"  {err.name} is in a crash loop: stopping the run")
+            self.stop.set()
+
+        self.supervisor = self.stack.supervise(
+            RestartPolicy(backoff_initial_s=0.5, backoff_max_s=10.0, stable_after_s=30.0,
+                          crash_loop_exits=5, crash_loop_window_s=120.0),
+            on_exit=on_exit, on_crash_loop=on_crash_loop)
+        return self.supervisor
+
+    def check_crash_loop(self) -> None:
+        if self.supervisor is not None and self.supervisor.crash_loop is not None:
+            raise self.supervisor.crash_loop
 
     # -- traffic -----------------------------------------------------------------------
     def traffic(self, rate: float, seconds: float | None, stop: threading.Event | None = None
@@ -283,8 +300,8 @@ class ChaosRun:
     def kill(self, res: PhaseResult, names: tuple[str, ...]) -> None:
         procs = [self.stack.processes[n] for n in names]
         t0 = time.monotonic()
-        self.faulted.update(names)
-        try:
+        hold = self.supervisor.hold(names) if self.supervisor else contextlib.nullcontext()
+        with hold:   # the fault kills and restarts these itself
             for p in procs:
                 p.kill()
             time.sleep(1.0)
@@ -292,8 +309,6 @@ class ChaosRun:
                 p.start()
             for p in procs:
                 p.wait_ready(300)
-        finally:
-            self.faulted.difference_update(names)
         progress = {"join": "adloop_join_events_total", "learn": "adloop_learner_lists_total",
                     "serve": "adloop_server_impressions_produced_total"}
         for n in names:
@@ -350,6 +365,72 @@ class ChaosRun:
         self.wait_until("every malformed record in dlq", all_dead_lettered, 120)
         res.recovery_s = time.monotonic() - t0
         res.detail["malformed"] = len(sent)
+
+    def poison_bytes(self, res: PhaseResult) -> None:
+        topics = Topics(self.stack.kafka.topic_prefix)
+        announced_before = {r.record.version for r in read_all(
+            self.stack.kafka, "model-updates", timeout_s=3) if isinstance(r.record, ModelUpdate)}
+        catalog_before = self.metric("serve", "adloop_server_catalog_ads")
+        prod = KafkaProducer(bootstrap_servers=self.stack.kafka.bootstrap_servers, acks="all")
+        sent: list[tuple[str, bytes, bytes]] = []   # (topic, key, value; b"" for null)
+        deletions: list[bytes] = []
+        t0 = time.monotonic()
+        for topic in POISON_TOPICS:
+            tag = uuid.uuid4().hex[:12]
+            garbage_key = b"\xff\xfe\xc0" + tag.encode() + b"\x80"  # not UTF-8
+            # compacted topics: unique keys, so compaction deletes nothing real
+            for key, value in (
+                    (f"chaos-{tag}".encode(), b'"\x80"'),            # invalid UTF-8 string
+                    (f"chaos-{tag}-t".encode(), None),                # tombstone
+                    (garbage_key, b'{"schema":1,"chaos":"' + tag.encode() + b'"}'),
+                    (garbage_key + b"-t", None),                      # tombstone, bad key
+                    (f"chaos-{tag}-b".encode(), b"\xc3\x28" + tag.encode())):  # bad byte
+                prod.send(topics.name(topic), value, key=key)
+                if topic == "ads" and value is None:
+                    # on ``ads`` (compacted, key = ad id) a tombstone is a deletion: the
+                    # catalog drops that id (none of these names a real ad), not a bad record
+                    deletions.append(key)
+                else:
+                    sent.append((topic, key, value or b""))
+        prod.flush(30)
+        prod.close()
+        self.malformed.extend(Malformed(res.name, t, v) for t, _k, v in sent)
+        want = {(t, base64.b64encode(k).decode(), v) for t, k, v in sent}
+
+        def missing() -> set[tuple[str, str, bytes]]:
+            got = {(topics.logical(r.record.source_topic), r.record.key_b64, r.record.raw())
+                   for r in read_all(self.stack.kafka, "dlq", timeout_s=10)
+                   if isinstance(r.record, DeadLetter)}
+            return want - got
+
+        try:
+            self.wait_until("every poison record in dlq", lambda: not missing(), 120)
+        except TimeoutError:
+            res.detail["not_dead_lettered"] = sorted(
+                f"{t}: {'tombstone' if not v else repr(v[:6])}" for t, _k, v in missing())
+            raise
+        res.recovery_s = time.monotonic() - t0
+        res.detail["poison_records"] = len(sent)
+        res.detail["ads_tombstones_as_deletions"] = len(deletions)
+        # the server still follows both compacted topics past the poison
+        self.wait_until("the server's catalog to take a new ad after the poison",
+                        lambda: self.metric("serve", "adloop_server_catalog_ads")
+                        > catalog_before, 120)
+
+        def served_new() -> bool:
+            v = self.serving_version()
+            return v is not None and v not in announced_before
+
+        self.wait_until("a snapshot announced after the poison to be served", served_new, 180)
+        res.detail["served_after"] = self.serving_version()
+        res.detail["catalog_ads"] = [catalog_before,
+                                     self.metric("serve", "adloop_server_catalog_ads")]
+        body = self._bodies(1, f"poison-{uuid.uuid4().hex[:6]}")[0]
+        resp = httpx.post(self.urls["serve"] + "/v1/recommend", json=body, timeout=10)
+        answered = resp.json().get("model_version") if resp.status_code == 200 else None
+        res.detail["response_model_version"] = answered or f"HTTP {resp.status_code}"
+        res.detail["response_model_is_new"] = answered is not None \
+            and answered not in announced_before
 
     def _copy_serving_snapshot(self, suffix: str) -> tuple[Path, dict[str, Any], str]:
         serving = self.serving_version()
@@ -484,6 +565,7 @@ class ChaosRun:
             "kill_joiner_learner": lambda r: self.kill(r, ("join", "learn")),
             "broker_restart": self.broker_restart,
             "malformed_burst": self.malformed_burst,
+            "poison_bytes": self.poison_bytes,
             "corrupt_snapshot": self.corrupt_snapshot,
             "poisoned_snapshot": self.poisoned_snapshot,
             "stale_snapshot": self.stale_snapshot,
@@ -612,11 +694,12 @@ class ChaosRun:
         s = self.s
         try:
             self.setup()
-            threading.Thread(target=self.supervise, name="supervisor", daemon=True).start()
+            self.supervise()
             self.say("warm-up traffic")
             self.traffic(s.rate, s.phase_s)
             for name in s.fault_list():
                 self.phase(name, self.injector(name))
+                self.check_crash_loop()
             if s.load:
                 cap = self.capacity()
                 self.say(f"  server capacity ≈ {cap:.1f} requests/s (closed loop)")
@@ -628,7 +711,9 @@ class ChaosRun:
             self.driver.finish(drain=True)
             self.producer.flush(60)
             self.settle()
-            self.stop.set()          # the supervisor must not restart what we stop now
+            self.check_crash_loop()
+            self.stop.set()
+            self.stack.stop_supervisor()   # it must not restart what we stop now
             codes = {name: p.stop() for name, p in reversed(self.stack.processes.items())}
             return self.account(codes)
         finally:
@@ -672,7 +757,12 @@ class ChaosRun:
             row.recovery_s = None if r.recovery_s is None else round(r.recovery_s, 2)
             row.detail.update(r.detail)
             out.append(row)
-        return {"rows": [r.as_dict() for r in out], "load": self.load_rows, "exits": self.exits,
+        dicts = []
+        for row in out:   # exits of the processes' own (not the fault's kill -9) per phase
+            d = row.as_dict()
+            d["process_exits"] = sum(e["phase"] == d["fault"] for e in self.exits)
+            dicts.append(d)
+        return {"rows": dicts, "load": self.load_rows, "exits": self.exits,
                 "capacity_per_s": round(getattr(self, "load_capacity", 0.0), 1),
                 "exit_codes": codes}
 

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "topics": ("streams.cli_topics", "create / list / describe adloop's topics"),
     "produce": ("streams.cli_debug", "produce JSON events from stdin to a topic (debugging)"),
     "consume": ("streams.cli_debug", "print decoded events from a topic (debugging)"),
+    "dlq": ("streams.cli_dlq", "list / show / re-drive dead letters"),
     "smoke": ("streams.smoke", "start a broker, create topics, round-trip sample events"),
 }
 

@@ -5,7 +5,10 @@
 3. pretrain a small generative model on it (VSL + MTP, in this process);
 4. start the joiner, the learner and the server as real processes, each with
    ``/metrics`` ``/healthz`` ``/readyz``; the learner publishes the pretrained model as
-   the first snapshot and the server loads it;
+   the first snapshot and the server loads it; from then on a process that exits on
+   its own is restarted with exponential backoff (``adloop.stack.Supervisor``, like
+   compose's ``restart: unless-stopped``), and one in a crash loop stops the demo with
+   exit status 1 and the end of its log;
 5. drive open-loop traffic at the server for ``--minutes`` (simulated time runs
    ``--speed`` times faster): impressions from the server, clicks and delayed
    conversions from the simulated users, feedback from the joiner, RSPO updates and new
@@ -34,7 +37,7 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from adloop.stack import LocalStack, free_port
+from adloop.stack import CrashLoopError, LocalStack, RestartPolicy, free_port
 from streams.kafka_io import EventProducer
 from streams.logs import get_logger
 from streams.metrics import start_metrics_server
@@ -75,6 +78,12 @@ class DemoSettings(BaseSettings):
     attribution_window_s: float = Field(3600.0, description="joiner attribution window "
                                         "(simulated seconds; also the world's conversion "
                                         "delay scale)")
+    restart_backoff_s: float = Field(1.0, description="first restart delay of a process "
+                                     "that exited on its own (doubles per exit in a row)")
+    restart_backoff_max_s: float = Field(30.0, description="longest restart delay")
+    crash_loop_exits: int = Field(5, description="this many exits of one process within "
+                                  "--crash-loop-window-s stop the demo (crash loop)")
+    crash_loop_window_s: float = Field(120.0, description="crash-loop window (wall seconds)")
 
 
 # -- small helpers ---------------------------------------------------------------------
@@ -143,6 +152,7 @@ class Demo:
                                 s.topic_prefix)
         self.step_no = 0
         self.t0 = time.monotonic()
+        self.crash_loop: CrashLoopError | None = None
 
     def say(self, msg: str) -> None:
         print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", flush=True)
@@ -209,7 +219,31 @@ class Demo:
             st.processes[name].wait_ready(300)
             self.say(f"     {name} ready (pid {st.processes[name].pid}, "
                      f"http://127.0.0.1:{ports[name]}/metrics)")
+        self.supervise()
         return {name: f"http://127.0.0.1:{p}" for name, p in ports.items()}
+
+    def supervise(self) -> None:
+        """Restart a process that exits on its own (with backoff); a crash loop stops
+        the demo (:class:`adloop.stack.Supervisor`)."""
+        s = self.s
+
+        def on_crash_loop(err: CrashLoopError) -> None:
+            self.crash_loop = err
+            self.stop.set()
+
+        self.stack.supervise(RestartPolicy(
+            backoff_initial_s=s.restart_backoff_s, backoff_max_s=s.restart_backoff_max_s,
+            crash_loop_exits=s.crash_loop_exits, crash_loop_window_s=s.crash_loop_window_s),
+            on_crash_loop=on_crash_loop)
+
+    def restarts(self) -> dict[str, int]:
+        return {name: p.restarts for name, p in self.stack.processes.items()}
+
+    def restarts_text(self) -> str:
+        r = self.restarts()
+        return f"restarts {sum(r.values())}" + (
+            " (" + " ".join(f"{k}={v}" for k, v in r.items() if v) + ")" if any(r.values())
+            else "")
 
     # 5 -----------------------------------------------------------------------------------
     def traffic(self, world: World, urls: dict[str, str]) -> tuple[RunStats, TrafficDriver]:
@@ -237,7 +271,8 @@ class Demo:
                 f"{stats.revenue:.1f} | feedback "
                 f"{metric_sum(join, 'adloop_join_feedback_total'):.0f} | trained "
                 f"{metric_sum(learn, 'adloop_learner_lists_total', outcome='trained'):.0f} | "
-                f"model v{metric_sum(learn, 'adloop_learner_model_version'):.0f}")
+                f"model v{metric_sum(learn, 'adloop_learner_model_version'):.0f} | "
+                f"{self.restarts_text()}")
 
         stats = asyncio.run(driver.run_http(opts, self.stop, drain=True,
                                             on_progress=progress))
@@ -296,6 +331,7 @@ class Demo:
             "learner_freshness_p95_s": histogram_quantile(learn, "adloop_learner_freshness_seconds",
                                                           0.95),
             "server_swaps_ok": metric_sum(serve, "adloop_server_swaps_total", result="ok"),
+            "process_restarts": self.restarts(),
         }
         self._plots(timeline, latencies)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -375,6 +411,9 @@ def run(args: argparse.Namespace) -> int:
         world, pre_dir = demo.prepare()
         urls = demo.start_processes(pre_dir)
         stats, driver = demo.traffic(world, urls)
+        if demo.crash_loop is not None:
+            demo.say(f"stopping: {demo.crash_loop}")
+            return 1
         demo.report(stats, driver, urls)
     finally:
         demo.shutdown()

@@ -15,7 +15,10 @@ Reported per policy (mean and 95 % interval over seeds, Student t):
   where expected revenue is the ground-truth expected value of each shown ad (the
   realized revenue, which adds sampling noise, is reported beside it);
 * CTR, CVR (conversions per click), regret vs the oracle (expected revenue the
-  oracle would have made minus the policy's, summed over the run);
+  oracle would have made minus the policy's, summed over the run) and vs the
+  observable oracle (the same against :meth:`World.observable_oracle_slate`, the best
+  slate given only the request's observables: context, age band, declared interest
+  and recent organic items);
 * **cold-start share**: revenue from ads created after pretraining;
 * latency: wall time of ``recommend_batch`` per request.
 
@@ -35,12 +38,13 @@ from typing import Any, Protocol
 
 from streams.logs import get_logger
 from streams.schemas import Feedback, FeedbackItem
-from traffic.driver import OraclePolicy, RandomPolicy, ServedSlate
+from traffic.driver import OraclePolicy, RandomPolicy, ServedAd, ServedSlate
 from traffic.world import Request, Response, World, WorldConfig
 
 log = get_logger(__name__)
 
-POLICIES = ("rspo", "frozen", "vsl_only", "dlrm", "popularity", "random", "oracle")
+POLICIES = ("rspo", "frozen", "vsl_only", "dlrm", "bid_only", "popularity", "random",
+            "observable_oracle", "oracle")
 # two-sided 95 % Student t quantiles by degrees of freedom
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
         9: 2.262, 10: 2.228}
@@ -54,10 +58,25 @@ class BatchPolicy(Protocol):
     def learn(self, lists: Sequence[Feedback]) -> dict[str, float]: ...
 
 
-class _Single:
-    """Adapts a one-request policy (oracle, random) to the batch contract."""
+class ObservableOraclePolicy:
+    """The best slate given only what the models see (:meth:`World.observable_oracle_slate`)."""
 
-    def __init__(self, name: str, policy: OraclePolicy | RandomPolicy) -> None:
+    name = "observable_oracle"
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+
+    def recommend(self, request: Request) -> ServedSlate:
+        ids = self.world.observable_oracle_slate(request)
+        return ServedSlate(request.request_id, self.name,
+                           [ServedAd(a, i) for i, a in enumerate(ids)])
+
+
+class _Single:
+    """Adapts a one-request policy (oracles, random) to the batch contract."""
+
+    def __init__(self, name: str,
+                 policy: OraclePolicy | RandomPolicy | ObservableOraclePolicy) -> None:
         self.name, self.policy = name, policy
 
     def recommend_batch(self, requests: Sequence[Request]) -> list[ServedSlate]:
@@ -77,9 +96,11 @@ class EvalConfig:
     n_users: int = 400
     n_ads: int = 150
     slate_size: int = 5
-    request_rate: float = 2.0
-    """Requests per simulated second (lifecycle and drift advance with simulated time)."""
-    new_ads_per_hour: float = 60.0
+    request_rate: float = 1.0 / 30.0
+    """Requests per simulated second (lifecycle and drift advance with simulated time):
+    one every 30 s, so 2500 logging requests span ~21 simulated hours and 1600
+    evaluation requests the ~13 hours after them, which the logs never saw."""
+    new_ads_per_hour: float = 10.0
     batch: int = 32
     update_every: int = 64
     buckets: int = 16
@@ -99,6 +120,8 @@ class PolicyRun:
     revenue: list[float] = field(default_factory=list)
     expected: list[float] = field(default_factory=list)
     oracle_expected: list[float] = field(default_factory=list)
+    observable_expected: list[float] = field(default_factory=list)
+    """Per bucket: true expected revenue the observable oracle's slates would have made."""
     clicks: list[int] = field(default_factory=list)
     conversions: list[int] = field(default_factory=list)
     cold_revenue: float = 0.0
@@ -116,16 +139,21 @@ class PolicyRun:
         imp = sum(self.impressions[sl])
         return 1000.0 * rev / imp if imp else 0.0
 
+    def first(self, frac: float = 0.25) -> slice:
+        return slice(0, max(1, round(len(self.impressions) * frac)))
+
     def summary(self) -> dict[str, float]:
         last = self.window()
         imp, clk = sum(self.impressions), sum(self.clicks)
         return {
             "rpm_last_quarter": self.rpm(last),
+            "rpm_first_quarter": self.rpm(self.first()),
             "rpm_realized_last_quarter": self.rpm(last, realized=True),
             "rpm_all": self.rpm(),
             "ctr": clk / imp if imp else 0.0,
             "cvr": sum(self.conversions) / clk if clk else 0.0,
             "regret": sum(self.oracle_expected) - sum(self.expected),
+            "regret_vs_observable_oracle": sum(self.observable_expected) - sum(self.expected),
             "cold_start_revenue_share": (self.cold_revenue / self.total_revenue
                                          if self.total_revenue else 0.0),
             "latency_ms_per_request": 1000.0 * statistics.mean(self.latency_s)
@@ -153,6 +181,7 @@ def feedback_of(request: Request, slate: ServedSlate, response: Response,
                     event_time=request.event_time + window, elapsed_s=window,
                     window_closed=True, context=dict(request.context),
                     recent_ad_ids=list(reversed(request.recent_ad_ids)),
+                    recent_organic=list(request.recent_organic),
                     model_version=slate.model_version, items=items)
 
 
@@ -181,16 +210,18 @@ def run_policy(world: World, policy: BatchPolicy, cfg: EvalConfig, seed: int,
     per_bucket = max(1, cfg.requests // cfg.buckets)
     pending: list[Feedback] = []
     served = 0
-    bucket: dict[str, float] = {"imp": 0, "rev": 0.0, "exp": 0.0, "orc": 0.0, "clk": 0, "cv": 0}
+    bucket: dict[str, float] = {"imp": 0, "rev": 0.0, "exp": 0.0, "orc": 0.0, "obs": 0.0,
+                                "clk": 0, "cv": 0}
 
     def close_bucket() -> None:
         run.impressions.append(int(bucket["imp"]))
         run.revenue.append(bucket["rev"])
         run.expected.append(bucket["exp"])
         run.oracle_expected.append(bucket["orc"])
+        run.observable_expected.append(bucket["obs"])
         run.clicks.append(int(bucket["clk"]))
         run.conversions.append(int(bucket["cv"]))
-        bucket.update(imp=0, rev=0.0, exp=0.0, orc=0.0, clk=0, cv=0)
+        bucket.update(imp=0, rev=0.0, exp=0.0, orc=0.0, obs=0.0, clk=0, cv=0)
 
     while served < cfg.requests:
         n = min(cfg.batch, cfg.requests - served)
@@ -201,13 +232,9 @@ def run_policy(world: World, policy: BatchPolicy, cfg: EvalConfig, seed: int,
         dt = (time.perf_counter() - t0) / n
         for req, slate in zip(reqs, slates, strict=True):
             run.latency_s.append(dt)
-            oracle_ids = world.oracle_slate(req.user_id, req.context, k=req.k,
-                                            t=req.event_time)
-            _, pctr, pcvr = world.probabilities(
-                req.user_id, req.context, req.event_time,
-                [world.ads[a] for a in oracle_ids], positions=_positions(len(oracle_ids)))
-            bucket["orc"] += float(world.expected_values(
-                [world.ads[a] for a in oracle_ids], pctr, pcvr).sum()) if oracle_ids else 0.0
+            bucket["orc"] += _slate_value(world, req, world.oracle_slate(
+                req.user_id, req.context, k=req.k, t=req.event_time))
+            bucket["obs"] += _slate_value(world, req, world.observable_oracle_slate(req))
             resp = world.respond(req, slate.ad_ids())
             bucket["imp"] += resp.impressions
             bucket["rev"] += resp.reward
@@ -234,24 +261,42 @@ def run_policy(world: World, policy: BatchPolicy, cfg: EvalConfig, seed: int,
     return run
 
 
-def _positions(k: int) -> Any:
+def _slate_value(world: World, req: Request, ids: Sequence[str]) -> float:
+    """True expected revenue of ``ids`` shown to ``req`` (positions included)."""
+    if not ids:
+        return 0.0
     import numpy as np
 
-    return np.arange(k)
+    ads = [world.ads[a] for a in ids]
+    _, pctr, pcvr = world.probabilities(req.user_id, req.context, req.event_time, ads,
+                                        positions=np.arange(len(ads)))
+    return float(world.expected_values(ads, pctr, pcvr).sum())
 
 
 def make_policy(name: str, world: World, seed: int, cfg: EvalConfig,
-                pretrained: Any) -> BatchPolicy:
+                pretrained: Any, logs: Sequence[Feedback] = ()) -> BatchPolicy:
+    """A policy by name; the non-generative learners start from the same logs
+    (``logs``: the logging phase) as the generative model's pretraining."""
     if name == "oracle":
         return _Single("oracle", OraclePolicy(world))
+    if name == "observable_oracle":
+        return _Single("observable_oracle", ObservableOraclePolicy(world))
     if name == "random":
         return _Single("random", RandomPolicy(world, seed + 1000))
     from adloop import policies
 
     if name == "popularity":
-        return policies.PopularityPolicy(world)
+        pop = policies.PopularityPolicy(world)
+        pop.learn(logs)
+        return pop
+    if name == "bid_only":
+        bid = policies.BidOnlyPolicy(world)
+        bid.fit(logs)
+        return bid
     if name == "dlrm":
-        return policies.DLRMPolicy(world, seed=seed)
+        dlrm = policies.DLRMPolicy(world, seed=seed)
+        dlrm.pretrain(logs)
+        return dlrm
     update = {"rspo": "rspo", "frozen": "none", "vsl_only": "vsl_only"}[name]
     model, tok = pretrained
     return policies.GenerativePolicy(name, world, model, tok, update=update,
@@ -289,8 +334,8 @@ def compare(cfg: EvalConfig, work_dir: Path,
             progress(f"seed {seed}: logging phase + pretraining {time.perf_counter() - t0:.0f}s")
         for name in cfg.policies:
             w = World(world_config(cfg, seed))
-            logging_phase(w, cfg, seed)           # identical state for every policy
-            policy = make_policy(name, w, seed, cfg, pretrained)
+            w_logs = logging_phase(w, cfg, seed)  # identical state for every policy
+            policy = make_policy(name, w, seed, cfg, pretrained, w_logs)
             t1 = time.perf_counter()
             runs.append(run_policy(w, policy, cfg, seed, cold_after, progress))
             if progress:
@@ -331,21 +376,38 @@ def aggregate(runs: Sequence[PolicyRun], cfg: EvalConfig) -> dict[str, Any]:
             return pol[a]["rpm_last_quarter"]["mean"] / pol[b]["rpm_last_quarter"]["mean"]
         return None
 
+    def ratio_at(a: str, b: str, key: str) -> float | None:
+        if a in pol and b in pol and pol[b][key]["mean"]:
+            return float(pol[a][key]["mean"] / pol[b][key]["mean"])
+        return None
+
+    out["policies_run"] = list(pol)
     out["rspo_over_oracle"] = ratio("rspo", "oracle")
     out["rspo_over_frozen"] = ratio("rspo", "frozen")
     out["rspo_over_dlrm"] = ratio("rspo", "dlrm")
+    out["rspo_over_vsl_only"] = ratio("rspo", "vsl_only")
+    out["rspo_over_observable_oracle"] = ratio("rspo", "observable_oracle")
+    out["observable_oracle_over_oracle"] = ratio("observable_oracle", "oracle")
+    out["frozen_over_observable_oracle_first_quarter"] = ratio_at(
+        "frozen", "observable_oracle", "rpm_first_quarter")
+    out["frozen_over_observable_oracle_last_quarter"] = ratio_at(
+        "frozen", "observable_oracle", "rpm_last_quarter")
     return out
 
 
 def headline_table(results: dict[str, Any]) -> str:
-    rows = ["| policy | RPM last quarter (95% CI) | realized RPM | CTR | CVR | regret vs oracle "
-            "| cold-start revenue share | ms / request |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| policy | RPM last quarter (95% CI) | RPM first quarter | realized RPM | CTR "
+            "| CVR | regret vs oracle | regret vs observable oracle "
+            "| cold-start revenue share | ms / request |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in results["policies"].items():
         r = e["rpm_last_quarter"]
         rows.append(
             f"| {name} | {r['mean']:.2f} ({r['ci95'][0]:.2f}–{r['ci95'][1]:.2f}) "
+            f"| {e['rpm_first_quarter']['mean']:.2f} "
             f"| {e['rpm_realized_last_quarter']['mean']:.2f} | {e['ctr']['mean']:.4f} "
             f"| {e['cvr']['mean']:.3f} | {e['regret']['mean']:.1f} "
+            f"| {e['regret_vs_observable_oracle']['mean']:.1f} "
             f"| {e['cold_start_revenue_share']['mean']:.1%} "
             f"| {e['latency_ms_per_request']['mean']:.2f} |")
     return "\n".join(rows)
@@ -360,7 +422,8 @@ def plot_rpm_curves(results: dict[str, Any], path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, e in results["policies"].items():
         ax.plot(range(1, len(e["rpm_curve"]) + 1), e["rpm_curve"], label=name,
-                linewidth=2.5 if name == "rspo" else 1.2)
+                linewidth=2.5 if name == "rspo" else 1.2,
+                linestyle="--" if name.endswith("oracle") else "-")
     ax.set_xlabel("time bucket of the evaluation run")
     ax.set_ylabel("expected revenue per mille impressions")
     ax.set_title(title)

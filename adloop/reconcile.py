@@ -106,14 +106,20 @@ class Observed:
                 continue
             try:
                 obj = json.loads(d.raw())
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, not UTF-8, bad base64, too deep
                 continue
             if isinstance(obj, dict) and isinstance(obj.get(field_name), str):
                 out[obj[field_name]] = d.reason
         return out
 
     def dead_raw(self) -> dict[tuple[str, bytes], str]:
-        return {(d.source_topic, d.raw()): d.reason for d in self.dead.values()}
+        out: dict[tuple[str, bytes], str] = {}
+        for d in self.dead.values():
+            try:
+                out[(d.source_topic, d.raw())] = d.reason
+            except ValueError:  # a dead letter whose raw_b64 is not base64: not ours
+                continue
+        return out
 
 
 def read_learner_ledger(state_dir: Path, obs: Observed,

@@ -3,8 +3,10 @@
     python bench/closed_loop.py [--quick] [--seeds 0,1,2] [--requests N]
 
 Writes bench/results/closed_loop.json (per policy: mean and 95 % interval of RPM over
-the last quarter of the run, plus rspo_over_oracle / rspo_over_frozen / rspo_over_dlrm),
-the `## closed_loop` table of docs/benchmarks.md and docs/closed_loop.png.
+the last and first quarter of the run, its RPM curve, regret against the oracle and the
+observable oracle, cold-start revenue share; plus rspo_over_* ratios and the drift
+evidence frozen_over_observable_oracle_first/last_quarter), the `## closed_loop` table
+of docs/benchmarks.md and docs/closed_loop.png.
 """
 
 from __future__ import annotations
@@ -35,13 +37,16 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--encoder", default="minilm")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--policies", default=",".join(EvalConfig.policies),
+                    help="comma-separated subset of the policies to run")
     ap.add_argument("--beam-width", type=int, default=EvalConfig.beam_width,
                     help="final beam of the generative policies (wider = more candidates "
                          "for value rescoring: inference-time scaling)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = EvalConfig(seeds=tuple(int(s) for s in args.seeds.split(",")),
-                     encoder=args.encoder, beam_width=args.beam_width)
+                     encoder=args.encoder, beam_width=args.beam_width,
+                     policies=tuple(p for p in args.policies.split(",") if p))
     if args.quick:
         cfg.requests, cfg.log_requests, cfg.pretrain_steps = 1600, 2500, 250
     if args.requests:
@@ -55,18 +60,36 @@ def main() -> int:
         "device": device(), "quick": args.quick, "seeds": list(cfg.seeds),
         "requests_per_policy": cfg.requests, "elapsed_s": round(elapsed, 1),
         "metric": "expected revenue per mille impressions, last quarter of the run",
+        "policies": list(pol),
     }
+
+    def ci(e: dict[str, object], key: str, nd: int = 4) -> list[float]:
+        v = e[key]
+        assert isinstance(v, dict)
+        return [round(x, nd) for x in v["ci95"]]
+
     for name, e in pol.items():
         out[name] = {"rpm_mean": round(e["rpm_last_quarter"]["mean"], 4),
-                     "rpm_ci95": [round(x, 4) for x in e["rpm_last_quarter"]["ci95"]],
+                     "rpm_ci95": ci(e, "rpm_last_quarter"),
+                     "rpm_first_quarter_mean": round(e["rpm_first_quarter"]["mean"], 4),
+                     "rpm_first_quarter_ci95": ci(e, "rpm_first_quarter"),
                      "realized_rpm_mean": round(e["rpm_realized_last_quarter"]["mean"], 4),
                      "ctr": round(e["ctr"]["mean"], 5), "cvr": round(e["cvr"]["mean"], 4),
                      "regret": round(e["regret"]["mean"], 2),
+                     "regret_ci95": ci(e, "regret", 2),
+                     "regret_vs_observable_oracle": round(
+                         e["regret_vs_observable_oracle"]["mean"], 2),
+                     "regret_vs_observable_oracle_ci95": ci(e, "regret_vs_observable_oracle", 2),
                      "cold_start_revenue_share": round(
                          e["cold_start_revenue_share"]["mean"], 4),
+                     "cold_start_revenue_share_ci95": ci(e, "cold_start_revenue_share"),
                      "latency_ms_per_request": round(e["latency_ms_per_request"]["mean"], 3),
-                     "per_seed_rpm": [round(x, 4) for x in e["per_seed_rpm_last_quarter"]]}
-    for key in ("rspo_over_oracle", "rspo_over_frozen", "rspo_over_dlrm"):
+                     "per_seed_rpm": [round(x, 4) for x in e["per_seed_rpm_last_quarter"]],
+                     "rpm_curve": [round(x, 4) for x in e["rpm_curve"]]}
+    for key in ("rspo_over_oracle", "rspo_over_frozen", "rspo_over_dlrm", "rspo_over_vsl_only",
+                "rspo_over_observable_oracle", "observable_oracle_over_oracle",
+                "frozen_over_observable_oracle_first_quarter",
+                "frozen_over_observable_oracle_last_quarter"):
         v = results.get(key)
         out[key] = round(v, 4) if v is not None else None
     write_results("closed_loop", out)
@@ -74,7 +97,12 @@ def main() -> int:
                            f"closed loop, {len(cfg.seeds)} seeds, {cfg.requests} requests")
     goals = (f"rspo / oracle = {out['rspo_over_oracle']} (goal ≥ 0.90), "
              f"rspo / frozen = {out['rspo_over_frozen']} (goal ≥ 1.10), "
-             f"rspo / dlrm = {out['rspo_over_dlrm']} (goal ≥ 1.042)")
+             f"rspo / dlrm = {out['rspo_over_dlrm']} (goal ≥ 1.042), "
+             f"rspo / observable oracle = {out['rspo_over_observable_oracle']}, "
+             f"rspo / vsl_only = {out['rspo_over_vsl_only']}; drift: frozen / observable "
+             f"oracle {out['frozen_over_observable_oracle_first_quarter']} (first quarter) → "
+             f"{out['frozen_over_observable_oracle_last_quarter']} (last quarter), "
+             f"observable oracle / oracle = {out['observable_oracle_over_oracle']}")
     update_doc_section("closed_loop", (
         f"`bench/closed_loop.py{' --quick' if args.quick else ''}`: seeds {list(cfg.seeds)}, "
         f"{cfg.requests} requests per policy (generative final beam {cfg.beam_width}) "

@@ -7,11 +7,16 @@ generator sends ``POST /v1/recommend`` at a fixed rate regardless of completions
 slow the load down). For each rate: throughput, p50/p99 latency, refusals (429).
 A rate is *within SLO* when p99 ≤ SLO and ≥ 99% of requests were answered 200.
 
-Then, with the dynamic server under steady load, 100 snapshot versions are
-published to ``model-updates``; the server's RSS is read from /proc after a warm-up
-of 10 swaps and after the 100 swaps, and every non-200 response is counted.
+Then, with the dynamic server under steady load, ``--swaps`` (500) snapshot versions
+are published to ``model-updates`` one at a time, after a warm-up of 10 swaps; the
+server's RSS is read from /proc after every swap and every non-200 response is
+counted. A leak grows linearly with the swaps, allocator warm-up levels off: the
+least-squares slope over the second half of the swaps (KiB per swap) tells them
+apart, next to the growth ratio after 100 swaps.
 
     python bench/serve.py [--quick] [--provider auto|cpu|cuda]
+    python bench/serve.py --swaps-only [--swaps 500]   # only the swap-memory run; merges
+                                                        # its keys into bench/results/serve.json
 """
 
 from __future__ import annotations
@@ -216,12 +221,37 @@ async def _steady(url: str, rate: float, stop: asyncio.Event, ad_ids: list[str],
         await asyncio.gather(*tasks)
 
 
+def slope_per_swap(rss: list[int]) -> float:
+    """Least-squares slope of RSS over swap number, bytes per swap."""
+    if len(rss) < 2:
+        return 0.0
+    x = np.arange(len(rss), dtype=np.float64)
+    return float(np.polyfit(x, np.asarray(rss, dtype=np.float64), 1)[0])
+
+
+def swap_memory(rss: list[int]) -> dict[str, Any]:
+    """Growth figures from RSS after each swap (``rss[0]``: after the warm-up swaps)."""
+    n = len(rss) - 1
+    half = rss[len(rss) // 2:]
+    at100 = rss[min(100, n)]
+    return {
+        "swaps": n,
+        "rss_growth_ratio_100_swaps": at100 / rss[0],
+        "rss_growth_ratio_all_swaps": rss[-1] / rss[0],
+        "rss_slope_kib_per_swap": slope_per_swap(half) / 1024,
+        "rss_slope_kib_per_swap_first_half": slope_per_swap(rss[:len(rss) // 2 + 1]) / 1024,
+        "rss_mib_at": {str(i): round(rss[i] / 2**20, 1)
+                       for i in sorted({0, min(50, n), min(100, n), n // 2, n})},
+    }
+
+
 def swap_rss(server: Server, producer: EventProducer, base: BuiltSnapshot, store: Path,
              n_swaps: int, warm: int, ad_ids: list[str], rate: float) -> dict[str, Any]:
     out: dict[str, Any] = {"codes": {}, "versions": set()}
     published = [base.version]
+    rss: list[int] = []
 
-    def publish(count: int) -> None:
+    def publish(count: int, record: bool = False) -> None:
         ok0 = server.metric('adloop_server_swaps_total{result="ok"}')
         for _ in range(count):
             v = f"v{len(published):06d}"
@@ -234,27 +264,29 @@ def swap_rss(server: Server, producer: EventProducer, base: BuiltSnapshot, store
                     raise RuntimeError(f"swap to {v} did not happen")
                 time.sleep(0.02)
             ok0 += 1
+            if record:
+                rss.append(server.rss_bytes())
 
     async def run() -> dict[str, Any]:
         stop = asyncio.Event()
         load = asyncio.create_task(_steady(server.url, rate, stop, ad_ids, out))
         await asyncio.to_thread(publish, warm)
         await asyncio.sleep(1.0)
-        rss0 = server.rss_bytes()
+        rss.append(server.rss_bytes())
         t0 = time.perf_counter()
-        await asyncio.to_thread(publish, n_swaps)
+        await asyncio.to_thread(publish, n_swaps, True)
         swap_s = time.perf_counter() - t0
         await asyncio.sleep(1.0)
         rss1 = server.rss_bytes()
         stop.set()
         await load
-        return {"rss_before_bytes": rss0, "rss_after_bytes": rss1, "swap_seconds": swap_s}
+        return {"rss_before_bytes": rss[0], "rss_after_bytes": rss1, "swap_seconds": swap_s}
 
     res = asyncio.run(run())
     failed = sum(v for k, v in out["codes"].items() if k != "200")
     unknown = sorted(set(out["versions"]) - set(published))
-    return {**res, "swaps": n_swaps, "warmup_swaps": warm,
-            "rss_growth_ratio_100_swaps": res["rss_after_bytes"] / res["rss_before_bytes"],
+    return {**res, **swap_memory(rss), "warmup_swaps": warm,
+            "rss_after_each_swap_bytes": rss,
             "requests_during_swaps": sum(out["codes"].values()),
             "failed_requests_during_swaps": failed, "codes_during_swaps": out["codes"],
             "unknown_versions_served": unknown}
@@ -267,10 +299,14 @@ def main() -> int:
     ap.add_argument("--slo-ms", type=float, default=100.0, help="end-to-end p99 target")
     ap.add_argument("--rates", default="", help="comma-separated request rates")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
-    ap.add_argument("--swaps", type=int, default=100)
+    ap.add_argument("--swaps", type=int, default=0,
+                    help="swaps measured for memory (default 500, 300 with --quick)")
+    ap.add_argument("--swaps-only", action="store_true",
+                    help="only the swap-memory run; merge its figures into serve.json")
     ap.add_argument("--bootstrap-servers", default="", help="use a running broker")
     args = ap.parse_args()
     seconds = 4.0 if args.quick else 15.0
+    n_swaps = args.swaps or (300 if args.quick else 500)
     rates = [float(r) for r in args.rates.split(",")] if args.rates else \
         [10, 20, 30, 40, 60, 80, 120, 160, 200]
     # the controller aims below the end-to-end target: HTTP + client time comes on top
@@ -301,14 +337,20 @@ def main() -> int:
         results: dict[str, Any] = {}
         sweeps: dict[str, list[dict[str, Any]]] = {"fixed": [], "dynamic": []}
         ready: dict[str, Any] = {}
+        modes = ("dynamic",) if args.swaps_only else ("fixed", "dynamic")
         servers = {mode: Server(kafka, work / f"cache-{mode}", args.provider,
                                 mode == "dynamic", server_slo, args.threads)
-                   for mode in ("fixed", "dynamic")}
+                   for mode in modes}
         try:
             for srv in servers.values():
                 ready = srv.wait_ready()
             for srv in servers.values():
                 asyncio.run(open_loop(srv.url, rates[0], 2.0, ad_ids, seed=99))   # warm-up
+            if args.swaps_only:
+                print(f"swaps: {n_swaps} under load", flush=True)
+                swaps = swap_rss(servers["dynamic"], producer, base, work / "store",
+                                 n_swaps, 10, ad_ids, rate=SWAP_RATE)
+                return write_swaps_only(swaps, ready, args.provider)
             print(f"beams {SCHEDULE}, server SLO {server_slo:.0f} ms; fixed and dynamic "
                   "interleaved per rate", flush=True)
             misses = {"fixed": 0, "dynamic": 0}
@@ -324,10 +366,9 @@ def main() -> int:
                 if misses["fixed"] >= 2 and misses["dynamic"] >= 2:
                     break
             servers["fixed"].stop()
-            print(f"swaps: {args.swaps} under load", flush=True)
+            print(f"swaps: {n_swaps} under load", flush=True)
             results["swaps"] = swap_rss(servers["dynamic"], producer, base, work / "store",
-                                        args.swaps, 10, ad_ids, rate=SWAP_RATE)
-            print(f"  {results['swaps']}", flush=True)
+                                        n_swaps, 10, ad_ids, rate=SWAP_RATE)
         finally:
             for srv in servers.values():
                 srv.stop()
@@ -360,9 +401,7 @@ def main() -> int:
                             for mode, rows in sweeps.items()},
         "load_average_1m_at_end": os.getloadavg()[0],
         "sweeps": sweeps,
-        "rss_growth_ratio_100_swaps": swaps["rss_growth_ratio_100_swaps"],
-        "failed_requests_during_swaps": swaps["failed_requests_during_swaps"],
-        "swaps": swaps,
+        **swap_keys(swaps),
     }
     name = "serve" if provider == "cpu" or args.provider == "auto" else f"serve_{provider}"
     path = write_results(name, out)
@@ -395,14 +434,58 @@ def main() -> int:
         + f" Rates are interleaved (fixed, then dynamic, per rate) so both see the same "
         f"background load; a mode stops after two rates out of SLO (–). 1-minute load "
         f"average at the end: {out['load_average_1m_at_end']:.1f} on {os.cpu_count()} cores."
-        + f"\n\nHot swap: {swaps['swaps']} swaps under {SWAP_RATE:g} req/s "
-        f"(after {swaps['warmup_swaps']} warm-up swaps): RSS "
-        f"{swaps['rss_before_bytes'] / 2**20:.0f} → {swaps['rss_after_bytes'] / 2**20:.0f} MiB "
-        f"(ratio {swaps['rss_growth_ratio_100_swaps']:.3f}), "
-        f"{swaps['failed_requests_during_swaps']} failed of "
-        f"{swaps['requests_during_swaps']} requests, "
-        f"{swaps['swap_seconds'] / swaps['swaps'] * 1000:.0f} ms per swap.\n")
+        + "\n\n" + swap_doc(swaps))
     update_doc_section("serve" if name == "serve" else name, body)
+    return 0
+
+
+def swap_keys(swaps: dict[str, Any]) -> dict[str, Any]:
+    """The swap-memory figures at the top level of serve.json, and the run itself."""
+    return {"rss_growth_ratio_100_swaps": swaps["rss_growth_ratio_100_swaps"],
+            "rss_slope_kib_per_swap": swaps["rss_slope_kib_per_swap"],
+            "swap_memory_swaps": swaps["swaps"],
+            "failed_requests_during_swaps": swaps["failed_requests_during_swaps"],
+            "swaps": swaps}
+
+
+def swap_doc(swaps: dict[str, Any]) -> str:
+    at = swaps["rss_mib_at"]
+    return (
+        f"Hot swap: {swaps['swaps']} swaps under {SWAP_RATE:g} req/s (after "
+        f"{swaps['warmup_swaps']} warm-up swaps; RSS read after every swap), "
+        f"{swaps['failed_requests_during_swaps']} failed of {swaps['requests_during_swaps']} "
+        f"requests, {swaps['swap_seconds'] / swaps['swaps'] * 1000:.0f} ms per swap. A leak "
+        "grows by the same amount every swap; allocator warm-up levels off, so the slope "
+        "over the second half tells them apart. The server hands the heap a swapped-out "
+        "model freed back to the OS after each swap (glibc `malloc_trim`, "
+        "`server/models.py`).\n\n"
+        + markdown_table(["swaps", "RSS after 0 (MiB)", *[f"after {k}" for k in at if k != "0"],
+                          "ratio at 100", "ratio at end", "slope 1st half KiB/swap",
+                          "slope 2nd half KiB/swap"],
+                         [[swaps["swaps"], *(f"{v:.1f}" for v in at.values()),
+                           f"{swaps['rss_growth_ratio_100_swaps']:.3f}",
+                           f"{swaps['rss_growth_ratio_all_swaps']:.3f}",
+                           f"{swaps['rss_slope_kib_per_swap_first_half']:.1f}",
+                           f"{swaps['rss_slope_kib_per_swap']:.1f}"]]) + "\n")
+
+
+def write_swaps_only(swaps: dict[str, Any], ready: dict[str, Any], provider: str) -> int:
+    """Merge the swap-memory run into serve.json (the sweeps stay) and its doc section."""
+    name = "serve" if ready.get("provider") == "cpu" or provider == "auto" \
+        else f"serve_{ready.get('provider')}"
+    path = ROOT / "bench" / "results" / f"{name}.json"
+    old: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    old.pop("benchmark", None)
+    merged = {**old, **swap_keys(swaps),
+              "swap_memory_measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "swap_memory_load_average_1m": os.getloadavg()[0]}
+    write_results(name, merged)
+    update_doc_section(f"{name}: swap memory", f"`bench/serve.py --swaps-only`, "
+                       f"{ready.get('device', '?')}, provider {ready.get('provider', '?')}, "
+                       "the model of the serve section. " + swap_doc(swaps))
+    print(f"wrote {path.relative_to(ROOT)}: ratio at 100 "
+          f"{swaps['rss_growth_ratio_100_swaps']:.3f}, slope (2nd half) "
+          f"{swaps['rss_slope_kib_per_swap']:.1f} KiB/swap over {swaps['swaps']} swaps")
     return 0
 
 

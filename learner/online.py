@@ -47,11 +47,11 @@ from learner.model import GenerativeRecommender, ModelConfig
 from learner.publish import Publisher, SnapshotRefusedError, SnapshotStore
 from learner.rspo import RSPOConfig
 from learner.rspo_step import ListBatch, OnlineLearner, lists_to_batch, provisional_weight
-from learner.tokenizer import TokenizerError, UASIDTokenizer
-from streams.kafka_io import EventConsumer, EventProducer, Received
+from learner.tokenizer import UASIDTokenizer
+from streams.kafka_io import DeadLetterOnce, EventConsumer, EventProducer, Received
 from streams.logs import get_logger
 from streams.metrics import FRESHNESS_BUCKETS, counter, gauge, histogram, start_metrics_server
-from streams.schemas import Ad, DecodeFailure, Feedback, ModelUpdate, decode
+from streams.schemas import Ad, DecodeFailure, DlqReason, Feedback, ModelUpdate, decode, encode
 from streams.settings import KafkaSettings, add_settings_arguments, settings_from_args
 from streams.topics import Topics
 
@@ -122,9 +122,29 @@ class LearnerSettings(BaseSettings):
     checkpoint_every_s: float = 5.0
     keep_snapshots: int = 5
     seed: int = 0
+    dead_letter_group: str = "adloop-dead-letters"
+    """Consumer group marking the ``ads`` offsets already dead-lettered (shared with the
+    servers' followers, so each bad ads record gets one dead letter)."""
     threads: int = 0
     metrics_port: int = 9302
     metrics_host: str = "127.0.0.1"
+
+
+_F32_MAX = 3.4e38
+
+
+def check_trainable(fb: Feedback) -> None:
+    """Raise ``ValueError`` for a list the learner must not train on: a number that is
+    not finite in float32 (it would turn the loss, then the weights, into NaN)."""
+    for name, v in (("event_time", fb.event_time), ("impression_time", fb.impression_time),
+                    ("elapsed_s", fb.elapsed_s)):
+        if not math.isfinite(v):
+            raise ValueError(f"{name} is {v}")
+    for i, it in enumerate(fb.items):
+        for name, v in (("reward", it.reward), ("conversion_value", it.conversion_value),
+                        ("score", it.score), ("bid", it.bid)):
+            if not abs(v) < _F32_MAX:
+                raise ValueError(f"items[{i}].{name} is {v}, not a finite float32")
 
 
 class LedgerError(RuntimeError):
@@ -179,6 +199,7 @@ class LearnerService:
         self.ads_consumer = KafkaConsumer(**self.kafka.client_config(),
                                           enable_auto_commit=False,
                                           isolation_level="read_committed")
+        self.ads_dead = DeadLetterOnce(self.kafka, s.dead_letter_group)
 
     # -- start-up ----------------------------------------------------------------------
     def _load(self) -> tuple[GenerativeRecommender, UASIDTokenizer, OnlineLearner]:
@@ -253,37 +274,47 @@ class LearnerService:
 
     # -- ads -----------------------------------------------------------------------------
     def poll_ads(self, timeout_ms: int = 0, until_end: bool = False) -> None:
+        """Read new ``ads`` records and give new ads ids. A record that does not decode, or
+        an ad the tokenizer cannot place (missing attributes, id space full, ...), is
+        dead-lettered (``handler_error`` for the latter) once per offset, and skipped."""
         tp = TopicPartition(self.topics.ads, 0)
         end = self.ads_consumer.end_offsets([tp])[tp] if until_end else 0
         while True:
-            new: list[Ad] = []
+            new: list[tuple[Ad, Any]] = []
             for msgs in self.ads_consumer.poll(timeout_ms=timeout_ms).values():
                 for m in msgs:
                     ad = decode(m.value, Ad)
                     if isinstance(ad, DecodeFailure):
-                        # the learner is the ads consumer of record for dead letters (one
-                        # per model; servers only count them); each offset once
-                        if m.offset >= self.ads_checked:
-                            self.consumer.send_dead_letter("ads", m.partition, m.offset,
-                                                           ad.reason, ad.detail,
-                                                           m.value or b"", m.key)
+                        self._ad_dead_letter(m, ad.reason, ad.detail)
                         continue
                     if ad.ad_id not in self.tok:
-                        new.append(ad)
+                        new.append((ad, m))
             if new:
                 try:
-                    self.tok.add_ads(new)
+                    self.tok.add_ads([ad for ad, _ in new])
                     NEW_ADS.inc(len(new))
-                except TokenizerError as exc:
-                    for ad in new:  # one by one, so one bad ad does not block the rest
+                except Exception as exc:
+                    log.warning("learner.ads_batch_partial", error=repr(exc)[:300])
+                    for ad, m in new:  # one by one, so one bad ad does not block the rest
+                        if ad.ad_id in self.tok:
+                            continue
                         try:
                             self.tok.add_ads([ad])
                             NEW_ADS.inc()
-                        except TokenizerError as one:
+                        except Exception as one:
                             log.warning("learner.ad_rejected", ad_id=ad.ad_id, error=str(one))
-                    log.warning("learner.ads_batch_partial", error=str(exc))
+                            self._ad_dead_letter(m, "handler_error",
+                                                 f"tokenizer cannot place ad: {one!r}")
             if not until_end or self.ads_consumer.position(tp) >= end:
                 return
+
+    def _ad_dead_letter(self, m: Any, reason: DlqReason, detail: str) -> None:
+        # the ads reader has no consumer group: offsets below ads_checked were handled
+        # before the checkpoint, and DeadLetterOnce's mark (shared with the servers) keeps
+        # each offset to one dead letter across restarts and readers
+        if m.offset >= self.ads_checked:
+            self.ads_dead.offer("ads", m.partition, m.offset, reason, detail,
+                                m.value or b"", m.key)
 
     # -- feedback ------------------------------------------------------------------------
     def _is_holdout(self, request_id: str) -> bool:
@@ -321,7 +352,14 @@ class LearnerService:
             self.pending_since = time.monotonic()
         for rec in batch:
             fb: Feedback = rec.record
-            w, outcome = self.classify(fb)
+            try:
+                check_trainable(fb)
+                w, outcome = self.classify(fb)
+            except Exception as exc:  # decodes, but cannot be trained on: never retried
+                w, outcome = None, "handler_error"
+                self.consumer.send_dead_letter("feedback", rec.partition, rec.offset,
+                                               "handler_error", f"not trainable: {exc}",
+                                               encode(fb), rec.key)
             self.ledger.append({"p": rec.partition, "o": rec.offset, "request_id": fb.request_id,
                                 "revision": fb.revision, "kind": fb.kind, "outcome": outcome})
             LISTS.labels(outcome).inc()
@@ -520,6 +558,7 @@ class LearnerService:
     def close(self) -> None:
         self.consumer.close()
         self.ads_consumer.close(autocommit=False)
+        self.ads_dead.close()
         self.producer.close()
 
 

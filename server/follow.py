@@ -2,10 +2,16 @@
 
 The server's view of ``ads`` and ``model-updates`` is rebuilt from offset 0 at every
 start (assign + seek_to_beginning, nothing committed), then followed. A broker that
-is down delays the follower (it retries with backoff); it never stops the server.
-Undecodable records are counted in ``adloop_server_bad_records_total`` and skipped
-(not dead-lettered here: every replica re-reads the topic at every start; the learner
-is the ``ads`` consumer that dead-letters them, once per offset).
+is down delays the follower (it retries with backoff up to 10 s, counted in
+``adloop_follow_retries_total{topic}``); it never stops the server.
+
+A record that cannot be used never blocks the records after it: one that does not
+decode (reason from :func:`streams.schemas.decode`) or whose handler raises
+(``handler_error``) is counted in ``adloop_server_bad_records_total{topic,reason}``,
+skipped, and dead-lettered once per offset: :class:`streams.kafka_io.DeadLetterOnce`
+keeps a mark per partition as the committed offset of one consumer group shared by
+every replica and the learner, so neither a restart (which re-reads the topic from 0)
+nor a second reader dead-letters the same offset again.
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
-from server.metrics import BAD_RECORDS
+from server.metrics import BAD_RECORDS, FOLLOW_RETRIES
+from streams.kafka_io import DeadLetterOnce
 from streams.logs import get_logger
-from streams.schemas import DecodeFailure, decode
+from streams.schemas import DecodeFailure, DlqReason, decode
 from streams.settings import KafkaSettings
 from streams.topics import TOPICS, Topics
 
@@ -34,12 +41,18 @@ class TopicFollower:
     """A daemon thread: read ``topic`` from the beginning, then follow it.
 
     ``handle`` gets each polled batch; ``on_caught_up`` runs once, after the records
-    that existed at start were handled (with those records already handled).
+    that existed at start were handled (with those records already handled). When
+    ``handle`` raises for a batch, its records are handed over one at a time and those
+    that still fail are skipped as ``handler_error``. ``dead_letters`` (optional)
+    dead-letters what is skipped, once per offset. ``tombstones``: a null value is handed
+    to ``handle`` as ``(key, None)`` (a deletion); if False it is skipped as ``invalid``.
     """
 
     def __init__(self, kafka: KafkaSettings, topic: str, handle: BatchHandler,
                  on_caught_up: Callable[[], None] | None = None,
-                 poll_timeout_ms: int = 200, name: str | None = None) -> None:
+                 poll_timeout_ms: int = 200, name: str | None = None,
+                 dead_letters: DeadLetterOnce | None = None,
+                 tombstones: bool = True) -> None:
         self.kafka = kafka
         self.topic = topic
         self.physical = Topics(kafka.topic_prefix).name(topic)
@@ -52,6 +65,10 @@ class TopicFollower:
         self._thread = threading.Thread(target=self._run, name=name or f"follow-{topic}",
                                         daemon=True)
         self.error: str | None = None
+        self.dead_letters = dead_letters
+        self.tombstones = tombstones
+        self.skipped = 0
+        """Records skipped (undecodable or handler_error) since start."""
 
     def start(self) -> TopicFollower:
         self._thread.start()
@@ -60,6 +77,8 @@ class TopicFollower:
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
         self._thread.join(timeout_s)
+        if self.dead_letters is not None:
+            self.dead_letters.close()
 
     def _run(self) -> None:
         backoff = 0.5
@@ -71,7 +90,9 @@ class TopicFollower:
                 self._follow(consumer)
             except Exception as exc:  # broker down, topic missing, ...
                 self.error = repr(exc)
-                log.warning("follow.retry", topic=self.topic, error=repr(exc)[:300])
+                FOLLOW_RETRIES.labels(self.topic).inc()
+                log.warning("follow.retry", topic=self.topic, error=repr(exc)[:300],
+                            retry_in_s=backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
             finally:
@@ -99,28 +120,57 @@ class TopicFollower:
         consumer.seek_to_beginning(*tps)
         return consumer
 
+    def _skip(self, msg: Any, reason: DlqReason, detail: str) -> None:
+        self.skipped += 1
+        BAD_RECORDS.labels(self.topic, reason).inc()
+        log.warning("follow.bad_record", topic=self.topic, partition=msg.partition,
+                    offset=msg.offset, reason=reason, detail=detail[:200])
+        if self.dead_letters is not None:
+            self.dead_letters.offer(self.topic, msg.partition, msg.offset, reason, detail,
+                                    msg.value or b"", msg.key)
+
+    def _handle(self, batch: list[tuple[bytes | None, Any]], msgs: list[Any]) -> None:
+        """Hand ``batch`` over; if that raises, one record at a time, skipping failures."""
+        try:
+            self.handle(batch)
+            return
+        except Exception as exc:
+            log.warning("follow.batch_failed", topic=self.topic, records=len(batch),
+                        error=repr(exc)[:300])
+        for item, msg in zip(batch, msgs, strict=True):
+            try:
+                self.handle([item])
+            except Exception as exc:
+                self._skip(msg, "handler_error", f"{self.topic} handler failed: {exc!r}")
+
     def _follow(self, consumer: KafkaConsumer) -> None:
         tps = list(consumer.assignment())
         ends = consumer.end_offsets(tps) if not self.caught_up.is_set() else {}
         while not self._stop.is_set():
             polled = consumer.poll(timeout_ms=self.poll_timeout_ms)
             batch: list[tuple[bytes | None, Any]] = []
-            for _tp, msgs in sorted(polled.items(), key=lambda kv: kv[0].partition):
-                for msg in msgs:
-                    if msg.value is None:
+            msgs: list[Any] = []
+            for _tp, polled_msgs in sorted(polled.items(), key=lambda kv: kv[0].partition):
+                for msg in polled_msgs:
+                    if msg.value is None and self.tombstones:  # a deletion
                         batch.append((msg.key, None))
+                        msgs.append(msg)
                         continue
                     rec = decode(msg.value, self.record_type)
                     if isinstance(rec, DecodeFailure):
-                        BAD_RECORDS.labels(self.topic, rec.reason).inc()
-                        log.warning("follow.bad_record", topic=self.topic, offset=msg.offset,
-                                    reason=rec.reason, detail=rec.detail[:200])
+                        self._skip(msg, rec.reason, rec.detail)
                         continue
                     batch.append((msg.key, rec))
+                    msgs.append(msg)
             if batch:
-                self.handle(batch)
+                self._handle(batch, msgs)
             if not self.caught_up.is_set() and all(
                     consumer.position(tp) >= ends.get(tp, 0) for tp in tps):
                 if self.on_caught_up is not None:
-                    self.on_caught_up()
+                    try:
+                        self.on_caught_up()
+                    except Exception as exc:  # never re-read the topic over it
+                        BAD_RECORDS.labels(self.topic, "handler_error").inc()
+                        log.error("follow.caught_up_failed", topic=self.topic,
+                                  error=repr(exc)[:300])
                 self.caught_up.set()

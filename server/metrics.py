@@ -50,5 +50,8 @@ SWAP_TIME = gauge("adloop_server_model_swap_timestamp_seconds",
 SERVABLE_ADS = gauge("adloop_server_servable_ads", "Ads in the serving trie.")
 CATALOG_ADS = gauge("adloop_server_catalog_ads", "Ads known from the ads topic.")
 BAD_RECORDS = counter("adloop_server_bad_records_total",
-                      "Undecodable records skipped by the server's followers.",
-                      ("topic", "reason"))
+                      "Records the server's followers skipped: undecodable (by reason) or "
+                      "breaking the handler (handler_error).", ("topic", "reason"))
+FOLLOW_RETRIES = counter("adloop_follow_retries_total",
+                         "Times a follower reopened its topic after a fault that can heal "
+                         "(broker unreachable, topic missing), by topic.", ("topic",))

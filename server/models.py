@@ -20,7 +20,10 @@ rollback re-verifies the cached files and goes through steps 2-5 again.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import shutil
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -41,6 +44,25 @@ from streams.logs import get_logger
 from streams.schemas import ModelUpdate
 
 log = get_logger(__name__)
+
+
+def _libc_malloc_trim() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):   # not glibc
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_free_heap() -> None:
+    """Hand the heap pages a swapped-out model freed back to the OS (glibc's
+    ``malloc_trim``); without it glibc keeps them for reuse and RSS creeps up."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 @dataclass(frozen=True)
@@ -222,6 +244,7 @@ class ModelManager:
                     old_info.status = "kept"
                 M.MODEL_INFO.labels(old.model.version).set(0)
             del old   # in-flight batches keep their own reference until they finish
+            release_free_heap()
             info.status, info.detail, info.loaded_at = "serving", "", time.time()
             self.history.append(model.version)
             self._evict()

@@ -19,6 +19,7 @@ from server.impressions import ImpressionLogger
 from server.models import ModelManager
 from server.runtime import resolve_provider
 from server.settings import ServerSettings
+from streams.kafka_io import DeadLetterOnce
 from streams.logs import get_logger
 from streams.schemas import Ad, ModelUpdate
 from streams.settings import KafkaSettings
@@ -45,10 +46,17 @@ class Service:
         self.impressions = (ImpressionLogger(kafka, settings.impression_buffer,
                                             spool_dir=settings.spool_dir())
                             if settings.log_impressions else None)
-        self.ads_follower = TopicFollower(kafka, "ads", self._on_ads)
-        self.updates_follower = (TopicFollower(kafka, "model-updates", self._on_updates,
-                                               on_caught_up=self._updates_caught_up)
-                                 if settings.follow_model_updates else None)
+        # bad records of the compacted topics: dead-lettered once per offset by whichever
+        # reader (a replica, or the learner for ads) meets them first
+        dead = settings.dead_letter_group
+        self.ads_follower = TopicFollower(
+            kafka, "ads", self._on_ads,
+            dead_letters=DeadLetterOnce(kafka, dead) if dead else None)
+        self.updates_follower = (TopicFollower(
+            kafka, "model-updates", self._on_updates, on_caught_up=self._updates_caught_up,
+            dead_letters=DeadLetterOnce(kafka, dead) if dead else None,
+            tombstones=False)  # the learner never deletes an announcement: not ours
+            if settings.follow_model_updates else None)
         self._initial_updates: list[ModelUpdate] = []
         self._updates_initial_done = False
         self.started_at = time.time()

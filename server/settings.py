@@ -32,6 +32,9 @@ class ServerSettings(BaseSettings):
     cache_dir: Path = Field(default_factory=lambda: cache_dir() / "server-snapshots",
                             description="local copies of fetched snapshots")
     keep_versions: int = Field(3, ge=1, description="versions kept for rollback")
+    dead_letter_group: str = Field(
+        "adloop-dead-letters", description="consumer group marking the ads/model-updates "
+        "offsets already dead-lettered (shared with the learner; empty = only count them)")
 
     # execution
     provider: str = Field("auto", description="auto | cpu | cuda")

@@ -41,7 +41,7 @@ def fetch_snapshot(uri: str, manifest_sha256: str | None, cache_root: Path,
     try:
         fs, root = _open_store(uri)
         data = fs.cat_file(f"{root}/manifest.json")
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # OSError, ValueError, ImportError (no driver for a scheme)
         raise SnapshotRejectedError("fetch", f"cannot read {uri}/manifest.json: {exc!r}") from None
     if len(data) > MAX_MANIFEST_BYTES:
         raise SnapshotRejectedError("manifest", f"manifest.json is {len(data)} bytes")

@@ -3,7 +3,10 @@
 ``adloop produce TOPIC`` reads one JSON record per line from stdin, validates it
 against the topic's schema and produces it (invalid lines are reported with their
 line number and skipped; ``--raw`` sends them unvalidated, to exercise the DLQ).
-``adloop consume TOPIC`` prints decoded records as JSON lines from the beginning.
+``adloop consume TOPIC`` prints decoded records as JSON lines from the beginning; a
+record that does not decode is reported on stderr (partition, offset, reason, detail) and
+reading goes on. It dead-letters nothing: it is a read-only tool (the topic's own
+consumer dead-letters the record, once), and running it twice must not change ``dlq``.
 """
 
 from __future__ import annotations
@@ -59,6 +62,16 @@ def configure_consume(parser: argparse.ArgumentParser) -> None:
 
 def run_consume(args: argparse.Namespace) -> int:
     kafka = settings_from_args(KafkaSettings, args)
-    for rec in read_all(kafka, args.topic, timeout_s=args.timeout_s):
+    bad = 0
+
+    def report(partition: int, offset: int, failure: DecodeFailure) -> None:
+        nonlocal bad
+        bad += 1
+        print(f"{args.topic}[{partition}]@{offset}: {failure.reason}: {failure.detail[:300]}",
+              file=sys.stderr)
+
+    for rec in read_all(kafka, args.topic, timeout_s=args.timeout_s, on_failure=report):
         sys.stdout.write(encode(rec.record).decode() + "\n")
+    if bad:
+        print(f"{bad} undecodable records skipped", file=sys.stderr)
     return 0

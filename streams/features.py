@@ -26,3 +26,9 @@ def context_ids(context: Mapping[str, str],
                 buckets: int = DEFAULT_CONTEXT_BUCKETS) -> list[int]:
     """One id per feature in ``features`` order; 0 where the feature is absent."""
     return [hash_feature(f, context[f], buckets) if f in context else 0 for f in features]
+
+
+def organic_topic(item_id: str) -> str:
+    """The topic token of an organic item id (``<topic>#<n>``, e.g.
+    ``retail/running-shoes#123``); an id without ``#`` is its own topic."""
+    return item_id.split("#", 1)[0]

@@ -10,9 +10,11 @@ thread, ``acks=all``) for ``feedback``, ``dlq`` and the state changelog
 input partition ``p``; key = request id, tombstones when a request expires).
 
 Why not faust: the first version ran on faust-streaming 0.15.3 (one agent over the three
-topics, a table with changelog). Its kill -9 test lost impressions (no state, no output,
-no dead letter, offsets committed) in about half the runs, and its producer-buffer flush
-returns before the buffer is drained. See ``streams/README.md`` ("joiner").
+topics, a table with changelog, at-least-once, concurrency 1). Its kill -9 test lost
+impressions (no state, no output, no dead letter, offsets committed) in about half the
+runs: its commit awaits ``ProducerBuffer.flush()``, which returns after 0.1 s without
+progress even with table changelog writes still queued. See ``streams/README.md``
+("Why not faust") for the upstream issues.
 
 Commit protocol (:meth:`Joiner.commit`), one block per step, every ``commit_interval_s``
 or ``commit_every_records`` and before partitions are given up:
@@ -63,7 +65,7 @@ from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
-from streams.joiner_core import INPUT_TOPICS, JoinCore, JoinSettings, Rejected
+from streams.joiner_core import INPUT_TOPICS, JoinCore, JoinSettings, Rejected, Step
 from streams.kafka_io import DEAD_LETTERS, BatchProducer
 from streams.logs import get_logger
 from streams.metrics import counter, gauge, histogram, start_metrics_server
@@ -78,7 +80,8 @@ __all__ = ["JoinSettings", "Joiner", "configure", "run"]
 FEEDBACK = counter("adloop_join_feedback_total", "Feedback lists emitted, by kind.", ("kind",))
 CORRECTIONS = counter("adloop_join_corrections_total", "Correction lists emitted.")
 EVENTS = counter("adloop_join_events_total", "Input records processed, by topic and outcome "
-                 "(applied, held, duplicate, late, orphan, invalid).", ("topic", "outcome"))
+                 "(applied, held, duplicate, late, orphan, invalid, handler_error).",
+                 ("topic", "outcome"))
 LATE = counter("adloop_join_late_total", "Records dead-lettered as late, by topic.", ("topic",))
 ORPHANS = counter("adloop_join_orphan_total", "Records dead-lettered as orphan, by topic.",
                   ("topic",))
@@ -311,7 +314,10 @@ class Joiner:
         for m in msgs:
             offset = m.offset
             caught[logical] = offset + 1 >= hw_self
-            step = on_record(logical, p, offset, m.key, m.value, caught)
+            try:
+                step = on_record(logical, p, offset, m.key, m.value, caught)
+            except Exception as exc:  # a record that decodes but breaks the join
+                step = self._handler_error(logical, p, m, exc)
             k = (logical, step.outcome)
             outcomes[k] = outcomes.get(k, 0) + 1
             if step.rejected:
@@ -323,6 +329,17 @@ class Joiner:
             self.positions[(logical, p)] = msgs[-1].offset + 1
         self.processed += len(msgs)
         self.since_commit += len(msgs)
+
+    def _handler_error(self, logical: str, p: int, m: Any, exc: Exception) -> Step:
+        """Dead-letter a record whose join step raised (``handler_error``) and go on: a
+        poison record must not stop the joiner, nor stop it again after a restart."""
+        log.error("join.handler_error", topic=logical, partition=p, offset=m.offset,
+                  error=repr(exc)[:500])
+        step = Step()
+        step.outcome = "handler_error"
+        step.rejected.append(Rejected(logical, p, m.offset, "handler_error",
+                                      f"join step failed: {exc!r}", m.value or b"", m.key))
+        return step
 
     def process(self, logical: str, p: int, offset: int, key: bytes | None,
                 value: bytes | None) -> None:

@@ -258,7 +258,7 @@ class Step:
         self.emissions: list[Feedback] = []
         self.rejected: list[Rejected] = []
         self.outcome = "applied"
-        """applied | held | duplicate | late | orphan | invalid (for metrics)."""
+        """applied | held | duplicate | late | orphan | invalid | handler_error (metrics)."""
 
 
 Due = Literal["provisional", "final", "orphan", "expire"]
@@ -332,6 +332,8 @@ class JoinCore:
 
         Raises :class:`StateFormatError` for a record this build cannot read.
         """
+        if not isinstance(key, bytes):
+            raise StateFormatError(f"changelog record with key {key!r}: keys are never null")
         if key.startswith(META_PREFIX):
             part = int(key[len(META_PREFIX):])
             if value is None:
@@ -339,7 +341,10 @@ class JoinCore:
             else:
                 self.restored_meta[part] = _decode_state(_meta_dec, key, value).meta()
         else:
-            rid = key.decode()
+            try:
+                rid = key.decode()
+            except UnicodeDecodeError as exc:
+                raise StateFormatError(f"changelog key {key!r} is not UTF-8 ({exc})") from exc
             if value is None:
                 self.table.pop(rid, None)
                 self.persisted.discard(rid)

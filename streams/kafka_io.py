@@ -39,6 +39,7 @@ from typing import Any, Generic, TypeVar
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.producer.future import FutureRecordMetadata
+from kafka.structs import OffsetAndMetadata
 
 from streams.logs import get_logger
 from streams.metrics import counter, gauge
@@ -256,8 +257,6 @@ class EventConsumer:
         if offsets is None:
             self.consumer.commit()
         else:
-            from kafka.structs import OffsetAndMetadata
-
             self.consumer.commit({tp: OffsetAndMetadata(off, "", -1)
                                   for tp, off in offsets.items()})
 
@@ -305,6 +304,68 @@ class EventConsumer:
         finally:
             if self._own_dlq:
                 self.dlq.close()
+
+
+DEAD_LETTER_GROUP = "adloop-dead-letters"
+"""Consumer group whose committed offsets mark what :class:`DeadLetterOnce` has sent."""
+
+
+class DeadLetterOnce:
+    """Dead letters of readers without a consumer group (the server's followers of the
+    compacted topics, the learner's ``ads`` reader), once per offset across restarts,
+    replicas and processes.
+
+    Offsets below the mark committed under ``group`` for a partition were dead-lettered
+    already (nothing else is ever committed under it). Two readers that meet the same
+    new bad record at the same instant may both send it; a mark that cannot be read or
+    written (group coordinator unreachable) means the record is only counted by the
+    caller. Its Kafka clients are made at the first bad record (most runs have none).
+    """
+
+    def __init__(self, kafka: KafkaSettings, group: str = DEAD_LETTER_GROUP) -> None:
+        self.kafka = kafka
+        self.group = group
+        self.names = Topics(kafka.topic_prefix)
+        self._consumer: KafkaConsumer | None = None
+        self._producer: EventProducer | None = None
+        self._marks: dict[TopicPartition, int] = {}
+
+    def offer(self, logical: str, partition: int, offset: int, reason: DlqReason,
+              detail: str, raw: bytes, key: bytes | None) -> bool:
+        """Dead-letter the record unless an earlier reader did; True if sent now.
+        Never raises (a failure is logged and the record only counted)."""
+        tp = TopicPartition(self.names.name(logical), partition)
+        try:
+            if self._consumer is None:
+                self._consumer = KafkaConsumer(
+                    **self.kafka.client_config(), group_id=self.group,
+                    client_id=f"{self.kafka.client_id}-{self.group}",
+                    enable_auto_commit=False, request_timeout_ms=15_000)
+            if self._producer is None:
+                self._producer = EventProducer(self.kafka)
+            # read fresh each time (bad records are rare): another reader may have moved it
+            mark = max(self._marks.get(tp, 0), self._consumer.committed(tp) or 0)
+            if offset < mark:
+                return False
+            self._producer.dead_letter(DeadLetter.of(
+                source_topic=tp.topic, partition=partition, offset=offset, reason=reason,
+                detail=detail, raw=raw, key=key))
+            self._producer.flush(30)
+            self._consumer.commit({tp: OffsetAndMetadata(offset + 1, "", -1)})
+            self._marks[tp] = offset + 1
+            return True
+        except Exception as exc:
+            log.warning("dead_letter.failed", topic=logical, partition=partition,
+                        offset=offset, reason=reason, error=repr(exc)[:300])
+            return False
+
+    def close(self) -> None:
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                self._producer.close(5)
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                self._consumer.close(autocommit=False)
 
 
 def aiokafka_security(kafka: KafkaSettings) -> dict[str, Any]:
@@ -491,11 +552,14 @@ class BatchProducer:
 
 
 def read_all(kafka: KafkaSettings, topic: str, timeout_s: float = 30.0,
-             expect: int | None = None) -> list[Received[Any]]:
+             expect: int | None = None,
+             on_failure: Callable[[int, int, DecodeFailure], None] | None = None,
+             ) -> list[Received[Any]]:
     """Every decodable record of a logical topic from the start to its current end.
 
     A reading helper for tools and tests (no group, nothing committed, nothing
-    dead-lettered). Waits until ``expect`` records are read if given.
+    dead-lettered): ``on_failure(partition, offset, failure)`` hears of each record that
+    does not decode. Waits until ``expect`` records are read if given.
     """
     names = Topics(kafka.topic_prefix)
     consumer = KafkaConsumer(**kafka.client_config(), enable_auto_commit=False,
@@ -522,6 +586,8 @@ def read_all(kafka: KafkaSettings, topic: str, timeout_s: float = 30.0,
                     if not isinstance(rec, DecodeFailure):
                         out.append(Received(topic, tp_.partition, m.offset, m.key,
                                             m.timestamp, rec))
+                    elif on_failure is not None:
+                        on_failure(tp_.partition, m.offset, rec)
             at_end = all(consumer.position(tp) >= ends[tp] for tp in tps)
             if at_end and (expect is None or len(out) >= expect):
                 break

@@ -87,6 +87,9 @@ class Impression(Event, kw_only=True):
     user_id: str
     context: dict[str, str] = {}
     recent_ad_ids: list[str] = []
+    recent_organic: list[str] = []
+    """The user's recent organic items (``<topic>#<n>``), oldest first; empty in old
+    records."""
     slate: list[SlateItem]
     model_version: str
     beam_widths: list[int] = []
@@ -152,6 +155,8 @@ class Feedback(Event, kw_only=True):
     window_closed: bool
     context: dict[str, str] = {}
     recent_ad_ids: list[str] = []
+    recent_organic: list[str] = []
+    """The impression's recent organic items, oldest first; empty in old records."""
     model_version: str = ""
     items: list[FeedbackItem]
 
@@ -219,27 +224,45 @@ def encode(record: Event) -> bytes:
 
 def decode(raw: bytes | None, record_type: type[T],
            max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> T | DecodeFailure:
-    """Decode ``raw`` as ``record_type`` or say why not (never raises for bad input)."""
+    """Decode ``raw`` as ``record_type`` or say why not. Total: never raises.
+
+    Reasons: ``invalid`` for a tombstone (``None``) and for well-formed JSON of the wrong
+    shape (missing field, wrong type, out-of-range number, failed check); ``not_json`` for
+    bytes that are not UTF-8 (anywhere: keys, values, ignored fields), malformed JSON
+    (BOM, ``NaN``/``Infinity`` literals, trailing bytes, lone surrogates) or nesting
+    deeper than the interpreter's recursion limit; ``schema_version`` for another schema
+    version; ``oversized`` above ``max_bytes``. A duplicate key keeps its last value
+    (msgspec's rule; JSON leaves it open). Unknown fields are ignored (forward
+    compatibility) but must still be valid UTF-8 JSON.
+
+    The happy path is one typed msgspec decode plus ``bytes.isascii`` (and a UTF-8 check
+    only for records with non-ASCII bytes); only failures do extra work.
+    """
     if raw is None:
         return DecodeFailure("invalid", "record value is null (tombstone)")
-    if len(raw) > max_bytes:
-        return DecodeFailure("oversized", f"record is {len(raw)} bytes, limit is {max_bytes}")
-    dec = _decoders.get(record_type)
-    if dec is None:
-        dec = _decoders[record_type] = msgspec.json.Decoder(record_type)
     try:
+        if len(raw) > max_bytes:
+            return DecodeFailure("oversized",
+                                 f"record is {len(raw)} bytes, limit is {max_bytes}")
+        dec = _decoders.get(record_type)
+        if dec is None:
+            dec = _decoders[record_type] = msgspec.json.Decoder(record_type)
+        if not raw.isascii():
+            # msgspec does not validate the UTF-8 of fields it skips
+            raw.decode("utf-8")
         record = dec.decode(raw)
+    except UnicodeDecodeError as exc:
+        return DecodeFailure("not_json", f"not UTF-8: {exc.reason} at byte {exc.start}")
     except msgspec.ValidationError as exc:
-        version = _schema_version_of(raw)
-        if version is not None and version != SCHEMA_VERSION:
-            return DecodeFailure(
-                "schema_version", f"schema version {version} not supported (reads {SCHEMA_VERSION})"
-            )
-        return DecodeFailure("invalid", f"{record_type.__name__}: {exc}")
+        return _explain_invalid(raw, record_type, exc)
     except msgspec.DecodeError as exc:
         return DecodeFailure("not_json", str(exc))
+    except RecursionError:
+        return DecodeFailure("not_json", "JSON nested too deep")
     except (ValueError, TypeError) as exc:  # raised by __post_init__ checks
         return DecodeFailure("invalid", f"{record_type.__name__}: {exc}")
+    except Exception as exc:  # the last line of defence: a consumer must never stop here
+        return DecodeFailure("invalid", f"{record_type.__name__}: unexpected {exc!r}"[:2000])
     if record.schema != SCHEMA_VERSION:
         return DecodeFailure(
             "schema_version",
@@ -248,16 +271,31 @@ def decode(raw: bytes | None, record_type: type[T],
     return record
 
 
-def _schema_version_of(raw: bytes) -> int | None:
+def _explain_invalid(raw: bytes, record_type: type[Any],
+                     exc: msgspec.ValidationError) -> DecodeFailure:
+    """The reason for a typed decode that failed validation (the failure path only).
+
+    msgspec stops at the first field that does not fit, without reading the rest: parse
+    the whole input untyped to tell malformed or too-deep JSON (``not_json``) and another
+    schema version (``schema_version``) from a wrong shape (``invalid``).
+    """
     try:
         obj = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        return None
+    except RecursionError:
+        return DecodeFailure("not_json", "JSON nested too deep")
+    except msgspec.ValidationError:  # well-formed, but a number out of range
+        return DecodeFailure("invalid", f"{record_type.__name__}: {exc}")
+    except msgspec.DecodeError as inner:
+        return DecodeFailure("not_json", str(inner))
+    except Exception as inner:  # total by design
+        return DecodeFailure("not_json", f"unreadable JSON: {inner!r}"[:2000])
     if isinstance(obj, dict):
         v = obj.get("schema")
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v
-    return None
+        if isinstance(v, int) and not isinstance(v, bool) and v != SCHEMA_VERSION:
+            return DecodeFailure(
+                "schema_version",
+                f"schema version {str(v)[:40]} not supported (reads {SCHEMA_VERSION})")
+    return DecodeFailure("invalid", f"{record_type.__name__}: {exc}")
 
 
 def json_schema(record_type: type[Event]) -> dict[str, Any]:

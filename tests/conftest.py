@@ -14,10 +14,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from streams.broker import BrokerSettings, EmbeddedBroker
 from streams.settings import KafkaSettings
 from streams.topics import create_topics
+
+# Property tests: deterministic everywhere by default (the same examples on every run, so
+# a test run never depends on luck); ``./dev fuzz`` selects ``fuzz`` (random seeds, many
+# examples, the @reproduce_failure blob printed) with ``--hypothesis-profile=fuzz``.
+settings.register_profile("deterministic", derandomize=True, database=None,
+                          print_blob=True)
+settings.register_profile("ci", parent=settings.get_profile("deterministic"))
+settings.register_profile(
+    "fuzz", derandomize=False, database=None, print_blob=True, deadline=None,
+    max_examples=int(os.environ.get("ADLOOP_FUZZ_EXAMPLES", "2000")),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("ci" if os.environ.get("CI") else "deterministic")
 
 
 @pytest.fixture(scope="session")

@@ -124,7 +124,13 @@ def parse_line(raw: bytes | str, line: int, seq: int = 0) -> Recorded | None:
     if not text or (text[:1] in ("#", b"#")):
         return None
     try:
+        if isinstance(text, bytes) and not text.isascii():
+            text.decode("utf-8")  # msgspec skips the UTF-8 check of some strings
         obj = msgspec.json.decode(text)
+    except UnicodeDecodeError as exc:
+        raise RecordError(line, f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except RecursionError:
+        raise RecordError(line, "not JSON (nested too deep)") from None
     except msgspec.DecodeError as exc:
         raise RecordError(line, f"not JSON ({exc})") from None
     return parse_entry(obj, line, seq)
@@ -143,8 +149,7 @@ def read_recorded(path: Path | str, on_error: str = "skip",
     seq = 0
     for lineno, entry in _iter_raw(path):
         try:
-            rec = (parse_line(entry, lineno, seq) if isinstance(entry, str | bytes)
-                   else parse_entry(entry, lineno, seq))
+            rec = _parse(entry, lineno, seq)
         except RecordError as err:
             if on_error == "stop":
                 raise
@@ -158,6 +163,18 @@ def read_recorded(path: Path | str, on_error: str = "skip",
         yield rec
 
 
+def _parse(entry: Any, lineno: int, seq: int) -> Recorded | None:
+    """:func:`parse_line` / :func:`parse_entry`; anything unexpected is a RecordError too
+    (e.g. an integer too large for a float), so that one bad line never stops a replay."""
+    try:
+        return (parse_line(entry, lineno, seq) if isinstance(entry, str | bytes)
+                else parse_entry(entry, lineno, seq))
+    except RecordError:
+        raise
+    except Exception as exc:
+        raise RecordError(lineno, f"unreadable: {exc!r}"[:500]) from None
+
+
 def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -166,7 +183,7 @@ def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
         for row_no, row in enumerate(table.to_pylist(), start=1):
             try:
                 fields = json.loads(row.get("fields") or "{}")
-            except json.JSONDecodeError as exc:
+            except (ValueError, RecursionError) as exc:
                 yield row_no, {"type": None, "_error": str(exc)}
                 continue
             if isinstance(fields, dict):

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from streams.features import organic_topic
 from streams.schemas import Ad, BidType, Click, Conversion
 
 DEFAULT_START_TIME = 1_704_067_200.0
@@ -162,8 +163,18 @@ PLACEMENTS = ("feed", "search", "sidebar", "video")
 PLACEMENT_WEIGHTS = (0.5, 0.25, 0.15, 0.10)
 PLACEMENT_BIAS = {"feed": 0.0, "search": 0.35, "sidebar": -0.6, "video": -0.25}
 DEVICE_BIAS = {"mobile": 0.1, "desktop": 0.0, "tablet": -0.1}
+BID_RANGES = {"cpc": (0.2, 3.0), "cpa": (5.0, 60.0), "cpm": (1.0, 10.0)}
 REGIONS = ("na", "eu", "apac", "latam")
 REGION_WEIGHTS = (0.35, 0.3, 0.25, 0.10)
+AGE_BANDS = ("18-24", "25-34", "35-49", "50+")
+AGE_WEIGHTS = (0.2, 0.35, 0.3, 0.15)
+AGE_INDUSTRY_TILT: dict[str, dict[str, float]] = {
+    "18-24": {"gaming": 3.0, "education": 2.0, "food": 1.5},
+    "25-34": {"travel": 2.0, "retail": 1.5, "food": 1.5, "finance": 1.2},
+    "35-49": {"finance": 2.0, "auto": 2.0, "health": 1.5, "retail": 1.2},
+    "50+": {"health": 3.0, "finance": 2.0, "travel": 1.5},
+}
+"""Relative weight of an industry among the favourite categories by age band (1 if absent)."""
 
 
 # -- configuration ---------------------------------------------------------------------
@@ -229,24 +240,59 @@ class WorldConfig:
     new_advertiser_share: float = 0.3
     # ground truth
     ctr_affinity: float = 2.5
-    ctr_bias: float = -4.2
+    ctr_bias: float = -3.3
     position_bias: float = -0.3
     """Added to the click logit per position (0 = top)."""
     cvr_affinity: float = 2.0
     cvr_bias: dict[str, float] = field(
-        default_factory=lambda: {"cpc": -3.5, "cpa": -2.8, "cpm": -4.0})
-    hour_amplitude: float = 0.3
-    ad_quality_sigma: float = 0.3
+        default_factory=lambda: {"cpc": -3.0, "cpa": -2.0, "cpm": -3.5})
+    hour_amplitude: float = 0.5
+    """Amplitude of the per-industry hour-of-day interest (the ``hour`` context key)."""
+    ad_quality_sigma: float = 0.6
+    """Hidden per-ad click-logit offset: N(0, sigma²) (new ads included)."""
+    context_effect_sigma: float = 0.3
+    """Sigma of the region × industry and placement × industry click-logit effects
+    (drawn once per world), so region and placement tell ads apart."""
+    # drift
+    fatigue_user: float = 0.3
+    """Creative fatigue per user: ``-fatigue_user · log(1 + n)`` on the click logit
+    after the user has seen the ad ``n`` times."""
+    fatigue_overall: float = 0.6
+    """Overall wear-out: ``-fatigue_overall · (1 - exp(-imps / fatigue_overall_scale))``
+    on the click logit after the ad's ``imps`` impressions (all users)."""
+    fatigue_overall_scale: float = 400.0
+    bid_change_per_hour: float = 0.05
+    """Hazard per active or exhausted ad of a bid/budget revision by its advertiser."""
+    bid_change_sigma: float = 0.35
+    """Log-normal sigma of a revised bid (clipped to its bid type's range); the budget
+    gets a top-up of uniform [0, 0.5] × budget, which reactivates an exhausted ad."""
+    trend_amplitude: float = 0.5
+    """Category trends: click-logit offset ``a · sin(2π t / period + phase)`` per
+    category, with period uniform in ``trend_period_days`` (hidden, rises and falls)."""
+    trend_period_days: tuple[float, float] = (0.5, 3.0)
     # user interests
     interest_theta_per_hour: float = 1.0 / 3.0
     """OU mean reversion rate."""
     interest_sigma: float = 0.1
     """OU stationary standard deviation per topic dimension."""
-    interest_shift_per_day: float = 0.5
+    interest_shift_per_day: float = 1.0
     """Rate at which a user's long-run interest jumps to a new favourite category."""
     activity_sigma: float = 1.0
     """Log-normal sigma of per-user request frequency (some users are much busier)."""
     recent_ads: int = 5
+    # observable interest
+    organic_per_request: float = 3.0
+    """Mean number of organic items (videos, articles) a user consumes between two of
+    their ad requests (Poisson); each item's topic is drawn from the hidden interest."""
+    organic_sharpness: float = 6.0
+    """Organic topic choice: softmax(sharpness · <interest, topic vector>) over categories."""
+    organic_noise: float = 0.15
+    """Share of organic items on a uniformly random topic (what is trending, shared)."""
+    recent_organic: int = 20
+    """How many recent organic item ids a request carries."""
+    declared_accuracy: float = 0.7
+    """Probability that a user's declared interest (context key ``interest``) is the
+    industry of their main favourite category (else a random industry)."""
     delays: DelayModel = field(default_factory=DelayModel)
 
     @property
@@ -267,6 +313,13 @@ class SimUser:
     state: np.ndarray
     last_t: float
     recent: deque[str] = field(default_factory=deque)
+    age_band: str = "25-34"
+    declared: str = ""
+    """Declared interest (an industry), shown in the context; stable."""
+    organic: deque[str] = field(default_factory=deque)
+    """Recent organic item ids, oldest first (observable interest)."""
+    exposure: dict[str, int] = field(default_factory=dict)
+    """Impressions of each ad to this user (creative fatigue)."""
 
 
 @dataclass
@@ -278,6 +331,8 @@ class SimAd:
     quality: float
     category: str
     spend: float = 0.0
+    impressions: int = 0
+    """Impressions so far, all users (overall wear-out)."""
 
     @property
     def ad_id(self) -> str:
@@ -299,6 +354,8 @@ class Request:
     recent_ad_ids: list[str]
     k: int
     event_time: float
+    recent_organic: list[str] = field(default_factory=list)
+    """Ids of the user's recent organic items, oldest first (see :func:`organic_topic`)."""
 
     def body(self) -> dict[str, Any]:
         """The JSON body of ``POST /v1/recommend``."""
@@ -363,6 +420,14 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / n if n > 0 else v
 
 
+def _slug(text: str) -> str:
+    return text.lower().replace(" ", "-")
+
+
+ORGANIC_TOPICS: tuple[str, ...] = tuple(f"{ind}/{_slug(cat)}" for ind, cat in CATEGORIES)
+"""Topic token of each category (``industry/category-slug``), the organic item topics."""
+
+
 # -- the world -------------------------------------------------------------------------
 
 
@@ -387,7 +452,23 @@ class World:
         self._matrix_cache: tuple[list[SimAd], np.ndarray] | None = None
         self._industry_index = {s.name: i for i, s in enumerate(INDUSTRIES)}
         self._category_index = {c: len(INDUSTRIES) + i for i, c in enumerate(CATEGORIES)}
+        self._cat_of = {c: i for i, c in enumerate(CATEGORIES)}
+        rng = self.rng_world
+        n_ind = len(INDUSTRIES)
+        self._region_effect = rng.normal(0.0, cfg.context_effect_sigma, (len(REGIONS), n_ind))
+        self._placement_effect = rng.normal(0.0, cfg.context_effect_sigma,
+                                            (len(PLACEMENTS), n_ind))
+        lo, hi = cfg.trend_period_days
+        self._trend_period_s = rng.uniform(lo, hi, len(CATEGORIES)) * 86400.0
+        self._trend_phase = rng.uniform(0.0, 2.0 * math.pi, len(CATEGORIES))
+        cat_vectors = np.zeros((len(CATEGORIES), N_TOPICS))
+        for i, (ind, cat) in enumerate(CATEGORIES):
+            cat_vectors[i, self._industry_index[ind]] = 1.0
+            cat_vectors[i, self._category_index[(ind, cat)]] = 1.5
+        self._cat_vectors = cat_vectors / np.linalg.norm(cat_vectors, axis=1, keepdims=True)
+        self._organic_seq = 0
         self._build_users()
+        self._group_prior = self._observable_priors()
         self._initial: list[Ad] = []
         for _ in range(cfg.n_ads):
             created = cfg.start_time - float(self.rng_world.uniform(0.0, 7 * 86400.0))
@@ -400,27 +481,50 @@ class World:
     def _build_users(self) -> None:
         cfg, rng = self.config, self.rng_world
         for i in range(cfg.n_users):
-            mean = self._draw_interest_mean(rng)
+            age = str(rng.choice(AGE_BANDS, p=AGE_WEIGHTS))
+            mean = self._draw_interest_mean(rng, age)
             state = mean + rng.normal(0.0, cfg.interest_sigma, N_TOPICS)
+            main = int(np.argmax(mean[: len(INDUSTRIES)]))
+            declared = (INDUSTRY_NAMES[main] if rng.random() < cfg.declared_accuracy
+                        else INDUSTRY_NAMES[int(rng.integers(len(INDUSTRIES)))])
             self.users.append(SimUser(
                 user_id=f"u-{i:06d}",
                 device=str(rng.choice(DEVICES, p=(0.6, 0.3, 0.1))),
                 region=str(rng.choice(REGIONS, p=REGION_WEIGHTS)),
                 activity=float(rng.lognormal(0.0, cfg.activity_sigma)),
                 mean=mean, state=state, last_t=cfg.start_time,
-                recent=deque(maxlen=cfg.recent_ads)))
+                recent=deque(maxlen=cfg.recent_ads), age_band=age, declared=declared,
+                organic=deque(maxlen=cfg.recent_organic)))
 
-    def _draw_interest_mean(self, rng: np.random.Generator) -> np.ndarray:
-        """A few favourite categories (and their industries), unit length."""
+    def _draw_interest_mean(self, rng: np.random.Generator,
+                            age_band: str = "") -> np.ndarray:
+        """A few favourite categories (and their industries), unit length.
+
+        Categories are drawn with weights tilted by the user's age band
+        (``AGE_INDUSTRY_TILT``), so age band is an observable prior on interest.
+        """
+        tilt = AGE_INDUSTRY_TILT.get(age_band, {})
+        w_cat = np.array([tilt.get(ind, 1.0) for ind, _ in CATEGORIES])
+        w_cat = w_cat / w_cat.sum()
         v = np.zeros(N_TOPICS)
         n_fav = int(rng.integers(1, 4))
         for _ in range(n_fav):
-            ind, cat = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+            ind, cat = CATEGORIES[int(rng.choice(len(CATEGORIES), p=w_cat))]
             w = float(rng.uniform(0.5, 1.0))
             v[self._category_index[(ind, cat)]] += w
             v[self._industry_index[ind]] += 0.6 * w
         v += np.abs(rng.normal(0.0, 0.05, N_TOPICS))
         return _unit(v)
+
+    def _observable_priors(self) -> dict[tuple[str, str], np.ndarray]:
+        """Mean initial interest of the users sharing (age band, declared interest)."""
+        groups: dict[tuple[str, str], list[np.ndarray]] = {}
+        for u in self.users:
+            groups.setdefault((u.age_band, u.declared), []).append(u.state)
+        out = {k: np.mean(v, axis=0) for k, v in groups.items()}
+        out[("", "")] = (np.mean([u.state for u in self.users], axis=0) if self.users
+                         else np.zeros(N_TOPICS))
+        return out
 
     def _new_advertiser(self, industry: IndustrySpec, rng: np.random.Generator) -> str:
         self._adv_counter += 1
@@ -490,12 +594,28 @@ class World:
         return ad.record
 
     # -- lifecycle ---------------------------------------------------------------------
-    def _lifecycle_rates(self) -> tuple[float, float, float]:
+    def _lifecycle_rates(self) -> tuple[float, float, float, float]:
         cfg = self.config
         n_active = sum(1 for a in self.ads.values() if a.active)
         n_paused = sum(1 for a in self.ads.values() if a.record.status == "paused")
+        n_revisable = sum(1 for a in self.ads.values() if a.record.status != "paused")
         return (cfg.new_ads_per_hour / 3600.0, n_active * cfg.pause_per_hour / 3600.0,
-                n_paused * cfg.resume_per_hour / 3600.0)
+                n_paused * cfg.resume_per_hour / 3600.0,
+                n_revisable * cfg.bid_change_per_hour / 3600.0)
+
+    def _revise(self, ad: SimAd, t: float, rng: np.random.Generator) -> Ad:
+        """The advertiser changes the bid and tops up the budget (reactivating the ad)."""
+        import msgspec
+
+        r = ad.record
+        lo, hi = BID_RANGES[r.bid_type]
+        bid = float(np.clip(r.bid * rng.lognormal(0.0, self.config.bid_change_sigma), lo, hi))
+        budget = r.budget + float(rng.uniform(0.0, 0.5)) * r.budget
+        status = "active" if r.status == "exhausted" and ad.spend < budget else r.status
+        ad.record = msgspec.structs.replace(r, bid=round(bid, 4), budget=round(budget, 2),
+                                            status=status, event_time=t)
+        self._matrix_cache = None
+        return ad.record
 
     def _draw_lifecycle_gap(self, t: float) -> float:
         total = sum(self._lifecycle_rates())
@@ -507,14 +627,15 @@ class World:
         """Run the ad lifecycle up to simulated time ``t``; the ads that changed, in order.
 
         New ads arrive as a Poisson process (``new_ads_per_hour``); each active ad pauses
-        and each paused ad resumes at its hazard rate.
+        and each paused ad resumes at its hazard rate; each active or exhausted ad gets a
+        bid/budget revision at ``bid_change_per_hour``.
         """
         changed: list[Ad] = []
         rng = self.rng_world
         while self._next_lifecycle <= t:
             te = self._next_lifecycle
-            new, pause, resume = self._lifecycle_rates()
-            u = float(rng.uniform(0.0, new + pause + resume))
+            new, pause, resume, revise = self._lifecycle_rates()
+            u = float(rng.uniform(0.0, new + pause + resume + revise))
             if u < new:
                 changed.append(self._new_ad(te, te).record)
             elif u < new + pause:
@@ -522,11 +643,16 @@ class World:
                 if active:
                     ad = active[int(rng.integers(len(active)))]
                     changed.append(self._set_status(ad, "paused", te))
-            else:
+            elif u < new + pause + resume:
                 paused = [a for a in self.ads.values() if a.record.status == "paused"]
                 if paused:
                     ad = paused[int(rng.integers(len(paused)))]
                     changed.append(self._set_status(ad, "active", te))
+            else:
+                revisable = [a for a in self.ads.values() if a.record.status != "paused"]
+                if revisable:
+                    ad = revisable[int(rng.integers(len(revisable)))]
+                    changed.append(self._revise(ad, te, rng))
             self._next_lifecycle = self._draw_lifecycle_gap(te)
         self.now = max(self.now, t)
         return changed
@@ -543,7 +669,7 @@ class World:
             return
         hours = dt / 3600.0
         if rng.random() < 1.0 - math.exp(-cfg.interest_shift_per_day * hours / 24.0):
-            user.mean = _unit(0.5 * user.mean + self._draw_interest_mean(rng))
+            user.mean = _unit(0.5 * user.mean + self._draw_interest_mean(rng, user.age_band))
         decay = math.exp(-cfg.interest_theta_per_hour * hours)
         noise_sd = cfg.interest_sigma * math.sqrt(max(0.0, 1.0 - decay * decay))
         user.state = (user.mean + (user.state - user.mean) * decay
@@ -566,13 +692,52 @@ class World:
         device = user.device if rng.random() < 0.8 else str(rng.choice(DEVICES))
         placement = str(rng.choice(PLACEMENTS, p=PLACEMENT_WEIGHTS))
         self._drift(user, t, rng)
+        self._consume_organic(user, rng)
         context = {"device": device, "placement": placement,
-                   "hour": str(int((t % 86400.0) // 3600.0)), "region": user.region}
+                   "hour": str(int((t % 86400.0) // 3600.0)), "region": user.region,
+                   "age": user.age_band, "interest": user.declared}
         seq = self._seq
         self._seq += 1
         return Request(seq=seq, request_id=f"{cfg.prefix}-{seq:09d}", user_id=user.user_id,
                        context=context, recent_ad_ids=list(user.recent),
-                       k=k or cfg.slate_size, event_time=t)
+                       k=k or cfg.slate_size, event_time=t,
+                       recent_organic=list(user.organic))
+
+    def _consume_organic(self, user: SimUser, rng: np.random.Generator) -> None:
+        """Organic items the user consumed since their last request, drawn from the
+        hidden interest: topic ~ softmax(sharpness · <state, topic vector>), or a
+        uniformly random topic with probability ``organic_noise``."""
+        cfg = self.config
+        n = int(rng.poisson(cfg.organic_per_request))
+        if n == 0:
+            return
+        logits = cfg.organic_sharpness * (self._cat_vectors @ user.state)
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        for _ in range(n):
+            if rng.random() < cfg.organic_noise:
+                c = int(rng.integers(len(CATEGORIES)))
+            else:
+                c = int(rng.choice(len(CATEGORIES), p=p))
+            self._organic_seq += 1
+            user.organic.append(f"{ORGANIC_TOPICS[c]}#{self._organic_seq}")
+
+    def observable_interest(self, context: dict[str, str],
+                            recent_organic: Sequence[str]) -> np.ndarray:
+        """Estimate of a user's interest from what a model can see.
+
+        Shrinkage posterior mean: ``(α·prior + Σ v(topic_i)) / (α + n)`` where ``prior``
+        is the mean initial interest of users with the same age band and declared
+        interest, ``v(topic)`` the unit topic vector of each recent organic item's
+        category, ``n`` their number and ``α = 3``.
+        """
+        prior = self._group_prior.get((context.get("age", ""), context.get("interest", "")),
+                                      self._group_prior[("", "")])
+        idx = {t: i for i, t in enumerate(ORGANIC_TOPICS)}
+        cats = [idx[t] for t in (organic_topic(o) for o in recent_organic) if t in idx]
+        alpha = 3.0
+        total = alpha * prior + (self._cat_vectors[cats].sum(axis=0) if cats else 0.0)
+        return np.asarray(total / (alpha + len(cats)))
 
     def step_requests(self, n: int, k: int | None = None) -> list[Request]:
         """The next ``n`` requests (without serving them)."""
@@ -595,12 +760,21 @@ class World:
         mat = np.stack([a.vector for a in ads]) if ads else np.zeros((0, N_TOPICS))
         return ads, mat
 
+    def trend_effect(self, t: float) -> np.ndarray:
+        """Per-category click-logit trend at time ``t`` (rises and falls over days)."""
+        return self.config.trend_amplitude * np.sin(
+            2.0 * math.pi * (t - self.config.start_time) / self._trend_period_s
+            + self._trend_phase)
+
     def probabilities(self, user: SimUser | str, context: dict[str, str], t: float,
                       ads: Sequence[SimAd] | None = None,
-                      positions: np.ndarray | int = 0) -> tuple[list[SimAd], Any, Any]:
+                      positions: np.ndarray | int = 0,
+                      state: np.ndarray | None = None) -> tuple[list[SimAd], Any, Any]:
         """True (pCTR, pCVR) of ``ads`` (default: all servable) for this user and context.
 
-        pCTR includes the position bias of ``positions`` (0 = top).
+        pCTR includes the position bias of ``positions`` (0 = top), the hour of day,
+        region/placement × industry effects, category trends and creative fatigue.
+        ``state`` replaces the user's hidden interest (the observable oracle).
         """
         cfg = self.config
         if isinstance(user, str):
@@ -608,13 +782,24 @@ class World:
         ads_list, mat = self._matrix(ads)
         if not ads_list:
             return ads_list, np.zeros(0), np.zeros(0)
-        affinity = mat @ user.state
+        affinity = mat @ (user.state if state is None else state)
         hour = self.hour_effect(t)
         ind = np.array([self._industry_index[a.record.industry] for a in ads_list])
+        cat = np.array([self._cat_of[(a.record.industry, a.category)] for a in ads_list])
         quality = np.array([a.quality for a in ads_list])
         ctx_bias = (PLACEMENT_BIAS.get(context.get("placement", ""), 0.0)
                     + DEVICE_BIAS.get(context.get("device", ""), 0.0))
-        logit = (cfg.ctr_affinity * affinity + hour[ind] + quality + ctx_bias
+        ctx_ind = np.zeros(len(INDUSTRIES))
+        if context.get("region") in REGIONS:
+            ctx_ind = ctx_ind + self._region_effect[REGIONS.index(context["region"])]
+        if context.get("placement") in PLACEMENTS:
+            ctx_ind = ctx_ind + self._placement_effect[PLACEMENTS.index(context["placement"])]
+        seen = np.array([user.exposure.get(a.ad_id, 0) for a in ads_list], dtype=float)
+        imps = np.array([a.impressions for a in ads_list], dtype=float)
+        fatigue = (cfg.fatigue_user * np.log1p(seen) + cfg.fatigue_overall
+                   * (1.0 - np.exp(-imps / cfg.fatigue_overall_scale)))
+        logit = (cfg.ctr_affinity * affinity + hour[ind] + ctx_ind[ind] + quality + ctx_bias
+                 + self.trend_effect(t)[cat] - fatigue
                  + cfg.ctr_bias + cfg.position_bias * np.asarray(positions, dtype=float))
         pctr = _sigmoid(logit)
         cvr_b = np.array([cfg.cvr_bias[a.record.bid_type] for a in ads_list])
@@ -642,6 +827,24 @@ class World:
         k = k or self.config.slate_size
         t = self.now if t is None else t
         ads, pctr, pcvr = self.probabilities(user, context, t, servable_ads)
+        if not ads:
+            return []
+        ev = self.expected_values(ads, pctr, pcvr)
+        order = np.lexsort((np.arange(len(ads)), -ev))[:k]
+        return [ads[int(i)].ad_id for i in order]
+
+    def observable_oracle_slate(self, request: Request,
+                                k: int | None = None) -> list[str]:
+        """The ``k`` ads with the highest expected value given only what models see.
+
+        The user's hidden interest is replaced by :meth:`observable_interest` (from the
+        request's age band, declared interest and recent organic items); everything
+        else (ad quality, trends, fatigue, hour, context effects) is the true world.
+        """
+        k = k or request.k
+        est = self.observable_interest(request.context, request.recent_organic)
+        ads, pctr, pcvr = self.probabilities(request.user_id, request.context,
+                                             request.event_time, state=est)
         if not ads:
             return []
         ev = self.expected_values(ads, pctr, pcvr)
@@ -721,6 +924,8 @@ class World:
                 converted=bool(converted), click_time=click_t, conversion_time=conv_t,
                 conversion_value=value, reward=reward))
             ad.spend += reward
+            ad.impressions += 1
+            user.exposure[r.ad_id] = user.exposure.get(r.ad_id, 0) + 1
             if ad.spend >= r.budget and ad.active:
                 updates.append(self._set_status(ad, "exhausted", event_time))
         return Response(request_id, event_time, items, clicks, conversions, updates, unknown)

@@ -87,7 +87,7 @@ RECORDING_RULES: tuple[RecordingRule, ...] = (
     RecordingRule(FRESHNESS_P95, _quantile(0.95, "adloop_learner_freshness_seconds", "15m")),
     RecordingRule(RPM, "1000 * sum by (job) (rate(adloop_traffic_revenue_total[5m]))\n"
                        "/\nsum by (job) (rate(adloop_traffic_impressions_total[5m]))"),
-    # The joiner (faust) reports its lag as adloop_join_lag_records; its group is its job.
+    # The joiner reports its lag as adloop_join_lag_records; its group is its job.
     RecordingRule(LAG, "sum by (job, group, topic) (adloop_consumer_lag_records)\nor\n"
                        "sum by (job, group, topic) (label_replace(adloop_join_lag_records, "
                        "\"group\", \"$1\", \"job\", \"(.*)\"))"),
@@ -124,6 +124,12 @@ ALERTS: tuple[Alert, ...] = (
     Alert("AdloopTargetDown", 'up{job=~"adloop-.*"} == 0', "1m", "critical",
           "{{ $labels.job }} target {{ $labels.instance }} is down",
           "Prometheus cannot scrape the process: it crashed, hangs, or its port moved."),
+    Alert("AdloopProcessRestarted",
+          'changes(process_start_time_seconds{job=~"adloop-.*"}[15m]) > 0', "0m", "warning",
+          "{{ $labels.job }} on {{ $labels.instance }} restarted",
+          "The process started again within the last 15 minutes: it crashed or was killed "
+          "and its supervisor restarted it. Read the end of its previous log; repeated "
+          "restarts are a crash loop."),
     Alert("AdloopSnapshotRefused",
           'sum by (job, instance) (increase(adloop_server_swaps_total{result!~"ok|rollback"}[15m]))'
           " > 0",

@@ -73,8 +73,8 @@ METRICS: tuple[Metric, ...] = (
        "Records consumed and decoded, good or dead-lettered.", "topic: logical topic"),
     _m("adloop_dead_letters_total", "counter", "all", ("topic", "reason"),
        "Records sent to the `dlq` topic, by source topic and rejection reason.",
-       "topic: logical source topic; reason: the DlqReason enum (not_json, schema, "
-       "too_large, handler_error, ...)"),
+       "topic: logical source topic; reason: the DlqReason enum (not_json, invalid, "
+       "schema_version, oversized, late, orphan, handler_error)"),
     _m("adloop_consumer_lag_records", "gauge", "all", ("group", "topic", "partition"),
        "High watermark minus the consumer's position.",
        "group: consumer group; topic: logical topic; partition: 0..partitions-1"),
@@ -131,8 +131,14 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_server_servable_ads", "gauge", "server", (), "Ads in the serving trie."),
     _m("adloop_server_catalog_ads", "gauge", "server", (), "Ads known from the `ads` topic."),
     _m("adloop_server_bad_records_total", "counter", "server", ("topic", "reason"),
-       "Undecodable records skipped by the server's topic followers.",
-       "topic: ads, model-updates; reason: the DlqReason enum"),
+       "Records the server's topic followers skipped (and dead-lettered once per offset): "
+       "undecodable, or breaking the handler.",
+       "topic: ads, model-updates; reason: the DlqReason enum (handler_error: the record "
+       "decoded but the server could not use it)"),
+    _m("adloop_follow_retries_total", "counter", "server", ("topic",),
+       "Times a topic follower reopened its topic after a fault that can heal (broker "
+       "unreachable, topic missing); backoff 0.5 s doubling to 10 s. Bad records are never "
+       "retried.", "topic: ads, model-updates"),
     # --- joiner: adloop join (streams/joiner.py) -----------------------------------------
     _m("adloop_join_feedback_total", "counter", "join", ("kind",), "Feedback lists emitted.",
        "kind: provisional, final, correction"),
@@ -141,7 +147,7 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_join_events_total", "counter", "join", ("topic", "outcome"),
        "Input records processed, by topic and outcome.",
        "topic: impressions, clicks, conversions; outcome: applied, held, duplicate, late, "
-       "orphan, invalid"),
+       "orphan, invalid, handler_error"),
     _m("adloop_join_late_total", "counter", "join", ("topic",),
        "Records dead-lettered as late (after their attribution window closed).",
        "topic: clicks, conversions"),
@@ -154,7 +160,7 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_join_table_bytes", "gauge", "join", (), "Encoded size of the join state."),
     _m("adloop_join_commits_total", "counter", "join", (), "Completed commit protocols."),
     _m("adloop_join_process_resident_memory_bytes", "gauge", "join", (),
-       "Resident memory of the joiner (faust worker)."),
+       "Resident memory of the joiner process."),
     _m("adloop_join_rejoins_total", "counter", "join", (),
        "Fresh group members after a long stretch with nothing assigned (kafka-python can "
        "leave a member idle in its group after an early rebalance)."),
@@ -170,7 +176,8 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_learner_updates_total", "counter", "learn", (), "RSPO optimizer steps."),
     _m("adloop_learner_lists_total", "counter", "learn", ("outcome",),
        "Feedback lists consumed, by what happened to them.",
-       "outcome: trained, holdout, not_final, unchanged, ..."),
+       "outcome: trained, holdout, not_final, unchanged, handler_error (not trainable: "
+       "dead-lettered)"),
     _m("adloop_learner_replayed_lists_total", "counter", "learn", (),
        "Lists re-used from the replay buffer (against forgetting)."),
     _m("adloop_learner_loss", "gauge", "learn", ("term",), "Latest loss, by term.",
@@ -306,7 +313,8 @@ def _literal_labels(node: ast.expr | None) -> tuple[str, ...] | None:
     return None
 
 
-def code_metrics(packages: tuple[str, ...] = ("streams", "learner", "server")) -> list[CodeMetric]:
+def code_metrics(packages: tuple[str, ...] = ("streams", "traffic", "learner", "server")
+                 ) -> list[CodeMetric]:
     """Every metric constructor call with a literal name in the given packages."""
     found = []
     for pkg in packages:
@@ -367,7 +375,9 @@ def render_markdown() -> str:
         "`streams.metrics.LATENCY_BUCKETS` (0.5 ms .. 10 s), freshness and lag histograms",
         "`FRESHNESS_BUCKETS` (0.1 s .. 1 h). Every process also exposes prometheus-client's",
         "defaults (`process_cpu_seconds_total`, `process_resident_memory_bytes`,",
-        "`process_open_fds`, `python_gc_*`, `python_info`); Prometheus adds `up` per target.",
+        "`process_open_fds`, `process_start_time_seconds`, `python_gc_*`, `python_info`);",
+        "Prometheus adds `up` per target. A change of `process_start_time_seconds` is a",
+        "restart (alert `AdloopProcessRestarted`).",
     ]
     if any(m.planned for m in METRICS):
         out += ["", "*planned*: read by the dashboards/rules, but the component that exposes",

@@ -32,5 +32,7 @@ def test_demo_closes_the_loop_feedback_reaches_the_learner_and_new_snapshots_are
     assert len(summary["model_versions_served"]) >= 2, summary["model_versions_served"]
     assert summary["server_swaps_ok"] >= 2         # ... which the server swapped in
     assert summary["snapshots_refused"] == 0
+    # the supervisor watched every process, and none had to be restarted
+    assert summary["process_restarts"] == {"join": 0, "learn": 0, "serve": 0}
     assert (out / "report.md").exists() and (out / "rpm.png").exists()
     assert "stopping processes" in res.stdout

@@ -112,3 +112,16 @@ def test_a_feedback_offset_trained_twice_is_doubled_and_a_gap_is_untrained() -> 
 def test_requests_outside_the_phases_are_not_accounted() -> None:
     row = reconcile([_req("warmup")], _observed([]), {}, ["p"], W)["p"]
     assert row.events_in == 0 and row.lost == 0
+
+
+def test_dead_letters_of_any_bytes_never_break_the_ledger_lookups() -> None:
+    obs = Observed()
+    raws = [b'"\x80"', b"[" * 100_000, b'{"event_id":"e1"}', b"\xff"]
+    for i, raw in enumerate(raws):
+        obs.add_dead_letter(DeadLetter.of(source_topic="clicks", partition=0, offset=i,
+                                          reason="not_json", detail="x", raw=raw))
+    obs.add_dead_letter(DeadLetter(source_topic="clicks", partition=0, offset=9,
+                                   reason="not_json", detail="x", raw_b64="!!not base64",
+                                   failed_time=0.0))
+    assert obs.dead_by("event_id") == {"e1": "not_json"}
+    assert len(obs.dead_raw()) == len(raws)

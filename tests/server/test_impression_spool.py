@@ -52,6 +52,18 @@ def test_spool_skips_a_torn_last_line(tmp_path: Path) -> None:
     assert [r.request_id for _, r in left] == ["r0"]
 
 
+def test_spool_skips_lines_of_any_bytes_and_keeps_the_good_ones(tmp_path: Path) -> None:
+    spool = ImpressionSpool(tmp_path)
+    spool.append(_impression(0))
+    spool.close()
+    seg = next(tmp_path.glob("*.jsonl"))
+    junk = [b'"\x80"', b'{"\x80":1}', b"[" * 100_000, b"\xef\xbb\xbf{}", b"\x00\xff"]
+    good = seg.read_bytes()
+    seg.write_bytes(b"\n".join(junk) + b"\n" + good + good.replace(b'"r0"', b'"r1"'))
+    left = ImpressionSpool(tmp_path).leftovers()
+    assert [r.request_id for _, r in left] == ["r0", "r1"]
+
+
 @pytest.mark.kafka
 def test_impressions_served_before_a_kill_9_reach_kafka_after_the_restart(
         tmp_path: Path, kafka: KafkaSettings, snapshots: Builder,

@@ -43,3 +43,34 @@ def test_metrics_health_and_readiness_endpoints() -> None:
             assert res.returncode == 0, res.stdout + res.stderr
     finally:
         server.stop()
+
+
+def test_every_process_exports_its_start_time_for_the_restart_alert() -> None:
+    """``process_start_time_seconds`` (prometheus-client's process collector, on the
+    registry every adloop endpoint serves) is the start of *that* process: a restart
+    changes it, which is what ``AdloopProcessRestarted`` watches."""
+    import sys
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    script = ("import sys\n"
+              "from streams.metrics import start_metrics_server\n"
+              "s = start_metrics_server(0)\n"
+              "print(s.url, flush=True)\n"
+              "sys.stdin.read()\n")
+    before = time.time()
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        after = time.time()
+        body = urllib.request.urlopen(url + "/metrics").read().decode()
+    finally:
+        proc.communicate("", timeout=30)
+    starts = [s.value for fam in text_string_to_metric_families(body) for s in fam.samples
+              if s.name == "process_start_time_seconds"]
+    assert len(starts) == 1
+    # /proc gives the boot time in whole seconds and the start in clock ticks
+    assert before - 1.0 <= starts[0] <= after + 1.0

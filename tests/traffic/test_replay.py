@@ -182,3 +182,27 @@ def test_cli_replays_a_recorded_file_into_kafka(tmp_path: Path, kafka: KafkaSett
     for topic, want in expected.items():
         got = read_all(kafka, topic, timeout_s=30, expect=sum(want.values()))
         assert Counter(encode(r.record) for r in got) == want, topic
+
+
+def test_bad_bytes_in_a_recorded_file_are_reported_with_line_numbers_and_skipped(
+        tmp_path: Path) -> None:
+    good = b'{"type":"click","t":5,"event_id":"c","request_id":"r","user_id":"u","ad_id":"a"}'
+    lines = [
+        b'"\x80"',                                      # 1: not UTF-8
+        b'{"type":"click","\x80":1}',                   # 2: non-UTF-8 key
+        b"[" * 100_000,                                  # 3: nested too deep
+        b"\xef\xbb\xbf" + good,                          # 4: byte-order mark
+        b'{"type":"click","t":' + b"9" * 400 + b"}",     # 5: an integer no float holds
+        b'{"type":"click","t":NaN}',                     # 6: NaN literal
+        good,                                            # 7
+    ]
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    errors: list[RecordError] = []
+    entries = list(read_recorded(path, "skip", errors))
+    assert [e.line for e in entries] == [7]
+    assert [e.line for e in errors] == [1, 2, 3, 4, 5, 6]
+    assert "not UTF-8" in str(errors[0]) and "too deep" in str(errors[2])
+    emitter, stats = _replay(path, speed=0, on_error="skip")
+    assert emitter.counts["clicks"] == 1
+    assert len(stats.bad_lines) == 6  # type: ignore[attr-defined]

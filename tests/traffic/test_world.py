@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from streams.features import DEFAULT_CONTEXT_FEATURES
+from streams.features import DEFAULT_CONTEXT_FEATURES, organic_topic
 from streams.schemas import Ad, Click, Conversion, Impression
 from traffic.driver import (
     Emitter,
@@ -16,7 +16,10 @@ from traffic.driver import (
     TrafficDriver,
 )
 from traffic.world import (
+    AGE_BANDS,
+    CATEGORIES,
     INDUSTRY_NAMES,
+    ORGANIC_TOPICS,
     DelayModel,
     World,
     WorldConfig,
@@ -183,7 +186,9 @@ def test_unknown_and_inactive_ads_get_no_response() -> None:
 
 
 def test_response_depends_on_request_not_on_order() -> None:
-    w1, w2 = World(WorldConfig(seed=1, **SMALL)), World(WorldConfig(seed=1, **SMALL))
+    # without creative fatigue the world state a response sees does not depend on order
+    no_fatigue = {**SMALL, "fatigue_user": 0.0, "fatigue_overall": 0.0}
+    w1, w2 = World(WorldConfig(seed=1, **no_fatigue)), World(WorldConfig(seed=1, **no_fatigue))
     r1, r2 = w1.step_requests(2), w2.step_requests(2)
     s = [a.ad_id for a in w1.servable_ads()[:5]]
     a = [w1.respond(r1[0], s).items, w1.respond(r1[1], s).items]
@@ -194,3 +199,91 @@ def test_response_depends_on_request_not_on_order() -> None:
 
 def test_slate_ids_orders_by_position() -> None:
     assert slate_ids([{"ad_id": "b", "position": 1}, {"ad_id": "a", "position": 0}]) == ["a", "b"]
+
+
+def test_creative_fatigue_lowers_ctr_with_exposure() -> None:
+    world = World(WorldConfig(seed=3, **SMALL))
+    req = world.next_request()
+    ad = world.servable_ads()[:1]
+    _, fresh, _ = world.probabilities(req.user_id, req.context, req.event_time, ad)
+    for _ in range(3):
+        world.respond(req, [ad[0].ad_id])
+    _, tired, _ = world.probabilities(req.user_id, req.context, req.event_time, ad)
+    assert world.user(req.user_id).exposure[ad[0].ad_id] == 3 and ad[0].impressions == 3
+    assert tired[0] < 0.8 * fresh[0]
+    other = next(u for u in world.users if u.user_id != req.user_id)
+    _, for_other, _ = world.probabilities(other, req.context, req.event_time, ad)
+    fresh_world = World(WorldConfig(seed=3, **SMALL))
+    _, other_before, _ = fresh_world.probabilities(
+        other.user_id, req.context, req.event_time, [fresh_world.ads[ad[0].ad_id]])
+    assert for_other[0] < other_before[0]          # overall wear-out reaches everyone
+
+
+def test_category_trends_rise_and_fall_over_days() -> None:
+    world = World(WorldConfig(seed=2, **SMALL))
+    t0 = world.config.start_time
+    trends = np.stack([world.trend_effect(t0 + h * 3600.0) for h in range(0, 96, 2)])
+    assert trends.shape == (48, len(CATEGORIES))
+    amp = world.config.trend_amplitude
+    assert np.all(np.abs(trends) <= amp + 1e-9)
+    assert np.all(trends.max(axis=0) - trends.min(axis=0) > amp)   # each one moves
+
+
+def test_advertisers_revise_bids_and_budgets() -> None:
+    world = World(WorldConfig(seed=4, n_users=10, n_ads=40, new_ads_per_hour=0.0,
+                              pause_per_hour=0.0, bid_change_per_hour=1.0))
+    before = {a.ad_id: (a.bid, a.budget) for a in world.initial_ads()}
+    changed = world.advance_to(world.now + 3600.0)
+    revised = [a for a in changed if a.ad_id in before]
+    assert len(revised) > 10
+    assert any(a.bid != before[a.ad_id][0] for a in revised)
+    assert all(a.budget >= before[a.ad_id][1] for a in revised)
+
+
+def test_requests_carry_stable_user_features_and_organic_history() -> None:
+    world = World(WorldConfig(seed=6, **SMALL))
+    reqs = world.step_requests(300)
+    by_user: dict[str, set[tuple[str, str]]] = {}
+    for r in reqs:
+        assert r.context["age"] in AGE_BANDS and r.context["interest"] in INDUSTRY_NAMES
+        by_user.setdefault(r.user_id, set()).add((r.context["age"], r.context["interest"]))
+        assert all(organic_topic(o) in ORGANIC_TOPICS for o in r.recent_organic)
+        assert len(r.recent_organic) <= world.config.recent_organic
+    assert all(len(v) == 1 for v in by_user.values())     # stable per user
+    assert sum(len(r.recent_organic) for r in reqs) > 300
+
+
+def test_organic_history_reveals_the_hidden_interest() -> None:
+    world = World(WorldConfig(seed=8, n_users=50, n_ads=50, organic_noise=0.0))
+    reqs = world.step_requests(2000)
+    hits = total = 0
+    for r in reqs[-200:]:
+        user = world.user(r.user_id)
+        if not r.recent_organic:
+            continue
+        topics = [organic_topic(o) for o in r.recent_organic]
+        top = max(set(topics), key=topics.count)
+        cats = user.state[len(INDUSTRY_NAMES):]
+        best = {ORGANIC_TOPICS[int(i)] for i in np.argsort(-cats)[:3]}
+        hits += top in best
+        total += 1
+    assert total > 100 and hits / total > 0.6
+
+
+def test_observable_oracle_sits_between_random_and_oracle() -> None:
+    def expected(policy: str) -> float:
+        world = World(WorldConfig(seed=5, **SMALL))
+        rand = RandomPolicy(world, 5)
+        ev = 0.0
+        for r in world.step_requests(300):
+            if policy == "oracle":
+                slate = world.oracle_slate(r.user_id, r.context, k=r.k, t=r.event_time)
+            elif policy == "observable":
+                slate = world.observable_oracle_slate(r)
+            else:
+                slate = rand.recommend(r).ad_ids()
+            ev += world.respond(r, slate).expected_value
+        return ev
+
+    rand, obs, oracle = expected("random"), expected("observable"), expected("oracle")
+    assert rand < 0.5 * obs and obs < oracle
