@@ -51,7 +51,7 @@ class GenerativePolicy:
                  tok: UASIDTokenizer, update: str = "none", beam_width: int = 32,
                  lr: float = 5e-4, publish_every: int = 10, seed: int = 0,
                  explore: float = 0.0, explore_max_shown: int = 50,
-                 rspo: RSPOConfig | None = None) -> None:
+                 rspo: RSPOConfig | None = None, catalogue_beams: bool = True) -> None:
         if update not in ("none", "rspo", "vsl_only"):
             raise ValueError(f"update must be none, rspo or vsl_only, got {update!r}")
         self.name = name
@@ -60,6 +60,7 @@ class GenerativePolicy:
         self.tok = copy.deepcopy(tok)
         self.update = update
         self.beam_width = beam_width
+        self.catalogue_beams = catalogue_beams
         self.publish_every = publish_every
         cfg = rspo or RSPOConfig()
         if update == "vsl_only":
@@ -128,7 +129,8 @@ class GenerativePolicy:
             return [ServedSlate(r.request_id, self.name, []) for r in requests]
         backend = TorchBackend(self.model)
         hist, mask, ctx = self._inputs(requests)
-        widths = level_widths(self.beam_width, trie)
+        widths = (level_widths(self.beam_width, trie) if self.catalogue_beams
+                  else [min(self.beam_width, 16 * 2**t) for t in range(trie.id_len)])
         res = beam_search(backend, hist, mask, ctx, trie, widths)
         memory, mmask, _, _ = backend.encode(hist, mask, ctx)
         cand = res.ids.clamp_min(0)
