@@ -29,11 +29,16 @@ def _register_optional() -> None:
     optional = {
         "pretrain": ("learner.pretrain", "offline VSL + MTP pretraining from logged events"),
         "export": ("learner.export", "export a checkpoint to an ONNX snapshot"),
-        "evaluate": ("learner.evaluate", "offline recall@K / value-NDCG@K of beam search"),
+        "evaluate": ("adloop.offpolicy", "offline recall@K / value-NDCG@K of beam search; "
+                     "--offline: a snapshot's value on a recorded log (IPS, SNIPS, DR)"),
         "join": ("streams.joiner", "the joiner: impressions ⋈ clicks ⋈ conversions → feedback"),
+        "stats": ("streams.stats", "windowed ad/advertiser/industry stats of feedback → ad-stats "
+                  "(faust-streaming, at-least-once)"),
         "learn": ("learner.online", "the continuous RSPO learner"),
         "serve": ("server.app", "the serving worker (HTTP API, ONNX Runtime)"),
         "replay": ("traffic.replay", "replay simulated or recorded traffic"),
+        "import": ("adloop.importer", "a recorded log to a snapshot: offline join, "
+                   "tokenizer, context features from the data, pretrain, export"),
         "demo": ("adloop.demo", "the whole loop on the embedded stack, with a report"),
     }
     for name, (module, help_text) in optional.items():

@@ -84,6 +84,9 @@ class DemoSettings(BaseSettings):
     crash_loop_exits: int = Field(5, description="this many exits of one process within "
                                   "--crash-loop-window-s stop the demo (crash loop)")
     crash_loop_window_s: float = Field(120.0, description="crash-loop window (wall seconds)")
+    shadow_frozen: bool = Field(True, description="a frozen copy of the pretrained model "
+                                "answers every request in shadow (never served); the world "
+                                "scores its slates too, for the online-vs-frozen comparison")
 
 
 # -- small helpers ---------------------------------------------------------------------
@@ -153,6 +156,8 @@ class Demo:
         self.step_no = 0
         self.t0 = time.monotonic()
         self.crash_loop: CrashLoopError | None = None
+        self.pretrained: tuple[Any, Any] | None = None
+        """(model, tokenizer) after pretraining: the frozen shadow's starting point."""
 
     def say(self, msg: str) -> None:
         print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", flush=True)
@@ -188,19 +193,24 @@ class Demo:
             held_out_frac=0.05, resume=False), [a.record for a in world.ads.values()], logs)
         self.say("     held-out: " + ", ".join(f"{k}={v:.3f}" for k, v in res.metrics.items()))
         self.pretrained_ads = len(res.tokenizer)
+        self.pretrained = (res.model, res.tokenizer)
         return world, pre_dir
 
     # 4 -----------------------------------------------------------------------------------
     def start_processes(self, pre_dir: Path) -> dict[str, str]:
         st = self.stack
-        self.step("starting joiner, learner and server (real processes)")
-        ports = {"join": free_port(), "learn": free_port(),
+        self.step("starting joiner, stats, learner and server (real processes)")
+        ports = {"join": free_port(), "stats": free_port(), "learn": free_port(),
                  "serve": self.s.server_port or free_port()}
         kafka = st.kafka_args()
         st.add("join", ["join", *kafka, "--metrics-port", str(ports["join"]),
                         "--observation-window-s", str(self.s.observation_window_s),
                         "--attribution-window-s", str(self.s.attribution_window_s)],
                f"http://127.0.0.1:{ports['join']}/readyz")
+        # windowed ad/advertiser/industry statistics (faust-streaming, at-least-once)
+        st.add("stats", ["stats", *kafka, "--metrics-port", str(ports["stats"]),
+                         "--data-dir", str(self.run_dir / "stats")],
+               f"http://127.0.0.1:{ports['stats']}/readyz")
         st.add("learn", ["learn", *kafka, "--init-run-dir", str(pre_dir),
                          "--state-dir", str(self.run_dir / "learner"),
                          "--snapshot-store", str(self.run_dir / "snapshots"),
@@ -213,9 +223,9 @@ class Demo:
                f"http://127.0.0.1:{ports['serve']}/readyz")
         shutil.rmtree(self.run_dir / "learner", ignore_errors=True)
         shutil.rmtree(self.run_dir / "snapshots", ignore_errors=True)
-        for name in ("join", "learn", "serve"):
+        for name in ("join", "stats", "learn", "serve"):
             st.processes[name].start()
-        for name in ("join", "learn", "serve"):
+        for name in ("join", "stats", "learn", "serve"):
             st.processes[name].wait_ready(300)
             self.say(f"     {name} ready (pid {st.processes[name].pid}, "
                      f"http://127.0.0.1:{ports[name]}/metrics)")
@@ -256,6 +266,12 @@ class Demo:
         ledger = Ledger(self.run_dir / "ledger.jsonl", keep=True)
         driver = TrafficDriver(world, Emitter(producer=producer, ledger=ledger))
         driver.keep_responses = True
+        if s.shadow_frozen and self.pretrained is not None:
+            from adloop.policies import GenerativePolicy
+
+            frozen = GenerativePolicy("frozen", world, *self.pretrained, update="none",
+                                      beam_width=32)
+            driver.shadow = lambda reqs: [sl.ad_ids() for sl in frozen.recommend_batch(reqs)]
         driver.start()
         for ad in world.ad_records():           # the catalog as it stands after logging
             driver.emitter.emit("ads", ad)
@@ -276,6 +292,7 @@ class Demo:
 
         stats = asyncio.run(driver.run_http(opts, self.stop, drain=True,
                                             on_progress=progress))
+        driver.flush_shadow()
         producer.flush()
         producer.close()
         ledger.close()
@@ -292,19 +309,23 @@ class Demo:
         timeline: list[dict[str, Any]] = []
         for resp in driver.responses:
             e = req_entries.get(resp.request_id, {})
+            shadow_exp, shadow_imp = driver.shadow_values.get(resp.request_id, (0.0, 0))
             timeline.append({"t": resp.event_time, "exp": resp.expected_value,
                              "rev": resp.reward, "imp": resp.impressions,
                              "version": e.get("model_version") or "",
-                             "latency": e.get("latency_s")})
+                             "latency": e.get("latency_s"), "shadow_exp": shadow_exp,
+                             "shadow_imp": shadow_imp})
         latencies = [e["latency_s"] for e in req_entries.values() if e.get("latency_s")]
         versions = sorted({t["version"] for t in timeline if t["version"]})
         n = len(timeline)
         q = max(1, n // 4)
         first, last = timeline[:q], timeline[-q:]
 
-        def rpm(rows: list[dict[str, Any]], key: str = "exp") -> float:
-            imp = sum(r["imp"] for r in rows)
+        def rpm(rows: list[dict[str, Any]], key: str = "exp", imp_key: str = "imp") -> float:
+            imp = sum(r[imp_key] for r in rows)
             return 1000.0 * sum(r[key] for r in rows) / imp if imp else 0.0
+
+        frozen_last = rpm(last, "shadow_exp", "shadow_imp")
 
         learn, serve, join = scraped.get("learn", {}), scraped.get("serve", {}), \
             scraped.get("join", {})
@@ -332,6 +353,10 @@ class Demo:
                                                           0.95),
             "server_swaps_ok": metric_sum(serve, "adloop_server_swaps_total", result="ok"),
             "process_restarts": self.restarts(),
+            "frozen_rpm_first_quarter": round(rpm(first, "shadow_exp", "shadow_imp"), 3),
+            "frozen_rpm_last_quarter": round(frozen_last, 3),
+            "online_over_frozen_last_quarter": round(rpm(last) / frozen_last, 4)
+            if frozen_last else None,
         }
         self._plots(timeline, latencies)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -344,6 +369,9 @@ class Demo:
               "![latency](latency.png)\n")
         (self.run_dir / "report.md").write_text(md)
         print("\n" + "\n".join(f"  {k:28s} {v}" for k, v in summary.items()))
+        if driver.shadow_values:
+            self.say(f"last quarter: online {summary['rpm_last_quarter']:.1f} RPM vs frozen "
+                     f"(shadow, never served) {summary['frozen_rpm_last_quarter']:.1f} RPM")
         self.say(f"report: {self.run_dir / 'report.md'}")
         return summary
 
@@ -357,15 +385,22 @@ class Demo:
             t0 = timeline[0]["t"]
             n_buckets = 24
             span = max(1e-9, timeline[-1]["t"] - t0)
-            sums: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
+            sums: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
             for r in timeline:
                 b = min(n_buckets - 1, int((r["t"] - t0) / span * n_buckets))
                 sums[b][0] += r["exp"]
                 sums[b][1] += r["imp"]
+                sums[b][2] += r["shadow_exp"]
+                sums[b][3] += r["shadow_imp"]
             xs = [(b + 0.5) * span / n_buckets / 3600 for b in sorted(sums)]
             ys = [1000 * sums[b][0] / sums[b][1] if sums[b][1] else 0 for b in sorted(sums)]
             fig, ax = plt.subplots(figsize=(8, 4))
-            ax.plot(xs, ys, marker="o")
+            ax.plot(xs, ys, marker="o", label="online (served)")
+            if any(sums[b][3] for b in sums):
+                ax.plot(xs, [1000 * sums[b][2] / sums[b][3] if sums[b][3] else 0
+                             for b in sorted(sums)], marker="x", linestyle="--",
+                        label="frozen pretrained model (shadow, never served)")
+                ax.legend(fontsize=8)
             seen = ""
             for r in timeline:
                 if r["version"] and r["version"] != seen:

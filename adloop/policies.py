@@ -38,7 +38,7 @@ from learner.model import GenerativeRecommender
 from learner.rspo import RSPOConfig
 from learner.rspo_step import OnlineLearner, lists_to_batch
 from learner.tokenizer import TokenizerError, UASIDTokenizer
-from streams.features import context_ids, organic_topic
+from streams.features import organic_topic, request_ids
 from streams.schemas import Feedback
 from traffic.driver import ServedAd, ServedSlate
 from traffic.world import Request, World
@@ -111,7 +111,7 @@ class GenerativePolicy:
         B, H, T = len(requests), cfg.history_len, cfg.id_len
         hist = np.zeros((B, H, T), np.int64)
         mask = np.zeros((B, H), np.float32)
-        ctx = np.zeros((B, len(cfg.context_features)), np.int64)
+        ctx = np.zeros((B, len(cfg.context_features) + cfg.organic_len), np.int64)
         for b, r in enumerate(requests):
             h = 0
             for ad_id in reversed(r.recent_ad_ids):   # most recent first
@@ -120,7 +120,8 @@ class GenerativePolicy:
                 if ad_id in self.tok:
                     hist[b, h], mask[b, h] = self.tok.ids_of(ad_id), 1.0
                     h += 1
-            ctx[b] = context_ids(r.context, cfg.context_features, cfg.context_buckets)
+            ctx[b] = request_ids(r.context, r.recent_organic, cfg.context_features,
+                                 cfg.context_buckets, cfg.organic_len)
         return torch.from_numpy(hist), torch.from_numpy(mask), torch.from_numpy(ctx)
 
     def recommend_batch(self, requests: Sequence[Request]) -> list[ServedSlate]:

@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from adloop.chaos import ChaosRun, configure, settings_of  # noqa: E402
+from adloop.console import Console  # noqa: E402
 from bench.common import device, markdown_table, write_results  # noqa: E402
 
 DOC = ROOT / "docs" / "reliability.md"
@@ -57,10 +58,18 @@ def update_reliability_doc(body: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     configure(parser)
-    s = settings_of(parser.parse_args(argv))
+    parser.add_argument("--verbose", action="store_true",
+                        help="log lines on the console (default: <out>/logs/chaos.log)")
+    args = parser.parse_args(argv)
+    s = settings_of(args)
     # SIGTERM unwinds like Ctrl-C, so the stack's processes and broker are stopped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    result = ChaosRun(s).run()
+    log_path = Path(s.out) / "logs" / "chaos.log"
+    with Console(log_path, args.verbose) as console:
+        if console.quiet:
+            console.say(f"logs: {log_path} and {Path(s.out)}/stack/logs/<process>.log "
+                        f"(--verbose shows them here)")
+        result = ChaosRun(s).run()
     rows = result["rows"]
     print(fault_table(rows))
     if result["load"]:

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from adloop.console import Console
 from adloop.evaluation import (
     EvalConfig,
     compare,
@@ -42,6 +43,10 @@ def main() -> int:
     ap.add_argument("--beam-width", type=int, default=EvalConfig.beam_width,
                     help="final beam of the generative policies (wider = more candidates "
                          "for value rescoring: inference-time scaling)")
+    ap.add_argument("--verbose", action="store_true",
+                    help="log lines on the console (default: into --log)")
+    ap.add_argument("--log", type=Path, default=Path("runs/bench/closed_loop.log"),
+                    help="where the log lines go unless --verbose")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = EvalConfig(seeds=tuple(int(s) for s in args.seeds.split(",")),
@@ -52,8 +57,11 @@ def main() -> int:
     if args.requests:
         cfg.requests = args.requests
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="adloop-closed-loop-") as tmp:
-        results = compare(cfg, Path(tmp), progress=lambda m: print(m, flush=True))
+    with Console(args.log, args.verbose) as console, \
+            tempfile.TemporaryDirectory(prefix="adloop-closed-loop-") as tmp:
+        if console.quiet:
+            console.say(f"logs: {args.log} (--verbose shows them here)")
+        results = compare(cfg, Path(tmp), progress=console.say)
     elapsed = time.perf_counter() - t0
     pol = results["policies"]
     out: dict[str, object] = {

@@ -9,7 +9,8 @@ slate item becomes one example:
 
 * ``history`` [H, T]: ids of ``recent_ad_ids`` in the order given, the first H of them,
   padding (all-zero rows, mask 0) after them;
-* ``context`` [C]: :func:`streams.features.context_ids` of the request context;
+* ``context`` [C + O]: :func:`streams.features.request_ids` of the request context and
+  its recent organic items (O = the model's ``organic_len``);
 * ``target`` [T]: the item's id; ``value``: its realized reward, floored at
   ``min_value`` so that a click on a CPA ad that has not converted (yet) still counts;
 * ``prior``: the interaction type (0 click, 1 conversion) for the prior heads;
@@ -34,7 +35,12 @@ import torch
 from torch import Tensor
 
 from learner.tokenizer import UASIDTokenizer, UnknownAdError
-from streams.features import context_ids
+from streams.features import (
+    DEFAULT_CONTEXT_BUCKETS,
+    DEFAULT_CONTEXT_FEATURES,
+    DEFAULT_ORGANIC_LEN,
+    request_ids,
+)
 from streams.logs import get_logger
 from streams.schemas import Ad, DecodeFailure, Event, Feedback, decode
 
@@ -207,13 +213,15 @@ def _ids(tok: UASIDTokenizer, ad_id: str, where: str, on_unknown: str) -> tuple[
 
 
 def build_examples(feedback: Iterable[Feedback], tok: UASIDTokenizer, history_len: int = 20,
-                   context_features: Sequence[str] = ("device", "placement", "hour", "region"),
-                   context_buckets: int = 1024, mtp_heads: int = 2, min_value: float = 0.05,
-                   on_unknown: str = "error") -> ExampleSet:
+                   context_features: Sequence[str] = DEFAULT_CONTEXT_FEATURES,
+                   context_buckets: int = DEFAULT_CONTEXT_BUCKETS, mtp_heads: int = 2,
+                   min_value: float = 0.05, on_unknown: str = "error",
+                   organic_len: int = DEFAULT_ORGANIC_LEN) -> ExampleSet:
     """Examples from feedback records (newest revision per request, time order).
 
     ``on_unknown``: ``"error"`` raises :class:`UnknownAdError` naming the ad and the
-    request; ``"skip"`` drops unknown history items and slate items.
+    request; ``"skip"`` drops unknown history items and slate items. ``organic_len``:
+    organic topic ids appended to each context row (the model's ``organic_len``).
     """
     if on_unknown not in ("error", "skip"):
         raise ValueError(f"on_unknown must be 'error' or 'skip', got {on_unknown!r}")
@@ -233,8 +241,8 @@ def build_examples(feedback: Iterable[Feedback], tok: UASIDTokenizer, history_le
             if sid is not None:
                 hist[h], hmask[h] = sid, 1.0
                 h += 1
-        ctx = np.array(context_ids(rec.context, context_features, context_buckets),
-                       dtype=np.int64)
+        ctx = np.array(request_ids(rec.context, rec.recent_organic, context_features,
+                                   context_buckets, organic_len), dtype=np.int64)
         slate, clicked, converted = [], [], []
         positives: list[tuple[tuple[int, ...], float, int]] = []
         for it in rec.items:
@@ -268,7 +276,7 @@ def build_examples(feedback: Iterable[Feedback], tok: UASIDTokenizer, history_le
         history_mask=np.stack([r["history_mask"] for r in rows]) if n
         else np.zeros((0, H), np.float32),
         context=np.stack([r["context"] for r in rows]) if n
-        else np.zeros((0, len(context_features)), np.int64),
+        else np.zeros((0, len(context_features) + organic_len), np.int64),
         target=np.array([r["target"] for r in rows], dtype=np.int64).reshape(n, T),
         value=np.array([r["value"] for r in rows], dtype=np.float32),
         prior=np.array([r["prior"] for r in rows], dtype=np.int64),

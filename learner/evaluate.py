@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     model, tok, _ = load_model(s.run_dir)
     ex = build_examples(read_jsonl(s.feedback, Feedback), tok, model.cfg.history_len,
                         model.cfg.context_features, model.cfg.context_buckets,
-                        model.cfg.mtp_heads, on_unknown="skip")
+                        model.cfg.mtp_heads, on_unknown="skip",
+                        organic_len=model.cfg.organic_len)
     test = ex if s.all_data else split_by_time(ex, s.held_out_frac)[1]
     backend: Backend
     if s.backend == "onnx":

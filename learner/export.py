@@ -118,7 +118,10 @@ def reference_inputs(model: GenerativeRecommender, ids: np.ndarray, seed: int = 
     mask = np.ones((B, H), dtype=np.float32)
     mask[-1, H // 2:] = 0.0
     history[mask == 0] = 0
-    context = rng.integers(0, cfg.context_buckets, size=(B, len(cfg.context_features)))
+    context = rng.integers(0, cfg.context_buckets,
+                           size=(B, len(cfg.context_features) + cfg.organic_len))
+    if cfg.organic_len:                 # a short organic history: padding ids (0) too
+        context[-1, len(cfg.context_features) + cfg.organic_len // 2:] = 0
     enc_in: dict[str, np.ndarray] = {"history": history, "history_mask": mask,
                                      "context": context.astype(np.int64)}
     with torch.no_grad():
@@ -234,6 +237,7 @@ def export_snapshot(model: GenerativeRecommender, tok: UASIDTokenizer, out_dir: 
             "history_order": HISTORY_ORDER,
             "context_features": list(model.cfg.context_features),
             "context_buckets": model.cfg.context_buckets,
+            "organic_len": model.cfg.organic_len,
             "d_model": model.cfg.d_model,
             "opset": OPSET,
             "files": {name: {"sha256": sha256_file(tmp / name),

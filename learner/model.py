@@ -42,7 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from streams.features import DEFAULT_CONTEXT_BUCKETS, DEFAULT_CONTEXT_FEATURES
+from streams.features import (
+    DEFAULT_CONTEXT_BUCKETS,
+    DEFAULT_CONTEXT_FEATURES,
+    DEFAULT_ORGANIC_LEN,
+)
 
 NEG = -1e9  # additive mask value (finite, so fully-masked rows never give NaN)
 MODES = ("lazy_ar", "full_ar")
@@ -56,6 +60,11 @@ class ModelConfig:
     history_len: int = 20
     context_features: tuple[str, ...] = DEFAULT_CONTEXT_FEATURES
     context_buckets: int = DEFAULT_CONTEXT_BUCKETS
+    organic_len: int = DEFAULT_ORGANIC_LEN
+    """Organic-history slots: the ``context`` input holds ``len(context_features)``
+    context ids followed by ``organic_len`` hashed organic topic ids
+    (:func:`streams.features.request_ids`; 0 = padding). 0 = no organic input (as in
+    checkpoints written before it existed); extra context columns are ignored."""
     d_model: int = 64
     n_head: int = 4
     n_enc_layer: int = 2
@@ -112,7 +121,7 @@ class ModelConfig:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ModelConfig:
         # checkpoints written before ``inject_mlp`` existed have no such parameters
-        return cls(**{"inject_mlp": False, "value_own_items": False, **d})
+        return cls(**{"inject_mlp": False, "organic_len": 0, "value_own_items": False, **d})
 
 
 # --------------------------------------------------------------------------------------
@@ -238,7 +247,11 @@ def key_bias(mask: Tensor) -> Tensor:
 
 
 class UserEncoder(nn.Module):
-    """(history [B, H, T], history_mask [B, H], context [B, C]) -> memory [B, S, D]."""
+    """(history [B, H, T], history_mask [B, H], context [B, C + O]) -> memory [B, S, D].
+
+    ``context`` holds C context feature ids then O organic topic ids (O =
+    ``cfg.organic_len``); the organic ids become O more tokens of the sequence
+    (their own embedding + position), masked where 0."""
 
     items: ItemEmbedding
 
@@ -249,6 +262,11 @@ class UserEncoder(nn.Module):
         self.hist_pos = nn.Parameter(torch.zeros(cfg.history_len, d))
         self.ctx_emb = nn.Embedding(cfg.context_buckets, d)
         self.ctx_feat = nn.Parameter(torch.zeros(len(cfg.context_features), d))
+        self.n_ctx = len(cfg.context_features)
+        self.organic_len = cfg.organic_len
+        if cfg.organic_len:
+            self.org_emb = nn.Embedding(cfg.context_buckets, d)
+            self.org_pos = nn.Parameter(torch.zeros(cfg.organic_len, d))
         self.blocks = nn.ModuleList(Block(d, cfg.n_head, cross_attn=False, dropout=cfg.dropout)
                                     for _ in range(cfg.n_enc_layer))
         self.ln_f = nn.LayerNorm(d)
@@ -257,10 +275,16 @@ class UserEncoder(nn.Module):
                 context: Tensor) -> tuple[Tensor, Tensor]:
         H = history.shape[1]
         hist = self.items.items(history) + self.hist_pos[:H]            # [B, H, D]
-        ctx = self.ctx_emb(context) + self.ctx_feat                     # [B, C, D]
-        x = torch.cat([ctx, hist], dim=1)                               # [B, S, D]
-        mask = torch.cat([torch.ones_like(context, dtype=x.dtype),
-                          history_mask.to(x.dtype)], dim=1)             # [B, S]
+        feats = context[:, : self.n_ctx]
+        ctx = self.ctx_emb(feats) + self.ctx_feat                       # [B, C, D]
+        parts = [ctx, hist]
+        masks = [torch.ones_like(feats, dtype=hist.dtype), history_mask.to(hist.dtype)]
+        if self.organic_len:
+            org = context[:, self.n_ctx: self.n_ctx + self.organic_len]  # [B, O]
+            parts.append(self.org_emb(org) + self.org_pos)
+            masks.append((org > 0).to(hist.dtype))
+        x = torch.cat(parts, dim=1)                                     # [B, S, D]
+        mask = torch.cat(masks, dim=1)                                  # [B, S]
         bias = key_bias(mask)                                           # [B, 1, S]
         for blk in self.blocks:
             x = blk(x, self_bias=bias)
@@ -469,7 +493,8 @@ class GenerativeRecommender(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
         for name, p in m.named_parameters(recurse=False):
-            if name in ("hist_pos", "ctx_feat", "level_query", "bos", "query", "head_w"):
+            if name in ("hist_pos", "ctx_feat", "org_pos", "level_query", "bos", "query",
+                        "head_w"):
                 nn.init.normal_(p, std=0.02)
 
     def set_mode(self, mode: str) -> None:

@@ -33,7 +33,7 @@ import signal
 import threading
 import time
 import zlib
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,11 @@ log = get_logger(__name__)
 UPDATES = counter("adloop_learner_updates_total", "RSPO optimizer steps.")
 LISTS = counter("adloop_learner_lists_total",
                 "Feedback lists consumed, by what happened to them.", ("outcome",))
+NO_PREFERENCE = counter(
+    "adloop_learner_no_preference_lists_total",
+    "Lists taken for training that state no preference, so the RSPO term learns nothing "
+    "from them (only VSL/value do), by reason: one_item (a one-ad slate), equal_rewards "
+    "(every item has the same reward).", ("reason",))
 REPLAYED = counter("adloop_learner_replayed_lists_total",
                    "Lists re-used from the replay buffer (against forgetting).")
 LOSS = gauge("adloop_learner_loss", "Latest loss, by term.", ("term",))
@@ -147,6 +152,17 @@ def check_trainable(fb: Feedback) -> None:
                 raise ValueError(f"items[{i}].{name} is {v}, not a finite float32")
 
 
+def no_preference(fb: Feedback) -> str | None:
+    """Why ``fb`` states no preference between its items (RSPO's loss on it is 0):
+    ``one_item``, ``equal_rewards``, or None when it ranks something above something."""
+    if len(fb.items) <= 1:
+        return "one_item"
+    first = round(fb.items[0].reward, 9)
+    if all(round(it.reward, 9) == first for it in fb.items[1:]):
+        return "equal_rewards"
+    return None
+
+
 class LedgerError(RuntimeError):
     """The ledger and the checkpoint disagree (offsets went backwards)."""
 
@@ -182,6 +198,8 @@ class LearnerService:
         self.seen: OrderedDict[str, tuple[float, list[float]]] = OrderedDict()
         self.ledger: list[dict[str, Any]] = []
         self.pending: list[tuple[Feedback, float]] = []
+        self.no_preference: Counter[str] = Counter()
+        """Lists of ``pending`` that state no preference, by reason (logged per update)."""
         self.pending_since = 0.0
         self.replay: deque[tuple[Feedback, float]] = deque(maxlen=max(1, s.replay_size))
         self.holdout: deque[tuple[Feedback, float]] = deque(maxlen=max(1, s.holdout_size))
@@ -364,6 +382,10 @@ class LearnerService:
                                 "revision": fb.revision, "kind": fb.kind, "outcome": outcome})
             LISTS.labels(outcome).inc()
             if w is not None:
+                why = no_preference(fb)
+                if why is not None:
+                    NO_PREFERENCE.labels(why).inc()
+                    self.no_preference[why] += 1
                 self.pending.append((fb, w))
                 self.watermark = max(self.watermark, fb.event_time)
                 self.newest_append_ms = max(self.newest_append_ms, rec.timestamp_ms)
@@ -378,6 +400,9 @@ class LearnerService:
             REPLAYED.inc(len(lists) - len(self.pending))
         self.replay.extend(self.pending)
         self.pending = []
+        if self.no_preference:
+            log.info("learner.no_preference", of=len(lists), **dict(self.no_preference))
+            self.no_preference.clear()
         t0 = time.perf_counter()
         metrics = self.learner.update(lists_to_batch(lists, self.tok, self.model))
         UPDATE_SECONDS.observe(time.perf_counter() - t0)

@@ -43,7 +43,11 @@ from learner.evaluate import evaluate, trie_of
 from learner.losses import pretrain_loss
 from learner.model import GenerativeRecommender, ModelConfig
 from learner.tokenizer import TokenizerConfig, UASIDTokenizer
-from streams.features import DEFAULT_CONTEXT_BUCKETS, DEFAULT_CONTEXT_FEATURES
+from streams.features import (
+    DEFAULT_CONTEXT_BUCKETS,
+    DEFAULT_CONTEXT_FEATURES,
+    DEFAULT_ORGANIC_LEN,
+)
 from streams.logs import get_logger
 from streams.metrics import counter, gauge, histogram, start_metrics_server
 from streams.schemas import Ad, Feedback
@@ -81,6 +85,9 @@ class PretrainSettings(BaseSettings):
     advertiser_size: int = 32
     suffix_size: int = 32
     history_len: int = 20
+    context_features: str = ""
+    """Comma-separated context keys the model reads (empty = the simulated world's
+    device, placement, hour, region, age, interest); they go into the snapshot manifest."""
     d_model: int = 64
     n_head: int = 4
     n_enc_layer: int = 2
@@ -159,11 +166,21 @@ def tokenizer_for(s: PretrainSettings, ads: list[Ad]) -> UASIDTokenizer:
     return tok
 
 
+def context_features_of(s: PretrainSettings) -> tuple[str, ...]:
+    """The model's context keys: ``--context-features`` or the defaults."""
+    names = tuple(n.strip() for n in s.context_features.split(",") if n.strip())
+    if len(set(names)) != len(names):
+        raise SystemExit(f"adloop pretrain: --context-features repeats a key: "
+                         f"{s.context_features!r}")
+    return names or DEFAULT_CONTEXT_FEATURES
+
+
 def model_config(s: PretrainSettings, tok: UASIDTokenizer) -> ModelConfig:
     return ModelConfig(
         level_sizes=tok.config.token_sizes, semantic_levels=tok.config.semantic_levels,
-        history_len=s.history_len, context_features=DEFAULT_CONTEXT_FEATURES,
-        context_buckets=DEFAULT_CONTEXT_BUCKETS, d_model=s.d_model, n_head=s.n_head,
+        history_len=s.history_len, context_features=context_features_of(s),
+        context_buckets=DEFAULT_CONTEXT_BUCKETS, organic_len=DEFAULT_ORGANIC_LEN,
+        d_model=s.d_model, n_head=s.n_head,
         n_enc_layer=s.n_enc_layer, n_layer=s.n_layer, n_top=s.n_top, mode=s.mode,
         inject_mlp=s.inject_mlp, mtp_heads=s.mtp_heads, prior_heads=s.prior_heads,
         value_own_items=s.value_own_items)
@@ -237,7 +254,7 @@ def pretrain(s: PretrainSettings, ads: list[Ad] | None = None,
         log.info("resumed", step=start, run_dir=str(run_dir))
 
     examples = build_examples(feedback, tok, cfg.history_len, cfg.context_features,
-                              cfg.context_buckets, cfg.mtp_heads)
+                              cfg.context_buckets, cfg.mtp_heads, organic_len=cfg.organic_len)
     train, test = split_by_time(examples, s.held_out_frac)
     log.info("examples", train=len(train), held_out=len(test),
              positives=len(train.positives), params=model.num_parameters())

@@ -30,7 +30,7 @@ from learner.losses import BID_TYPES, expected_value, value_loss, value_weights
 from learner.model import GenerativeRecommender
 from learner.rspo import RSPOConfig, fake_negative_weight, hepo_loss, rspo_loss
 from learner.tokenizer import UASIDTokenizer, UnknownAdError
-from streams.features import context_ids
+from streams.features import request_ids
 from streams.schemas import Feedback
 
 
@@ -76,7 +76,7 @@ def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
     K = max((len(fb.items) for fb, _ in lists), default=1) or 1
     hist = np.zeros((B, H, T), np.int64)
     hmask = np.zeros((B, H), np.float32)
-    ctx = np.zeros((B, len(cfg.context_features)), np.int64)
+    ctx = np.zeros((B, len(cfg.context_features) + cfg.organic_len), np.int64)
     items = np.zeros((B, K, T), np.int64)
     imask = np.zeros((B, K), np.float32)
     rewards = np.zeros((B, K), np.float32)
@@ -97,7 +97,8 @@ def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
                 continue
             hmask[b, h] = 1.0
             h += 1
-        ctx[b] = context_ids(fb.context, cfg.context_features, cfg.context_buckets)
+        ctx[b] = request_ids(fb.context, fb.recent_organic, cfg.context_features,
+                             cfg.context_buckets, cfg.organic_len)
         k = 0
         for it in fb.items:
             try:

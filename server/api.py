@@ -50,6 +50,10 @@ class RecommendRequest(BaseModel):
         "streams.features.context_ids for the features the snapshot names")
     recent_ad_ids: list[AdId] = Field(default_factory=list, max_length=200,
                                       description="the user's recent ads, most relevant first")
+    recent_organic: list[AdId] = Field(
+        default_factory=list, max_length=200,
+        description="the user's recent organic items (videos, articles) as "
+        "'<topic>#<n>', oldest first; the snapshot reads the last organic_len topics")
     k: int = Field(10, ge=1, le=50, description="slate size")
     request_id: str | None = Field(None, min_length=1, max_length=128,
                                    description="generated when absent")
@@ -244,7 +248,8 @@ def create_api(service: Service) -> FastAPI:
                                 429, headers={"Retry-After": "1"})
         try:
             result, _wait, widths = await service.batcher.submit(
-                RecRequest(req.user_id, dict(req.context), list(req.recent_ad_ids), req.k))
+                RecRequest(req.user_id, dict(req.context), list(req.recent_ad_ids), req.k,
+                           list(req.recent_organic)))
         except OverloadedError as exc:
             M.SHED.inc()
             return JSONResponse({"detail": f"overloaded: {exc}"}, 429,
@@ -264,6 +269,7 @@ def create_api(service: Service) -> FastAPI:
                 event_time=req.event_time if req.event_time is not None else now,
                 user_id=req.user_id, context=dict(req.context),
                 recent_ad_ids=list(req.recent_ad_ids),
+                recent_organic=list(req.recent_organic),
                 slate=[SlateItem(ad_id=a.ad_id, semantic_id=a.semantic_id, position=a.position,
                                  score=a.score, bid=a.bid, bid_type=a.bid_type)  # type: ignore[arg-type]
                        for a in result.ads],

@@ -12,10 +12,14 @@ from typing import Any
 
 import numpy as np
 
+from server import metrics as M
 from server.beam import beam_search, expected_value, pad_candidates, rank_slates
 from server.catalog import AdCatalog, is_servable
 from server.models import ModelManager, ServingState
-from streams.features import context_ids
+from streams.features import request_ids
+from streams.logs import get_logger
+
+log = get_logger(__name__)
 
 
 class NotReadyError(Exception):
@@ -28,6 +32,8 @@ class RecRequest:
     context: dict[str, str]
     recent_ad_ids: list[str]
     k: int
+    recent_organic: list[str] = field(default_factory=list)
+    """Recent organic item ids, oldest first (``<topic>#<n>``)."""
 
 
 @dataclass
@@ -54,23 +60,37 @@ class Engine:
     def __init__(self, models: ModelManager, catalog: AdCatalog) -> None:
         self.models = models
         self.catalog = catalog
+        self._warned_context: set[str] = set()
 
     def inputs(self, state: ServingState,
                requests: list[RecRequest]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """history [B, H, T], history_mask [B, H], context [B, C] (as the learner builds
-        them: recent ads in the order given, first H known ones, zero padding)."""
+        """history [B, H, T], history_mask [B, H], context [B, C + O] (as the learner
+        builds them: recent ads in the order given, first H known ones, zero padding;
+        context ids then the O most recent organic topic ids)."""
         man, row_of = state.model.manifest, state.model.row_of
         B, H, T = len(requests), man.history_len, man.id_len
         history = np.zeros((B, H, T), np.int64)
         hmask = np.zeros((B, H), np.float32)
-        context = np.zeros((B, len(man.context_features)), np.int64)
+        context = np.zeros((B, len(man.context_features) + man.organic_len), np.int64)
         for b, r in enumerate(requests):
             rows = [row_of[a] for a in r.recent_ad_ids if a in row_of][:H]
             if rows:
                 history[b, : len(rows)] = man.ids[rows]
                 hmask[b, : len(rows)] = 1.0
-            context[b] = context_ids(r.context, man.context_features, man.context_buckets)
+            context[b] = request_ids(r.context, r.recent_organic, man.context_features,
+                                     man.context_buckets, man.organic_len)
+            if man.context_features and not any(f in r.context for f in man.context_features):
+                self._context_unmatched(man.version, man.context_features, r.context)
         return history, hmask, context
+
+    def _context_unmatched(self, version: str, features: tuple[str, ...],
+                           context: dict[str, str]) -> None:
+        """Count a request whose context the model cannot read; warn once per model."""
+        M.CONTEXT_UNMATCHED.inc()
+        if version not in self._warned_context:
+            self._warned_context.add(version)
+            log.warning("serve.context_unmatched", model_version=version,
+                        model_reads=list(features), request_keys=sorted(context)[:20])
 
     def run(self, requests: list[RecRequest], widths_for: Any) -> list[RecResult]:
         """``widths_for(levels, k) -> widths``; one list for the whole batch."""

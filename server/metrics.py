@@ -21,6 +21,10 @@ BEAM_SCALE = gauge("adloop_server_beam_scale_ratio",
 REQUEST_BEAM_WIDTH = histogram("adloop_server_request_beam_width",
                                "Beam width used per request and level.", ("level",),
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+CONTEXT_UNMATCHED = counter(
+    "adloop_server_context_unmatched_total",
+    "Requests whose context has no key the model reads (its manifest's context_features): "
+    "the model ranks them as if no context were given.")
 SHED = counter("adloop_server_shed_total",
                "Requests refused with 429 (narrowest beams could not hold the SLO).")
 LOOP_LAG = gauge("adloop_server_event_loop_lag_seconds",

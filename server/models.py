@@ -295,7 +295,7 @@ class ModelManager:
     def _warm_up(self, model: LoadedModel) -> None:
         """A real beam search for two requests over every id; all outputs finite."""
         man, rt = model.manifest, model.runtime
-        T, H, C = man.id_len, man.history_len, len(man.context_features)
+        T, H, C = man.id_len, man.history_len, len(man.context_features) + man.organic_len
         B = 2
         history = np.zeros((B, H, T), np.int64)
         hmask = np.zeros((B, H), np.float32)

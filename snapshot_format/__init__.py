@@ -20,11 +20,14 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 REQUIRED_FILES = ("encoder.onnx", "decoder_step.onnx", "value.onnx")
-FORMAT = 2
-"""The snapshot format the learner writes and the server reads. 2: ``encoder.onnx`` also
-outputs the top blocks' memory keys/values, ``decoder_step.onnx`` takes per-request states
-plus ``beam_request``. Format 1 (per-beam copies of ``memory``) is refused: re-export such
-a checkpoint."""
+FORMAT = 3
+"""The snapshot format the learner writes and the server reads. 3: the encoder's
+``context`` input is ``[B, C + O]``: C context feature ids then ``organic_len`` (O)
+hashed organic topic ids, most recent first, 0 = none
+(:func:`streams.features.request_ids`); the manifest names ``organic_len``. 2:
+``encoder.onnx`` also outputs the top blocks' memory keys/values, ``decoder_step.onnx``
+takes per-request states plus ``beam_request``. Formats 1 and 2 are refused: re-export
+such a checkpoint."""
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*\.(onnx|json)$")
 MAX_MANIFEST_BYTES = 512 * 1024 * 1024
 
@@ -55,6 +58,8 @@ class Manifest:
     history_len: int
     context_features: tuple[str, ...]
     context_buckets: int
+    organic_len: int
+    """Organic topic ids after the context feature ids in the ``context`` input."""
     files: dict[str, dict[str, Any]]
     ad_ids: list[str]
     ids: np.ndarray            # [n, T] int64, rows in ``ad_ids`` order
@@ -77,8 +82,9 @@ def parse_manifest(data: bytes) -> Manifest:
     try:
         if raw.get("format") != FORMAT:
             raise ValueError(f"snapshot format {raw.get('format')!r} not supported: this "
-                             f"server reads format {FORMAT} only (re-export the checkpoint "
-                             "with this version's adloop export)")
+                             f"server reads format {FORMAT} only (format 3 adds the organic "
+                             "history to the encoder's context input; re-export the "
+                             "checkpoint with this version's adloop export)")
         level_sizes = tuple(int(s) for s in raw["level_sizes"])
         if not level_sizes or min(level_sizes) < 1:
             raise ValueError("level_sizes must be a non-empty list of sizes >= 1")
@@ -107,7 +113,8 @@ def parse_manifest(data: bytes) -> Manifest:
             parent=raw.get("parent"), id_space_version=str(raw.get("id_space_version", "")),
             level_sizes=level_sizes, history_len=int(raw["history_len"]),
             context_features=tuple(str(f) for f in raw["context_features"]),
-            context_buckets=int(raw["context_buckets"]), files=files, ad_ids=ad_ids, ids=ids,
+            context_buckets=int(raw["context_buckets"]), organic_len=int(raw["organic_len"]),
+            files=files, ad_ids=ad_ids, ids=ids,
             parity=raw.get("parity") or {}, raw=raw)
     except SnapshotRejectedError:
         raise
@@ -122,7 +129,8 @@ MODEL_IO = {
                      ("logits",)),
     "value": (("memory", "memory_mask", "candidates"), ("pctr", "pcvr")),
 }
-"""Tensor names of snapshot format 2 (docs/snapshot-format.md)."""
+"""Tensor names of snapshot format 3 (docs/snapshot-format.md); ``context`` is
+``[B, len(context_features) + organic_len]``."""
 
 
 def session_options(threads: int = 0) -> ort.SessionOptions:

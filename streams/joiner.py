@@ -80,7 +80,9 @@ __all__ = ["JoinSettings", "Joiner", "configure", "run"]
 FEEDBACK = counter("adloop_join_feedback_total", "Feedback lists emitted, by kind.", ("kind",))
 CORRECTIONS = counter("adloop_join_corrections_total", "Correction lists emitted.")
 EVENTS = counter("adloop_join_events_total", "Input records processed, by topic and outcome "
-                 "(applied, held, duplicate, late, orphan, invalid, handler_error).",
+                 "(applied, held, duplicate, late, orphan, invalid, handler_error, "
+                 "end_of_stream); a held click/conversion is counted again with the outcome "
+                 "it gets when its impression arrives.",
                  ("topic", "outcome"))
 LATE = counter("adloop_join_late_total", "Records dead-lettered as late, by topic.", ("topic",))
 ORPHANS = counter("adloop_join_orphan_total", "Records dead-lettered as orphan, by topic.",
@@ -320,6 +322,8 @@ class Joiner:
                 step = self._handler_error(logical, p, m, exc)
             k = (logical, step.outcome)
             outcomes[k] = outcomes.get(k, 0) + 1
+            for k in step.released:  # held clicks/conversions applied by this impression
+                outcomes[k] = outcomes.get(k, 0) + 1
             if step.rejected:
                 for r in step.rejected:
                     self._dead_letter(r)

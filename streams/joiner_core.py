@@ -50,6 +50,21 @@ from streams.schemas import (
 INPUT_TOPICS = ("impressions", "clicks", "conversions")
 """Logical input topics, co-partitioned by user id and read by one agent."""
 
+END_OF_STREAM_REQUEST_ID = "adloop:end-of-stream"
+"""The request id of an end-of-stream marker: an :class:`Impression` with an empty slate
+whose ``event_time`` is the last event time of a finite log (``adloop replay`` produces
+one to every partition of ``impressions`` at the end of a file). The joiner keeps no
+state for it; it counts the impressions topic as seen up to ``event_time +
+attribution_window_s + out_of_orderness_s``, so once the other topics are read to their
+end the watermark passes the attribution window of every request of the log and every
+provisional and final list goes out. Events later than the marker still join as usual."""
+
+
+def end_of_stream_marker(event_time: float) -> Impression:
+    """The marker that closes every window of a log whose last event is at ``event_time``."""
+    return Impression(request_id=END_OF_STREAM_REQUEST_ID, event_time=event_time,
+                      user_id="", slate=[], model_version="", server_id="end-of-stream")
+
 _INF = float("inf")
 _NEG_INF = float("-inf")
 
@@ -196,7 +211,8 @@ def rewards_and_signature(state: RequestState) -> tuple[list[FeedbackItem], str]
             items.append(FeedbackItem(
                 ad_id=it.ad_id, semantic_id=it.semantic_id, position=it.position,
                 score=it.score, bid=it.bid, bid_type=bt,
-                reward=0.0 if bt == "cpc" or bt == "cpa" else it.bid / 1000.0))
+                reward=0.0 if bt == "cpc" or bt == "cpa" else it.bid / 1000.0,
+                propensity=it.propensity))
             sig.append(it.ad_id + ":00:0.0")
         return items, ";".join(sig)
     clicked = set(state.clicks.values())
@@ -223,7 +239,7 @@ def rewards_and_signature(state: RequestState) -> tuple[list[FeedbackItem], str]
         items.append(FeedbackItem(
             ad_id=ad_id, semantic_id=it.semantic_id, position=it.position, score=it.score,
             bid=it.bid, bid_type=bt, clicked=c, converted=v, conversion_value=cv,
-            reward=reward))
+            reward=reward, propensity=it.propensity))
     return items, ";".join(sig)
 
 
@@ -252,13 +268,17 @@ class Rejected:
 class Step:
     """What one input record caused (a plain class: one is made per record)."""
 
-    __slots__ = ("emissions", "outcome", "rejected")
+    __slots__ = ("emissions", "outcome", "rejected", "released")
 
     def __init__(self) -> None:
         self.emissions: list[Feedback] = []
         self.rejected: list[Rejected] = []
         self.outcome = "applied"
-        """applied | held | duplicate | late | orphan | invalid | handler_error (metrics)."""
+        """applied | held | duplicate | late | orphan | invalid | handler_error |
+        end_of_stream (metrics)."""
+        self.released: list[tuple[str, str]] = []
+        """(topic, outcome) of each held click/conversion this record's impression applied
+        (or rejected): counted once more, since it was counted as ``held`` on arrival."""
 
 
 Due = Literal["provisional", "final", "orphan", "expire"]
@@ -499,6 +519,15 @@ class JoinCore:
             step.outcome = "invalid"
         else:
             wm = part.meta.watermark
+            if (isinstance(record, Impression)
+                    and record.request_id == END_OF_STREAM_REQUEST_ID):
+                step.outcome = "end_of_stream"
+                close = (record.event_time + self.s.attribution_window_s
+                         + self.s.out_of_orderness_s)
+                if close > part.max_seen.get(topic, _NEG_INF):
+                    part.max_seen[topic] = close
+                self._advance(part, partition, caught_up, step)
+                return step
             if isinstance(record, Impression):
                 step.outcome = self._on_impression(part, record, topic, partition, offset,
                                                    raw or b"", key, step, wm)
@@ -533,7 +562,8 @@ class JoinCore:
         for h in held:  # the orphans waiting for this impression
             rec = decode(h.raw, _RECORD_TYPES[h.topic], 1 << 30)
             if isinstance(rec, Click | Conversion):
-                self._apply(st, rec, h.topic, h.partition, h.offset, h.raw, h.key, step, wm)
+                step.released.append((h.topic, self._apply(
+                    st, rec, h.topic, h.partition, h.offset, h.raw, h.key, step, wm)))
         if self.emitted_before:
             before = self.emitted_before.pop(rid, None)
             if before is not None:  # emitted before a crash whose state was lost
@@ -694,6 +724,7 @@ class JoinCore:
                       revision=st.revision + 1, impression_time=t0, event_time=at,
                       elapsed_s=at - t0, window_closed=kind == "final",
                       context=imp.context, recent_ad_ids=imp.recent_ad_ids,
+                      recent_organic=imp.recent_organic,
                       model_version=imp.model_version, items=items)
         self.pending_sigs[st.request_id] = (fb, sig)
         return fb

@@ -46,6 +46,7 @@ from streams.metrics import counter, gauge
 from streams.schemas import (
     DEFAULT_MAX_RECORD_BYTES,
     Ad,
+    AdStats,
     DeadLetter,
     DecodeFailure,
     DlqReason,
@@ -84,6 +85,8 @@ def key_of(record: Event) -> str:
         return record.model_name
     if isinstance(record, DeadLetter):
         return record.source_topic
+    if isinstance(record, AdStats):
+        return record.key()
     user_id = getattr(record, "user_id", None)
     if isinstance(user_id, str):
         return user_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from streams.schemas import (
     Ad,
+    AdStats,
     Click,
     Conversion,
     DeadLetter,
@@ -21,7 +22,8 @@ T0 = 1_790_000_000.0
 def sample_records(n: int = 1, user: str = "u1") -> dict[str, list[Event]]:
     """``n`` records per logical topic; ids are unique within the call."""
     out: dict[str, list[Event]] = {t: [] for t in (
-        "ads", "impressions", "clicks", "conversions", "feedback", "model-updates", "dlq")}
+        "ads", "impressions", "clicks", "conversions", "feedback", "model-updates", "ad-stats",
+        "dlq")}
     for i in range(n):
         ad = f"ad-{i}"
         req = f"req-{user}-{i}"
@@ -50,6 +52,10 @@ def sample_records(n: int = 1, user: str = "u1") -> dict[str, list[Event]]:
             model_name="adloop", version=f"v{i:06d}", parent=None, sha256="0" * 64,
             uri=f"file:///snapshots/v{i:06d}", id_space_version="ids-1",
             data_watermark=T0 + i, created_time=T0 + i))
+        out["ad-stats"].append(AdStats(
+            dimension="ad", id=ad, window="tumbling", window_start=T0, window_end=T0 + 60,
+            impressions=10, clicks=1, conversions=0, revenue=1.5, conversion_value=0.0,
+            ctr=0.1, cvr=0.0, ecpm=150.0, updated_time=T0 + 61))
         out["dlq"].append(DeadLetter.of(source_topic="clicks", partition=0, offset=i,
                                         reason="not_json", detail="sample", raw=b"{oops"))
     return out

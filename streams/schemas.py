@@ -77,6 +77,10 @@ class SlateItem(msgspec.Struct, kw_only=True):
     score: float
     bid: float
     bid_type: BidType
+    propensity: float | None = None
+    """Probability that the logging policy served this ad at this position, when the log
+    knows it (a logged dataset's propensity, in (0, 1]); ``None`` otherwise. Used by
+    off-policy evaluation; absent in older records."""
 
 
 class Impression(Event, kw_only=True):
@@ -94,6 +98,16 @@ class Impression(Event, kw_only=True):
     model_version: str
     beam_widths: list[int] = []
     server_id: str = ""
+
+    def __post_init__(self) -> None:
+        n = len(self.slate)
+        for i, item in enumerate(self.slate):
+            if not 0 <= item.position < n:
+                raise ValueError(f"slate[{i}].position {item.position} is outside the slate "
+                                 f"of {n} item(s) (0..{n - 1})")
+            p = item.propensity
+            if p is not None and not 0.0 < p <= 1.0:
+                raise ValueError(f"slate[{i}].propensity {p} is not in (0, 1]")
 
 
 class Click(Event, kw_only=True):
@@ -134,6 +148,8 @@ class FeedbackItem(msgspec.Struct, kw_only=True):
     converted: bool = False
     conversion_value: float = 0.0
     reward: float = 0.0
+    propensity: float | None = None
+    """The impression's logging propensity of this item (``SlateItem.propensity``)."""
 
 
 class Feedback(Event, kw_only=True):
@@ -175,6 +191,41 @@ class ModelUpdate(Event, kw_only=True):
     """Newest event time the snapshot was trained on."""
     created_time: float
     metrics: dict[str, float] = {}
+
+
+StatsDimension = Literal["ad", "advertiser", "industry"]
+StatsWindow = Literal["tumbling", "hopping"]
+
+
+class AdStats(Event, kw_only=True):
+    """Aggregates of final feedback lists over one event-time window (topic ``ad-stats``,
+    compacted, key = ``<dimension>:<id>:<window>:<window_start>``), written by
+    ``adloop stats``. At-least-once: after a crash a window may briefly count a few
+    records twice (``streams/stats.py``)."""
+
+    dimension: StatsDimension
+    id: str
+    window: StatsWindow
+    window_start: float
+    window_end: float
+    impressions: int
+    clicks: int
+    conversions: int
+    revenue: float
+    """Sum of the items' rewards (the platform's realized revenue)."""
+    conversion_value: float
+    ctr: float
+    """clicks / impressions (0 without impressions)."""
+    cvr: float
+    """conversions / clicks (0 without clicks)."""
+    ecpm: float
+    """1000 × revenue / impressions."""
+    updated_time: float
+    """Wall-clock time of this update."""
+
+    def key(self) -> str:
+        """Its compaction key: one record per dimension, id, window kind and start."""
+        return f"{self.dimension}:{self.id}:{self.window}:{self.window_start:.0f}"
 
 
 class DeadLetter(Event, kw_only=True):

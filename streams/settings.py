@@ -99,6 +99,16 @@ def _arg_type(annotation: Any) -> Any:
     return str
 
 
+def _default_text(field: Any) -> str:
+    """The default shown in ``--help``: a factory's value, never pydantic's sentinel."""
+    if field.default_factory is not None:
+        try:
+            return str(field.default_factory())
+        except Exception:  # a factory that needs validated data: say so, do not guess
+            return "computed"
+    return str(field.default)
+
+
 def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel]) -> None:
     """Add one ``--flag`` per settings field; defaults stay ``None`` so env/defaults win."""
     group = parser.add_argument_group(f"{cls.__name__} (env ADLOOP_<NAME>)")
@@ -109,12 +119,12 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel]
         if field.annotation is bool:
             group.add_argument(
                 _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
-                help=f"{help_text} (default: {field.default})",
+                help=f"{help_text} (default: {_default_text(field)})",
             )
             continue
         group.add_argument(
             _flag(name), dest=name, type=_arg_type(field.annotation), default=None,
-            help=f"{help_text} (default: {field.default})",
+            help=f"{help_text} (default: {_default_text(field)})",
         )
 
 

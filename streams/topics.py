@@ -16,6 +16,7 @@ from kafka.errors import TopicAlreadyExistsError
 
 from streams.schemas import (
     Ad,
+    AdStats,
     Click,
     Conversion,
     DeadLetter,
@@ -54,6 +55,10 @@ TOPICS: dict[str, TopicSpec] = {
         TopicSpec("conversions", Conversion, EVENT_PARTITIONS, "user id", dict(_EVENTS)),
         TopicSpec("feedback", Feedback, EVENT_PARTITIONS, "user id", dict(_EVENTS)),
         TopicSpec("model-updates", ModelUpdate, 1, "model name", dict(_COMPACTED)),
+        # Compacted (latest value per window) and deleted after 7 days (old windows).
+        TopicSpec("ad-stats", AdStats, 1, "dimension:id:window:window_start",
+                  {**_COMPACTED, "cleanup.policy": "compact,delete",
+                   "retention.ms": str(7 * DAY_MS)}),
         # Dead letters carry the raw bytes base64-encoded, so allow larger records.
         TopicSpec("dlq", DeadLetter, 1, "source topic",
                   {"retention.ms": str(14 * DAY_MS), "max.message.bytes": str(4 * 1024 * 1024)}),
@@ -104,6 +109,10 @@ class Topics:
     @property
     def model_updates(self) -> str:
         return self.name("model-updates")
+
+    @property
+    def ad_stats(self) -> str:
+        return self.name("ad-stats")
 
     @property
     def dlq(self) -> str:

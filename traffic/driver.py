@@ -26,7 +26,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -192,7 +192,8 @@ def impression_of(request: Request, slate: ServedSlate, world: World,
                                bid_type=ad.record.bid_type if ad else "cpc"))
     return Impression(request_id=request.request_id, event_time=request.event_time,
                       user_id=request.user_id, context=dict(request.context),
-                      recent_ad_ids=list(request.recent_ad_ids), slate=items,
+                      recent_ad_ids=list(request.recent_ad_ids),
+                      recent_organic=list(request.recent_organic), slate=items,
                       model_version=slate.model_version, beam_widths=list(slate.beam_widths),
                       server_id=server_id)
 
@@ -474,6 +475,13 @@ class TrafficDriver:
         self._started = False
         self.responses: list[Response] = []
         self.keep_responses = False
+        self.shadow: Callable[[list[Request]], list[list[str]]] | None = None
+        """A policy that answers every request in shadow (never served): its slates are
+        scored against the world's truth as it stood when the request came in."""
+        self.shadow_batch = 32
+        self.shadow_values: dict[str, tuple[float, int]] = {}
+        """request id -> (true expected revenue, impressions) of the shadow slate."""
+        self._shadow_queue: list[tuple[Request, list[str], np.ndarray]] = []
 
     # -- building blocks (usable by an evaluation harness) -----------------------------
     def start(self) -> None:
@@ -505,6 +513,10 @@ class TrafficDriver:
 
     def serve(self, request: Request, slate: ServedSlate) -> Response:
         """Sample the user's response to ``slate``; schedule its clicks and conversions."""
+        if self.shadow is not None:
+            self._shadow_queue.append((request, *self.world.value_table(request)))
+            if len(self._shadow_queue) >= self.shadow_batch:
+                self.flush_shadow()
         resp = self.world.respond(request, slate.ad_ids())
         for c in resp.clicks:
             self.pending.push(c.event_time, "clicks", c)
@@ -522,6 +534,20 @@ class TrafficDriver:
         if self.keep_responses:
             self.responses.append(resp)
         return resp
+
+    def flush_shadow(self) -> None:
+        """Ask the shadow policy for the queued requests' slates (one batch, twice the
+        slate size) and score each against the values its request saw: the first ``k``
+        of its ads that were servable then, at their positions."""
+        queue, self._shadow_queue = self._shadow_queue, []
+        if self.shadow is None or not queue:
+            return
+        asked = [replace(q[0], k=2 * q[0].k) for q in queue]
+        for (req, ids, table), slate in zip(queue, self.shadow(asked), strict=True):
+            col = {a: i for i, a in enumerate(ids)}
+            shown = [a for a in slate if a in col][: req.k]
+            self.shadow_values[req.request_id] = (
+                float(sum(table[pos, col[a]] for pos, a in enumerate(shown))), len(shown))
 
     def drain(self) -> int:
         """Produce every pending event now (end of run, ``--drain``)."""

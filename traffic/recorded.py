@@ -90,6 +90,7 @@ def parse_entry(obj: Any, line: int, seq: int = 0) -> Recorded:
             rid, uid = fields["request_id"], fields["user_id"]
             ctx = fields.get("context") or {}
             recent = fields.get("recent_ad_ids") or []
+            organic = fields.get("recent_organic") or []
             k = fields.get("k", 5)
             if not (isinstance(rid, str) and rid and isinstance(uid, str)):
                 raise TypeError("request_id and user_id must be strings")
@@ -97,6 +98,8 @@ def parse_entry(obj: Any, line: int, seq: int = 0) -> Recorded:
                 raise TypeError("context must map strings to strings")
             if not (isinstance(recent, list) and all(isinstance(a, str) for a in recent)):
                 raise TypeError("recent_ad_ids must be a list of strings")
+            if not (isinstance(organic, list) and all(isinstance(a, str) for a in organic)):
+                raise TypeError("recent_organic must be a list of strings")
             if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
                 raise TypeError("k must be a positive integer")
         except KeyError as exc:
@@ -105,7 +108,8 @@ def parse_entry(obj: Any, line: int, seq: int = 0) -> Recorded:
             raise RecordError(line, f"request: {exc}") from None
         return Recorded(line, kind, t, Request(seq=seq, request_id=rid, user_id=uid,
                                                context=dict(ctx), recent_ad_ids=list(recent),
-                                               k=k, event_time=t))
+                                               k=k, event_time=t,
+                                               recent_organic=list(organic)))
     fields.setdefault("event_time", t)
     if kind == "ad":
         fields.setdefault("created_time", t)

@@ -36,7 +36,10 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from streams.joiner_core import end_of_stream_marker
+from streams.kafka_io import EventProducer
 from streams.logs import get_logger
+from streams.schemas import encode
 from streams.settings import KafkaSettings, add_settings_arguments, settings_from_args
 from traffic.driver import (
     BAD_LINES,
@@ -92,7 +95,12 @@ class ReplaySettings(BaseSettings):
     on_error: Literal["skip", "stop"] = Field("skip", description="bad recorded line: "
                                               "skip it (reported) or stop")
     impressions: Literal["auto", "kafka", "skip"] = Field(
-        "auto", description="recorded impressions: auto = to Kafka only without a server")
+        "auto", description="recorded impressions: auto = to Kafka unless the server "
+        "answered the file's request for it (then the server logged it); kafka = always; "
+        "skip = never")
+    end_of_stream: bool = Field(
+        True, description="recorded replay: at the end of the file produce an end-of-stream "
+        "marker to every impressions partition, so the joiner closes every window")
     drain: bool = Field(True, description="at the end, produce pending delayed events now")
     kafka: bool = Field(True, description="produce to Kafka (--no-kafka: hash/record only)")
 
@@ -113,6 +121,15 @@ def world_config(s: ReplaySettings) -> WorldConfig:
 class ReplayStats:
     entries: int = 0
     by_kind: Counter[str] = field(default_factory=Counter)
+    """Entries read, per kind."""
+    produced: Counter[str] = field(default_factory=Counter)
+    """Entries produced to Kafka by this replay, per kind."""
+    server_logged: int = 0
+    """Impressions whose request the server answered (``ok``): the server logged them."""
+    skipped: Counter[str] = field(default_factory=Counter)
+    """Entries deliberately not produced (``--impressions skip``)."""
+    end_of_stream: float | None = None
+    """Event time of the end-of-stream marker produced at the end, if any."""
     bad_lines: list[str] = field(default_factory=list)
     stopped_at_line: int | None = None
     outcomes: Counter[str] = field(default_factory=Counter)
@@ -122,38 +139,62 @@ class ReplayStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {"entries": self.entries, "by_kind": dict(self.by_kind),
+                "produced": dict(self.produced), "server_logged": self.server_logged,
+                "skipped": dict(self.skipped), "missing": self.missing(),
+                "end_of_stream": self.end_of_stream,
                 "bad_lines": len(self.bad_lines), "stopped_at_line": self.stopped_at_line,
                 "outcomes": dict(self.outcomes), "events_sha256": self.events_sha256,
                 "requests_sha256": self.requests_sha256, "wall_s": round(self.wall_s, 3)}
+
+    def missing(self) -> dict[str, int]:
+        """Per kind, entries read but neither produced, logged by the server nor skipped
+        on purpose (requests are sent, not produced: never missing)."""
+        out: dict[str, int] = {}
+        for kind, n in self.by_kind.items():
+            if kind == "request":
+                continue
+            done = self.produced[kind] + self.skipped[kind]
+            if kind == "impression":
+                done += self.server_logged
+            if n > done:
+                out[kind] = n - done
+        return out
 
 
 async def replay_recorded(path: Path | str, emitter: Emitter, *, speed: float = 1.0,
                           on_error: str = "skip", server_url: str | None = None,
                           impressions: str = "auto", timeout_s: float = 2.0,
                           max_in_flight: int = 256, stop: threading.Event | None = None,
-                          recommender: HttpRecommender | None = None) -> ReplayStats:
+                          recommender: HttpRecommender | None = None,
+                          end_of_stream: bool = False) -> ReplayStats:
     """Replay a recorded log in file order at ``speed``× (0 = no waiting).
 
     Requests go to ``server_url`` (open loop, counted per outcome) when given; ads,
-    clicks and conversions to the emitter; impressions too when ``impressions`` is
-    ``kafka``, or ``auto`` and no server is used. The produced stream depends only on
-    the file, so its sha256 is the same on every replay.
+    clicks and conversions to the emitter. Impressions: with ``kafka`` always to the
+    emitter; with ``auto`` to the emitter unless the file's ``request`` line of the same
+    request id was sent to the server and answered ``ok`` (the server logged that
+    impression), so a file without requests, or a server that is not there, never loses
+    one; with ``skip`` never (counted as skipped). Without a server the produced stream
+    depends only on the file, so its sha256 is the same on every replay.
+    ``stats.missing()`` lists what was read but went nowhere.
     """
+    if impressions not in ("auto", "kafka", "skip"):
+        raise ValueError(f"impressions must be auto, kafka or skip, not {impressions!r}")
     stop = stop or threading.Event()
     stats = ReplayStats()
-    use_server = bool(server_url) or recommender is not None
-    send_impressions = impressions == "kafka" or (impressions == "auto" and not use_server)
+    answered: dict[str, asyncio.Task[str]] = {}
+    """Request id -> the task sending that request (its result is the outcome)."""
     rec_client = recommender or (HttpRecommender(server_url, timeout_s, max_in_flight)
                                  if server_url else None)
     own_client = recommender is None and rec_client is not None
-    in_flight: set[asyncio.Task[None]] = set()
+    in_flight: set[asyncio.Task[str]] = set()
 
     def bad(err: RecordError) -> None:
         stats.bad_lines.append(str(err))
         BAD_LINES.labels(err.reason.split(":", 1)[0][:40]).inc()
         log.warning("replay.bad_line", line=err.line, reason=err.reason, action=on_error)
 
-    async def send(entry: Recorded) -> None:
+    async def send(entry: Recorded) -> str:
         assert rec_client is not None
         req = entry.record
         outcome, slate, latency = await rec_client.recommend(req)  # type: ignore[arg-type]
@@ -163,9 +204,21 @@ async def replay_recorded(path: Path | str, emitter: Emitter, *, speed: float = 
             LATENCY.observe(latency)
         if emitter.ledger is not None:
             emitter.ledger.request(req, outcome, latency, slate)  # type: ignore[arg-type]
+        return outcome
+
+    async def server_logged(request_id: str) -> bool:
+        """Whether the server answered this impression's request (then it logged it)."""
+        task = answered.pop(request_id, None)
+        if task is None:
+            return False
+        try:
+            return await task == "ok"
+        except Exception:  # the send failed: the server logged nothing
+            return False
 
     t_wall0 = time.monotonic()
     t0: float | None = None
+    t_last: float | None = None
     entries = read_recorded(path, "stop" if on_error == "stop" else "skip",
                             errors=_Reporter(bad))
     try:
@@ -180,6 +233,7 @@ async def replay_recorded(path: Path | str, emitter: Emitter, *, speed: float = 
                 break
             if t0 is None:
                 t0 = entry.t
+            t_last = entry.t if t_last is None else max(t_last, entry.t)
             if speed > 0 and not await sleep_until(t_wall0 + (entry.t - t0) / speed, stop):
                 break
             stats.entries += 1
@@ -195,18 +249,31 @@ async def replay_recorded(path: Path | str, emitter: Emitter, *, speed: float = 
                     task = asyncio.create_task(send(entry))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
+                    if impressions == "auto":
+                        answered[entry.record.request_id] = task  # type: ignore[union-attr]
             elif entry.kind == "impression":
-                if send_impressions:
+                rid = entry.record.request_id  # type: ignore[union-attr]
+                if impressions == "skip":
+                    stats.skipped["impression"] += 1
+                elif impressions == "auto" and answered and await server_logged(rid):
+                    stats.server_logged += 1
+                else:
                     emitter.emit("impressions", entry.record)  # type: ignore[arg-type]
+                    stats.produced["impression"] += 1
             else:
                 assert entry.topic is not None
                 emitter.emit(entry.topic, entry.record)  # type: ignore[arg-type]
+                stats.produced[entry.kind] += 1
             if speed <= 0 and stats.entries % 256 == 0:
                 await asyncio.sleep(0)  # let responses in
         if in_flight:
             await asyncio.wait(set(in_flight), timeout=timeout_s + 1.0)
         for task in list(in_flight):
             task.cancel()
+        closes = (end_of_stream and t_last is not None and not stop.is_set()
+                  and stats.stopped_at_line is None)
+        if closes and t_last is not None and send_end_of_stream(emitter, t_last):
+            stats.end_of_stream = t_last
     finally:
         if own_client and rec_client is not None:
             await rec_client.aclose()
@@ -214,6 +281,23 @@ async def replay_recorded(path: Path | str, emitter: Emitter, *, speed: float = 
     stats.requests_sha256 = emitter.requests_sha256
     stats.wall_s = time.monotonic() - t_wall0
     return stats
+
+
+def send_end_of_stream(emitter: Emitter, t_end: float) -> int:
+    """Produce the joiner's end-of-stream marker (:func:`streams.joiner_core.
+    end_of_stream_marker`) at ``t_end`` to every partition of ``impressions``; returns
+    the number of partitions. Not part of ``events_sha256`` (the file's stream). Without
+    a Kafka producer there is nothing to close (0)."""
+    producer = emitter.producer
+    if not isinstance(producer, EventProducer):
+        return 0
+    marker = encode(end_of_stream_marker(t_end))
+    name = producer.topics.name("impressions")
+    partitions = sorted(producer.raw.partitions_for(name) or {0})
+    for p in partitions:
+        producer.raw.send(name, value=marker, key=b"", partition=p)
+    log.info("replay.end_of_stream", t=t_end, partitions=len(partitions))
+    return len(partitions)
 
 
 class _Reporter(list[RecordError]):
@@ -279,8 +363,6 @@ def run(args: argparse.Namespace) -> int:
     log.info("replay.metrics", url=metrics.url)
     producer = None
     if settings.kafka:
-        from streams.kafka_io import EventProducer
-
         producer = EventProducer(kafka)
     recorder = RecordWriter(settings.record_file) if settings.record_file else None
     ledger = Ledger(settings.ledger_file, keep=False) if settings.ledger_file else None
@@ -294,12 +376,19 @@ def run(args: argparse.Namespace) -> int:
                 settings.from_file, emitter, speed=settings.speed, on_error=settings.on_error,
                 server_url=settings.server_url or None, impressions=settings.impressions,
                 timeout_s=settings.timeout_s, max_in_flight=settings.max_in_flight,
-                stop=stop))
+                stop=stop, end_of_stream=settings.end_of_stream))
             summary = {"mode": "recorded", **rstats.as_dict()}
             for line in rstats.bad_lines[:20]:
                 print(line)
             if rstats.stopped_at_line is not None:
                 code = 2
+            missing = rstats.missing()
+            if missing:
+                log.warning("replay.not_produced", missing=missing,
+                            read=dict(rstats.by_kind), produced=dict(rstats.produced),
+                            server_logged=rstats.server_logged)
+                if settings.on_error == "stop" and code == 0:
+                    code = 3
         else:
             summary = _run_simulated(settings, emitter, stop)
     finally:

@@ -361,7 +361,8 @@ class Request:
         """The JSON body of ``POST /v1/recommend``."""
         return {"user_id": self.user_id, "context": dict(self.context),
                 "recent_ad_ids": list(self.recent_ad_ids), "k": self.k,
-                "request_id": self.request_id, "event_time": self.event_time}
+                "request_id": self.request_id, "event_time": self.event_time,
+                "recent_organic": list(self.recent_organic)}
 
 
 @dataclass(frozen=True)
@@ -832,6 +833,17 @@ class World:
         ev = self.expected_values(ads, pctr, pcvr)
         order = np.lexsort((np.arange(len(ads)), -ev))[:k]
         return [ads[int(i)].ad_id for i in order]
+
+    def value_table(self, request: Request) -> tuple[list[str], np.ndarray]:
+        """True expected value of every servable ad at every slate position for
+        ``request`` as the world stands now: (ad ids, values [k, n_ads]). Lets a
+        counterfactual slate be scored later against the state the request saw."""
+        ads = self._matrix(None)[0]
+        rows = [self.expected_values(ads, *self.probabilities(
+            request.user_id, request.context, request.event_time, None, pos)[1:])
+            for pos in range(request.k)]
+        return [a.ad_id for a in ads], (np.stack(rows) if rows and ads
+                                        else np.zeros((request.k, len(ads))))
 
     def observable_oracle_slate(self, request: Request,
                                 k: int | None = None) -> list[str]:

@@ -1,8 +1,8 @@
 """Dashboards, recording rules and alerts for adloop, as code.
 
 One module holds every PromQL expression adloop's operators look at: the
-recording rules (headline figures), the alert rules, and the panels of the four
-Grafana dashboards (overview, serving, streams, learner), built with
+recording rules (headline figures), the alert rules, and the panels of the five
+Grafana dashboards (overview, serving, streams, learner, ad statistics), built with
 grafana-foundation-sdk. ``python -m deploy.observability.dashboards`` writes
 
 - ``deploy/grafana/dashboards/adloop-*.json``  (provisioned by compose.yaml),
@@ -484,7 +484,57 @@ LEARNER = Dashboard(
     ),
 )
 
-DASHBOARDS: tuple[Dashboard, ...] = (OVERVIEW, SERVING, STREAMS, LEARNER)
+def _per_industry(metric: str) -> str:
+    return f"sum by (industry) (rate({metric}[5m]))"
+
+
+AD_STATS = Dashboard(
+    "adloop-ad-stats", "adloop / Ad statistics",
+    "Top ads, advertisers and industries from final feedback lists (`adloop stats`, "
+    "faust-streaming, at-least-once: a restart after a crash can briefly count a few lists "
+    "twice). Per-window figures per ad are in the `ad-stats` topic.",
+    (
+        Row("Top ads and advertisers (newest complete tumbling window)", (
+            ts("Top ads by revenue",
+               q('max by (rank, id) (adloop_stats_top_revenue{dimension="ad"})',
+                 "#{{rank}} {{id}}"), width=12,
+               description="Revenue (sum of rewards) of the top-N ads in the newest complete "
+                           "tumbling window of impression time."),
+            ts("Top advertisers by revenue",
+               q('max by (rank, id) (adloop_stats_top_revenue{dimension="advertiser"})',
+                 "#{{rank}} {{id}}"), width=12),
+        )),
+        Row("Industries", (
+            ts("Revenue by industry", q(_per_industry("adloop_stats_industry_revenue_total"),
+                                        "{{industry}}"), unit="short",
+               description="Revenue per second of wall time, by the industry of the shown ad."),
+            ts("Impressions by industry",
+               q(_per_industry("adloop_stats_industry_impressions_total"), "{{industry}}"),
+               unit="rps"),
+            ts("CTR by industry",
+               q(f"{_per_industry('adloop_stats_industry_clicks_total')} / "
+                 f"{_per_industry('adloop_stats_industry_impressions_total')}",
+                 "{{industry}}"), unit="percentunit"),
+            ts("eCPM by industry",
+               q(f"1000 * {_per_industry('adloop_stats_industry_revenue_total')} / "
+                 f"{_per_industry('adloop_stats_industry_impressions_total')}",
+                 "{{industry}}")),
+            ts("Conversions by industry",
+               q(_per_industry("adloop_stats_industry_conversions_total"), "{{industry}}",
+                 may_be_empty=True), unit="rps"),
+        )),
+        Row("Stats stage", (
+            ts("Records by outcome", q(_rate("adloop_stats_events_total", "topic, outcome"),
+                                       "{{topic}} {{outcome}}"), unit="rps"),
+            ts("ad-stats records written", q(_rate("adloop_stats_ad_stats_sent_total"),
+                                             "acknowledged"), unit="rps"),
+            ts("Top-N window end (event time)", q("max(adloop_stats_window_end_seconds)",
+                                                  "window end"), unit="dateTimeAsIso"),
+        )),
+    ),
+)
+
+DASHBOARDS: tuple[Dashboard, ...] = (OVERVIEW, SERVING, STREAMS, LEARNER, AD_STATS)
 
 # --------------------------------------------------------------------------------------
 # Building.

@@ -24,7 +24,7 @@ from typing import Literal
 ROOT = Path(__file__).resolve().parents[2]
 
 Kind = Literal["counter", "gauge", "histogram"]
-Process = Literal["all", "server", "join", "learn", "replay", "pretrain"]
+Process = Literal["all", "server", "join", "stats", "learn", "replay", "pretrain"]
 
 FORBIDDEN_LABELS = frozenset({
     "user", "user_id", "request", "request_id", "ad", "ad_id", "event_id", "session_id",
@@ -64,8 +64,8 @@ METRICS: tuple[Metric, ...] = (
        "version: the package version; process: join, learn, serve, replay, ..."),
     _m("adloop_produced_records_total", "counter", "all", ("topic",),
        "Records the broker acknowledged, by logical topic.",
-       "topic: the 7 logical topics (ads, impressions, clicks, conversions, feedback, "
-       "model-updates, dlq)"),
+       "topic: the 8 logical topics (ads, impressions, clicks, conversions, feedback, "
+       "model-updates, ad-stats, dlq)"),
     _m("adloop_produce_errors_total", "counter", "all", ("topic",),
        "Records the broker did not acknowledge (after the producer's retries).",
        "topic: logical topic"),
@@ -97,6 +97,10 @@ METRICS: tuple[Metric, ...] = (
        "narrowing beams."),
     _m("adloop_server_request_beam_width", "histogram", "server", ("level",),
        "Beam width used per request and level.", "level: semantic-id level"),
+    _m("adloop_server_context_unmatched_total", "counter", "server", (),
+       "Requests whose context has no key the model reads (its manifest's "
+       "context_features): ranked as if no context were given. The first one per model "
+       "version is logged (serve.context_unmatched)."),
     _m("adloop_server_shed_total", "counter", "server", (),
        "Requests refused with 429 (the narrowest beams could not hold the latency target)."),
     _m("adloop_server_event_loop_lag_seconds", "gauge", "server", (),
@@ -145,9 +149,12 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_join_corrections_total", "counter", "join", (),
        "Correction lists emitted (a click or conversion after the list was emitted)."),
     _m("adloop_join_events_total", "counter", "join", ("topic", "outcome"),
-       "Input records processed, by topic and outcome.",
+       "Input records processed, by topic and outcome. A click/conversion held for its "
+       "impression is counted as `held` on arrival and again (applied, late or orphan) when "
+       "its impression arrives, so `applied` of clicks counts every click that reached a "
+       "list.",
        "topic: impressions, clicks, conversions; outcome: applied, held, duplicate, late, "
-       "orphan, invalid, handler_error"),
+       "orphan, invalid, handler_error, end_of_stream"),
     _m("adloop_join_late_total", "counter", "join", ("topic",),
        "Records dead-lettered as late (after their attribution window closed).",
        "topic: clicks, conversions"),
@@ -173,6 +180,10 @@ METRICS: tuple[Metric, ...] = (
        "Event time from impression to feedback emission.", "kind: provisional, final, "
        "correction"),
     # --- learner: adloop learn (learner/online.py, learner/publish.py) -------------------
+    _m("adloop_learner_no_preference_lists_total", "counter", "learn", ("reason",),
+       "Lists taken for training that state no preference (RSPO learns nothing from them; "
+       "only the VSL and value terms do). Mostly one_item: a log of one-ad slates trains no "
+       "ranking.", "reason: one_item, equal_rewards"),
     _m("adloop_learner_updates_total", "counter", "learn", (), "RSPO optimizer steps."),
     _m("adloop_learner_lists_total", "counter", "learn", ("outcome",),
        "Feedback lists consumed, by what happened to them.",
@@ -234,6 +245,29 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_traffic_bad_lines_total", "counter", "replay", ("reason",),
        "Recorded-log lines that could not be read, by reason.", "reason: fixed parse-error set"),
     # --- offline pretraining: adloop pretrain -------------------------------------------
+    _m("adloop_stats_events_total", "counter", "stats", ("topic", "outcome"),
+       "Records the stats stage read, by topic and outcome.",
+       "topic: ads, feedback, finals; outcome: counted, skipped (not a final list), bad"),
+    _m("adloop_stats_industry_impressions_total", "counter", "stats", ("industry",),
+       "Ad impressions in final feedback lists, by industry (at-least-once).",
+       "industry: the world's industries, unknown"),
+    _m("adloop_stats_industry_clicks_total", "counter", "stats", ("industry",),
+       "Clicked ads in final feedback lists, by industry (at-least-once).",
+       "industry: the world's industries, unknown"),
+    _m("adloop_stats_industry_conversions_total", "counter", "stats", ("industry",),
+       "Converted ads in final feedback lists, by industry (at-least-once).",
+       "industry: the world's industries, unknown"),
+    _m("adloop_stats_industry_revenue_total", "counter", "stats", ("industry",),
+       "Revenue (sum of rewards) in final feedback lists, by industry (at-least-once).",
+       "industry: the world's industries, unknown"),
+    _m("adloop_stats_top_revenue", "gauge", "stats", ("dimension", "rank", "id"),
+       "Revenue of the top-N ads and advertisers in the newest complete tumbling window.",
+       "dimension: ad, advertiser; rank: 1..top_n; id: the ad or advertiser at that rank "
+       "(at most top_n series per dimension at a time, replaced each second)"),
+    _m("adloop_stats_window_end_seconds", "gauge", "stats", (),
+       "Event-time end of the tumbling window the top-N gauges describe."),
+    _m("adloop_stats_ad_stats_sent_total", "counter", "stats", (),
+       "AdStats records the broker acknowledged."),
     _m("adloop_pretrain_steps_total", "counter", "pretrain", (),
        "Optimizer steps taken by pretraining."),
     _m("adloop_pretrain_loss", "gauge", "pretrain", ("part",), "Latest pretraining loss by part.",
@@ -347,6 +381,7 @@ _PROCESS_TITLES = {
     "all": "Every process (Kafka helpers, `streams.metrics`)",
     "server": "Server — `adloop serve`",
     "join": "Joiner — `adloop join`",
+    "stats": "Ad statistics — `adloop stats` (faust-streaming, at-least-once)",
     "learn": "Learner — `adloop learn`",
     "replay": "Traffic — `adloop replay`",
     "pretrain": "Offline pretraining — `adloop pretrain`",

@@ -70,6 +70,9 @@ SPECS: dict[str, ProcessSpec] = {
     # The loop's processes, with the flags compose.yaml passes them.
     "join": ProcessSpec("adloop-join", "join", lambda s, p: [
         "join", *s.kafka_args(), "--metrics-port", str(p["join"])]),
+    "stats": ProcessSpec("adloop-stats", "stats", lambda s, p: [
+        "stats", *s.kafka_args(), "--metrics-port", str(p["stats"]),
+        "--data-dir", str(s.run_dir / "stats")]),
     # learn expects a pretrained run in <run dir>/pretrain (what `adloop demo` prepares).
     "learn": ProcessSpec("adloop-learn", "learn", lambda s, p: [
         "learn", *s.kafka_args(), "--metrics-port", str(p["learn"]),
@@ -87,7 +90,7 @@ SPECS: dict[str, ProcessSpec] = {
           else ["--policy", "random"])]),
 }
 
-LIVE_PROCESSES: tuple[str, ...] = ("kafka-loop", "join", "learn", "serve", "replay")
+LIVE_PROCESSES: tuple[str, ...] = ("kafka-loop", "join", "stats", "learn", "serve", "replay")
 """What the live check starts: the whole loop plus the Kafka workload."""
 
 

@@ -34,5 +34,9 @@ def test_demo_closes_the_loop_feedback_reaches_the_learner_and_new_snapshots_are
     assert summary["snapshots_refused"] == 0
     # the supervisor watched every process, and none had to be restarted
     assert summary["process_restarts"] == {"join": 0, "learn": 0, "serve": 0}
+    # a frozen copy of the pretrained model answered every request in shadow
+    assert summary["frozen_rpm_last_quarter"] > 0
+    assert summary["online_over_frozen_last_quarter"] == round(
+        summary["rpm_last_quarter"] / summary["frozen_rpm_last_quarter"], 4)
     assert (out / "report.md").exists() and (out / "rpm.png").exists()
     assert "stopping processes" in res.stdout

@@ -52,14 +52,17 @@ def test_onnx_matches_torch_for_random_batches_and_beams(
     mask = (rng.random((B, H)) < 0.7).astype(np.float32)
     mask[:, 0] = 1.0
     history[mask == 0] = 0
-    context = rng.integers(0, 1024, size=(B, 4)).astype(np.int64)
+    n_ctx, n_org = len(model.cfg.context_features), model.cfg.organic_len
+    context = rng.integers(0, 1024, size=(B, n_ctx + n_org)).astype(np.int64)
+    context[:, n_ctx + rng.integers(0, n_org + 1):] = 0    # organic histories of any length
     enc, step, val = (_sess(snapshot, n) for n in CONTRACT)
     memory, mmask, lower, kv = enc.run(None, {"history": history, "history_mask": mask,
                                               "context": context})
     with torch.no_grad():
         t_enc = model.encode(torch.from_numpy(history), torch.from_numpy(mask),
                              torch.from_numpy(context))
-    assert kv.shape == (B, 1, 2, 4, H + 4, 32 // 4)   # M=1 top block, 4 heads, S = C + H
+    # M=1 top block, 4 heads, S = context ids + history + organic topics
+    assert kv.shape == (B, 1, 2, 4, n_ctx + H + n_org, 32 // 4)
     worst = max(np.abs(a - t.numpy()).max()
                 for a, t in zip((memory, mmask, lower, kv), t_enc, strict=True))
     N = B * K
@@ -113,7 +116,10 @@ def test_manifest_lists_versions_ids_and_checksums_that_verify(
     assert manifest["level_sizes"] == list(tok.config.token_sizes)
     assert manifest["semantic_levels"] == 2 and manifest["mode"] == "lazy_ar"
     assert manifest["history_len"] == 10 and manifest["context_buckets"] == 1024
-    assert manifest["context_features"] == ["device", "placement", "hour", "region"]
+    assert manifest["context_features"] == ["device", "placement", "hour", "region", "age",
+                                            "interest"]
+    assert manifest["organic_len"] == 20           # organic topic ids after the context ids
+    assert len(manifest["parity"]["inputs"]["encoder.onnx"]["context"][0]) == 6 + 20
     assert manifest["ids"] == tok.table()
     assert manifest["parity"]["atol"] == 1e-4
     assert set(manifest["parity"]["inputs"]) == set(CONTRACT)

@@ -94,7 +94,8 @@ def test_examples_carry_history_context_mtp_and_slates(
 
     ex = build_examples(synth_log.feedback, small_tokenizer, history_len=10, mtp_heads=2)
     T = small_tokenizer.config.id_len
-    assert ex.history.shape[1:] == (10, T) and ex.context.shape[1] == 4
+    # six context features (device, placement, hour, region, age, interest) + 20 organic
+    assert ex.history.shape[1:] == (10, T) and ex.context.shape[1] == 6 + 20
     assert ex.mtp.shape[1:] == (2, T) and ex.mtp_mask.sum() > 0
     assert (ex.history[ex.history_mask == 0] == 0).all()
     train, test = split_by_time(ex, frac)

@@ -35,7 +35,8 @@ def test_regeneration_is_one_command_and_check_mode_agrees() -> None:
 
 def test_dashboards_cover_the_loop() -> None:
     uids = {d.uid for d in dash.DASHBOARDS}
-    assert uids == {"adloop-overview", "adloop-serving", "adloop-streams", "adloop-learner"}
+    assert uids == {"adloop-overview", "adloop-serving", "adloop-streams", "adloop-learner",
+                    "adloop-ad-stats"}
     committed = {p.stem for p in (GRAFANA / "dashboards").glob("*.json")}
     assert committed == uids, "the dashboards dir holds exactly the generated dashboards"
     exprs = [pq.expr for pq in dash.panel_queries() if pq.dashboard == "adloop-overview"]

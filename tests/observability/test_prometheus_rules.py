@@ -51,7 +51,8 @@ def test_compose_and_embedded_configs_scrape_the_same_jobs() -> None:
     compose = yaml.safe_load((PROM / "prometheus.compose.yml").read_text())
     embedded = yaml.safe_load(EMBEDDED_CONFIG.read_text())
     jobs = {j["job_name"] for j in embedded["scrape_configs"]}
-    assert jobs == {"adloop-join", "adloop-learn", "adloop-serve", "adloop-replay"}
+    assert jobs == {"adloop-join", "adloop-stats", "adloop-learn", "adloop-serve",
+                    "adloop-replay"}
     assert jobs <= {j["job_name"] for j in compose["scrape_configs"]}
 
 

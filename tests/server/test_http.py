@@ -45,7 +45,8 @@ def test_not_ready_until_a_snapshot_then_serves_and_logs_impressions(
         wait_for(lambda: ready(c, "v1"), what="v1 ready")
         wait_for(lambda: c.get("/readyz").json()["servable_ads"] == len(AD_IDS),
                  what="every ad read from the ads topic")
-        r = c.post("/v1/recommend", json={**REQ, "request_id": "req-1", "event_time": 99.0})
+        r = c.post("/v1/recommend", json={**REQ, "request_id": "req-1", "event_time": 99.0,
+                                          "recent_organic": ["gaming/consoles#3"]})
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["request_id"] == "req-1" and body["model_version"] == "v1"
@@ -68,6 +69,7 @@ def test_not_ready_until_a_snapshot_then_serves_and_logs_impressions(
     assert imp.event_time == 99.0 and imp.model_version == "v1" and imp.server_id == "test-server"
     assert [s.ad_id for s in imp.slate] == [a["ad_id"] for a in body["ads"]]
     assert imp.beam_widths == body["beam_widths"] and imp.context == REQ["context"]
+    assert imp.recent_organic == ["gaming/consoles#3"]     # what the model read is logged
     assert {s.bid_type for s in imp.slate} <= {"cpc", "cpa", "cpm"}
 
 
@@ -122,6 +124,7 @@ def test_only_servable_ads_are_recommended_and_a_paused_ad_disappears(
     ({**REQ, "context": {"device": 7}}, "context"),
     ({**REQ, "recent_ad_ids": ["a"] * 201}, "recent_ad_ids"),
     ({**REQ, "recent_ad_ids": "ad-1"}, "recent_ad_ids"),
+    ({**REQ, "recent_organic": ["t#1"] * 201}, "recent_organic"),
     ({**REQ, "event_time": -1}, "event_time"),
     ({**REQ, "surprise": 1}, "surprise"),
 ])

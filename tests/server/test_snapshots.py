@@ -128,24 +128,47 @@ def test_history_and_context_inputs_follow_the_learner(tmp_path: Path,
     snap = snapshots("v1")
     assert mgr.apply_update(snap.model_update()) == "ok"
     assert mgr.state is not None
-    req = RecRequest("u", {"device": "ios", "bogus": "x"}, ["nope", "ad-0003", "ad-0001"], 3)
+    req = RecRequest("u", {"device": "ios", "bogus": "x"}, ["nope", "ad-0003", "ad-0001"], 3,
+                     ["retail/headphones#1", "gaming/consoles#2"])
     history, mask, context = engine.inputs(mgr.state, [req])
     assert mask.tolist()[0][:3] == [1.0, 1.0, 0.0]
     assert history[0, 0].tolist() == snap.ids["ad-0003"]
-    from streams.features import context_ids
-    assert context[0].tolist() == context_ids({"device": "ios"})
-    assert np.count_nonzero(context) == 1
+    from streams.features import context_ids, hash_feature
+    C = len(snap.spec.context_features)
+    assert context.shape == (1, C + snap.spec.organic_len)
+    assert context[0, :C].tolist() == context_ids({"device": "ios"})
+    # organic topics after the context ids, most recent first, zero padding after them
+    assert context[0, C:].tolist() == [hash_feature("organic", "gaming/consoles"),
+                                       hash_feature("organic", "retail/headphones"), 0, 0]
+    assert np.count_nonzero(context) == 3
 
 
-def test_a_format_1_snapshot_is_refused_with_a_clear_error(tmp_path: Path,
-                                                           snapshots: Builder) -> None:
+def test_snapshots_of_older_formats_are_refused_with_a_clear_error(
+        tmp_path: Path, snapshots: Builder) -> None:
     from snapshot_format import SnapshotRejectedError, parse_manifest
 
     mgr, engine = _manager(tmp_path)
     assert mgr.apply_update(snapshots("v1").model_update()) == "ok"
-    old = snapshots("v2", format=1)     # per-beam memory into decoder_step (format 1)
-    assert mgr.apply_update(old.model_update()) == "manifest"
-    assert mgr.version == "v1" and _recommend(engine)[0] == "v1"
-    with pytest.raises(SnapshotRejectedError, match=r"format 1 not supported: this server "
-                       r"reads format 2 only \(re-export"):
-        parse_manifest((old.directory / "manifest.json").read_bytes())
+    # format 1: per-beam memory into decoder_step; format 2: no organic history input
+    for n, fmt in enumerate((1, 2)):
+        old = snapshots(f"v{n + 2}", format=fmt)
+        assert mgr.apply_update(old.model_update()) == "manifest"
+        assert mgr.version == "v1" and _recommend(engine)[0] == "v1"
+        with pytest.raises(SnapshotRejectedError, match=rf"format {fmt} not supported: this "
+                           r"server reads format 3 only \(format 3 adds the organic history"):
+            parse_manifest((old.directory / "manifest.json").read_bytes())
+
+
+def test_a_context_the_model_cannot_read_is_counted_and_warned_once(
+        tmp_path: Path, snapshots: Builder, capsys: pytest.CaptureFixture[str]) -> None:
+    from server import metrics as M
+
+    mgr, engine = _manager(tmp_path)
+    assert mgr.apply_update(snapshots("v1").model_update()) == "ok"
+    before = M.CONTEXT_UNMATCHED._value.get()
+    engine.run([RecRequest("u1", {"device": "ios"}, [], 5)], lambda levels, k: [8] * levels)
+    assert M.CONTEXT_UNMATCHED._value.get() == before            # device is a model feature
+    for _ in range(2):
+        engine.run([RecRequest("u1", {"segment": "b"}, [], 5)], lambda levels, k: [8] * levels)
+    assert M.CONTEXT_UNMATCHED._value.get() == before + 2
+    assert capsys.readouterr().out.count("serve.context_unmatched") == 1

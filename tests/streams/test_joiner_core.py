@@ -125,3 +125,52 @@ def test_held_click_does_not_move_the_watermark_until_applied() -> None:
     assert r.core.watermark(0) == 0.0
     r.feed(imp("r9", 29))                          # applies the held click
     assert r.core.watermark(0) == 29.0
+
+
+def test_end_of_stream_marker_closes_every_window_of_a_finite_log() -> None:
+    """Without the marker the last requests never get a final list; the marker (no
+    state of its own) moves the watermark past their attribution window, and a later
+    log still joins."""
+    from streams.joiner_core import END_OF_STREAM_REQUEST_ID, end_of_stream_marker
+
+    r = Run()
+    r.feed(imp("r1", 0))
+    r.feed(click("c1", "r1", 2))
+    r.feed(imp("r2", 40))
+    assert [x[:2] for x in r.lists()] == [("r1", "provisional")]
+    step = r.core.on_record("impressions", 0, 99, b"", encode(end_of_stream_marker(40.0)),
+                            ALL_CAUGHT_UP)
+    assert step.outcome == "end_of_stream" and not step.rejected
+    r.core.mark_emitted(0, step.emissions)
+    r.out += step.emissions
+    assert r.core.watermark(0) == 140.0            # 40 + attribution window 100
+    assert sorted((f.request_id, f.kind) for f in step.emissions) == [
+        ("r1", "final"), ("r2", "final")]
+    assert r.core.get(END_OF_STREAM_REQUEST_ID) is None
+    r.feed(imp("r3", 150))                         # a later log joins as usual
+    assert r.dlq == []
+
+
+def test_held_click_is_counted_again_when_its_impression_applies_it() -> None:
+    r = Run()
+    r.feed(click("c9", "r9", 3))                   # held
+    step = r.core.on_record("impressions", 0, 50, b"u1", encode(imp("r9", 2)), ALL_CAUGHT_UP)
+    assert step.outcome == "applied"
+    assert step.released == [("clicks", "applied")]
+
+
+def test_joiner_carries_each_items_logging_propensity_into_feedback() -> None:
+    import msgspec
+
+    r = Run()
+    logged = imp("r1", 0)
+    logged.slate = [msgspec.structs.replace(it, propensity=0.1 * (i + 1))
+                    for i, it in enumerate(logged.slate)]
+    r.feed(logged)
+    r.feed(click("c1", "r1", 2))
+    r.feed(imp("end", 500))
+    final = next(f for f in r.out if f.request_id == "r1" and f.kind == "final")
+    assert [round(i.propensity or 0, 3) for i in final.items] == [0.1, 0.2, 0.3]
+    assert final.items[0].clicked
+    r.feed(imp("later", 600))
+    assert [i.propensity for i in feedback_items(r.core.get("later"))] == [None] * 3  # type: ignore[arg-type]

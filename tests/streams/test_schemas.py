@@ -80,3 +80,29 @@ def test_json_schema_is_published_for_every_topic() -> None:
     for spec in TOPICS.values():
         schema = json_schema(spec.record)
         assert "$defs" in schema or "properties" in schema
+
+
+def test_slate_position_outside_the_slate_is_invalid_and_named() -> None:
+    from streams.schemas import DecodeFailure, Impression, SlateItem, decode, encode
+
+    ok = Impression(request_id="r", event_time=1.0, user_id="u", model_version="m",
+                    slate=[SlateItem(ad_id="a", semantic_id=[], position=0, score=0.0,
+                                     bid=1.0, bid_type="cpc")])
+    bad = encode(ok).replace(b'"position":0', b'"position":3')
+    failure = decode(bad, Impression)
+    assert isinstance(failure, DecodeFailure) and failure.reason == "invalid"
+    assert "slate[0].position 3 is outside the slate" in failure.detail
+
+
+def test_logging_propensity_is_optional_checked_and_old_records_stay_readable() -> None:
+    from streams.schemas import Impression
+
+    old = (b'{"schema":1,"request_id":"r","event_time":1.0,"user_id":"u","model_version":"m",'
+           b'"slate":[{"ad_id":"a","semantic_id":[],"position":0,"score":0.0,"bid":1.0,'
+           b'"bid_type":"cpc"}]}')
+    rec = decode(old, Impression)
+    assert isinstance(rec, Impression) and rec.slate[0].propensity is None
+    new = decode(old.replace(b'"cpc"}', b'"cpc","propensity":0.25}'), Impression)
+    assert isinstance(new, Impression) and new.slate[0].propensity == 0.25
+    bad = decode(old.replace(b'"cpc"}', b'"cpc","propensity":1.5}'), Impression)
+    assert isinstance(bad, DecodeFailure) and "slate[0].propensity 1.5" in bad.detail

@@ -51,6 +51,8 @@ class SnapshotSpec:
     history_len: int = 8
     context_features: Sequence[str] = DEFAULT_CONTEXT_FEATURES
     context_buckets: int = DEFAULT_CONTEXT_BUCKETS
+    organic_len: int = 4
+    """Organic topic ids after the context ids in the encoder's ``context`` input."""
     seed: int = 0
     id_seed: int = 0
     """Seed of the id table: keep it fixed across versions of one id space."""
@@ -150,7 +152,7 @@ def _graphs(spec: SnapshotSpec, rng: np.random.Generator) -> dict[str, onnx.Mode
     sizes = list(spec.level_sizes)
     T, D, Hd = len(sizes), spec.d_model, spec.mlp_hidden
     V = max(sizes)
-    C = len(spec.context_features)
+    C = len(spec.context_features) + spec.organic_len
     off = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
 
     def w(*shape: int, scale: float = 1.0) -> np.ndarray:
@@ -294,7 +296,8 @@ def _parity(directory: Path, spec: SnapshotSpec, ids: dict[str, list[int]],
     sess = {n: ort.InferenceSession(str(directory / f"{n}.onnx"),
                                     providers=["CPUExecutionProvider"])
             for n in ("encoder", "decoder_step", "value")}
-    T, H, C = len(spec.level_sizes), spec.history_len, len(spec.context_features)
+    T, H = len(spec.level_sizes), spec.history_len
+    C = len(spec.context_features) + spec.organic_len
     table = np.array(list(ids.values()), dtype=np.int64).reshape(-1, T)
     B = 2
     history = np.zeros((B, H, T), np.int64)
@@ -369,7 +372,8 @@ def build_snapshot(directory: Path, spec: SnapshotSpec | None = None,
         "created_time": time.time(), "mode": "lazy_ar", "level_sizes": list(spec.level_sizes),
         "semantic_levels": max(1, len(spec.level_sizes) - 1), "history_len": spec.history_len,
         "context_features": list(spec.context_features),
-        "context_buckets": spec.context_buckets, "files": files, "ids": ids,
+        "context_buckets": spec.context_buckets, "organic_len": spec.organic_len,
+        "files": files, "ids": ids,
         "parity": parity, "metrics": dict(spec.metrics),
     }
     data = json.dumps(manifest).encode()

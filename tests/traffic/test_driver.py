@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import os
 import signal
 import socket
@@ -28,9 +29,16 @@ from prometheus_client import REGISTRY
 
 from streams.kafka_io import EventProducer, read_all
 from streams.settings import KafkaSettings
-from traffic.driver import Emitter, HttpOptions, Ledger, TrafficDriver
+from traffic.driver import (
+    Emitter,
+    HttpOptions,
+    Ledger,
+    OraclePolicy,
+    ServedSlate,
+    TrafficDriver,
+)
 from traffic.recorded import read_recorded
-from traffic.world import World, WorldConfig
+from traffic.world import Request, World, WorldConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -229,3 +237,38 @@ def test_cli_run_exposes_metrics_and_stops_cleanly_on_sigterm(
     assert {"request", "ad"} <= ledger_kinds
     got = read_all(kafka, "clicks", timeout_s=30, expect=summary["clicks"])
     assert len(got) == summary["clicks"]
+
+
+def test_a_shadow_policy_is_scored_against_the_world_its_requests_saw() -> None:
+    world = World(WorldConfig(seed=12, n_users=100, n_ads=40))
+    driver = TrafficDriver(world, Emitter())
+    driver.keep_responses = True
+    oracle = OraclePolicy(world)
+    served: dict[str, list[str]] = {}
+
+    class Recording:
+        name = "oracle"
+
+        def recommend(self, request: Request) -> ServedSlate:
+            slate = oracle.recommend(request)
+            served[request.request_id] = slate.ad_ids()
+            return slate
+
+    asked: list[int] = []
+
+    def shadow(reqs: list[Request]) -> list[list[str]]:   # answers with the served slates
+        asked.append(len(reqs))
+        return [served[r.request_id] for r in reqs]
+
+    driver.shadow = shadow
+    driver.shadow_batch = 16
+    stats = driver.run_inprocess(Recording(), 100)
+    driver.flush_shadow()
+    assert asked == [16] * 6 + [4]                  # batched, and the rest flushed
+    assert stats.impressions == 500                 # the shadow served nothing
+    for resp in driver.responses:
+        # scored after later requests changed the world (fatigue, budgets), yet worth
+        # exactly what the served slate was worth when its request came in
+        value, impressions = driver.shadow_values[resp.request_id]
+        assert impressions == resp.impressions
+        assert math.isclose(value, resp.expected_value, rel_tol=1e-9)

@@ -15,6 +15,7 @@ import pytest
 import structlog
 
 from adloop import cli
+from streams.joiner_core import END_OF_STREAM_REQUEST_ID as END_OF_STREAM
 from streams.kafka_io import read_all
 from streams.schemas import Event, encode
 from streams.settings import KafkaSettings
@@ -181,6 +182,7 @@ def test_cli_replays_a_recorded_file_into_kafka(tmp_path: Path, kafka: KafkaSett
             expected.setdefault(e.topic, Counter())[encode(e.record)] += 1  # type: ignore[arg-type]
     for topic, want in expected.items():
         got = read_all(kafka, topic, timeout_s=30, expect=sum(want.values()))
+        got = [r for r in got if getattr(r.record, "request_id", "") != END_OF_STREAM]
         assert Counter(encode(r.record) for r in got) == want, topic
 
 
@@ -206,3 +208,49 @@ def test_bad_bytes_in_a_recorded_file_are_reported_with_line_numbers_and_skipped
     emitter, stats = _replay(path, speed=0, on_error="skip")
     assert emitter.counts["clicks"] == 1
     assert len(stats.bad_lines) == 6  # type: ignore[attr-defined]
+
+
+def test_replay_without_an_answering_server_produces_every_impression_and_closes_windows(
+        tmp_path: Path, kafka: KafkaSettings, capsys: pytest.CaptureFixture[str]) -> None:
+    """The documented no-server replay: a server URL is set (the default) but nothing
+    answers there, so every impression goes to Kafka; the summary counts read vs
+    produced; the end-of-stream marker lets the joiner emit a final list for every
+    request although the log ends inside their attribution windows."""
+    from streams.joiner_core import END_OF_STREAM_REQUEST_ID
+    from streams.schemas import Feedback
+    from tests.streams.test_joiner_helpers import JoinerProcess, wait_for
+
+    path = tmp_path / "run.jsonl"
+    _record_run(path, n=60)
+    n_imp = sum(1 for e in read_recorded(path) if e.kind == "impression")
+    code = cli.main(["replay", "--from", str(path), "--speed", "0",
+                     "--server-url", "http://127.0.0.1:9", "--timeout-s", "0.5",
+                     "--on-error", "stop",
+                     "--bootstrap-servers", kafka.bootstrap_servers,
+                     "--topic-prefix", kafka.topic_prefix])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["by_kind"]["impression"] == n_imp == summary["produced"]["impression"]
+    assert summary["missing"] == {} and summary["end_of_stream"] is not None
+    got = read_all(kafka, "impressions", timeout_s=30, expect=n_imp + 1)
+    markers = [r for r in got if r.record.request_id == END_OF_STREAM_REQUEST_ID]
+    assert len(got) - len(markers) == n_imp and len(markers) >= 1
+    joiner = JoinerProcess(kafka, tmp_path / "join.log").start()
+    try:
+        finals = wait_for(kafka, "feedback", lambda rs: len(
+            {f.request_id for f in rs if isinstance(f, Feedback) and f.kind == "final"})
+            >= n_imp, timeout_s=120, proc=joiner)
+    finally:
+        joiner.stop()
+    assert {f.request_id for f in finals if f.kind == "final"} == {
+        e.record.request_id for e in read_recorded(path)  # type: ignore[union-attr]
+        if e.kind == "impression"}
+
+
+def test_impressions_skip_is_not_a_mismatch_but_counted(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl"
+    _record_run(path, n=20)
+    emitter, stats = _replay(path, speed=0, impressions="skip")
+    assert emitter.counts["impressions"] == 0
+    assert stats.skipped["impression"] == stats.by_kind["impression"] > 0  # type: ignore[attr-defined]
+    assert stats.missing() == {}  # type: ignore[attr-defined]

@@ -95,7 +95,9 @@ def test_requests_carry_the_model_context_features() -> None:
     times = [r.event_time for r in reqs]
     assert times == sorted(times) and len(set(r.request_id for r in reqs)) == 100
     body = reqs[0].body()
-    assert set(body) == {"user_id", "context", "recent_ad_ids", "k", "request_id", "event_time"}
+    assert set(body) == {"user_id", "context", "recent_ad_ids", "k", "request_id", "event_time",
+                         "recent_organic"}
+    assert body["recent_organic"] == reqs[0].recent_organic
 
 
 def test_ads_have_distinguishable_texts_and_realistic_bids() -> None:

@@ -1,0 +1,54 @@
+"""``adloop import``: a user's recorded log (own context keys, propensities, ads only in
+slates) to a servable snapshot whose manifest reads the log's context keys."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+from adloop import cli
+from adloop.importer import choose_context_features, join_recorded
+from snapshot_format import parse_manifest
+from streams.joiner_core import JoinSettings
+from traffic.recorded import read_recorded
+
+LOG = Path(__file__).resolve().parents[1] / "data" / "logged_bandit.jsonl"
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+
+
+def test_offline_join_gives_every_impression_a_final_list_with_its_propensities() -> None:
+    entries = list(read_recorded(LOG, "stop"))
+    n_imp = sum(e.kind == "impression" for e in entries)
+    n_click = sum(e.kind == "click" for e in entries)
+    joined = join_recorded(entries, JoinSettings(metrics_port=0))
+    finals = joined.finals()
+    assert len(finals) == n_imp and joined.rejected == []
+    assert sum(i.clicked for f in finals for i in f.items) == n_click
+    assert all(i.propensity == pytest.approx(1 / 24, abs=1e-6) for f in finals for i in f.items)
+    assert joined.defaulted_ads == 12 and len(joined.ads) == 24
+    assert choose_context_features(joined.impressions) == ("device", "segment")
+
+
+def test_import_makes_a_snapshot_that_reads_the_logs_context_keys(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["import", "--from", str(LOG), "--run-dir", str(tmp_path / "run"),
+                     "--encoder", "hashing", "--level-sizes", "8,4", "--industry-size", "4",
+                     "--goal-size", "4", "--advertiser-size", "4", "--suffix-size", "4",
+                     "--d-model", "16", "--n-layer", "2", "--n-enc-layer", "1",
+                     "--history-len", "4", "--steps", "20", "--batch-size", "32",
+                     "--no-progress", "--checkpoint-every", "0", "--threads", "1"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["context_features"] == ["device", "segment"]
+    assert summary["final_lists"] == summary["impressions"] > 0
+    manifest = parse_manifest((Path(summary["snapshot"]) / "manifest.json").read_bytes())
+    assert tuple(manifest.context_features) == ("device", "segment")
