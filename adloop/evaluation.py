@@ -107,6 +107,15 @@ class EvalConfig:
     pretrain_steps: int = 400
     encoder: str = "minilm"
     beam_width: int = 128
+    explore: float = 0.05
+    """Share of a learning policy's requests whose last slot explores a low-exposure ad."""
+    catalogue_beams: bool = True
+    """Beam width at every level, level 0 whole for a small catalogue (False: level 0
+    capped at 16, the earlier rule; for ablations)."""
+    value_own_items: bool = True
+    """The value head has its own item table (False: shared; for ablations)."""
+    rspo: dict[str, Any] = field(default_factory=dict)
+    """Overrides of :class:`learner.rspo.RSPOConfig` for the learning policies."""
     policies: tuple[str, ...] = POLICIES
 
 
@@ -296,9 +305,14 @@ def make_policy(name: str, world: World, seed: int, cfg: EvalConfig,
         dlrm.pretrain(logs)
         return dlrm
     update = {"rspo": "rspo", "frozen": "none", "vsl_only": "vsl_only"}[name]
+    from learner.rspo import RSPOConfig
+
     model, tok = pretrained
     return policies.GenerativePolicy(name, world, model, tok, update=update,
-                                     beam_width=cfg.beam_width, seed=seed)
+                                     beam_width=cfg.beam_width, seed=seed,
+                                     explore=cfg.explore if update != "none" else 0.0,
+                                     catalogue_beams=cfg.catalogue_beams,
+                                     rspo=RSPOConfig(**cfg.rspo))
 
 
 def pretrain_on(log_feedback: list[Feedback], world: World, cfg: EvalConfig, seed: int,
@@ -310,7 +324,7 @@ def pretrain_on(log_feedback: list[Feedback], world: World, cfg: EvalConfig, see
     s = PretrainSettings(run_dir=run_dir, encoder=cfg.encoder, steps=cfg.pretrain_steps,
                          level_sizes="64,32,16", history_len=10, batch_size=128, seed=seed,
                          progress=False, checkpoint_every=0, held_out_frac=0.05,
-                         resume=False)
+                         resume=False, value_own_items=cfg.value_own_items)
     res = pretrain(s, ads, log_feedback)
     return res.model, res.tokenizer
 

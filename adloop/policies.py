@@ -24,6 +24,7 @@ Each policy has ``recommend_batch(requests) -> list[ServedSlate]`` and
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
@@ -48,7 +49,9 @@ class GenerativePolicy:
 
     def __init__(self, name: str, world: World, model: GenerativeRecommender,
                  tok: UASIDTokenizer, update: str = "none", beam_width: int = 32,
-                 lr: float = 5e-4, publish_every: int = 10, seed: int = 0) -> None:
+                 lr: float = 5e-4, publish_every: int = 10, seed: int = 0,
+                 explore: float = 0.0, explore_max_shown: int = 50,
+                 rspo: RSPOConfig | None = None, catalogue_beams: bool = True) -> None:
         if update not in ("none", "rspo", "vsl_only"):
             raise ValueError(f"update must be none, rspo or vsl_only, got {update!r}")
         self.name = name
@@ -57,9 +60,24 @@ class GenerativePolicy:
         self.tok = copy.deepcopy(tok)
         self.update = update
         self.beam_width = beam_width
+        self.catalogue_beams = catalogue_beams
         self.publish_every = publish_every
-        cfg = RSPOConfig(rspo_weight=0.0) if update == "vsl_only" else RSPOConfig()
+        cfg = rspo or RSPOConfig()
+        if update == "vsl_only":
+            cfg = dataclasses.replace(cfg, rspo_weight=0.0)
         self.learner = (OnlineLearner(self.model, cfg, lr=lr) if update != "none" else None)
+        self.explore = explore
+        """Share of requests whose last slot goes to a low-exposure ad (reserved slot)."""
+        self.explore_max_shown = explore_max_shown
+        """An ad shown fewer times than this (by this policy) is eligible for exploration."""
+        self.shown: dict[str, int] = {}
+        self.rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,)))
+        self.coverage: list[float] = []
+        """Per request: share of servable ads among the final beam candidates."""
+        self.explored = 0
+        self._predicted: dict[str, dict[str, tuple[float, float]]] = {}
+        self.calibration_pairs: list[tuple[float, float, float, float]] = []
+        """(p̂CTR, clicked, p̂CVR, converted) of every shown item once its feedback is in."""
         self.version = 1
         self._trie_key: tuple[str, ...] = ()
         self._trie: IdTrie | None = None
@@ -112,7 +130,8 @@ class GenerativePolicy:
             return [ServedSlate(r.request_id, self.name, []) for r in requests]
         backend = TorchBackend(self.model)
         hist, mask, ctx = self._inputs(requests)
-        widths = [min(self.beam_width, 16 * 2**t) for t in range(trie.id_len)]
+        widths = (level_widths(self.beam_width, trie) if self.catalogue_beams
+                  else [min(self.beam_width, 16 * 2**t) for t in range(trie.id_len)])
         res = beam_search(backend, hist, mask, ctx, trie, widths)
         memory, mmask, _, _ = backend.encode(hist, mask, ctx)
         cand = res.ids.clamp_min(0)
@@ -125,14 +144,54 @@ class GenerativePolicy:
             scored = [(float(ev), float(res.scores[b, j]), a.ad_id, res.ids[b, j].tolist())
                       for ev, j, a in zip(evs, cols, sim_ads, strict=True)]
             scored.sort(key=lambda x: (-x[0], -x[1]))
+            self.coverage.append(len(cols) / max(1, len(ads)))
+            self._predicted[r.request_id] = {
+                ads[int(res.rows[b, j])]: (float(pctr[b, j]), float(pcvr[b, j])) for j in cols}
             slate = [ServedAd(a, i, score=lp, expected_value=ev, semantic_id=sid)
                      for i, (ev, lp, a, sid) in enumerate(scored[: r.k])]
+            if self.explore > 0 and slate and self.rng.random() < self.explore:
+                slate = self._explore_slot(slate, ads)
             out.append(ServedSlate(r.request_id, f"{self.name}-v{self.version}", slate,
                                    beam_widths=widths))
         return out
 
+    def _explore_slot(self, slate: list[ServedAd], servable: list[str]) -> list[ServedAd]:
+        """The last slot goes to an ad drawn uniformly from the servable ads this policy has
+        shown fewer than ``explore_max_shown`` times (new ads first of all); its propensity
+        is ``explore / len(eligible)``."""
+        taken = {a.ad_id for a in slate}
+        eligible = [a for a in servable
+                    if a not in taken and self.shown.get(a, 0) < self.explore_max_shown]
+        if not eligible:
+            return slate
+        pick = eligible[int(self.rng.integers(len(eligible)))]
+        self.explored += 1
+        last = slate[-1]
+        return [*slate[:-1], ServedAd(pick, last.position, score=float("-inf"),
+                                      expected_value=0.0,
+                                      semantic_id=list(self.tok.ids_of(pick)))]
+
+    def calibration(self) -> dict[str, float]:
+        """ECE of the value model's pCTR (shown items) and pCVR (clicked items)."""
+        pairs = self.calibration_pairs
+        ctr, _ = expected_calibration_error([a for a, _, _, _ in pairs],
+                                            [b for _, b, _, _ in pairs])
+        clicked = [(c, d) for _, b, c, d in pairs if b > 0]
+        cvr, _ = expected_calibration_error([c for c, _ in clicked], [d for _, d in clicked])
+        return {"ece_ctr": ctr, "ece_cvr": cvr, "mean_coverage": float(np.mean(self.coverage))
+                if self.coverage else math.nan, "explored_share": self.explored
+                / max(1, len(self.coverage))}
+
     # -- learning --------------------------------------------------------------------------
     def learn(self, lists: Sequence[Feedback]) -> dict[str, float]:
+        for fb in lists:
+            predicted = self._predicted.pop(fb.request_id, {})
+            for it in fb.items:
+                self.shown[it.ad_id] = self.shown.get(it.ad_id, 0) + 1
+                if it.ad_id in predicted:
+                    p_ctr, p_cvr = predicted[it.ad_id]
+                    self.calibration_pairs.append((p_ctr, float(it.clicked or it.converted),
+                                                   p_cvr, float(it.converted)))
         if self.learner is None or not lists:
             return {}
         metrics = self.learner.update(lists_to_batch([(fb, 1.0) for fb in lists], self.tok,
@@ -141,6 +200,34 @@ class GenerativePolicy:
             self.learner.refresh_reference()
             self.version += 1
         return metrics
+
+
+def expected_calibration_error(p: Sequence[float], y: Sequence[float],
+                               bins: int = 10) -> tuple[float, list[tuple[float, float, int]]]:
+    """ECE of probabilities ``p`` against outcomes ``y`` over equal-mass bins, and the
+    reliability curve as (mean predicted, observed rate, count) per bin."""
+    if not p:
+        return math.nan, []
+    order = np.argsort(np.asarray(p, dtype=float), kind="stable")
+    pa, ya = np.asarray(p, dtype=float)[order], np.asarray(y, dtype=float)[order]
+    curve = []
+    ece = 0.0
+    for chunk in np.array_split(np.arange(len(pa)), min(bins, len(pa))):
+        if not len(chunk):
+            continue
+        mp, my = float(pa[chunk].mean()), float(ya[chunk].mean())
+        curve.append((mp, my, len(chunk)))
+        ece += len(chunk) / len(pa) * abs(mp - my)
+    return ece, curve
+
+
+def level_widths(beam_width: int, trie: IdTrie) -> list[int]:
+    """Beam width per id level: ``beam_width`` at every level, except that level 0 keeps
+    every level-0 code of the catalogue when there are at most twice ``beam_width`` of
+    them (a small catalogue is then reachable whole; the width never caps level 0 alone)."""
+    n0 = int((trie.children[0][0] >= 0).sum())
+    w0 = n0 if n0 <= 2 * beam_width else beam_width
+    return [max(1, w0)] + [beam_width] * (trie.id_len - 1)
 
 
 def _bucket(text: str, n: int) -> int:

@@ -80,9 +80,9 @@ def export_validate(model: GenerativeRecommender, tok: UASIDTokenizer, lists: li
         pub = Publisher(SnapshotStore(str(Path(tmp) / "store")), Path(tmp) / "staging")
         for r in range(rounds):
             t0 = time.perf_counter()
-            serving = learner.holdout_ndcg(learner.ref, hb)
+            refs = {"serving": learner.holdout_value(learner.ref, hb)}
             pub.publish(model, tok, f"v{r:06d}", None, 0.0,
-                        holdout=lambda m: learner.holdout_ndcg(m, hb), serving_holdout=serving)
+                        holdout=lambda m: learner.holdout_value(m, hb), references=refs)
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

@@ -22,6 +22,17 @@ from torch import Tensor
 from learner.data import Batch
 from learner.model import GenerativeRecommender
 
+BID_TYPES = ("cpc", "cpa", "cpm")
+"""Bid type codes of :func:`expected_value` (index = code)."""
+
+
+def expected_value(pctr: Tensor, pcvr: Tensor, bid: Tensor, bid_type: Tensor) -> Tensor:
+    """Expected revenue per impression, the serving formula on one money scale:
+    cpc ``bid·pCTR``, cpa ``bid·pCTR·pCVR``, cpm ``bid/1000`` (bid_type codes of
+    :data:`BID_TYPES`). Probabilities, not logits."""
+    return torch.where(bid_type == 0, bid * pctr,
+                       torch.where(bid_type == 1, bid * pctr * pcvr, bid / 1000.0))
+
 
 def value_weights(value: Tensor, w_min: float = 0.2, w_max: float = 5.0) -> Tensor:
     """[B] realized values -> [B] weights, 0 where value is 0 (see module docstring)."""

@@ -85,6 +85,10 @@ class ModelConfig:
     prior_mix: tuple[float, ...] = field(default_factory=tuple)
     """Inference mixture over prior heads (uniform when empty)."""
     n_value_layers: int = 1
+    value_own_items: bool = True
+    """The value head has its own item table instead of the generator's, so generator
+    updates (RSPO, VSL) never move the scores that rank the slate. Checkpoints written
+    before this setting existed load with ``False`` (shared table)."""
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -117,7 +121,7 @@ class ModelConfig:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ModelConfig:
         # checkpoints written before ``inject_mlp`` existed have no such parameters
-        return cls(**{"inject_mlp": False, "organic_len": 0, **d})
+        return cls(**{"inject_mlp": False, "organic_len": 0, "value_own_items": False, **d})
 
 
 # --------------------------------------------------------------------------------------
@@ -424,7 +428,10 @@ class ValueHead(nn.Module):
     def __init__(self, cfg: ModelConfig, items: ItemEmbedding) -> None:
         super().__init__()
         d = cfg.d_model
-        _share(self, items)
+        if cfg.value_own_items:
+            self.items = ItemEmbedding(cfg.level_sizes, d)
+        else:
+            _share(self, items)
         self.query = nn.Parameter(torch.zeros(d))
         self.blocks = nn.ModuleList(Block(d, cfg.n_head, self_attn=False, dropout=cfg.dropout)
                                     for _ in range(cfg.n_value_layers))
@@ -524,12 +531,20 @@ class GenerativeRecommender(nn.Module):
         :class:`learner.data.Batch`). The encoder and lower layers run once per request."""
         return self.level_logprob_and_memory(batch, ids)[0]
 
-    def level_logprob_and_memory(self, batch: UserInputs,
-                                 ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def level_logprob_and_memory(self, batch: UserInputs, ids: Tensor,
+                                 encoder_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`level_logprob` [B, K, T] plus the encoder's memory [B, S, D] and
-        memory_mask [B, S], for callers that also run the value head on the same pass."""
+        memory_mask [B, S], for callers that also run the value head on the same pass.
+        With ``encoder_grad=False`` the log-probs' gradient stops at the encoder's output
+        (the decoder and item table still learn; the memory returned keeps its graph)."""
         B, K, T = ids.shape
-        memory, mask, lower, kv = self.encode(batch.history, batch.history_mask, batch.context)
+        if encoder_grad:
+            memory, mask, lower, kv = self.encode(batch.history, batch.history_mask,
+                                                  batch.context)
+        else:
+            memory, mask = self.encoder(batch.history, batch.history_mask, batch.context)
+            fixed = memory.detach()
+            lower, kv = self.decoder.lower(fixed, mask), self.decoder.memory_kv(fixed)
         flat = ids.reshape(B * K, T)                        # request-major: K rows per request
         h = self.decoder.top(kv, mask, lower, flat[:, :-1])                # [B*K, T, D]
         return self.decoder.target_logprob(h, flat).reshape(B, K, T), memory, mask

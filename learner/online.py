@@ -83,6 +83,10 @@ KAFKA_ERRORS = counter("adloop_learner_kafka_errors_total",
                        "Loop steps interrupted by an unreachable Kafka (retried with backoff).")
 NEW_ADS = counter("adloop_learner_new_ads_total", "Ads that received an id online.")
 HOLDOUT = gauge("adloop_learner_holdout_ndcg", "Online-holdout value-NDCG, by model.", ("model",))
+HOLDOUT_VALUE = gauge("adloop_learner_holdout_value",
+                      "Value-weighted off-policy estimate (money per impression) on the "
+                      "held-out lists the promotion guard uses, by model (candidate, "
+                      "serving, baseline, best).", ("model",))
 
 STATE_FILE = "learner_state.pt"
 STATE_FORMAT = 1
@@ -204,6 +208,10 @@ class LearnerService:
         self.last_checkpoint = time.monotonic()
         self.ready = False
         self.model, self.tok, self.learner = self._load()
+        self.baseline = OnlineLearner.frozen_copy(self.model)
+        """The model this process started from: the promotion guard's floor."""
+        self.best: GenerativeRecommender | None = None
+        """The best version published by this process (by the guard's estimate)."""
         self.consumer = EventConsumer(self.kafka, ["feedback"], s.group_id, dlq=self.producer,
                                       subscribe=False, max_poll_records=s.batch_lists)
         self.ads_consumer = KafkaConsumer(**self.kafka.client_config(),
@@ -417,22 +425,31 @@ class LearnerService:
         """Export + guard + store the current model, checkpoint, then announce it."""
         version = f"v{self.next_version:06d}"
         hb = self._holdout_batch()
-        serving = None
-        if hb is not None and self.last_published is not None:
-            serving = self.learner.holdout_ndcg(self.learner.ref, hb)
-            HOLDOUT.labels("serving").set(serving)
+        refs: dict[str, float] = {}
+        if hb is not None:
+            refs["baseline"] = self.learner.holdout_value(self.baseline, hb)
+            if self.best is not None:
+                refs["best"] = self.learner.holdout_value(self.best, hb)
+            if self.last_published is not None:
+                refs["serving"] = self.learner.holdout_value(self.learner.ref, hb)
+                HOLDOUT.labels("serving").set(self.learner.holdout_ndcg(self.learner.ref, hb))
+            for name, v in refs.items():
+                HOLDOUT_VALUE.labels(name).set(v)
+        cand_value = math.nan
 
         def holdout(m: GenerativeRecommender) -> float:
+            nonlocal cand_value
             if hb is None:
                 return math.nan
-            v = self.learner.holdout_ndcg(m, hb)
-            HOLDOUT.labels("candidate").set(v)
-            return v
+            HOLDOUT.labels("candidate").set(self.learner.holdout_ndcg(m, hb))
+            cand_value = self.learner.holdout_value(m, hb)
+            HOLDOUT_VALUE.labels("candidate").set(cand_value)
+            return cand_value
 
         try:
             pub = self.publisher.publish(
                 self.model, self.tok, version, self.last_published, self.watermark,
-                holdout=holdout, serving_holdout=serving,
+                holdout=holdout, references=refs,
                 metrics={"updates": float(self.learner.steps)})
         except SnapshotRefusedError:
             self.next_version += 1  # the refused name is never reused
@@ -442,6 +459,8 @@ class LearnerService:
         event = self.publisher.update_event(pub, self.watermark)
         self.next_version += 1
         self.last_published = version
+        if math.isfinite(cand_value) and cand_value >= refs.get("best", -math.inf):
+            self.best = OnlineLearner.frozen_copy(self.model)
         self.pending_update = json.dumps(_builtins(event))
         self.learner.refresh_reference()
         self.finish_publish()

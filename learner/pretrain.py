@@ -98,6 +98,8 @@ class PretrainSettings(BaseSettings):
     """Residual MLP over the injected prefix vector (ModelConfig.inject_mlp)."""
     mtp_heads: int = 2
     prior_heads: int = 0
+    value_own_items: bool = True
+    """The value head gets its own item table (see ModelConfig.value_own_items)."""
     steps: int = 1000
     batch_size: int = 64
     lr: float = 3e-3
@@ -180,7 +182,8 @@ def model_config(s: PretrainSettings, tok: UASIDTokenizer) -> ModelConfig:
         context_buckets=DEFAULT_CONTEXT_BUCKETS, organic_len=DEFAULT_ORGANIC_LEN,
         d_model=s.d_model, n_head=s.n_head,
         n_enc_layer=s.n_enc_layer, n_layer=s.n_layer, n_top=s.n_top, mode=s.mode,
-        inject_mlp=s.inject_mlp, mtp_heads=s.mtp_heads, prior_heads=s.prior_heads)
+        inject_mlp=s.inject_mlp, mtp_heads=s.mtp_heads, prior_heads=s.prior_heads,
+        value_own_items=s.value_own_items)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:

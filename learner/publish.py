@@ -6,8 +6,12 @@
    (``learner.export.export_snapshot``; it already refuses ORT/torch parity beyond
    the manifest's tolerance);
 2. **guard**: every parameter and every parity output finite (no NaN/inf), and the
-   online-holdout value-NDCG not below the serving version's by more than
-   ``max_regression`` (relative);
+   candidate's value-weighted off-policy estimate on held-out lists (money per
+   impression, :meth:`learner.rspo_step.OnlineLearner.holdout_value`) not below the
+   best of the references — the pretrained baseline, the best version published so far
+   and the serving one, each evaluated on the same held-out lists — by more than
+   ``max_regression`` (relative). Comparing with the last version only let small steps
+   ratchet down;
 3. **store**: copy the files to ``{store}/{version}/`` — a directory (written to a
    temporary name, then renamed) or any fsspec URL;
 4. the caller checkpoints, then **announces** the version on ``model-updates``
@@ -147,7 +151,7 @@ class Publisher:
     def publish(self, model: GenerativeRecommender, tok: UASIDTokenizer, version: str,
                 parent: str | None, data_watermark: float,
                 holdout: Callable[[GenerativeRecommender], float] | None = None,
-                serving_holdout: float | None = None,
+                references: dict[str, float] | None = None,
                 metrics: dict[str, float] | None = None) -> Published:
         """Export, check and store ``model`` as ``version``; raise SnapshotRefusedError."""
         metrics = dict(metrics or {})
@@ -170,15 +174,17 @@ class Publisher:
             self._refuse("nan", f"{version}: reference outputs contain NaN/inf")
         if holdout is not None:
             cand = holdout(model)
-            manifest["metrics"]["holdout_ndcg"] = cand
-            if serving_holdout is not None and math.isfinite(serving_holdout) and \
-                    math.isfinite(cand):
-                floor = serving_holdout * (1.0 - self.max_regression)
-                manifest["metrics"]["serving_holdout_ndcg"] = serving_holdout
+            manifest["metrics"]["holdout_value"] = cand
+            refs = {k: v for k, v in (references or {}).items() if math.isfinite(v)}
+            for name, v in refs.items():
+                manifest["metrics"][f"{name}_holdout_value"] = v
+            if refs and math.isfinite(cand):
+                name, best = max(refs.items(), key=lambda kv: kv[1])
+                floor = best - abs(best) * self.max_regression
                 if cand < floor:
                     shutil.rmtree(stage, ignore_errors=True)
-                    self._refuse("regression", f"{version}: holdout value-NDCG {cand:.4f} < "
-                                 f"{floor:.4f} (serving {serving_holdout:.4f} minus "
+                    self._refuse("regression", f"{version}: holdout value {cand:.5f} < "
+                                 f"{floor:.5f} ({name} {best:.5f} minus "
                                  f"{self.max_regression:.0%})")
             (stage / "manifest.json").write_text(json.dumps(manifest, separators=(",", ":")))
         validate_s = time.perf_counter() - t1

@@ -49,14 +49,39 @@ class RSPOConfig:
     hepo_clip: float = 0.2
     min_gap: float = 1e-9
     """Rewards closer than this count as ties."""
+    reward: str = "value"
+    """``value``: dense rewards from the value model's expected value, corrected towards
+    the realized reward (learner.rspo_step); ``realized``: the realized reward alone."""
+    realized_weight: float = 0.3
+    """η in ``(1-η)·expected + η·realized`` (``reward="value"``)."""
+    money_scale: bool = True
+    """Gains linear in money on one scale for all lists (False: per-list 2^{r/r_max})."""
+    anchor_clicks_only: bool = True
+    """VSL anchor positives are clicks and conversions only (False: any reward > 0,
+    which makes every CPM impression a positive)."""
+    value_detach: bool = False
+    """The value loss does not flow into the encoder (the value head reads it as fixed
+    features)."""
+    generator_encoder_grad: bool = False
+    """RSPO and the VSL anchor move the encoder too. Off: online, the generator's terms
+    train the decoder and item table only, and the encoder, whose memory the value head
+    reads, learns only from the value loss, so generator updates cannot move the scores
+    that rank the slate."""
 
 
-def rank_gain_weights(rewards: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def rank_gain_weights(rewards: Tensor, mask: Tensor,
+                      money_scale: float | None = None) -> tuple[Tensor, Tensor]:
     """Order by reward and the rank-gain weight of each stage.
 
     rewards, mask: [B, K] (mask 1 = real item).
     Returns ``order`` [B, K] (indices, highest reward first, padding last) and
     ``lam`` [B, K] (weight of the stage whose positive is ``order[:, i]``; unnormalised).
+
+    With ``money_scale`` the gain is linear in money, ``(r - r_min) / money_scale``, one
+    scale for every list, so a list whose best item is worth 60 weighs ~10^4 times one
+    whose best item is a CPM impression worth 0.004. Without it (the original form) each
+    list's gains are scaled by its own top reward (``2^{r/r_max} - 1``), which erases
+    magnitude across lists.
     """
     neg_inf = torch.finfo(rewards.dtype).min
     keyed = torch.where(mask > 0, rewards, torch.full_like(rewards, neg_inf))
@@ -66,8 +91,11 @@ def rank_gain_weights(rewards: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     big = torch.finfo(rewards.dtype).max
     r_min = torch.where(m_sorted > 0, r_sorted, torch.full_like(r_sorted, big)).min(dim=1).values
     r_max = torch.where(m_sorted > 0, r_sorted, torch.full_like(r_sorted, -big)).max(dim=1).values
-    scale = torch.clamp(r_max.abs(), min=1e-6).unsqueeze(1)
-    gain = torch.pow(2.0, r_sorted / scale) - torch.pow(2.0, r_min.unsqueeze(1) / scale)
+    if money_scale is not None:
+        gain = (r_sorted - r_min.unsqueeze(1)) / max(money_scale, 1e-12)
+    else:
+        scale = torch.clamp(r_max.abs(), min=1e-6).unsqueeze(1)
+        gain = torch.pow(2.0, r_sorted / scale) - torch.pow(2.0, r_min.unsqueeze(1) / scale)
     # competition rank: 1 + number of real items with a strictly higher reward, so
     # tied items share a rank (and a weight)
     higher = (r_sorted.unsqueeze(1) > r_sorted.unsqueeze(2)) & (m_sorted.unsqueeze(1) > 0)
@@ -79,17 +107,21 @@ def rank_gain_weights(rewards: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 def rspo_loss(logp: Tensor, logp_ref: Tensor, rewards: Tensor, mask: Tensor,
               beta: float, list_weight: Tensor | None = None,
-              min_gap: float = 1e-9) -> tuple[Tensor, dict[str, float]]:
+              min_gap: float = 1e-9,
+              money_scale: float | None = None) -> tuple[Tensor, dict[str, float]]:
     """The RSPO loss of a batch of lists.
 
     logp, logp_ref: [B, K] sequence log-probs under π_θ and π_ref (π_ref detached).
-    rewards: [B, K] realized value rewards; mask: [B, K] 1 for real items.
+    rewards: [B, K] value rewards; mask: [B, K] 1 for real items.
     list_weight: [B] per-list weight (fake-negative / correction weighting), default 1.
+    money_scale: see :func:`rank_gain_weights` (gains linear in money on one scale for
+    every list instead of each list's own). Either way the weights are normalised by
+    their batch total, so the step size does not grow with the batch's money.
     Returns (scalar loss, stats).
     """
     B, K = logp.shape
     s = beta * (logp - logp_ref.detach())                                   # [B, K]
-    order, lam = rank_gain_weights(rewards, mask)
+    order, lam = rank_gain_weights(rewards, mask, money_scale)
     s_sorted = torch.gather(s, 1, order)                                    # [B, K]
     r_sorted = torch.gather(rewards, 1, order)
     m_sorted = torch.gather(mask, 1, order)

@@ -7,6 +7,12 @@ feedback list (one served slate with realized rewards):
     history [B, H, T]  history_mask [B, H]  context [B, C]
     items   [B, K, T]  item_mask [B, K]     rewards [B, K]
     clicked [B, K]     converted [B, K]     list_weight [B]
+    bids    [B, K]     bid_type [B, K] (codes of learner.losses.BID_TYPES)
+
+The rewards RSPO ranks by are dense and on one money scale (docs/rspo.md): each shown
+item's expected value under the value model (calibrated eCPM per impression), corrected
+towards what was realized by ``realized_weight``; CPM impressions count at their price,
+not as wins, and only clicks and conversions are positives of the VSL anchor.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from learner.losses import value_loss, value_weights
+from learner.losses import BID_TYPES, expected_value, value_loss, value_weights
 from learner.model import GenerativeRecommender
 from learner.rspo import RSPOConfig, fake_negative_weight, hepo_loss, rspo_loss
 from learner.tokenizer import UASIDTokenizer, UnknownAdError
@@ -39,9 +45,14 @@ class ListBatch:
     clicked: Tensor
     converted: Tensor
     list_weight: Tensor
+    bids: Tensor
+    bid_type: Tensor
 
     def __len__(self) -> int:
         return int(self.items.shape[0])
+
+
+BID_CODE = {b: i for i, b in enumerate(BID_TYPES)}
 
 
 def provisional_weight(fb: Feedback) -> float:
@@ -72,6 +83,8 @@ def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
     clicked = np.zeros((B, K), np.float32)
     converted = np.zeros((B, K), np.float32)
     weight = np.zeros(B, np.float32)
+    bids = np.zeros((B, K), np.float32)
+    bid_type = np.zeros((B, K), np.int64)
     for b, (fb, w) in enumerate(lists):
         weight[b] = w
         h = 0
@@ -96,13 +109,15 @@ def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
             rewards[b, k] = it.reward
             clicked[b, k] = float(it.clicked or it.converted)
             converted[b, k] = float(it.converted)
+            bids[b, k] = it.bid
+            bid_type[b, k] = BID_CODE.get(it.bid_type, 0)
             k += 1
     # history padding is trailing: columns no list uses are dropped (the encoder's outputs
     # at padded positions are masked everywhere, so the results are the same)
     used = max(int(hmask.sum(1).max(initial=0.0)), 1)
     t = torch.from_numpy
     return ListBatch(t(hist[:, :used]), t(hmask[:, :used]), t(ctx), t(items), t(imask),
-                     t(rewards), t(clicked), t(converted), t(weight))
+                     t(rewards), t(clicked), t(converted), t(weight), t(bids), t(bid_type))
 
 
 def ndcg_of_scores(scores: Tensor, rewards: Tensor, mask: Tensor) -> Tensor:
@@ -125,14 +140,16 @@ class OnlineLearner:
                  weight_decay: float = 0.0) -> None:
         self.model = model
         self.cfg = cfg or RSPOConfig()
+        self.money_scale = 0.0
+        """Running mean of the per-list reward spread (one scale for every list)."""
         self.value_weight = value_weight
         self.grad_clip = grad_clip
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        self.ref = self._frozen_copy(model)
+        self.ref = self.frozen_copy(model)
         self.steps = 0
 
     @staticmethod
-    def _frozen_copy(model: GenerativeRecommender) -> GenerativeRecommender:
+    def frozen_copy(model: GenerativeRecommender) -> GenerativeRecommender:
         ref = copy.deepcopy(model).eval()
         for p in ref.parameters():
             p.requires_grad_(False)
@@ -142,27 +159,58 @@ class OnlineLearner:
         """π_ref ← π_θ (called when a snapshot of π_θ is published)."""
         self.ref.load_state_dict(self.model.state_dict())
 
+    def dense_rewards(self, b: ListBatch, pctr_logit: Tensor, pcvr_logit: Tensor) -> Tensor:
+        """The rewards RSPO ranks by: the value model's expected value of each shown item,
+        moved towards the realized reward by ``realized_weight`` (``reward="realized"``:
+        the realized reward alone, the original form)."""
+        if self.cfg.reward == "realized":
+            return b.rewards
+        ev = expected_value(torch.sigmoid(pctr_logit.detach()),
+                            torch.sigmoid(pcvr_logit.detach()), b.bids, b.bid_type)
+        eta = self.cfg.realized_weight
+        return ((1.0 - eta) * ev + eta * b.rewards) * b.item_mask
+
+    def _scale(self, rewards: Tensor, mask: Tensor) -> float | None:
+        """Update and return the one money scale of the gains (None: per-list form)."""
+        if not self.cfg.money_scale:
+            return None
+        big = torch.finfo(rewards.dtype).max
+        hi = torch.where(mask > 0, rewards, torch.full_like(rewards, -big)).max(1).values
+        lo = torch.where(mask > 0, rewards, torch.full_like(rewards, big)).min(1).values
+        spread = (hi - lo)[mask.sum(1) > 1]
+        if spread.numel():
+            m = float(spread.mean())
+            self.money_scale = m if self.money_scale == 0 else 0.95 * self.money_scale + 0.05 * m
+        return self.money_scale or 1.0
+
     def update(self, b: ListBatch) -> dict[str, float]:
         """One optimizer step on a batch of lists; returns the loss terms and diagnostics."""
         self.model.train()
-        level_logp, memory, mem_mask = self.model.level_logprob_and_memory(b, b.items)
+        level_logp, memory, mem_mask = self.model.level_logprob_and_memory(
+            b, b.items, encoder_grad=self.cfg.generator_encoder_grad)
         logp = (level_logp * b.item_mask.unsqueeze(-1)).sum(-1)                # [B, K]
         with torch.no_grad():
             ref_level, _, _ = self.ref.level_logprob_and_memory(b, b.items)
         logp_ref = (ref_level * b.item_mask.unsqueeze(-1)).sum(-1)
-        l_rspo, stats = rspo_loss(logp, logp_ref, b.rewards, b.item_mask, self.cfg.beta,
-                                  b.list_weight, self.cfg.min_gap)
-        # VSL anchor on the positives (value-weighted sequence CE), list-weighted
-        pos_w = value_weights(b.rewards.flatten()).reshape(b.rewards.shape) * b.item_mask
-        pos_w = pos_w * b.list_weight.unsqueeze(1)
+        value_memory = memory.detach() if self.cfg.value_detach else memory
+        pctr, pcvr = self.model.value(value_memory, mem_mask, b.items)
+        rewards = self.dense_rewards(b, pctr, pcvr)
+        l_rspo, stats = rspo_loss(logp, logp_ref, rewards, b.item_mask, self.cfg.beta,
+                                  b.list_weight, self.cfg.min_gap,
+                                  self._scale(rewards, b.item_mask))
+        # VSL anchor on the positives (value-weighted sequence CE), list-weighted; a
+        # positive is a click or a conversion (a CPM impression is paid, not chosen)
+        positive = torch.clamp(b.clicked + b.converted, max=1.0) if self.cfg.anchor_clicks_only \
+            else torch.ones_like(b.rewards)
+        pos_w = value_weights((b.rewards * positive).flatten()).reshape(b.rewards.shape)
+        pos_w = pos_w * b.item_mask * b.list_weight.unsqueeze(1)
         l_vsl = -(pos_w * logp).sum() / (pos_w > 0).sum().clamp_min(1)
-        pctr, pcvr = self.model.value(memory, mem_mask, b.items)
         l_val = value_loss(pctr, pcvr, b.clicked, b.converted, b.item_mask)
         loss = (self.cfg.rspo_weight * l_rspo + self.cfg.vsl_alpha * l_vsl
                 + self.value_weight * l_val)
         l_hepo = torch.zeros(())
         if self.cfg.hepo_weight > 0:
-            l_hepo = hepo_loss(level_logp, ref_level, b.items, b.rewards, b.item_mask,
+            l_hepo = hepo_loss(level_logp, ref_level, b.items, rewards, b.item_mask,
                                self.cfg.hepo_clip)
             loss = loss + self.cfg.hepo_weight * l_hepo
         self.opt.zero_grad(set_to_none=True)
@@ -177,8 +225,26 @@ class OnlineLearner:
             "vsl": float(l_vsl.detach()), "value": float(l_val.detach()),
             "hepo": float(l_hepo.detach()), "kl_ref": kl, "grad_norm": float(grad_norm),
             "mean_reward": float((b.rewards * b.item_mask).sum() / n_items),
+            "mean_dense_reward": float((rewards * b.item_mask).sum() / n_items),
             "lists": float(len(b)), **stats,
         }
+
+    @torch.no_grad()
+    def holdout_value(self, model: GenerativeRecommender, b: ListBatch) -> float:
+        """Value-weighted off-policy estimate of ``model`` on held-out lists: per list, the
+        expected realized reward of one item drawn from the model's distribution over the
+        items that were shown (softmax of sequence log-probs over the slate), averaged over
+        lists. In money per impression, so it tracks revenue; lists of one item or with
+        equal rewards add the same to every model."""
+        model.eval()
+        level_logp, _, _ = model.level_logprob_and_memory(b, b.items)
+        scores = (level_logp * b.item_mask.unsqueeze(-1)).sum(-1)
+        scores = scores.masked_fill(b.item_mask <= 0, -torch.inf)
+        p = torch.softmax(scores, dim=1).nan_to_num(0.0)
+        has_items = b.item_mask.sum(1) > 0
+        if not bool(has_items.any()):
+            return math.nan
+        return float((p * b.rewards * b.item_mask).sum(1)[has_items].mean())
 
     @torch.no_grad()
     def holdout_ndcg(self, model: GenerativeRecommender, b: ListBatch) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ def test_rspo_updates_rank_higher_value_items_higher(trained_lazy: PretrainResul
                                                      synth_log: synthetic.SyntheticLog) -> None:
     torch.manual_seed(0)
     model = copy.deepcopy(trained_lazy.model)
-    learner = OnlineLearner(model, RSPOConfig(beta=1.0, vsl_alpha=0.0), lr=3e-3,
+    learner = OnlineLearner(model, RSPOConfig(beta=1.0, vsl_alpha=0.0, reward="realized"), lr=3e-3,
                             value_weight=0.0)
     batch = lists_to_batch(_lists(synth_log, 64), trained_lazy.tokenizer, model)
     before = learner.holdout_ndcg(model, batch)
@@ -81,15 +82,16 @@ def test_promotion_guard_refuses_nan_and_regression_and_stores_nothing(
     assert nan.value.reason == "nan"
     with pytest.raises(SnapshotRefusedError) as reg:
         pub.publish(trained_lazy.model, trained_lazy.tokenizer, "v000003", "v000001", 0.0,
-                    holdout=lambda _m: 0.50, serving_holdout=0.80)
-    assert reg.value.reason == "regression" and "0.5000" in str(reg.value)
+                    holdout=lambda _m: 0.50, references={"serving": 0.80})
+    assert reg.value.reason == "regression" and "0.50000" in str(reg.value)
     assert store.versions() == []
 
     ok = pub.publish(trained_lazy.model, trained_lazy.tokenizer, "v000004", "v000001", 12.5,
-                     holdout=lambda _m: 0.79, serving_holdout=0.80)
+                     holdout=lambda _m: 0.79, references={"serving": 0.80, "baseline": 0.7})
     assert store.versions() == ["v000004"]
     manifest = verify_snapshot(tmp_path / "store" / "v000004", parity=True)
-    assert manifest["metrics"]["holdout_ndcg"] == 0.79
+    assert manifest["metrics"]["holdout_value"] == 0.79
+    assert manifest["metrics"]["baseline_holdout_value"] == 0.7
     assert manifest["data_watermark"] == 12.5
     event = pub.update_event(ok, 12.5)
     assert event.uri.startswith("file://") and event.version == "v000004"
@@ -97,3 +99,60 @@ def test_promotion_guard_refuses_nan_and_regression_and_stores_nothing(
 
     raw = (tmp_path / "store" / "v000004" / "manifest.json").read_bytes()
     assert event.sha256 == hashlib.sha256(raw).hexdigest()
+
+
+def test_guard_compares_with_the_best_reference_so_small_steps_cannot_ratchet_down(
+        trained_lazy: PretrainResult, tmp_path: Path) -> None:
+    """Each step is within 5 % of the last version, yet the decline is refused once it is
+    more than 5 % below the best reference (the pretrained baseline or the best so far)."""
+    pub = Publisher(SnapshotStore(str(tmp_path / "store")), tmp_path / "staging",
+                    max_regression=0.05)
+    values = [1.00, 0.97, 0.94]
+    last = None
+    outcomes = []
+    for i, v in enumerate(values):
+        refs = {"baseline": 1.00, **({"serving": last} if last is not None else {})}
+        try:
+            pub.publish(trained_lazy.model, trained_lazy.tokenizer, f"v{i:06d}", None, 0.0,
+                        holdout=lambda _m, v=v: v, references=refs)
+            outcomes.append("published")
+            last = v
+        except SnapshotRefusedError as exc:
+            outcomes.append(exc.reason)
+    assert outcomes == ["published", "published", "regression"]
+    assert 0.94 >= 0.97 * 0.95     # the old rule (last version only) would have let it pass
+
+
+def test_holdout_value_tracks_revenue_not_rank_agreement(
+        trained_lazy: PretrainResult, synth_log: synthetic.SyntheticLog) -> None:
+    """A model trained to prefer the lowest-value shown items scores a lower value estimate
+    on the same lists than the model it started from."""
+    torch.manual_seed(0)
+    model = copy.deepcopy(trained_lazy.model)
+    learner = OnlineLearner(model, RSPOConfig(beta=1.0, vsl_alpha=0.0, reward="realized"),
+                            lr=3e-3, value_weight=0.0)
+    batch = lists_to_batch(_lists(synth_log, 64), trained_lazy.tokenizer, model)
+    before = learner.holdout_value(model, batch)
+    inverted = dataclasses.replace(batch, rewards=-batch.rewards)
+    for _ in range(25):
+        learner.update(inverted)
+    after = learner.holdout_value(model, batch)
+    assert after < before * 0.95, (before, after)
+
+
+def test_dense_rewards_rank_by_expected_value_and_anchor_only_clicks(
+        trained_lazy: PretrainResult, synth_log: synthetic.SyntheticLog) -> None:
+    model = copy.deepcopy(trained_lazy.model)
+    learner = OnlineLearner(model, RSPOConfig(realized_weight=0.25))
+    b = lists_to_batch(_lists(synth_log, 8), trained_lazy.tokenizer, model)
+    zeros = torch.zeros_like(b.rewards)
+    pctr = torch.full_like(b.rewards, 2.0)                      # logits
+    pcvr = torch.full_like(b.rewards, -1.0)
+    dense = learner.dense_rewards(dataclasses.replace(b, rewards=zeros), pctr, pcvr)
+    p, q = torch.sigmoid(pctr), torch.sigmoid(pcvr)
+    expect = torch.where(b.bid_type == 0, b.bids * p,
+                         torch.where(b.bid_type == 1, b.bids * p * q, b.bids / 1000.0))
+    assert torch.allclose(dense, 0.75 * expect * b.item_mask, atol=1e-6)
+    realized = learner.dense_rewards(b, pctr, pcvr)
+    assert torch.allclose(realized, (0.75 * expect + 0.25 * b.rewards) * b.item_mask,
+                          atol=1e-6)
