@@ -212,6 +212,9 @@ METRICS: tuple[Metric, ...] = (
        "nothing trained is lost)."),
     _m("adloop_learner_holdout_ndcg", "gauge", "learn", ("model",),
        "Online-holdout value-NDCG.", "model: serving, candidate"),
+    _m("adloop_learner_holdout_value", "gauge", "learn", ("model",),
+       "Value-weighted off-policy estimate (money per impression) on the held-out lists the "
+       "promotion guard compares.", "model: candidate, serving, baseline, best"),
     _m("adloop_learner_export_seconds", "histogram", "learn", (),
        "Time to export a snapshot to ONNX."),
     _m("adloop_learner_validation_seconds", "histogram", "learn", (),
