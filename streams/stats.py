@@ -300,7 +300,7 @@ class StatsApp:
     async def _ads_agent(self, stream: Any) -> None:
         async for event in stream.events():
             if event.value is None:  # tombstone: the ad is gone
-                self.ads.pop(event.key.decode() if event.key else "", None)
+                self.ads.pop(event.key.decode("utf-8", "replace") if event.key else "", None)
                 continue
             ad = decode(event.value, Ad)
             if isinstance(ad, DecodeFailure):
