@@ -105,6 +105,9 @@ class LearnerSettings(BaseSettings):
     """Checkpoints and the training ledger."""
     snapshot_store: str = os.environ.get("ADLOOP_SNAPSHOT_STORE", "runs/snapshots")
     """Directory or fsspec URL where snapshots are stored."""
+    snapshot_base_url: str | None = os.environ.get("ADLOOP_SNAPSHOT_BASE_URL") or None
+    """Public base URL announced instead of the store path (``http://host:port/`` of a
+    web server serving the store directory); empty: announce where it is written."""
     model_name: str = "adloop"
     group_id: str = "adloop-learner"
     batch_lists: int = 64
@@ -179,7 +182,7 @@ class LearnerService:
         self.topics = Topics(s.topic_prefix)
         self.state_dir = Path(s.state_dir)
         (self.state_dir / "ledger").mkdir(parents=True, exist_ok=True)
-        self.store = SnapshotStore(s.snapshot_store)
+        self.store = SnapshotStore(s.snapshot_store, s.snapshot_base_url)
         self.publisher = Publisher(self.store, self.state_dir / "staging", s.model_name,
                                    s.max_regression, s.keep_snapshots)
         self.producer = EventProducer(self.kafka)

@@ -91,15 +91,25 @@ def _nested_finite(obj: Any) -> bool:
 
 
 class SnapshotStore:
-    """Snapshots under one root: a local directory (default) or any fsspec URL."""
+    """Snapshots under one root: a local directory (default) or any fsspec URL.
 
-    def __init__(self, root: str) -> None:
+    ``public_base_url`` (``--snapshot-base-url``) is where readers find the store when
+    that differs from where the learner writes it: the learner writes a directory that
+    a web server serves as ``http://host:port/``, and announces
+    ``http://host:port/<version>`` so servers on other hosts need no shared volume.
+    """
+
+    def __init__(self, root: str, public_base_url: str | None = None) -> None:
         self.root = root.rstrip("/")
+        self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
         self.fs, self.path = fsspec.core.url_to_fs(self.root)
         self.local = self.fs.protocol in ("file", ("file", "local")) or isinstance(
             self.fs, fsspec.implementations.local.LocalFileSystem)
 
     def uri(self, version: str) -> str:
+        """The URI announced on ``model-updates`` for ``version``."""
+        if self.public_base_url:
+            return f"{self.public_base_url}/{version}"
         if self.local:
             return Path(self.path, version).resolve().as_uri()
         return f"{self.root}/{version}"

@@ -1,7 +1,11 @@
 """Snapshot store access: fetch a snapshot into the local cache and verify it.
 
 A snapshot (see ``docs/snapshot-format.md``) is ``manifest.json`` plus the ONNX files
-it lists, under an fsspec URL or a plain directory. The ``model-updates`` record
+it lists, under an fsspec URL or a plain directory: ``file://``, ``http(s)://`` (any
+web server serving the store directory; fsspec's driver uses aiohttp) or ``s3://``
+(needs the ``s3fs`` package, not in ``requirements.lock`` by default). A store scheme
+without an installed driver is a refused snapshot (reason ``fetch``) whose detail names
+the package to install. The ``model-updates`` record
 carries the sha256 of ``manifest.json``; the manifest carries each file's sha256 and
 size. Only ``.onnx`` and ``.json`` files with plain names are ever fetched or read;
 nothing is unpickled.
@@ -16,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+from fsspec.registry import known_implementations
 
 from snapshot_format import (
     MAX_MANIFEST_BYTES,
@@ -25,9 +30,25 @@ from snapshot_format import (
     sha256_hex,
 )
 
+HTTP_TIMEOUT_S = 120.0
+"""Total time one file may take over http(s) before the snapshot is refused."""
+
 
 def _open_store(uri: str) -> tuple[Any, str]:
-    fs, root = fsspec.core.url_to_fs(uri)
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else "file"
+    options: dict[str, Any] = {}
+    if scheme in ("http", "https"):
+        import aiohttp  # fsspec's http driver; only stores served over http need it
+
+        options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)}
+    try:
+        fs, root = fsspec.core.url_to_fs(uri, **options)
+    except (ImportError, ValueError) as exc:
+        known = known_implementations.get(scheme, {})
+        hint = known.get("err") or f"no fsspec driver for {scheme}://"
+        raise SnapshotRejectedError(
+            "fetch", f"cannot open snapshot store {uri}: {hint} ({exc!r}); add the driver "
+            f"package to requirements.lock (see docs/snapshot-format.md)") from None
     return fs, str(root).rstrip("/")
 
 
@@ -38,10 +59,10 @@ def fetch_snapshot(uri: str, manifest_sha256: str | None, cache_root: Path,
     ``manifest_sha256`` (from the ``model-updates`` record) is checked against the
     manifest bytes; ``None`` skips that check (a local ``--snapshot`` directory).
     """
+    fs, root = _open_store(uri)   # a scheme without a driver is refused here
     try:
-        fs, root = _open_store(uri)
         data = fs.cat_file(f"{root}/manifest.json")
-    except Exception as exc:  # OSError, ValueError, ImportError (no driver for a scheme)
+    except Exception as exc:  # OSError, ValueError, aiohttp errors, a timeout
         raise SnapshotRejectedError("fetch", f"cannot read {uri}/manifest.json: {exc!r}") from None
     if len(data) > MAX_MANIFEST_BYTES:
         raise SnapshotRejectedError("manifest", f"manifest.json is {len(data)} bytes")
@@ -61,7 +82,7 @@ def fetch_snapshot(uri: str, manifest_sha256: str | None, cache_root: Path,
         for name, meta in manifest.files.items():
             try:
                 blob = fs.cat_file(f"{root}/{name}")
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # OSError, ValueError, aiohttp errors, a timeout
                 raise SnapshotRejectedError("fetch", f"cannot read {name}: {exc!r}") from None
             digest = sha256_hex(blob)
             if digest != str(meta["sha256"]).lower():
