@@ -28,16 +28,19 @@ from adloop.evaluation import (
     headline_table,
     plot_rpm_curves,
 )
-from bench.common import ROOT, device, update_doc_section, write_results
+from bench.common import (
+    ROOT,
+    add_closed_loop_arguments,
+    closed_loop_config,
+    device,
+    update_doc_section,
+    write_results,
+)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--requests", type=int, default=None)
-    ap.add_argument("--encoder", default="minilm")
-    ap.add_argument("--threads", type=int, default=2)
+    add_closed_loop_arguments(ap)
     ap.add_argument("--policies", default=",".join(EvalConfig.policies),
                     help="comma-separated subset of the policies to run")
     ap.add_argument("--beam-width", type=int, default=EvalConfig.beam_width,
@@ -49,13 +52,8 @@ def main() -> int:
                     help="where the log lines go unless --verbose")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = EvalConfig(seeds=tuple(int(s) for s in args.seeds.split(",")),
-                     encoder=args.encoder, beam_width=args.beam_width,
-                     policies=tuple(p for p in args.policies.split(",") if p))
-    if args.quick:
-        cfg.requests, cfg.log_requests, cfg.pretrain_steps = 1600, 2500, 250
-    if args.requests:
-        cfg.requests = args.requests
+    cfg = closed_loop_config(args, beam_width=args.beam_width,
+                             policies=tuple(p for p in args.policies.split(",") if p))
     t0 = time.perf_counter()
     with Console(args.log, args.verbose) as console, \
             tempfile.TemporaryDirectory(prefix="adloop-closed-loop-") as tmp:

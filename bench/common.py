@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -64,3 +65,26 @@ def update_doc_section(section: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block
     DOC.write_text(text.rstrip("\n") + "\n")
+
+
+def add_closed_loop_arguments(ap: argparse.ArgumentParser) -> None:
+    """The flags every closed-loop benchmark shares (seeds, size, encoder, threads)."""
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--requests", type=int, default=None)
+    ap.add_argument("--encoder", default="minilm")
+    ap.add_argument("--threads", type=int, default=2)
+
+
+def closed_loop_config(args: argparse.Namespace, **fields: Any) -> Any:
+    """The :class:`adloop.evaluation.EvalConfig` those flags ask for (``--quick``: 1600
+    requests after a 2500-request logging phase, 250 pretraining steps)."""
+    from adloop.evaluation import EvalConfig
+
+    cfg = EvalConfig(seeds=tuple(int(s) for s in args.seeds.split(",")),
+                     encoder=args.encoder, **fields)
+    if args.quick:
+        cfg.requests, cfg.log_requests, cfg.pretrain_steps = 1600, 2500, 250
+    if args.requests:
+        cfg.requests = args.requests
+    return cfg

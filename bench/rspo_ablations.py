@@ -34,7 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from adloop.evaluation import EvalConfig, compare, mean_ci
-from bench.common import device, markdown_table, update_doc_section, write_results
+from bench.common import (
+    add_closed_loop_arguments,
+    closed_loop_config,
+    device,
+    markdown_table,
+    update_doc_section,
+    write_results,
+)
 
 OLD_RSPO: dict[str, Any] = {"reward": "realized", "money_scale": False,
                             "anchor_clicks_only": False, "generator_encoder_grad": True}
@@ -55,18 +62,10 @@ def variants() -> list[tuple[str, dict[str, Any]]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--requests", type=int, default=None)
-    ap.add_argument("--encoder", default="minilm")
-    ap.add_argument("--threads", type=int, default=2)
+    add_closed_loop_arguments(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = EvalConfig(seeds=tuple(int(s) for s in args.seeds.split(",")), encoder=args.encoder)
-    if args.quick:
-        cfg.requests, cfg.log_requests, cfg.pretrain_steps = 1600, 2500, 250
-    if args.requests:
-        cfg.requests = args.requests
+    cfg: EvalConfig = closed_loop_config(args)
     t0 = time.perf_counter()
     per_seed: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="adloop-rspo-ablations-") as tmp:
