@@ -290,6 +290,10 @@ class Demo:
             frozen = GenerativePolicy("frozen", world, *self.pretrained, update="none",
                                       beam_width=32)
             driver.shadow = lambda reqs: [sl.ad_ids() for sl in frozen.recommend_batch(reqs)]
+            # scored after the traffic (each slate against the values its request saw),
+            # so the shadow's inference takes no time from serving; a long run flushes
+            # every 2048 requests to bound the queued value tables
+            driver.shadow_batch = 2048 if s.keep_running else 10**9
         driver.start()
         for ad in world.ad_records():           # the catalog as it stands after logging
             driver.emitter.emit("ads", ad)

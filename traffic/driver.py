@@ -479,6 +479,10 @@ class TrafficDriver:
         """A policy that answers every request in shadow (never served): its slates are
         scored against the world's truth as it stood when the request came in."""
         self.shadow_batch = 32
+        """Queued requests that trigger a flush (the shadow's inference then runs in the
+        serving loop); a large value defers it to :meth:`flush_shadow` after the run."""
+        self.shadow_chunk = 64
+        """Requests per call of the shadow policy."""
         self.shadow_values: dict[str, tuple[float, int]] = {}
         """request id -> (true expected revenue, impressions) of the shadow slate."""
         self._shadow_queue: list[tuple[Request, list[str], np.ndarray]] = []
@@ -514,7 +518,8 @@ class TrafficDriver:
     def serve(self, request: Request, slate: ServedSlate) -> Response:
         """Sample the user's response to ``slate``; schedule its clicks and conversions."""
         if self.shadow is not None:
-            self._shadow_queue.append((request, *self.world.value_table(request)))
+            ids, table = self.world.value_table(request)
+            self._shadow_queue.append((request, ids, table.astype(np.float32)))
             if len(self._shadow_queue) >= self.shadow_batch:
                 self.flush_shadow()
         resp = self.world.respond(request, slate.ad_ids())
@@ -542,8 +547,11 @@ class TrafficDriver:
         queue, self._shadow_queue = self._shadow_queue, []
         if self.shadow is None or not queue:
             return
-        asked = [replace(q[0], k=2 * q[0].k) for q in queue]
-        for (req, ids, table), slate in zip(queue, self.shadow(asked), strict=True):
+        slates: list[list[str]] = []
+        for i in range(0, len(queue), self.shadow_chunk):
+            slates += self.shadow([replace(q[0], k=2 * q[0].k)
+                                   for q in queue[i:i + self.shadow_chunk]])
+        for (req, ids, table), slate in zip(queue, slates, strict=True):
             col = {a: i for i, a in enumerate(ids)}
             shown = [a for a in slate if a in col][: req.k]
             self.shadow_values[req.request_id] = (
