@@ -52,3 +52,37 @@ def test_import_makes_a_snapshot_that_reads_the_logs_context_keys(
     assert summary["final_lists"] == summary["impressions"] > 0
     manifest = parse_manifest((Path(summary["snapshot"]) / "manifest.json").read_bytes())
     assert tuple(manifest.context_features) == ("device", "segment")
+
+
+def test_the_imported_snapshot_answers_contexts_differing_only_in_a_log_key_differently(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The model reads the log's own context keys: two requests that differ only in
+    ``segment`` (a key the default features do not have) get different slates."""
+    import torch
+
+    from learner.beam import IdTrie, OrtBackend, beam_search
+    from streams.features import request_ids
+
+    code = cli.main(["import", "--from", str(LOG), "--run-dir", str(tmp_path / "run"),
+                     "--encoder", "hashing", "--level-sizes", "8,4", "--industry-size", "4",
+                     "--goal-size", "4", "--advertiser-size", "4", "--suffix-size", "4",
+                     "--d-model", "16", "--n-layer", "2", "--n-enc-layer", "1",
+                     "--history-len", "4", "--steps", "40", "--batch-size", "32",
+                     "--no-progress", "--checkpoint-every", "0", "--threads", "1"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    snap = Path(summary["snapshot"])
+    man = parse_manifest((snap / "manifest.json").read_bytes())
+    trie = IdTrie(man.ids, man.level_sizes)
+    segments = ["a", "b", "c", "d"]
+    ctx = torch.tensor([request_ids({"device": "mobile", "segment": s}, [],
+                                    man.context_features, man.context_buckets,
+                                    int(man.raw.get("organic_len", 0)))
+                        for s in segments], dtype=torch.long)
+    hist = torch.zeros((len(segments), 1, man.id_len), dtype=torch.long)
+    res = beam_search(OrtBackend(snap, threads=1), hist, torch.zeros(len(segments), 1), ctx,
+                      trie, [8] * man.id_len)
+    slates = {tuple(int(r) for r in res.rows[b, :3]) for b in range(len(segments))}
+    scores = {tuple(round(float(x), 4) for x in res.scores[b, :3]) for b in range(len(segments))}
+    assert len(scores) == len(segments)        # every segment scores the slate differently
+    assert len(slates) > 1, slates            # and at least one gets other ads on top
