@@ -122,7 +122,8 @@ def test_open_loop_run_serves_slates_and_produces_feedback(kafka: KafkaSettings,
         stats.requests
     # the server got the contract's body, stamped with simulated event time
     body = server.bodies[0]
-    assert set(body) == {"user_id", "context", "recent_ad_ids", "k", "request_id", "event_time"}
+    assert set(body) == {"user_id", "context", "recent_ad_ids", "k", "request_id", "event_time",
+                         "recent_organic"}
     assert world.config.start_time <= body["event_time"] <= stats.sim_end
     assert stats.clicks > 0 and stats.pending_left == 0
     # everything the ledger says was produced is in Kafka, and nothing else
