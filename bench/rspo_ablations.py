@@ -91,6 +91,7 @@ def main() -> int:
                      "rpm_ratio_to_frozen_ci95": [round(rlo, 4), round(rhi, 4)]})
     write_results("rspo_ablations", {
         "device": device(), "quick": args.quick, "seeds": list(cfg.seeds),
+        "encoder": cfg.encoder, "command": " ".join(["bench/rspo_ablations.py", *sys.argv[1:]]),
         "requests_per_policy": cfg.requests, "elapsed_s": round(elapsed, 1),
         "metric": "expected revenue per mille impressions, last quarter of the run",
         "variants": rows})
@@ -101,8 +102,9 @@ def main() -> int:
           f"{r['rpm_ratio_to_frozen']:.3f} ({r['rpm_ratio_to_frozen_ci95'][0]:.3f}–"
           f"{r['rpm_ratio_to_frozen_ci95'][1]:.3f})"] for r in rows])
     update_doc_section("rspo_ablations", (
-        f"`bench/rspo_ablations.py{' --quick' if args.quick else ''}`: seeds "
-        f"{list(cfg.seeds)}, {cfg.requests} requests per run, {device()}, {elapsed:.0f} s. "
+        f"`{' '.join(['bench/rspo_ablations.py', *sys.argv[1:]])}`: seeds "
+        f"{list(cfg.seeds)}, {cfg.requests} requests per run, encoder {cfg.encoder}, "
+        f"{device()}, {elapsed:.0f} s. "
         "Each row adds one change of [docs/rspo.md](rspo.md) to the one above; `frozen` "
         "is the pretrained model without updates. The promotion guard does not act in the "
         "harness (its test pins it).\n\n" + table))
