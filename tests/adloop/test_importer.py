@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -17,6 +18,20 @@ from streams.joiner_core import JoinSettings
 from traffic.recorded import read_recorded
 
 LOG = Path(__file__).resolve().parents[1] / "data" / "logged_bandit.jsonl"
+
+
+def _import_small(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                  steps: int) -> dict[str, Any]:
+    """``adloop import`` of the checked-in log with a tiny model; its JSON summary."""
+    code = cli.main(["import", "--from", str(LOG), "--run-dir", str(tmp_path / "run"),
+                     "--encoder", "hashing", "--level-sizes", "8,4", "--industry-size", "4",
+                     "--goal-size", "4", "--advertiser-size", "4", "--suffix-size", "4",
+                     "--d-model", "16", "--n-layer", "2", "--n-enc-layer", "1",
+                     "--history-len", "4", "--steps", str(steps), "--batch-size", "32",
+                     "--no-progress", "--checkpoint-every", "0", "--threads", "1"])
+    assert code == 0
+    summary: dict[str, Any] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    return summary
 
 
 @pytest.fixture(autouse=True)
@@ -40,14 +55,7 @@ def test_offline_join_gives_every_impression_a_final_list_with_its_propensities(
 
 def test_import_makes_a_snapshot_that_reads_the_logs_context_keys(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli.main(["import", "--from", str(LOG), "--run-dir", str(tmp_path / "run"),
-                     "--encoder", "hashing", "--level-sizes", "8,4", "--industry-size", "4",
-                     "--goal-size", "4", "--advertiser-size", "4", "--suffix-size", "4",
-                     "--d-model", "16", "--n-layer", "2", "--n-enc-layer", "1",
-                     "--history-len", "4", "--steps", "20", "--batch-size", "32",
-                     "--no-progress", "--checkpoint-every", "0", "--threads", "1"])
-    assert code == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = _import_small(tmp_path, capsys, steps=20)
     assert summary["context_features"] == ["device", "segment"]
     assert summary["final_lists"] == summary["impressions"] > 0
     manifest = parse_manifest((Path(summary["snapshot"]) / "manifest.json").read_bytes())
@@ -63,14 +71,7 @@ def test_the_imported_snapshot_answers_contexts_differing_only_in_a_log_key_diff
     from learner.beam import IdTrie, OrtBackend, beam_search
     from streams.features import request_ids
 
-    code = cli.main(["import", "--from", str(LOG), "--run-dir", str(tmp_path / "run"),
-                     "--encoder", "hashing", "--level-sizes", "8,4", "--industry-size", "4",
-                     "--goal-size", "4", "--advertiser-size", "4", "--suffix-size", "4",
-                     "--d-model", "16", "--n-layer", "2", "--n-enc-layer", "1",
-                     "--history-len", "4", "--steps", "40", "--batch-size", "32",
-                     "--no-progress", "--checkpoint-every", "0", "--threads", "1"])
-    assert code == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = _import_small(tmp_path, capsys, steps=40)
     snap = Path(summary["snapshot"])
     man = parse_manifest((snap / "manifest.json").read_bytes())
     trie = IdTrie(man.ids, man.level_sizes)
