@@ -434,8 +434,8 @@ class LearnerService:
             if self.best is not None:
                 refs["best"] = self.learner.holdout_value(self.best, hb)
             if self.last_published is not None:
-                refs["serving"] = self.learner.holdout_value(self.learner.ref, hb)
-                HOLDOUT.labels("serving").set(self.learner.holdout_ndcg(self.learner.ref, hb))
+                refs["serving"], serving_ndcg = self.learner.holdout_metrics(self.learner.ref, hb)
+                HOLDOUT.labels("serving").set(serving_ndcg)
             for name, v in refs.items():
                 HOLDOUT_VALUE.labels(name).set(v)
         cand_value = math.nan
@@ -444,8 +444,8 @@ class LearnerService:
             nonlocal cand_value
             if hb is None:
                 return math.nan
-            HOLDOUT.labels("candidate").set(self.learner.holdout_ndcg(m, hb))
-            cand_value = self.learner.holdout_value(m, hb)
+            cand_value, cand_ndcg = self.learner.holdout_metrics(m, hb)
+            HOLDOUT.labels("candidate").set(cand_ndcg)
             HOLDOUT_VALUE.labels("candidate").set(cand_value)
             return cand_value
 

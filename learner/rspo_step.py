@@ -230,29 +230,33 @@ class OnlineLearner:
         }
 
     @torch.no_grad()
-    def holdout_value(self, model: GenerativeRecommender, b: ListBatch) -> float:
-        """Value-weighted off-policy estimate of ``model`` on held-out lists: per list, the
-        expected realized reward of one item drawn from the model's distribution over the
-        items that were shown (softmax of sequence log-probs over the slate), averaged over
-        lists. In money per impression, so it tracks revenue; lists of one item or with
-        equal rewards add the same to every model."""
-        model.eval()
-        level_logp, _, _ = model.level_logprob_and_memory(b, b.items)
-        scores = (level_logp * b.item_mask.unsqueeze(-1)).sum(-1)
-        scores = scores.masked_fill(b.item_mask <= 0, -torch.inf)
-        p = torch.softmax(scores, dim=1).nan_to_num(0.0)
-        has_items = b.item_mask.sum(1) > 0
-        if not bool(has_items.any()):
-            return math.nan
-        return float((p * b.rewards * b.item_mask).sum(1)[has_items].mean())
+    def holdout_metrics(self, model: GenerativeRecommender, b: ListBatch) -> tuple[float, float]:
+        """``(value, ndcg)`` of ``model`` on held-out lists from one forward pass.
 
-    @torch.no_grad()
-    def holdout_ndcg(self, model: GenerativeRecommender, b: ListBatch) -> float:
-        """Mean value-NDCG of ranking held-out slates by the model's sequence log-prob."""
+        value: the value-weighted off-policy estimate: per list, the expected realized
+        reward of one item drawn from the model's distribution over the items that were
+        shown (softmax of sequence log-probs over the slate), averaged over lists. In
+        money per impression, so it tracks revenue; lists of one item or with equal
+        rewards add the same to every model.
+        ndcg: mean value-NDCG of ranking the held-out slates by sequence log-prob."""
         model.eval()
         level_logp, _, _ = model.level_logprob_and_memory(b, b.items)
         scores = (level_logp * b.item_mask.unsqueeze(-1)).sum(-1)
+        has_items = b.item_mask.sum(1) > 0
         has_value = (b.rewards * b.item_mask).sum(1) > 0
-        if not bool(has_value.any()):
-            return math.nan
-        return float(ndcg_of_scores(scores, b.rewards, b.item_mask)[has_value].mean())
+        value = ndcg = math.nan
+        if bool(has_items.any()):
+            p = torch.softmax(scores.masked_fill(b.item_mask <= 0, -torch.inf), dim=1)
+            value = float((p.nan_to_num(0.0) * b.rewards * b.item_mask).sum(1)[has_items]
+                          .mean())
+        if bool(has_value.any()):
+            ndcg = float(ndcg_of_scores(scores, b.rewards, b.item_mask)[has_value].mean())
+        return value, ndcg
+
+    def holdout_value(self, model: GenerativeRecommender, b: ListBatch) -> float:
+        """The value estimate of :meth:`holdout_metrics`."""
+        return self.holdout_metrics(model, b)[0]
+
+    def holdout_ndcg(self, model: GenerativeRecommender, b: ListBatch) -> float:
+        """The value-NDCG of :meth:`holdout_metrics`."""
+        return self.holdout_metrics(model, b)[1]
