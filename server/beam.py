@@ -58,8 +58,8 @@ def beam_search(step: StepFn, trie: Trie, n_requests: int, widths: Sequence[int]
             break
         V = trie.level_sizes[t]
         owner, code, child = trie.expand(t, node)      # edges from live beams
-        logits = np.asarray(step(req, prefix), dtype=np.float64)[:, :V]
         N = req.shape[0]
+        logits = _level_logits(step, req, prefix, owner, V, renormalize)
         edge_logit = logits[owner, code]
         edge_logit = np.where(np.isfinite(edge_logit), edge_logit, -np.inf)
         if renormalize:                                # log-softmax over allowed children
@@ -102,6 +102,24 @@ def beam_search(step: StepFn, trie: Trie, n_requests: int, widths: Sequence[int]
         return Beams(np.zeros(0, np.int64), np.zeros((0, T), np.int64), np.zeros(0, np.int64),
                      np.zeros(0))
     return Beams(req, prefix, trie.rows[node], score)
+
+
+def _level_logits(step: StepFn, req: np.ndarray, prefix: np.ndarray, owner: np.ndarray,
+                  V: int, renormalize: bool) -> np.ndarray:
+    """Next-level logits [N, V] of the live beams. Renormalized over the allowed children,
+    a beam with exactly one child adds log 1 = 0 whatever the model says, so the model
+    runs only for beams with a choice to make (most beams at the business and suffix
+    levels); the others get zero logits, which score their single child 0."""
+    N = req.shape[0]
+    if not renormalize:
+        return np.asarray(step(req, prefix), dtype=np.float64)[:, :V]
+    need = np.flatnonzero(np.bincount(owner, minlength=N) > 1)
+    logits = np.zeros((N, V))
+    if need.size == N:
+        logits[:] = np.asarray(step(req, prefix), dtype=np.float64)[:, :V]
+    elif need.size:
+        logits[need] = np.asarray(step(req[need], prefix[need]), dtype=np.float64)[:, :V]
+    return logits
 
 
 def pad_candidates(beams: Beams, n_requests: int) -> tuple[np.ndarray, np.ndarray]:

@@ -84,6 +84,24 @@ def test_wide_beams_find_every_servable_ad_and_narrow_beams_keep_the_best() -> N
     assert greedy.request.tolist() == [0, 1]
 
 
+def test_the_model_runs_only_for_beams_with_a_choice_and_scores_do_not_change() -> None:
+    # ids whose last two levels are fixed by the first: after level 0 no beam has a choice
+    ids = np.array([[a, a % 4, a % 3] for a in range(5)], dtype=np.int64)
+    trie = build_trie(ids, sort_ids(ids), np.ones(5, bool), SIZES)
+    step = _step_fn(5)
+    rows_seen: list[tuple[int, int]] = []
+
+    def counting(req: np.ndarray, prefix: np.ndarray) -> np.ndarray:
+        rows_seen.append((prefix.shape[1], req.shape[0]))
+        return step(req, prefix)
+
+    out = beam_search(counting, trie, 2, [5, 5, 5])
+    assert rows_seen == [(0, 2)]                     # one call, level 0, one row per request
+    first = step(np.array([0, 1]), np.zeros((2, 0), np.int64))[:, :5]
+    expect = first - np.log(np.exp(first).sum(axis=1, keepdims=True))
+    assert np.allclose(out.logprob, expect[out.request, out.ids[:, 0]])
+
+
 def test_empty_trie_gives_empty_beams() -> None:
     ids = ALL_IDS[:10]
     trie = build_trie(ids, sort_ids(ids), np.zeros(10, bool), SIZES)
