@@ -68,6 +68,9 @@ class DemoSettings(BaseSettings):
     keep_running: bool = Field(False, description="keep traffic and endpoints up until Ctrl-C")
     metrics_port: int = Field(9304, description="the demo's own /metrics (traffic metrics)")
     server_port: int = Field(0, description="the server's HTTP port (0 = a free one)")
+    server_replicas: int = Field(1, ge=1, description="serving replicas; more than 1: each "
+                                 "on a port of its own, following model-updates itself, "
+                                 "behind HAProxy on --server-port (health-checked on /readyz)")
     threads: int = Field(1, description="torch threads of the learner")
     bootstrap_servers: str = Field("", description="use this Kafka instead of starting the "
                                    "embedded broker")
@@ -164,6 +167,8 @@ class Demo:
         """(model, tokenizer) after pretraining: the frozen shadow's starting point."""
         self.console: Console | None = None
         """Set by :func:`run`: steps and progress on the console, logs to files."""
+        self.replicas: list[str] = ["serve"]
+        """The serving processes (``serve``, or ``serve-1`` ... behind ``lb``)."""
 
     def say(self, msg: str) -> None:
         line = f"[{time.monotonic() - self.t0:6.1f}s] {msg}"
@@ -236,19 +241,24 @@ class Demo:
                          "--max-wait-s", "1.0", "--snapshot-every-s", str(self.s.snapshot_every_s),
                          "--snapshot-every-updates", "30", "--threads", str(self.s.threads)],
                f"http://127.0.0.1:{ports['learn']}/readyz")
-        st.add("serve", ["serve", *kafka, "--port", str(ports["serve"]),
-                         "--cache-dir", str(self.run_dir / "server-cache")],
-               f"http://127.0.0.1:{ports['serve']}/readyz")
+        servers = st.add_servers(kafka, self.s.server_replicas, ports["serve"],
+                                 self.run_dir / "server-cache")
+        urls = {name: f"http://127.0.0.1:{p}" for name, p in ports.items()}
+        for name in servers:                    # each replica's own /metrics
+            urls[name] = str(st.processes[name].ready_url).removesuffix("/readyz")
         shutil.rmtree(self.run_dir / "learner", ignore_errors=True)
         shutil.rmtree(self.run_dir / "snapshots", ignore_errors=True)
-        for name in ("join", "stats", "learn", "serve"):
+        names = ["join", "stats", "learn", *servers, *(["lb"] if "lb" in st.processes else [])]
+        for name in names:
             st.processes[name].start()
-        for name in ("join", "stats", "learn", "serve"):
+        for name in names:
             st.processes[name].wait_ready(300)
-            self.say(f"     {name} ready (pid {st.processes[name].pid}, "
-                     f"http://127.0.0.1:{ports[name]}/metrics)")
+            where = (f"{urls['serve']}, HAProxy in front of {len(servers)} replicas"
+                     if name == "lb" else f"{urls[name]}/metrics")
+            self.say(f"     {name} ready (pid {st.processes[name].pid}, {where})")
         self.supervise()
-        return {name: f"http://127.0.0.1:{p}" for name, p in ports.items()}
+        self.replicas = servers
+        return urls
 
     def supervise(self) -> None:
         """Restart a process that exits on its own (with backoff); a crash loop stops
@@ -325,7 +335,9 @@ class Demo:
                urls: dict[str, str]) -> dict[str, Any]:
         self.step("report")
         time.sleep(3.0)  # let the last scrapes settle
-        scraped = {name: scrape(url + "/metrics") for name, url in urls.items()}
+        # each process once: with replicas, "serve" is HAProxy (one replica per scrape)
+        scraped = {name: scrape(url + "/metrics") for name, url in urls.items()
+                   if not (name == "serve" and "serve" not in self.replicas)}
         req_entries = {e["request_id"]: e for e in driver.emitter.ledger.of_kind("request")} \
             if driver.emitter.ledger else {}
         timeline: list[dict[str, Any]] = []
@@ -349,8 +361,7 @@ class Demo:
 
         frozen_last = rpm(last, "shadow_exp", "shadow_imp")
 
-        learn, serve, join = scraped.get("learn", {}), scraped.get("serve", {}), \
-            scraped.get("join", {})
+        learn, join = scraped.get("learn", {}), scraped.get("join", {})
         summary: dict[str, Any] = {
             "requests": stats.requests, "outcomes": dict(stats.outcomes),
             "impressions": stats.impressions, "clicks": stats.clicks,
@@ -373,7 +384,8 @@ class Demo:
                                                           0.5),
             "learner_freshness_p95_s": histogram_quantile(learn, "adloop_learner_freshness_seconds",
                                                           0.95),
-            "server_swaps_ok": metric_sum(serve, "adloop_server_swaps_total", result="ok"),
+            "server_swaps_ok": sum(metric_sum(scraped.get(name, {}), "adloop_server_swaps_total",
+                                              result="ok") for name in self.replicas),
             "process_restarts": self.restarts(),
             "frozen_rpm_first_quarter": round(rpm(first, "shadow_exp", "shadow_imp"), 3),
             "frozen_rpm_last_quarter": round(frozen_last, 3),

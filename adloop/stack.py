@@ -28,11 +28,15 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from streams.broker import BrokerSettings, EmbeddedBroker
 from streams.logs import get_logger
 from streams.settings import KafkaSettings
 from streams.topics import create_topics
+
+if TYPE_CHECKING:
+    from adloop.balancer import Balancer
 
 log = get_logger(__name__)
 
@@ -313,6 +317,8 @@ class LocalStack:
         self.topic_prefix = topic_prefix
         self.processes: dict[str, ManagedProcess] = {}
         self.supervisor: Supervisor | None = None
+        self.balancer: Balancer | None = None
+        """HAProxy in front of the serving replicas (:meth:`add_servers`, more than one)."""
 
     @property
     def kafka(self) -> KafkaSettings:
@@ -335,6 +341,39 @@ class LocalStack:
         proc = ManagedProcess(name, argv, self.run_dir / "logs", ready_url, env, command)
         self.processes[name] = proc
         return proc
+
+    def add_servers(self, argv: Sequence[str], replicas: int, port: int,
+                    cache_dir: Path) -> list[str]:
+        """``adloop serve`` with ``argv`` (Kafka, model flags) on ``port``, the URL the rest
+        of the stack uses. One replica: the process ``serve`` on that port. More: the
+        processes ``serve-1`` ... ``serve-N`` on ports of their own, each with its own
+        cache directory and server id and each following ``model-updates`` itself,
+        behind ``lb``, HAProxy on ``port`` (:mod:`adloop.balancer`), which sends
+        requests only to replicas whose ``/readyz`` answers 200. Returns the names of
+        the serving processes; ``lb`` comes after them in :attr:`processes`."""
+        if replicas < 1:
+            raise ValueError(f"server replicas must be >= 1, not {replicas}")
+        if replicas == 1:
+            self.add("serve", ["serve", *argv, "--port", str(port), "--cache-dir",
+                               str(cache_dir)], f"http://127.0.0.1:{port}/readyz")
+            return ["serve"]
+        from adloop.balancer import Balancer, Replica
+
+        names, members = [], []
+        for i in range(1, replicas + 1):
+            name, own = f"serve-{i}", free_port()
+            self.add(name, ["serve", *argv, "--port", str(own), "--server-id", name,
+                            "--cache-dir", str(Path(cache_dir) / name)],
+                     f"http://127.0.0.1:{own}/readyz")
+            names.append(name)
+            members.append(Replica(name, f"127.0.0.1:{own}"))
+        lb = Balancer(self.run_dir / "lb", port, members, log_dir=self.run_dir / "logs",
+                      ready_path="/readyz")
+        self.processes["lb"] = lb.process
+        self.balancer = lb
+        log.info("stack.server_replicas", replicas=replicas, url=f"http://127.0.0.1:{port}",
+                 config=str(lb.config_path))
+        return names
 
     def supervise(self, policy: RestartPolicy | None = None,
                   on_exit: Callable[[ProcessExit], None] | None = None,

@@ -64,6 +64,30 @@ def test_a_config_without_replicas_or_with_a_name_twice_is_refused() -> None:
         render_config(COMPOSE.__class__(replicas=(Replica("a", "h:1"), Replica("a", "h:2"))))
 
 
+def test_the_stack_puts_haproxy_on_the_server_url_only_for_more_than_one_replica(
+        tmp_path: Path) -> None:
+    one = LocalStack(tmp_path / "one", bootstrap_servers="127.0.0.1:1")   # nothing started
+    assert one.add_servers(["--x"], 1, 8123, tmp_path / "cache") == ["serve"]
+    assert set(one.processes) == {"serve"} and one.balancer is None
+    assert one.processes["serve"].ready_url == "http://127.0.0.1:8123/readyz"
+
+    three = LocalStack(tmp_path / "three", bootstrap_servers="127.0.0.1:1")
+    names = three.add_servers(["--x"], 3, 8124, tmp_path / "cache")
+    assert names == ["serve-1", "serve-2", "serve-3"]
+    assert list(three.processes) == [*names, "lb"] and three.balancer is not None
+    assert three.balancer.url == "http://127.0.0.1:8124"
+    ports = {str(three.processes[n].ready_url).rsplit(":", 1)[1] for n in names}
+    assert len(ports) == 3 and "8124/readyz" not in ports
+    config = three.balancer.config_path.read_text()
+    for n in names:
+        argv = three.processes[n].argv
+        assert argv[argv.index("--server-id") + 1] == n
+        assert argv[argv.index("--cache-dir") + 1] == str(tmp_path / "cache" / n)
+        assert f"server {n} 127.0.0.1:" in config
+    with pytest.raises(ValueError, match=">= 1"):
+        three.add_servers([], 0, 8125, tmp_path / "cache")
+
+
 # -- stub replicas: HAProxy's behaviour without model servers ---------------------------
 
 
