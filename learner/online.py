@@ -43,10 +43,11 @@ from kafka.errors import KafkaError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from learner.checkpoint import TOKENIZER_DIR, load_model
+from learner.guard import GuardEstimate, GuardEstimateName
 from learner.model import GenerativeRecommender, ModelConfig
 from learner.publish import Publisher, SnapshotRefusedError, SnapshotStore
 from learner.rspo import RSPOConfig
-from learner.rspo_step import ListBatch, OnlineLearner, lists_to_batch, provisional_weight
+from learner.rspo_step import OnlineLearner, lists_to_batch, provisional_weight
 from learner.tokenizer import UASIDTokenizer
 from streams.kafka_io import DeadLetterOnce, EventConsumer, EventProducer, Received
 from streams.logs import get_logger
@@ -87,6 +88,10 @@ HOLDOUT_VALUE = gauge("adloop_learner_holdout_value",
                       "Value-weighted off-policy estimate (money per impression) on the "
                       "held-out lists the promotion guard uses, by model (candidate, "
                       "serving, baseline, best).", ("model",))
+GUARD_VALUE = gauge("adloop_learner_guard_value",
+                    "The promotion guard's estimate (money per impression) on the held-out "
+                    "lists, by model (candidate, serving, baseline, best) and estimate in "
+                    "effect (holdout_value, snips, dr).", ("model", "estimate"))
 
 STATE_FILE = "learner_state.pt"
 STATE_FORMAT = 1
@@ -125,6 +130,12 @@ class LearnerSettings(BaseSettings):
     """Every n-th request (by id hash) is held out for the promotion guard."""
     holdout_size: int = 512
     max_regression: float = 0.05
+    guard_estimate: GuardEstimateName = "holdout_value"
+    """The promotion guard's estimate: holdout_value (value-weighted over the shown items)
+    or, on the held-out lists with logging propensities, the off-policy snips or dr of
+    each model's served slate (learner/guard.py; holdout_value when no list has them)."""
+    guard_beam_width: int = 32
+    """Beam width at every id level of the slates the snips/dr guard scores."""
     snapshot_every_updates: int = 50
     snapshot_every_s: float = 10.0
     checkpoint_every_s: float = 5.0
@@ -205,6 +216,9 @@ class LearnerService:
         """Lists of ``pending`` that state no preference, by reason (logged per update)."""
         self.pending_since = 0.0
         self.replay: deque[tuple[Feedback, float]] = deque(maxlen=max(1, s.replay_size))
+        self.ads: dict[str, Ad] = {}
+        """The latest ``ads`` record of each ad (bids and status for the guard's slates)."""
+        self.guard = GuardEstimate(s.guard_estimate, s.guard_beam_width)
         self.holdout: deque[tuple[Feedback, float]] = deque(maxlen=max(1, s.holdout_size))
         self.updates_since_publish = 0
         self.last_publish = time.monotonic()
@@ -308,6 +322,7 @@ class LearnerService:
                     if isinstance(ad, DecodeFailure):
                         self._ad_dead_letter(m, ad.reason, ad.detail)
                         continue
+                    self.ads[ad.ad_id] = ad
                     if ad.ad_id not in self.tok:
                         new.append((ad, m))
             if new:
@@ -419,41 +434,38 @@ class LearnerService:
         return metrics
 
     # -- snapshots -----------------------------------------------------------------------
-    def _holdout_batch(self) -> ListBatch | None:
-        if not self.holdout:
-            return None
-        return lists_to_batch(list(self.holdout), self.tok, self.model)
-
     def publish(self) -> bool:
         """Export + guard + store the current model, checkpoint, then announce it."""
         version = f"v{self.next_version:06d}"
-        hb = self._holdout_batch()
+        rnd = self.guard.round(self.learner, [fb for fb, _ in self.holdout], self.tok,
+                               self.ads)
         refs: dict[str, float] = {}
-        if hb is not None:
-            refs["baseline"] = self.learner.holdout_value(self.baseline, hb)
+        if rnd is not None:
+            refs["baseline"] = rnd.value(self.baseline)
             if self.best is not None:
-                refs["best"] = self.learner.holdout_value(self.best, hb)
+                refs["best"] = rnd.value(self.best)
             if self.last_published is not None:
-                refs["serving"], serving_ndcg = self.learner.holdout_metrics(self.learner.ref, hb)
+                refs["serving"], serving_ndcg = rnd.metrics(self.learner.ref)
                 HOLDOUT.labels("serving").set(serving_ndcg)
             for name, v in refs.items():
-                HOLDOUT_VALUE.labels(name).set(v)
+                self._guard_gauges(name, rnd.name, v)
         cand_value = math.nan
 
         def holdout(m: GenerativeRecommender) -> float:
             nonlocal cand_value
-            if hb is None:
+            if rnd is None:
                 return math.nan
-            cand_value, cand_ndcg = self.learner.holdout_metrics(m, hb)
+            cand_value, cand_ndcg = rnd.metrics(m)
             HOLDOUT.labels("candidate").set(cand_ndcg)
-            HOLDOUT_VALUE.labels("candidate").set(cand_value)
+            self._guard_gauges("candidate", rnd.name, cand_value)
             return cand_value
 
         try:
             pub = self.publisher.publish(
                 self.model, self.tok, version, self.last_published, self.watermark,
                 holdout=holdout, references=refs,
-                metrics={"updates": float(self.learner.steps)})
+                metrics={"updates": float(self.learner.steps)},
+                estimate=rnd.name if rnd is not None else "holdout_value")
         except SnapshotRefusedError:
             self.next_version += 1  # the refused name is never reused
             self.updates_since_publish = 0
@@ -468,6 +480,12 @@ class LearnerService:
         self.learner.refresh_reference()
         self.finish_publish()
         return True
+
+    @staticmethod
+    def _guard_gauges(model: str, estimate: str, value: float) -> None:
+        GUARD_VALUE.labels(model, estimate).set(value)
+        if estimate == "holdout_value":
+            HOLDOUT_VALUE.labels(model).set(value)
 
     def finish_publish(self) -> None:
         """Checkpoint (durable before announcing), then announce ``pending_update``.

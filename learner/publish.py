@@ -6,12 +6,17 @@
    (``learner.export.export_snapshot``; it already refuses ORT/torch parity beyond
    the manifest's tolerance);
 2. **guard**: every parameter and every parity output finite (no NaN/inf), and the
-   candidate's value-weighted off-policy estimate on held-out lists (money per
-   impression, :meth:`learner.rspo_step.OnlineLearner.holdout_value`) not below the
-   best of the references — the pretrained baseline, the best version published so far
-   and the serving one, each evaluated on the same held-out lists — by more than
-   ``max_regression`` (relative). Comparing with the last version only let small steps
-   ratchet down;
+   candidate's estimate on held-out lists (money per impression) not below the best of
+   the references — the pretrained baseline, the best version published so far and the
+   serving one, each evaluated on the same held-out lists by the same estimate — by
+   more than ``max_regression`` (relative). Comparing with the last version only let
+   small steps ratchet down. The estimate (``estimate``, the learner's
+   ``--guard-estimate``, :mod:`learner.guard`) is ``holdout_value``
+   (:meth:`learner.rspo_step.OnlineLearner.holdout_value`, the value-weighted estimate
+   over the shown items) or an off-policy estimate on the lists with logging
+   propensities (``snips``, ``dr``); the manifest's metrics hold it as
+   ``holdout_<estimate>`` (``holdout_value`` for the default) and each reference's as
+   ``<reference>_holdout_<estimate>``;
 3. **store**: copy the files to ``{store}/{version}/`` — a directory (written to a
    temporary name, then renamed) or any fsspec URL;
 4. the caller checkpoints, then **announces** the version on ``model-updates``
@@ -162,9 +167,15 @@ class Publisher:
                 parent: str | None, data_watermark: float,
                 holdout: Callable[[GenerativeRecommender], float] | None = None,
                 references: dict[str, float] | None = None,
-                metrics: dict[str, float] | None = None) -> Published:
-        """Export, check and store ``model`` as ``version``; raise SnapshotRefusedError."""
+                metrics: dict[str, float] | None = None,
+                estimate: str = "holdout_value") -> Published:
+        """Export, check and store ``model`` as ``version``; raise SnapshotRefusedError.
+
+        ``holdout(model)`` and ``references`` are the guard's ``estimate`` (its name
+        names the manifest metrics: ``holdout_<estimate>``)."""
         metrics = dict(metrics or {})
+        key = "holdout_value" if estimate == "holdout_value" else f"holdout_{estimate}"
+        cand = math.nan
         t0 = time.perf_counter()
         if not _all_finite(model):
             self._refuse("nan", f"{version}: model parameters contain NaN/inf")
@@ -184,16 +195,17 @@ class Publisher:
             self._refuse("nan", f"{version}: reference outputs contain NaN/inf")
         if holdout is not None:
             cand = holdout(model)
-            manifest["metrics"]["holdout_value"] = cand
+            manifest["metrics"][key] = cand
             refs = {k: v for k, v in (references or {}).items() if math.isfinite(v)}
             for name, v in refs.items():
-                manifest["metrics"][f"{name}_holdout_value"] = v
+                manifest["metrics"][f"{name}_{key}"] = v
             if refs and math.isfinite(cand):
                 name, best = max(refs.items(), key=lambda kv: kv[1])
                 floor = best - abs(best) * self.max_regression
                 if cand < floor:
                     shutil.rmtree(stage, ignore_errors=True)
-                    self._refuse("regression", f"{version}: holdout value {cand:.5f} < "
+                    self._refuse("regression", f"{version}: {key.replace('_', ' ')} "
+                                 f"{cand:.5f} < "
                                  f"{floor:.5f} ({name} {best:.5f} minus "
                                  f"{self.max_regression:.0%})")
             (stage / "manifest.json").write_text(json.dumps(manifest, separators=(",", ":")))
@@ -209,7 +221,8 @@ class Publisher:
                          f"{exc}")
         shutil.rmtree(stage, ignore_errors=True)
         log.info("snapshot.stored", version=version, uri=uri, export_s=round(export_s, 3),
-                 validate_s=round(validate_s, 3))
+                 validate_s=round(validate_s, 3), guard_estimate=estimate,
+                 guard_value=round(cand, 6) if math.isfinite(cand) else None)
         return Published(version, uri, digest, manifest, export_s, validate_s)
 
     def _refuse(self, reason: str, detail: str) -> Any:
