@@ -32,6 +32,22 @@ def test_compose_file_validates_for_single_and_cluster_profiles() -> None:
             cfg["services"])
 
 
+def test_compose_puts_the_official_haproxy_image_in_front_of_the_serving_replicas() -> None:
+    cfg = _compose_config("single,traffic")["services"]
+    lb = cfg["lb"]
+    assert lb["image"].split(":")[0] == "haproxy"
+    assert {"serve-1", "serve-2"} <= set(lb["depends_on"])
+    # short ("src:target:ro") or long ({source, target}) syntax, as the compose version writes
+    mounts = [v.split(":")[:2] if isinstance(v, str) else [v["source"], v["target"]]
+              for v in lb["volumes"]]
+    source = next(src for src, target in mounts if target.endswith("/haproxy.cfg"))
+    haproxy_cfg = (ROOT / source).read_text()
+    for name in ("serve-1", "serve-2"):
+        assert f"server {name} {name}:8000" in haproxy_cfg
+    assert "uri /readyz" in haproxy_cfg
+    assert "lb:8080" in " ".join(cfg["replay"]["command"])
+
+
 def test_compose_runs_the_same_kafka_release_as_the_embedded_broker() -> None:
     pom = (ROOT / "deploy" / "kafka" / "pom.xml").read_text()
     version = re.search(r"<kafka.version>([^<]+)</kafka.version>", pom).group(1)  # type: ignore[union-attr]
