@@ -47,9 +47,9 @@ GUARD_ESTIMATES: tuple[str, ...] = get_args(GuardEstimateName)
 
 FALLBACK = counter(
     "adloop_learner_guard_fallback_total",
-    "Promotion-guard rounds whose off-policy estimate (--guard-estimate) fell back to "
-    "holdout_value, by reason: no_propensities (no held-out list carries logging "
-    "propensities), no_servable_ads (no servable ad known to the tokenizer).", ("reason",))
+    "Publishes whose --guard-estimate snips/dr fell back to holdout_value, by reason: "
+    "no_propensities (no held-out list carries logging propensities), no_servable_ads "
+    "(no servable ad known to the tokenizer).", ("reason",))
 
 
 def is_servable(ad: Ad) -> bool:

@@ -215,6 +215,15 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_learner_holdout_value", "gauge", "learn", ("model",),
        "Value-weighted off-policy estimate (money per impression) on the held-out lists the "
        "promotion guard compares.", "model: candidate, serving, baseline, best"),
+    _m("adloop_learner_guard_value", "gauge", "learn", ("model", "estimate"),
+       "The promotion guard's estimate (money per impression) on the held-out lists, in "
+       "effect: holdout_value, or with --guard-estimate snips/dr the off-policy estimate of "
+       "each model's served slate on the lists with logging propensities.",
+       "model: candidate, serving, baseline, best; estimate: holdout_value, snips, dr"),
+    _m("adloop_learner_guard_fallback_total", "counter", "learn", ("reason",),
+       "Publishes whose --guard-estimate snips/dr fell back to holdout_value (warned once "
+       "per reason).", "reason: no_propensities (no held-out list carries logging "
+       "propensities), no_servable_ads (no servable ad known to the tokenizer)"),
     _m("adloop_learner_export_seconds", "histogram", "learn", (),
        "Time to export a snapshot to ONNX."),
     _m("adloop_learner_validation_seconds", "histogram", "learn", (),
