@@ -1,11 +1,12 @@
 """The promotion guard on an off-policy estimate (``--guard-estimate snips``): a
-candidate worse on a log with propensities is refused, an unchanged one passes, and
-held-out lists without propensities fall back to holdout_value, counted."""
+snapshot worse on a log with propensities is refused, an unchanged one is published,
+and held-out lists without propensities fall back to holdout_value, counted."""
 
 from __future__ import annotations
 
 import copy
 import math
+from collections import deque
 from pathlib import Path
 
 import msgspec
@@ -16,12 +17,14 @@ import torch
 from structlog.testing import capture_logs
 
 from learner import synthetic
+from learner.export import verify_snapshot
 from learner.guard import FALLBACK, GuardEstimate
 from learner.model import GenerativeRecommender
-from learner.online import LearnerSettings
+from learner.online import LearnerService, LearnerSettings
 from learner.pretrain import PretrainResult
-from learner.publish import Publisher, SnapshotRefusedError, SnapshotStore
+from learner.publish import REFUSED, Publisher, SnapshotStore
 from learner.rspo_step import OnlineLearner
+from learner.tokenizer import UASIDTokenizer
 from streams.schemas import Ad, Feedback, FeedbackItem
 from streams.settings import add_settings_arguments, settings_from_args
 
@@ -70,36 +73,70 @@ def _scrambled(model: GenerativeRecommender) -> GenerativeRecommender:
     return bad
 
 
-def test_snips_guard_refuses_a_candidate_worse_on_the_logs_and_passes_an_unchanged_one(
+def _service(tmp_path: Path, candidate: GenerativeRecommender, baseline: GenerativeRecommender,
+             tok: UASIDTokenizer, ads: dict[str, Ad], held_out: list[Feedback],
+             estimate: str) -> LearnerService:
+    """The learner's publish path without Kafka: the service state ``publish`` reads, a
+    serving version (the candidate's parent, π_ref) and no checkpoint or announcement."""
+    svc = LearnerService.__new__(LearnerService)
+    svc.s = LearnerSettings(state_dir=tmp_path / "state", guard_estimate=estimate,
+                            guard_beam_width=16)
+    svc.publisher = Publisher(SnapshotStore(str(tmp_path / "store")), tmp_path / "staging",
+                              max_regression=0.05)
+    svc.model, svc.tok, svc.learner = candidate, tok, OnlineLearner(candidate)
+    svc.baseline, svc.best = OnlineLearner.frozen_copy(baseline), None
+    svc.guard = GuardEstimate(svc.s.guard_estimate, svc.s.guard_beam_width)
+    svc.holdout = deque((fb, 1.0) for fb in held_out)
+    svc.ads = ads
+    svc.next_version, svc.last_published, svc.watermark = 2, "v000001", 0.0
+    svc.pending_update, svc.updates_since_publish, svc.last_publish = None, 0, 0.0
+    svc.finish_publish = lambda: None  # type: ignore[method-assign]
+    return svc
+
+
+def test_off_policy_estimates_see_a_scrambled_ranker_that_holdout_value_cannot(
+        trained_lazy: PretrainResult, synth_log: synthetic.SyntheticLog) -> None:
+    ads = _catalogue(synth_log)
+    held_out = _uniform_log(synth_log, ads, 240)
+    model, tok = trained_lazy.model, trained_lazy.tokenizer
+    learner = OnlineLearner(copy.deepcopy(model))
+    bad = _scrambled(model)
+    for estimate in ("snips", "dr"):
+        rnd = GuardEstimate(estimate, beam_width=16).round(learner, held_out, tok, ads)
+        assert rnd is not None and rnd.name == estimate
+        assert rnd.value(bad) < 0.8 * rnd.value(model), estimate
+    # holdout_value scores the logged items, not the served slate: it sees no difference
+    plain = GuardEstimate().round(learner, held_out, tok, ads)
+    assert plain is not None and plain.value(bad) == pytest.approx(plain.value(model))
+
+
+def test_snips_guard_refuses_a_snapshot_worse_on_the_logs_and_publishes_an_unchanged_one(
         trained_lazy: PretrainResult, synth_log: synthetic.SyntheticLog,
         tmp_path: Path) -> None:
     ads = _catalogue(synth_log)
     held_out = _uniform_log(synth_log, ads, 240)
     model, tok = trained_lazy.model, trained_lazy.tokenizer
-    learner = OnlineLearner(copy.deepcopy(model))
-    rnd = GuardEstimate("snips", beam_width=16).round(learner, held_out, tok, ads)
-    assert rnd is not None and rnd.name == "snips"
-    baseline = rnd.value(model)
-    bad = _scrambled(model)
-    assert rnd.value(bad) < 0.8 * baseline       # the logs say the scrambled ranker is worse
-    dr = GuardEstimate("dr", beam_width=16).round(learner, held_out, tok, ads)
-    assert dr is not None and dr.value(bad) < 0.8 * dr.value(model)
-    # the default estimate does not look at the served slate: it cannot see the difference
-    plain = GuardEstimate().round(learner, held_out, tok, ads)
-    assert plain is not None and plain.value(bad) == pytest.approx(plain.value(model))
+    refused = REFUSED.labels("regression")._value.get()
 
-    pub = Publisher(SnapshotStore(str(tmp_path / "store")), tmp_path / "staging",
-                    max_regression=0.05)
-    with pytest.raises(SnapshotRefusedError) as refused:
-        pub.publish(bad, tok, "v000002", "v000001", 0.0, holdout=rnd.value,
-                    references={"baseline": baseline}, estimate=rnd.name)
-    assert refused.value.reason == "regression" and "holdout snips" in str(refused.value)
+    worse = _service(tmp_path / "worse", _scrambled(model), model, tok, ads, held_out, "snips")
+    assert worse.publish() is False
+    assert REFUSED.labels("regression")._value.get() == refused + 1
+    assert worse.publisher.store.versions() == [] and worse.next_version == 3
 
-    ok = pub.publish(model, tok, "v000003", "v000001", 0.0, holdout=rnd.value,
-                     references={"baseline": baseline}, estimate=rnd.name)
-    assert ok.manifest["metrics"]["holdout_snips"] == pytest.approx(baseline)
-    assert ok.manifest["metrics"]["baseline_holdout_snips"] == pytest.approx(baseline)
-    assert "holdout_value" not in ok.manifest["metrics"]
+    same = _service(tmp_path / "same", copy.deepcopy(model), model, tok, ads, held_out,
+                    "snips")
+    assert same.publish() is True
+    metrics = verify_snapshot(tmp_path / "same" / "store" / "v000002")["metrics"]
+    assert metrics["holdout_snips"] == pytest.approx(metrics["baseline_holdout_snips"])
+    assert metrics["serving_holdout_snips"] == pytest.approx(metrics["holdout_snips"])
+    assert metrics["holdout_snips"] > 0 and "holdout_value" not in metrics
+
+    # the default estimate (today's guard) lets the scrambled ranker through
+    plain = _service(tmp_path / "plain", _scrambled(model), model, tok, ads, held_out,
+                     "holdout_value")
+    assert plain.publish() is True
+    assert "holdout_value" in verify_snapshot(tmp_path / "plain" / "store" / "v000002")[
+        "metrics"]
 
 
 def test_without_propensities_the_guard_falls_back_to_holdout_value_counted_and_warned_once(
