@@ -14,9 +14,20 @@ counted. A leak grows linearly with the swaps, allocator warm-up levels off: the
 least-squares slope over the second half of the swaps (KiB per swap) tells them
 apart, next to the growth ratio after 100 swaps.
 
+Then 1 vs 2 replicas at the same SLO in the same run: two ``adloop serve`` processes
+behind HAProxy (``adloop.balancer``), one balancer in front of one of them and one in
+front of both, rates interleaved (``max_rate_2_replicas_over_1``); and rolling swaps
+through the 2-replica balancer under load: versions announced while both replicas
+follow ``model-updates`` (each swaps at its own moment), then a rolling restart with a
+version announced while each replica is down. Every answer is checked: none may fail,
+each names a version that was announced, and no replica answers an older version
+after it answered a newer one.
+
     python bench/serve.py [--quick] [--provider auto|cpu|cuda]
     python bench/serve.py --swaps-only [--swaps 500]   # only the swap-memory run; merges
                                                         # its keys into bench/results/serve.json
+    python bench/serve.py --replicas-only [--quick]     # only replicas and rolling swaps;
+                                                        # merges likewise
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ MODEL = dict(level_sizes=(64, 64, 64, 16), n_ads=5000, d_model=256, mlp_hidden=1
              history_len=20)
 SCHEDULE = "64,64,32,32"
 SWAP_RATE = 10.0
+ROLLING_RATE = 20.0
 
 
 def _free_port() -> int:
@@ -79,19 +91,33 @@ def clone_version(base: BuiltSnapshot, root: Path, version: str, parent: str) ->
 
 class Server:
     def __init__(self, kafka: KafkaSettings, cache: Path, provider: str, dynamic: bool,
-                 slo_ms: float, threads: int) -> None:
+                 slo_ms: float, threads: int, name: str | None = None) -> None:
         self.port = _free_port()
-        cmd = [sys.executable, "-m", "adloop", "serve", "--port", str(self.port),
-               "--bootstrap-servers", kafka.bootstrap_servers,
-               "--topic-prefix", kafka.topic_prefix, "--cache-dir", str(cache),
-               "--provider", provider, "--beam-schedule", SCHEDULE,
-               "--slo-ms", str(slo_ms), "--intra-op-threads", str(threads),
-               "--max-batch-size", "16", "--max-wait-ms", "2", "--keep-versions", "3",
-               "--dynamic-beams" if dynamic else "--no-dynamic-beams"]
-        env = {**os.environ, "ADLOOP_LOG_LEVEL": "WARNING"}
-        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.name = name or f"bench-{self.port}"
+        self.cmd = [sys.executable, "-m", "adloop", "serve", "--port", str(self.port),
+                    "--bootstrap-servers", kafka.bootstrap_servers,
+                    "--topic-prefix", kafka.topic_prefix, "--cache-dir", str(cache),
+                    "--provider", provider, "--beam-schedule", SCHEDULE,
+                    "--slo-ms", str(slo_ms), "--intra-op-threads", str(threads),
+                    "--max-batch-size", "16", "--max-wait-ms", "2", "--keep-versions", "3",
+                    "--server-id", self.name,
+                    "--dynamic-beams" if dynamic else "--no-dynamic-beams"]
         self.url = f"http://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self) -> None:
+        """Start the process (again, after :meth:`stop`: same port, cache and id)."""
+        env = {**os.environ, "ADLOOP_LOG_LEVEL": "WARNING"}
+        self.proc = subprocess.Popen(self.cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+
+    def serving(self) -> str | None:
+        """The version ``/readyz`` names; None while not ready."""
+        try:
+            r = httpx.get(self.url + "/readyz", timeout=5)
+        except httpx.HTTPError:
+            return None
+        return str(r.json()["model_version"]) if r.status_code == 200 else None
 
     def wait_ready(self, timeout_s: float = 120) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
@@ -173,9 +199,9 @@ async def open_loop(url: str, rate: float, seconds: float, ad_ids: list[str],
             "mean_beam_width_sum": float(np.mean(widths)) if widths else 0.0}
 
 
-def measure(server: Server, rate: float, seconds: float, ad_ids: list[str], slo_ms: float,
+def measure(url: str, rate: float, seconds: float, ad_ids: list[str], slo_ms: float,
             label: str) -> dict[str, Any]:
-    row = asyncio.run(open_loop(server.url, rate, seconds, ad_ids))
+    row = asyncio.run(open_loop(url, rate, seconds, ad_ids))
     row["within_slo"] = bool(row["p99_ms"] <= slo_ms and row["ok"] >= 0.99 * row["sent"])
     print(f"  {label:7s} rate {rate:5.0f}/s  ok {row['ok']}/{row['sent']}  "
           f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:8.1f} ms  "
@@ -292,6 +318,273 @@ def swap_rss(server: Server, producer: EventProducer, base: BuiltSnapshot, store
             "unknown_versions_served": unknown}
 
 
+# -- replicas behind HAProxy ----------------------------------------------------------
+
+
+async def _steady_log(url: str, rate: float, stop: asyncio.Event, ad_ids: list[str],
+                      out: list[tuple[float, float, str, str | None, str | None]]) -> None:
+    """Steady load; every answer as (sent, received, status, model_version, server_id)."""
+    rng = np.random.default_rng(11)
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(i: int) -> None:
+            sent = time.monotonic()
+            try:
+                r = await client.post("/v1/recommend", json=_payload(i, ad_ids, rng))
+            except httpx.HTTPError as exc:
+                out.append((sent, time.monotonic(), type(exc).__name__, None, None))
+                return
+            body = r.json() if r.status_code == 200 else {}
+            out.append((sent, time.monotonic(), str(r.status_code), body.get("model_version"),
+                        body.get("server_id")))
+
+        i = 0
+        while not stop.is_set():
+            t = asyncio.get_running_loop().create_task(one(i))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+            i += 1
+            await asyncio.sleep(1.0 / rate)
+        await asyncio.gather(*tasks)
+
+
+def _wait(what: str, predicate: Any, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out: {what}")
+        time.sleep(0.05)
+
+
+def rolling_swaps(lb: Any, replicas: list[Server], producer: EventProducer, base: BuiltSnapshot,
+                  store: Path, ad_ids: list[str], rate: float, swaps: int) -> dict[str, Any]:
+    """Under steady load through ``lb``: ``swaps`` versions announced one after another
+    (each replica follows ``model-updates`` on its own and swaps when it is ready), then a
+    rolling restart of every replica with a version announced while it is down (the
+    others swap first; it starts on the new version). Every answer is checked."""
+    answers: list[tuple[float, float, str, str | None, str | None]] = []
+    current = replicas[0].serving()
+    assert current is not None
+    order = [current]
+
+    def announce() -> str:
+        v = f"rolling-{len(order):04d}"
+        producer.send("model-updates", clone_version(base, store, v, order[-1]))
+        producer.flush()
+        order.append(v)
+        return v
+
+    gaps: list[float] = []
+
+    def scenario() -> None:
+        for _ in range(swaps):
+            v = announce()
+            swapped: dict[str, float] = {}     # replica -> when /readyz first named v
+            deadline = time.monotonic() + 120
+            while len(swapped) < len(replicas):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"timed out: every replica on {v}")
+                for r in replicas:
+                    if r.name not in swapped and r.serving() == v:
+                        swapped[r.name] = time.monotonic()
+                time.sleep(0.005)
+            gaps.append(max(swapped.values()) - min(swapped.values()))
+            time.sleep(0.3)
+        for down in replicas:
+            down.stop()
+            v = announce()
+            _wait(f"the others on {v}", lambda v=v, down=down: all(
+                r.serving() == v for r in replicas if r is not down))
+            time.sleep(0.5)
+            down.start()
+            down.wait_ready()
+            _wait(f"{down.name} on {v}", lambda v=v, down=down: down.serving() == v)
+            lb.wait_replicas([r.name for r in replicas])
+            time.sleep(0.5)
+
+    async def run() -> float:
+        stop = asyncio.Event()
+        load = asyncio.create_task(_steady_log(lb.url, rate, stop, ad_ids, answers))
+        await asyncio.sleep(1.0)
+        t0 = time.perf_counter()
+        await asyncio.to_thread(scenario)
+        took = time.perf_counter() - t0
+        await asyncio.sleep(1.0)
+        stop.set()
+        await load
+        return took
+
+    took = asyncio.run(run())
+    rank = {v: i for i, v in enumerate(order)}
+    codes: dict[str, int] = {}
+    for a in answers:
+        codes[a[2]] = codes.get(a[2], 0) + 1
+    ok = [a for a in answers if a[2] == "200"]
+    # the first answer of each version by each replica
+    first: dict[str, dict[str, float]] = {}
+    for _sent, received, _c, version, sid in sorted(ok, key=lambda a: a[1]):
+        first.setdefault(str(version), {}).setdefault(str(sid), received)
+    # a replica that answered an older version after it had answered a newer one to an
+    # earlier request: a response that names the wrong version
+    stale = 0
+    for r in replicas:
+        mine = sorted((a for a in ok if a[4] == r.name), key=lambda a: a[0])
+        newest_seen: list[tuple[float, int]] = []
+        for sent, received, _c, version, _sid in mine:
+            if any(t < sent and k > rank.get(str(version), -1) for t, k in newest_seen):
+                stale += 1
+            newest_seen.append((received, rank.get(str(version), -1)))
+    # answers by a version older than one another replica had already answered with
+    mixed = sum(1 for a in ok if any(t < a[0] for v, ts in first.items()
+                                      if rank.get(v, -1) > rank.get(str(a[3]), -1)
+                                      for t in ts.values()))
+    return {
+        "rate": rate, "announced": len(order) - 1, "following_swaps": swaps,
+        "rolling_restarts": len(replicas), "seconds": took,
+        "requests": len(answers), "failed_requests": len(answers) - len(ok), "codes": codes,
+        "versions_answered": len({a[3] for a in ok}),
+        "unknown_versions": sorted({str(a[3]) for a in ok} - set(order)),
+        "answers_without_replica": sum(1 for a in ok if a[4] not in {r.name for r in replicas}),
+        "stale_answers": stale,
+        "answers_while_replicas_differed": mixed,
+        "swap_gap_ms_median": float(np.median(gaps)) * 1000 if gaps else None,
+        "swap_gap_ms_max": float(np.max(gaps)) * 1000 if gaps else None,
+        "swap_gaps_ms": [round(g * 1000, 1) for g in gaps],
+    }
+
+
+def replicas_run(kafka: KafkaSettings, work: Path, args: argparse.Namespace,
+                 server_slo: float, rates: list[float], seconds: float, ad_ids: list[str],
+                 producer: EventProducer, base: BuiltSnapshot) -> dict[str, Any]:
+    """1 vs 2 replicas behind HAProxy at the same SLO, rates interleaved, in one run (the
+    2-replica balancer shares replica-1 with the 1-replica one); then the rolling swaps."""
+    from adloop.balancer import Balancer, Replica, haproxy_binary
+
+    servers = [Server(kafka, work / f"cache-replica-{i}", args.provider, True, server_slo,
+                      args.threads, name=f"replica-{i}") for i in (1, 2)]
+    lbs: dict[str, Any] = {}
+    ready: dict[str, Any] = {}
+    try:
+        for srv in servers:
+            ready = srv.wait_ready()
+        members = [Replica(srv.name, f"127.0.0.1:{srv.port}") for srv in servers]
+        lbs = {"1": Balancer(work / "lb-1", _free_port(), members[:1]),
+               "2": Balancer(work / "lb-2", _free_port(), members)}
+        for n, lb in lbs.items():
+            lb.start()
+            lb.wait_replicas([m.name for m in members[:int(n)]])
+            asyncio.run(open_loop(lb.url, rates[0], 2.0, ad_ids, seed=98))   # warm-up
+        print("replicas behind HAProxy: 1 and 2, interleaved per rate", flush=True)
+        sweeps: dict[str, list[dict[str, Any]]] = {"1": [], "2": []}
+        misses = {"1": 0, "2": 0}
+        for rate in rates:
+            for n, lb in lbs.items():
+                if misses[n] >= 2:
+                    sweeps[n].append({"rate": rate, "skipped": True, "within_slo": False,
+                                      "p99_ms": None})
+                    continue
+                row = measure(lb.url, rate, seconds, ad_ids, args.slo_ms, f"{n} repl.")
+                misses[n] = 0 if row["within_slo"] else misses[n] + 1
+                sweeps[n].append(row)
+            if misses["1"] >= 2 and misses["2"] >= 2:
+                break
+        lbs["1"].stop()
+        print("rolling swaps through the 2-replica balancer", flush=True)
+        rolling = rolling_swaps(lbs["2"], servers, producer, base, work / "store", ad_ids,
+                                rate=ROLLING_RATE, swaps=10 if args.quick else 30)
+        print(f"  {rolling['requests']} requests, {rolling['failed_requests']} failed, "
+              f"{rolling['stale_answers']} stale, swap gap median "
+              f"{rolling['swap_gap_ms_median']} ms", flush=True)
+    finally:
+        for lb in lbs.values():
+            lb.stop()
+        for srv in servers:
+            srv.stop()
+    version = subprocess.run([haproxy_binary(), "-v"], capture_output=True, text=True,
+                             timeout=10).stdout.splitlines()[0]
+    one, two = max_rate(sweeps["1"]), max_rate(sweeps["2"])
+    return {"device": ready.get("device", "?"), "provider": ready.get("provider", "?"),
+            "balancer": version, "seconds_per_rate": seconds, "rates": rates,
+            "max_rate_1_replica_within_slo": one, "max_rate_2_replicas_within_slo": two,
+            "max_rate_2_replicas_over_1": two / one if one else None,
+            "load_average_1m_at_end": os.getloadavg()[0], "sweeps": sweeps,
+            "rolling_swap": rolling}
+
+
+def replica_keys(rep: dict[str, Any]) -> dict[str, Any]:
+    """The replica figures at the top level of serve.json, and the run itself."""
+    return {"max_rate_1_replica_within_slo": rep["max_rate_1_replica_within_slo"],
+            "max_rate_2_replicas_within_slo": rep["max_rate_2_replicas_within_slo"],
+            "max_rate_2_replicas_over_1": rep["max_rate_2_replicas_over_1"],
+            "rolling_swap_failed_requests": rep["rolling_swap"]["failed_requests"],
+            "rolling_swap_stale_answers": rep["rolling_swap"]["stale_answers"],
+            "replicas": rep}
+
+
+def replica_doc(rep: dict[str, Any], slo_ms: float, quick: bool, device: str) -> str:
+    def cells(row: dict[str, Any]) -> list[Any]:
+        if row.get("skipped"):
+            return ["–", "–", "–", "–"]
+        return [round(row["throughput_rps"], 1), round(row["p50_ms"], 1),
+                round(row["p99_ms"], 1), row["codes"].get("429", 0)]
+
+    one, two = rep["max_rate_1_replica_within_slo"], rep["max_rate_2_replicas_within_slo"]
+    ratio = rep["max_rate_2_replicas_over_1"]
+    roll = rep["rolling_swap"]
+    rows = [[int(a["rate"]), *cells(a), *cells(b)]
+            for a, b in zip(rep["sweeps"]["1"], rep["sweeps"]["2"], strict=True)]
+    gap = roll["swap_gap_ms_median"]
+    return (
+        f"`bench/serve.py{' --quick' if quick else ''}`: the serve section's model and "
+        f"settings (dynamic beams), {device}, with `adloop serve` replicas behind HAProxy "
+        f"({rep['balancer']}; `adloop/balancer.py`: health checks on `/readyz`, leastconn, "
+        f"retry on another replica). One balancer in front of one replica, one in front of "
+        f"two (the first replica is shared), rates interleaved in the same run, "
+        f"{rep['seconds_per_rate']:g} s per rate, SLO p99 ≤ {slo_ms:g} ms end to end with "
+        "≥ 99% answered.\n\n"
+        + markdown_table(["rate/s", "1 replica rps", "p50 ms", "p99 ms", "429",
+                          "2 replicas rps", "p50 ms", "p99 ms", "429"], rows)
+        + f"\n\nMax rate within SLO: 1 replica {one:g}/s, 2 replicas {two:g}/s"
+        + (f" (`max_rate_2_replicas_over_1` = {ratio:.2f})." if ratio else ".")
+        + f" 1-minute load average at the end: {rep['load_average_1m_at_end']:.1f} on "
+        f"{os.cpu_count()} cores: both replicas, HAProxy and the load generator share them, "
+        "so a second replica adds no cores here; the ratio measures what the balancer and "
+        "a second process cost or gain on the same CPUs, not scaling across hosts.\n\n"
+        f"Rolling swaps at {roll['rate']:g} req/s through the 2-replica balancer: "
+        f"{roll['following_swaps']} versions announced one after another (each replica "
+        "follows `model-updates` on its own and swaps when its copy is verified and warm), "
+        f"then a rolling restart of each replica with a version announced while it is down: "
+        f"{roll['announced']} versions, {roll['requests']} requests, "
+        f"**{roll['failed_requests']} failed**, {roll['stale_answers']} answers naming an "
+        f"older version than the replica had already answered with, "
+        f"{len(roll['unknown_versions'])} naming a version never announced, "
+        f"{roll['answers_while_replicas_differed']} answered while the replicas were on "
+        "different versions (each naming its own). Median gap between the moments the two "
+        "replicas' `/readyz` first named a version announced while both ran: "
+        + (f"{gap:.0f} ms." if gap is not None else "–.") + "\n")
+
+
+def write_replicas_only(rep: dict[str, Any], ready: dict[str, Any], provider: str,
+                        slo_ms: float, quick: bool) -> int:
+    """Merge the replica run into serve.json (the sweeps and swaps stay) and its section."""
+    name = "serve" if ready.get("provider") == "cpu" or provider == "auto" \
+        else f"serve_{ready.get('provider')}"
+    path = ROOT / "bench" / "results" / f"{name}.json"
+    old: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    old.pop("benchmark", None)
+    merged = {**old, **replica_keys(rep),
+              "replicas_measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_results(name, merged)
+    update_doc_section(f"{name}: replicas", replica_doc(rep, slo_ms, quick,
+                                                        ready.get("device", "?")))
+    print(f"wrote {path.relative_to(ROOT)}: max rate 1 replica "
+          f"{rep['max_rate_1_replica_within_slo']:g}/s, 2 replicas "
+          f"{rep['max_rate_2_replicas_within_slo']:g}/s")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short steps (a few minutes)")
@@ -303,6 +596,9 @@ def main() -> int:
                     help="swaps measured for memory (default 500, 300 with --quick)")
     ap.add_argument("--swaps-only", action="store_true",
                     help="only the swap-memory run; merge its figures into serve.json")
+    ap.add_argument("--replicas-only", action="store_true",
+                    help="only 1 vs 2 replicas behind HAProxy and the rolling swaps; merge "
+                    "their figures into serve.json")
     ap.add_argument("--bootstrap-servers", default="", help="use a running broker")
     args = ap.parse_args()
     seconds = 4.0 if args.quick else 15.0
@@ -334,6 +630,13 @@ def main() -> int:
         producer.send("model-updates", base.model_update())
         producer.flush()
 
+        replica_rates = [float(r) for r in rates] if args.rates else \
+            [float(r) for r in (*rates, 250, 300, 400)]
+        if args.replicas_only:
+            rep = replicas_run(kafka, work, args, server_slo, replica_rates, seconds, ad_ids,
+                               producer, base)
+            producer.close()
+            return write_replicas_only(rep, rep, args.provider, args.slo_ms, args.quick)
         results: dict[str, Any] = {}
         sweeps: dict[str, list[dict[str, Any]]] = {"fixed": [], "dynamic": []}
         ready: dict[str, Any] = {}
@@ -360,7 +663,7 @@ def main() -> int:
                         sweeps[mode].append({"rate": rate, "skipped": True,
                                              "within_slo": False, "p99_ms": None})
                         continue
-                    row = measure(srv, rate, seconds, ad_ids, args.slo_ms, mode)
+                    row = measure(srv.url, rate, seconds, ad_ids, args.slo_ms, mode)
                     misses[mode] = 0 if row["within_slo"] else misses[mode] + 1
                     sweeps[mode].append(row)
                 if misses["fixed"] >= 2 and misses["dynamic"] >= 2:
@@ -372,6 +675,8 @@ def main() -> int:
         finally:
             for srv in servers.values():
                 srv.stop()
+        rep = replicas_run(kafka, work, args, server_slo, replica_rates, seconds, ad_ids,
+                           producer, base)
         producer.close()
     finally:
         if broker is not None:
@@ -402,6 +707,7 @@ def main() -> int:
         "load_average_1m_at_end": os.getloadavg()[0],
         "sweeps": sweeps,
         **swap_keys(swaps),
+        **replica_keys(rep),
     }
     name = "serve" if provider == "cpu" or args.provider == "auto" else f"serve_{provider}"
     path = write_results(name, out)
@@ -436,6 +742,8 @@ def main() -> int:
         f"average at the end: {out['load_average_1m_at_end']:.1f} on {os.cpu_count()} cores."
         + "\n\n" + swap_doc(swaps))
     update_doc_section("serve" if name == "serve" else name, body)
+    update_doc_section(f"{name}: replicas", replica_doc(rep, args.slo_ms, args.quick,
+                                                        out["device"]))
     return 0
 
 
