@@ -260,6 +260,39 @@ def export_snapshot(model: GenerativeRecommender, tok: UASIDTokenizer, out_dir: 
     return manifest
 
 
+def export_ids_update(src_dir: str | Path, tok: UASIDTokenizer, out_dir: str | Path,
+                      version: str, metrics: dict[str, float] | None = None
+                      ) -> dict[str, Any]:
+    """A new version of the snapshot in ``src_dir`` with the same graphs and ``tok``'s
+    current id table: ads placed online since (new ads) become servable without an
+    export. The graphs take ids, not ad ids, so their checksums and parity evidence
+    carry over unchanged; ``parent`` names the source version."""
+    src, out = Path(src_dir), Path(out_dir)
+    manifest: dict[str, Any] = json.loads((src / "manifest.json").read_text())
+    tok.check_version(manifest["id_space_version"], what="snapshot")
+    if out.exists() and any(out.iterdir()):
+        raise SnapshotError(f"snapshot directory {out} is not empty (snapshots are immutable)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for name in REQUIRED_FILES:
+            try:
+                os.link(src / name, tmp / name)
+            except OSError:
+                shutil.copyfile(src / name, tmp / name)
+        manifest.update(version=version, parent=manifest["version"], created_time=time.time(),
+                        ids=tok.table())
+        manifest["metrics"] = {**manifest.get("metrics", {}), **(metrics or {})}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, separators=(",", ":")))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
 def _jsonable(d: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, Any]]:
     return {f: {k: v.tolist() for k, v in t.items()} for f, t in d.items()}
 

@@ -54,6 +54,8 @@ class RecResult:
     model_version: str
     beam_widths: list[int]
     ads: list[RankedAd] = field(default_factory=list)
+    candidates: int = 0
+    """Final beams the slate was ranked from (distinct servable ads)."""
 
 
 class Engine:
@@ -114,6 +116,8 @@ class Engine:
         pctr_all, pcvr_all = rt.value(states.memory, states.memory_mask, candidates)
         pctr = pctr_all[beams.request, col].astype(np.float64)
         pcvr = pcvr_all[beams.request, col].astype(np.float64)
+        for b, n in enumerate(np.bincount(beams.request, minlength=B).tolist()):
+            results[b].candidates = n
         ad_ids = [man.ad_ids[r] for r in beams.rows]
         bid, kind, recs = self.catalog.bids(ad_ids)
         ev = expected_value(bid, kind, pctr, pcvr)

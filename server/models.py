@@ -273,17 +273,31 @@ class ModelManager:
         self._evict()
         return exc.step
 
+    def _same_graphs(self, manifest: Manifest) -> ModelRuntime | None:
+        """The serving model's runtime when ``manifest`` names byte-identical graphs (an
+        id-table update: new ads placed in the same model), else None."""
+        state = self.state
+        if state is None:
+            return None
+        files = state.model.manifest.files
+        same = set(files) == set(manifest.files) and all(
+            files[n].get("sha256") == m.get("sha256") for n, m in manifest.files.items())
+        return state.model.runtime if same else None
+
     def _load(self, directory: Path, manifest: Manifest,
               update: ModelUpdate | None) -> LoadedModel:
+        shared = self._same_graphs(manifest)
         try:
-            runtime = ModelRuntime(directory, self.provider, self.intra_op_threads,
-                                   self.device_id)
+            runtime = shared or ModelRuntime(directory, self.provider, self.intra_op_threads,
+                                             self.device_id)
         except Exception as exc:
             raise SnapshotRejectedError("load", repr(exc)[:500]) from None
         order = sort_ids(manifest.ids)
         model = LoadedModel(manifest.version, manifest, runtime, directory, update, order,
                             {a: i for i, a in enumerate(manifest.ad_ids)}, time.time())
         self._warm_up(model)
+        if shared is not None:      # the same graphs passed parity when they were loaded
+            return model
         try:
             check_parity(runtime, manifest.parity)
         except ValueError as exc:
