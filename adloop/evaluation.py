@@ -281,9 +281,11 @@ def _slate_value(world: World, req: Request, ids: Sequence[str]) -> float:
 
 
 def make_policy(name: str, world: World, seed: int, cfg: EvalConfig,
-                pretrained: Any, logs: Sequence[Feedback] = ()) -> BatchPolicy:
+                pretrained: Any, logs: Sequence[Feedback] = (),
+                work_dir: Path | None = None) -> BatchPolicy:
     """A policy by name; the non-generative learners start from the same logs
-    (``logs``: the logging phase) as the generative model's pretraining."""
+    (``logs``: the logging phase) as the generative model's pretraining. A generative
+    policy keeps its snapshots under ``work_dir`` (a temporary directory when None)."""
     if name == "oracle":
         return _Single("oracle", OraclePolicy(world))
     if name == "observable_oracle":
@@ -312,7 +314,7 @@ def make_policy(name: str, world: World, seed: int, cfg: EvalConfig,
                                      beam_width=cfg.beam_width, seed=seed,
                                      explore=cfg.explore if update != "none" else 0.0,
                                      catalogue_beams=cfg.catalogue_beams,
-                                     rspo=RSPOConfig(**cfg.rspo))
+                                     rspo=RSPOConfig(**cfg.rspo), work_dir=work_dir)
 
 
 def pretrain_on(log_feedback: list[Feedback], world: World, cfg: EvalConfig, seed: int,
@@ -346,7 +348,8 @@ def compare(cfg: EvalConfig, work_dir: Path,
         for name in cfg.policies:
             w = World(world_config(cfg, seed))
             w_logs = logging_phase(w, cfg, seed)  # identical state for every policy
-            policy = make_policy(name, w, seed, cfg, pretrained, w_logs)
+            policy = make_policy(name, w, seed, cfg, pretrained, w_logs,
+                                 work_dir / f"serve-{seed}-{name}")
             t1 = time.perf_counter()
             runs.append(run_policy(w, policy, cfg, seed, cold_after, progress))
             if progress:

@@ -4,12 +4,13 @@ Each policy has ``recommend_batch(requests) -> list[ServedSlate]`` and
 ``learn(lists)`` (a no-op for the fixed ones). The harness in
 :mod:`adloop.evaluation` feeds every policy the same simulated traffic.
 
-* :class:`GenerativePolicy`: the generative recommender served the way the server
-  serves it (trie-constrained beam search over servable ads, then value-head
-  rescoring by expected value), optionally updated online by
-  :class:`learner.rspo_step.OnlineLearner` — ``rspo`` (RSPO + VSL anchor + value
-  heads), ``vsl_only`` (the same without the RSPO term) or ``frozen`` (no updates).
-  The reference policy is refreshed every ``publish_every`` updates, as the live
+* :class:`GenerativePolicy`: the generative recommender served by the server's own
+  code in-process (:class:`adloop.inprocess.InProcessServer`: exported ONNX snapshot,
+  trie-constrained beam search over servable ads, value-head ranking by expected
+  value), optionally updated online by :class:`learner.rspo_step.OnlineLearner` —
+  ``rspo`` (RSPO + VSL anchor + value heads), ``vsl_only`` (the same without the RSPO
+  term) or ``frozen`` (no updates). Every ``publish_every`` updates the model is
+  exported and served and the reference policy refreshed to it, as the live
   learner does at each published snapshot.
 * :class:`DLRMPolicy`: the DLRM-style baseline: embeddings of user, ad, advertiser,
   industry, category, bid type, context and the recent organic topics, pairwise dot
@@ -28,30 +29,33 @@ import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from learner.beam import IdTrie, TorchBackend, beam_search
+from adloop.inprocess import InProcessServer
 from learner.model import GenerativeRecommender
 from learner.rspo import RSPOConfig
 from learner.rspo_step import OnlineLearner, lists_to_batch
 from learner.tokenizer import TokenizerError, UASIDTokenizer
-from streams.features import organic_topic, request_ids
+from server.engine import RecRequest
+from streams.features import organic_topic
 from streams.schemas import Feedback
 from traffic.driver import ServedAd, ServedSlate
 from traffic.world import Request, World
 
 
 class GenerativePolicy:
-    """The generative recommender, served with constrained beam search + value rescoring."""
+    """The generative recommender, served as ``adloop serve`` serves it (see module doc)."""
 
     def __init__(self, name: str, world: World, model: GenerativeRecommender,
                  tok: UASIDTokenizer, update: str = "none", beam_width: int = 32,
                  lr: float = 5e-4, publish_every: int = 10, seed: int = 0,
                  explore: float = 0.0, explore_max_shown: int = 50,
-                 rspo: RSPOConfig | None = None, catalogue_beams: bool = True) -> None:
+                 rspo: RSPOConfig | None = None, catalogue_beams: bool = True,
+                 work_dir: Path | None = None, threads: int = 0) -> None:
         if update not in ("none", "rspo", "vsl_only"):
             raise ValueError(f"update must be none, rspo or vsl_only, got {update!r}")
         self.name = name
@@ -78,80 +82,60 @@ class GenerativePolicy:
         self._predicted: dict[str, dict[str, tuple[float, float]]] = {}
         self.calibration_pairs: list[tuple[float, float, float, float]] = []
         """(p̂CTR, clicked, p̂CVR, converted) of every shown item once its feedback is in."""
-        self.version = 1
-        self._trie_key: tuple[str, ...] = ()
-        self._trie: IdTrie | None = None
-        self._trie_ads: list[str] = []
         torch.manual_seed(seed)
+        self.server = InProcessServer(work_dir, threads=threads)
+        self.server.sync_catalog(self.world.ad_records())
+        self._place_new_ads()
+        self.server.publish(self.model, self.tok)
+
+    @property
+    def version(self) -> int:
+        """Snapshots published (the pretrained one is 1)."""
+        return self.server.published
 
     # -- serving ---------------------------------------------------------------------------
-    def _servable_trie(self) -> tuple[IdTrie | None, list[str]]:
-        servable = sorted(a.ad_id for a in self.world.servable_ads())
-        key = tuple(servable)
-        if key != self._trie_key:
-            new = [self.world.ads[a].record for a in servable if a not in self.tok]
-            if new:
+    def _place_new_ads(self) -> None:
+        """Give every ad the world has created an id (the learner's online placement)."""
+        new = [a.record for a in self.world.ads.values() if a.ad_id not in self.tok]
+        if not new:
+            return
+        try:
+            self.tok.add_ads(new)
+        except TokenizerError:
+            for ad in new:
                 try:
-                    self.tok.add_ads(new)
+                    self.tok.add_ads([ad])
                 except TokenizerError:
-                    for ad in new:
-                        try:
-                            self.tok.add_ads([ad])
-                        except TokenizerError:
-                            continue
-            known = [a for a in servable if a in self.tok]
-            ids = np.array([self.tok.ids_of(a) for a in known], dtype=np.int64)
-            self._trie = (IdTrie(ids.reshape(len(known), self.tok.config.id_len),
-                                 self.tok.config.token_sizes) if known else None)
-            self._trie_ads, self._trie_key = known, key
-        return self._trie, self._trie_ads
+                    continue
 
-    def _inputs(self, requests: Sequence[Request]) -> tuple[Tensor, Tensor, Tensor]:
-        cfg = self.model.cfg
-        B, H, T = len(requests), cfg.history_len, cfg.id_len
-        hist = np.zeros((B, H, T), np.int64)
-        mask = np.zeros((B, H), np.float32)
-        ctx = np.zeros((B, len(cfg.context_features) + cfg.organic_len), np.int64)
-        for b, r in enumerate(requests):
-            h = 0
-            for ad_id in reversed(r.recent_ad_ids):   # most recent first
-                if h == H:
-                    break
-                if ad_id in self.tok:
-                    hist[b, h], mask[b, h] = self.tok.ids_of(ad_id), 1.0
-                    h += 1
-            ctx[b] = request_ids(r.context, r.recent_organic, cfg.context_features,
-                                 cfg.context_buckets, cfg.organic_len)
-        return torch.from_numpy(hist), torch.from_numpy(mask), torch.from_numpy(ctx)
+    def widths(self) -> list[int]:
+        state = self.server.manager.state
+        id_len = state.model.manifest.id_len if state is not None else 1
+        if self.catalogue_beams:
+            return level_widths(self.beam_width, self.server.level0_codes(), id_len)
+        return [min(self.beam_width, 16 * 2**t) for t in range(id_len)]
 
     def recommend_batch(self, requests: Sequence[Request]) -> list[ServedSlate]:
-        trie, ads = self._servable_trie()
-        if trie is None:
-            return [ServedSlate(r.request_id, self.name, []) for r in requests]
-        backend = TorchBackend(self.model)
-        hist, mask, ctx = self._inputs(requests)
-        widths = (level_widths(self.beam_width, trie) if self.catalogue_beams
-                  else [min(self.beam_width, 16 * 2**t) for t in range(trie.id_len)])
-        res = beam_search(backend, hist, mask, ctx, trie, widths)
-        memory, mmask, _, _ = backend.encode(hist, mask, ctx)
-        cand = res.ids.clamp_min(0)
-        pctr, pcvr = backend.value(memory, mmask, cand)
+        self.server.sync_catalog(self.world.ad_records())
+        self._place_new_ads()
+        self.server.update_ids(self.tok)
+        widths = self.widths()
+        results = self.server.rank(
+            [RecRequest(r.user_id, dict(r.context), list(reversed(r.recent_ad_ids)), r.k,
+                        list(r.recent_organic)) for r in requests],
+            lambda levels, k: widths)
+        servable = max(1, self.server.servable())
         out = []
-        for b, r in enumerate(requests):
-            cols = [j for j in range(res.rows.shape[1]) if int(res.rows[b, j]) >= 0]
-            sim_ads = [self.world.ads[ads[int(res.rows[b, j])]] for j in cols]
-            evs = World.expected_values(sim_ads, pctr[b, cols].tolist(), pcvr[b, cols].tolist())
-            scored = [(float(ev), float(res.scores[b, j]), a.ad_id, res.ids[b, j].tolist())
-                      for ev, j, a in zip(evs, cols, sim_ads, strict=True)]
-            scored.sort(key=lambda x: (-x[0], -x[1]))
-            self.coverage.append(len(cols) / max(1, len(ads)))
-            self._predicted[r.request_id] = {
-                ads[int(res.rows[b, j])]: (float(pctr[b, j]), float(pcvr[b, j])) for j in cols}
-            slate = [ServedAd(a, i, score=lp, expected_value=ev, semantic_id=sid)
-                     for i, (ev, lp, a, sid) in enumerate(scored[: r.k])]
+        for r, res in zip(requests, results, strict=True):
+            self.coverage.append(res.candidates / servable)
+            self._predicted[r.request_id] = {a.ad_id: (a.pctr, a.pcvr) for a in res.ads}
+            slate = [ServedAd(a.ad_id, a.position, score=a.score,
+                              expected_value=a.expected_value, semantic_id=a.semantic_id)
+                     for a in res.ads]
             if self.explore > 0 and slate and self.rng.random() < self.explore:
-                slate = self._explore_slot(slate, ads)
-            out.append(ServedSlate(r.request_id, f"{self.name}-v{self.version}", slate,
+                slate = self._explore_slot(slate, [a.ad_id for a in self.world.servable_ads()
+                                                   if a.ad_id in self.tok])
+            out.append(ServedSlate(r.request_id, f"{self.name}-{res.model_version}", slate,
                                    beam_widths=widths))
         return out
 
@@ -198,7 +182,7 @@ class GenerativePolicy:
                                                      self.model))
         if self.learner.steps % self.publish_every == 0:
             self.learner.refresh_reference()
-            self.version += 1
+            self.server.publish(self.model, self.tok)
         return metrics
 
 
@@ -221,13 +205,13 @@ def expected_calibration_error(p: Sequence[float], y: Sequence[float],
     return ece, curve
 
 
-def level_widths(beam_width: int, trie: IdTrie) -> list[int]:
+def level_widths(beam_width: int, level0_codes: int, id_len: int) -> list[int]:
     """Beam width per id level: ``beam_width`` at every level, except that level 0 keeps
-    every level-0 code of the catalogue when there are at most twice ``beam_width`` of
-    them (a small catalogue is then reachable whole; the width never caps level 0 alone)."""
-    n0 = int((trie.children[0][0] >= 0).sum())
-    w0 = n0 if n0 <= 2 * beam_width else beam_width
-    return [max(1, w0)] + [beam_width] * (trie.id_len - 1)
+    all ``level0_codes`` (the distinct level-0 codes of the servable ads) when there are
+    at most twice ``beam_width`` of them (a small catalogue is then reachable whole; the
+    width never caps level 0 alone)."""
+    w0 = level0_codes if level0_codes <= 2 * beam_width else beam_width
+    return [max(1, w0)] + [beam_width] * (id_len - 1)
 
 
 def _bucket(text: str, n: int) -> int:
