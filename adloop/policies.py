@@ -288,39 +288,62 @@ class DLRMPolicy:
         self.opt = torch.optim.Adam(self.net.parameters(), lr=lr)
         self.seed = seed
         self.online_lr = online_lr
+        self._ad_cache: dict[str, list[int]] = {}
+
+    AD_FIELDS = ("ad", "advertiser", "industry", "category", "bid_type")
+
+    def _ad_buckets(self, ad_ids: Sequence[str]) -> np.ndarray:
+        """Hashed ad-side features [A, 5] (fixed per ad, so computed once per ad)."""
+        out = np.empty((len(ad_ids), len(self.AD_FIELDS)), np.int64)
+        for i, a in enumerate(ad_ids):
+            row = self._ad_cache.get(a)
+            if row is None:
+                rec = self.world.ads[a].record
+                vals = (a, rec.advertiser_id, rec.industry, ad_category(rec.description),
+                        rec.bid_type)
+                row = [_bucket(f"{f}={v}", self.buckets)
+                       for f, v in zip(self.AD_FIELDS, vals, strict=True)]
+                self._ad_cache[a] = row
+            out[i] = row
+        return out
 
     def _feats(self, user: str, context: dict[str, str], organic: Sequence[str],
-               ad_ids: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
-        rows = []
-        for a in ad_ids:
-            rec = self.world.ads[a].record
-            vals = {"user": user, "ad": a, "advertiser": rec.advertiser_id,
-                    "industry": rec.industry, "category": ad_category(rec.description),
-                    "bid_type": rec.bid_type}
-            rows.append([_bucket(f"{f}={vals[f] if f in vals else context.get(f, '')}",
-                                 self.buckets) for f in self.FIELDS])
+               ad_ids: Sequence[str], ad_rows: np.ndarray | None = None
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        """Feature buckets [A, F] (in :attr:`FIELDS` order), the organic bag and its mask
+        [A, ORGANIC] for one request and ``ad_ids``."""
+        ctx = [_bucket(f"{f}={context.get(f, '')}", self.buckets)
+               for f in self.FIELDS[1 + len(self.AD_FIELDS):]]
+        n = len(ad_ids)
+        rows = np.empty((n, len(self.FIELDS)), np.int64)
+        rows[:, 0] = _bucket(f"user={user}", self.buckets)
+        rows[:, 1:1 + len(self.AD_FIELDS)] = (self._ad_buckets(ad_ids) if ad_rows is None
+                                              else ad_rows)
+        rows[:, 1 + len(self.AD_FIELDS):] = ctx
         topics = organic_topics(organic, self.ORGANIC)
         bag = np.zeros(self.ORGANIC, np.int64)
         mask = np.zeros(self.ORGANIC, np.float32)
         for i, t in enumerate(topics):
             bag[i], mask[i] = _bucket(f"organic={t}", self.buckets), 1.0
-        n = len(rows)
-        return (torch.tensor(rows, dtype=torch.long).reshape(n, len(self.FIELDS)),
-                torch.from_numpy(bag).expand(n, -1), torch.from_numpy(mask).expand(n, -1))
+        return (torch.from_numpy(rows), torch.from_numpy(bag).expand(n, -1),
+                torch.from_numpy(mask).expand(n, -1))
 
     @torch.no_grad()
     def recommend_batch(self, requests: Sequence[Request]) -> list[ServedSlate]:
         servable = sorted(a.ad_id for a in self.world.servable_ads())
+        if not servable:
+            return [ServedSlate(r.request_id, "dlrm", []) for r in requests]
+        ad_rows = self._ad_buckets(servable)
+        parts = [self._feats(r.user_id, r.context, r.recent_organic, servable, ad_rows)
+                 for r in requests]
+        p = torch.sigmoid(self.net(*(torch.cat(x) for x in zip(*parts, strict=True))))
+        A = len(servable)
+        sims = [self.world.ads[a] for a in servable]
         out = []
-        for r in requests:
-            if not servable:
-                out.append(ServedSlate(r.request_id, "dlrm", []))
-                continue
-            p = torch.sigmoid(self.net(*self._feats(r.user_id, r.context, r.recent_organic,
-                                                    servable)))
-            evs = World.expected_values([self.world.ads[a] for a in servable],
-                                        p[:, 0].tolist(), p[:, 1].tolist()).tolist()
-            order = sorted(range(len(servable)), key=lambda i: (-evs[i], servable[i]))[: r.k]
+        for b, r in enumerate(requests):
+            evs = World.expected_values(sims, p[b * A:(b + 1) * A, 0].tolist(),
+                                        p[b * A:(b + 1) * A, 1].tolist()).tolist()
+            order = sorted(range(A), key=lambda i: (-evs[i], servable[i]))[: r.k]
             out.append(ServedSlate(r.request_id, "dlrm", [
                 ServedAd(servable[i], pos, score=evs[i], expected_value=evs[i])
                 for pos, i in enumerate(order)]))
