@@ -22,6 +22,7 @@ reads the replicas' state from its stats socket. ``compose.yaml`` runs the offic
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -88,6 +89,7 @@ def render_config(s: BalancerSettings) -> str:
         lines += [f"# {line}".rstrip() for line in s.comment.splitlines()]
     lines += ["global",
               f"    maxconn {s.maxconn}",
+              "    hard-stop-after 10s",   # a soft stop (SIGUSR1) waits this long at most
               "    log stderr format raw local0 notice"]
     if s.stats_socket is not None:
         lines.append(f"    stats socket {s.stats_socket} mode 600 level admin")
@@ -188,6 +190,8 @@ class Balancer:
         self.process = ManagedProcess(
             "lb", [], log_dir or self.work_dir, ready_url=f"{self.url}{ready_path}",
             command=[haproxy_binary(), "-db", "-f", str(self.config_path)])
+        # soft stop: stop listening, let the requests in flight finish, exit 0
+        self.process.stop_signal = signal.SIGUSR1
 
     @property
     def url(self) -> str:

@@ -91,6 +91,8 @@ class ManagedProcess:
         """Starts by the supervisor after an exit of the process's own."""
         self.stopped = False
         """Stopped on purpose (:meth:`stop`): the supervisor leaves it down."""
+        self.stop_signal: signal.Signals = signal.SIGTERM
+        """What :meth:`stop` sends first (the process's clean shutdown)."""
 
     @property
     def pid(self) -> int | None:
@@ -131,12 +133,12 @@ class ManagedProcess:
             log.info("process.killed", name=self.name)
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM, wait, then SIGKILL. Returns the exit code."""
+        """:attr:`stop_signal` (SIGTERM), wait, then SIGKILL. Returns the exit code."""
         self.stopped = True
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
+            os.kill(self.proc.pid, self.stop_signal)
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
