@@ -94,6 +94,7 @@ def test_the_stack_puts_haproxy_on_the_server_url_only_for_more_than_one_replica
 class _Stub(http.server.ThreadingHTTPServer):
     name: str
     recommend_status: int
+    delay_s: float = 0.0
 
 
 class _StubHandler(http.server.BaseHTTPRequestHandler):
@@ -113,6 +114,7 @@ class _StubHandler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        time.sleep(self.server.delay_s)
         self._answer(self.server.recommend_status, {"server_id": self.server.name})
 
     def log_message(self, *_args: Any) -> None:
@@ -164,6 +166,23 @@ def test_a_503_from_one_replica_is_retried_on_another(tmp_path: Path) -> None:
         answers = [c.post("/v1/recommend", json=REQ) for _ in range(20)]
     assert [r.status_code for r in answers] == [200] * 20
     assert {r.headers[REPLICA_HEADER] for r in answers} == {"ready"}
+
+
+def test_stopping_the_balancer_lets_the_request_in_flight_finish_and_exits_0(
+        tmp_path: Path) -> None:
+    with _stub("slow") as slow:
+        slow.delay_s = 1.0
+        lb = Balancer(tmp_path / "lb", free_port(), [
+            Replica("slow", f"127.0.0.1:{slow.server_address[1]}")]).start()
+        answer: list[httpx.Response] = []
+        sender = threading.Thread(target=lambda: answer.append(
+            httpx.post(f"{lb.url}/v1/recommend", json=REQ, timeout=10)))
+        sender.start()
+        time.sleep(0.3)                         # the request is with the replica
+        assert lb.process.stop() == 0
+        sender.join(10)
+    assert [r.status_code for r in answer] == [200]
+    assert answer[0].json()["server_id"] == "slow"
 
 
 # -- two real replicas on the shared broker ---------------------------------------------
