@@ -145,8 +145,27 @@ class LearnerSettings(BaseSettings):
     """Consumer group marking the ``ads`` offsets already dead-lettered (shared with the
     servers' followers, so each bad ads record gets one dead letter)."""
     threads: int = 0
+    """torch threads (per rank); 0: torch's default."""
     metrics_port: int = 9302
     metrics_host: str = "127.0.0.1"
+    world_size: int = 1
+    """Data-parallel ranks (learner/distributed.py). Without ``--rank`` (and without
+    torchrun's ``RANK``) this process launches the ranks itself, on this host."""
+    rank: int | None = None
+    """This process's rank in a group started by an external launcher (torchrun sets
+    ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``, which are read too)."""
+    master_addr: str = "127.0.0.1"
+    """Address of rank 0's rendezvous store (``MASTER_ADDR`` when set)."""
+    master_port: int = 0
+    """Port of the rendezvous store (``MASTER_PORT`` when set); 0: the launcher picks a
+    free one."""
+    dist_backend: str = "auto"
+    """Gradient all-reduce backend: auto (nccl when every local rank has its own GPU,
+    else gloo), gloo or nccl. Control messages always go over gloo."""
+    dist_timeout_s: float = 120.0
+    """Longest wait on any collective (a rank that is gone makes the others exit
+    non-zero after at most this long; a dead peer's closed socket is usually noticed at
+    once). Must exceed rank 0's export + guard time."""
 
 
 _F32_MAX = 3.4e38
@@ -183,6 +202,10 @@ class LedgerError(RuntimeError):
 
 class LearnerService:
     """The stream loop around :class:`OnlineLearner` (see the module docstring)."""
+
+    rank = 0
+    """Data-parallel rank (:class:`learner.distributed.RankService` sets it): only rank 0
+    writes the state directory, reads ``ads`` for new ids and publishes."""
 
     def __init__(self, s: LearnerSettings) -> None:
         self.s = s
@@ -259,9 +282,10 @@ class LearnerService:
             self.pending_update = st["pending_update"]
             self.watermark = float(st["watermark"])
             self.seen = OrderedDict((k, (float(v[0]), list(v[1]))) for k, v in st["seen"])
-            for seg in (self.state_dir / "ledger").glob("*.jsonl"):
-                if int(seg.stem) > self.seq:   # trained after the checkpoint: lost, redo
-                    seg.unlink()
+            if self.rank == 0:
+                for seg in (self.state_dir / "ledger").glob("*.jsonl"):
+                    if int(seg.stem) > self.seq:   # trained after the checkpoint: redo
+                        seg.unlink()
             log.info("learner.resumed", seq=self.seq, positions=self.positions,
                      next_version=self.next_version)
             return model, tok, learner
@@ -277,6 +301,10 @@ class LearnerService:
     def _learner(self, model: GenerativeRecommender) -> OnlineLearner:
         return OnlineLearner(model, self.rspo_cfg, lr=self.s.lr, value_weight=self.s.value_weight)
 
+    def my_partitions(self, parts: list[int]) -> list[int]:
+        """The ``feedback`` partitions this process trains on (all of them)."""
+        return parts
+
     def start(self) -> None:
         feedback = self.topics.feedback
         deadline = time.monotonic() + 30
@@ -288,7 +316,7 @@ class LearnerService:
         if not parts:
             raise SystemExit(f"adloop learn: topic {feedback} does not exist "
                              "(run `adloop topics create`)")
-        tps = [TopicPartition(feedback, p) for p in parts]
+        tps = [TopicPartition(feedback, p) for p in self.my_partitions(parts)]
         self.consumer.consumer.assign(tps)
         for tp in tps:
             if tp.partition in self.positions:
@@ -422,7 +450,7 @@ class LearnerService:
             log.info("learner.no_preference", of=len(lists), **dict(self.no_preference))
             self.no_preference.clear()
         t0 = time.perf_counter()
-        metrics = self.learner.update(lists_to_batch(lists, self.tok, self.model))
+        metrics = self.update_model(lists)
         UPDATE_SECONDS.observe(time.perf_counter() - t0)
         UPDATES.inc()
         self.updates_since_publish += 1
@@ -433,9 +461,22 @@ class LearnerService:
         WATERMARK.set(self.watermark)
         return metrics
 
+    def update_model(self, lists: list[tuple[Feedback, float]]) -> dict[str, float]:
+        """One optimizer step on ``lists``."""
+        return self.learner.update(lists_to_batch(lists, self.tok, self.model))
+
     # -- snapshots -----------------------------------------------------------------------
     def publish(self) -> bool:
         """Export + guard + store the current model, checkpoint, then announce it."""
+        if not self.store_snapshot():
+            return False
+        self.learner.refresh_reference()
+        self.finish_publish()
+        return True
+
+    def store_snapshot(self) -> bool:
+        """Export + guard + store the current model (``pending_update`` is its
+        announcement); False when the guard refused it."""
         version = f"v{self.next_version:06d}"
         rnd = self.guard.round(self.learner, [fb for fb, _ in self.holdout], self.tok,
                                self.ads)
@@ -477,8 +518,6 @@ class LearnerService:
         if math.isfinite(cand_value) and cand_value >= refs.get("best", -math.inf):
             self.best = OnlineLearner.frozen_copy(self.model)
         self.pending_update = json.dumps(_builtins(event))
-        self.learner.refresh_reference()
-        self.finish_publish()
         return True
 
     @staticmethod
@@ -492,9 +531,16 @@ class LearnerService:
 
         Retried by :meth:`step` until it goes through when Kafka is unreachable."""
         assert self.pending_update is not None
+        self.commit()
+        self.announce()
+        self.updates_since_publish = 0
+        self.last_publish = time.monotonic()
+
+    def announce(self) -> None:
+        """Send ``pending_update`` to ``model-updates`` (it is checkpointed already)."""
+        assert self.pending_update is not None
         event = decode(self.pending_update.encode(), ModelUpdate)
         assert isinstance(event, ModelUpdate)
-        self.commit()
         self.publisher.announce(self.producer, event)
         self.pending_update = None
         now = time.time()
@@ -502,8 +548,6 @@ class LearnerService:
         MODEL_VERSION.set(self.next_version - 1)
         if self.newest_append_ms:
             FRESHNESS.observe(max(0.0, now - self.newest_append_ms / 1000.0))
-        self.updates_since_publish = 0
-        self.last_publish = time.monotonic()
 
     # -- the commit path -----------------------------------------------------------------
     def commit(self) -> None:
@@ -512,20 +556,33 @@ class LearnerService:
             raise LedgerError("commit with untrained pending lists would skip them")
         # 1. dead letters durable
         self.producer.flush(30)
-        # 2. ledger segment for this checkpoint
+        positions = self.consumer_positions()
+        ads_checked = self.write_state(self.seq + 1, positions, self.ledger,
+                                       list(self.seen.items()))
+        self.committed(self.seq + 1, positions, ads_checked)
+
+    def consumer_positions(self) -> dict[int, int]:
+        """The consumer's position in each assigned ``feedback`` partition (never behind
+        the checkpoint's)."""
         positions = {tp.partition: self.consumer.consumer.position(tp)
                      for tp in self.consumer.consumer.assignment()}
         for p, off in positions.items():
             if off < self.positions.get(p, 0):
                 raise LedgerError(f"partition {p}: position {off} is behind the checkpoint's "
                                   f"{self.positions[p]} (offsets only increase)")
+        return positions
+
+    def write_state(self, seq: int, positions: dict[int, int], ledger: list[dict[str, Any]],
+                    seen: list[tuple[str, tuple[float, list[float]]]]) -> int:
+        """Steps 2 and 3 of the commit path: the ledger segment, then the checkpoint
+        (atomically). Returns how far ``ads`` has been checked."""
         ads_tp = TopicPartition(self.topics.ads, 0)
         ads_checked = max(self.ads_checked, self.ads_consumer.position(ads_tp))
-        seq = self.seq + 1
-        if self.ledger:
+        # 2. ledger segment for this checkpoint
+        if ledger:
             seg = self.state_dir / "ledger" / f"{seq:08d}.jsonl"
             tmp = seg.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.ledger))
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in ledger))
             os.replace(tmp, seg)
         # 3. checkpoint (tokenizer first, in a directory named for this checkpoint)
         tok_dir = f"{TOKENIZER_DIR}.{seq:08d}"
@@ -539,7 +596,7 @@ class LearnerService:
             "next_version": self.next_version, "last_published": self.last_published,
             "ads_checked": ads_checked,
             "pending_update": self.pending_update, "watermark": self.watermark,
-            "seen": [[k, [v[0], v[1]]] for k, v in self.seen.items()],
+            "seen": [[k, [v[0], v[1]]] for k, v in seen],
         }
         tmp_state = self.state_dir / (STATE_FILE + ".tmp")
         with open(tmp_state, "wb") as f:
@@ -547,11 +604,16 @@ class LearnerService:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_state, self.state_dir / STATE_FILE)
-        self.seq, self.positions, self.ledger = seq, positions, []
-        self.ads_checked = ads_checked
         for old in self.state_dir.glob(f"{TOKENIZER_DIR}.*"):
             if old.name != tok_dir:
                 shutil.rmtree(old, ignore_errors=True)
+        return ads_checked
+
+    def committed(self, seq: int, positions: dict[int, int], ads_checked: int) -> None:
+        """After checkpoint ``seq`` is durable: forget its ledger, step 4 (mirror)."""
+        self.seq, self.ledger = seq, []
+        self.positions.update(positions)
+        self.ads_checked = ads_checked
         # 4. mirror to Kafka (informational; the checkpoint is the truth)
         try:
             self.consumer.commit({tp: positions[tp.partition]
@@ -620,6 +682,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     s = settings_from_args(LearnerSettings, args)
+    if s.world_size > 1 or s.rank is not None or os.environ.get("WORLD_SIZE"):
+        from learner import distributed
+
+        s = distributed.resolve(s)
+        if s.world_size > 1:
+            return distributed.launch(s) if s.rank is None else distributed.run_rank(s)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -1,9 +1,12 @@
-"""The learner on the real broker: kill -9 twice, and every feedback offset is trained once."""
+"""The learner on the real broker: kill -9 (one process, one rank of a data-parallel group,
+or the whole group) and every feedback offset is trained once."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -38,9 +41,11 @@ def _end_offsets(kafka: KafkaSettings) -> dict[int, int]:
         c.close()
 
 
-def test_learner_kill9_restarts_train_every_feedback_offset_exactly_once(
-        kafka: KafkaSettings, tmp_path: Path, synth_log: synthetic.SyntheticLog,
-        make_settings: Callable[..., PretrainSettings]) -> None:
+def _learner(kafka: KafkaSettings, tmp_path: Path, synth_log: synthetic.SyntheticLog,
+             make_settings: Callable[..., PretrainSettings], *extra: str
+             ) -> tuple[ManagedProcess, dict[int, int]]:
+    """A pretrained model, 900 feedback records on ``kafka`` and an ``adloop learn``
+    process (not started) that checkpoints often; also the end offset per partition."""
     pre = tmp_path / "pretrain"
     pretrain(make_settings(pre, steps=20), synth_log.ads, synth_log.feedback)
     producer = EventProducer(kafka)
@@ -60,14 +65,13 @@ def test_learner_kill9_restarts_train_every_feedback_offset_exactly_once(
         "--state-dir", str(state), "--snapshot-store", str(store), "--batch-lists", "16",
         "--max-wait-s", "0.1", "--checkpoint-every-s", "0.3", "--snapshot-every-updates", "8",
         "--snapshot-every-s", "2", "--holdout-every", "10", "--threads", "1",
-        "--metrics-port", str(port)], tmp_path / "logs",
+        "--metrics-port", str(port), *extra], tmp_path / "logs",
         ready_url=f"http://127.0.0.1:{port}/readyz")
-    rng = random.Random(7)
-    proc.start().wait_ready(180)
-    for _ in range(2):                        # kill -9 twice at random points
-        time.sleep(rng.uniform(1.0, 4.0))
-        proc.kill()
-        proc.start().wait_ready(180)
+    return proc, ends
+
+
+def _assert_trained_exactly_once(kafka: KafkaSettings, proc: ManagedProcess, state: Path,
+                                 ends: dict[int, int]) -> None:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and sum(_ledger(state).values()) < 900:
         time.sleep(1.0)
@@ -84,3 +88,57 @@ def test_learner_kill9_restarts_train_every_feedback_offset_exactly_once(
     assert len(versions) >= 2, versions
     assert all(u.sha256 and u.uri.startswith("file://") for u in updates)
     assert max(u.data_watermark for u in updates) > 0
+
+
+def test_learner_kill9_restarts_train_every_feedback_offset_exactly_once(
+        kafka: KafkaSettings, tmp_path: Path, synth_log: synthetic.SyntheticLog,
+        make_settings: Callable[..., PretrainSettings]) -> None:
+    proc, ends = _learner(kafka, tmp_path, synth_log, make_settings)
+    rng = random.Random(7)
+    proc.start().wait_ready(180)
+    for _ in range(2):                        # kill -9 twice at random points
+        time.sleep(rng.uniform(1.0, 4.0))
+        proc.kill()
+        proc.start().wait_ready(180)
+    _assert_trained_exactly_once(kafka, proc, tmp_path / "state", ends)
+
+
+def _ranks(launcher: ManagedProcess) -> dict[int, int]:
+    """rank -> pid of the rank processes ``adloop learn --world-size N`` started."""
+    pid = launcher.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    ranks = {}
+    for child in children:
+        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        for kv in env:
+            if kv.startswith(b"ADLOOP_LEARN_RANK="):
+                ranks[int(kv.split(b"=", 1)[1])] = int(child)
+    return ranks
+
+
+def test_two_rank_learner_kill9_of_one_rank_then_of_all_trains_every_offset_exactly_once(
+        kafka: KafkaSettings, tmp_path: Path, synth_log: synthetic.SyntheticLog,
+        make_settings: Callable[..., PretrainSettings]) -> None:
+    proc, ends = _learner(kafka, tmp_path, synth_log, make_settings, "--world-size", "2",
+                          "--dist-timeout-s", "30")
+    rng = random.Random(7)
+    proc.start().wait_ready(180)
+    for victim in (1, 0):                     # kill -9 one rank: the group goes down
+        time.sleep(rng.uniform(1.0, 3.0))
+        ranks = _ranks(proc)
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[victim], signal.SIGKILL)
+        assert proc.proc is not None
+        t0 = time.monotonic()
+        rc = proc.proc.wait(60)               # the other rank notices, the launcher exits
+        assert rc != 0, proc.log_tail()
+        assert time.monotonic() - t0 < 45, "the surviving rank hung"
+        proc.start().wait_ready(180)
+    time.sleep(rng.uniform(1.0, 3.0))
+    os.killpg(proc.pid, signal.SIGKILL)       # kill -9 the launcher and every rank at once
+    assert proc.proc is not None
+    proc.proc.wait(30)
+    proc.start().wait_ready(180)
+    _assert_trained_exactly_once(kafka, proc, tmp_path / "state", ends)
+    log = proc.log_path.read_text()
+    assert '"learner.rank_started"' in log and "learner.group_stopped" in log
