@@ -420,14 +420,46 @@ class LazyARDecoder(nn.Module):
         return self.project(self.top(memory_kv, memory_mask, lower, ids[:, :-1]), 0, prior)
 
 
+def shrunk_rate_logits(events: Tensor, trials: Tensor, row: Tensor, group: Tensor,
+                       n_rows: int, n_groups: int, m: float) -> tuple[Tensor, float]:
+    """Empirical-Bayes rates per (row, group) cell as logits [n_rows, n_groups].
+
+    Per observation: ``events`` and ``trials`` (float), its ``row`` and ``group``
+    indices. Rate of a group = (events + m·p) / (trials + m) with p the overall rate;
+    rate of a cell = (events + m·rate of its group) / (trials + m): cells with little
+    evidence stay near their group, groups near the overall rate."""
+    ev, tr = events.double(), trials.double()
+    p = float((ev.sum() + 1.0) / (tr.sum() + 2.0))
+    g_ev = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group, ev)
+    g_tr = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group, tr)
+    p_group = (g_ev + m * p) / (g_tr + m)
+    cell = row * n_groups + group
+    c_ev = torch.zeros(n_rows * n_groups, dtype=torch.float64).index_add_(0, cell, ev)
+    c_tr = torch.zeros(n_rows * n_groups, dtype=torch.float64).index_add_(0, cell, tr)
+    rate = (c_ev.reshape(n_rows, n_groups) + m * p_group) / (c_tr.reshape(n_rows, n_groups) + m)
+    return torch.logit(rate.clamp(1e-5, 1 - 1e-5)).float(), p
+
+
 class ValueHead(nn.Module):
-    """OneRanker-style ranking decoder: candidates [B, K, T] -> (pCTR, pCVR) logits [B, K]."""
+    """OneRanker-style ranking decoder: candidates [B, K, T] -> (pCTR, pCVR) logits [B, K].
+
+    The logits are a prior plus what the decoder learns on top of it. The prior is the
+    empirical-Bayes base rate of the candidate's (industry, bid type/goal) cell, read
+    from its business tokens (id levels ``semantic_levels`` and ``semantic_levels + 1``)
+    and set from the logs by :meth:`set_priors`: rare cells and rare events (conversions)
+    stay near their parent's rate instead of following noise. All zeros (no prior) until
+    set, and in models saved before it existed."""
 
     items: ItemEmbedding
+    prior_logit: Tensor
 
     def __init__(self, cfg: ModelConfig, items: ItemEmbedding) -> None:
         super().__init__()
         d = cfg.d_model
+        L = cfg.semantic_levels
+        self.biz = (L, L + 1) if len(cfg.level_sizes) >= L + 2 else None
+        cells = (cfg.level_sizes[L], cfg.level_sizes[L + 1]) if self.biz else (1, 1)
+        self.register_buffer("prior_logit", torch.zeros(2, *cells))
         if cfg.value_own_items:
             self.items = ItemEmbedding(cfg.level_sizes, d)
         else:
@@ -445,7 +477,39 @@ class ValueHead(nn.Module):
         for blk in self.blocks:  # candidates never see each other: scored independently
             x = blk(x, mem=memory, mem_bias=bias)
         logits = self.out(self.ln_f(x))                                 # [B, K, 2]
-        return logits[..., 0], logits[..., 1]
+        if self.biz is None:
+            return logits[..., 0], logits[..., 1]
+        prior = self.prior_logit[:, candidates[..., self.biz[0]],
+                                 candidates[..., self.biz[1]]]          # [2, B, K]
+        return logits[..., 0] + prior[0], logits[..., 1] + prior[1]
+
+    @torch.no_grad()
+    def set_priors(self, slate: Tensor, mask: Tensor, clicked: Tensor, converted: Tensor,
+                   ctr_strength: float = 200.0, cvr_strength: float = 20.0
+                   ) -> dict[str, float]:
+        """Prior logits from shown items: slate [N, S, T] ids, mask/clicked/converted
+        [N, S]. pCTR per (industry, goal) cell = (clicks + m·p_goal) / (impressions + m)
+        with p_goal = (clicks_goal + m·p) / (impressions_goal + m) and p the overall rate
+        (m = ``ctr_strength`` pseudo-impressions); pCVR likewise per click with
+        ``cvr_strength`` pseudo-clicks. Returns the overall rates."""
+        if self.biz is None:
+            return {}
+        keep = mask.reshape(-1) > 0
+        ind = slate[..., self.biz[0]].reshape(-1)[keep].long()
+        goal = slate[..., self.biz[1]].reshape(-1)[keep].long()
+        clk = clicked.reshape(-1)[keep].double()
+        cv = converted.reshape(-1)[keep].double() * clk
+        n_ind, n_goal = self.prior_logit.shape[1:]
+        self.prior_logit[0], ctr = shrunk_rate_logits(clk, torch.ones_like(clk), ind, goal,
+                                                      n_ind, n_goal, ctr_strength)
+        self.prior_logit[1], cvr = shrunk_rate_logits(cv, clk, ind, goal, n_ind, n_goal,
+                                                      cvr_strength)
+        return {"prior_ctr": ctr, "prior_cvr": cvr}
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              *args: Any, **kwargs: Any) -> None:
+        state_dict.setdefault(prefix + "prior_logit", torch.zeros_like(self.prior_logit))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class MTPHeads(nn.Module):

@@ -256,6 +256,12 @@ def pretrain(s: PretrainSettings, ads: list[Ad] | None = None,
     examples = build_examples(feedback, tok, cfg.history_len, cfg.context_features,
                               cfg.context_buckets, cfg.mtp_heads, organic_len=cfg.organic_len)
     train, test = split_by_time(examples, s.held_out_frac)
+    if ckpt is None and len(train):
+        first = np.unique(train.request, return_index=True)[1]   # each shown slate once
+        shown = train.subset(first).batch()
+        rates = model.value.set_priors(shown.slate, shown.slate_mask, shown.clicked,
+                                       shown.converted)
+        log.info("value priors", **rates)
     log.info("examples", train=len(train), held_out=len(test),
              positives=len(train.positives), params=model.num_parameters())
 

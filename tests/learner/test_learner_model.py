@@ -148,3 +148,41 @@ def test_level_logprob_matches_teacher_forced_log_softmax_per_row(
         per_row = model.decoder.teacher_forced(kv[rows], mask[rows], lower[rows], flat)
         expect = torch.log_softmax(per_row, -1).gather(-1, flat.unsqueeze(-1))[..., 0]
     assert torch.allclose(grouped.reshape(12, -1), expect, atol=1e-5)
+
+
+def test_value_priors_shrink_rare_cells_to_their_goal_and_old_models_load_without_them(
+        small_tokenizer: UASIDTokenizer) -> None:
+    cfg = ModelConfig(level_sizes=small_tokenizer.config.token_sizes, d_model=32, n_head=4,
+                      n_layer=2, n_top=1, n_enc_layer=1,
+                      semantic_levels=small_tokenizer.config.semantic_levels)
+    model = GenerativeRecommender(cfg)
+    L = cfg.semantic_levels
+    # 4000 impressions of (industry 1, goal 2) at CTR 0.10; 10 of (industry 3, goal 2), none
+    # clicked; 2000 of (industry 1, goal 4) at CTR 0.01
+    n = 6010
+    slate = torch.zeros(n, 1, len(cfg.level_sizes), dtype=torch.long)
+    slate[:4000, 0, L], slate[:4000, 0, L + 1] = 1, 2
+    slate[4000:4010, 0, L], slate[4000:4010, 0, L + 1] = 3, 2
+    slate[4010:, 0, L], slate[4010:, 0, L + 1] = 1, 4
+    clicked = torch.zeros(n, 1)
+    clicked[:400], clicked[4010:4030] = 1.0, 1.0
+    rates = model.value.set_priors(slate, torch.ones(n, 1), clicked, torch.zeros(n, 1))
+    assert abs(rates["prior_ctr"] - 420 / 6010) < 1e-3
+    ctr = torch.sigmoid(model.value.prior_logit[0])
+    assert abs(float(ctr[1, 2]) - 0.1) < 0.005          # plenty of evidence: its own rate
+    assert abs(float(ctr[3, 2]) - float(ctr[1, 2])) < 0.01  # 10 unclicked: near its goal's
+    assert float(ctr[1, 4]) < 0.02
+    # the prior enters the value head's pCTR logit for candidates of that cell
+    memory, mask = torch.zeros(1, 3, 32), torch.ones(1, 3)
+    base = GenerativeRecommender(cfg)
+    base.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        p_with, _ = base.value(memory, mask, slate[None, :1, 0])
+        base.value.prior_logit.zero_()
+        p_without, _ = base.value(memory, mask, slate[None, :1, 0])
+    assert abs(float(p_with - p_without) - float(model.value.prior_logit[0, 1, 2])) < 1e-5
+    # a state dict saved before the priors existed loads, with no prior
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("prior_logit")}
+    fresh = GenerativeRecommender(cfg)
+    fresh.load_state_dict(old)
+    assert float(fresh.value.prior_logit.abs().sum()) == 0.0
