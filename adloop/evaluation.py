@@ -28,6 +28,7 @@ adapted. The generative policies live in :mod:`adloop.policies` (imported lazily
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -117,6 +118,9 @@ class EvalConfig:
     rspo: dict[str, Any] = field(default_factory=dict)
     """Overrides of :class:`learner.rspo.RSPOConfig` for the learning policies."""
     policies: tuple[str, ...] = POLICIES
+    threads: int = 0
+    """torch and ONNX Runtime threads of a seed worker (0: the library defaults; 1 in
+    worker processes)."""
 
 
 @dataclass
@@ -165,6 +169,7 @@ class PolicyRun:
                                          if self.total_revenue else 0.0),
             "latency_ms_per_request": 1000.0 * statistics.mean(self.latency_s)
             if self.latency_s else 0.0,
+            "model_versions": float(self.model_versions),
         }
 
 
@@ -314,7 +319,8 @@ def make_policy(name: str, world: World, seed: int, cfg: EvalConfig,
                                      beam_width=cfg.beam_width, seed=seed,
                                      explore=cfg.explore if update != "none" else 0.0,
                                      catalogue_beams=cfg.catalogue_beams,
-                                     rspo=RSPOConfig(**cfg.rspo), work_dir=work_dir)
+                                     rspo=RSPOConfig(**cfg.rspo), work_dir=work_dir,
+                                     threads=cfg.threads)
 
 
 def pretrain_on(log_feedback: list[Feedback], world: World, cfg: EvalConfig, seed: int,
@@ -331,32 +337,79 @@ def pretrain_on(log_feedback: list[Feedback], world: World, cfg: EvalConfig, see
     return res.model, res.tokenizer
 
 
-def compare(cfg: EvalConfig, work_dir: Path,
-            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run every policy on every seed; return per-run summaries and aggregates."""
+def run_seed(cfg: EvalConfig, seed: int, work_dir: Path,
+             progress: Callable[[str], None] | None = None) -> list[PolicyRun]:
+    """Every policy of ``cfg`` on one seed (each on a world rebuilt from the seed)."""
     runs: list[PolicyRun] = []
-    for seed in cfg.seeds:
-        t0 = time.perf_counter()
-        world = World(world_config(cfg, seed))
-        logs = logging_phase(world, cfg, seed)
-        cold_after = world.now
-        pretrained = None
-        if any(p in ("rspo", "frozen", "vsl_only") for p in cfg.policies):
-            pretrained = pretrain_on(logs, world, cfg, seed, work_dir / f"pretrain-{seed}")
+    t0 = time.perf_counter()
+    world = World(world_config(cfg, seed))
+    logs = logging_phase(world, cfg, seed)
+    cold_after = world.now
+    pretrained = None
+    if any(p in ("rspo", "frozen", "vsl_only") for p in cfg.policies):
+        pretrained = pretrain_on(logs, world, cfg, seed, work_dir / f"pretrain-{seed}")
+    if progress:
+        progress(f"seed {seed}: logging phase + pretraining {time.perf_counter() - t0:.0f}s")
+    for name in cfg.policies:
+        w = World(world_config(cfg, seed))
+        w_logs = logging_phase(w, cfg, seed)  # identical state for every policy
+        policy = make_policy(name, w, seed, cfg, pretrained, w_logs,
+                             work_dir / f"serve-{seed}-{name}")
+        t1 = time.perf_counter()
+        runs.append(run_policy(w, policy, cfg, seed, cold_after, progress))
         if progress:
-            progress(f"seed {seed}: logging phase + pretraining {time.perf_counter() - t0:.0f}s")
-        for name in cfg.policies:
-            w = World(world_config(cfg, seed))
-            w_logs = logging_phase(w, cfg, seed)  # identical state for every policy
-            policy = make_policy(name, w, seed, cfg, pretrained, w_logs,
-                                 work_dir / f"serve-{seed}-{name}")
-            t1 = time.perf_counter()
-            runs.append(run_policy(w, policy, cfg, seed, cold_after, progress))
-            if progress:
-                s = runs[-1].summary()
-                progress(f"{name} seed {seed}: RPM(last quarter) {s['rpm_last_quarter']:.2f} "
-                         f"in {time.perf_counter() - t1:.0f}s")
-    return aggregate(runs, cfg)
+            s = runs[-1].summary()
+            progress(f"{name} seed {seed}: RPM(last quarter) {s['rpm_last_quarter']:.2f} "
+                     f"in {time.perf_counter() - t1:.0f}s")
+    return runs
+
+
+def _seed_worker(cfg: EvalConfig, seed: int, work_dir: Path, threads: int,
+                 messages: Any) -> list[PolicyRun]:
+    import torch
+
+    torch.set_num_threads(threads)
+    return run_seed(dataclasses.replace(cfg, threads=threads), seed, work_dir, messages.put)
+
+
+def compare(cfg: EvalConfig, work_dir: Path,
+            progress: Callable[[str], None] | None = None, jobs: int = 1) -> dict[str, Any]:
+    """Run every policy on every seed; return per-run summaries and aggregates.
+
+    ``jobs`` > 1 runs that many seeds at once in worker processes (each with
+    ``cfg.threads`` torch and ONNX Runtime threads, 1 when 0): the seeds share nothing,
+    so on a few cores this beats one process with more threads per operation."""
+    if jobs <= 1 or len(cfg.seeds) <= 1:
+        runs = [r for seed in cfg.seeds for r in run_seed(cfg, seed, work_dir, progress)]
+        return aggregate(runs, cfg)
+    import multiprocessing as mp
+    import queue
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        messages = manager.Queue()
+        done = threading.Event()
+
+        def relay() -> None:
+            while not done.is_set():
+                try:
+                    msg = messages.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if progress:
+                    progress(msg)
+
+        relay_thread = threading.Thread(target=relay, daemon=True)
+        relay_thread.start()
+        with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(_seed_worker, cfg, seed, work_dir, cfg.threads or 1,
+                                   messages) for seed in cfg.seeds]
+            per_seed = [f.result() for f in futures]
+        done.set()
+        relay_thread.join()
+    return aggregate([r for runs in per_seed for r in runs], cfg)
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:

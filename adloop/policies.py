@@ -16,7 +16,9 @@ Each policy has ``recommend_batch(requests) -> list[ServedSlate]`` and
   industry, category, bid type, context and the recent organic topics, pairwise dot
   interactions, an MLP to pCTR and pCVR logits, pretrained on the logging phase and
   trained online with BCE; ranks *all* servable ads by expected value with the bid
-  (cpc bid·pCTR, cpa bid·pCTR·pCVR, cpm bid/1000).
+  (cpc bid·pCTR, cpa bid·pCTR·pCVR, cpm bid/1000). ``priors=True`` adds the same
+  empirical-Bayes priors per (industry, bid type) as the generative value head's
+  (off by default: it scored lower on both seeds measured, see docs/rspo.md).
 * :class:`BidOnlyPolicy`: every servable ad ranked by bid × the logged base rates.
 * :class:`PopularityPolicy`: every servable ad ranked by its smoothed realized
   revenue per impression so far (the same slate for everyone), seeded with the logs.
@@ -36,10 +38,11 @@ import torch
 from torch import Tensor, nn
 
 from adloop.inprocess import InProcessServer
-from learner.model import GenerativeRecommender
+from learner.model import GenerativeRecommender, shrunk_rate_logits
 from learner.rspo import RSPOConfig
 from learner.rspo_step import OnlineLearner, lists_to_batch
 from learner.tokenizer import TokenizerError, UASIDTokenizer
+from server.beam import BID_TYPES
 from server.engine import RecRequest
 from streams.features import organic_topic
 from streams.schemas import Feedback
@@ -218,15 +221,15 @@ def _bucket(text: str, n: int) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % n
 
 
-def _logit(p: float) -> float:
-    p = min(max(p, 1e-4), 1.0 - 1e-4)
-    return math.log(p / (1.0 - p))
-
-
 def ad_category(description: str) -> str:
     """The category word of an ad's description (``"<Industry> · <category>: ..."``)."""
     head = description.split(":", 1)[0]
     return head.split("·", 1)[1].strip() if "·" in head else ""
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-4), 1.0 - 1e-4)
+    return math.log(p / (1.0 - p))
 
 
 def organic_topics(items: Sequence[str], n: int) -> list[str]:
@@ -268,10 +271,11 @@ class DLRMPolicy:
     Features: user, ad, advertiser, industry, ad category, bid type, every context key
     (device, placement, hour, region, age band, declared interest) and a mean-pooled
     bag of the user's recent organic topics. :meth:`pretrain` fits it on the logging
-    phase (several epochs of minibatches at ``lr``, output biases started at the logged
-    base rates), then :meth:`learn` keeps training online on the same stream as the
-    others at ``online_lr`` (online steps at the pretraining rate on its own served
-    slates drove its pCTR/pCVR far below the truth: 90 vs 155 RPM on one seed).
+    phase (output biases at the logged base rates, or the prior table of
+    :meth:`fit_priors`; then several epochs of minibatches at ``lr``), then
+    :meth:`learn` keeps training online on the same stream as the others at
+    ``online_lr`` (online steps at the pretraining rate on its own served slates drove
+    its pCTR/pCVR far below the truth: 90 vs 155 RPM on one seed).
     """
 
     FIELDS = ("user", "ad", "advertiser", "industry", "category", "bid_type", "device",
@@ -279,7 +283,7 @@ class DLRMPolicy:
     ORGANIC = 20
 
     def __init__(self, world: World, buckets: int = 4096, lr: float = 3e-3,
-                 seed: int = 0, online_lr: float = 3e-4) -> None:
+                 seed: int = 0, online_lr: float = 3e-4, priors: bool = False) -> None:
         torch.manual_seed(seed)
         self.name = "dlrm"
         self.world = world
@@ -289,6 +293,14 @@ class DLRMPolicy:
         self.seed = seed
         self.online_lr = online_lr
         self._ad_cache: dict[str, list[int]] = {}
+        self.prior = torch.zeros(2, 1, len(BID_TYPES))
+        """Empirical-Bayes logits of CTR and CVR per (industry, bid type), from the logs
+        (the same shrinkage as the generative value head's priors): [2, industries, 3]."""
+        self.industries: dict[str, int] = {}
+        """Industry -> row of :attr:`prior` (0: an industry the logs never showed)."""
+        self.priors = priors
+        """Fit :attr:`prior` at pretraining (else it stays 0 and the output biases start
+        at the logged base rates)."""
 
     AD_FIELDS = ("ad", "advertiser", "industry", "category", "bid_type")
 
@@ -306,6 +318,37 @@ class DLRMPolicy:
                 self._ad_cache[a] = row
             out[i] = row
         return out
+
+    def _prior_of(self, ad_ids: Sequence[str]) -> Tensor:
+        """Prior logits [A, 2] (CTR, CVR) of ``ad_ids``."""
+        recs = [self.world.ads[a].record for a in ad_ids]
+        ind = torch.tensor([self.industries.get(r.industry, 0) for r in recs], dtype=torch.long)
+        bt = torch.tensor([BID_TYPES.index(r.bid_type) for r in recs], dtype=torch.long)
+        return self.prior[:, ind, bt].T
+
+    def fit_priors(self, lists: Sequence[Feedback]) -> dict[str, float]:
+        """The prior table from the logs' shown items."""
+        rows, groups, clicked, converted = [], [], [], []
+        for fb in lists:
+            for it in fb.items:
+                ad = self.world.ads.get(it.ad_id)
+                if ad is None:
+                    continue
+                ind = self.industries.setdefault(ad.record.industry, len(self.industries) + 1)
+                rows.append(ind)
+                groups.append(BID_TYPES.index(ad.record.bid_type))
+                clicked.append(float(it.clicked or it.converted))
+                converted.append(float(it.converted))
+        n_rows = len(self.industries) + 1
+        row_t, group_t = torch.tensor(rows, dtype=torch.long), torch.tensor(groups,
+                                                                            dtype=torch.long)
+        clk, cv = torch.tensor(clicked), torch.tensor(converted)
+        ctr_logit, ctr = shrunk_rate_logits(clk, torch.ones_like(clk), row_t, group_t, n_rows,
+                                            len(BID_TYPES), 200.0)
+        cvr_logit, cvr = shrunk_rate_logits(cv * clk, clk, row_t, group_t, n_rows,
+                                            len(BID_TYPES), 20.0)
+        self.prior = torch.stack([ctr_logit, cvr_logit])
+        return {"ctr": ctr, "cvr": cvr}
 
     def _feats(self, user: str, context: dict[str, str], organic: Sequence[str],
                ad_ids: Sequence[str], ad_rows: np.ndarray | None = None
@@ -336,8 +379,9 @@ class DLRMPolicy:
         ad_rows = self._ad_buckets(servable)
         parts = [self._feats(r.user_id, r.context, r.recent_organic, servable, ad_rows)
                  for r in requests]
-        p = torch.sigmoid(self.net(*(torch.cat(x) for x in zip(*parts, strict=True))))
         A = len(servable)
+        prior = self._prior_of(servable).repeat(len(requests), 1)
+        p = torch.sigmoid(self.net(*(torch.cat(x) for x in zip(*parts, strict=True))) + prior)
         sims = [self.world.ads[a] for a in servable]
         out = []
         for b, r in enumerate(requests):
@@ -350,7 +394,7 @@ class DLRMPolicy:
         return out
 
     def _tensors(self, lists: Sequence[Feedback]) -> tuple[Tensor, ...] | None:
-        feats, bags, masks, clicked, converted = [], [], [], [], []
+        feats, bags, masks, priors, clicked, converted = [], [], [], [], [], []
         for fb in lists:
             ids = [it.ad_id for it in fb.items if it.ad_id in self.world.ads]
             if not ids:
@@ -359,17 +403,18 @@ class DLRMPolicy:
             feats.append(f)
             bags.append(b)
             masks.append(m)
+            priors.append(self._prior_of(ids))
             by_id = {it.ad_id: it for it in fb.items}
             clicked += [float(by_id[a].clicked or by_id[a].converted) for a in ids]
             converted += [float(by_id[a].converted) for a in ids]
         if not feats:
             return None
-        return (torch.cat(feats), torch.cat(bags), torch.cat(masks), torch.tensor(clicked),
-                torch.tensor(converted))
+        return (torch.cat(feats), torch.cat(bags), torch.cat(masks), torch.cat(priors),
+                torch.tensor(clicked), torch.tensor(converted))
 
     def _step(self, t: tuple[Tensor, ...]) -> float:
-        x, bag, mask, y_click, y_conv = t
-        logits = self.net(x, bag, mask)
+        x, bag, mask, prior, y_click, y_conv = t
+        logits = self.net(x, bag, mask) + prior
         bce = nn.functional.binary_cross_entropy_with_logits
         loss = bce(logits[:, 0], y_click)
         if bool((y_click > 0).any()):    # pCVR is P(conversion | click)
@@ -381,18 +426,23 @@ class DLRMPolicy:
 
     def pretrain(self, lists: Sequence[Feedback], epochs: int = 4,
                  batch_lists: int = 64) -> dict[str, float]:
-        """Fit on the logging phase: biases at the logged base rates, then minibatches."""
-        t = self._tensors(lists)
-        if t is None:
+        """Fit on the logging phase: the prior table (base rates by industry and bid
+        type, shrunk), the network learning what they leave out, in minibatches."""
+        if not any(fb.items for fb in lists):
             return {}
-        _, _, _, y_click, y_conv = t
-        ctr = float(y_click.mean())
-        clicks = float(y_click.sum())
-        cvr = float(y_conv.sum()) / clicks if clicks else 0.05
+        if self.priors:
+            rates = self.fit_priors(lists)
+            bias = (0.0, 0.0)               # the priors carry the base rates
+        else:
+            clicks = sum(float(it.clicked or it.converted) for fb in lists for it in fb.items)
+            conversions = sum(float(it.converted) for fb in lists for it in fb.items)
+            rates = {"ctr": clicks / sum(len(fb.items) for fb in lists),
+                     "cvr": conversions / clicks if clicks else 0.05}
+            bias = (_logit(rates["ctr"]), _logit(rates["cvr"]))
         with torch.no_grad():
             last = self.net.mlp[-1]
             assert isinstance(last, nn.Linear)
-            last.bias.copy_(torch.tensor([_logit(ctr), _logit(cvr)]))
+            last.bias.copy_(torch.tensor(bias))
         blocks = [c for i in range(0, len(lists), batch_lists)
                   if (c := self._tensors(lists[i:i + batch_lists])) is not None]
         rng = np.random.default_rng(self.seed)
@@ -402,7 +452,7 @@ class DLRMPolicy:
                 loss = self._step(blocks[int(j)])
         for g in self.opt.param_groups:     # then fine-tune online, gently
             g["lr"] = self.online_lr
-        return {"loss": loss, "ctr": ctr, "cvr": cvr}
+        return {"loss": loss, **rates}
 
     def learn(self, lists: Sequence[Feedback]) -> dict[str, float]:
         t = self._tensors(lists)
