@@ -80,6 +80,11 @@ class RecommendedAd(BaseModel):
     pcvr: float
     bid: float
     bid_type: str
+    propensity: float = Field(
+        gt=0, le=1, description="probability that the server's policy puts this ad at this "
+        "position given the request: 1.0 for ranked slots (without exploration, every "
+        "slot); with ADLOOP_SERVER_EXPLORE = e, the last slot's ranked ad 1 - e (1.0 when "
+        "no ad is eligible for exploration) and an ad drawn by exploration e / |eligible|")
 
 
 class RecommendResponse(BaseModel):
@@ -262,7 +267,8 @@ def create_api(service: Service) -> FastAPI:
             M.REQUEST_BEAM_WIDTH.labels(str(level)).observe(w)
         ads = [{"ad_id": a.ad_id, "score": a.score, "expected_value": a.expected_value,
                 "position": a.position, "semantic_id": a.semantic_id, "pctr": a.pctr,
-                "pcvr": a.pcvr, "bid": a.bid, "bid_type": a.bid_type} for a in result.ads]
+                "pcvr": a.pcvr, "bid": a.bid, "bid_type": a.bid_type,
+                "propensity": a.propensity} for a in result.ads]
         if service.impressions is not None:
             service.impressions.offer(Impression(
                 request_id=request_id,
@@ -271,7 +277,8 @@ def create_api(service: Service) -> FastAPI:
                 recent_ad_ids=list(req.recent_ad_ids),
                 recent_organic=list(req.recent_organic),
                 slate=[SlateItem(ad_id=a.ad_id, semantic_id=a.semantic_id, position=a.position,
-                                 score=a.score, bid=a.bid, bid_type=a.bid_type)  # type: ignore[arg-type]
+                                 score=a.score, bid=a.bid, bid_type=a.bid_type,  # type: ignore[arg-type]
+                                 propensity=a.propensity)
                        for a in result.ads],
                 model_version=result.model_version, beam_widths=list(result.beam_widths),
                 server_id=settings.server_id))

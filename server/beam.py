@@ -60,19 +60,7 @@ def beam_search(step: StepFn, trie: Trie, n_requests: int, widths: Sequence[int]
         owner, code, child = trie.expand(t, node)      # edges from live beams
         N = req.shape[0]
         logits = _level_logits(step, req, prefix, owner, V, renormalize)
-        edge_logit = logits[owner, code]
-        edge_logit = np.where(np.isfinite(edge_logit), edge_logit, -np.inf)
-        if renormalize:                                # log-softmax over allowed children
-            peak = np.full(N, -np.inf)
-            np.maximum.at(peak, owner, edge_logit)
-            safe_peak = np.where(np.isfinite(peak), peak, 0.0)
-            sumexp = np.zeros(N)
-            np.add.at(sumexp, owner, np.exp(edge_logit - safe_peak[owner]))
-            with np.errstate(divide="ignore"):
-                lse = safe_peak + np.log(sumexp)
-        else:                                          # log-softmax over the whole level
-            peak = logits.max(axis=1)
-            lse = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1))
+        edge_logit, lse = _edge_logits(logits, owner, code, N, renormalize)
         cand = score[owner] + edge_logit - lse[owner]
         # per-request top-w on a dense [B, k_max * V] table (slot = beam's rank in request)
         first = np.searchsorted(req, np.arange(B))
@@ -102,6 +90,49 @@ def beam_search(step: StepFn, trie: Trie, n_requests: int, widths: Sequence[int]
         return Beams(np.zeros(0, np.int64), np.zeros((0, T), np.int64), np.zeros(0, np.int64),
                      np.zeros(0))
     return Beams(req, prefix, trie.rows[node], score)
+
+
+def sequence_logprob(step: StepFn, trie: Trie, request: np.ndarray, ids: np.ndarray,
+                     renormalize: bool = True) -> np.ndarray:
+    """Log-probability [E] of the full ids ``ids`` [E, T] (trie paths) for the requests
+    ``request`` [E], scored exactly as :func:`beam_search` scores a beam reaching them
+    (an ad that is not a final beam, e.g. one drawn for exploration)."""
+    E, T = ids.shape
+    node = np.zeros(E, dtype=np.int64)
+    score = np.zeros(E, dtype=np.float64)
+    for t in range(T):
+        if E == 0:
+            break
+        owner, code, child = trie.expand(t, node)
+        logits = _level_logits(step, request, ids[:, :t], owner, trie.level_sizes[t],
+                               renormalize)
+        edge_logit, lse = _edge_logits(logits, owner, code, E, renormalize)
+        hit = np.flatnonzero(code == ids[owner, t])    # one edge per id (owner-major)
+        if hit.shape[0] != E:
+            raise ValueError(f"ids are not paths of the trie at level {t}")
+        score += edge_logit[hit] - lse
+        node = child[hit]
+    return score
+
+
+def _edge_logits(logits: np.ndarray, owner: np.ndarray, code: np.ndarray, N: int,
+                 renormalize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(logit of each edge [M], log normalizer of each beam [N]): over the beam's allowed
+    children when ``renormalize``, else over the whole level."""
+    edge_logit = logits[owner, code]
+    edge_logit = np.where(np.isfinite(edge_logit), edge_logit, -np.inf)
+    if renormalize:                                    # log-softmax over allowed children
+        peak = np.full(N, -np.inf)
+        np.maximum.at(peak, owner, edge_logit)
+        safe_peak = np.where(np.isfinite(peak), peak, 0.0)
+        sumexp = np.zeros(N)
+        np.add.at(sumexp, owner, np.exp(edge_logit - safe_peak[owner]))
+        with np.errstate(divide="ignore"):
+            lse = safe_peak + np.log(sumexp)
+    else:                                              # log-softmax over the whole level
+        peak = logits.max(axis=1)
+        lse = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1))
+    return edge_logit, lse
 
 
 def _level_logits(step: StepFn, req: np.ndarray, prefix: np.ndarray, owner: np.ndarray,

@@ -13,9 +13,17 @@ from typing import Any
 import numpy as np
 
 from server import metrics as M
-from server.beam import beam_search, expected_value, pad_candidates, rank_slates
+from server.beam import (
+    beam_search,
+    expected_value,
+    pad_candidates,
+    rank_slates,
+    sequence_logprob,
+)
 from server.catalog import AdCatalog, is_servable
+from server.explore import Explorer
 from server.models import ModelManager, ServingState
+from server.runtime import UserStates
 from streams.features import request_ids
 from streams.logs import get_logger
 
@@ -47,6 +55,11 @@ class RankedAd:
     pcvr: float
     bid: float
     bid_type: str
+    propensity: float = 1.0
+    """Probability that the policy puts this ad at this position given the request
+    (:mod:`server.explore`); 1.0 without exploration."""
+    explored: bool = False
+    """Drawn by exploration rather than ranked."""
 
 
 @dataclass
@@ -59,9 +72,11 @@ class RecResult:
 
 
 class Engine:
-    def __init__(self, models: ModelManager, catalog: AdCatalog) -> None:
+    def __init__(self, models: ModelManager, catalog: AdCatalog,
+                 explorer: Explorer | None = None) -> None:
         self.models = models
         self.catalog = catalog
+        self.explorer = explorer
         self._warned_context: set[str] = set()
 
     def inputs(self, state: ServingState,
@@ -122,7 +137,8 @@ class Engine:
         bid, kind, recs = self.catalog.bids(ad_ids)
         ev = expected_value(bid, kind, pctr, pcvr)
         allowed = np.fromiter((is_servable(a) for a in recs), bool, count=len(recs))
-        for b, idx in enumerate(rank_slates(beams, ev, [r.k for r in requests], allowed)):
+        slates = rank_slates(beams, ev, [r.k for r in requests], allowed)
+        for b, idx in enumerate(slates):
             for pos, i in enumerate(idx):
                 rec = recs[i]
                 assert rec is not None
@@ -131,4 +147,50 @@ class Engine:
                     score=float(beams.logprob[i]), expected_value=float(ev[i]),
                     pctr=float(pctr[i]), pcvr=float(pcvr[i]), bid=float(rec.bid),
                     bid_type=rec.bid_type))
+        if self.explorer is not None and self.explorer.enabled:
+            self._explore(state, states, [beams.rows[idx].tolist() for idx in slates], results)
         return results
+
+    def _explore(self, state: ServingState, states: UserStates, slates: list[list[int]],
+                 results: list[RecResult]) -> None:
+        """Apply the exploration rule to the ranked slates: propensities on every item,
+        and the drawn ads (scored and valued by the model like ranked ones) in the last
+        slots they take."""
+        assert self.explorer is not None
+        man, rt, trie = state.model.manifest, state.model.runtime, state.trie
+        plans = self.explorer.plan(state, slates)
+        for res, plan in zip(results, plans, strict=True):
+            for ad, p in zip(res.ads, plan.propensities, strict=True):
+                ad.propensity = p
+        drawn = [(b, plan.drawn) for b, plan in enumerate(plans) if plan.drawn is not None]
+        if not drawn:
+            return
+        req = np.array([b for b, _ in drawn], np.int64)
+        rows = np.array([r for _, r in drawn], np.int64)
+        ids = man.ids[rows]
+
+        def step(beam_req: np.ndarray, prefix: np.ndarray) -> np.ndarray:
+            return rt.step(states, beam_req, prefix)
+
+        logprob = sequence_logprob(step, trie, req, ids)
+        pctr_d, pcvr_d = rt.value(states.memory[req], states.memory_mask[req], ids[:, None, :])
+        drawn_ids = [man.ad_ids[r] for r in rows.tolist()]
+        bid, kind, recs = self.catalog.bids(drawn_ids)
+        ev = expected_value(bid, kind, pctr_d[:, 0].astype(np.float64),
+                            pcvr_d[:, 0].astype(np.float64))
+        for j, (b, _row) in enumerate(drawn):
+            rec, last = recs[j], results[b].ads[-1]
+            if rec is None:     # deleted since the draw: as if no ad had been eligible
+                last.propensity = 1.0
+                continue
+            M.EXPLORED.inc()
+            M.EXPLORE_VALUE.labels("ranked").inc(max(0.0, last.expected_value))
+            M.EXPLORE_VALUE.labels("explored").inc(max(0.0, float(ev[j])))
+            results[b].ads[-1] = RankedAd(
+                ad_id=drawn_ids[j], semantic_id=[int(x) for x in ids[j]],
+                position=last.position, score=float(logprob[j]),
+                expected_value=float(ev[j]), pctr=float(pctr_d[j, 0]),
+                pcvr=float(pcvr_d[j, 0]), bid=float(rec.bid), bid_type=rec.bid_type,
+                propensity=last.propensity, explored=True)
+            log.debug("serve.explored", ad_id=drawn_ids[j], position=last.position,
+                      eligible=plans[b].eligible, propensity=last.propensity)

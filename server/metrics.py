@@ -59,3 +59,15 @@ BAD_RECORDS = counter("adloop_server_bad_records_total",
 FOLLOW_RETRIES = counter("adloop_follow_retries_total",
                          "Times a follower reopened its topic after a fault that can heal "
                          "(broker unreachable, topic missing), by topic.", ("topic",))
+EXPLORED = counter("adloop_server_explored_total",
+                   "Requests whose last slot went to an exploration draw (a low-exposure ad).")
+EXPLORE_RATE = gauge("adloop_server_explore_ratio",
+                     "Configured exploration probability per request (ADLOOP_SERVER_EXPLORE).")
+EXPLORE_ELIGIBLE = gauge("adloop_server_explore_eligible_ads",
+                         "Servable ads this server has shown fewer than explore_max_shown "
+                         "times (the exploration pool before excluding the slate).")
+EXPLORE_VALUE = counter("adloop_server_explore_expected_value_total",
+                        "Expected value per impression summed over exploration slots: of the "
+                        "ranked ad each one replaced (slot=ranked) and of the ad drawn "
+                        "(slot=explored); their difference is what exploration costs.",
+                        ("slot",))

@@ -14,6 +14,7 @@ from server.batcher import Batcher
 from server.catalog import AdCatalog
 from server.controller import BeamController
 from server.engine import Engine
+from server.explore import Explorer
 from server.follow import TopicFollower
 from server.impressions import ImpressionLogger
 from server.models import ModelManager
@@ -40,7 +41,9 @@ class Service:
         self.controller = BeamController(
             schedule, settings.slo_ms / 1000.0, settings.alpha_min, settings.min_beam_width,
             settings.dynamic_beams, settings.max_batch_size, settings.max_queue)
-        self.engine = Engine(self.models, self.catalog)
+        self.explorer = Explorer(settings.explore, settings.explore_max_shown, self.catalog,
+                                 seed=settings.explore_seed)
+        self.engine = Engine(self.models, self.catalog, self.explorer)
         self.batcher = Batcher(self.engine.run, self.controller, settings.max_batch_size,
                                settings.max_wait_ms / 1000.0, settings.workers)
         self.impressions = (ImpressionLogger(kafka, settings.impression_buffer,

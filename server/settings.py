@@ -53,6 +53,14 @@ class ServerSettings(BaseSettings):
     slo_ms: float = Field(50.0, gt=0, description="latency target inside the server")
     max_queue: int = Field(2048, ge=1, description="queued requests beyond this get 429")
 
+    # exploration (server/explore.py)
+    explore: float = Field(0.0, ge=0, le=1, description="probability per request that the "
+                           "last slot goes to a low-exposure ad drawn uniformly (0 = off)")
+    explore_max_shown: int = Field(50, ge=1, description="an ad this server has shown this "
+                                   "many times is no longer drawn for exploration")
+    explore_seed: int | None = Field(None, description="seed of the exploration draws "
+                                     "(reproducible runs); unset = fresh entropy")
+
     # request limits
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="request bodies above get 413")
 

@@ -8,7 +8,13 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.beam import beam_search, expected_value, pad_candidates, rank_slates
+from server.beam import (
+    beam_search,
+    expected_value,
+    pad_candidates,
+    rank_slates,
+    sequence_logprob,
+)
 from server.controller import BeamController, scale_widths
 from server.trie import build_trie, sort_ids
 
@@ -100,6 +106,20 @@ def test_the_model_runs_only_for_beams_with_a_choice_and_scores_do_not_change() 
     first = step(np.array([0, 1]), np.zeros((2, 0), np.int64))[:, :5]
     expect = first - np.log(np.exp(first).sum(axis=1, keepdims=True))
     assert np.allclose(out.logprob, expect[out.request, out.ids[:, 0]])
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), renormalize=st.booleans())
+def test_sequence_logprob_scores_an_id_as_the_beam_search_would(seed: int,
+                                                                renormalize: bool) -> None:
+    rng = np.random.default_rng(seed)
+    ids = ALL_IDS[rng.choice(len(ALL_IDS), 25, replace=False)]
+    trie = build_trie(ids, sort_ids(ids), rng.random(25) < 0.7, SIZES)
+    step = _step_fn(seed)
+    wide = beam_search(step, trie, 3, [64, 64, 64], renormalize=renormalize)
+    assert wide.request.shape[0] == 3 * trie.n_ads      # every servable ad, every request
+    got = sequence_logprob(step, trie, wide.request, wide.ids, renormalize=renormalize)
+    np.testing.assert_allclose(got, wide.logprob, rtol=1e-9, atol=1e-12)
 
 
 def test_empty_trie_gives_empty_beams() -> None:
