@@ -71,6 +71,35 @@ def test_not_ready_until_a_snapshot_then_serves_and_logs_impressions(
     assert imp.beam_widths == body["beam_widths"] and imp.context == REQ["context"]
     assert imp.recent_organic == ["gaming/consoles#3"]     # what the model read is logged
     assert {s.bid_type for s in imp.slate} <= {"cpc", "cpa", "cpm"}
+    # exploration off (the default): a deterministic policy, propensity 1.0 everywhere
+    assert [s.propensity for s in imp.slate] == [a["propensity"] for a in body["ads"]] \
+        == [1.0] * 10
+
+
+def test_with_exploration_the_response_and_the_impression_carry_each_items_propensity(
+        kafka: KafkaSettings, start_server: Start, snapshots: Builder, producer: Send) -> None:
+    publish_ads(producer)
+    srv = start_server(kafka, snapshot=snapshots("v1").directory, explore=1.0, explore_seed=3)
+    k = 5
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        wait_for(lambda: ready(c, "v1") and c.get("/readyz").json()["servable_ads"]
+                 == len(AD_IDS), what="every ad servable")
+        r = c.post("/v1/recommend", json={**REQ, "request_id": "explore-1", "k": k})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        ads = [a["ad_id"] for a in body["ads"]]
+        props = [a["propensity"] for a in body["ads"]]
+        assert len(ads) == len(set(ads)) == k
+        # first request: every servable ad not in the slate is eligible
+        assert props == [1.0] * (k - 1) + [pytest.approx(1.0 / (len(AD_IDS) - k))]
+        text = c.get("/metrics").text
+        assert metric_value(text, "adloop_server_explored_total") >= 1
+        assert metric_value(text, "adloop_server_explore_ratio") == 1.0
+    imps = [r.record for r in read_all(kafka, "impressions", timeout_s=30, expect=1)]
+    imp = next(i for i in imps if i.request_id == "explore-1")
+    assert isinstance(imp, Impression)
+    assert [(s.ad_id, s.position, s.propensity) for s in imp.slate] == \
+        list(zip(ads, range(k), props, strict=True))
 
 
 def test_only_servable_ads_are_recommended_and_a_paused_ad_disappears(
