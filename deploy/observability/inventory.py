@@ -103,6 +103,20 @@ METRICS: tuple[Metric, ...] = (
        "version is logged (serve.context_unmatched)."),
     _m("adloop_server_shed_total", "counter", "server", (),
        "Requests refused with 429 (the narrowest beams could not hold the latency target)."),
+    _m("adloop_server_explored_total", "counter", "server", (),
+       "Requests whose last slot went to an exploration draw (a servable ad this server "
+       "has shown fewer than ADLOOP_SERVER_EXPLORE_MAX_SHOWN times); the exploration "
+       "rate actually served is its rate over adloop_server_requests_total{code=\"200\"}."),
+    _m("adloop_server_explore_ratio", "gauge", "server", (),
+       "Configured exploration probability per request (ADLOOP_SERVER_EXPLORE; 0 = off)."),
+    _m("adloop_server_explore_eligible_ads", "gauge", "server", (),
+       "Servable ads this server has shown fewer than ADLOOP_SERVER_EXPLORE_MAX_SHOWN "
+       "times (the exploration pool before the slate's own ads are excluded); 0 means "
+       "exploration has nothing left to show."),
+    _m("adloop_server_explore_expected_value_total", "counter", "server", ("slot",),
+       "Expected value per impression summed over exploration slots, of the ranked ad each "
+       "one replaced and of the ad drawn; the difference of their rates is what "
+       "exploration costs.", "slot: ranked, explored"),
     _m("adloop_server_event_loop_lag_seconds", "gauge", "server", (),
        "How late the HTTP event loop runs a 10 ms timer (EWMA); above the latency target "
        "at the narrowest beams, requests are shed with 429."),
