@@ -1,5 +1,7 @@
 """One model call for a batch of requests: encoder once per request, constrained beam
-search over all beams of the batch at once, value heads on the final beams, slates.
+search over all beams of the batch at once, value heads on the final beams, slates;
+then exploration (:mod:`server.explore`) may give a slate's last slot to a low-exposure
+ad and sets every item's propensity.
 
 Runs on a worker thread (onnxruntime releases the GIL). The serving state is read
 once per batch, so every request of a batch is answered by one model version.

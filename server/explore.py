@@ -88,6 +88,9 @@ class Explorer:
         self._lock = threading.Lock()
         self._exp: _Exposure | None = None
         M.EXPLORE_RATE.set(self.rate)
+        if self.enabled:
+            log.info("explore.enabled", rate=self.rate, max_shown=self.max_shown,
+                     seeded=seed is not None)
 
     @property
     def enabled(self) -> bool:
