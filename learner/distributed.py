@@ -105,8 +105,10 @@ class Group:
                  backend: str = "gloo", timeout_s: float = 120.0) -> None:
         self.rank, self.world_size, self.backend = rank, world_size, backend
         timeout = timedelta(seconds=timeout_s)
-        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
-                                rank=rank, world_size=world_size, timeout=timeout)
+        # env:// so that under torchrun the agent's rendezvous store is joined, not bound
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(master_port)
+        dist.init_process_group(backend, init_method="env://", rank=rank,
+                                world_size=world_size, timeout=timeout)
         self.control: Any = None if backend == "gloo" else dist.new_group(
             backend="gloo", timeout=timeout)
         self.device = torch.device("cpu")
@@ -459,7 +461,8 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
 def rank_env(s: LearnerSettings, rank: int, master_port: int) -> dict[str, str]:
     """The environment of rank ``rank``'s process: every setting as ADLOOP_LEARN_*."""
     env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+              "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE"):
         env.pop(k, None)
     for name, value in s.model_dump().items():
         if value is not None:
