@@ -23,7 +23,14 @@ Reported per policy (mean and 95 % interval over seeds, Student t):
 * latency: wall time of ``recommend_batch`` per request.
 
 The headline window is the last quarter of the run, when learning policies have
-adapted. The generative policies live in :mod:`adloop.policies` (imported lazily).
+adapted. The generative policies live in :mod:`adloop.policies` (imported lazily) and
+are served by the server's own code in-process (:mod:`adloop.inprocess`: the learner's
+ONNX export, the server's model manager, trie and beam search, batched, no HTTP and no
+Kafka), so the harness measures what ``adloop serve`` would answer.
+
+Size: the full run is 8 seeds × 40 000 requests per policy (~14 simulated days after
+the logs); ``bench/closed_loop.py --quick`` is 8 seeds × 1 600. Seeds share nothing and
+run in parallel worker processes (``compare(jobs=N)``).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from streams.logs import get_logger
+from streams.logs import configure_logging, get_logger
 from streams.schemas import Feedback, FeedbackItem
 from traffic.driver import OraclePolicy, RandomPolicy, ServedAd, ServedSlate
 from traffic.world import Request, Response, World, WorldConfig
@@ -89,9 +96,9 @@ class _Single:
 
 @dataclass
 class EvalConfig:
-    seeds: tuple[int, ...] = (0, 1, 2)
-    requests: int = 4000
-    """Requests per policy and seed in the evaluation phase."""
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
+    requests: int = 40000
+    """Requests per policy and seed in the evaluation phase (~14 simulated days)."""
     log_requests: int = 4000
     """Requests of the random logging phase (the pretraining data)."""
     n_users: int = 400
@@ -115,6 +122,8 @@ class EvalConfig:
     capped at 16, the earlier rule; for ablations)."""
     value_own_items: bool = True
     """The value head has its own item table (False: shared; for ablations)."""
+    value_priors: bool = True
+    """The value head's empirical-Bayes priors per (industry, goal) (False: for ablations)."""
     rspo: dict[str, Any] = field(default_factory=dict)
     """Overrides of :class:`learner.rspo.RSPOConfig` for the learning policies."""
     policies: tuple[str, ...] = POLICIES
@@ -139,6 +148,9 @@ class PolicyRun:
     total_revenue: float = 0.0
     latency_s: list[float] = field(default_factory=list)
     model_versions: int = 0
+    serving: dict[str, float] = field(default_factory=dict)
+    """What a generative policy reports about its serving (``calibration()``: ECE of
+    pCTR and pCVR, mean candidate coverage, share of requests with an exploration slot)."""
 
     def window(self, frac: float = 0.25) -> slice:
         n = len(self.impressions)
@@ -170,6 +182,7 @@ class PolicyRun:
             "latency_ms_per_request": 1000.0 * statistics.mean(self.latency_s)
             if self.latency_s else 0.0,
             "model_versions": float(self.model_versions),
+            **self.serving,
         }
 
 
@@ -270,6 +283,9 @@ def run_policy(world: World, policy: BatchPolicy, cfg: EvalConfig, seed: int,
         close_bucket()
     versions = getattr(policy, "version", 1)
     run.model_versions = int(versions)
+    calibration = getattr(policy, "calibration", None)
+    if callable(calibration):
+        run.serving = dict(calibration())
     return run
 
 
@@ -332,7 +348,8 @@ def pretrain_on(log_feedback: list[Feedback], world: World, cfg: EvalConfig, see
     s = PretrainSettings(run_dir=run_dir, encoder=cfg.encoder, steps=cfg.pretrain_steps,
                          level_sizes="64,32,16", history_len=10, batch_size=128, seed=seed,
                          progress=False, checkpoint_every=0, held_out_frac=0.05,
-                         resume=False, value_own_items=cfg.value_own_items)
+                         resume=False, value_own_items=cfg.value_own_items,
+                         value_priors=cfg.value_priors)
     res = pretrain(s, ads, log_feedback)
     return res.model, res.tokenizer
 
@@ -368,6 +385,7 @@ def _seed_worker(cfg: EvalConfig, seed: int, work_dir: Path, threads: int,
                  messages: Any) -> list[PolicyRun]:
     import torch
 
+    configure_logging()    # a fresh interpreter: log where the parent's stderr goes
     torch.set_num_threads(threads)
     return run_seed(dataclasses.replace(cfg, threads=threads), seed, work_dir, messages.put)
 
@@ -448,7 +466,22 @@ def aggregate(runs: Sequence[PolicyRun], cfg: EvalConfig) -> dict[str, Any]:
             return float(pol[a][key]["mean"] / pol[b][key]["mean"])
         return None
 
+    def seed_ratio_ci(a: str, b: str) -> list[float] | None:
+        """95 % interval of the per-seed ratio a/b (paired: same seed, same traffic)."""
+        if a not in by_policy or b not in by_policy:
+            return None
+        ra = {r.seed: r.summary()["rpm_last_quarter"] for r in by_policy[a]}
+        rb = {r.seed: r.summary()["rpm_last_quarter"] for r in by_policy[b]}
+        ratios = [ra[k] / rb[k] for k in ra if rb.get(k)]
+        if not ratios:
+            return None
+        _, lo, hi = mean_ci(ratios)
+        return [lo, hi]
+
     out["policies_run"] = list(pol)
+    for a, b in (("rspo", "frozen"), ("rspo", "dlrm"), ("rspo", "vsl_only"),
+                 ("rspo", "observable_oracle")):
+        out[f"{a}_over_{b}_per_seed_ci95"] = seed_ratio_ci(a, b)
     out["rspo_over_oracle"] = ratio("rspo", "oracle")
     out["rspo_over_frozen"] = ratio("rspo", "frozen")
     out["rspo_over_dlrm"] = ratio("rspo", "dlrm")

@@ -1,6 +1,6 @@
 """Closed-loop policy comparison on the simulated ad world (see adloop/evaluation.py).
 
-    python bench/closed_loop.py [--quick] [--seeds 0,1,2] [--requests N]
+    python bench/closed_loop.py [--quick] [--seeds 0,...,7] [--requests N] [--jobs 2]
 
 Writes bench/results/closed_loop.json (per policy: mean and 95 % interval of RPM over
 the last and first quarter of the run, its RPM curve, regret against the oracle and the
@@ -12,6 +12,7 @@ of docs/benchmarks.md and docs/closed_loop.png.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -37,6 +38,13 @@ from bench.common import (
     write_results,
 )
 
+SERVING_KEYS = ("ece_ctr", "ece_cvr", "mean_coverage", "explored_share", "model_versions")
+"""What the generative policies report about their serving (mean over seeds)."""
+
+
+def _num(x: float) -> float | None:
+    return round(x, 4) if math.isfinite(x) else None
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -59,7 +67,7 @@ def main() -> int:
             tempfile.TemporaryDirectory(prefix="adloop-closed-loop-") as tmp:
         if console.quiet:
             console.say(f"logs: {args.log} (--verbose shows them here)")
-        results = compare(cfg, Path(tmp), progress=console.say)
+        results = compare(cfg, Path(tmp), progress=console.say, jobs=args.jobs)
     elapsed = time.perf_counter() - t0
     pol = results["policies"]
     out: dict[str, object] = {
@@ -91,6 +99,7 @@ def main() -> int:
                      "cold_start_revenue_share_ci95": ci(e, "cold_start_revenue_share"),
                      "latency_ms_per_request": round(e["latency_ms_per_request"]["mean"], 3),
                      "per_seed_rpm": [round(x, 4) for x in e["per_seed_rpm_last_quarter"]],
+                     **{k: _num(e[k]["mean"]) for k in SERVING_KEYS if k in e},
                      "rpm_curve": [round(x, 4) for x in e["rpm_curve"]]}
     for key in ("rspo_over_oracle", "rspo_over_frozen", "rspo_over_dlrm", "rspo_over_vsl_only",
                 "rspo_over_observable_oracle", "observable_oracle_over_oracle",
@@ -98,11 +107,17 @@ def main() -> int:
                 "frozen_over_observable_oracle_last_quarter"):
         v = results.get(key)
         out[key] = round(v, 4) if v is not None else None
+    for pair in ("rspo_over_frozen", "rspo_over_dlrm", "rspo_over_vsl_only",
+                 "rspo_over_observable_oracle"):
+        ci = results.get(f"{pair}_per_seed_ci95")
+        out[f"{pair}_ci_low"] = round(ci[0], 4) if ci else None
+        out[f"{pair}_per_seed_ci95"] = [round(x, 4) for x in ci] if ci else None
     write_results("closed_loop", out)
     plot = plot_rpm_curves(results, ROOT / "docs" / "closed_loop.png",
                            f"closed loop, {len(cfg.seeds)} seeds, {cfg.requests} requests")
     goals = (f"rspo / oracle = {out['rspo_over_oracle']} (goal ≥ 0.90), "
-             f"rspo / frozen = {out['rspo_over_frozen']} (goal ≥ 1.10), "
+             f"rspo / frozen = {out['rspo_over_frozen']} (goal ≥ 1.10; per-seed ratio "
+             f"95 % interval {out['rspo_over_frozen_per_seed_ci95']}, goal: low end > 1.0), "
              f"rspo / dlrm = {out['rspo_over_dlrm']} (goal ≥ 1.042), "
              f"rspo / observable oracle = {out['rspo_over_observable_oracle']}, "
              f"rspo / vsl_only = {out['rspo_over_vsl_only']}; drift: frozen / observable "

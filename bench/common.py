@@ -69,11 +69,16 @@ def update_doc_section(section: str, body: str) -> None:
 
 def add_closed_loop_arguments(ap: argparse.ArgumentParser) -> None:
     """The flags every closed-loop benchmark shares (seeds, size, encoder, threads)."""
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--quick", action="store_true",
+                    help="1600 requests per policy after a 2500-request logging phase")
+    ap.add_argument("--seeds", default="0,1,2,3,4,5,6,7")
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--encoder", default="minilm")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch and ONNX Runtime threads (per seed worker with --jobs > 1: "
+                         "threads // jobs, at least 1)")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="seeds run at once in worker processes")
 
 
 def closed_loop_config(args: argparse.Namespace, **fields: Any) -> Any:
@@ -82,7 +87,8 @@ def closed_loop_config(args: argparse.Namespace, **fields: Any) -> Any:
     from adloop.evaluation import EvalConfig
 
     cfg = EvalConfig(seeds=tuple(int(s) for s in args.seeds.split(",")),
-                     encoder=args.encoder, **fields)
+                     encoder=args.encoder, threads=max(1, args.threads // max(1, args.jobs)),
+                     **fields)
     if args.quick:
         cfg.requests, cfg.log_requests, cfg.pretrain_steps = 1600, 2500, 250
     if args.requests:

@@ -100,6 +100,9 @@ class PretrainSettings(BaseSettings):
     prior_heads: int = 0
     value_own_items: bool = True
     """The value head gets its own item table (see ModelConfig.value_own_items)."""
+    value_priors: bool = True
+    """Set the value head's prior logits per (industry, goal) from the logs
+    (``ValueHead.set_priors``; off: no prior, the earlier form)."""
     steps: int = 1000
     batch_size: int = 64
     lr: float = 3e-3
@@ -256,7 +259,7 @@ def pretrain(s: PretrainSettings, ads: list[Ad] | None = None,
     examples = build_examples(feedback, tok, cfg.history_len, cfg.context_features,
                               cfg.context_buckets, cfg.mtp_heads, organic_len=cfg.organic_len)
     train, test = split_by_time(examples, s.held_out_frac)
-    if ckpt is None and len(train):
+    if ckpt is None and len(train) and s.value_priors:
         first = np.unique(train.request, return_index=True)[1]   # each shown slate once
         shown = train.subset(first).batch()
         rates = model.value.set_priors(shown.slate, shown.slate_mask, shown.clicked,
