@@ -1,5 +1,5 @@
 """The serving path in-process: the learner's snapshot export, the server's model manager
-and ranking engine, with no HTTP and no Kafka in between.
+and ranking engine (exploration included), with no HTTP and no Kafka in between.
 
 The closed-loop harness serves the generative policies through this, so what it
 measures is what ``adloop serve`` would answer for the same snapshot: the ONNX graphs
@@ -21,6 +21,7 @@ from learner.model import GenerativeRecommender
 from learner.tokenizer import UASIDTokenizer
 from server.catalog import AdCatalog
 from server.engine import Engine, RecRequest, RecResult
+from server.explore import Explorer
 from server.models import ModelManager
 from server.runtime import resolve_provider
 from streams.schemas import Ad
@@ -31,7 +32,8 @@ class InProcessServer:
     :class:`server.models.ModelManager` and ranked by :class:`server.engine.Engine`."""
 
     def __init__(self, work_dir: Path | None = None, threads: int = 0,
-                 provider: str = "cpu") -> None:
+                 provider: str = "cpu", explore: float = 0.0, explore_max_shown: int = 50,
+                 seed: int | None = None) -> None:
         self._tmp = None if work_dir is not None else tempfile.mkdtemp(prefix="adloop-serve-")
         self.work_dir = Path(work_dir) if work_dir is not None else Path(self._tmp or ".")
         self.store = self.work_dir / "snapshots"
@@ -39,7 +41,8 @@ class InProcessServer:
         self.manager = ModelManager(self.catalog, resolve_provider(provider),
                                     self.work_dir / "cache", keep_versions=2,
                                     intra_op_threads=threads)
-        self.engine = Engine(self.manager, self.catalog)
+        self.explorer = Explorer(explore, explore_max_shown, self.catalog, seed=seed)
+        self.engine = Engine(self.manager, self.catalog, self.explorer)
         self.published = 0
         """Snapshots exported (a learner publish)."""
         self.id_updates = 0

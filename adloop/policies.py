@@ -58,7 +58,8 @@ class GenerativePolicy:
                  lr: float = 5e-4, publish_every: int = 10, seed: int = 0,
                  explore: float = 0.0, explore_max_shown: int = 50,
                  rspo: RSPOConfig | None = None, catalogue_beams: bool = True,
-                 work_dir: Path | None = None, threads: int = 0) -> None:
+                 work_dir: Path | None = None, threads: int = 0,
+                 reach_every: int = 8) -> None:
         if update not in ("none", "rspo", "vsl_only"):
             raise ValueError(f"update must be none, rspo or vsl_only, got {update!r}")
         self.name = name
@@ -73,20 +74,19 @@ class GenerativePolicy:
         if update == "vsl_only":
             cfg = dataclasses.replace(cfg, rspo_weight=0.0)
         self.learner = (OnlineLearner(self.model, cfg, lr=lr) if update != "none" else None)
-        self.explore = explore
-        """Share of requests whose last slot goes to a low-exposure ad (reserved slot)."""
-        self.explore_max_shown = explore_max_shown
-        """An ad shown fewer times than this (by this policy) is eligible for exploration."""
-        self.shown: dict[str, int] = {}
-        self.rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,)))
         self.coverage: list[float] = []
         """Per request: share of servable ads among the final beam candidates."""
+        self.reach_every = reach_every
+        self.oracle_reach: list[float] = []
+        """Every ``reach_every``-th request: share of the observable oracle's slate among
+        the final beam candidates (what the value ranking could have picked)."""
         self.explored = 0
         self._predicted: dict[str, dict[str, tuple[float, float]]] = {}
         self.calibration_pairs: list[tuple[float, float, float, float]] = []
         """(p̂CTR, clicked, p̂CVR, converted) of every shown item once its feedback is in."""
         torch.manual_seed(seed)
-        self.server = InProcessServer(work_dir, threads=threads)
+        self.server = InProcessServer(work_dir, threads=threads, explore=explore,
+                                      explore_max_shown=explore_max_shown, seed=seed)
         self.server.sync_catalog(self.world.ad_records())
         self._place_new_ads()
         self.server.publish(self.model, self.tok)
@@ -131,35 +131,23 @@ class GenerativePolicy:
         out = []
         for r, res in zip(requests, results, strict=True):
             self.coverage.append(res.candidates / servable)
+            if self.reach_every and len(self.coverage) % self.reach_every == 0:
+                best = self.world.observable_oracle_slate(r)
+                cands = set(res.candidate_ids)
+                self.oracle_reach.append(sum(a in cands for a in best) / max(1, len(best)))
             self._predicted[r.request_id] = {a.ad_id: (a.pctr, a.pcvr) for a in res.ads}
             slate = [ServedAd(a.ad_id, a.position, score=a.score,
                               expected_value=a.expected_value, semantic_id=a.semantic_id)
                      for a in res.ads]
-            if self.explore > 0 and slate and self.rng.random() < self.explore:
-                slate = self._explore_slot(slate, [a.ad_id for a in self.world.servable_ads()
-                                                   if a.ad_id in self.tok])
+            self.explored += any(a.explored for a in res.ads)
             out.append(ServedSlate(r.request_id, f"{self.name}-{res.model_version}", slate,
                                    beam_widths=widths))
         return out
 
-    def _explore_slot(self, slate: list[ServedAd], servable: list[str]) -> list[ServedAd]:
-        """The last slot goes to an ad drawn uniformly from the servable ads this policy has
-        shown fewer than ``explore_max_shown`` times (new ads first of all); its propensity
-        is ``explore / len(eligible)``."""
-        taken = {a.ad_id for a in slate}
-        eligible = [a for a in servable
-                    if a not in taken and self.shown.get(a, 0) < self.explore_max_shown]
-        if not eligible:
-            return slate
-        pick = eligible[int(self.rng.integers(len(eligible)))]
-        self.explored += 1
-        last = slate[-1]
-        return [*slate[:-1], ServedAd(pick, last.position, score=float("-inf"),
-                                      expected_value=0.0,
-                                      semantic_id=list(self.tok.ids_of(pick)))]
-
     def calibration(self) -> dict[str, float]:
-        """ECE of the value model's pCTR (shown items) and pCVR (clicked items)."""
+        """ECE of the value model's pCTR (shown items) and pCVR (clicked items), mean
+        candidate coverage, share of requests with an exploration slot, and how much of
+        the observable oracle's slate the final beams held."""
         pairs = self.calibration_pairs
         ctr, _ = expected_calibration_error([a for a, _, _, _ in pairs],
                                             [b for _, b, _, _ in pairs])
@@ -167,14 +155,15 @@ class GenerativePolicy:
         cvr, _ = expected_calibration_error([c for c, _ in clicked], [d for _, d in clicked])
         return {"ece_ctr": ctr, "ece_cvr": cvr, "mean_coverage": float(np.mean(self.coverage))
                 if self.coverage else math.nan, "explored_share": self.explored
-                / max(1, len(self.coverage))}
+                / max(1, len(self.coverage)),
+                "observable_oracle_reach": float(np.mean(self.oracle_reach))
+                if self.oracle_reach else math.nan}
 
     # -- learning --------------------------------------------------------------------------
     def learn(self, lists: Sequence[Feedback]) -> dict[str, float]:
         for fb in lists:
             predicted = self._predicted.pop(fb.request_id, {})
             for it in fb.items:
-                self.shown[it.ad_id] = self.shown.get(it.ad_id, 0) + 1
                 if it.ad_id in predicted:
                     p_ctr, p_cvr = predicted[it.ad_id]
                     self.calibration_pairs.append((p_ctr, float(it.clicked or it.converted),

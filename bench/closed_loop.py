@@ -38,7 +38,8 @@ from bench.common import (
     write_results,
 )
 
-SERVING_KEYS = ("ece_ctr", "ece_cvr", "mean_coverage", "explored_share", "model_versions")
+SERVING_KEYS = ("ece_ctr", "ece_cvr", "mean_coverage", "explored_share",
+                "observable_oracle_reach", "model_versions")
 """What the generative policies report about their serving (mean over seeds)."""
 
 

@@ -71,6 +71,8 @@ class RecResult:
     ads: list[RankedAd] = field(default_factory=list)
     candidates: int = 0
     """Final beams the slate was ranked from (distinct servable ads)."""
+    candidate_ids: list[str] = field(default_factory=list)
+    """Their ad ids (not part of the HTTP response)."""
 
 
 class Engine:
@@ -133,9 +135,12 @@ class Engine:
         pctr_all, pcvr_all = rt.value(states.memory, states.memory_mask, candidates)
         pctr = pctr_all[beams.request, col].astype(np.float64)
         pcvr = pcvr_all[beams.request, col].astype(np.float64)
+        ad_ids = [man.ad_ids[r] for r in beams.rows]
+        start = 0
         for b, n in enumerate(np.bincount(beams.request, minlength=B).tolist()):
             results[b].candidates = n
-        ad_ids = [man.ad_ids[r] for r in beams.rows]
+            results[b].candidate_ids = ad_ids[start:start + n]   # beams are request-major
+            start += n
         bid, kind, recs = self.catalog.bids(ad_ids)
         ev = expected_value(bid, kind, pctr, pcvr)
         allowed = np.fromiter((is_servable(a) for a in recs), bool, count=len(recs))

@@ -38,6 +38,11 @@ def test_generative_policies_are_served_from_exported_snapshots_and_learn(
         e = res["policies"][name]
         assert len(e["rpm_curve"]) == cfg.buckets
         assert math.isfinite(e["rpm_last_quarter"]["mean"]) and e["rpm_all"]["mean"] > 0
+        assert 0.0 < e["mean_coverage"]["mean"] <= 1.0
+        assert 0.0 <= e["observable_oracle_reach"]["mean"] <= 1.0
+    # the server's exploration slot serves the learning policy only (EvalConfig.explore)
+    assert res["policies"]["rspo"]["explored_share"]["mean"] > 0.0
+    assert res["policies"]["frozen"]["explored_share"]["mean"] == 0.0
     assert res["rspo_over_frozen"] is not None
     # rspo published (10 updates of 32 lists) and served its own snapshot
     assert res["policies"]["rspo"]["model_versions"]["mean"] == 2
