@@ -9,6 +9,11 @@
   full objective (RSPO + VSL + value heads) side by side.
 * ``snapshot_export_validate_s``: ``Publisher.publish`` of that model (ONNX export,
   parity check, NaN check, holdout metric, store).
+* ``lists_per_s_1_rank`` / ``lists_per_s_2_ranks``: the same full-objective update in
+  ``--world-size`` 1 (one process, the plain learner) and 2 (two processes on a gloo
+  group, :mod:`learner.distributed`: each rank steps on its own batch of ``--batch``
+  lists, gradients all-reduced), measured in the same run at ``--rank-threads`` torch
+  threads per rank; ``lists_per_s_2_ranks_over_1`` is their ratio (2 would be linear).
 * ``freshness_p50_s`` / ``freshness_p95_s``: on the embedded stack (broker, learner,
   server), the wall time from a feedback record being appended to Kafka until the
   server answers with a model version whose data watermark covers it.
@@ -17,6 +22,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -59,6 +67,62 @@ def rspo_throughput(model: GenerativeRecommender, tok: UASIDTokenizer, lists: li
     return done / (time.perf_counter() - t0)
 
 
+def _rank_throughput(rank: int, world: int, port: int, threads: int, batch: int,
+                     seconds: float, n_lists: int, out: str) -> None:
+    """One rank of :func:`data_parallel_throughput` (a spawned process)."""
+    from learner.distributed import Group, make_data_parallel
+
+    torch.set_num_threads(threads)
+    model, tok, lists = default_model_and_lists(n_lists)
+    learner = OnlineLearner(model, RSPOConfig(), value_weight=0.5)
+    group = None
+    if world > 1:
+        group = Group(rank, world, "127.0.0.1", port, "gloo", timeout_s=600)
+        make_data_parallel(learner, group)
+    mine = lists[rank::world]
+    batches = [lists_to_batch(mine[i:i + batch], tok, model)
+               for i in range(0, len(mine) - batch + 1, batch)]
+
+    def step(i: int) -> None:
+        learner.opt.lists = float(batch)  # type: ignore[attr-defined]
+        learner.update(batches[i % len(batches)])
+
+    step(0)  # warm-up
+    if group is not None:
+        group.broadcast(None)  # start together
+    t0, steps = time.perf_counter(), 0
+    while True:
+        go = time.perf_counter() - t0 < seconds
+        if group is not None:
+            go = bool(group.broadcast(go))  # rank 0's clock decides for every rank
+        if not go:
+            break
+        step(steps + 1)
+        steps += 1
+    elapsed = time.perf_counter() - t0
+    if rank == 0:
+        Path(out).write_text(json.dumps({"lists": steps * batch * world, "s": elapsed}))
+    if group is not None:
+        group.close()
+
+
+def data_parallel_throughput(world: int, threads: int, batch: int, seconds: float,
+                             n_lists: int) -> float:
+    """Lists/s of ``world`` learner ranks on this host, ``threads`` torch threads each."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "rate.json")
+        mp.start_processes(_rank_throughput, args=(world, port, threads, batch, seconds,
+                                                   n_lists, out),
+                           nprocs=world, start_method="spawn", join=True)
+        r = json.loads(Path(out).read_text())
+    return float(r["lists"] / r["s"])
+
+
 def update_gflop(model: GenerativeRecommender, tok: UASIDTokenizer, lists: list,
                  batch: int) -> float:
     """Floating-point work of one update (forward + backward, counted by torch), GFLOP."""
@@ -92,6 +156,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--rank-threads", type=int, default=1,
+                    help="torch threads per rank in the 1-vs-2-rank comparison")
     ap.add_argument("--skip-freshness", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -102,6 +168,10 @@ def main() -> int:
                                 RSPOConfig(vsl_alpha=0.0), 0.0)
     export_s = export_validate(model, tok, lists, 2 if args.quick else 5)
     gflop = update_gflop(model, tok, lists, args.batch)
+    n_lists = 2048 if args.quick else 8192
+    dp = {w: data_parallel_throughput(w, args.rank_threads, args.batch, seconds, n_lists)
+          for w in (1, 2)}
+    load_1m = os.getloadavg()[0]   # other work on the machine during the comparison
     results: dict[str, object] = {
         "device": device(), "quick": args.quick, "threads": args.threads,
         "batch_lists": args.batch, "model_params": model.num_parameters(),
@@ -110,6 +180,10 @@ def main() -> int:
         "update_gflop": round(gflop, 2),
         "achieved_gflop_per_s": round(gflop * full / args.batch, 1),
         "gflop_per_s_for_2000_lists": round(gflop * 2000 / args.batch, 1),
+        "threads_per_rank": args.rank_threads,
+        "lists_per_s_1_rank": round(dp[1], 1), "lists_per_s_2_ranks": round(dp[2], 1),
+        "lists_per_s_2_ranks_over_1": round(dp[2] / dp[1], 2),
+        "load_average_1m_after_ranks": round(load_1m, 2),
         "freshness_p50_s": None, "freshness_p95_s": None,
     }
     if not args.skip_freshness:
@@ -121,8 +195,14 @@ def main() -> int:
         except ImportError:
             results["freshness_note"] = "end-to-end freshness needs the serving worker"
     path = write_results("learn", results)
+    per_rank = f"{args.rank_threads} thread{'s' if args.rank_threads > 1 else ''}"
     rows = [["RSPO + VSL + value heads (lists/s)", results["rspo_lists_per_s"], "≥ 2,000"],
             ["RSPO term only (lists/s)", results["rspo_only_lists_per_s"], ""],
+            [f"1 rank, {per_rank} (lists/s)",
+             results["lists_per_s_1_rank"], ""],
+            [f"2 ranks, {per_rank} each (lists/s)",
+             results["lists_per_s_2_ranks"], ""],
+            ["2 ranks / 1 rank", results["lists_per_s_2_ranks_over_1"], "2 = linear"],
             ["snapshot export + validation (s)", results["snapshot_export_validate_s"], ""],
             ["freshness p50 (s)", results["freshness_p50_s"], ""],
             ["freshness p95 (s)", results["freshness_p95_s"], "≤ 10"]]
@@ -136,7 +216,12 @@ def main() -> int:
         f"{results['achieved_gflop_per_s']} GFLOP/s, and 2,000 lists/s would need "
         f"{results['gflop_per_s_for_2000_lists']} GFLOP/s, more than two cores deliver "
         f"to these small matrices: the goal needs a smaller model (or fewer items per "
-        f"list in the RSPO term), not a faster loop."))
+        f"list in the RSPO term), not a faster loop.\n\nData-parallel rows: "
+        f"`learner.distributed` ranks (gloo all-reduce of the gradients) as separate "
+        f"processes on this host, each on its own batch of {args.batch} lists, "
+        f"{per_rank} per rank, measured in the same run (1-minute load average "
+        f"{results['load_average_1m_after_ranks']} right after, other work included); "
+        f"docs/scale.md explains the ratio on this machine."))
     print(path.read_text())
     return 0
 
