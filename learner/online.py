@@ -19,6 +19,10 @@ On restart the learner loads the checkpoint, deletes ledger segments newer than 
 every feedback offset is trained exactly once across crashes. A training step only
 ever happens with the whole polled batch, so a checkpoint never lands between a
 record being consumed and its effect.
+
+``--world-size N`` runs N data-parallel ranks of this service (:mod:`learner.distributed`):
+each consumes its share of the partitions, and rank 0 writes one checkpoint holding
+every rank's positions.
 """
 
 from __future__ import annotations
