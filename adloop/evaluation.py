@@ -122,6 +122,9 @@ class EvalConfig:
     capped at 16, the earlier rule; for ablations)."""
     value_own_items: bool = True
     """The value head has its own item table (False: shared; for ablations)."""
+    trie_logprobs: bool = True
+    """RSPO's log-probs renormalized over the servable trie, as served (False: over each
+    level's whole vocabulary; for ablations)."""
     value_priors: bool = True
     """The value head's empirical-Bayes priors per (industry, goal) (False: for ablations)."""
     rspo: dict[str, Any] = field(default_factory=dict)
@@ -336,7 +339,7 @@ def make_policy(name: str, world: World, seed: int, cfg: EvalConfig,
                                      explore=cfg.explore if update != "none" else 0.0,
                                      catalogue_beams=cfg.catalogue_beams,
                                      rspo=RSPOConfig(**cfg.rspo), work_dir=work_dir,
-                                     threads=cfg.threads)
+                                     threads=cfg.threads, trie_logprobs=cfg.trie_logprobs)
 
 
 def pretrain_on(log_feedback: list[Feedback], world: World, cfg: EvalConfig, seed: int,

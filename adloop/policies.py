@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from adloop.inprocess import InProcessServer
+from learner.beam import IdTrie
 from learner.model import GenerativeRecommender, shrunk_rate_logits
 from learner.rspo import RSPOConfig
 from learner.rspo_step import OnlineLearner, lists_to_batch
@@ -59,7 +60,7 @@ class GenerativePolicy:
                  explore: float = 0.0, explore_max_shown: int = 50,
                  rspo: RSPOConfig | None = None, catalogue_beams: bool = True,
                  work_dir: Path | None = None, threads: int = 0,
-                 reach_every: int = 8) -> None:
+                 reach_every: int = 8, trie_logprobs: bool = True) -> None:
         if update not in ("none", "rspo", "vsl_only"):
             raise ValueError(f"update must be none, rspo or vsl_only, got {update!r}")
         self.name = name
@@ -76,6 +77,9 @@ class GenerativePolicy:
         self.learner = (OnlineLearner(self.model, cfg, lr=lr) if update != "none" else None)
         self.coverage: list[float] = []
         """Per request: share of servable ads among the final beam candidates."""
+        self.trie_logprobs = trie_logprobs
+        self._trie_key: tuple[str, ...] = ()
+        self._trie: IdTrie | None = None
         self.reach_every = reach_every
         self.oracle_reach: list[float] = []
         """Every ``reach_every``-th request: share of the observable oracle's slate among
@@ -160,6 +164,20 @@ class GenerativePolicy:
                 if self.oracle_reach else math.nan}
 
     # -- learning --------------------------------------------------------------------------
+    def _learner_trie(self) -> IdTrie | None:
+        """The servable ids as the learner's trie (None with ``trie_logprobs`` off): the
+        items' log-probs are taken under the constraint the server scored them with."""
+        if not self.trie_logprobs:
+            return None
+        servable = tuple(sorted(a.ad_id for a in self.world.servable_ads()
+                                if a.ad_id in self.tok))
+        if servable != self._trie_key:
+            ids = np.array([self.tok.ids_of(a) for a in servable], dtype=np.int64)
+            self._trie = IdTrie(ids.reshape(len(servable), self.tok.config.id_len),
+                                self.tok.config.token_sizes) if servable else None
+            self._trie_key = servable
+        return self._trie
+
     def learn(self, lists: Sequence[Feedback]) -> dict[str, float]:
         for fb in lists:
             predicted = self._predicted.pop(fb.request_id, {})
@@ -171,7 +189,7 @@ class GenerativePolicy:
         if self.learner is None or not lists:
             return {}
         metrics = self.learner.update(lists_to_batch([(fb, 1.0) for fb in lists], self.tok,
-                                                     self.model))
+                                                     self.model, self._learner_trie()))
         if self.learner.steps % self.publish_every == 0:
             self.learner.refresh_reference()
             self.server.publish(self.model, self.tok)

@@ -56,6 +56,29 @@ class IdTrie:
     def id_len(self) -> int:
         return len(self.level_sizes)
 
+    def allowed(self, ids: np.ndarray) -> np.ndarray:
+        """Per id and level, the codes the served beam search chooses among: ids [N, T]
+        -> [N, T, V_max] bool, the children of the id's prefix in this trie. The id's own
+        code is always allowed; once a prefix leaves the trie (an ad no longer
+        servable), every code of the level is."""
+        ids = np.asarray(ids, dtype=np.int64)
+        N, T = ids.shape
+        V = max(self.level_sizes)
+        out = np.zeros((N, T, V), dtype=bool)
+        node = np.zeros(N, dtype=np.int64)
+        rows = np.arange(N)
+        for t in range(T):
+            table = self.children[t].numpy()
+            size = self.level_sizes[t]
+            on = node >= 0
+            out[on, t, :size] = table[node[on]] >= 0
+            out[~on, t, :size] = True
+            out[rows, t, ids[:, t]] = True
+            nxt = np.full(N, -1, dtype=np.int64)
+            nxt[on] = table[node[on], ids[on, t]]
+            node = nxt if t < T - 1 else node
+        return out
+
 
 Encoded = tuple[Tensor, Tensor, Tensor, Tensor]
 """memory [B, S, D], memory_mask [B, S], lower [B, T, D], memory_kv [B, M, 2, h, S, D/h]."""

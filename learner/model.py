@@ -388,22 +388,30 @@ class LazyARDecoder(nn.Module):
         logp = torch.log_softmax(per_prior, dim=-1) + self.log_mix[:, None, None]
         return torch.logsumexp(logp, dim=1)
 
-    def target_logprob(self, h: Tensor, ids: Tensor) -> Tensor:
+    def target_logprob(self, h: Tensor, ids: Tensor, allowed: Tensor | None = None) -> Tensor:
         """log p(ids[:, t]) at levels t = 0..P-1 from their hidden states: h [N, P, D],
         ids [N, P] -> [N, P]. The values of ``log_softmax(project(h)).gather(ids)`` (prior
         mixture included), but each level is projected onto its own vocabulary only, not
-        padded to V, and no [N, P, V] tensor is built."""
+        padded to V, and no [N, P, V] tensor is built.
+
+        ``allowed`` [N, P, V] bool: renormalize each level over the allowed codes only
+        (the children of the id's prefix in the servable trie), as the server's beam
+        search scores a level; the target code must be allowed."""
         zs = [h] if len(self.priors) == 0 else [h + mlp(h) for mlp in self.priors]
         out = []
         for t in range(ids.shape[1]):
             size = self.level_sizes[t]
             w, b, tgt = self.head_w[t, :size], self.head_b[t, :size], ids[:, t:t + 1]
-            per_prior = []
-            for z in zs:
-                logits = F.linear(z[:, t], w, b)                           # [N, size_t]
-                per_prior.append(logits.gather(1, tgt)[:, 0] - logits.logsumexp(1))
-            lp = per_prior[0] if len(zs) == 1 else \
-                torch.logsumexp(torch.stack(per_prior) + self.log_mix[:, None], 0)
+            logits = [F.linear(z[:, t], w, b) for z in zs]                 # [N, size_t] each
+            if len(zs) == 1 and allowed is None:
+                lp = logits[0].gather(1, tgt)[:, 0] - logits[0].logsumexp(1)
+            else:
+                level = logits[0] if len(zs) == 1 else torch.logsumexp(
+                    torch.stack([x.log_softmax(1) for x in logits]) + self.log_mix[:, None, None],
+                    0)                                                     # mixture log-probs
+                norm = level if allowed is None else \
+                    level.masked_fill(~allowed[:, t, :size], -torch.inf)
+                lp = level.gather(1, tgt)[:, 0] - norm.logsumexp(1)
             out.append(lp)
         return torch.stack(out, 1)
 
@@ -596,11 +604,14 @@ class GenerativeRecommender(nn.Module):
         return self.level_logprob_and_memory(batch, ids)[0]
 
     def level_logprob_and_memory(self, batch: UserInputs, ids: Tensor,
-                                 encoder_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+                                 encoder_grad: bool = True, allowed: Tensor | None = None
+                                 ) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`level_logprob` [B, K, T] plus the encoder's memory [B, S, D] and
         memory_mask [B, S], for callers that also run the value head on the same pass.
         With ``encoder_grad=False`` the log-probs' gradient stops at the encoder's output
-        (the decoder and item table still learn; the memory returned keeps its graph)."""
+        (the decoder and item table still learn; the memory returned keeps its graph).
+        ``allowed`` [B, K, T, V] bool renormalizes each level over the allowed codes
+        (:meth:`LazyARDecoder.target_logprob`)."""
         B, K, T = ids.shape
         if encoder_grad:
             memory, mask, lower, kv = self.encode(batch.history, batch.history_mask,
@@ -611,7 +622,9 @@ class GenerativeRecommender(nn.Module):
             lower, kv = self.decoder.lower(fixed, mask), self.decoder.memory_kv(fixed)
         flat = ids.reshape(B * K, T)                        # request-major: K rows per request
         h = self.decoder.top(kv, mask, lower, flat[:, :-1])                # [B*K, T, D]
-        return self.decoder.target_logprob(h, flat).reshape(B, K, T), memory, mask
+        flat_allowed = allowed.reshape(B * K, T, -1) if allowed is not None else None
+        return (self.decoder.target_logprob(h, flat, flat_allowed).reshape(B, K, T), memory,
+                mask)
 
     def sequence_logprob(self, batch: UserInputs, ids: Tensor) -> Tensor:
         """log p(id | user) summed over levels: ids [B, K, T] -> [B, K]."""

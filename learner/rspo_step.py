@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from learner.beam import IdTrie
 from learner.losses import BID_TYPES, expected_value, value_loss, value_weights
 from learner.model import GenerativeRecommender
 from learner.rspo import RSPOConfig, fake_negative_weight, hepo_loss, rspo_loss
@@ -47,6 +48,9 @@ class ListBatch:
     list_weight: Tensor
     bids: Tensor
     bid_type: Tensor
+    allowed: Tensor | None = None
+    """[B, K, T, V] bool: per item and level the codes the served beam search chose among
+    (``IdTrie.allowed``); None: log-probs over each level's whole vocabulary."""
 
     def __len__(self) -> int:
         return int(self.items.shape[0])
@@ -67,9 +71,11 @@ def provisional_weight(fb: Feedback) -> float:
 
 
 def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
-                   model: GenerativeRecommender) -> ListBatch:
+                   model: GenerativeRecommender, trie: IdTrie | None = None) -> ListBatch:
     """Tensors for ``(feedback, list weight)`` pairs; unknown ads are left out. The
-    history axis is as long as the longest history in the batch (at most H)."""
+    history axis is as long as the longest history in the batch (at most H). With the
+    ``trie`` of servable ids, the items' log-probs are taken under its constraint, as
+    the server scores them (:attr:`ListBatch.allowed`)."""
     cfg = model.cfg
     T, H = cfg.id_len, cfg.history_len
     B = len(lists)
@@ -116,8 +122,11 @@ def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
     # at padded positions are masked everywhere, so the results are the same)
     used = max(int(hmask.sum(1).max(initial=0.0)), 1)
     t = torch.from_numpy
+    allowed = (t(trie.allowed(items.reshape(B * K, T)).reshape(B, K, T, -1))
+               if trie is not None else None)
     return ListBatch(t(hist[:, :used]), t(hmask[:, :used]), t(ctx), t(items), t(imask),
-                     t(rewards), t(clicked), t(converted), t(weight), t(bids), t(bid_type))
+                     t(rewards), t(clicked), t(converted), t(weight), t(bids), t(bid_type),
+                     allowed)
 
 
 def ndcg_of_scores(scores: Tensor, rewards: Tensor, mask: Tensor) -> Tensor:
@@ -187,10 +196,11 @@ class OnlineLearner:
         """One optimizer step on a batch of lists; returns the loss terms and diagnostics."""
         self.model.train()
         level_logp, memory, mem_mask = self.model.level_logprob_and_memory(
-            b, b.items, encoder_grad=self.cfg.generator_encoder_grad)
+            b, b.items, encoder_grad=self.cfg.generator_encoder_grad, allowed=b.allowed)
         logp = (level_logp * b.item_mask.unsqueeze(-1)).sum(-1)                # [B, K]
         with torch.no_grad():
-            ref_level, _, _ = self.ref.level_logprob_and_memory(b, b.items)
+            ref_level, _, _ = self.ref.level_logprob_and_memory(b, b.items,
+                                                                allowed=b.allowed)
         logp_ref = (ref_level * b.item_mask.unsqueeze(-1)).sum(-1)
         value_memory = memory.detach() if self.cfg.value_detach else memory
         pctr, pcvr = self.model.value(value_memory, mem_mask, b.items)
@@ -240,7 +250,7 @@ class OnlineLearner:
         rewards add the same to every model.
         ndcg: mean value-NDCG of ranking the held-out slates by sequence log-prob."""
         model.eval()
-        level_logp, _, _ = model.level_logprob_and_memory(b, b.items)
+        level_logp, _, _ = model.level_logprob_and_memory(b, b.items, allowed=b.allowed)
         scores = (level_logp * b.item_mask.unsqueeze(-1)).sum(-1)
         has_items = b.item_mask.sum(1) > 0
         has_value = (b.rewards * b.item_mask).sum(1) > 0

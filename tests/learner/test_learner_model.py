@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
 from learner import synthetic
-from learner.beam import TorchBackend, beam_search
+from learner.beam import IdTrie, TorchBackend, beam_search
 from learner.data import build_examples
 from learner.evaluate import trie_of
 from learner.losses import pretrain_loss
@@ -148,6 +149,49 @@ def test_level_logprob_matches_teacher_forced_log_softmax_per_row(
         per_row = model.decoder.teacher_forced(kv[rows], mask[rows], lower[rows], flat)
         expect = torch.log_softmax(per_row, -1).gather(-1, flat.unsqueeze(-1))[..., 0]
     assert torch.allclose(grouped.reshape(12, -1), expect, atol=1e-5)
+
+
+@pytest.mark.parametrize("prior_heads", [0, 2])
+def test_log_probs_under_the_trie_are_the_served_beam_scores(
+        prior_heads: int, small_tokenizer: UASIDTokenizer,
+        synth_log: synthetic.SyntheticLog) -> None:
+    """With the servable trie, each level is renormalized over the children of the id's
+    prefix: the log-probability the server's beam search adds at that level."""
+    torch.manual_seed(1)
+    model = GenerativeRecommender(_cfg(small_tokenizer, prior_heads=prior_heads)).eval()
+    ex = build_examples(synth_log.feedback[:30], small_tokenizer, history_len=10)
+    b = ex.batch([0, 1])
+    _, arr = small_tokenizer.id_array()
+    servable = arr[::3]                                     # a third of the catalogue
+    trie = IdTrie(servable, small_tokenizer.config.token_sizes)
+    ids = torch.from_numpy(np.concatenate([servable[:3], arr[1:2]])).reshape(1, 4, -1)
+    ids = ids.expand(2, -1, -1)                             # the last id is not servable
+    allowed = torch.from_numpy(trie.allowed(ids.reshape(8, -1).numpy())).reshape(2, 4, *(
+        ids.shape[2], -1))
+    with torch.no_grad():
+        got = model.level_logprob_and_memory(b, ids, allowed=allowed)[0]
+        free = model.level_logprob(b, ids)
+        _, mask, lower, kv = model.encode(b.history, b.history_mask, b.context)
+        for r in range(2):
+            for k in range(3):                              # served ids: the beam's scores
+                for t in range(ids.shape[2]):
+                    prefix = ids[r, k, :t].unsqueeze(0)
+                    logits = model.decoder.step(kv, mask, lower, torch.tensor([r]), prefix)[0]
+                    kids = torch.from_numpy(trie.children[t][
+                        _node(trie, ids[r, k, :t].tolist())].numpy() >= 0)
+                    kids = torch.cat([kids, torch.zeros(logits.shape[0] - kids.shape[0],
+                                                        dtype=torch.bool)])
+                    want = logits[ids[r, k, t]] - logits[kids].logsumexp(0)
+                    assert abs(float(got[r, k, t] - want)) < 1e-4
+    assert bool((got[:, :3] >= free[:, :3] - 1e-6).all())  # fewer rivals, higher log-prob
+    assert bool(torch.isfinite(got).all())                  # off the trie: still finite
+
+
+def _node(trie: IdTrie, prefix: list[int]) -> int:
+    node = 0
+    for t, code in enumerate(prefix):
+        node = int(trie.children[t][node, code])
+    return node
 
 
 def test_value_priors_shrink_rare_cells_to_their_goal_and_old_models_load_without_them(
