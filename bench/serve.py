@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -220,13 +221,25 @@ def max_rate(rows: list[dict[str, Any]]) -> float:
     return best
 
 
+async def _open_loop(one: Callable[[int], Coroutine[Any, Any, None]], rate: float,
+                     stop: asyncio.Event) -> None:
+    """Start ``one(i)`` at ``rate`` per second until ``stop``, then await every one."""
+    tasks: set[asyncio.Task[None]] = set()
+    i = 0
+    while not stop.is_set():
+        t = asyncio.get_running_loop().create_task(one(i))
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+        i += 1
+        await asyncio.sleep(1.0 / rate)
+    await asyncio.gather(*tasks)
+
+
 async def _steady(url: str, rate: float, stop: asyncio.Event, ad_ids: list[str],
                   out: dict[str, Any]) -> None:
     rng = np.random.default_rng(7)
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
-        tasks: set[asyncio.Task[None]] = set()
-
         async def one(i: int) -> None:
             try:
                 r = await client.post("/v1/recommend", json=_payload(i, ad_ids, rng))
@@ -237,14 +250,7 @@ async def _steady(url: str, rate: float, stop: asyncio.Event, ad_ids: list[str],
                 key = type(exc).__name__
             out["codes"][key] = out["codes"].get(key, 0) + 1
 
-        i = 0
-        while not stop.is_set():
-            t = asyncio.get_running_loop().create_task(one(i))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-            i += 1
-            await asyncio.sleep(1.0 / rate)
-        await asyncio.gather(*tasks)
+        await _open_loop(one, rate, stop)
 
 
 def slope_per_swap(rss: list[int]) -> float:
@@ -327,8 +333,6 @@ async def _steady_log(url: str, rate: float, stop: asyncio.Event, ad_ids: list[s
     rng = np.random.default_rng(11)
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
-        tasks: set[asyncio.Task[None]] = set()
-
         async def one(i: int) -> None:
             sent = time.monotonic()
             try:
@@ -340,14 +344,7 @@ async def _steady_log(url: str, rate: float, stop: asyncio.Event, ad_ids: list[s
             out.append((sent, time.monotonic(), str(r.status_code), body.get("model_version"),
                         body.get("server_id")))
 
-        i = 0
-        while not stop.is_set():
-            t = asyncio.get_running_loop().create_task(one(i))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-            i += 1
-            await asyncio.sleep(1.0 / rate)
-        await asyncio.gather(*tasks)
+        await _open_loop(one, rate, stop)
 
 
 def _wait(what: str, predicate: Any, timeout_s: float = 120.0) -> None:
