@@ -12,7 +12,11 @@ Variants (every one on the same seeds and the same simulated traffic as
   anchor positives;
 * ``+value_separation``: the value head's own item table, RSPO does not move the encoder;
 * ``+catalogue_beams``: the width at every level, level 0 whole for a small catalogue;
-* ``+exploration``: the reserved exploration slot (5 % of requests) — the default.
+* ``+exploration``: the reserved exploration slot (5 % of requests);
+* ``+trie_logprobs``: RSPO's log-probs renormalized over the servable trie, as the
+  server scores a level;
+* ``+value_priors``: the value head's empirical-Bayes priors per (industry, bid
+  type/goal) from the logs — the default (``frozen`` has them too).
 
 The promotion guard (the fifth change) does not act inside the harness; its test is in
 ``tests/learner/test_online_learner.py``. Writes ``bench/results/rspo_ablations.json``
@@ -51,13 +55,16 @@ SEPARATE = {"generator_encoder_grad": False}
 
 def variants() -> list[tuple[str, dict[str, Any]]]:
     base: dict[str, Any] = {"rspo": OLD_RSPO, "value_own_items": False, "catalogue_beams": False,
-            "explore": 0.0}
+                            "explore": 0.0, "trie_logprobs": False, "value_priors": False}
     dense = {**base, "rspo": {**OLD_RSPO, **DENSE}}
     separate = {**dense, "rspo": {**dense["rspo"], **SEPARATE}, "value_own_items": True}
     beams = {**separate, "catalogue_beams": True}
     explore = {**beams, "explore": 0.05}
+    trie = {**explore, "trie_logprobs": True}
+    priors = {**trie, "value_priors": True}
     return [("base", base), ("+dense_rewards", dense), ("+value_separation", separate),
-            ("+catalogue_beams", beams), ("+exploration", explore)]
+            ("+catalogue_beams", beams), ("+exploration", explore), ("+trie_logprobs", trie),
+            ("+value_priors", priors)]
 
 
 def main() -> int:
@@ -76,7 +83,8 @@ def main() -> int:
             def progress(m: str, n: str = name) -> None:
                 print(f"[{n}] {m}", flush=True)
 
-            res = compare(vcfg, Path(tmp) / name.strip("+"), progress=progress)
+            res = compare(vcfg, Path(tmp) / name.strip("+"), progress=progress,
+                          jobs=args.jobs)
             entry = next(iter(res["policies"].values()))
             per_seed[name] = entry["per_seed_rpm_last_quarter"]
     elapsed = time.perf_counter() - t0
