@@ -14,6 +14,8 @@
   group, :mod:`learner.distributed`: each rank steps on its own batch of ``--batch``
   lists, gradients all-reduced), measured in the same run at ``--rank-threads`` torch
   threads per rank; ``lists_per_s_2_ranks_over_1`` is their ratio (2 would be linear).
+  ``lists_per_s_2_independent_processes``: the control, two one-rank processes that
+  never communicate, side by side (the machine's own limit for two processes).
 * ``freshness_p50_s`` / ``freshness_p95_s``: on the embedded stack (broker, learner,
   server), the wall time from a feedback record being appended to Kafka until the
   server answers with a model version whose data watermark covers it.
@@ -68,7 +70,7 @@ def rspo_throughput(model: GenerativeRecommender, tok: UASIDTokenizer, lists: li
 
 
 def _rank_throughput(rank: int, world: int, port: int, threads: int, batch: int,
-                     seconds: float, n_lists: int, out: str) -> None:
+                     seconds: float, n_lists: int, out: str, independent: bool) -> None:
     """One rank of :func:`data_parallel_throughput` (a spawned process)."""
     from learner.distributed import Group, make_data_parallel
 
@@ -76,7 +78,7 @@ def _rank_throughput(rank: int, world: int, port: int, threads: int, batch: int,
     model, tok, lists = default_model_and_lists(n_lists)
     learner = OnlineLearner(model, RSPOConfig(), value_weight=0.5)
     group = None
-    if world > 1:
+    if world > 1 and not independent:
         group = Group(rank, world, "127.0.0.1", port, "gloo", timeout_s=600)
         make_data_parallel(learner, group)
     mine = lists[rank::world]
@@ -100,15 +102,17 @@ def _rank_throughput(rank: int, world: int, port: int, threads: int, batch: int,
         step(steps + 1)
         steps += 1
     elapsed = time.perf_counter() - t0
-    if rank == 0:
-        Path(out).write_text(json.dumps({"lists": steps * batch * world, "s": elapsed}))
+    Path(f"{out}.{rank}").write_text(json.dumps({"lists": steps * batch, "s": elapsed}))
     if group is not None:
         group.close()
 
 
 def data_parallel_throughput(world: int, threads: int, batch: int, seconds: float,
-                             n_lists: int) -> float:
-    """Lists/s of ``world`` learner ranks on this host, ``threads`` torch threads each."""
+                             n_lists: int, independent: bool = False) -> float:
+    """Lists/s of ``world`` learner ranks on this host, ``threads`` torch threads each
+    (the sum over the ranks). ``independent``: the same processes without a group, each
+    a one-rank learner on its own lists (what the machine gives ``world`` processes
+    that never wait for each other)."""
     import torch.multiprocessing as mp
 
     with socket.socket() as sock:
@@ -117,10 +121,10 @@ def data_parallel_throughput(world: int, threads: int, batch: int, seconds: floa
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "rate.json")
         mp.start_processes(_rank_throughput, args=(world, port, threads, batch, seconds,
-                                                   n_lists, out),
+                                                   n_lists, out, independent),
                            nprocs=world, start_method="spawn", join=True)
-        r = json.loads(Path(out).read_text())
-    return float(r["lists"] / r["s"])
+        rates = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
+    return float(sum(r["lists"] / r["s"] for r in rates))
 
 
 def update_gflop(model: GenerativeRecommender, tok: UASIDTokenizer, lists: list,
@@ -171,6 +175,8 @@ def main() -> int:
     n_lists = 2048 if args.quick else 8192
     dp = {w: data_parallel_throughput(w, args.rank_threads, args.batch, seconds, n_lists)
           for w in (1, 2)}
+    apart = data_parallel_throughput(2, args.rank_threads, args.batch, seconds, n_lists,
+                                     independent=True)
     load_1m = os.getloadavg()[0]   # other work on the machine during the comparison
     results: dict[str, object] = {
         "device": device(), "quick": args.quick, "threads": args.threads,
@@ -183,6 +189,8 @@ def main() -> int:
         "threads_per_rank": args.rank_threads,
         "lists_per_s_1_rank": round(dp[1], 1), "lists_per_s_2_ranks": round(dp[2], 1),
         "lists_per_s_2_ranks_over_1": round(dp[2] / dp[1], 2),
+        "lists_per_s_2_independent_processes": round(apart, 1),
+        "lists_per_s_2_independent_over_1": round(apart / dp[1], 2),
         "load_average_1m_after_ranks": round(load_1m, 2),
         "freshness_p50_s": None, "freshness_p95_s": None,
     }
@@ -203,6 +211,8 @@ def main() -> int:
             [f"2 ranks, {per_rank} each (lists/s)",
              results["lists_per_s_2_ranks"], ""],
             ["2 ranks / 1 rank", results["lists_per_s_2_ranks_over_1"], "2 = linear"],
+            [f"2 independent 1-rank processes, {per_rank} each, together (lists/s)",
+             results["lists_per_s_2_independent_processes"], ""],
             ["snapshot export + validation (s)", results["snapshot_export_validate_s"], ""],
             ["freshness p50 (s)", results["freshness_p50_s"], ""],
             ["freshness p95 (s)", results["freshness_p95_s"], "≤ 10"]]
@@ -220,8 +230,10 @@ def main() -> int:
         f"`learner.distributed` ranks (gloo all-reduce of the gradients) as separate "
         f"processes on this host, each on its own batch of {args.batch} lists, "
         f"{per_rank} per rank, measured in the same run (1-minute load average "
-        f"{results['load_average_1m_after_ranks']} right after, other work included); "
-        f"docs/scale.md explains the ratio on this machine."))
+        f"{results['load_average_1m_after_ranks']} right after, other work included). "
+        f"The independent processes are the control: the same two processes with no "
+        f"group and no all-reduce, each training alone, show what this machine gives two "
+        f"processes at all; docs/scale.md explains the ratio."))
     print(path.read_text())
     return 0
 
