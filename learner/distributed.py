@@ -55,6 +55,7 @@ import torch
 import torch.distributed as dist
 from kafka.errors import KafkaError
 
+from learner.beam import IdTrie
 from learner.model import GenerativeRecommender
 from learner.online import (
     KAFKA_ERRORS,
@@ -265,6 +266,17 @@ class RankService(LearnerService):
 
     def _learner(self, model: GenerativeRecommender) -> OnlineLearner:
         return make_data_parallel(super()._learner(model), self.group)
+
+    def learner_trie(self) -> IdTrie | None:
+        """Every id the tokenizer knows, on every rank: only rank 0 reads ``ads`` and so
+        knows which are servable, and all ranks must take the same log-probs."""
+        if not self.s.trie_logprobs or len(self.tok) == 0:
+            return None
+        key = (-1, len(self.tok))
+        if self._trie is None or self._trie[0] != key:
+            _, ids = self.tok.id_array()
+            self._trie = (key, IdTrie(ids, self.tok.config.token_sizes))
+        return self._trie[1]
 
     def my_partitions(self, parts: list[int]) -> list[int]:
         mine = parts[self.rank::self.world_size]

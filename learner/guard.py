@@ -159,12 +159,13 @@ class GuardEstimate:
         self._warned: set[str] = set()
 
     def round(self, learner: OnlineLearner, lists: Sequence[Feedback], tok: UASIDTokenizer,
-              ads: Mapping[str, Ad]) -> GuardRound | None:
+              ads: Mapping[str, Ad], trie: IdTrie | None = None) -> GuardRound | None:
         """The round over held-out ``lists`` (None without any); ``ads``: the latest
-        record of each ad (bids and which are servable)."""
+        record of each ad (bids and which are servable); ``trie``: the log-probs of the
+        holdout estimate under the servable trie, as the learner trains them."""
         if not lists:
             return None
-        batch = lists_to_batch([(f, 1.0) for f in lists], tok, learner.model)
+        batch = lists_to_batch([(f, 1.0) for f in lists], tok, learner.model, trie)
         if self.estimate == "holdout_value":
             return GuardRound("holdout_value", learner, batch, self.beam_width)
         logged = [f for f in lists if has_propensities(f)]

@@ -46,8 +46,9 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from learner.beam import IdTrie
 from learner.checkpoint import TOKENIZER_DIR, load_model
-from learner.guard import GuardEstimate, GuardEstimateName
+from learner.guard import Catalogue, GuardEstimate, GuardEstimateName
 from learner.model import GenerativeRecommender, ModelConfig
 from learner.publish import Publisher, SnapshotRefusedError, SnapshotStore
 from learner.rspo import RSPOConfig
@@ -134,6 +135,12 @@ class LearnerSettings(BaseSettings):
     """Every n-th request (by id hash) is held out for the promotion guard."""
     holdout_size: int = 512
     max_regression: float = 0.05
+    guard_min_lists: int = 30
+    """The guard refuses a regression only when at least this many held-out lists carry a
+    reward (with fewer, one or two lists decide; the estimate is recorded, not enforced)."""
+    trie_logprobs: bool = True
+    """Train on the shown items' log-probs renormalized over the servable trie at each id
+    level, as the server's beam search scores them (off: over the whole vocabulary)."""
     guard_estimate: GuardEstimateName = "holdout_value"
     """The promotion guard's estimate: holdout_value (value-weighted over the shown items)
     or, on the held-out lists with logging propensities, the off-policy snips or dr of
@@ -244,6 +251,9 @@ class LearnerService:
         self.pending_since = 0.0
         self.replay: deque[tuple[Feedback, float]] = deque(maxlen=max(1, s.replay_size))
         self.ads: dict[str, Ad] = {}
+        self.ads_generation = 0
+        """Bumped whenever an ``ads`` record is applied (the servable trie's cache key)."""
+        self._trie: tuple[tuple[int, int], IdTrie | None] | None = None
         """The latest ``ads`` record of each ad (bids and status for the guard's slates)."""
         self.guard = GuardEstimate(s.guard_estimate, s.guard_beam_width)
         self.holdout: deque[tuple[Feedback, float]] = deque(maxlen=max(1, s.holdout_size))
@@ -355,6 +365,7 @@ class LearnerService:
                         self._ad_dead_letter(m, ad.reason, ad.detail)
                         continue
                     self.ads[ad.ad_id] = ad
+                    self.ads_generation += 1
                     if ad.ad_id not in self.tok:
                         new.append((ad, m))
             if new:
@@ -467,7 +478,19 @@ class LearnerService:
 
     def update_model(self, lists: list[tuple[Feedback, float]]) -> dict[str, float]:
         """One optimizer step on ``lists``."""
-        return self.learner.update(lists_to_batch(lists, self.tok, self.model))
+        return self.learner.update(lists_to_batch(lists, self.tok, self.model,
+                                                  self.learner_trie()))
+
+    def learner_trie(self) -> IdTrie | None:
+        """The servable ids the tokenizer knows, as a trie (None with ``trie_logprobs``
+        off or before any ad is servable); rebuilt when an ad record or an id changes."""
+        if not self.s.trie_logprobs:
+            return None
+        key = (self.ads_generation, len(self.tok))
+        if self._trie is None or self._trie[0] != key:
+            cat = Catalogue.of(self.ads, self.tok)
+            self._trie = (key, cat.trie if cat is not None else None)
+        return self._trie[1]
 
     # -- snapshots -----------------------------------------------------------------------
     def publish(self) -> bool:
@@ -483,9 +506,13 @@ class LearnerService:
         announcement); False when the guard refused it."""
         version = f"v{self.next_version:06d}"
         rnd = self.guard.round(self.learner, [fb for fb, _ in self.holdout], self.tok,
-                               self.ads)
+                               self.ads, self.learner_trie())
         refs: dict[str, float] = {}
-        if rnd is not None:
+        valued = sum(1 for fb, _ in self.holdout if any(it.reward > 0 for it in fb.items))
+        if rnd is not None and valued < self.s.guard_min_lists:
+            log.info("guard.not_enforced", version=version, held_out_lists_with_reward=valued,
+                     needed=self.s.guard_min_lists)
+        elif rnd is not None:
             refs["baseline"] = rnd.value(self.baseline)
             if self.best is not None:
                 refs["best"] = rnd.value(self.best)

@@ -75,19 +75,19 @@ def _scrambled(model: GenerativeRecommender) -> GenerativeRecommender:
 
 def _service(tmp_path: Path, candidate: GenerativeRecommender, baseline: GenerativeRecommender,
              tok: UASIDTokenizer, ads: dict[str, Ad], held_out: list[Feedback],
-             estimate: str) -> LearnerService:
+             estimate: str, min_lists: int = 1) -> LearnerService:
     """The learner's publish path without Kafka: the service state ``publish`` reads, a
     serving version (the candidate's parent, π_ref) and no checkpoint or announcement."""
     svc = LearnerService.__new__(LearnerService)
     svc.s = LearnerSettings(state_dir=tmp_path / "state", guard_estimate=estimate,
-                            guard_beam_width=16)
+                            guard_beam_width=16, guard_min_lists=min_lists)
     svc.publisher = Publisher(SnapshotStore(str(tmp_path / "store")), tmp_path / "staging",
                               max_regression=0.05)
     svc.model, svc.tok, svc.learner = candidate, tok, OnlineLearner(candidate)
     svc.baseline, svc.best = OnlineLearner.frozen_copy(baseline), None
     svc.guard = GuardEstimate(svc.s.guard_estimate, svc.s.guard_beam_width)
     svc.holdout = deque((fb, 1.0) for fb in held_out)
-    svc.ads = ads
+    svc.ads, svc.ads_generation, svc._trie = ads, 1, None
     svc.next_version, svc.last_published, svc.watermark = 2, "v000001", 0.0
     svc.pending_update, svc.updates_since_publish, svc.last_publish = None, 0, 0.0
     svc.finish_publish = lambda: None  # type: ignore[method-assign]
@@ -137,6 +137,23 @@ def test_snips_guard_refuses_a_snapshot_worse_on_the_logs_and_publishes_an_uncha
     assert plain.publish() is True
     assert "holdout_value" in verify_snapshot(tmp_path / "plain" / "store" / "v000002")[
         "metrics"]
+
+
+def test_the_guard_does_not_refuse_on_fewer_held_out_lists_with_reward_than_its_minimum(
+        trained_lazy: PretrainResult, synth_log: synthetic.SyntheticLog,
+        tmp_path: Path) -> None:
+    ads = _catalogue(synth_log)
+    held_out = _uniform_log(synth_log, ads, 240)
+    valued = sum(1 for fb in held_out if any(it.reward > 0 for it in fb.items))
+    model, tok = trained_lazy.model, trained_lazy.tokenizer
+    few = _service(tmp_path / "few", _scrambled(model), model, tok, ads, held_out, "snips",
+                   min_lists=valued + 1)
+    assert few.publish() is True          # too little evidence: recorded, not enforced
+    metrics = verify_snapshot(tmp_path / "few" / "store" / "v000002")["metrics"]
+    assert "holdout_snips" in metrics and "baseline_holdout_snips" not in metrics
+    enough = _service(tmp_path / "enough", _scrambled(model), model, tok, ads, held_out,
+                      "snips", min_lists=valued)
+    assert enough.publish() is False
 
 
 def test_without_propensities_the_guard_falls_back_to_holdout_value_counted_and_warned_once(
