@@ -41,8 +41,10 @@ class Beams:
 
 
 def beam_search(step: StepFn, trie: Trie, n_requests: int, widths: Sequence[int],
-                renormalize: bool = True) -> Beams:
-    """Constrained beam search for ``n_requests`` requests with ``widths[t]`` per level."""
+                renormalize: bool = True, skip_forced: bool = True) -> Beams:
+    """Constrained beam search for ``n_requests`` requests with ``widths[t]`` per level.
+    ``skip_forced`` (default): no model call for beams with a single allowed child (the
+    same beams and scores; off only to measure what it saves)."""
     T = trie.id_len
     if len(widths) != T or min(widths) < 1:
         raise ValueError(f"need {T} beam widths >= 1, got {list(widths)}")
@@ -59,7 +61,7 @@ def beam_search(step: StepFn, trie: Trie, n_requests: int, widths: Sequence[int]
         V = trie.level_sizes[t]
         owner, code, child = trie.expand(t, node)      # edges from live beams
         N = req.shape[0]
-        logits = _level_logits(step, req, prefix, owner, V, renormalize)
+        logits = _level_logits(step, req, prefix, owner, V, renormalize and skip_forced)
         edge_logit, lse = _edge_logits(logits, owner, code, N, renormalize)
         cand = score[owner] + edge_logit - lse[owner]
         # per-request top-w on a dense [B, k_max * V] table (slot = beam's rank in request)
@@ -136,13 +138,14 @@ def _edge_logits(logits: np.ndarray, owner: np.ndarray, code: np.ndarray, N: int
 
 
 def _level_logits(step: StepFn, req: np.ndarray, prefix: np.ndarray, owner: np.ndarray,
-                  V: int, renormalize: bool) -> np.ndarray:
-    """Next-level logits [N, V] of the live beams. Renormalized over the allowed children,
-    a beam with exactly one child adds log 1 = 0 whatever the model says, so the model
-    runs only for beams with a choice to make (most beams at the business and suffix
-    levels); the others get zero logits, which score their single child 0."""
+                  V: int, skip: bool) -> np.ndarray:
+    """Next-level logits [N, V] of the live beams. ``skip`` (renormalized search only):
+    renormalized over the allowed children, a beam with exactly one child adds log 1 = 0
+    whatever the model says, so the model runs only for beams with a choice to make
+    (most beams at the business and suffix levels); the others get zero logits, which
+    score their single child 0."""
     N = req.shape[0]
-    if not renormalize:
+    if not skip:
         return np.asarray(step(req, prefix), dtype=np.float64)[:, :V]
     need = np.flatnonzero(np.bincount(owner, minlength=N) > 1)
     logits = np.zeros((N, V))

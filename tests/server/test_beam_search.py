@@ -103,6 +103,9 @@ def test_the_model_runs_only_for_beams_with_a_choice_and_scores_do_not_change() 
 
     out = beam_search(counting, trie, 2, [5, 5, 5])
     assert rows_seen == [(0, 2)]                     # one call, level 0, one row per request
+    every = beam_search(counting, trie, 2, [5, 5, 5], skip_forced=False)
+    assert len(rows_seen) == 4                        # ... against one call per level
+    assert (every.rows == out.rows).all() and np.allclose(every.logprob, out.logprob)
     first = step(np.array([0, 1]), np.zeros((2, 0), np.int64))[:, :5]
     expect = first - np.log(np.exp(first).sum(axis=1, keepdims=True))
     assert np.allclose(out.logprob, expect[out.request, out.ids[:, 0]])
