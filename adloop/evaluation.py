@@ -20,6 +20,10 @@ Reported per policy (mean and 95 % interval over seeds, Student t):
   slate given only the request's observables: context, age band, declared interest
   and recent organic items);
 * **cold-start share**: revenue from ads created after pretraining;
+* **catalogue coverage** (share of the ads created by the end that were shown at least
+  once), **slate diversity** (distinct categories per slate / its length) and
+  **novelty** (mean -log2 of a shown ad's smoothed share of the logs' clicks: higher
+  shows less of what was already popular);
 * latency: wall time of ``recommend_batch`` per request.
 
 The headline window is the last quarter of the run, when learning policies have
@@ -151,6 +155,14 @@ class PolicyRun:
     total_revenue: float = 0.0
     latency_s: list[float] = field(default_factory=list)
     model_versions: int = 0
+    shown: dict[str, int] = field(default_factory=dict)
+    """Impressions per ad over the run."""
+    diversity: list[float] = field(default_factory=list)
+    """Per slate: distinct categories / slate length."""
+    novelty: list[float] = field(default_factory=list)
+    """Per shown item: -log2 of its smoothed share of the logging phase's clicks."""
+    catalogue_size: int = 0
+    """Ads the world had created by the end of the run."""
     serving: dict[str, float] = field(default_factory=dict)
     """What a generative policy reports about its serving (``calibration()``: ECE of
     pCTR and pCVR, mean candidate coverage, share of requests with an exploration slot)."""
@@ -185,6 +197,10 @@ class PolicyRun:
             "latency_ms_per_request": 1000.0 * statistics.mean(self.latency_s)
             if self.latency_s else 0.0,
             "model_versions": float(self.model_versions),
+            "catalogue_coverage": len(self.shown) / self.catalogue_size
+            if self.catalogue_size else 0.0,
+            "slate_diversity": statistics.mean(self.diversity) if self.diversity else 0.0,
+            "novelty_bits": statistics.mean(self.novelty) if self.novelty else 0.0,
             **self.serving,
         }
 
@@ -231,9 +247,27 @@ def logging_phase(world: World, cfg: EvalConfig, seed: int) -> list[Feedback]:
     return out
 
 
+def click_bits(logs: Sequence[Feedback]) -> Callable[[str], float]:
+    """Novelty of an ad: -log2 of its share of the logs' clicks (add-one smoothed)."""
+    clicks: dict[str, int] = {}
+    for fb in logs:
+        for it in fb.items:
+            if it.clicked or it.converted:
+                clicks[it.ad_id] = clicks.get(it.ad_id, 0) + 1
+    total = sum(clicks.values())
+    ads = {it.ad_id for fb in logs for it in fb.items}
+
+    def bits(ad_id: str) -> float:
+        return -math.log2((clicks.get(ad_id, 0) + 1) / (total + len(ads) + 1))
+
+    return bits
+
+
 def run_policy(world: World, policy: BatchPolicy, cfg: EvalConfig, seed: int,
-               cold_after: float, progress: Callable[[str], None] | None = None) -> PolicyRun:
-    """Serve ``cfg.requests`` requests with ``policy``; learn every ``update_every``."""
+               cold_after: float, progress: Callable[[str], None] | None = None,
+               novelty: Callable[[str], float] | None = None) -> PolicyRun:
+    """Serve ``cfg.requests`` requests with ``policy``; learn every ``update_every``.
+    ``novelty(ad_id)``: the bits each shown item adds to the run's novelty."""
     run = PolicyRun(policy.name, seed)
     per_bucket = max(1, cfg.requests // cfg.buckets)
     pending: list[Feedback] = []
@@ -269,7 +303,13 @@ def run_policy(world: World, policy: BatchPolicy, cfg: EvalConfig, seed: int,
             bucket["exp"] += resp.expected_value
             bucket["clk"] += sum(o.clicked for o in resp.items)
             bucket["cv"] += sum(o.converted for o in resp.items)
+            if resp.items:
+                cats = {world.ads[o.ad_id].category for o in resp.items}
+                run.diversity.append(len(cats) / len(resp.items))
             for o in resp.items:
+                run.shown[o.ad_id] = run.shown.get(o.ad_id, 0) + 1
+                if novelty is not None:
+                    run.novelty.append(novelty(o.ad_id))
                 run.total_revenue += o.reward
                 if world.ads[o.ad_id].record.created_time > cold_after:
                     run.cold_revenue += o.reward
@@ -284,6 +324,7 @@ def run_policy(world: World, policy: BatchPolicy, cfg: EvalConfig, seed: int,
             progress(f"{policy.name} seed {seed}: {served}/{cfg.requests} requests")
     if bucket["imp"] and len(run.impressions) < cfg.buckets:
         close_bucket()
+    run.catalogue_size = len(world.ads)
     versions = getattr(policy, "version", 1)
     run.model_versions = int(versions)
     calibration = getattr(policy, "calibration", None)
@@ -365,6 +406,7 @@ def run_seed(cfg: EvalConfig, seed: int, work_dir: Path,
     world = World(world_config(cfg, seed))
     logs = logging_phase(world, cfg, seed)
     cold_after = world.now
+    bits = click_bits(logs)
     pretrained = None
     if any(p in ("rspo", "frozen", "vsl_only") for p in cfg.policies):
         pretrained = pretrain_on(logs, world, cfg, seed, work_dir / f"pretrain-{seed}")
@@ -376,7 +418,7 @@ def run_seed(cfg: EvalConfig, seed: int, work_dir: Path,
         policy = make_policy(name, w, seed, cfg, pretrained, w_logs,
                              work_dir / f"serve-{seed}-{name}")
         t1 = time.perf_counter()
-        runs.append(run_policy(w, policy, cfg, seed, cold_after, progress))
+        runs.append(run_policy(w, policy, cfg, seed, cold_after, progress, bits))
         if progress:
             s = runs[-1].summary()
             progress(f"{name} seed {seed}: RPM(last quarter) {s['rpm_last_quarter']:.2f} "
@@ -501,8 +543,9 @@ def aggregate(runs: Sequence[PolicyRun], cfg: EvalConfig) -> dict[str, Any]:
 def headline_table(results: dict[str, Any]) -> str:
     rows = ["| policy | RPM last quarter (95% CI) | RPM first quarter | realized RPM | CTR "
             "| CVR | regret vs oracle | regret vs observable oracle "
-            "| cold-start revenue share | ms / request |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| cold-start revenue share | catalogue coverage | slate diversity | novelty (bits) "
+            "| ms / request |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in results["policies"].items():
         r = e["rpm_last_quarter"]
         rows.append(
@@ -512,6 +555,8 @@ def headline_table(results: dict[str, Any]) -> str:
             f"| {e['cvr']['mean']:.3f} | {e['regret']['mean']:.1f} "
             f"| {e['regret_vs_observable_oracle']['mean']:.1f} "
             f"| {e['cold_start_revenue_share']['mean']:.1%} "
+            f"| {e['catalogue_coverage']['mean']:.1%} | {e['slate_diversity']['mean']:.2f} "
+            f"| {e['novelty_bits']['mean']:.2f} "
             f"| {e['latency_ms_per_request']['mean']:.2f} |")
     return "\n".join(rows)
 

@@ -39,7 +39,8 @@ from bench.common import (
 )
 
 SERVING_KEYS = ("ece_ctr", "ece_cvr", "mean_coverage", "explored_share",
-                "observable_oracle_reach", "model_versions")
+                "observable_oracle_reach", "model_versions", "catalogue_coverage",
+                "slate_diversity", "novelty_bits")
 """What the generative policies report about their serving (mean over seeds)."""
 
 

@@ -25,6 +25,12 @@ def test_seeds_in_worker_processes_give_the_same_results_as_one_process(
     for name in FAST:
         assert one["policies"][name]["per_seed_rpm_last_quarter"] == \
             two["policies"][name]["per_seed_rpm_last_quarter"]
+    # a random slate covers more of the catalogue, and more diversely, than one slate
+    # for everyone; it shows less of what the logs' clicks made popular
+    rnd, pop = one["policies"]["random"], one["policies"]["popularity"]
+    assert rnd["catalogue_coverage"]["mean"] > pop["catalogue_coverage"]["mean"]
+    assert rnd["novelty_bits"]["mean"] > pop["novelty_bits"]["mean"]
+    assert 0.0 < pop["slate_diversity"]["mean"] <= rnd["slate_diversity"]["mean"] <= 1.0
     # the oracle knows the hidden state, the observable one only what the models see
     assert one["observable_oracle_over_oracle"] is not None
     assert 0.0 < one["observable_oracle_over_oracle"] <= 1.0
