@@ -563,17 +563,25 @@ def replica_doc(rep: dict[str, Any], slo_ms: float, quick: bool, device: str) ->
         + (f"{gap:.0f} ms." if gap is not None else "–.") + "\n")
 
 
-def write_replicas_only(rep: dict[str, Any], ready: dict[str, Any], provider: str,
-                        slo_ms: float, quick: bool) -> int:
-    """Merge the replica run into serve.json (the sweeps and swaps stay) and its section."""
+def merge_results(ready: dict[str, Any], provider: str,
+                  fields: dict[str, Any]) -> tuple[str, Path]:
+    """Write ``fields`` over the provider's serve results (the other figures stay);
+    returns the results name and file."""
     name = "serve" if ready.get("provider") == "cpu" or provider == "auto" \
         else f"serve_{ready.get('provider')}"
     path = ROOT / "bench" / "results" / f"{name}.json"
     old: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     old.pop("benchmark", None)
-    merged = {**old, **replica_keys(rep),
-              "replicas_measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    write_results(name, merged)
+    write_results(name, {**old, **fields})
+    return name, path
+
+
+def write_replicas_only(rep: dict[str, Any], ready: dict[str, Any], provider: str,
+                        slo_ms: float, quick: bool) -> int:
+    """Merge the replica run into serve.json (the sweeps and swaps stay) and its section."""
+    name, path = merge_results(ready, provider, {
+        **replica_keys(rep),
+        "replicas_measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     update_doc_section(f"{name}: replicas", replica_doc(rep, slo_ms, quick,
                                                         ready.get("device", "?")))
     print(f"wrote {path.relative_to(ROOT)}: max rate 1 replica "
@@ -776,15 +784,10 @@ def swap_doc(swaps: dict[str, Any]) -> str:
 
 def write_swaps_only(swaps: dict[str, Any], ready: dict[str, Any], provider: str) -> int:
     """Merge the swap-memory run into serve.json (the sweeps stay) and its doc section."""
-    name = "serve" if ready.get("provider") == "cpu" or provider == "auto" \
-        else f"serve_{ready.get('provider')}"
-    path = ROOT / "bench" / "results" / f"{name}.json"
-    old: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    old.pop("benchmark", None)
-    merged = {**old, **swap_keys(swaps),
-              "swap_memory_measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "swap_memory_load_average_1m": os.getloadavg()[0]}
-    write_results(name, merged)
+    name, path = merge_results(ready, provider, {
+        **swap_keys(swaps),
+        "swap_memory_measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "swap_memory_load_average_1m": os.getloadavg()[0]})
     update_doc_section(f"{name}: swap memory", f"`bench/serve.py --swaps-only`, "
                        f"{ready.get('device', '?')}, provider {ready.get('provider', '?')}, "
                        "the model of the serve section. " + swap_doc(swaps))
