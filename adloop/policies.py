@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from adloop.inprocess import InProcessServer
 from learner.beam import IdTrie
+from learner.guard import Catalogue
 from learner.model import GenerativeRecommender, shrunk_rate_logits
 from learner.rspo import RSPOConfig
 from learner.rspo_step import OnlineLearner, lists_to_batch
@@ -169,13 +170,10 @@ class GenerativePolicy:
         items' log-probs are taken under the constraint the server scored them with."""
         if not self.trie_logprobs:
             return None
-        servable = tuple(sorted(a.ad_id for a in self.world.servable_ads()
-                                if a.ad_id in self.tok))
-        if servable != self._trie_key:
-            ids = np.array([self.tok.ids_of(a) for a in servable], dtype=np.int64)
-            self._trie = IdTrie(ids.reshape(len(servable), self.tok.config.id_len),
-                                self.tok.config.token_sizes) if servable else None
-            self._trie_key = servable
+        key = tuple(sorted(a.ad_id for a in self.world.servable_ads() if a.ad_id in self.tok))
+        if key != self._trie_key:
+            cat = Catalogue.of({a.ad_id: a.record for a in self.world.ads.values()}, self.tok)
+            self._trie, self._trie_key = (cat.trie if cat is not None else None), key
         return self._trie
 
     def learn(self, lists: Sequence[Feedback]) -> dict[str, float]:
