@@ -515,8 +515,8 @@ def aggregate(runs: Sequence[PolicyRun], cfg: EvalConfig) -> dict[str, Any]:
         """95 % interval of the per-seed ratio a/b (paired: same seed, same traffic)."""
         if a not in by_policy or b not in by_policy:
             return None
-        ra = {r.seed: r.summary()["rpm_last_quarter"] for r in by_policy[a]}
-        rb = {r.seed: r.summary()["rpm_last_quarter"] for r in by_policy[b]}
+        ra = {r.seed: r.rpm(r.window()) for r in by_policy[a]}      # last-quarter RPM
+        rb = {r.seed: r.rpm(r.window()) for r in by_policy[b]}
         ratios = [ra[k] / rb[k] for k in ra if rb.get(k)]
         if not ratios:
             return None

@@ -34,8 +34,9 @@ class InProcessServer:
     def __init__(self, work_dir: Path | None = None, threads: int = 0,
                  provider: str = "cpu", explore: float = 0.0, explore_max_shown: int = 50,
                  seed: int | None = None) -> None:
-        self._tmp = None if work_dir is not None else tempfile.mkdtemp(prefix="adloop-serve-")
-        self.work_dir = Path(work_dir) if work_dir is not None else Path(self._tmp or ".")
+        self._temporary = work_dir is None
+        self.work_dir = Path(work_dir if work_dir is not None
+                             else tempfile.mkdtemp(prefix="adloop-serve-"))
         self.store = self.work_dir / "snapshots"
         self.catalog = AdCatalog()
         self.manager = ModelManager(self.catalog, resolve_provider(provider),
@@ -111,5 +112,5 @@ class InProcessServer:
 
     def close(self) -> None:
         """Remove the snapshots when the work directory was a temporary one."""
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        if self._temporary:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
