@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from learner.model import GenerativeRecommender
-from snapshot_format import session_options
+from snapshot_format import declared_feeds, session_options
 
 
 class IdTrie:
@@ -107,9 +107,9 @@ class TorchBackend:
         return self.model.decoder.step(memory_kv, memory_mask, lower, beam_request, prefix)
 
     @torch.inference_mode()
-    def value(self, memory: Tensor, memory_mask: Tensor,
-              candidates: Tensor) -> tuple[Tensor, Tensor]:
-        pctr, pcvr = self.model.value(memory, memory_mask, candidates)
+    def value(self, memory: Tensor, memory_mask: Tensor, candidates: Tensor,
+              memory_kv: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        pctr, pcvr = self.model.value(memory, memory_mask, candidates, memory_kv)
         return torch.sigmoid(pctr), torch.sigmoid(pcvr)
 
 
@@ -129,8 +129,9 @@ class OrtBackend:
                          for name in ("encoder", "decoder_step", "value")}
 
     def run(self, name: str, **inputs: Tensor) -> list[Tensor]:
-        feeds = {k: v.numpy() for k, v in inputs.items()}
-        outs: list[Any] = self.sessions[name].run(None, feeds)
+        sess = self.sessions[name]
+        feeds = declared_feeds(sess, {k: v.numpy() for k, v in inputs.items()})
+        outs: list[Any] = sess.run(None, feeds)
         return [torch.from_numpy(np.asarray(o)) for o in outs]
 
     def encode(self, history: Tensor, history_mask: Tensor, context: Tensor) -> Encoded:
@@ -143,10 +144,11 @@ class OrtBackend:
         return self.run("decoder_step", memory_kv=memory_kv, memory_mask=memory_mask,
                         lower=lower, beam_request=beam_request, prefix=prefix)[0]
 
-    def value(self, memory: Tensor, memory_mask: Tensor,
-              candidates: Tensor) -> tuple[Tensor, Tensor]:
+    def value(self, memory: Tensor, memory_mask: Tensor, candidates: Tensor,
+              memory_kv: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        kv = {} if memory_kv is None else {"memory_kv": memory_kv}
         pctr, pcvr = self.run("value", memory=memory, memory_mask=memory_mask,
-                              candidates=candidates)
+                              candidates=candidates, **kv)
         return pctr, pcvr
 
 

@@ -44,6 +44,10 @@ from streams.features import (
 from streams.logs import get_logger
 from streams.schemas import Ad, DecodeFailure, Event, Feedback, decode
 
+BID_TYPES = ("cpc", "cpa", "cpm")
+"""Bid type codes (index = code) of :func:`learner.losses.expected_value`."""
+BID_CODES = {b: i for i, b in enumerate(BID_TYPES)}
+
 log = get_logger(__name__)
 R = TypeVar("R", bound=Event)
 
@@ -160,6 +164,8 @@ class Batch:
     slate_mask: Tensor     # [B, I] float32
     clicked: Tensor        # [B, I] float32
     converted: Tensor      # [B, I] float32
+    slate_bid: Tensor      # [B, I] float32
+    slate_bid_type: Tensor  # [B, I] int64 (codes of learner.losses.BID_TYPES)
 
 
 @dataclass
@@ -178,6 +184,8 @@ class ExampleSet:
     slate_mask: np.ndarray
     clicked: np.ndarray
     converted: np.ndarray
+    slate_bid: np.ndarray
+    slate_bid_type: np.ndarray
     request: np.ndarray    # [n] int64: index of the request (groups examples)
     time: np.ndarray       # [n] float64: impression time
 
@@ -195,7 +203,8 @@ class ExampleSet:
             history=t(sub.history), history_mask=t(sub.history_mask), context=t(sub.context),
             target=t(sub.target), value=t(sub.value), prior=t(sub.prior), mtp=t(sub.mtp),
             mtp_mask=t(sub.mtp_mask), slate=t(sub.slate), slate_mask=t(sub.slate_mask),
-            clicked=t(sub.clicked), converted=t(sub.converted))
+            clicked=t(sub.clicked), converted=t(sub.converted), slate_bid=t(sub.slate_bid),
+            slate_bid_type=t(sub.slate_bid_type))
 
     @property
     def positives(self) -> np.ndarray:
@@ -243,7 +252,7 @@ def build_examples(feedback: Iterable[Feedback], tok: UASIDTokenizer, history_le
                 h += 1
         ctx = np.array(request_ids(rec.context, rec.recent_organic, context_features,
                                    context_buckets, organic_len), dtype=np.int64)
-        slate, clicked, converted = [], [], []
+        slate, clicked, converted, bids, bid_types = [], [], [], [], []
         positives: list[tuple[tuple[int, ...], float, int]] = []
         for it in rec.items:
             sid = _ids(tok, it.ad_id, f"slate of request {rec.request_id!r}", on_unknown)
@@ -252,6 +261,8 @@ def build_examples(feedback: Iterable[Feedback], tok: UASIDTokenizer, history_le
             slate.append(sid)
             clicked.append(float(it.clicked or it.converted))
             converted.append(float(it.converted))
+            bids.append(float(it.bid))
+            bid_types.append(BID_CODES.get(it.bid_type, 0))
             if it.clicked or it.converted:
                 positives.append((sid, max(float(it.reward), min_value), int(it.converted)))
         max_slate = max(max_slate, len(slate))
@@ -262,7 +273,7 @@ def build_examples(feedback: Iterable[Feedback], tok: UASIDTokenizer, history_le
         for sid, value, prior in positives:
             rows.append({**base, "target": sid, "value": value, "prior": prior})
             per_user.setdefault(rec.user_id, []).append((r_idx, sid))
-        rows[-len(positives) or -1]["slate"] = (slate, clicked, converted)
+        rows[-len(positives) or -1]["slate"] = (slate, clicked, converted, bids, bid_types)
 
     # MTP targets: the user's next positives from later requests
     mtp_of: dict[tuple[int, tuple[int, ...]], list[tuple[int, ...]]] = {}
@@ -285,6 +296,8 @@ def build_examples(feedback: Iterable[Feedback], tok: UASIDTokenizer, history_le
         slate_mask=np.zeros((n, max_slate), np.float32),
         clicked=np.zeros((n, max_slate), np.float32),
         converted=np.zeros((n, max_slate), np.float32),
+        slate_bid=np.zeros((n, max_slate), np.float32),
+        slate_bid_type=np.zeros((n, max_slate), np.int64),
         request=np.array([r["request"] for r in rows], dtype=np.int64),
         time=np.array([r["time"] for r in rows], dtype=np.float64))
     for i, r in enumerate(rows):
@@ -293,13 +306,15 @@ def build_examples(feedback: Iterable[Feedback], tok: UASIDTokenizer, history_le
             for k, sid in enumerate(fut):
                 ex.mtp[i, k], ex.mtp_mask[i, k] = sid, 1.0
         if "slate" in r:
-            slate, clicked, converted = r["slate"]
+            slate, clicked, converted, bids, bid_types = r["slate"]
             k = len(slate)
             if k:
                 ex.slate[i, :k] = slate
                 ex.slate_mask[i, :k] = 1.0
                 ex.clicked[i, :k] = clicked
                 ex.converted[i, :k] = converted
+                ex.slate_bid[i, :k] = bids
+                ex.slate_bid_type[i, :k] = bid_types
     return ex
 
 

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from learner.model import GenerativeRecommender
 from learner.tokenizer import IdSpaceMismatchError, UASIDTokenizer
-from snapshot_format import FORMAT, REQUIRED_FILES, session_options
+from snapshot_format import FORMAT, REQUIRED_FILES, declared_feeds, session_options
 from streams.logs import get_logger
 from streams.settings import add_settings_arguments, settings_from_args
 
@@ -84,9 +84,9 @@ class ValueGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, memory: Tensor, memory_mask: Tensor,
+    def forward(self, memory: Tensor, memory_mask: Tensor, memory_kv: Tensor,
                 candidates: Tensor) -> tuple[Tensor, Tensor]:
-        pctr, pcvr = self.model.value(memory, memory_mask, candidates)
+        pctr, pcvr = self.model.value(memory, memory_mask, candidates, memory_kv)
         return torch.sigmoid(pctr), torch.sigmoid(pcvr)
 
 
@@ -101,8 +101,9 @@ SPECS: dict[str, tuple[list[str], list[str], dict[str, dict[int, str]]]] = {
         {"memory_kv": {0: "B", 4: "S"}, "memory_mask": {0: "B", 1: "S"}, "lower": {0: "B"},
          "beam_request": {0: "N"}, "prefix": {0: "N", 1: "P"}, "logits": {0: "N"}}),
     "value.onnx": (
-        ["memory", "memory_mask", "candidates"], ["pctr", "pcvr"],
+        ["memory", "memory_mask", "memory_kv", "candidates"], ["pctr", "pcvr"],
         {"memory": {0: "B", 1: "S"}, "memory_mask": {0: "B", 1: "S"},
+         "memory_kv": {0: "B", 4: "S"},
          "candidates": {0: "B", 1: "C"}, "pctr": {0: "B", 1: "C"}, "pcvr": {0: "B", 1: "C"}}),
 }
 
@@ -134,8 +135,9 @@ def reference_inputs(model: GenerativeRecommender, ids: np.ndarray, seed: int = 
         "memory_kv": memory_kv, "memory_mask": mmask, "lower": lower,
         "beam_request": beam_request.astype(np.int64),
         "prefix": ids[rng.integers(len(ids), size=B * K), :P].astype(np.int64)}
-    value_in: dict[str, np.ndarray] = {"memory": memory, "memory_mask": mmask,
-                "candidates": ids[rng.integers(len(ids), size=(B, C))].astype(np.int64)}
+    value_in: dict[str, np.ndarray] = {
+        "memory": memory, "memory_mask": mmask, "memory_kv": memory_kv,
+        "candidates": ids[rng.integers(len(ids), size=(B, C))].astype(np.int64)}
     return {"encoder.onnx": enc_in, "decoder_step.onnx": step_in, "value.onnx": value_in}
 
 
@@ -163,7 +165,7 @@ def ort_outputs(snapshot_dir: Path, inputs: dict[str, dict[str, np.ndarray]]
     for name in REQUIRED_FILES:
         sess = ort.InferenceSession(str(snapshot_dir / name), session_options(),
                                     providers=["CPUExecutionProvider"])
-        res = sess.run(None, inputs[name])
+        res = sess.run(None, declared_feeds(sess, inputs[name]))
         out[name] = {k: np.asarray(r) for k, r in zip(SPECS[name][1], res, strict=True)}
     return out
 
@@ -239,6 +241,8 @@ def export_snapshot(model: GenerativeRecommender, tok: UASIDTokenizer, out_dir: 
             "context_buckets": model.cfg.context_buckets,
             "organic_len": model.cfg.organic_len,
             "d_model": model.cfg.d_model,
+            "ranker": {"task_tokens": model.cfg.task_tokens, "fake_items": model.cfg.fake_items,
+                       "kv_pass_through": model.cfg.ranker_kv},
             "opset": OPSET,
             "files": {name: {"sha256": sha256_file(tmp / name),
                              "bytes": (tmp / name).stat().st_size} for name in REQUIRED_FILES},

@@ -7,23 +7,26 @@ value-aware supervised learning; GPR's VAFT has the same form):
     w_n   = clip(log(1 + v_n) / mean_{m: v_m > 0} log(1 + v_m), w_min, w_max)
 
 with v_n the example's realized value (reward). Examples with v_n = 0 carry no
-generation loss. MTP is Σ_h γ_h CE_h over the future targets that exist (§2.3).
+generation loss. MTP is Σ_h γ_h CE_h over the future targets that exist (§2.3). DC
+(:func:`dc_loss`) aligns the generator's distribution over a candidate set with the
+ranker's (§3).
 Each function is swappable: pretraining only calls :func:`pretrain_loss`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from learner.data import Batch
+from learner.data import BID_TYPES, Batch
 from learner.model import GenerativeRecommender
 
-BID_TYPES = ("cpc", "cpa", "cpm")
-"""Bid type codes of :func:`expected_value` (index = code)."""
+__all__ = ["BID_TYPES", "dc_loss", "expected_value", "pretrain_loss", "value_loss",
+           "vsl_loss"]
 
 
 def expected_value(pctr: Tensor, pcvr: Tensor, bid: Tensor, bid_type: Tensor) -> Tensor:
@@ -78,10 +81,47 @@ def value_loss(pctr_logit: Tensor, pcvr_logit: Tensor, clicked: Tensor, converte
         (cvr * cvr_mask).sum() / cvr_mask.sum().clamp_min(1.0)
 
 
+def dc_loss(gen_logp: Tensor, rank_score: Tensor, mask: Tensor, tau: float = 1.0) -> Tensor:
+    """Distribution Consistency [reconstruction of OneRanker, mechanisms.md §3]:
+    KL(softmax(rank_score/τ) ‖ softmax(gen_logp)) over each row's candidates, mean over
+    rows with at least two. gen_logp, rank_score, mask: [B, K].
+
+    The stop-gradient is on the ranker's side: it is the teacher. The ranker is trained
+    on what users did (the value loss); the DC term moves the generator's distribution
+    over the same candidates towards the ranker's value order, and never moves the
+    ranker towards the generator, so generator updates cannot corrupt the scores that
+    rank the slate (the failure the value model is built to avoid)."""
+    valid = mask > 0
+    rows = valid.sum(1) >= 2
+    if not bool(rows.any()):
+        return gen_logp.sum() * 0.0
+    p = torch.softmax((rank_score.detach() / tau).masked_fill(~valid, -torch.inf), 1)
+    log_q = torch.log_softmax(gen_logp.masked_fill(~valid, -torch.inf), 1)
+    terms = torch.where(valid & (p > 0), p * (p.clamp_min(1e-30).log() - log_q),
+                        torch.zeros_like(p))
+    return terms.sum(1)[rows].mean()
+
+
+def log_money(ev: Tensor) -> Tensor:
+    """The ranker's score of :func:`dc_loss`: log of the expected value per impression
+    (so τ = 1 asks the generator for probabilities proportional to money)."""
+    return torch.log(ev.clamp_min(1e-6))
+
+
+@dataclass
+class _Users:
+    history: Tensor
+    history_mask: Tensor
+    context: Tensor
+
+
 def pretrain_loss(model: GenerativeRecommender, batch: Batch, mtp_weight: float = 0.3,
                   value_weight: float = 0.5, prior_weight: float = 0.5, w_min: float = 0.2,
-                  w_max: float = 5.0) -> tuple[Tensor, dict[str, float]]:
-    """VSL + mtp_weight·MTP + value_weight·value BCE (+ prior_weight·routed prior CE)."""
+                  w_max: float = 5.0, dc_weight: float = 0.0, dc_tau: float = 1.0
+                  ) -> tuple[Tensor, dict[str, float]]:
+    """VSL + mtp_weight·MTP + value_weight·value BCE (+ prior_weight·routed prior CE)
+    (+ dc_weight·DC over each shown slate: in the logs the shown slate is the candidate
+    set the generator and ranker both scored)."""
     out = model(batch.history, batch.history_mask, batch.context, batch.target, batch.prior)
     w = value_weights(batch.value, w_min, w_max)
     l_vsl = vsl_loss(out["logits"], batch.target, w)
@@ -90,6 +130,16 @@ def pretrain_loss(model: GenerativeRecommender, batch: Batch, mtp_weight: float 
     l_val = value_loss(pctr, pcvr, batch.clicked, batch.converted, batch.slate_mask)
     loss = l_vsl + mtp_weight * l_mtp + value_weight * l_val
     parts = {"vsl": l_vsl.item(), "mtp": l_mtp.item(), "value": l_val.item()}
+    if dc_weight > 0:
+        rows = torch.nonzero(batch.slate_mask.sum(1) >= 2)[:, 0]
+        if rows.numel():
+            users = _Users(batch.history[rows], batch.history_mask[rows], batch.context[rows])
+            gen = model.sequence_logprob(users, batch.slate[rows])              # [R, I]
+            ev = expected_value(torch.sigmoid(pctr[rows]), torch.sigmoid(pcvr[rows]),
+                                batch.slate_bid[rows], batch.slate_bid_type[rows])
+            l_dc = dc_loss(gen, log_money(ev), batch.slate_mask[rows], dc_tau)
+            loss = loss + dc_weight * l_dc
+            parts["dc"] = l_dc.item()
     if "prior_logits" in out:
         l_prior = vsl_loss(out["prior_logits"], batch.target, w)
         loss = loss + prior_weight * l_prior

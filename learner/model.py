@@ -89,6 +89,15 @@ class ModelConfig:
     """The value head has its own item table instead of the generator's, so generator
     updates (RSPO, VSL) never move the scores that rank the slate. Checkpoints written
     before this setting existed load with ``False`` (shared table)."""
+    task_tokens: bool = False
+    """OneRanker task tokens [T_interest, T_value] after the user sequence (see
+    :class:`UserEncoder`): T_interest conditions the generator, T_value the ranker."""
+    fake_items: bool = False
+    """OneRanker Fake Item Tokens: one learnable candidate-like token per level-0
+    semantic code in the encoder's sequence (see :class:`UserEncoder`)."""
+    ranker_kv: bool = False
+    """The ranking decoder cross-attends to the generator's cached keys/values
+    (``memory_kv``, KV pass-through) instead of projecting its own from the memory."""
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -121,7 +130,8 @@ class ModelConfig:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ModelConfig:
         # checkpoints written before ``inject_mlp`` existed have no such parameters
-        return cls(**{"inject_mlp": False, "organic_len": 0, "value_own_items": False, **d})
+        return cls(**{"inject_mlp": False, "organic_len": 0, "value_own_items": False,
+                      "task_tokens": False, "fake_items": False, "ranker_kv": False, **d})
 
 
 # --------------------------------------------------------------------------------------
@@ -251,9 +261,29 @@ class UserEncoder(nn.Module):
 
     ``context`` holds C context feature ids then O organic topic ids (O =
     ``cfg.organic_len``); the organic ids become O more tokens of the sequence
-    (their own embedding + position), masked where 0."""
+    (their own embedding + position), masked where 0. These U = C + H + O tokens are
+    the user sequence.
+
+    Two kinds of tokens may follow it [reconstruction of OneRanker, mechanisms.md §3]:
+
+    * Fake Item Tokens (``cfg.fake_items``): F = level_sizes[0] candidate-like tokens,
+      token c = the item table's vector of level-0 code c plus a learned offset. The
+      paper only says "learnable placeholder item embeddings"; one per coarse
+      semantic cluster is our choice: the generator attends to a summary of every
+      region of the catalogue as seen from this user, without knowing the target.
+    * Task tokens (``cfg.task_tokens``): T_interest then T_value, last.
+
+    Attention is causal *between groups* (user < fake items < T_interest < T_value): a
+    token sees every token of its own group and of earlier groups. So the user tokens
+    are encoded as without the extras, and T_interest never sees T_value. The memory
+    mask returned hides T_value from the generator (decoder and MTP); its state, the
+    memory's last row, is read by the ranker (:class:`ValueHead`) only. T_interest's
+    state (the row before it) is added to the decoder's level queries
+    (:meth:`LazyARDecoder.lower`)."""
 
     items: ItemEmbedding
+    fake_codes: Tensor
+    groups: Tensor
 
     def __init__(self, cfg: ModelConfig, items: ItemEmbedding) -> None:
         super().__init__()
@@ -267,6 +297,18 @@ class UserEncoder(nn.Module):
         if cfg.organic_len:
             self.org_emb = nn.Embedding(cfg.context_buckets, d)
             self.org_pos = nn.Parameter(torch.zeros(cfg.organic_len, d))
+        self.n_fake = cfg.level_sizes[0] if cfg.fake_items else 0
+        self.task_tokens = cfg.task_tokens
+        if self.n_fake:
+            self.fake = nn.Parameter(torch.zeros(self.n_fake, d))
+            self.register_buffer("fake_codes", torch.arange(self.n_fake)[:, None],
+                                 persistent=False)                        # [F, 1]
+        if self.task_tokens:
+            self.task = nn.Parameter(torch.zeros(2, d))                  # T_interest, T_value
+        # group of each extra token (the user tokens are group 0)
+        groups = [1] * self.n_fake + ([2, 3] if self.task_tokens else [])
+        self.register_buffer("groups", torch.tensor(groups, dtype=torch.long),
+                             persistent=False)                            # [F + 2]
         self.blocks = nn.ModuleList(Block(d, cfg.n_head, cross_attn=False, dropout=cfg.dropout)
                                     for _ in range(cfg.n_enc_layer))
         self.ln_f = nn.LayerNorm(d)
@@ -283,11 +325,31 @@ class UserEncoder(nn.Module):
             org = context[:, self.n_ctx: self.n_ctx + self.organic_len]  # [B, O]
             parts.append(self.org_emb(org) + self.org_pos)
             masks.append((org > 0).to(hist.dtype))
+        user_mask = torch.cat(masks, dim=1)                             # [B, U]
+        bias = key_bias(user_mask)                                      # [B, 1, U]
+        n_extra = int(self.groups.shape[0])
+        if n_extra:
+            B = hist.shape[0]
+            extra = []
+            if self.n_fake:
+                extra.append(self.items.tokens(self.fake_codes)[:, 0] + self.fake)  # [F, D]
+            if self.task_tokens:
+                extra.append(self.task)
+            parts.append(torch.cat(extra, 0).unsqueeze(0).expand(B, -1, -1))
+            group = torch.cat([torch.zeros_like(user_mask[0], dtype=torch.long),
+                               self.groups])                            # [S]
+            sees = group.unsqueeze(0) <= group.unsqueeze(1)             # [S query, S key]
+            ones = torch.ones_like(user_mask[:, :1]).expand(-1, n_extra)
+            bias = key_bias(torch.cat([user_mask, ones], 1)) + \
+                torch.where(sees, 0.0, NEG).unsqueeze(0)                 # [B, S, S]
         x = torch.cat(parts, dim=1)                                     # [B, S, D]
-        mask = torch.cat(masks, dim=1)                                  # [B, S]
-        bias = key_bias(mask)                                           # [B, 1, S]
         for blk in self.blocks:
             x = blk(x, self_bias=bias)
+        mask = user_mask
+        if n_extra:            # the extra tokens are always there; T_value is the ranker's
+            seen = torch.ones_like(user_mask[:, :1]).expand(-1, n_extra - self.task_tokens)
+            mask = torch.cat([user_mask, seen] + ([torch.zeros_like(user_mask[:, :1])]
+                                                  if self.task_tokens else []), 1)
         return self.ln_f(x), mask
 
 
@@ -305,6 +367,7 @@ class LazyARDecoder(nn.Module):
         _share(self, items)
         self.lazy = cfg.mode == "lazy_ar"
         self.start = cfg.n_layer - cfg.n_top if self.lazy else 0  # first block that sees tokens
+        self.task_tokens = cfg.task_tokens
         self.level_sizes = cfg.level_sizes
         self.level_query = nn.Parameter(torch.zeros(T, d))
         self.bos = nn.Parameter(torch.zeros(d))
@@ -328,9 +391,12 @@ class LazyARDecoder(nn.Module):
                              persistent=False)                          # [n_priors]
 
     def lower(self, memory: Tensor, memory_mask: Tensor) -> Tensor:
-        """Token-independent states, once per request: [B, S, D] -> [B, T, D]."""
+        """Token-independent states, once per request: [B, S, D] -> [B, T, D]. With task
+        tokens the level queries start from T_interest's state (memory row S-2)."""
         B, T = memory.shape[0], self.level_query.shape[0]
         x = self.level_query.unsqueeze(0).expand(B, T, -1)
+        if self.task_tokens:
+            x = x + memory[:, -2:-1]
         bias = key_bias(memory_mask)
         for blk in self.blocks[: self.start]:
             x = blk(x, self.causal.unsqueeze(0), memory, bias)
@@ -451,6 +517,15 @@ def shrunk_rate_logits(events: Tensor, trials: Tensor, row: Tensor, group: Tenso
 class ValueHead(nn.Module):
     """OneRanker-style ranking decoder: candidates [B, K, T] -> (pCTR, pCVR) logits [B, K].
 
+    Each candidate (the sum of its token vectors, plus T_value's state with task tokens)
+    is a query that cross-attends to the user; candidates never see each other. The
+    keys/values it attends to are, with ``cfg.ranker_kv``, the generator's own cached
+    ``memory_kv`` (KV pass-through [reconstruction of OneRanker, mechanisms.md §3]):
+    block i reads the keys/values of the generator's token-taking block min(i, M-1),
+    read-only (detached: the value loss trains the ranker's queries and MLPs, never the
+    generator's projections). Without it each block projects its own keys/values from
+    the encoder's memory.
+
     The logits are a prior plus what the decoder learns on top of it. The prior is the
     empirical-Bayes base rate of the candidate's (industry, bid type/goal) cell, read
     from its business tokens (id levels ``semantic_levels`` and ``semantic_levels + 1``)
@@ -459,9 +534,10 @@ class ValueHead(nn.Module):
     set, and in models saved before it existed."""
 
     items: ItemEmbedding
+    decoder: LazyARDecoder
     prior_logit: Tensor
 
-    def __init__(self, cfg: ModelConfig, items: ItemEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, items: ItemEmbedding, decoder: LazyARDecoder) -> None:
         super().__init__()
         d = cfg.d_model
         L = cfg.semantic_levels
@@ -472,18 +548,39 @@ class ValueHead(nn.Module):
             self.items = ItemEmbedding(cfg.level_sizes, d)
         else:
             _share(self, items)
+        object.__setattr__(self, "decoder", decoder)   # read-only: not registered again
+        self.kv_pass = cfg.ranker_kv
+        self.task_tokens = cfg.task_tokens
+        if self.task_tokens:
+            self.task_in = nn.Linear(d, d)
         self.query = nn.Parameter(torch.zeros(d))
         self.blocks = nn.ModuleList(Block(d, cfg.n_head, self_attn=False, dropout=cfg.dropout)
                                     for _ in range(cfg.n_value_layers))
+        if self.kv_pass:   # keys/values come from the generator: no projection of its own
+            for blk in self.blocks:
+                assert isinstance(blk, Block) and blk.attn_c is not None
+                del blk.attn_c.kv
         self.ln_f = nn.LayerNorm(d)
         self.out = nn.Linear(d, 2)
 
-    def forward(self, memory: Tensor, memory_mask: Tensor,
-                candidates: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, memory: Tensor, memory_mask: Tensor, candidates: Tensor,
+                memory_kv: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """memory [B, S, D], memory_mask [B, S], candidates [B, K, T]; ``memory_kv``
+        [B, M, 2, h, S, D/h], the encoder's cached keys/values (computed from ``memory``
+        when not given; used only with KV pass-through)."""
         x = self.items.items(candidates) + self.query                   # [B, K, D]
+        if self.task_tokens:                                            # T_value's state
+            x = x + self.task_in(memory[:, -1]).unsqueeze(1)
         bias = key_bias(memory_mask)
-        for blk in self.blocks:  # candidates never see each other: scored independently
-            x = blk(x, mem=memory, mem_bias=bias)
+        if self.kv_pass:
+            kv = (memory_kv if memory_kv is not None
+                  else self.decoder.memory_kv(memory)).detach()
+        n_kv = len(self.decoder.blocks) - self.decoder.start       # M cached blocks
+        for i, blk in enumerate(self.blocks):  # candidates never see each other
+            if self.kv_pass:
+                x = blk(x, mem_bias=bias, mem_kv=kv[:, min(i, n_kv - 1)])
+            else:
+                x = blk(x, mem=memory, mem_bias=bias)
         logits = self.out(self.ln_f(x))                                 # [B, K, 2]
         if self.biz is None:
             return logits[..., 0], logits[..., 1]
@@ -553,7 +650,7 @@ class GenerativeRecommender(nn.Module):
         self.items = ItemEmbedding(cfg.level_sizes, cfg.d_model)
         self.encoder = UserEncoder(cfg, self.items)
         self.decoder = LazyARDecoder(cfg, self.items)
-        self.value = ValueHead(cfg, self.items)
+        self.value = ValueHead(cfg, self.items, self.decoder)
         self.mtp = MTPHeads(cfg)
         self.apply(self._init)
 
@@ -566,7 +663,7 @@ class GenerativeRecommender(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
         for name, p in m.named_parameters(recurse=False):
             if name in ("hist_pos", "ctx_feat", "org_pos", "level_query", "bos", "query",
-                        "head_w"):
+                        "head_w", "fake", "task"):
                 nn.init.normal_(p, std=0.02)
 
     def set_mode(self, mode: str) -> None:

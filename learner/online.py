@@ -127,6 +127,9 @@ class LearnerSettings(BaseSettings):
     vsl_alpha: float = 0.2
     value_weight: float = 0.5
     hepo_weight: float = 0.0
+    dc_weight: float = 0.0
+    """Distribution Consistency weight (RSPOConfig.dc_weight): the generator's
+    distribution over each list's items towards the ranker's expected value."""
     train_on: str = "all"
     """all (provisional + corrections + changed finals) or final (final lists only)."""
     replay_size: int = 4096
@@ -232,7 +235,8 @@ class LearnerService:
                                    s.max_regression, s.keep_snapshots)
         self.producer = EventProducer(self.kafka)
         self.rng = random.Random(s.seed)
-        self.rspo_cfg = RSPOConfig(beta=s.beta, vsl_alpha=s.vsl_alpha, hepo_weight=s.hepo_weight)
+        self.rspo_cfg = RSPOConfig(beta=s.beta, vsl_alpha=s.vsl_alpha, hepo_weight=s.hepo_weight,
+                                   dc_weight=s.dc_weight)
         # state restored from / saved to the checkpoint
         self.seq = 0
         self.positions: dict[int, int] = {}
@@ -469,7 +473,7 @@ class LearnerService:
         UPDATE_SECONDS.observe(time.perf_counter() - t0)
         UPDATES.inc()
         self.updates_since_publish += 1
-        for term in ("loss", "rspo", "vsl", "value", "hepo"):
+        for term in ("loss", "rspo", "vsl", "value", "hepo", "dc"):
             LOSS.labels(term).set(metrics[term])
         REWARD.set(metrics["mean_reward"])
         KL.set(metrics["kl_ref"])

@@ -100,6 +100,16 @@ class PretrainSettings(BaseSettings):
     prior_heads: int = 0
     value_own_items: bool = True
     """The value head gets its own item table (see ModelConfig.value_own_items)."""
+    task_tokens: bool = False
+    """OneRanker task tokens [T_interest, T_value] (ModelConfig.task_tokens)."""
+    fake_items: bool = False
+    """OneRanker Fake Item Tokens, one per level-0 code (ModelConfig.fake_items)."""
+    ranker_kv: bool = False
+    """The ranking decoder reads the generator's cached keys/values (ModelConfig.ranker_kv)."""
+    dc_weight: float = 0.0
+    """Weight of the Distribution Consistency loss over each shown slate (0 = off)."""
+    dc_tau: float = 1.0
+    """Temperature of the ranker's side of the DC loss."""
     value_priors: bool = True
     """Set the value head's prior logits per (industry, goal) from the logs
     (``ValueHead.set_priors``; off: no prior, the earlier form)."""
@@ -186,7 +196,8 @@ def model_config(s: PretrainSettings, tok: UASIDTokenizer) -> ModelConfig:
         d_model=s.d_model, n_head=s.n_head,
         n_enc_layer=s.n_enc_layer, n_layer=s.n_layer, n_top=s.n_top, mode=s.mode,
         inject_mlp=s.inject_mlp, mtp_heads=s.mtp_heads, prior_heads=s.prior_heads,
-        value_own_items=s.value_own_items)
+        value_own_items=s.value_own_items, task_tokens=s.task_tokens, fake_items=s.fake_items,
+        ranker_kv=s.ranker_kv)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
@@ -209,7 +220,8 @@ def train_steps(model: GenerativeRecommender, opt: torch.optim.Optimizer, train:
         t0 = time.perf_counter()
         batch = train.batch(batch_indices(len(train), s.batch_size, s.seed, step))
         loss, parts = pretrain_loss(model, batch, s.mtp_weight, s.value_weight,
-                                    w_min=s.w_min, w_max=s.w_max)
+                                    w_min=s.w_min, w_max=s.w_max, dc_weight=s.dc_weight,
+                                    dc_tau=s.dc_tau)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)

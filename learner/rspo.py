@@ -47,6 +47,11 @@ class RSPOConfig:
     hepo_weight: float = 0.0
     """Weight of the per-level (HEPO-style) credit term; 0 disables it."""
     hepo_clip: float = 0.2
+    dc_weight: float = 0.0
+    """Weight of the Distribution Consistency term (:func:`learner.losses.dc_loss`): the
+    generator's distribution over each list's candidates towards the ranker's; 0 = off."""
+    dc_tau: float = 1.0
+    """Temperature of the ranker's side of the DC term."""
     min_gap: float = 1e-9
     """Rewards closer than this count as ties."""
     reward: str = "value"

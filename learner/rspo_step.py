@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from learner.beam import IdTrie
-from learner.losses import BID_TYPES, expected_value, value_loss, value_weights
+from learner.data import BID_CODES
+from learner.losses import dc_loss, expected_value, log_money, value_loss, value_weights
 from learner.model import GenerativeRecommender
 from learner.rspo import RSPOConfig, fake_negative_weight, hepo_loss, rspo_loss
 from learner.tokenizer import UASIDTokenizer, UnknownAdError
@@ -54,9 +55,6 @@ class ListBatch:
 
     def __len__(self) -> int:
         return int(self.items.shape[0])
-
-
-BID_CODE = {b: i for i, b in enumerate(BID_TYPES)}
 
 
 def provisional_weight(fb: Feedback) -> float:
@@ -116,7 +114,7 @@ def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
             clicked[b, k] = float(it.clicked or it.converted)
             converted[b, k] = float(it.converted)
             bids[b, k] = it.bid
-            bid_type[b, k] = BID_CODE.get(it.bid_type, 0)
+            bid_type[b, k] = BID_CODES.get(it.bid_type, 0)
             k += 1
     # history padding is trailing: columns no list uses are dropped (the encoder's outputs
     # at padded positions are masked everywhere, so the results are the same)
@@ -218,6 +216,12 @@ class OnlineLearner:
         l_val = value_loss(pctr, pcvr, b.clicked, b.converted, b.item_mask)
         loss = (self.cfg.rspo_weight * l_rspo + self.cfg.vsl_alpha * l_vsl
                 + self.value_weight * l_val)
+        l_dc = torch.zeros(())
+        if self.cfg.dc_weight > 0:   # the ranker's money order over the same candidates
+            ev = expected_value(torch.sigmoid(pctr.detach()), torch.sigmoid(pcvr.detach()),
+                                b.bids, b.bid_type)
+            l_dc = dc_loss(logp, log_money(ev), b.item_mask, self.cfg.dc_tau)
+            loss = loss + self.cfg.dc_weight * l_dc
         l_hepo = torch.zeros(())
         if self.cfg.hepo_weight > 0:
             l_hepo = hepo_loss(level_logp, ref_level, b.items, rewards, b.item_mask,
@@ -233,7 +237,8 @@ class OnlineLearner:
         return {
             "loss": float(loss.detach()), "rspo": float(l_rspo.detach()),
             "vsl": float(l_vsl.detach()), "value": float(l_val.detach()),
-            "hepo": float(l_hepo.detach()), "kl_ref": kl, "grad_norm": float(grad_norm),
+            "hepo": float(l_hepo.detach()), "dc": float(l_dc.detach()), "kl_ref": kl,
+            "grad_norm": float(grad_norm),
             "mean_reward": float((b.rewards * b.item_mask).sum() / n_items),
             "mean_dense_reward": float((rewards * b.item_mask).sum() / n_items),
             "lists": float(len(b)), **stats,

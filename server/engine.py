@@ -132,7 +132,7 @@ class Engine:
         if beams.request.shape[0] == 0:
             return results
         candidates, col = pad_candidates(beams, B)
-        pctr_all, pcvr_all = rt.value(states.memory, states.memory_mask, candidates)
+        pctr_all, pcvr_all = rt.value(states, candidates)
         pctr = pctr_all[beams.request, col].astype(np.float64)
         pcvr = pcvr_all[beams.request, col].astype(np.float64)
         ad_ids = [man.ad_ids[r] for r in beams.rows]
@@ -180,7 +180,7 @@ class Engine:
             return rt.step(states, beam_req, prefix)
 
         logprob = sequence_logprob(step, trie, req, ids)
-        pctr_d, pcvr_d = rt.value(states.memory[req], states.memory_mask[req], ids[:, None, :])
+        pctr_d, pcvr_d = rt.value(states, ids[:, None, :], rows=req)
         drawn_ids = [man.ad_ids[r] for r in rows.tolist()]
         bid, kind, recs = self.catalog.bids(drawn_ids)
         ev = expected_value(bid, kind, pctr_d[:, 0].astype(np.float64),

@@ -340,7 +340,7 @@ class ModelManager:
                 else self.warmup_widths[:T]
             beams = beam_search(step, trie, B, widths)
             cand = (man.ids[:4] if len(man.ad_ids) else np.zeros((1, T), np.int64))
-            pctr, pcvr = rt.value(states.memory, states.memory_mask, np.stack([cand] * B))
+            pctr, pcvr = rt.value(states, np.stack([cand] * B))
             finite("value", pctr, pcvr)
             if len(man.ad_ids) and beams.request.shape[0] == 0:
                 raise SnapshotRejectedError("warmup", "beam search found no ids")

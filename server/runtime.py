@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from snapshot_format import MODEL_IO, session_options
+from snapshot_format import FORMAT, MODEL_IO, declared_feeds, session_options
 from streams.logs import get_logger
 
 log = get_logger(__name__)
@@ -138,10 +138,13 @@ class ModelRuntime:
                                         providers=providers)
             have_in = {i.name for i in sess.get_inputs()}
             have_out = {o.name for o in sess.get_outputs()}
-            missing = [n for n in inputs if n not in have_in] + \
-                [n for n in outputs if n not in have_out]
+            missing = [n for n in outputs if n not in have_out]
             if missing:
-                raise ValueError(f"{name}.onnx lacks {missing}")
+                raise ValueError(f"{name}.onnx lacks outputs {missing}")
+            unknown = sorted(have_in - set(inputs))
+            if unknown:
+                raise ValueError(f"{name}.onnx takes inputs {unknown} that snapshot format "
+                                 f"{FORMAT} does not define (it defines {list(inputs)})")
             self.sessions[name] = sess
         self.input_types = {name: {i.name: i.type for i in s.get_inputs()}
                             for name, s in self.sessions.items()}
@@ -149,6 +152,7 @@ class ModelRuntime:
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         outputs = MODEL_IO[name][1]
         sess = self.sessions[name]
+        feeds = declared_feeds(sess, feeds)
         if self.provider.name != "cuda":
             return [np.asarray(o) for o in sess.run(list(outputs), feeds)]
         binding = sess.io_binding()                     # outputs stay on the device
@@ -176,10 +180,16 @@ class ModelRuntime:
             "lower": states.lower, "beam_request": np.asarray(beam_request, np.int64),
             "prefix": prefix})[0]
 
-    def value(self, memory: np.ndarray, memory_mask: np.ndarray,
-              candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        pctr, pcvr = self.run("value", {"memory": memory, "memory_mask": memory_mask,
-                                        "candidates": candidates})
+    def value(self, states: UserStates, candidates: np.ndarray,
+              rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """pCTR, pCVR [B', C] of ``candidates`` [B', C, T] for the requests ``rows`` of
+        ``states`` (all of them when None): the ranking decoder reads the encoder's
+        memory and, with KV pass-through, its cached keys/values."""
+        memory, mask, kv = states.memory, states.memory_mask, states.memory_kv
+        if rows is not None:
+            memory, mask, kv = memory[rows], mask[rows], kv[rows]
+        pctr, pcvr = self.run("value", {"memory": memory, "memory_mask": mask,
+                                        "memory_kv": kv, "candidates": candidates})
         return pctr, pcvr
 
     def close(self) -> None:
@@ -248,6 +258,7 @@ def check_parity(runtime: ModelRuntime, parity: dict[str, Any]) -> dict[str, flo
     else:
         pool: dict[str, Any] = dict(inputs)
         for name, (ins, outs) in MODEL_IO.items():
+            ins = tuple(i for i in ins if i in runtime.input_types[name])
             if not all(i in pool for i in ins):
                 continue
             types = runtime.input_types[name]

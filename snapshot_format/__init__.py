@@ -20,14 +20,17 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 REQUIRED_FILES = ("encoder.onnx", "decoder_step.onnx", "value.onnx")
-FORMAT = 3
-"""The snapshot format the learner writes and the server reads. 3: the encoder's
+FORMAT = 4
+"""The snapshot format the learner writes and the server reads. 4: ``value.onnx`` (the
+ranking decoder) also takes the encoder's ``memory_kv`` (KV pass-through); a graph may
+leave out an input it does not read (callers feed only the inputs a graph declares,
+:func:`declared_feeds`). 3: the encoder's
 ``context`` input is ``[B, C + O]``: C context feature ids then ``organic_len`` (O)
 hashed organic topic ids, most recent first, 0 = none
 (:func:`streams.features.request_ids`); the manifest names ``organic_len``. 2:
 ``encoder.onnx`` also outputs the top blocks' memory keys/values, ``decoder_step.onnx``
 takes per-request states plus ``beam_request``. Formats 1 and 2 are refused: re-export
-such a checkpoint."""
+such a checkpoint; format 3 is refused likewise."""
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*\.(onnx|json)$")
 MAX_MANIFEST_BYTES = 512 * 1024 * 1024
 
@@ -82,8 +85,8 @@ def parse_manifest(data: bytes) -> Manifest:
     try:
         if raw.get("format") != FORMAT:
             raise ValueError(f"snapshot format {raw.get('format')!r} not supported: this "
-                             f"server reads format {FORMAT} only (format 3 adds the organic "
-                             "history to the encoder's context input; re-export the "
+                             f"server reads format {FORMAT} only (format 4 gives the ranking "
+                             "decoder the generator's cached keys/values; re-export the "
                              "checkpoint with this version's adloop export)")
         level_sizes = tuple(int(s) for s in raw["level_sizes"])
         if not level_sizes or min(level_sizes) < 1:
@@ -127,10 +130,18 @@ MODEL_IO = {
                 ("memory", "memory_mask", "lower", "memory_kv")),
     "decoder_step": (("memory_kv", "memory_mask", "lower", "beam_request", "prefix"),
                      ("logits",)),
-    "value": (("memory", "memory_mask", "candidates"), ("pctr", "pcvr")),
+    "value": (("memory", "memory_mask", "memory_kv", "candidates"), ("pctr", "pcvr")),
 }
-"""Tensor names of snapshot format 3 (docs/snapshot-format.md); ``context`` is
-``[B, len(context_features) + organic_len]``."""
+"""Tensor names of snapshot format 4 (docs/snapshot-format.md); ``context`` is
+``[B, len(context_features) + organic_len]``. Every output is required; an input may be
+absent from a graph that does not read it (e.g. ``value.onnx`` without KV pass-through
+has no ``memory_kv``), and a graph may declare no input outside these."""
+
+
+def declared_feeds(session: ort.InferenceSession, feeds: dict[str, Any]) -> dict[str, Any]:
+    """``feeds`` restricted to the inputs ``session``'s graph declares."""
+    names = {i.name for i in session.get_inputs()}
+    return {k: v for k, v in feeds.items() if k in names}
 
 
 def session_options(threads: int = 0) -> ort.SessionOptions:

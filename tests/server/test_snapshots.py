@@ -149,13 +149,14 @@ def test_snapshots_of_older_formats_are_refused_with_a_clear_error(
 
     mgr, engine = _manager(tmp_path)
     assert mgr.apply_update(snapshots("v1").model_update()) == "ok"
-    # format 1: per-beam memory into decoder_step; format 2: no organic history input
-    for n, fmt in enumerate((1, 2)):
+    # format 1: per-beam memory into decoder_step; format 2: no organic history input;
+    # format 3: a ranking decoder without the generator's keys/values
+    for n, fmt in enumerate((1, 2, 3)):
         old = snapshots(f"v{n + 2}", format=fmt)
         assert mgr.apply_update(old.model_update()) == "manifest"
         assert mgr.version == "v1" and _recommend(engine)[0] == "v1"
         with pytest.raises(SnapshotRejectedError, match=rf"format {fmt} not supported: this "
-                           r"server reads format 3 only \(format 3 adds the organic history"):
+                           r"server reads format 4 only \(format 4 gives the ranking decoder"):
             parse_manifest((old.directory / "manifest.json").read_bytes())
 
 
