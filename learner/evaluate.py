@@ -9,6 +9,14 @@ ranked by log-probability, is the ranking:
 
 both averaged over requests with at least one positive.
 
+Beyond accuracy (:mod:`learner.beyond`), of the top-K list (K the largest of ``--k``)
+of those requests: catalogue coverage (of the ads with an id), SID diversity (share of
+a list's ad pairs with different semantic-ID level-0 codes), novelty unseen (share of
+listed ads the user had not been shown in the log up to that request), novelty in bits
+(against the clicks of the log before the evaluated part) and personalization (1 - mean
+Jaccard overlap of two users' lists); ``beyond_k`` is that K. A figure without a
+value (one user only, say) is left out.
+
 CLI: ``adloop evaluate --run-dir RUN --feedback FEEDBACK.jsonl`` (held-out split by
 time, as in pretraining) or ``--backend onnx --snapshot DIR`` for an exported snapshot.
 """
@@ -26,7 +34,8 @@ import torch
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from learner.beam import Backend, IdTrie, OrtBackend, TorchBackend, beam_search
-from learner.data import ExampleSet, build_examples, read_jsonl, split_by_time
+from learner.beyond import beyond_accuracy, click_bits, novelty_unseen
+from learner.data import ExampleSet, build_examples, latest_feedback, read_jsonl, split_by_time
 from learner.tokenizer import UASIDTokenizer
 from streams.logs import get_logger
 from streams.schemas import Feedback
@@ -43,8 +52,11 @@ def trie_of(tok: UASIDTokenizer) -> tuple[IdTrie, dict[tuple[int, ...], int]]:
 
 def evaluate(backend: Backend, examples: ExampleSet, trie: IdTrie,
              beam_widths: int | Sequence[int], ks: Sequence[int] = (10,),
-             batch_size: int = 64) -> dict[str, float]:
-    """Recall@K and value-weighted NDCG@K for every K in ``ks`` (K ≤ final beam)."""
+             batch_size: int = 64,
+             served: dict[int, list[int]] | None = None) -> dict[str, float]:
+    """Recall@K and value-weighted NDCG@K for every K in ``ks`` (K ≤ final beam).
+    ``served``, when given, receives each evaluated request's top-K trie rows (K the
+    largest of ``ks``), by request index."""
     row_of = {tuple(r): i for i, r in enumerate(trie.ids.tolist())}
     requests: dict[int, list[int]] = {}
     for i in examples.positives:
@@ -67,6 +79,8 @@ def evaluate(backend: Backend, examples: ExampleSet, trie: IdTrie,
                     gains[row] = max(gains.get(row, 0.0), float(examples.value[i]))
             n_rel = len(requests[r])
             ranked = [int(x) for x in rows[j] if x >= 0]
+            if served is not None:
+                served[r] = ranked[:max(ks)]
             ideal = sorted(gains.values(), reverse=True)
             for k in ks:
                 top = ranked[:k]
@@ -108,6 +122,33 @@ class EvaluateSettings(BaseSettings):
     """Write the metrics as JSON here too."""
 
 
+def beyond_of_lists(records: Sequence[Feedback], served: dict[int, list[int]],
+                    ad_of_row: Sequence[str], id_rows: Sequence[Sequence[int]],
+                    seed: int = 0) -> dict[str, float]:
+    """Beyond-accuracy metrics of the lists ``served`` (request index into ``records``,
+    :func:`learner.data.latest_feedback` order -> trie rows), see the module docstring.
+    The history of a user is what the log showed them before; requests of the evaluated
+    part without a list still add what they showed."""
+    if not served:
+        return {}
+    first = min(served)
+    order = sorted(served)
+    users = [records[r].user_id for r in order]
+    lists = [[ad_of_row[x] for x in served[r]] for r in order]
+    prior: dict[str, set[str]] = {}
+    for rec in records[:first]:
+        prior.setdefault(rec.user_id, set()).update(it.ad_id for it in rec.items)
+    prefix = {a: int(row[0]) for a, row in zip(ad_of_row, id_rows, strict=True)}
+    out = beyond_accuracy(users, lists, servable=len(ad_of_row), prefix_of=prefix.__getitem__,
+                          bits=click_bits(records[:first]), seed=seed)
+    stream = records[first:]
+    out["novelty_unseen"] = novelty_unseen(
+        [rec.user_id for rec in stream],
+        [[ad_of_row[x] for x in served.get(first + i, [])] for i in range(len(stream))],
+        seen=[[it.ad_id for it in rec.items] for rec in stream], prior=prior)
+    return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     add_settings_arguments(parser, EvaluateSettings)
 
@@ -119,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
     if s.feedback is None:
         raise SystemExit("adloop evaluate: --feedback FILE is required")
     model, tok, _ = load_model(s.run_dir)
-    ex = build_examples(read_jsonl(s.feedback, Feedback), tok, model.cfg.history_len,
+    feedback = read_jsonl(s.feedback, Feedback)
+    ex = build_examples(feedback, tok, model.cfg.history_len,
                         model.cfg.context_features, model.cfg.context_buckets,
                         model.cfg.mtp_heads, on_unknown="skip",
                         organic_len=model.cfg.organic_len)
@@ -140,7 +182,12 @@ def run(args: argparse.Namespace) -> int:
     trie, _ = trie_of(tok)
     torch.manual_seed(0)
     ks = [int(k) for k in s.k.split(",") if k.strip()]
-    metrics = evaluate(backend, test, trie, s.beam_width, ks)
+    served: dict[int, list[int]] = {}
+    metrics = evaluate(backend, test, trie, s.beam_width, ks, served=served)
+    ad_ids, id_rows = tok.id_array()
+    metrics.update(beyond_of_lists(latest_feedback(feedback), served, ad_ids,
+                                   id_rows.tolist()))
+    metrics["beyond_k"] = float(max(ks))
     log.info("evaluated", **metrics)
     text = json.dumps(metrics, indent=1, sort_keys=True)
     print(text)

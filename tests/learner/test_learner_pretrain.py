@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,6 +54,13 @@ def test_pretrain_export_evaluate_from_the_command_line(
     assert rc == 0
     text = out.read_text()
     assert "recall@4" in text and "vndcg@1" in text
+    # beyond accuracy of the top-4 lists
+    metrics = json.loads(text)
+    assert metrics["beyond_k"] == 4
+    for key in ("catalogue_coverage", "sid_diversity", "novelty_unseen", "novelty_bits",
+                "personalization"):
+        assert metrics[key] >= 0.0, key
+    assert 0.0 < metrics["catalogue_coverage"] <= 1.0
 
 
 def test_value_weights_are_clipped_and_normalised() -> None:
