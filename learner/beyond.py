@@ -20,8 +20,8 @@ Definitions, for slates ``S_1 … S_n`` shown to users ``u_1 … u_n``:
   evaluated stream (``prior``) plus what they were shown at their earlier requests of it;
 * **novelty (bits)**: mean over shown ads of ``-log2`` of the ad's add-one smoothed share
   of a reference log's clicks (higher: less of what was already popular);
-* **personalization**: ``1 - mean Jaccard(S_i, S_j)`` over pairs of slates of different
-  users (as ad-id sets): every such pair when there are at most ``max_pairs``, else
+* **personalization**: ``1 - mean Jaccard(S_i, S_j)`` over pairs of non-empty slates of
+  different users (as ad-id sets): every such pair when there are at most ``max_pairs``, else
   ``max_pairs`` pairs drawn uniformly with a seeded generator (0: everyone gets the same
   slate; 1: no two users share an ad).
 
@@ -130,10 +130,13 @@ def personalization(users: Sequence[str], slates: Sequence[Sequence[str]],
                     max_pairs: int = 2000, seed: int = 0) -> float:
     """1 − mean Jaccard overlap of the slates of two different users: over every such
     pair of requests when there are at most ``max_pairs``, else over ``max_pairs`` pairs
-    drawn uniformly (with replacement, ``random.Random(seed)``)."""
+    drawn uniformly (with replacement, ``random.Random(seed)``). A request that showed
+    nothing has no slate to compare and is left out."""
     if len(users) != len(slates):
         raise ValueError("users and slates need one entry per request")
-    sets = [frozenset(s) for s in slates]
+    kept = [(u, frozenset(s)) for u, s in zip(users, slates, strict=True) if s]
+    users = [u for u, _ in kept]
+    sets = [s for _, s in kept]
     n = len(sets)
     per_user: dict[str, int] = {}
     for u in users:

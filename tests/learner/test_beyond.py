@@ -65,6 +65,8 @@ def test_personalization_is_one_minus_the_overlap_of_different_users_slates() ->
     # (0,2) is u1 twice and does not count
     assert personalization(USERS, SLATES) == pytest.approx(1 - (1 / 4 + 0) / 2)
     assert math.isnan(personalization(["u1", "u1"], [["a"], ["b"]]))
+    # a request that showed nothing is no slate: two empty ones are not "the same"
+    assert personalization([*USERS, "u3", "u4"], [*SLATES, [], []]) == pytest.approx(7 / 8)
 
 
 def test_personalization_samples_pairs_with_a_seed_beyond_max_pairs() -> None:
