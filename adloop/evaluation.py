@@ -20,10 +20,15 @@ Reported per policy (mean and 95 % interval over seeds, Student t):
   slate given only the request's observables: context, age band, declared interest
   and recent organic items);
 * **cold-start share**: revenue from ads created after pretraining;
-* **catalogue coverage** (share of the ads created by the end that were shown at least
-  once), **slate diversity** (distinct categories per slate / its length) and
-  **novelty** (mean -log2 of a shown ad's smoothed share of the logs' clicks: higher
-  shows less of what was already popular);
+* beyond accuracy (:mod:`learner.beyond` has the definitions): **catalogue coverage**
+  (share of the ads created by the end that were shown at least once), **slate
+  diversity** (distinct categories per slate / its length), **SID diversity** (share of
+  a slate's ad pairs in different semantic-ID level-0 clusters, the codes of the
+  pretrained tokenizer, for every policy alike), **novelty** as the share of shown ads
+  the user had not been shown before (in the logs or earlier in the run) and in bits
+  (mean -log2 of a shown ad's smoothed share of the logs' clicks: higher shows less of
+  what was already popular), and **personalization** (1 - mean Jaccard overlap of the
+  slates of two different users, 2000 seeded pairs);
 * latency: wall time of ``recommend_batch`` per request.
 
 The headline window is the last quarter of the run, when learning policies have
@@ -43,11 +48,12 @@ import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from learner.beyond import beyond_accuracy, click_bits
 from streams.logs import configure_logging, get_logger
 from streams.schemas import Feedback, FeedbackItem
 from traffic.driver import OraclePolicy, RandomPolicy, ServedAd, ServedSlate
@@ -133,6 +139,9 @@ class EvalConfig:
     """The value head's empirical-Bayes priors per (industry, goal) (False: for ablations)."""
     rspo: dict[str, Any] = field(default_factory=dict)
     """Overrides of :class:`learner.rspo.RSPOConfig` for the learning policies."""
+    pretrain: dict[str, Any] = field(default_factory=dict)
+    """Overrides of :class:`learner.pretrain.PretrainSettings` (model shape and
+    pretraining losses, e.g. ``task_tokens``, ``dc_weight``; for ablations)."""
     policies: tuple[str, ...] = POLICIES
     threads: int = 0
     """torch and ONNX Runtime threads of a seed worker (0: the library defaults; 1 in
@@ -155,14 +164,15 @@ class PolicyRun:
     total_revenue: float = 0.0
     latency_s: list[float] = field(default_factory=list)
     model_versions: int = 0
-    shown: dict[str, int] = field(default_factory=dict)
-    """Impressions per ad over the run."""
-    diversity: list[float] = field(default_factory=list)
-    """Per slate: distinct categories / slate length."""
-    novelty: list[float] = field(default_factory=list)
-    """Per shown item: -log2 of its smoothed share of the logging phase's clicks."""
     catalogue_size: int = 0
     """Ads the world had created by the end of the run."""
+    beyond: dict[str, float] = field(default_factory=dict)
+    """Beyond-accuracy metrics of the run's slates (:func:`learner.beyond.beyond_accuracy`:
+    catalogue coverage, slate and SID diversity, novelty unseen and in bits,
+    personalization)."""
+    offline: dict[str, float] = field(default_factory=dict)
+    """Held-out metrics of the policy's pretrained model (recall@K, vNDCG@K on the
+    latest logged requests), for generative policies."""
     serving: dict[str, float] = field(default_factory=dict)
     """What a generative policy reports about its serving (``calibration()``: ECE of
     pCTR and pCVR, mean candidate coverage, share of requests with an exploration slot)."""
@@ -197,11 +207,9 @@ class PolicyRun:
             "latency_ms_per_request": 1000.0 * statistics.mean(self.latency_s)
             if self.latency_s else 0.0,
             "model_versions": float(self.model_versions),
-            "catalogue_coverage": len(self.shown) / self.catalogue_size
-            if self.catalogue_size else 0.0,
-            "slate_diversity": statistics.mean(self.diversity) if self.diversity else 0.0,
-            "novelty_bits": statistics.mean(self.novelty) if self.novelty else 0.0,
+            **self.beyond,
             **self.serving,
+            **{"offline_" + k.replace("@", "_at_"): v for k, v in self.offline.items()},
         }
 
 
@@ -247,28 +255,20 @@ def logging_phase(world: World, cfg: EvalConfig, seed: int) -> list[Feedback]:
     return out
 
 
-def click_bits(logs: Sequence[Feedback]) -> Callable[[str], float]:
-    """Novelty of an ad: -log2 of its share of the logs' clicks (add-one smoothed)."""
-    clicks: dict[str, int] = {}
-    for fb in logs:
-        for it in fb.items:
-            if it.clicked or it.converted:
-                clicks[it.ad_id] = clicks.get(it.ad_id, 0) + 1
-    total = sum(clicks.values())
-    ads = {it.ad_id for fb in logs for it in fb.items}
-
-    def bits(ad_id: str) -> float:
-        return -math.log2((clicks.get(ad_id, 0) + 1) / (total + len(ads) + 1))
-
-    return bits
-
-
 def run_policy(world: World, policy: BatchPolicy, cfg: EvalConfig, seed: int,
                cold_after: float, progress: Callable[[str], None] | None = None,
-               novelty: Callable[[str], float] | None = None) -> PolicyRun:
+               novelty: Callable[[str], float] | None = None,
+               prior: Mapping[str, Iterable[str]] | None = None,
+               prefixes: Callable[[World], Mapping[str, Hashable]] | None = None) -> PolicyRun:
     """Serve ``cfg.requests`` requests with ``policy``; learn every ``update_every``.
-    ``novelty(ad_id)``: the bits each shown item adds to the run's novelty."""
+
+    Beyond-accuracy metrics of the shown slates (:mod:`learner.beyond`): ``novelty(ad_id)``
+    the bits a shown item adds to ``novelty_bits``; ``prior`` the ads each user was shown
+    before the run (``novelty_unseen``); ``prefixes(world)`` each ad's semantic-ID level-0
+    code at the end of the run (``sid_diversity``; an ad without one is its own)."""
     run = PolicyRun(policy.name, seed)
+    users: list[str] = []
+    shown: list[list[str]] = []
     per_bucket = max(1, cfg.requests // cfg.buckets)
     pending: list[Feedback] = []
     served = 0
@@ -303,13 +303,9 @@ def run_policy(world: World, policy: BatchPolicy, cfg: EvalConfig, seed: int,
             bucket["exp"] += resp.expected_value
             bucket["clk"] += sum(o.clicked for o in resp.items)
             bucket["cv"] += sum(o.converted for o in resp.items)
-            if resp.items:
-                cats = {world.ads[o.ad_id].category for o in resp.items}
-                run.diversity.append(len(cats) / len(resp.items))
+            users.append(req.user_id)
+            shown.append([o.ad_id for o in resp.items])
             for o in resp.items:
-                run.shown[o.ad_id] = run.shown.get(o.ad_id, 0) + 1
-                if novelty is not None:
-                    run.novelty.append(novelty(o.ad_id))
                 run.total_revenue += o.reward
                 if world.ads[o.ad_id].record.created_time > cold_after:
                     run.cold_revenue += o.reward
@@ -325,6 +321,11 @@ def run_policy(world: World, policy: BatchPolicy, cfg: EvalConfig, seed: int,
     if bucket["imp"] and len(run.impressions) < cfg.buckets:
         close_bucket()
     run.catalogue_size = len(world.ads)
+    prefix = prefixes(world) if prefixes is not None else None
+    run.beyond = beyond_accuracy(
+        users, shown, servable=run.catalogue_size, category_of=lambda a: world.ads[a].category,
+        prefix_of=(lambda a: prefix.get(a, a)) if prefix is not None else None,
+        bits=novelty, prior=prior, seed=seed)
     versions = getattr(policy, "version", 1)
     run.model_versions = int(versions)
     calibration = getattr(policy, "calibration", None)
@@ -374,7 +375,7 @@ def make_policy(name: str, world: World, seed: int, cfg: EvalConfig,
     update = {"rspo": "rspo", "frozen": "none", "vsl_only": "vsl_only"}[name]
     from learner.rspo import RSPOConfig
 
-    model, tok = pretrained
+    model, tok, _ = pretrained
     return policies.GenerativePolicy(name, world, model, tok, update=update,
                                      beam_width=cfg.beam_width, seed=seed,
                                      explore=cfg.explore if update != "none" else 0.0,
@@ -384,8 +385,9 @@ def make_policy(name: str, world: World, seed: int, cfg: EvalConfig,
 
 
 def pretrain_on(log_feedback: list[Feedback], world: World, cfg: EvalConfig, seed: int,
-                run_dir: Path) -> tuple[Any, Any]:
-    """Pretrain the generative model on the logging phase (VSL + MTP)."""
+                run_dir: Path) -> tuple[Any, Any, dict[str, float]]:
+    """Pretrain the generative model on the logging phase (VSL + MTP): the model, its
+    tokenizer and its held-out metrics."""
     from learner.pretrain import PretrainSettings, pretrain
 
     ads = [a.record for a in world.ads.values()]
@@ -393,9 +395,44 @@ def pretrain_on(log_feedback: list[Feedback], world: World, cfg: EvalConfig, see
                          level_sizes="64,32,16", history_len=10, batch_size=128, seed=seed,
                          progress=False, checkpoint_every=0, held_out_frac=0.05,
                          resume=False, value_own_items=cfg.value_own_items,
-                         value_priors=cfg.value_priors)
+                         value_priors=cfg.value_priors, **cfg.pretrain)
     res = pretrain(s, ads, log_feedback)
-    return res.model, res.tokenizer
+    return res.model, res.tokenizer, res.metrics
+
+
+def sid_tokenizer(world: World, cfg: EvalConfig, seed: int) -> Any:
+    """The tokenizer :func:`pretrain_on` would fit on ``world``'s ads (its semantic codes
+    only matter here): the SID-diversity key when no generative policy runs."""
+    from learner.tokenizer import TokenizerConfig, UASIDTokenizer
+
+    return UASIDTokenizer.fit([a.record for a in world.ads.values()], TokenizerConfig(
+        level_sizes=(64, 32, 16), seed=seed, encoder=cfg.encoder))
+
+
+class SidPrefixes:
+    """Semantic-ID level-0 code of every ad of a world, from a copy of one tokenizer
+    (an ad new to it gets its id as the live learner would place it; the level-0 code
+    depends on the ad's content only, so every policy's world gets the same codes)."""
+
+    def __init__(self, tok: Any) -> None:
+        import copy
+
+        self.tok = copy.deepcopy(tok)
+
+    def __call__(self, world: World) -> dict[str, int]:
+        from learner.tokenizer import TokenizerError
+
+        new = [a.record for a in world.ads.values() if a.ad_id not in self.tok]
+        try:
+            if new:
+                self.tok.add_ads(new)
+        except TokenizerError:      # the id space is full somewhere: one at a time
+            for ad in new:
+                try:
+                    self.tok.add_ads([ad])
+                except TokenizerError:
+                    continue
+        return {a: int(self.tok.ids_of(a)[0]) for a in world.ads if a in self.tok}
 
 
 def run_seed(cfg: EvalConfig, seed: int, work_dir: Path,
@@ -407,9 +444,14 @@ def run_seed(cfg: EvalConfig, seed: int, work_dir: Path,
     logs = logging_phase(world, cfg, seed)
     cold_after = world.now
     bits = click_bits(logs)
+    seen_before: dict[str, set[str]] = {}
+    for fb in logs:
+        seen_before.setdefault(fb.user_id, set()).update(it.ad_id for it in fb.items)
     pretrained = None
     if any(p in ("rspo", "frozen", "vsl_only") for p in cfg.policies):
         pretrained = pretrain_on(logs, world, cfg, seed, work_dir / f"pretrain-{seed}")
+    prefixes = SidPrefixes(pretrained[1] if pretrained is not None
+                           else sid_tokenizer(world, cfg, seed))
     if progress:
         progress(f"seed {seed}: logging phase + pretraining {time.perf_counter() - t0:.0f}s")
     for name in cfg.policies:
@@ -418,7 +460,10 @@ def run_seed(cfg: EvalConfig, seed: int, work_dir: Path,
         policy = make_policy(name, w, seed, cfg, pretrained, w_logs,
                              work_dir / f"serve-{seed}-{name}")
         t1 = time.perf_counter()
-        runs.append(run_policy(w, policy, cfg, seed, cold_after, progress, bits))
+        runs.append(run_policy(w, policy, cfg, seed, cold_after, progress, bits,
+                               seen_before, prefixes))
+        if pretrained is not None and name in ("rspo", "frozen", "vsl_only"):
+            runs[-1].offline = dict(pretrained[2])
         if progress:
             s = runs[-1].summary()
             progress(f"{name} seed {seed}: RPM(last quarter) {s['rpm_last_quarter']:.2f} "
@@ -540,12 +585,19 @@ def aggregate(runs: Sequence[PolicyRun], cfg: EvalConfig) -> dict[str, Any]:
     return out
 
 
+def _cell(e: dict[str, Any], key: str, spec: str) -> str:
+    """``e[key]``'s mean formatted by ``spec``; "–" when missing or not finite."""
+    v = e.get(key, {}).get("mean")
+    return format(v, spec) if isinstance(v, float | int) and math.isfinite(v) else "–"
+
+
 def headline_table(results: dict[str, Any]) -> str:
     rows = ["| policy | RPM last quarter (95% CI) | RPM first quarter | realized RPM | CTR "
             "| CVR | regret vs oracle | regret vs observable oracle "
-            "| cold-start revenue share | catalogue coverage | slate diversity | novelty (bits) "
+            "| cold-start revenue share | catalogue coverage | slate diversity "
+            "| SID diversity | novelty (unseen) | novelty (bits) | personalization "
             "| ms / request |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in results["policies"].items():
         r = e["rpm_last_quarter"]
         rows.append(
@@ -555,8 +607,9 @@ def headline_table(results: dict[str, Any]) -> str:
             f"| {e['cvr']['mean']:.3f} | {e['regret']['mean']:.1f} "
             f"| {e['regret_vs_observable_oracle']['mean']:.1f} "
             f"| {e['cold_start_revenue_share']['mean']:.1%} "
-            f"| {e['catalogue_coverage']['mean']:.1%} | {e['slate_diversity']['mean']:.2f} "
-            f"| {e['novelty_bits']['mean']:.2f} "
+            f"| {_cell(e, 'catalogue_coverage', '.1%')} | {_cell(e, 'slate_diversity', '.2f')} "
+            f"| {_cell(e, 'sid_diversity', '.2f')} | {_cell(e, 'novelty_unseen', '.1%')} "
+            f"| {_cell(e, 'novelty_bits', '.2f')} | {_cell(e, 'personalization', '.2f')} "
             f"| {e['latency_ms_per_request']['mean']:.2f} |")
     return "\n".join(rows)
 

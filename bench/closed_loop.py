@@ -4,9 +4,11 @@
 
 Writes bench/results/closed_loop.json (per policy: mean and 95 % interval of RPM over
 the last and first quarter of the run, its RPM curve, regret against the oracle and the
-observable oracle, cold-start revenue share; plus rspo_over_* ratios and the drift
-evidence frozen_over_observable_oracle_first/last_quarter), the `## closed_loop` table
-of docs/benchmarks.md and docs/closed_loop.png.
+observable oracle, cold-start revenue share, the beyond-accuracy metrics: catalogue
+coverage, slate and SID diversity, novelty unseen and in bits, personalization; plus
+rspo_over_* ratios and the drift evidence
+frozen_over_observable_oracle_first/last_quarter), the `## closed_loop` table of
+docs/benchmarks.md and docs/closed_loop.png.
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ from bench.common import (
     update_doc_section,
     write_results,
 )
+from learner.beyond import BEYOND_KEYS
 
 SERVING_KEYS = ("ece_ctr", "ece_cvr", "mean_coverage", "explored_share",
-                "observable_oracle_reach", "model_versions", "catalogue_coverage",
-                "slate_diversity", "novelty_bits")
-"""What the generative policies report about their serving (mean over seeds)."""
+                "observable_oracle_reach", "model_versions", *BEYOND_KEYS)
+"""What the generative policies report about their serving, and every policy's
+beyond-accuracy metrics (mean over seeds; see learner/beyond.py)."""
 
 
 def _num(x: float) -> float | None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from adloop.evaluation import EvalConfig, compare
+from adloop.evaluation import EvalConfig, compare, headline_table
+from learner.beyond import BEYOND_KEYS
 
 FAST = ("bid_only", "random", "popularity", "observable_oracle", "oracle")
 
@@ -31,6 +32,23 @@ def test_seeds_in_worker_processes_give_the_same_results_as_one_process(
     assert rnd["catalogue_coverage"]["mean"] > pop["catalogue_coverage"]["mean"]
     assert rnd["novelty_bits"]["mean"] > pop["novelty_bits"]["mean"]
     assert 0.0 < pop["slate_diversity"]["mean"] <= rnd["slate_diversity"]["mean"] <= 1.0
+    # every policy carries the beyond-accuracy metrics, per seed into the summary
+    for name in FAST:
+        e = one["policies"][name]
+        for key in BEYOND_KEYS:
+            assert 0.0 <= e[key]["mean"] <= (math.inf if key == "novelty_bits" else 1.0), key
+            assert len(e[key]["ci95"]) == 2
+    # one popular slate for everyone: users share most of it; random slates share little
+    # and show more ads the user had not been shown (64 level-0 codes for 40 ads: nearly
+    # every pair of ads is in two clusters, whatever the policy)
+    assert rnd["personalization"]["mean"] > pop["personalization"]["mean"]
+    assert rnd["personalization"]["mean"] > 0.8
+    assert rnd["sid_diversity"]["mean"] > 0.9
+    assert rnd["novelty_unseen"]["mean"] > pop["novelty_unseen"]["mean"]
+    table = headline_table(one)
+    assert "| SID diversity | novelty (unseen) | novelty (bits) | personalization |" in table
+    assert all(row.count("|") == table.splitlines()[0].count("|")
+               for row in table.splitlines())
     # the oracle knows the hidden state, the observable one only what the models see
     assert one["observable_oracle_over_oracle"] is not None
     assert 0.0 < one["observable_oracle_over_oracle"] <= 1.0
@@ -46,6 +64,8 @@ def test_generative_policies_are_served_from_exported_snapshots_and_learn(
         assert math.isfinite(e["rpm_last_quarter"]["mean"]) and e["rpm_all"]["mean"] > 0
         assert 0.0 < e["mean_coverage"]["mean"] <= 1.0
         assert 0.0 <= e["observable_oracle_reach"]["mean"] <= 1.0
+        assert set(BEYOND_KEYS) <= set(e)
+        assert 0.0 <= e["sid_diversity"]["mean"] <= 1.0
     # the server's exploration slot serves the learning policy only (EvalConfig.explore)
     assert res["policies"]["rspo"]["explored_share"]["mean"] > 0.0
     assert res["policies"]["frozen"]["explored_share"]["mean"] == 0.0
