@@ -13,7 +13,10 @@
    ``--speed`` times faster): impressions from the server, clicks and delayed
    conversions from the simulated users, feedback from the joiner, RSPO updates and new
    snapshots from the learner, hot swaps in the server;
-6. print the headline table and write ``report.md`` and PNG plots to the run directory;
+6. print the headline table and write ``summary.json``, ``report.md`` and PNG plots to
+   the run directory; beside RPM, the beyond-accuracy metrics of the impressions served
+   (:mod:`learner.beyond`: catalogue coverage, slate and SID diversity, novelty unseen and
+   in bits, personalization) and of the frozen shadow's slates (``frozen_*``);
 7. stop everything cleanly (also on Ctrl-C). ``--keep-running`` keeps traffic and
    endpoints up for dashboards until Ctrl-C.
 """
@@ -31,6 +34,7 @@ import threading
 import time
 import urllib.request
 from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +153,24 @@ def histogram_quantile(samples: dict[str, float], name: str, q: float) -> float 
     return prev_edge
 
 
+def beyond_summary(users: Sequence[str], slates: Sequence[Sequence[str]], world: World,
+                   prefix: Mapping[str, Hashable] | None = None,
+                   bits: Callable[[str], float] | None = None,
+                   prior: Mapping[str, Iterable[str]] | None = None, seed: int = 0,
+                   prefix_key: str = "") -> dict[str, float | None]:
+    """The beyond-accuracy metrics of ``slates`` shown to ``users`` in ``world`` (every ad
+    it created servable; categories from the world; ``prefix``: semantic-ID level-0 codes),
+    rounded to 4 places, None where undefined, each key prefixed by ``prefix_key``."""
+    from learner.beyond import beyond_accuracy
+
+    values = beyond_accuracy(
+        users, slates, servable=len(world.ads), category_of=lambda a: world.ads[a].category,
+        prefix_of=(lambda a: prefix.get(a, a)) if prefix is not None else None, bits=bits,
+        prior=prior, seed=seed)
+    return {prefix_key + k: round(v, 4) if math.isfinite(v) else None
+            for k, v in values.items()}
+
+
 # -- the run ---------------------------------------------------------------------------
 
 
@@ -169,6 +191,11 @@ class Demo:
         """Set by :func:`run`: steps and progress on the console, logs to files."""
         self.replicas: list[str] = ["serve"]
         """The serving processes (``serve``, or ``serve-1`` ... behind ``lb``)."""
+        self.logs: list[Any] = []
+        """The logging phase's feedback: what each user was shown before the traffic and
+        the click popularity novelty is measured against."""
+        self.shadow_slates: dict[str, list[str]] = {}
+        """request id -> the frozen shadow's slate (the first k ads of its answer)."""
 
     def say(self, msg: str) -> None:
         line = f"[{time.monotonic() - self.t0:6.1f}s] {msg}"
@@ -203,7 +230,8 @@ class Demo:
                                   delays=DelayModel(window_s=s.attribution_window_s)))
         from adloop.evaluation import EvalConfig, logging_phase
 
-        logs = logging_phase(world, EvalConfig(log_requests=s.log_requests), s.seed)
+        logs = self.logs = logging_phase(world, EvalConfig(log_requests=s.log_requests),
+                                         s.seed)
         self.step(f"pretraining the generative recommender ({s.pretrain_steps} steps, "
                   f"{s.encoder} ad encoder)")
         from learner.pretrain import PretrainSettings, pretrain
@@ -299,7 +327,14 @@ class Demo:
 
             frozen = GenerativePolicy("frozen", world, *self.pretrained, update="none",
                                       beam_width=32)
-            driver.shadow = lambda reqs: [sl.ad_ids() for sl in frozen.recommend_batch(reqs)]
+
+            def shadow(reqs: list[Any]) -> list[list[str]]:
+                slates = [sl.ad_ids() for sl in frozen.recommend_batch(reqs)]
+                for r, ids in zip(reqs, slates, strict=True):   # asked for 2 k
+                    self.shadow_slates[r.request_id] = ids[:max(1, r.k // 2)]
+                return slates
+
+            driver.shadow = shadow
             # scored after the traffic (each slate against the values its request saw),
             # so the shadow's inference takes no time from serving; a long run flushes
             # every 2048 requests to bound the queued value tables
@@ -392,6 +427,7 @@ class Demo:
             "online_over_frozen_last_quarter": round(rpm(last) / frozen_last, 4)
             if frozen_last else None,
         }
+        summary.update(self.beyond(driver, req_entries))
         self._plots(timeline, latencies)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         table = "\n".join(f"| {k} | {v} |" for k, v in summary.items())
@@ -399,7 +435,14 @@ class Demo:
               f"Seed {self.s.seed}, {self.s.minutes:g} wall minutes at {self.s.rate:g} req/s, "
               f"simulated time ×{self.s.speed:g}.\n\n| figure | value |\n|---|---|\n{table}\n\n"
               "RPM = expected revenue per 1000 impressions (ground-truth expected value of "
-              "each shown ad).\n\n![revenue per mille over simulated time](rpm.png)\n\n"
+              "each shown ad). Beyond accuracy, of the impressions served (`frozen_`: "
+              "the shadow's slates for the same requests): catalogue coverage (share of the "
+              "ads created by the end shown at least once), slate diversity (distinct "
+              "categories / slate length), SID diversity (share of a slate's ad pairs in "
+              "different semantic-ID level-0 clusters), novelty unseen (share of shown ads "
+              "the user had not been shown before) and in bits (-log2 of the ad's share of "
+              "the logging phase's clicks), personalization (1 - mean Jaccard overlap of "
+              "two users' slates).\n\n![revenue per mille over simulated time](rpm.png)\n\n"
               "![latency](latency.png)\n")
         (self.run_dir / "report.md").write_text(md)
         table = "\n" + "\n".join(f"  {k:28s} {v}" for k, v in summary.items())
@@ -412,6 +455,33 @@ class Demo:
                      f"(shadow, never served) {summary['frozen_rpm_last_quarter']:.1f} RPM")
         self.say(f"report: {self.run_dir / 'report.md'}")
         return summary
+
+    def beyond(self, driver: TrafficDriver,
+               req_entries: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
+        """Beyond-accuracy metrics of the impressions served (and ``frozen_*`` of the
+        shadow's slates for the same requests): history from the logging phase on, novelty
+        bits against its clicks, level-0 codes of the pretrained tokenizer."""
+        from adloop.evaluation import SidPrefixes
+        from learner.beyond import click_bits
+
+        world = driver.world
+        prior: dict[str, set[str]] = {}
+        for fb in self.logs:
+            prior.setdefault(fb.user_id, set()).update(it.ad_id for it in fb.items)
+        prefix = SidPrefixes(self.pretrained[1])(world) if self.pretrained else None
+        bits = click_bits(self.logs) if self.logs else None
+        users = [str(req_entries.get(r.request_id, {}).get("user_id", "")) for r in
+                 driver.responses]
+        out = beyond_summary(users, [[o.ad_id for o in r.items] for r in driver.responses],
+                             world, prefix, bits, prior, self.s.seed)
+        if self.shadow_slates:
+            known = [(u, self.shadow_slates[r.request_id])
+                     for u, r in zip(users, driver.responses, strict=True)
+                     if r.request_id in self.shadow_slates]
+            out.update(beyond_summary([u for u, _ in known],
+                                      [[a for a in ids if a in world.ads] for _, ids in known],
+                                      world, prefix, bits, prior, self.s.seed, "frozen_"))
+        return out
 
     def _plots(self, timeline: list[dict[str, Any]], latencies: list[float]) -> None:
         import matplotlib

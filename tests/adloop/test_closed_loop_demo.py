@@ -38,6 +38,11 @@ def test_demo_closes_the_loop_feedback_reaches_the_learner_and_new_snapshots_are
     assert summary["frozen_rpm_last_quarter"] > 0
     assert summary["online_over_frozen_last_quarter"] == round(
         summary["rpm_last_quarter"] / summary["frozen_rpm_last_quarter"], 4)
+    # beyond accuracy of the impressions served and of the shadow's slates
+    for key in ("catalogue_coverage", "slate_diversity", "sid_diversity", "novelty_unseen",
+                "personalization"):
+        assert 0.0 < summary[key] <= 1.0 and 0.0 < summary[f"frozen_{key}"] <= 1.0, key
+    assert summary["novelty_bits"] > 0 and summary["frozen_novelty_bits"] > 0
     assert (out / "report.md").exists() and (out / "rpm.png").exists()
     assert "stopping processes" in res.stdout
     # the console keeps to steps, progress and the summary; the logs are in files
