@@ -8,12 +8,20 @@ in each logged context, as many positions as the logged slate (a deterministic t
 the logging policy's on-policy value and percentile bootstrap intervals over
 impressions — are :mod:`learner.ope`, which the learner's promotion guard also uses
 (``adloop learn --guard-estimate``); its docstring has the formulas.
+
+Beside the value, ``beyond_accuracy`` describes the snapshot's slates on the log
+(:mod:`learner.beyond`): catalogue coverage (of the log's ads), SID diversity (share of
+a slate's ad pairs with different semantic-ID level-0 codes in the snapshot's id
+table), novelty unseen (share of the slate's ads the log had not shown the user before
+that request), novelty in bits (against the log's clicks) and personalization (1 - mean
+Jaccard overlap of two users' slates); a figure without a value is null.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from collections.abc import Sequence
@@ -23,6 +31,7 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from learner.beyond import beyond_accuracy, click_bits
 from learner.ope import (
     ESTIMATORS,
     LoggedItems,
@@ -41,8 +50,8 @@ from streams.settings import add_settings_arguments, settings_from_args
 
 log = get_logger(__name__)
 
-__all__ = ["ESTIMATORS", "LoggedItems", "OffPolicySettings", "bootstrap", "configure",
-           "doubly_robust", "estimate", "evaluate_offline", "ips", "logged_items",
+__all__ = ["ESTIMATORS", "LoggedItems", "OffPolicySettings", "beyond_of_slates", "bootstrap",
+           "configure", "doubly_robust", "estimate", "evaluate_offline", "ips", "logged_items",
            "on_policy", "reward_model", "run", "snapshot_slates", "snips"]
 
 
@@ -127,10 +136,36 @@ def evaluate_offline(log_file: Path, snapshot_dir: Path, s: OffPolicySettings,
                "impressions": items.n, "logged_items": len(items.reward),
                "matched_items": matched, "value_per_impression": result,
                "interval": s.interval, "bootstrap_samples": s.bootstrap_samples}
+    summary["beyond_accuracy"] = beyond_of_slates(finals, slates, joined.ads, snapshot_dir,
+                                                  s.ope_seed)
     if matched < 30:
         log.warning("ope.few_matches", matched_items=matched,
                     note="the snapshot rarely serves what the log shows: intervals are wide")
     return summary
+
+
+def beyond_of_slates(finals: Sequence[Feedback], slates: Sequence[Sequence[str]],
+                     ads: Sequence[Any], snapshot_dir: Path | None = None,
+                     seed: int = 0) -> dict[str, float | None]:
+    """Beyond-accuracy metrics of the target ``slates`` (one per final list) in time
+    order: the history of a user is what the log showed them before, servable ads the
+    log's ``ads``, level-0 codes from ``snapshot_dir``'s id table (none: no SID
+    diversity); rounded to 4 places, None where undefined."""
+    order = sorted(range(len(finals)), key=lambda i: (finals[i].impression_time,
+                                                      finals[i].request_id))
+    prefix: dict[str, int] | None = None
+    if snapshot_dir is not None:
+        from snapshot_format import parse_manifest
+
+        man = parse_manifest((snapshot_dir / "manifest.json").read_bytes())
+        prefix = {a: int(row[0]) for a, row in zip(man.ad_ids, man.ids.tolist(), strict=True)}
+    out = beyond_accuracy(
+        [finals[i].user_id for i in order], [list(slates[i]) for i in order],
+        servable={a.ad_id for a in ads},
+        prefix_of=(lambda a: prefix.get(a, a)) if prefix is not None else None,
+        bits=click_bits(finals), seen=[[it.ad_id for it in finals[i].items] for i in order],
+        seed=seed)
+    return {k: round(v, 4) if math.isfinite(v) else None for k, v in out.items()}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -12,8 +12,16 @@ import pytest
 import structlog
 
 from adloop import cli
-from adloop.offpolicy import LoggedItems, doubly_robust, estimate, ips, on_policy, snips
-from streams.schemas import Feedback
+from adloop.offpolicy import (
+    LoggedItems,
+    beyond_of_slates,
+    doubly_robust,
+    estimate,
+    ips,
+    on_policy,
+    snips,
+)
+from streams.schemas import Ad, Feedback, FeedbackItem
 from streams.settings import KafkaSettings
 from tests.streams.test_joiner_helpers import JoinerProcess, wait_for
 from traffic.recorded import read_recorded
@@ -98,3 +106,35 @@ def test_bring_your_own_logs_replay_join_import_evaluate(
     assert v["logging_on_policy"]["value"] == pytest.approx(n_click * 1.0 / n_imp)
     for name in ("ips", "snips", "dr"):
         assert np.isfinite(v[name]["value"]) and v[name]["low"] <= v[name]["high"]
+    beyond = out["beyond_accuracy"]
+    assert set(beyond) == {"catalogue_coverage", "sid_diversity", "novelty_unseen",
+                           "novelty_bits", "personalization"}
+    assert 0.0 < beyond["catalogue_coverage"] <= 1.0
+    assert 0.0 <= beyond["sid_diversity"] <= 1.0 and 0.0 <= beyond["novelty_unseen"] <= 1.0
+
+
+def _final(rid: str, user: str, t: float, shown: list[str]) -> Feedback:
+    return Feedback(request_id=rid, user_id=user, kind="final", revision=0,
+                    impression_time=t, event_time=t, elapsed_s=0.0, window_closed=True,
+                    items=[FeedbackItem(ad_id=a, semantic_id=[0], position=i, score=0.0,
+                                        bid=1.0, bid_type="cpc", clicked=a == "a")
+                           for i, a in enumerate(shown)])
+
+
+def test_beyond_accuracy_of_the_snapshot_slates_on_the_log_by_hand() -> None:
+    # given out of time order: the log shows u1 [a] at t=0, u2 [b] at 1, u1 [b] at 2
+    finals = [_final("r2", "u1", 2, ["b"]), _final("r0", "u1", 0, ["a"]),
+              _final("r1", "u2", 1, ["b"])]
+    slates = [["a", "c"], ["a", "b"], ["b", "c"]]  # the snapshot's, per final list
+    ads = [Ad(ad_id=x, advertiser_id="adv", industry="retail", bid_type="cpc",
+              conversion_goal="purchase", bid=1.0, budget=10.0, title=x, description=x,
+              created_time=0.0, event_time=0.0) for x in ("a", "b", "c", "d")]
+    out = beyond_of_slates(finals, slates, ads, seed=0)
+    # in time order: u1 [a b] (both new), u2 [b c] (new), u1 [a c]: a was logged -> c new
+    assert out["novelty_unseen"] == round(5 / 6, 4)
+    assert out["catalogue_coverage"] == 0.75                       # a b c of 4
+    # u1-u2 pairs: [a b]-[b c] 1/3, [b c]-[a c] 1/3
+    assert out["personalization"] == round(1 - 1 / 3, 4)
+    # log clicks: a once of 3 logged impressions over {a, b}: a -log2(2/4), b c -log2(1/4)
+    assert out["novelty_bits"] == round((1 + 2 + 2 + 2 + 1 + 2) / 6, 4)
+    assert "sid_diversity" not in out                               # no snapshot given
