@@ -25,7 +25,12 @@ new ``id_space_version``; a model trained in one id space refuses another
 (:class:`IdSpaceMismatchError`).
 
 Saved as a directory: ``tokenizer.json`` (config, vocabularies, the id table,
-version) and ``codebooks.npz`` (float32 centroids), which round-trips exactly.
+version; ``organic_ids`` when there are organic items) and ``codebooks.npz`` (float32
+centroids ``level_<l>``; a refined tokenizer adds ``encoder.*`` and ``decoder.*``),
+which round-trips exactly. Config fields added with organic items, auto sizes and
+refinement are written only when they differ from their defaults, so a plain
+RQ-KMeans tokenizer writes (and hashes into its version) the same file as before,
+and files without them load with the old behaviour.
 
 **Organic items in the same id space** (GPR §2.1 of mechanisms.md [paper]: organic
 content and ads share one multi-level semantic-ID space). Organic items (videos,
@@ -54,6 +59,11 @@ estimator, codebook + commitment losses, dead-code reset). An optional
 co-occurrence term (GR4AD's "co-occurrence learning" [secondary]; the InfoNCE form
 is mechanisms.md §1.2's reconstruction) pulls the latents of co-consumed items
 together. New items are placed online through the refined encoder.
+``TokenizerConfig.assignment`` chooses how fit-time items take codes, during the
+refinement and in their ids: ``"balanced"`` (as RQ-KMeans, the default) or
+``"nearest"`` (classic RQ-VAE). On the simulated catalogue (docs/benchmarks.md,
+``## tokenizer``) the refinement lowers the reconstruction error with nearest codes
+and not with balanced ones, whose greedy assignment is too noisy to train against.
 """
 
 from __future__ import annotations
@@ -493,7 +503,8 @@ def refine_rq(x: np.ndarray, codebooks: Sequence[np.ndarray], steps: int, *, see
               lr: float = 1e-3, hidden: int = 128, batch: int = 1024, beta: float = 0.25,
               reset_every: int = 20, pairs: np.ndarray | None = None,
               cooc_weight: float = 0.0, temperature: float = 0.1,
-              cooc_batch: int = 256, balanced: bool = True) -> Refinement:
+              cooc_batch: int = 256, balanced: bool = True,
+              reassign_every: int = 5) -> Refinement:
     """RQ-Kmeans+ (GPR [paper]: RQ-KMeans init, then the RQ-VAE loss with an
     encoder-side residual connection); the losses below are a reconstruction.
 
@@ -502,9 +513,11 @@ def refine_rq(x: np.ndarray, codebooks: Sequence[np.ndarray], steps: int, *, see
     second layer zero-initialised so step 0 reproduces the init exactly). Per level
     ``l`` the residual ``r_l`` (``r_0 = z``, ``r_{l+1} = r_l - e_l``) picks its code
     ``e_l`` -- by :func:`balanced_assign` over the batch when ``balanced`` (the same
-    rule as the fit-time ids, so training optimises the ids the items will get), else
-    the nearest code (classic RQ-VAE); ``q = sum_l e_l`` passes to the decoder through
-    the straight-through estimator ``z + sg(q - z)``, and ``x^ = q_st + MLP_dec(q_st)``. Loss::
+    rule as the fit-time ids, so training optimises the ids the items will get; when the
+    whole catalogue is the batch, recomputed every ``reassign_every`` steps and kept in
+    between, as k-means alternates), else the nearest code (classic RQ-VAE).
+    ``q = sum_l e_l`` passes to the decoder through the straight-through estimator
+    ``z + sg(q - z)``, and ``x^ = q_st + MLP_dec(q_st)``. Loss::
 
         |x - x^|^2 + sum_l ( |sg(r_l) - e_l|^2 + beta |r_l - sg(e_l)|^2 )
             + cooc_weight * InfoNCE(pairs)
@@ -547,6 +560,7 @@ def refine_rq(x: np.ndarray, codebooks: Sequence[np.ndarray], steps: int, *, see
               if pairs is not None and len(pairs) else torch.zeros(0, 2, dtype=torch.int64))
     use_cooc = cooc_weight > 0 and pair_t.shape[0] > 0
     used = [torch.zeros(c.shape[0], dtype=torch.bool) for c in cbs]
+    cached: list[torch.Tensor] = []  # balanced codes per level (full-batch mode)
     hist: dict[str, list[float]] = {k: [] for k in ("loss", "recon", "commit", "cooc",
                                                     "resets")}
     for step in range(steps):
@@ -559,9 +573,14 @@ def refine_rq(x: np.ndarray, codebooks: Sequence[np.ndarray], steps: int, *, see
         residuals = []
         for lvl, c in enumerate(cbs):
             with torch.no_grad():
-                dist = torch.cdist(r, c)
-                j = (torch.as_tensor(balanced_assign(dist.double().numpy() ** 2, np_rng))
-                     if balanced else dist.argmin(1))
+                if not balanced:
+                    j = torch.cdist(r, c).argmin(1)
+                elif n <= batch and step % max(1, reassign_every) and len(cached) == len(cbs):
+                    j = cached[lvl]
+                else:
+                    dist = torch.cdist(r, c).double().numpy() ** 2
+                    j = torch.as_tensor(balanced_assign(dist, np_rng))
+                    cached[lvl:] = [j]
                 used[lvl][j] = True
             e = c[j]
             residuals.append(r.detach())
