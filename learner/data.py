@@ -14,6 +14,9 @@ slate item becomes one example:
 * ``target`` [T]: the item's id; ``value``: its realized reward, floored at
   ``min_value`` so that a click on a CPA ad that has not converted (yet) still counts;
 * ``prior``: the interaction type (0 click, 1 conversion) for the prior heads;
+* ``horizon``: the time horizon for the prior heads (:func:`horizon_of`): 0 short-term
+  (the target's level-0 semantic code is among those of the ``short_horizon`` most
+  recent history ads), 1 long-term;
 * ``mtp`` [n_mtp, T]: the user's next positives in later requests (MTP targets);
 * ``slate`` [I, T] with ``clicked`` / ``converted``: the whole slate, attached to the
   request's first example only, for the value heads.
@@ -158,6 +161,7 @@ class Batch:
     target: Tensor         # [B, T] int64
     value: Tensor          # [B] float32 (0 = no generation target)
     prior: Tensor          # [B] int64
+    horizon: Tensor        # [B] int64
     mtp: Tensor            # [B, n_mtp, T] int64
     mtp_mask: Tensor       # [B, n_mtp] float32
     slate: Tensor          # [B, I, T] int64
@@ -178,6 +182,7 @@ class ExampleSet:
     target: np.ndarray
     value: np.ndarray
     prior: np.ndarray
+    horizon: np.ndarray
     mtp: np.ndarray
     mtp_mask: np.ndarray
     slate: np.ndarray
@@ -201,7 +206,8 @@ class ExampleSet:
         t = torch.from_numpy
         return Batch(
             history=t(sub.history), history_mask=t(sub.history_mask), context=t(sub.context),
-            target=t(sub.target), value=t(sub.value), prior=t(sub.prior), mtp=t(sub.mtp),
+            target=t(sub.target), value=t(sub.value), prior=t(sub.prior),
+            horizon=t(sub.horizon), mtp=t(sub.mtp),
             mtp_mask=t(sub.mtp_mask), slate=t(sub.slate), slate_mask=t(sub.slate_mask),
             clicked=t(sub.clicked), converted=t(sub.converted), slate_bid=t(sub.slate_bid),
             slate_bid_type=t(sub.slate_bid_type))
@@ -210,6 +216,19 @@ class ExampleSet:
     def positives(self) -> np.ndarray:
         """Indices of examples with a generation target."""
         return np.flatnonzero(self.value > 0)
+
+
+def horizon_of(history: np.ndarray, history_mask: np.ndarray, targets: np.ndarray,
+               short_horizon: int) -> np.ndarray:
+    """Time-horizon routing labels of the prior heads [reconstruction]: history [B, H, T]
+    (most recent first), history_mask [B, H], targets [B, K, T] -> [B, K] int64, 0
+    (short-term) where the target's level-0 semantic code is among the level-0 codes of
+    the first ``short_horizon`` real history rows, else 1 (long-term; also with no
+    history)."""
+    recent = history[:, :short_horizon, 0]                              # [B, h]
+    real = history_mask[:, :short_horizon] > 0
+    hit = ((targets[:, :, None, 0] == recent[:, None, :]) & real[:, None, :]).any(-1)
+    return np.where(hit, 0, 1).astype(np.int64)
 
 
 def _ids(tok: UASIDTokenizer, ad_id: str, where: str, on_unknown: str) -> tuple[int, ...] | None:
@@ -225,12 +244,14 @@ def build_examples(feedback: Iterable[Feedback], tok: UASIDTokenizer, history_le
                    context_features: Sequence[str] = DEFAULT_CONTEXT_FEATURES,
                    context_buckets: int = DEFAULT_CONTEXT_BUCKETS, mtp_heads: int = 2,
                    min_value: float = 0.05, on_unknown: str = "error",
-                   organic_len: int = DEFAULT_ORGANIC_LEN) -> ExampleSet:
+                   organic_len: int = DEFAULT_ORGANIC_LEN,
+                   short_horizon: int = 3) -> ExampleSet:
     """Examples from feedback records (newest revision per request, time order).
 
     ``on_unknown``: ``"error"`` raises :class:`UnknownAdError` naming the ad and the
     request; ``"skip"`` drops unknown history items and slate items. ``organic_len``:
     organic topic ids appended to each context row (the model's ``organic_len``).
+    ``short_horizon``: history ads that count as short-term (:func:`horizon_of`).
     """
     if on_unknown not in ("error", "skip"):
         raise ValueError(f"on_unknown must be 'error' or 'skip', got {on_unknown!r}")
@@ -269,9 +290,12 @@ def build_examples(feedback: Iterable[Feedback], tok: UASIDTokenizer, history_le
         base = {"history": hist, "history_mask": hmask, "context": ctx, "request": r_idx,
                 "time": rec.impression_time, "user": rec.user_id}
         if not positives:
-            rows.append({**base, "target": (0,) * T, "value": 0.0, "prior": 0})
-        for sid, value, prior in positives:
-            rows.append({**base, "target": sid, "value": value, "prior": prior})
+            rows.append({**base, "target": (0,) * T, "value": 0.0, "prior": 0, "horizon": 1})
+        horizons = horizon_of(hist[None], hmask[None], np.array(
+            [p[0] for p in positives], dtype=np.int64).reshape(1, -1, T), short_horizon)[0]
+        for (sid, value, prior), hz in zip(positives, horizons.tolist(), strict=True):
+            rows.append({**base, "target": sid, "value": value, "prior": prior,
+                         "horizon": hz})
             per_user.setdefault(rec.user_id, []).append((r_idx, sid))
         rows[-len(positives) or -1]["slate"] = (slate, clicked, converted, bids, bid_types)
 
@@ -291,6 +315,7 @@ def build_examples(feedback: Iterable[Feedback], tok: UASIDTokenizer, history_le
         target=np.array([r["target"] for r in rows], dtype=np.int64).reshape(n, T),
         value=np.array([r["value"] for r in rows], dtype=np.float32),
         prior=np.array([r["prior"] for r in rows], dtype=np.int64),
+        horizon=np.array([r["horizon"] for r in rows], dtype=np.int64),
         mtp=np.zeros((n, M, T), np.int64), mtp_mask=np.zeros((n, M), np.float32),
         slate=np.zeros((n, max_slate, T), np.int64),
         slate_mask=np.zeros((n, max_slate), np.float32),

@@ -115,14 +115,23 @@ class _Users:
     context: Tensor
 
 
+def prior_class_loss(class_logits: Tensor, leaf: Tensor, weight: Tensor) -> Tensor:
+    """Weighted CE of the prior classifier against the routing labels: class_logits
+    [B, L], leaf [B], weight [B] (0 = not a positive)."""
+    ce = F.cross_entropy(class_logits, leaf, reduction="none")
+    return (weight * ce).sum() / (weight > 0).sum().clamp_min(1)
+
+
 def pretrain_loss(model: GenerativeRecommender, batch: Batch, mtp_weight: float = 0.3,
                   value_weight: float = 0.5, prior_weight: float = 0.5, w_min: float = 0.2,
                   w_max: float = 5.0, dc_weight: float = 0.0, dc_tau: float = 1.0
                   ) -> tuple[Tensor, dict[str, float]]:
-    """VSL + mtp_weight·MTP + value_weight·value BCE (+ prior_weight·routed prior CE)
-    (+ dc_weight·DC over each shown slate: in the logs the shown slate is the candidate
-    set the generator and ranker both scored)."""
-    out = model(batch.history, batch.history_mask, batch.context, batch.target, batch.prior)
+    """VSL + mtp_weight·MTP + value_weight·value BCE (+ prior_weight·(routed prior CE +
+    the prior classifier's CE on the positives' routing labels)) (+ dc_weight·DC over
+    each shown slate: in the logs the shown slate is the candidate set the generator and
+    ranker both scored)."""
+    leaf = model.decoder.leaf(batch.prior, batch.horizon)
+    out = model(batch.history, batch.history_mask, batch.context, batch.target, leaf)
     w = value_weights(batch.value, w_min, w_max)
     l_vsl = vsl_loss(out["logits"], batch.target, w)
     l_mtp = mtp_loss(out["mtp"], batch.mtp, batch.mtp_mask)
@@ -142,6 +151,10 @@ def pretrain_loss(model: GenerativeRecommender, batch: Batch, mtp_weight: float 
             parts["dc"] = l_dc.item()
     if "prior_logits" in out:
         l_prior = vsl_loss(out["prior_logits"], batch.target, w)
+        if "prior_class" in out:
+            l_class = prior_class_loss(out["prior_class"], leaf, (w > 0).to(w.dtype))
+            l_prior = l_prior + l_class
+            parts["prior_class"] = l_class.item()
         loss = loss + prior_weight * l_prior
         parts["prior"] = l_prior.item()
     parts["loss"] = loss.item()

@@ -28,8 +28,18 @@ suffix), P tokens already chosen, D model width, V = max vocabulary over positio
 * MTP heads [reconstruction of GPR's multi-token prediction, §2.3]: from the pooled
   user state, predict the ids of the next ``mtp_heads`` future positives.
 * Prior-conditioned heads [reconstruction of "Don't Waste It", §4], off unless
-  ``prior_heads > 0``: z_p = h + MLP_p(h) with the shared output projection; training
-  routes each target to its prior's head, inference mixes the heads.
+  ``prior_heads > 0``. Composed hierarchically, interaction type first, then time
+  horizon: z_type = h + MLP_type(h), z_{type,hz} = z_type + MLP_{type,hz}(z_type), every
+  leaf with the shared output projection (``prior_horizons = 1``: the type heads are
+  the leaves). L = prior_heads·prior_horizons leaves, type-major: (click, short),
+  (click, long), (conversion, short), (conversion, long). Training routes each target
+  to its leaf (:meth:`LazyARDecoder.leaf`); inference mixes the leaves' distributions
+  by a per-request log mixture ``prior_log_mix`` [B, L]: ``predicted`` (a small
+  classifier on the pooled memory, trained with CE on the routing labels; the paper's
+  "predicted prior distribution") or ``fixed`` (``prior_mix``). The horizon label is
+  our definition [reconstruction]: short-term when the target's level-0 semantic code
+  is among those of the ``short_horizon`` most recent history ads
+  (:func:`learner.data.horizon_of`), long-term otherwise.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ from streams.features import (
 
 NEG = -1e9  # additive mask value (finite, so fully-masked rows never give NaN)
 MODES = ("lazy_ar", "full_ar")
+PRIOR_MIX_MODES = ("predicted", "fixed")
 
 
 @dataclass
@@ -80,10 +91,19 @@ class ModelConfig:
     block has to mix prefix and user in a single step). Same in both modes."""
     mtp_heads: int = 2
     prior_heads: int = 0
-    """Number of prior values (0 = off). The data routes by interaction type:
-    0 = click, 1 = conversion."""
+    """Interaction-type prior heads (0 = off; 2 = the data's ``prior``: 0 click,
+    1 conversion)."""
+    prior_horizons: int = 2
+    """Time-horizon heads composed under each type head (the data's ``horizon``: 0 short-
+    term, 1 long-term); 1 = flat type heads (checkpoints written before horizons existed)."""
+    short_horizon: int = 3
+    """A target is short-term when its level-0 code is among the level-0 codes of this
+    many most recent history ads (:func:`learner.data.horizon_of`)."""
+    prior_mix_mode: str = "predicted"
+    """How inference mixes the leaf heads: ``predicted`` (a prior classifier on the pooled
+    memory) or ``fixed`` (``prior_mix``; checkpoints written before the classifier)."""
     prior_mix: tuple[float, ...] = field(default_factory=tuple)
-    """Inference mixture over prior heads (uniform when empty)."""
+    """Fixed inference mixture over the leaf heads, type-major (uniform when empty)."""
     n_value_layers: int = 1
     value_own_items: bool = True
     """The value head has its own item table instead of the generator's, so generator
@@ -110,8 +130,18 @@ class ModelConfig:
             raise ValueError(f"n_top (M={self.n_top}) must be in 1..n_layer ({self.n_layer})")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model {self.d_model} not divisible by n_head {self.n_head}")
-        if self.prior_mix and len(self.prior_mix) != self.prior_heads:
-            raise ValueError("prior_mix needs one weight per prior head")
+        if self.prior_horizons < 1:
+            raise ValueError(f"prior_horizons must be >= 1, got {self.prior_horizons}")
+        if self.prior_mix_mode not in PRIOR_MIX_MODES:
+            raise ValueError(f"prior_mix_mode must be one of {PRIOR_MIX_MODES}, "
+                             f"got {self.prior_mix_mode!r}")
+        if self.prior_mix and len(self.prior_mix) != self.prior_leaves:
+            raise ValueError(f"prior_mix needs one weight per leaf head ({self.prior_leaves})")
+
+    @property
+    def prior_leaves(self) -> int:
+        """L: leaf prior heads (types × horizons), 0 when prior heads are off."""
+        return self.prior_heads * self.prior_horizons
 
     @property
     def id_len(self) -> int:
@@ -129,9 +159,11 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ModelConfig:
-        # checkpoints written before ``inject_mlp`` existed have no such parameters
+        # checkpoints written before ``inject_mlp`` existed have no such parameters; those
+        # written before horizon heads had flat type heads mixed by ``prior_mix``
         return cls(**{"inject_mlp": False, "organic_len": 0, "value_own_items": False,
-                      "task_tokens": False, "fake_items": False, "ranker_kv": False, **d})
+                      "prior_horizons": 1, "prior_mix_mode": "fixed", "task_tokens": False,
+                      "fake_items": False, "ranker_kv": False, **d})
 
 
 # --------------------------------------------------------------------------------------
@@ -353,8 +385,26 @@ class UserEncoder(nn.Module):
         return self.ln_f(x), mask
 
 
+class PriorClassifier(nn.Module):
+    """The predicted prior distribution over the L leaf heads from the pooled user
+    memory: (memory [B, S, D], memory_mask [B, S]) -> logits [B, L]."""
+
+    def __init__(self, d: int, n_leaves: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+        self.out = nn.Linear(d, n_leaves)
+
+    def forward(self, memory: Tensor, memory_mask: Tensor) -> Tensor:
+        m = memory_mask.unsqueeze(-1)
+        pooled = (memory * m).sum(1) / m.sum(1).clamp_min(1.0)          # [B, D]
+        out: Tensor = self.out(F.gelu(self.fc(self.ln(pooled))))
+        return out
+
+
 class LazyARDecoder(nn.Module):
-    """Per-level id generation; see the module docstring for lazy vs full AR."""
+    """Per-level id generation; see the module docstring for lazy vs full AR and for
+    the prior heads."""
 
     items: ItemEmbedding
     invalid: Tensor
@@ -383,12 +433,53 @@ class LazyARDecoder(nn.Module):
         self.register_buffer("invalid", invalid, persistent=False)      # [T, V]
         causal = torch.full((T, T), NEG).triu(1)
         self.register_buffer("causal", causal, persistent=False)        # [T, T]
+        # prior heads: type heads, then (hierarchical) horizon heads under each, type-major
         self.priors = nn.ModuleList(MLP(d) for _ in range(cfg.prior_heads))
+        self.n_horizons = cfg.prior_horizons if cfg.prior_heads else 1
+        self.prior_sub = nn.ModuleList(MLP(d) for _ in range(
+            cfg.prior_leaves if self.n_horizons > 1 else 0))
+        self.n_leaves = cfg.prior_leaves
+        self.prior_clf = PriorClassifier(d, self.n_leaves) \
+            if self.n_leaves and cfg.prior_mix_mode == "predicted" else None
         self.inject_ln = nn.LayerNorm(d) if cfg.inject_mlp else None
         self.inject_mlp = MLP(d) if cfg.inject_mlp else None
-        mix = torch.tensor(cfg.prior_mix or [1.0] * cfg.prior_heads)
+        mix = torch.tensor(cfg.prior_mix or [1.0] * self.n_leaves)
         self.register_buffer("log_mix", (mix / mix.sum().clamp_min(1e-12)).log(),
-                             persistent=False)                          # [n_priors]
+                             persistent=False)                          # [L]
+
+    # -- prior heads -------------------------------------------------------------------
+    def leaf(self, prior: Tensor, horizon: Tensor | None = None) -> Tensor:
+        """Routing label -> leaf head: interaction type ``prior`` and ``horizon`` (0
+        short, 1 long; any shape) -> type·n_horizons + horizon."""
+        if self.n_horizons == 1 or horizon is None:
+            return prior * self.n_horizons
+        return prior * self.n_horizons + horizon.clamp(0, self.n_horizons - 1)
+
+    def prior_states(self, h: Tensor) -> list[Tensor]:
+        """h [..., D] -> the L leaf states [..., D], type-major: z_type = h +
+        MLP_type(h), z_{type,hz} = z_type + MLP_{type,hz}(z_type)."""
+        zs: list[Tensor] = []
+        nh = self.n_horizons
+        for i, mlp in enumerate(self.priors):
+            z = h + mlp(h)
+            if nh == 1:
+                zs.append(z)
+            else:
+                zs.extend(z + sub(z) for sub in self.prior_sub[i * nh: (i + 1) * nh])
+        return zs
+
+    def prior_logits(self, memory: Tensor, memory_mask: Tensor) -> Tensor | None:
+        """The prior classifier's logits over the leaves [B, L] (``predicted`` mode),
+        else None."""
+        return self.prior_clf(memory, memory_mask) if self.prior_clf is not None else None
+
+    def prior_log_mix(self, memory: Tensor, memory_mask: Tensor) -> Tensor:
+        """Per-request log mixture over the leaves [B, L] (sums to one in probability):
+        the classifier's log-softmax, or the fixed ``prior_mix`` for every request."""
+        logits = self.prior_logits(memory, memory_mask)
+        if logits is not None:
+            return torch.log_softmax(logits, dim=-1)
+        return self.log_mix.unsqueeze(0).expand(memory.shape[0], -1)
 
     def lower(self, memory: Tensor, memory_mask: Tensor) -> Tensor:
         """Token-independent states, once per request: [B, S, D] -> [B, T, D]. With task
@@ -436,10 +527,11 @@ class LazyARDecoder(nn.Module):
         out: Tensor = self.ln_f(x)
         return out
 
-    def project(self, h: Tensor, first: int | Tensor = 0,
-                prior: Tensor | None = None) -> Tensor:
+    def project(self, h: Tensor, first: int | Tensor = 0, prior: Tensor | None = None,
+                log_mix: Tensor | None = None) -> Tensor:
         """Logits for consecutive positions ``first..first+P-1``: h [N, P, D] -> [N, P, V].
-        With prior heads: log of the prior mixture, or the head ``prior`` [N] routes to."""
+        With prior heads: log of the leaves' mixture, weighted by ``log_mix`` [N, L] per
+        row (default: the fixed ``prior_mix``), or the leaf ``prior`` [N] routes to."""
         P = h.shape[1]
         w = self.head_w[first: first + P].transpose(1, 2)               # [P, D, V]
         b = self.head_b[first: first + P] + self.invalid[first: first + P]  # [P, V]
@@ -448,22 +540,30 @@ class LazyARDecoder(nn.Module):
         if len(self.priors) == 0:
             out: Tensor = proj(h)
             return out
-        per_prior = torch.stack([proj(h + mlp(h)) for mlp in self.priors], dim=1)  # [N, n_p, P, V]
+        per_prior = torch.stack([proj(z) for z in self.prior_states(h)], dim=1)  # [N, L, P, V]
         if prior is not None:
             return per_prior[torch.arange(h.shape[0]), prior]
-        logp = torch.log_softmax(per_prior, dim=-1) + self.log_mix[:, None, None]
+        mix = self.log_mix.unsqueeze(0) if log_mix is None else log_mix       # [N or 1, L]
+        logp = torch.log_softmax(per_prior, dim=-1) + mix[:, :, None, None]
         return torch.logsumexp(logp, dim=1)
 
-    def target_logprob(self, h: Tensor, ids: Tensor, allowed: Tensor | None = None) -> Tensor:
+    def target_logprob(self, h: Tensor, ids: Tensor, allowed: Tensor | None = None,
+                       log_mix: Tensor | None = None, prior: Tensor | None = None) -> Tensor:
         """log p(ids[:, t]) at levels t = 0..P-1 from their hidden states: h [N, P, D],
-        ids [N, P] -> [N, P]. The values of ``log_softmax(project(h)).gather(ids)`` (prior
-        mixture included), but each level is projected onto its own vocabulary only, not
-        padded to V, and no [N, P, V] tensor is built.
+        ids [N, P] -> [N, P]. The values of ``log_softmax(project(h, 0, prior,
+        log_mix)).gather(ids)`` (prior mixture included, or the routed leaf ``prior`` [N]
+        alone), but each level is projected onto its own vocabulary only, not padded to
+        V, and no [N, P, V] tensor is built.
 
         ``allowed`` [N, P, V] bool: renormalize each level over the allowed codes only
         (the children of the id's prefix in the servable trie), as the server's beam
         search scores a level; the target code must be allowed."""
-        zs = [h] if len(self.priors) == 0 else [h + mlp(h) for mlp in self.priors]
+        zs = [h] if len(self.priors) == 0 else self.prior_states(h)
+        if prior is not None and len(zs) > 1:                 # the routed leaf's state
+            zs = [torch.stack(zs, 1)[torch.arange(h.shape[0]), prior]]
+        mix = None
+        if len(zs) > 1:
+            mix = (self.log_mix[:, None] if log_mix is None else log_mix.T)[..., None]
         out = []
         for t in range(ids.shape[1]):
             size = self.level_sizes[t]
@@ -472,26 +572,43 @@ class LazyARDecoder(nn.Module):
             if len(zs) == 1 and allowed is None:
                 lp = logits[0].gather(1, tgt)[:, 0] - logits[0].logsumexp(1)
             else:
-                level = logits[0] if len(zs) == 1 else torch.logsumexp(
-                    torch.stack([x.log_softmax(1) for x in logits]) + self.log_mix[:, None, None],
-                    0)                                                     # mixture log-probs
+                level = logits[0] if mix is None else torch.logsumexp(
+                    torch.stack([x.log_softmax(1) for x in logits]) + mix, 0)  # mixture
                 norm = level if allowed is None else \
                     level.masked_fill(~allowed[:, t, :size], -torch.inf)
                 lp = level.gather(1, tgt)[:, 0] - norm.logsumexp(1)
             out.append(lp)
         return torch.stack(out, 1)
 
+    def rows_of(self, per_request: Tensor | None, rows: Tensor | None,
+                n_rows: int) -> Tensor | None:
+        """A per-request tensor [B, ...] for each of ``n_rows`` rows: indexed by ``rows``
+        [N], or repeated N/B times (request-major rows) without it."""
+        if per_request is None or len(self.priors) == 0:
+            return None
+        if rows is not None:
+            return per_request[rows]
+        return per_request.repeat_interleave(n_rows // per_request.shape[0], dim=0)
+
     def step(self, memory_kv: Tensor, memory_mask: Tensor, lower: Tensor,
-             rows: Tensor | None, prefix: Tensor) -> Tensor:
-        """One decoding step: logits [N, V] for level P = prefix.shape[1] (see :meth:`top`)."""
+             rows: Tensor | None, prefix: Tensor,
+             prior_log_mix: Tensor | None = None) -> Tensor:
+        """One decoding step: logits [N, V] for level P = prefix.shape[1] (see :meth:`top`).
+        ``prior_log_mix`` [B, L]: each request's mixture over the leaf heads (default:
+        the fixed ``prior_mix``)."""
         h = self.top(memory_kv, memory_mask, lower, prefix, rows, last_only=True)  # [N, 1, D]
-        return self.project(h, prefix.shape[1])[:, 0]
+        mix = self.rows_of(prior_log_mix, rows, prefix.shape[0])
+        return self.project(h, prefix.shape[1], log_mix=mix)[:, 0]
 
     def teacher_forced(self, memory_kv: Tensor, memory_mask: Tensor, lower: Tensor, ids: Tensor,
-                       prior: Tensor | None = None) -> Tensor:
+                       prior: Tensor | None = None,
+                       prior_log_mix: Tensor | None = None) -> Tensor:
         """Logits at every level given the true ids [N, T] (request-major, N/B per
-        request) -> [N, T, V] (one pass)."""
-        return self.project(self.top(memory_kv, memory_mask, lower, ids[:, :-1]), 0, prior)
+        request) -> [N, T, V] (one pass); ``prior`` [N] routes each row to a leaf head,
+        ``prior_log_mix`` [B, L] mixes them per request."""
+        mix = self.rows_of(prior_log_mix, None, ids.shape[0])
+        return self.project(self.top(memory_kv, memory_mask, lower, ids[:, :-1]), 0, prior,
+                            mix)
 
 
 def shrunk_rate_logits(events: Tensor, trials: Tensor, row: Tensor, group: Tensor,
@@ -684,15 +801,30 @@ class GenerativeRecommender(nn.Module):
     def forward(self, history: Tensor, history_mask: Tensor, context: Tensor, target: Tensor,
                 prior: Tensor | None = None) -> dict[str, Tensor]:
         """Teacher-forced training pass. target [B, T] ->
-        logits [B, T, V], mtp [B, n_mtp, T, V], memory/memory_mask (for the value head),
-        and prior_logits [B, T, V] (the routed prior head) when prior heads are on."""
+        logits [B, T, V], mtp [B, n_mtp, T, V], memory/memory_mask (for the value head);
+        with prior heads, ``logits`` mix the leaves by the (detached) per-request
+        mixture, ``prior`` [B] (leaf, :meth:`LazyARDecoder.leaf`) adds prior_logits
+        [B, T, V] (the routed leaf head) and the predicted mode prior_class [B, L] (the
+        prior classifier's logits)."""
         memory, mask, lower, kv = self.encode(history, history_mask, context)
-        out = {"logits": self.decoder.teacher_forced(kv, mask, lower, target),
+        mix = self.prior_log_mix(memory, mask)
+        out = {"logits": self.decoder.teacher_forced(
+                   kv, mask, lower, target, prior_log_mix=None if mix is None else mix.detach()),
                "mtp": self.mtp(memory, mask, self.decoder), "memory": memory,
                "memory_mask": mask}
         if prior is not None and len(self.decoder.priors) > 0:
             out["prior_logits"] = self.decoder.teacher_forced(kv, mask, lower, target, prior)
+            clf = self.decoder.prior_logits(memory, mask)
+            if clf is not None:
+                out["prior_class"] = clf
         return out
+
+    def prior_log_mix(self, memory: Tensor, memory_mask: Tensor) -> Tensor | None:
+        """Per-request log mixture over the leaf prior heads [B, L] (encoder.onnx's
+        ``prior_log_mix``), None without prior heads."""
+        if self.decoder.n_leaves == 0:
+            return None
+        return self.decoder.prior_log_mix(memory, memory_mask)
 
     def level_logprob(self, batch: UserInputs, ids: Tensor) -> Tensor:
         """log p(id_t | id_<t, user) per level for K ids per request: ids [B, K, T] ->
@@ -709,6 +841,17 @@ class GenerativeRecommender(nn.Module):
         (the decoder and item table still learn; the memory returned keeps its graph).
         ``allowed`` [B, K, T, V] bool renormalizes each level over the allowed codes
         (:meth:`LazyARDecoder.target_logprob`)."""
+        h, flat, mix, memory, mask = self._decode_ids(batch, ids, encoder_grad)
+        B, K, T = ids.shape
+        flat_allowed = allowed.reshape(B * K, T, -1) if allowed is not None else None
+        return (self.decoder.target_logprob(h, flat, flat_allowed, mix).reshape(B, K, T),
+                memory, mask)
+
+    def _decode_ids(self, batch: UserInputs, ids: Tensor, encoder_grad: bool
+                    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+        """Hidden states h [B*K, T, D] of ids [B, K, T] (request-major rows), the flat ids,
+        each row's detached prior log mixture [B*K, L] (None without prior heads), memory
+        and memory_mask."""
         B, K, T = ids.shape
         if encoder_grad:
             memory, mask, lower, kv = self.encode(batch.history, batch.history_mask,
@@ -719,9 +862,25 @@ class GenerativeRecommender(nn.Module):
             lower, kv = self.decoder.lower(fixed, mask), self.decoder.memory_kv(fixed)
         flat = ids.reshape(B * K, T)                        # request-major: K rows per request
         h = self.decoder.top(kv, mask, lower, flat[:, :-1])                # [B*K, T, D]
+        mix = self.prior_log_mix(memory.detach(), mask)
+        return h, flat, self.decoder.rows_of(mix, None, B * K), memory, mask
+
+    def prior_level_logprob(self, batch: UserInputs, ids: Tensor, leaf: Tensor,
+                            encoder_grad: bool = True, allowed: Tensor | None = None
+                            ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+        """:meth:`level_logprob_and_memory` with prior heads, one decoder pass: the
+        mixture's log-probs [B, K, T], the log-probs [B, K, T] under each id's routed leaf
+        ``leaf`` [B, K], the prior classifier's logits [B, L] (None in ``fixed`` mode; its
+        gradient stops at the encoder's output unless ``encoder_grad``), memory and
+        memory_mask."""
+        h, flat, mix, memory, mask = self._decode_ids(batch, ids, encoder_grad)
+        B, K, T = ids.shape
         flat_allowed = allowed.reshape(B * K, T, -1) if allowed is not None else None
-        return (self.decoder.target_logprob(h, flat, flat_allowed).reshape(B, K, T), memory,
-                mask)
+        mixture = self.decoder.target_logprob(h, flat, flat_allowed, mix).reshape(B, K, T)
+        routed = self.decoder.target_logprob(h, flat, flat_allowed,
+                                             prior=leaf.reshape(B * K)).reshape(B, K, T)
+        clf = self.decoder.prior_logits(memory if encoder_grad else memory.detach(), mask)
+        return mixture, routed, clf, memory, mask
 
     def sequence_logprob(self, batch: UserInputs, ids: Tensor) -> Tensor:
         """log p(id | user) summed over levels: ids [B, K, T] -> [B, K]."""

@@ -98,6 +98,15 @@ class PretrainSettings(BaseSettings):
     """Residual MLP over the injected prefix vector (ModelConfig.inject_mlp)."""
     mtp_heads: int = 2
     prior_heads: int = 0
+    """Interaction-type prior heads (0 = off, 2 = click/conversion; ModelConfig)."""
+    prior_horizons: int = 2
+    """Horizon heads (short/long-term) under each type head (ModelConfig.prior_horizons)."""
+    short_horizon: int = 3
+    """Recent history ads that make a target short-term (ModelConfig.short_horizon)."""
+    prior_mix_mode: str = "predicted"
+    """Inference mixture of the prior heads: predicted or fixed (ModelConfig)."""
+    prior_weight: float = 0.5
+    """Weight of the routed prior CE and the prior classifier's CE."""
     value_own_items: bool = True
     """The value head gets its own item table (see ModelConfig.value_own_items)."""
     task_tokens: bool = False
@@ -196,8 +205,9 @@ def model_config(s: PretrainSettings, tok: UASIDTokenizer) -> ModelConfig:
         d_model=s.d_model, n_head=s.n_head,
         n_enc_layer=s.n_enc_layer, n_layer=s.n_layer, n_top=s.n_top, mode=s.mode,
         inject_mlp=s.inject_mlp, mtp_heads=s.mtp_heads, prior_heads=s.prior_heads,
-        value_own_items=s.value_own_items, task_tokens=s.task_tokens, fake_items=s.fake_items,
-        ranker_kv=s.ranker_kv)
+        prior_horizons=s.prior_horizons, short_horizon=s.short_horizon,
+        prior_mix_mode=s.prior_mix_mode, value_own_items=s.value_own_items,
+        task_tokens=s.task_tokens, fake_items=s.fake_items, ranker_kv=s.ranker_kv)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
@@ -220,8 +230,8 @@ def train_steps(model: GenerativeRecommender, opt: torch.optim.Optimizer, train:
         t0 = time.perf_counter()
         batch = train.batch(batch_indices(len(train), s.batch_size, s.seed, step))
         loss, parts = pretrain_loss(model, batch, s.mtp_weight, s.value_weight,
-                                    w_min=s.w_min, w_max=s.w_max, dc_weight=s.dc_weight,
-                                    dc_tau=s.dc_tau)
+                                    s.prior_weight, w_min=s.w_min, w_max=s.w_max,
+                                    dc_weight=s.dc_weight, dc_tau=s.dc_tau)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
@@ -269,7 +279,8 @@ def pretrain(s: PretrainSettings, ads: list[Ad] | None = None,
         log.info("resumed", step=start, run_dir=str(run_dir))
 
     examples = build_examples(feedback, tok, cfg.history_len, cfg.context_features,
-                              cfg.context_buckets, cfg.mtp_heads, organic_len=cfg.organic_len)
+                              cfg.context_buckets, cfg.mtp_heads, organic_len=cfg.organic_len,
+                              short_horizon=cfg.short_horizon)
     train, test = split_by_time(examples, s.held_out_frac)
     if ckpt is None and len(train) and s.value_priors:
         first = np.unique(train.request, return_index=True)[1]   # each shown slate once

@@ -8,11 +8,18 @@ feedback list (one served slate with realized rewards):
     items   [B, K, T]  item_mask [B, K]     rewards [B, K]
     clicked [B, K]     converted [B, K]     list_weight [B]
     bids    [B, K]     bid_type [B, K] (codes of learner.losses.BID_TYPES)
+    horizon [B, K]     (prior heads' time horizon of each item, learner.data.horizon_of)
 
 The rewards RSPO ranks by are dense and on one money scale (docs/rspo.md): each shown
 item's expected value under the value model (calibrated eCPM per impression), corrected
 towards what was realized by ``realized_weight``; CPM impressions count at their price,
 not as wins, and only clicks and conversions are positives of the VSL anchor.
+
+With prior heads (``ModelConfig.prior_heads``) the mixture is what RSPO and the anchor
+train; each positive is also routed to its leaf head (conversion or click, short- or
+long-term against the list's history) for a routed VSL anchor, and the prior classifier
+(``predicted`` mixing) learns the positives' routing labels by CE, both weighted by
+``prior_weight``.
 """
 
 from __future__ import annotations
@@ -27,8 +34,15 @@ import torch
 from torch import Tensor
 
 from learner.beam import IdTrie
-from learner.data import BID_CODES
-from learner.losses import dc_loss, expected_value, log_money, value_loss, value_weights
+from learner.data import BID_CODES, horizon_of
+from learner.losses import (
+    dc_loss,
+    expected_value,
+    log_money,
+    prior_class_loss,
+    value_loss,
+    value_weights,
+)
 from learner.model import GenerativeRecommender
 from learner.rspo import RSPOConfig, fake_negative_weight, hepo_loss, rspo_loss
 from learner.tokenizer import UASIDTokenizer, UnknownAdError
@@ -52,6 +66,9 @@ class ListBatch:
     allowed: Tensor | None = None
     """[B, K, T, V] bool: per item and level the codes the served beam search chose among
     (``IdTrie.allowed``); None: log-probs over each level's whole vocabulary."""
+    horizon: Tensor | None = None
+    """[B, K] int64: each item's time horizon for the prior heads (0 short-term, 1 long-
+    term, :func:`learner.data.horizon_of` against the list's history)."""
 
     def __len__(self) -> int:
         return int(self.items.shape[0])
@@ -122,9 +139,10 @@ def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
     t = torch.from_numpy
     allowed = (t(trie.allowed(items.reshape(B * K, T)).reshape(B, K, T, -1))
                if trie is not None else None)
+    horizon = horizon_of(hist, hmask, items, cfg.short_horizon)
     return ListBatch(t(hist[:, :used]), t(hmask[:, :used]), t(ctx), t(items), t(imask),
                      t(rewards), t(clicked), t(converted), t(weight), t(bids), t(bid_type),
-                     allowed)
+                     allowed, t(horizon))
 
 
 def ndcg_of_scores(scores: Tensor, rewards: Tensor, mask: Tensor) -> Tensor:
@@ -144,12 +162,14 @@ class OnlineLearner:
 
     def __init__(self, model: GenerativeRecommender, cfg: RSPOConfig | None = None,
                  lr: float = 5e-4, value_weight: float = 0.5, grad_clip: float = 1.0,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, prior_weight: float = 0.5) -> None:
         self.model = model
         self.cfg = cfg or RSPOConfig()
         self.money_scale = 0.0
         """Running mean of the per-list reward spread (one scale for every list)."""
         self.value_weight = value_weight
+        self.prior_weight = prior_weight
+        """Weight of the routed prior-head anchor and the prior classifier's CE."""
         self.grad_clip = grad_clip
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         self.ref = self.frozen_copy(model)
@@ -193,8 +213,19 @@ class OnlineLearner:
     def update(self, b: ListBatch) -> dict[str, float]:
         """One optimizer step on a batch of lists; returns the loss terms and diagnostics."""
         self.model.train()
-        level_logp, memory, mem_mask = self.model.level_logprob_and_memory(
-            b, b.items, encoder_grad=self.cfg.generator_encoder_grad, allowed=b.allowed)
+        routed_prior = self.model.decoder.n_leaves > 0 and b.horizon is not None
+        routed_level: Tensor | None = None
+        prior_class: Tensor | None = None
+        leaf = torch.zeros_like(b.bid_type)
+        if routed_prior:
+            assert b.horizon is not None
+            leaf = self.model.decoder.leaf((b.converted > 0).long(), b.horizon)  # [B, K]
+            level_logp, routed_level, prior_class, memory, mem_mask = \
+                self.model.prior_level_logprob(b, b.items, leaf,
+                                               self.cfg.generator_encoder_grad, b.allowed)
+        else:
+            level_logp, memory, mem_mask = self.model.level_logprob_and_memory(
+                b, b.items, encoder_grad=self.cfg.generator_encoder_grad, allowed=b.allowed)
         logp = (level_logp * b.item_mask.unsqueeze(-1)).sum(-1)                # [B, K]
         with torch.no_grad():
             ref_level, _, _ = self.ref.level_logprob_and_memory(b, b.items,
@@ -222,6 +253,20 @@ class OnlineLearner:
                                 b.bids, b.bid_type)
             l_dc = dc_loss(logp, log_money(ev), b.item_mask, self.cfg.dc_tau)
             loss = loss + self.cfg.dc_weight * l_dc
+        l_prior = torch.zeros(())
+        if routed_level is not None:
+            # routed anchor: each click/conversion trains its own leaf head (value-weighted,
+            # rewards floored as pretraining's min_value so an unconverted click counts)
+            clicks = torch.clamp(b.clicked + b.converted, max=1.0) * b.item_mask
+            rw = value_weights((b.rewards.clamp_min(0.05) * clicks).flatten()).reshape(
+                clicks.shape) * b.list_weight.unsqueeze(1)
+            routed = (routed_level * b.item_mask.unsqueeze(-1)).sum(-1)        # [B, K]
+            l_prior = -(rw * routed).sum() / (rw > 0).sum().clamp_min(1)
+            if prior_class is not None:   # the classifier learns every positive's leaf
+                K = leaf.shape[1]
+                l_prior = l_prior + prior_class_loss(
+                    prior_class.repeat_interleave(K, 0), leaf.flatten(), rw.flatten())
+            loss = loss + self.prior_weight * l_prior
         l_hepo = torch.zeros(())
         if self.cfg.hepo_weight > 0:
             l_hepo = hepo_loss(level_logp, ref_level, b.items, rewards, b.item_mask,
@@ -237,7 +282,8 @@ class OnlineLearner:
         return {
             "loss": float(loss.detach()), "rspo": float(l_rspo.detach()),
             "vsl": float(l_vsl.detach()), "value": float(l_val.detach()),
-            "hepo": float(l_hepo.detach()), "dc": float(l_dc.detach()), "kl_ref": kl,
+            "hepo": float(l_hepo.detach()), "dc": float(l_dc.detach()),
+            "prior": float(l_prior.detach()), "kl_ref": kl,
             "grad_norm": float(grad_norm),
             "mean_reward": float((b.rewards * b.item_mask).sum() / n_items),
             "mean_dense_reward": float((rewards * b.item_mask).sum() / n_items),

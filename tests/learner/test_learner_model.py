@@ -100,7 +100,8 @@ def test_sequence_logprob_is_the_sum_of_level_logprobs(small_tokenizer: UASIDTok
 def test_prior_heads_behind_a_flag_route_training_and_mix_at_inference(
         small_tokenizer: UASIDTokenizer, synth_log: synthetic.SyntheticLog) -> None:
     torch.manual_seed(0)
-    model = GenerativeRecommender(_cfg(small_tokenizer, prior_heads=2, prior_mix=(0.7, 0.3)))
+    model = GenerativeRecommender(_cfg(small_tokenizer, prior_heads=2, prior_horizons=1,
+                                       prior_mix_mode="fixed", prior_mix=(0.7, 0.3)))
     ex = build_examples(synth_log.feedback[:60], small_tokenizer, history_len=10)
     b = ex.batch(ex.positives[:16])
     loss, parts = pretrain_loss(model, b)
@@ -128,7 +129,7 @@ def test_lazyar_and_full_ar_both_learn_above_chance_recall(
     assert full.model.cfg.mode == "full_ar" and trained_lazy.model.cfg.mode == "lazy_ar"
 
 
-@pytest.mark.parametrize("prior_heads", [0, 2])
+@pytest.mark.parametrize("prior_heads", [0, 2])  # 2: click/conversion × short/long-term
 def test_level_logprob_matches_teacher_forced_log_softmax_per_row(
         prior_heads: int, small_tokenizer: UASIDTokenizer,
         synth_log: synthetic.SyntheticLog) -> None:
@@ -143,15 +144,17 @@ def test_level_logprob_matches_teacher_forced_log_softmax_per_row(
     ids = torch.from_numpy(arr[:12]).reshape(3, 4, -1)
     with torch.no_grad():
         grouped = model.level_logprob(b, ids)                             # [3, 4, T]
-        _, mask, lower, kv = model.encode(b.history, b.history_mask, b.context)
+        memory, mask, lower, kv = model.encode(b.history, b.history_mask, b.context)
+        mix = model.prior_log_mix(memory, mask)                 # predicted, per request
         rows = torch.arange(3).repeat_interleave(4)
         flat = ids.reshape(12, -1)
-        per_row = model.decoder.teacher_forced(kv[rows], mask[rows], lower[rows], flat)
+        per_row = model.decoder.teacher_forced(kv[rows], mask[rows], lower[rows], flat,
+                                               prior_log_mix=None if mix is None else mix[rows])
         expect = torch.log_softmax(per_row, -1).gather(-1, flat.unsqueeze(-1))[..., 0]
     assert torch.allclose(grouped.reshape(12, -1), expect, atol=1e-5)
 
 
-@pytest.mark.parametrize("prior_heads", [0, 2])
+@pytest.mark.parametrize("prior_heads", [0, 2])  # 2: click/conversion × short/long-term
 def test_log_probs_under_the_trie_are_the_served_beam_scores(
         prior_heads: int, small_tokenizer: UASIDTokenizer,
         synth_log: synthetic.SyntheticLog) -> None:
@@ -171,12 +174,14 @@ def test_log_probs_under_the_trie_are_the_served_beam_scores(
     with torch.no_grad():
         got = model.level_logprob_and_memory(b, ids, allowed=allowed)[0]
         free = model.level_logprob(b, ids)
-        _, mask, lower, kv = model.encode(b.history, b.history_mask, b.context)
+        memory, mask, lower, kv = model.encode(b.history, b.history_mask, b.context)
+        mix = model.prior_log_mix(memory, mask)
         for r in range(2):
             for k in range(3):                              # served ids: the beam's scores
                 for t in range(ids.shape[2]):
                     prefix = ids[r, k, :t].unsqueeze(0)
-                    logits = model.decoder.step(kv, mask, lower, torch.tensor([r]), prefix)[0]
+                    logits = model.decoder.step(kv, mask, lower, torch.tensor([r]), prefix,
+                                                mix)[0]
                     kids = torch.from_numpy(trie.children[t][
                         _node(trie, ids[r, k, :t].tolist())].numpy() >= 0)
                     kids = torch.cat([kids, torch.zeros(logits.shape[0] - kids.shape[0],
