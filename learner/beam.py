@@ -16,14 +16,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from learner.model import GenerativeRecommender
-from snapshot_format import declared_feeds, session_options
+from snapshot_format import PRIOR_LOG_MIX, declared_feeds, session_options
 
 
 class IdTrie:
@@ -91,6 +91,20 @@ class Backend(Protocol):
              beam_request: Tensor, prefix: Tensor) -> Tensor: ...
 
 
+@runtime_checkable
+class PriorBackend(Backend, Protocol):
+    """A backend of a model that may have prior heads: the encoder also gives each
+    request's log mixture over the leaf heads [B, L] (None without prior heads), which
+    every step takes."""
+
+    def encode_prior(self, history: Tensor, history_mask: Tensor,
+                     context: Tensor) -> tuple[Encoded, Tensor | None]: ...
+
+    def step_prior(self, memory_kv: Tensor, memory_mask: Tensor, lower: Tensor,
+                   beam_request: Tensor, prefix: Tensor,
+                   prior_log_mix: Tensor | None) -> Tensor: ...
+
+
 class TorchBackend:
     """The torch model in eager mode (inference mode: no autograd bookkeeping)."""
 
@@ -102,9 +116,22 @@ class TorchBackend:
         return self.model.encode(history, history_mask, context)
 
     @torch.inference_mode()
+    def encode_prior(self, history: Tensor, history_mask: Tensor,
+                     context: Tensor) -> tuple[Encoded, Tensor | None]:
+        enc = self.model.encode(history, history_mask, context)
+        return enc, self.model.prior_log_mix(enc[0], enc[1])
+
+    @torch.inference_mode()
     def step(self, memory_kv: Tensor, memory_mask: Tensor, lower: Tensor,
              beam_request: Tensor, prefix: Tensor) -> Tensor:
         return self.model.decoder.step(memory_kv, memory_mask, lower, beam_request, prefix)
+
+    @torch.inference_mode()
+    def step_prior(self, memory_kv: Tensor, memory_mask: Tensor, lower: Tensor,
+                   beam_request: Tensor, prefix: Tensor,
+                   prior_log_mix: Tensor | None) -> Tensor:
+        return self.model.decoder.step(memory_kv, memory_mask, lower, beam_request, prefix,
+                                       prior_log_mix)
 
     @torch.inference_mode()
     def value(self, memory: Tensor, memory_mask: Tensor, candidates: Tensor,
@@ -135,14 +162,25 @@ class OrtBackend:
         return [torch.from_numpy(np.asarray(o)) for o in outs]
 
     def encode(self, history: Tensor, history_mask: Tensor, context: Tensor) -> Encoded:
-        m, mm, lo, kv = self.run("encoder", history=history, history_mask=history_mask,
-                                 context=context)
-        return m, mm, lo, kv
+        return self.encode_prior(history, history_mask, context)[0]
+
+    def encode_prior(self, history: Tensor, history_mask: Tensor,
+                     context: Tensor) -> tuple[Encoded, Tensor | None]:
+        m, mm, lo, kv, *mix = self.run("encoder", history=history, history_mask=history_mask,
+                                       context=context)
+        return (m, mm, lo, kv), (mix[0] if mix else None)
 
     def step(self, memory_kv: Tensor, memory_mask: Tensor, lower: Tensor,
              beam_request: Tensor, prefix: Tensor) -> Tensor:
+        return self.step_prior(memory_kv, memory_mask, lower, beam_request, prefix, None)
+
+    def step_prior(self, memory_kv: Tensor, memory_mask: Tensor, lower: Tensor,
+                   beam_request: Tensor, prefix: Tensor,
+                   prior_log_mix: Tensor | None) -> Tensor:
+        """A snapshot with prior heads needs ``prior_log_mix`` (the encoder's output)."""
+        extra = {PRIOR_LOG_MIX: prior_log_mix} if prior_log_mix is not None else {}
         return self.run("decoder_step", memory_kv=memory_kv, memory_mask=memory_mask,
-                        lower=lower, beam_request=beam_request, prefix=prefix)[0]
+                        lower=lower, beam_request=beam_request, prefix=prefix, **extra)[0]
 
     def value(self, memory: Tensor, memory_mask: Tensor, candidates: Tensor,
               memory_kv: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -173,7 +211,11 @@ def beam_search(backend: Backend, history: Tensor, history_mask: Tensor, context
     step runs the decoder's top blocks over all beams (per-request states are looked
     up by each beam's request, never copied per beam here)."""
     widths = beam_widths_for(beam_widths, trie.id_len)
-    _, mmask, lower, memory_kv = backend.encode(history, history_mask, context)
+    mix: Tensor | None = None
+    if isinstance(backend, PriorBackend):     # may have prior heads
+        (_, mmask, lower, memory_kv), mix = backend.encode_prior(history, history_mask, context)
+    else:
+        _, mmask, lower, memory_kv = backend.encode(history, history_mask, context)
     B = history.shape[0]
     node = torch.zeros(B, 1, dtype=torch.long)              # [B, k] trie node per beam
     scores = torch.zeros(B, 1)                              # [B, k]
@@ -181,7 +223,10 @@ def beam_search(backend: Backend, history: Tensor, history_mask: Tensor, context
     for t, V in enumerate(trie.level_sizes):
         k = node.shape[1]
         beam_request = torch.arange(B).repeat_interleave(k)  # [B*k]
-        logits = backend.step(memory_kv, mmask, lower, beam_request, prefix.reshape(B * k, t))
+        logits = backend.step_prior(memory_kv, mmask, lower, beam_request,
+                                    prefix.reshape(B * k, t), mix) \
+            if isinstance(backend, PriorBackend) else \
+            backend.step(memory_kv, mmask, lower, beam_request, prefix.reshape(B * k, t))
         logp = torch.log_softmax(logits[:, :V].float(), dim=-1).reshape(B, k, V)
         child = trie.children[t][node.clamp_min(0)]         # [B, k, V]
         # a dead beam (node -1) has score -inf, so its children are -inf already

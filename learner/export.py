@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from learner.model import GenerativeRecommender
 from learner.tokenizer import IdSpaceMismatchError, UASIDTokenizer
-from snapshot_format import FORMAT, REQUIRED_FILES, declared_feeds, session_options
+from snapshot_format import FORMAT, PRIOR_LOG_MIX, REQUIRED_FILES, declared_feeds, session_options
 from streams.logs import get_logger
 from streams.settings import add_settings_arguments, settings_from_args
 
@@ -60,23 +60,31 @@ class SnapshotError(ValueError):
 
 
 class EncoderGraph(nn.Module):
+    """With prior heads, a fifth output: the per-request log mixture over the leaf heads."""
+
     def __init__(self, model: GenerativeRecommender) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, history: Tensor, history_mask: Tensor,
-                context: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.model.encode(history, history_mask, context)
+                context: Tensor) -> tuple[Tensor, ...]:
+        memory, mask, lower, kv = self.model.encode(history, history_mask, context)
+        mix = self.model.prior_log_mix(memory, mask)
+        return (memory, mask, lower, kv) if mix is None else (memory, mask, lower, kv, mix)
 
 
 class DecoderStepGraph(nn.Module):
+    """With prior heads, a sixth input: ``prior_log_mix`` [B, L], per request."""
+
     def __init__(self, model: GenerativeRecommender) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, memory_kv: Tensor, memory_mask: Tensor, lower: Tensor,
-                beam_request: Tensor, prefix: Tensor) -> Tensor:
-        return self.model.decoder.step(memory_kv, memory_mask, lower, beam_request, prefix)
+                beam_request: Tensor, prefix: Tensor,
+                prior_log_mix: Tensor | None = None) -> Tensor:
+        return self.model.decoder.step(memory_kv, memory_mask, lower, beam_request, prefix,
+                                       prior_log_mix)
 
 
 class ValueGraph(nn.Module):
@@ -106,6 +114,21 @@ SPECS: dict[str, tuple[list[str], list[str], dict[str, dict[int, str]]]] = {
          "memory_kv": {0: "B", 4: "S"},
          "candidates": {0: "B", 1: "C"}, "pctr": {0: "B", 1: "C"}, "pcvr": {0: "B", 1: "C"}}),
 }
+"""Graph inputs, outputs and dynamic axes of a model without prior heads."""
+
+
+def specs(model: GenerativeRecommender
+          ) -> dict[str, tuple[list[str], list[str], dict[str, dict[int, str]]]]:
+    """:data:`SPECS` of ``model``: with prior heads the encoder also outputs and the
+    decoder step also takes ``prior_log_mix`` [B, L] (snapshot_format.PRIOR_LOG_MIX)."""
+    if model.decoder.n_leaves == 0:
+        return SPECS
+    out = {k: (list(i), list(o), dict(a)) for k, (i, o, a) in SPECS.items()}
+    out["encoder.onnx"][1].append(PRIOR_LOG_MIX)
+    out["encoder.onnx"][2][PRIOR_LOG_MIX] = {0: "B"}
+    out["decoder_step.onnx"][0].append(PRIOR_LOG_MIX)
+    out["decoder_step.onnx"][2][PRIOR_LOG_MIX] = {0: "B"}
+    return out
 
 
 def reference_inputs(model: GenerativeRecommender, ids: np.ndarray, seed: int = 0,
@@ -126,8 +149,9 @@ def reference_inputs(model: GenerativeRecommender, ids: np.ndarray, seed: int = 
     enc_in: dict[str, np.ndarray] = {"history": history, "history_mask": mask,
                                      "context": context.astype(np.int64)}
     with torch.no_grad():
-        memory, mmask, lower, memory_kv = (x.numpy() for x in model.encode(
-            *(torch.from_numpy(v) for v in enc_in.values())))
+        enc = model.encode(*(torch.from_numpy(v) for v in enc_in.values()))
+        mix = model.prior_log_mix(enc[0], enc[1])
+        memory, mmask, lower, memory_kv = (x.numpy() for x in enc)
     P = min(P, T - 1)
     # beams not grouped by request and not the same count per request, as in the server
     beam_request = rng.permutation(np.r_[np.arange(B), rng.integers(B, size=B * K - B)])
@@ -135,6 +159,8 @@ def reference_inputs(model: GenerativeRecommender, ids: np.ndarray, seed: int = 
         "memory_kv": memory_kv, "memory_mask": mmask, "lower": lower,
         "beam_request": beam_request.astype(np.int64),
         "prefix": ids[rng.integers(len(ids), size=B * K), :P].astype(np.int64)}
+    if mix is not None:
+        step_in[PRIOR_LOG_MIX] = mix.numpy()
     value_in: dict[str, np.ndarray] = {
         "memory": memory, "memory_mask": mmask, "memory_kv": memory_kv,
         "candidates": ids[rng.integers(len(ids), size=(B, C))].astype(np.int64)}
@@ -149,11 +175,12 @@ def graphs(model: GenerativeRecommender) -> dict[str, nn.Module]:
 def torch_outputs(model: GenerativeRecommender, inputs: dict[str, dict[str, np.ndarray]]
                   ) -> dict[str, dict[str, np.ndarray]]:
     out: dict[str, dict[str, np.ndarray]] = {}
+    spec = specs(model)
     with torch.no_grad():
         for name, g in graphs(model).items():
             res = g(*(torch.from_numpy(v) for v in inputs[name].values()))
             res = res if isinstance(res, tuple) else (res,)
-            out[name] = {k: r.numpy() for k, r in zip(SPECS[name][1], res, strict=True)}
+            out[name] = {k: r.numpy() for k, r in zip(spec[name][1], res, strict=True)}
     return out
 
 
@@ -166,7 +193,8 @@ def ort_outputs(snapshot_dir: Path, inputs: dict[str, dict[str, np.ndarray]]
         sess = ort.InferenceSession(str(snapshot_dir / name), session_options(),
                                     providers=["CPUExecutionProvider"])
         res = sess.run(None, declared_feeds(sess, inputs[name]))
-        out[name] = {k: np.asarray(r) for k, r in zip(SPECS[name][1], res, strict=True)}
+        names = [o.name for o in sess.get_outputs()]
+        out[name] = {k: np.asarray(r) for k, r in zip(names, res, strict=True)}
     return out
 
 
@@ -211,8 +239,9 @@ def export_snapshot(model: GenerativeRecommender, tok: UASIDTokenizer, out_dir: 
     expected = torch_outputs(model, inputs)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        spec = specs(model)
         for name, g in graphs(model).items():
-            in_names, out_names, axes = SPECS[name]
+            in_names, out_names, axes = spec[name]
             args = tuple(torch.from_numpy(v) for v in inputs[name].values())
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -243,6 +272,7 @@ def export_snapshot(model: GenerativeRecommender, tok: UASIDTokenizer, out_dir: 
             "d_model": model.cfg.d_model,
             "ranker": {"task_tokens": model.cfg.task_tokens, "fake_items": model.cfg.fake_items,
                        "kv_pass_through": model.cfg.ranker_kv},
+            "prior_heads": _prior_heads(model),
             "opset": OPSET,
             "files": {name: {"sha256": sha256_file(tmp / name),
                              "bytes": (tmp / name).stat().st_size} for name in REQUIRED_FILES},
@@ -295,6 +325,17 @@ def export_ids_update(src_dir: str | Path, tok: UASIDTokenizer, out_dir: str | P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _prior_heads(model: GenerativeRecommender) -> dict[str, Any] | None:
+    """The manifest's description of the prior heads (None: no prior heads, the graphs
+    have no ``prior_log_mix``)."""
+    cfg = model.cfg
+    if model.decoder.n_leaves == 0:
+        return None
+    return {"types": cfg.prior_heads, "horizons": cfg.prior_horizons,
+            "leaves": model.decoder.n_leaves, "mix_mode": cfg.prior_mix_mode,
+            "short_horizon": cfg.short_horizon}
 
 
 def _jsonable(d: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, Any]]:

@@ -327,7 +327,7 @@ class ModelManager:
                                            "warm-up")
         try:
             states = rt.encode(history, hmask, context)
-            finite("encoder", *states)
+            finite("encoder", *states.arrays())
 
             def step(req: np.ndarray, prefix: np.ndarray) -> np.ndarray:
                 logits = rt.step(states, req, prefix)

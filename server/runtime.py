@@ -16,7 +16,14 @@ from typing import Any, NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from snapshot_format import FORMAT, MODEL_IO, declared_feeds, session_options
+from snapshot_format import (
+    FORMAT,
+    MODEL_IO,
+    PRIOR_LOG_MIX,
+    declared_feeds,
+    model_io,
+    session_options,
+)
 from streams.logs import get_logger
 
 log = get_logger(__name__)
@@ -31,6 +38,13 @@ class UserStates(NamedTuple):
     memory_mask: np.ndarray   # [B, S]
     lower: np.ndarray         # [B, T, D]
     memory_kv: np.ndarray     # [B, M, 2, heads, S, D/heads]
+    prior_log_mix: np.ndarray | None = None
+    """[B, L]: the log mixture over the model's leaf prior heads (snapshots with prior
+    heads only; ``decoder_step.onnx`` takes it)."""
+
+    def arrays(self) -> list[np.ndarray]:
+        """The outputs present (for finiteness checks)."""
+        return [a for a in self if a is not None]
 
 
 @dataclass(frozen=True)
@@ -123,7 +137,10 @@ def _gpu_name(device_id: int) -> str:
 
 
 class ModelRuntime:
-    """The three sessions of one snapshot. Thread-safe (onnxruntime's ``run`` is)."""
+    """The three sessions of one snapshot. Thread-safe (onnxruntime's ``run`` is).
+
+    ``prior``: the snapshot's model has prior heads (its encoder outputs and its
+    decoder step takes ``prior_log_mix``); snapshots without them load as before."""
 
     def __init__(self, directory: Path, provider: Provider, intra_op_threads: int = 0,
                  device_id: int = 0) -> None:
@@ -133,24 +150,30 @@ class ModelRuntime:
         providers: list[Any] = ([(CUDA, {"device_id": device_id}), CPU]
                                 if provider.name == "cuda" else [CPU])
         self.sessions: dict[str, ort.InferenceSession] = {}
-        for name, (inputs, outputs) in MODEL_IO.items():
-            sess = ort.InferenceSession(str(directory / f"{name}.onnx"), opts,
-                                        providers=providers)
-            have_in = {i.name for i in sess.get_inputs()}
-            have_out = {o.name for o in sess.get_outputs()}
-            missing = [n for n in outputs if n not in have_out]
+        for name in MODEL_IO:
+            self.sessions[name] = ort.InferenceSession(str(directory / f"{name}.onnx"), opts,
+                                                       providers=providers)
+        have_in = {n: {i.name for i in s.get_inputs()} for n, s in self.sessions.items()}
+        have_out = {n: {o.name for o in s.get_outputs()} for n, s in self.sessions.items()}
+        self.prior = PRIOR_LOG_MIX in have_in["decoder_step"]
+        if self.prior != (PRIOR_LOG_MIX in have_out["encoder"]):
+            raise ValueError(f"{PRIOR_LOG_MIX} must be both an output of encoder.onnx and "
+                             "an input of decoder_step.onnx, or neither (prior heads)")
+        self.io = {name: model_io(name, self.prior) for name in MODEL_IO}
+        """Input and output names of each graph of this snapshot."""
+        for name, (inputs, outputs) in self.io.items():
+            missing = [n for n in outputs if n not in have_out[name]]
             if missing:
                 raise ValueError(f"{name}.onnx lacks outputs {missing}")
-            unknown = sorted(have_in - set(inputs))
+            unknown = sorted(have_in[name] - set(inputs))
             if unknown:
                 raise ValueError(f"{name}.onnx takes inputs {unknown} that snapshot format "
                                  f"{FORMAT} does not define (it defines {list(inputs)})")
-            self.sessions[name] = sess
         self.input_types = {name: {i.name: i.type for i in s.get_inputs()}
                             for name, s in self.sessions.items()}
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        outputs = MODEL_IO[name][1]
+        outputs = self.io[name][1]
         sess = self.sessions[name]
         feeds = declared_feeds(sess, feeds)
         if self.provider.name != "cuda":
@@ -174,11 +197,17 @@ class ModelRuntime:
     def step(self, states: UserStates, beam_request: np.ndarray,
              prefix: np.ndarray) -> np.ndarray:
         """Logits [N, V_max] for the next level of N beams: ``beam_request`` [N] is each
-        beam's request (row of ``states``), ``prefix`` [N, P] its codes so far."""
-        return self.run("decoder_step", {
-            "memory_kv": states.memory_kv, "memory_mask": states.memory_mask,
-            "lower": states.lower, "beam_request": np.asarray(beam_request, np.int64),
-            "prefix": prefix})[0]
+        beam's request (row of ``states``), ``prefix`` [N, P] its codes so far. With
+        prior heads, each request's ``prior_log_mix`` goes in too (the graph looks it
+        up by ``beam_request``)."""
+        feeds = {"memory_kv": states.memory_kv, "memory_mask": states.memory_mask,
+                 "lower": states.lower, "beam_request": np.asarray(beam_request, np.int64),
+                 "prefix": prefix}
+        if self.prior:
+            if states.prior_log_mix is None:
+                raise ValueError(f"this snapshot's decoder step needs {PRIOR_LOG_MIX}")
+            feeds[PRIOR_LOG_MIX] = states.prior_log_mix
+        return self.run("decoder_step", feeds)[0]
 
     def value(self, states: UserStates, candidates: np.ndarray,
               rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -251,13 +280,13 @@ def check_parity(runtime: ModelRuntime, parity: dict[str, Any]) -> dict[str, flo
                 continue
             types = runtime.input_types[name]
             feeds = {k: _as_array(v, types.get(k)) for k, v in feeds_raw.items()}
-            got = dict(zip(MODEL_IO[name][1], runtime.run(name, feeds), strict=True))
+            got = dict(zip(runtime.io[name][1], runtime.run(name, feeds), strict=True))
             for out, ref in (outputs.get(name) or {}).items():
                 if out in got:
                     compare(f"{name}.{out}", got[out], ref)
     else:
         pool: dict[str, Any] = dict(inputs)
-        for name, (ins, outs) in MODEL_IO.items():
+        for name, (ins, outs) in runtime.io.items():
             ins = tuple(i for i in ins if i in runtime.input_types[name])
             if not all(i in pool for i in ins):
                 continue

@@ -143,6 +143,24 @@ def declared_feeds(session: ort.InferenceSession, feeds: dict[str, Any]) -> dict
     names = {i.name for i in session.get_inputs()}
     return {k: v for k, v in feeds.items() if k in names}
 
+PRIOR_LOG_MIX = "prior_log_mix"
+"""Optional tensor of format 4, in both graphs or in neither: a model with prior heads
+has ``encoder.onnx`` output each request's log mixture over its L leaf prior heads
+``prior_log_mix`` float32 [B, L] and ``decoder_step.onnx`` take it (one row per request,
+looked up by ``beam_request`` like the other per-request inputs). Snapshots without
+prior heads (all earlier ones) have neither."""
+
+
+def model_io(name: str, prior: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Input and output names of graph ``name`` (a :data:`MODEL_IO` key), with the
+    optional :data:`PRIOR_LOG_MIX` when ``prior``."""
+    ins, outs = MODEL_IO[name]
+    if prior and name == "encoder":
+        outs = (*outs, PRIOR_LOG_MIX)
+    if prior and name == "decoder_step":
+        ins = (*ins, PRIOR_LOG_MIX)
+    return ins, outs
+
 
 def session_options(threads: int = 0) -> ort.SessionOptions:
     """ONNX Runtime session options for the snapshot graphs (the server's and the
