@@ -259,3 +259,22 @@ def test_pretrained_prior_heads_learn_the_routing_and_export_with_parity(
     t_res = beam_search(TorchBackend(model), bb.history, bb.history_mask, bb.context, trie, 8)
     o_res = beam_search(OrtBackend(out), bb.history, bb.history_mask, bb.context, trie, 8)
     assert torch.equal(t_res.rows, o_res.rows)
+
+
+def test_fixed_mode_exports_the_fixed_mixture_for_every_request(
+        small_tokenizer: UASIDTokenizer, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    mix = (0.4, 0.3, 0.2, 0.1)
+    model = GenerativeRecommender(_cfg(small_tokenizer, prior_mix_mode="fixed",
+                                       prior_mix=mix)).eval()
+    manifest = export_snapshot(model, small_tokenizer, tmp_path / "v1", "v1")
+    assert manifest["prior_heads"]["mix_mode"] == "fixed"
+    verify_snapshot(tmp_path / "v1", parity=True)
+    enc = ort.InferenceSession(str(tmp_path / "v1" / "encoder.onnx"),
+                               providers=["CPUExecutionProvider"])
+    B, H, T = 3, 6, small_tokenizer.config.id_len
+    n_ctx = len(model.cfg.context_features) + model.cfg.organic_len
+    (out,) = enc.run([PRIOR_LOG_MIX], {"history": np.zeros((B, H, T), np.int64),
+                                       "history_mask": np.ones((B, H), np.float32),
+                                       "context": np.zeros((B, n_ctx), np.int64)})
+    assert np.allclose(np.exp(out), np.array([mix] * B), atol=1e-6)
