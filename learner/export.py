@@ -12,6 +12,10 @@ A snapshot directory holds ``encoder.onnx``, ``decoder_step.onnx``, ``value.onnx
 4. rename the temporary directory to the snapshot directory (snapshots are
    immutable: an existing non-empty directory is refused unless ``overwrite``).
 
+A model with prior heads adds ``prior_log_mix`` [B, L] to the encoder's outputs and to
+the decoder step's inputs (:func:`specs`); models without them export the graphs
+exactly as before.
+
 ``parity`` layout: ``{"inputs": {file: {tensor: nested list}}, "outputs": {file:
 {tensor: nested list}}, "atol": 1e-4}``; dtypes are those of the contract.
 :func:`verify_snapshot` re-checks sizes, checksums, the ONNX checker, the id table

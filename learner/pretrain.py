@@ -98,7 +98,8 @@ class PretrainSettings(BaseSettings):
     """Residual MLP over the injected prefix vector (ModelConfig.inject_mlp)."""
     mtp_heads: int = 2
     prior_heads: int = 0
-    """Interaction-type prior heads (0 = off, 2 = click/conversion; ModelConfig)."""
+    """Interaction-type prior heads (0 = off, 2 = click/conversion; ModelConfig). Off by
+    default: not better offline on the small synthetic pretraining (learner/README.md)."""
     prior_horizons: int = 2
     """Horizon heads (short/long-term) under each type head (ModelConfig.prior_horizons)."""
     short_horizon: int = 3
