@@ -281,7 +281,7 @@ def create_api(service: Service) -> FastAPI:
                                  propensity=a.propensity)
                        for a in result.ads],
                 model_version=result.model_version, beam_widths=list(result.beam_widths),
-                server_id=settings.server_id))
+                server_id=settings.server_id, beams=result.beams))
         body = msgspec.json.encode({"request_id": request_id,
                                     "model_version": result.model_version, "ads": ads,
                                     "beam_widths": result.beam_widths,

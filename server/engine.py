@@ -3,6 +3,10 @@ search over all beams of the batch at once, value heads on the final beams, slat
 then exploration (:mod:`server.explore`) may give a slate's last slot to a low-exposure
 ad and sets every item's propensity.
 
+The final beams themselves, best expected value first and at most ``log_beams`` of them,
+travel with each result (:attr:`RecResult.beams`) into the impression log, so the
+learner sees the candidates the slate was chosen from (HEPO's sibling groups).
+
 Runs on a worker thread (onnxruntime releases the GIL). The serving state is read
 once per batch, so every request of a batch is answered by one model version.
 """
@@ -16,6 +20,8 @@ import numpy as np
 
 from server import metrics as M
 from server.beam import (
+    BID_TYPES,
+    Beams,
     beam_search,
     expected_value,
     pad_candidates,
@@ -28,6 +34,7 @@ from server.models import ModelManager, ServingState
 from server.runtime import UserStates
 from streams.features import request_ids
 from streams.logs import get_logger
+from streams.schemas import BeamCandidate
 
 log = get_logger(__name__)
 
@@ -73,14 +80,22 @@ class RecResult:
     """Final beams the slate was ranked from (distinct servable ads)."""
     candidate_ids: list[str] = field(default_factory=list)
     """Their ad ids (not part of the HTTP response)."""
+    beams: list[BeamCandidate] = field(default_factory=list)
+    """The servable final beams, best expected value first (ties: higher log-prob), at
+    most the engine's ``log_beams``: what the impression logs (not part of the HTTP
+    response)."""
 
 
 class Engine:
     def __init__(self, models: ModelManager, catalog: AdCatalog,
-                 explorer: Explorer | None = None) -> None:
+                 explorer: Explorer | None = None, log_beams: int = 32) -> None:
+        if log_beams < 0:
+            raise ValueError(f"log_beams must be >= 0, got {log_beams}")
         self.models = models
         self.catalog = catalog
         self.explorer = explorer
+        self.log_beams = log_beams
+        """Final beams per request kept in :attr:`RecResult.beams` (0 = none)."""
         self._warned_context: set[str] = set()
 
     def inputs(self, state: ServingState,
@@ -145,6 +160,8 @@ class Engine:
         ev = expected_value(bid, kind, pctr, pcvr)
         allowed = np.fromiter((is_servable(a) for a in recs), bool, count=len(recs))
         slates = rank_slates(beams, ev, [r.k for r in requests], allowed)
+        if self.log_beams:
+            self._keep_beams(beams, ev, allowed, ad_ids, bid, kind, results)
         for b, idx in enumerate(slates):
             for pos, i in enumerate(idx):
                 rec = recs[i]
@@ -157,6 +174,21 @@ class Engine:
         if self.explorer is not None and self.explorer.enabled:
             self._explore(state, states, [beams.rows[idx].tolist() for idx in slates], results)
         return results
+
+    def _keep_beams(self, beams: Beams, ev: np.ndarray, allowed: np.ndarray,
+                    ad_ids: list[str], bid: np.ndarray, kind: np.ndarray,
+                    results: list[RecResult]) -> None:
+        """Each request's servable final beams in ranking order, at most ``log_beams``
+        (beams with a non-finite log-prob or value are left out: a log record holds
+        finite numbers only)."""
+        finite = allowed & np.isfinite(ev) & np.isfinite(beams.logprob)
+        ranked = rank_slates(beams, ev, [self.log_beams] * len(results), finite)
+        for b, idx in enumerate(ranked):
+            results[b].beams = [BeamCandidate(
+                ad_id=ad_ids[i], semantic_id=[int(x) for x in beams.ids[i]],
+                logprob=float(beams.logprob[i]), expected_value=float(ev[i]),
+                bid=float(bid[i]), bid_type=BID_TYPES[int(kind[i])])  # type: ignore[arg-type]
+                for i in idx.tolist()]
 
     def _explore(self, state: ServingState, states: UserStates, slates: list[list[int]],
                  results: list[RecResult]) -> None:

@@ -67,6 +67,9 @@ class ServerSettings(BaseSettings):
     # impressions
     log_impressions: bool = Field(True, description="produce an impression per served slate")
     impression_buffer: int = Field(10_000, ge=1, description="impressions waiting for Kafka")
+    log_beams: int = Field(32, ge=0, le=512, description="final beams per impression "
+                           "logged with the slate, best expected value first (the learner's "
+                           "HEPO sibling groups; 0 = none)")
     impression_spool: bool = Field(True, description="spool served impressions to local "
                                    "files until Kafka acknowledges them (survives kill -9)")
     impression_spool_dir: Path | None = Field(

@@ -725,7 +725,7 @@ class JoinCore:
                       elapsed_s=at - t0, window_closed=kind == "final",
                       context=imp.context, recent_ad_ids=imp.recent_ad_ids,
                       recent_organic=imp.recent_organic,
-                      model_version=imp.model_version, items=items)
+                      model_version=imp.model_version, items=items, beams=imp.beams)
         self.pending_sigs[st.request_id] = (fb, sig)
         return fb
 

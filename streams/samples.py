@@ -5,6 +5,7 @@ from __future__ import annotations
 from streams.schemas import (
     Ad,
     AdStats,
+    BeamCandidate,
     Click,
     Conversion,
     DeadLetter,
@@ -34,9 +35,14 @@ def sample_records(n: int = 1, user: str = "u1") -> dict[str, list[Event]]:
             created_time=T0, event_time=T0 + i))
         item = SlateItem(ad_id=ad, semantic_id=[1, 2, 3, 0, 1, 0], position=0, score=0.5,
                          bid=1.5, bid_type="cpc")
+        beams = [BeamCandidate(ad_id=ad, semantic_id=[1, 2, 3, 0, 1, 0], logprob=-0.7,
+                               expected_value=0.06, bid=1.5, bid_type="cpc"),
+                 BeamCandidate(ad_id=f"ad-{i}-b", semantic_id=[1, 2, 4, 0, 2, 0], logprob=-1.9,
+                               expected_value=0.004, bid=4.0, bid_type="cpm")]
         out["impressions"].append(Impression(
             request_id=req, event_time=T0 + i, user_id=user, context={"device": "ios"},
-            recent_ad_ids=[], slate=[item], model_version="v000001", beam_widths=[8, 8, 4]))
+            recent_ad_ids=[], slate=[item], model_version="v000001", beam_widths=[8, 8, 4],
+            beams=beams))
         out["clicks"].append(Click(event_id=f"clk-{user}-{i}", request_id=req, user_id=user,
                                    ad_id=ad, event_time=T0 + i + 2))
         out["conversions"].append(Conversion(event_id=f"cv-{user}-{i}", request_id=req,
@@ -47,7 +53,7 @@ def sample_records(n: int = 1, user: str = "u1") -> dict[str, list[Event]]:
             impression_time=T0 + i, event_time=T0 + i + 300, elapsed_s=300.0,
             window_closed=False, items=[FeedbackItem(
                 ad_id=ad, semantic_id=[1, 2, 3, 0, 1, 0], position=0, score=0.5, bid=1.5,
-                bid_type="cpc", clicked=True, reward=1.5)]))
+                bid_type="cpc", clicked=True, reward=1.5)], beams=beams))
         out["model-updates"].append(ModelUpdate(
             model_name="adloop", version=f"v{i:06d}", parent=None, sha256="0" * 64,
             uri=f"file:///snapshots/v{i:06d}", id_space_version="ids-1",

@@ -83,6 +83,21 @@ class SlateItem(msgspec.Struct, kw_only=True):
     off-policy evaluation; absent in older records."""
 
 
+class BeamCandidate(msgspec.Struct, kw_only=True):
+    """One final beam of the request's trie-constrained beam search: an ad the value
+    ranking chose the slate from (shown or not)."""
+
+    ad_id: str
+    semantic_id: list[int]
+    logprob: float
+    """The generator's sequence log-probability of the id under the served trie
+    constraint (the beam's score in the search)."""
+    expected_value: float
+    """The ranker's value the slate was ranked by (expected revenue per impression)."""
+    bid: float
+    bid_type: BidType
+
+
 class Impression(Event, kw_only=True):
     """A served slate (topic ``impressions``, key = user id)."""
 
@@ -98,6 +113,9 @@ class Impression(Event, kw_only=True):
     model_version: str
     beam_widths: list[int] = []
     server_id: str = ""
+    beams: list[BeamCandidate] = []
+    """The final beams the slate was ranked from, best expected value first (at most the
+    server's ``log_beams``); empty in old records and with beam logging off."""
 
     def __post_init__(self) -> None:
         n = len(self.slate)
@@ -175,6 +193,9 @@ class Feedback(Event, kw_only=True):
     """The impression's recent organic items, oldest first; empty in old records."""
     model_version: str = ""
     items: list[FeedbackItem]
+    beams: list[BeamCandidate] = []
+    """The impression's final beams (``Impression.beams``), copied onto every revision;
+    empty in old records."""
 
 
 class ModelUpdate(Event, kw_only=True):

@@ -74,6 +74,12 @@ def test_not_ready_until_a_snapshot_then_serves_and_logs_impressions(
     # exploration off (the default): a deterministic policy, propensity 1.0 everywhere
     assert [s.propensity for s in imp.slate] == [a["propensity"] for a in body["ads"]] \
         == [1.0] * 10
+    # the final beams the slate was ranked from (log_beams = 32 by default): the slate is
+    # their top, and each carries its served log-prob and value
+    assert 10 < len(imp.beams) <= 32
+    assert [b.ad_id for b in imp.beams[:10]] == [a["ad_id"] for a in body["ads"]]
+    assert [b.logprob for b in imp.beams[:10]] == [a["score"] for a in body["ads"]]
+    assert [b.expected_value for b in imp.beams[:10]] == evs
 
 
 def test_with_exploration_the_response_and_the_impression_carry_each_items_propensity(

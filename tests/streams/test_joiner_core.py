@@ -174,3 +174,22 @@ def test_joiner_carries_each_items_logging_propensity_into_feedback() -> None:
     assert final.items[0].clicked
     r.feed(imp("later", 600))
     assert [i.propensity for i in feedback_items(r.core.get("later"))] == [None] * 3  # type: ignore[arg-type]
+
+
+def test_joiner_copies_the_impressions_final_beams_onto_every_revision() -> None:
+    from streams.schemas import BeamCandidate
+
+    beams = [BeamCandidate(ad_id=f"b{j}", semantic_id=[j, 0], logprob=-0.1 * j,
+                           expected_value=1.0 / (j + 1), bid=1.0, bid_type="cpc")
+             for j in range(6)]
+    r = Run()
+    logged = imp("r1", 0)
+    logged.beams = beams
+    r.feed(logged)
+    r.feed(imp("tick", 15))                        # provisional of r1
+    r.feed(conv("v1", "r1", 40, 9.0))              # correction
+    r.feed(imp("end", 500))                        # final
+    mine = [f for f in r.out if f.request_id == "r1"]
+    assert [f.kind for f in mine] == ["provisional", "correction", "final"]
+    assert all(f.beams == beams for f in mine)
+    assert all(f.beams == [] for f in r.out if f.request_id == "tick")  # none logged

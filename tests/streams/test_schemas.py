@@ -106,3 +106,28 @@ def test_logging_propensity_is_optional_checked_and_old_records_stay_readable() 
     assert isinstance(new, Impression) and new.slate[0].propensity == 0.25
     bad = decode(old.replace(b'"cpc"}', b'"cpc","propensity":1.5}'), Impression)
     assert isinstance(bad, DecodeFailure) and "slate[0].propensity 1.5" in bad.detail
+
+
+def test_final_beams_are_optional_and_old_records_without_them_stay_readable() -> None:
+    from streams.schemas import BeamCandidate, Feedback, Impression
+
+    old_imp = (b'{"schema":1,"request_id":"r","event_time":1.0,"user_id":"u",'
+               b'"model_version":"m","slate":[{"ad_id":"a","semantic_id":[1,2],"position":0,'
+               b'"score":-0.5,"bid":1.0,"bid_type":"cpc"}]}')
+    rec = decode(old_imp, Impression)
+    assert isinstance(rec, Impression) and rec.beams == []
+    old_fb = (b'{"schema":1,"request_id":"r","user_id":"u","kind":"final","revision":0,'
+              b'"impression_time":1.0,"event_time":2.0,"elapsed_s":1.0,"window_closed":true,'
+              b'"items":[{"ad_id":"a","semantic_id":[1,2],"position":0,"score":-0.5,'
+              b'"bid":1.0,"bid_type":"cpc"}]}')
+    fb = decode(old_fb, Feedback)
+    assert isinstance(fb, Feedback) and fb.beams == []
+    # with beams: an exact round trip, and a beam of the wrong shape is invalid
+    beams = [BeamCandidate(ad_id="a", semantic_id=[1, 2], logprob=-0.5, expected_value=0.1,
+                           bid=1.0, bid_type="cpc"),
+             BeamCandidate(ad_id="b", semantic_id=[1, 3], logprob=-1.2, expected_value=0.01,
+                           bid=10.0, bid_type="cpm")]
+    new = msgspec.structs.replace(rec, beams=beams)
+    assert decode(encode(new), Impression) == new
+    bad = decode(encode(new).replace(b'"bid_type":"cpm"', b'"bid_type":"cpx"'), Impression)
+    assert isinstance(bad, DecodeFailure) and bad.reason == "invalid" and "beams" in bad.detail
