@@ -127,6 +127,8 @@ class LearnerSettings(BaseSettings):
     vsl_alpha: float = 0.2
     value_weight: float = 0.5
     hepo_weight: float = 0.0
+    """Weight of the HEPO term over each request's logged final beams (the sibling
+    groups; the shown items for lists without beams); 0: off."""
     dc_weight: float = 0.0
     """Distribution Consistency weight (RSPOConfig.dc_weight): the generator's
     distribution over each list's items towards the ranker's expected value."""
@@ -197,6 +199,11 @@ def check_trainable(fb: Feedback) -> None:
                         ("score", it.score), ("bid", it.bid)):
             if not abs(v) < _F32_MAX:
                 raise ValueError(f"items[{i}].{name} is {v}, not a finite float32")
+    for i, c in enumerate(fb.beams):
+        for name, v in (("logprob", c.logprob), ("expected_value", c.expected_value),
+                        ("bid", c.bid)):
+            if not abs(v) < _F32_MAX:
+                raise ValueError(f"beams[{i}].{name} is {v}, not a finite float32")
 
 
 def no_preference(fb: Feedback) -> str | None:

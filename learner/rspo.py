@@ -21,8 +21,12 @@ The paper's exact loss is not public. This is the reconstruction of
   snapshot (see ``learner.online``).
 
 ``hepo_loss`` is the optional HEPO-style per-level credit (GPR §2.3, also a
-reconstruction): each id level's token gets an advantage from the mean reward of
-the sibling beams sharing its parent prefix, in a clipped-ratio objective.
+reconstruction): per request the group is its final beams (what the server logged,
+``Feedback.beams``; the shown items when a list has none); at each id level a beam's
+token gets the advantage of its child prefix over the sibling beams sharing its parent
+prefix (:func:`sibling_advantages`: mean reward under the child minus the group's
+mean, over the group's std, so each group's advantages sum to zero), in a PPO-style
+clipped ratio against π_ref.
 
 All functions are pure tensor maths: tests call them with no model and no Kafka.
 """
@@ -45,11 +49,14 @@ class RSPOConfig:
     rspo_weight: float = 1.0
     """Weight of the RSPO term (0 gives the VSL-only ablation)."""
     hepo_weight: float = 0.0
-    """Weight of the per-level (HEPO-style) credit term; 0 disables it."""
+    """Weight of the per-level (HEPO-style) credit term over sibling beams; 0 disables
+    it."""
     hepo_clip: float = 0.2
+    """ε of HEPO's clipped ratio."""
     dc_weight: float = 0.0
     """Weight of the Distribution Consistency term (:func:`learner.losses.dc_loss`): the
-    generator's distribution over each list's candidates towards the ranker's; 0 = off."""
+    generator's distribution over each list's candidates (its logged final beams when it
+    has them) towards the ranker's; 0 = off."""
     dc_tau: float = 1.0
     """Temperature of the ranker's side of the DC term."""
     min_gap: float = 1e-9
@@ -159,37 +166,70 @@ def rspo_loss(logp: Tensor, logp_ref: Tensor, rewards: Tensor, mask: Tensor,
     return loss, stats
 
 
-def hepo_loss(level_logp: Tensor, level_logp_old: Tensor, ids: Tensor, rewards: Tensor,
-              mask: Tensor, clip: float = 0.2) -> Tensor:
-    """HEPO-style per-level credit (reconstruction).
+def sibling_advantages(ids: Tensor, rewards: Tensor, mask: Tensor,
+                       min_std: float = 1e-6) -> Tensor:
+    """HEPO's per-level advantages over sibling beams [B, J, T] (reconstruction).
 
-    level_logp, level_logp_old: [B, K, T] per-level token log-probs under π_θ / π_old.
-    ids: [B, K, T] the item ids; rewards, mask: [B, K].
-    At level l the advantage of item k is the mean reward of the items sharing its
-    prefix ids[:, k, :l+1], minus the mean over the group sharing the parent prefix
-    ids[:, k, :l], divided by that group's std (0 for singleton groups).
+    ids: [B, J, T] full ids of a request's candidates (its final beams; distinct ids);
+    rewards, mask: [B, J] (mask 1 = real candidate). At level ``l`` the group of
+    candidate ``k`` is every candidate sharing its parent prefix ``ids[k, :l]``; its
+    advantage is
+
+        A[k, l] = (mean r over {j : ids[j, :l+1] == ids[k, :l+1]}
+                   − mean r over the group) / std of r over the group
+
+    so the advantages of a group sum to zero over its members, a level where the whole
+    group takes the same code (a group of one, a forced level) has zero advantage, and
+    so does a group whose rewards are all equal (std below ``min_std``). Computed in
+    float64; padding gets 0.
     """
-    B, K, T = ids.shape
-    adv = torch.zeros(B, K, T, dtype=level_logp.dtype, device=level_logp.device)
+    B, J, T = ids.shape
     m = mask > 0
+    both = m[:, :, None] & m[:, None, :]                                   # [B, J, J]
+    r = rewards.detach().to(torch.float64)[:, None, :].expand(B, J, J)
+    adv = torch.zeros(B, J, T, dtype=torch.float64, device=ids.device)
+    same_parent = both
     for level in range(T):
-        same_node = (ids[:, :, None, : level + 1] == ids[:, None, :, : level + 1]).all(-1)
-        same_parent = (ids[:, :, None, :level] == ids[:, None, :, :level]).all(-1) if level else (
-            torch.ones(B, K, K, dtype=torch.bool, device=ids.device))
-        both = m[:, :, None] & m[:, None, :]
-        same_node, same_parent = same_node & both, same_parent & both
-        r = rewards[:, None, :].expand(B, K, K)
+        same_node = same_parent & (ids[:, :, None, level] == ids[:, None, :, level])
         node_mean = (r * same_node).sum(-1) / same_node.sum(-1).clamp(min=1)
-        parent_n = same_parent.sum(-1).clamp(min=1)
-        parent_mean = (r * same_parent).sum(-1) / parent_n
-        parent_var = ((r - parent_mean[..., None]) ** 2 * same_parent).sum(-1) / parent_n
-        adv[:, :, level] = (node_mean - parent_mean) / torch.sqrt(parent_var + 1e-8)
-    adv = adv * m[..., None]
-    ratio = torch.exp(level_logp - level_logp_old.detach())
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1 - clip, 1 + clip) * adv
-    n = (m.sum() * T).clamp(min=1)
-    return -torch.minimum(unclipped, clipped).sum() / n
+        n = same_parent.sum(-1).clamp(min=1)
+        parent_mean = (r * same_parent).sum(-1) / n
+        std = torch.sqrt(((r - parent_mean[..., None]) ** 2 * same_parent).sum(-1) / n)
+        a = (node_mean - parent_mean) / std.clamp(min=min_std)
+        adv[:, :, level] = torch.where(std >= min_std, a, torch.zeros_like(a))
+        same_parent = same_node
+    return adv * m[..., None]
+
+
+def hepo_loss(level_logp: Tensor, level_logp_ref: Tensor, ids: Tensor, rewards: Tensor,
+              mask: Tensor, clip: float = 0.2, list_weight: Tensor | None = None,
+              min_std: float = 1e-6) -> tuple[Tensor, dict[str, float]]:
+    """HEPO-style per-level credit over sibling beams (GPR §2.3; reconstruction).
+
+    level_logp, level_logp_ref: [B, J, T] per-level token log-probs of each request's
+    candidates under π_θ and the reference policy π_ref (the old policy of the ratio;
+    detached). ids, rewards, mask: as :func:`sibling_advantages`; list_weight [B].
+
+        L = − Σ_{b,k,l} w_b · min(ρ A, clip(ρ, 1 ± ε) A) / #{(b, k, l) : A ≠ 0}
+        ρ[k, l] = exp(log π_θ − log π_ref) of candidate k's level-l token
+
+    Tokens of a level with no choice to credit (A = 0) neither pull nor count, so forced
+    levels do not dilute the term. Returns (loss, stats).
+    """
+    adv = sibling_advantages(ids, rewards, mask, min_std).to(level_logp.dtype)
+    if list_weight is not None:
+        adv = adv * list_weight[:, None, None]
+    ratio = torch.exp(level_logp - level_logp_ref.detach())
+    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv)
+    active = adv != 0
+    n = active.sum().clamp(min=1)
+    loss = -surrogate.sum() / n
+    with torch.no_grad():
+        stats = {"hepo_tokens": float(active.sum()),
+                 "hepo_groups_lists": float(active.flatten(1).any(1).sum()),
+                 "hepo_clipped": float(((ratio - 1).abs() > clip)[active].float().mean())
+                 if bool(active.any()) else 0.0}
+    return loss, stats
 
 
 def fake_negative_weight(elapsed_s: Tensor, delay_median_s: float = 600.0,

@@ -10,6 +10,13 @@ feedback list (one served slate with realized rewards):
     bids    [B, K]     bid_type [B, K] (codes of learner.losses.BID_TYPES)
     horizon [B, K]     (prior heads' time horizon of each item, learner.data.horizon_of)
 
+and, when some list of the batch carries the server's final beams (``Feedback.beams``),
+HEPO's candidates per request (a list without beams contributes its shown items):
+
+    beam_items [B, J, T]  beam_mask [B, J]  beam_logprob [B, J] (served log-prob)
+    beam_bids [B, J]  beam_bid_type [B, J]  beam_shown [B, J]  beam_rewards [B, J]
+    (realized reward of a shown beam, 0 otherwise)
+
 The rewards RSPO ranks by are dense and on one money scale (docs/rspo.md): each shown
 item's expected value under the value model (calibrated eCPM per impression), corrected
 towards what was realized by ``realized_weight``; CPM impressions count at their price,
@@ -47,7 +54,7 @@ from learner.model import GenerativeRecommender
 from learner.rspo import RSPOConfig, fake_negative_weight, hepo_loss, rspo_loss
 from learner.tokenizer import UASIDTokenizer, UnknownAdError
 from streams.features import request_ids
-from streams.schemas import Feedback
+from streams.schemas import BeamCandidate, Feedback
 
 
 @dataclass
@@ -69,6 +76,21 @@ class ListBatch:
     horizon: Tensor | None = None
     """[B, K] int64: each item's time horizon for the prior heads (0 short-term, 1 long-
     term, :func:`learner.data.horizon_of` against the list's history)."""
+    beam_items: Tensor | None = None
+    """[B, J, T] each request's final beams (unknown ads left out); None when no list of
+    the batch has beams."""
+    beam_mask: Tensor | None = None
+    """[B, J] 1 for a real beam."""
+    beam_logprob: Tensor | None = None
+    """[B, J] the served sequence log-prob of each beam (under the served trie)."""
+    beam_bids: Tensor | None = None
+    beam_bid_type: Tensor | None = None
+    beam_shown: Tensor | None = None
+    """[B, J] 1 for a beam that was shown (its realized reward is known)."""
+    beam_rewards: Tensor | None = None
+    """[B, J] the realized reward of a shown beam, 0 otherwise."""
+    beam_allowed: Tensor | None = None
+    """[B, J, T, V] bool, as :attr:`allowed` for the beams (None without a trie)."""
 
     def __len__(self) -> int:
         return int(self.items.shape[0])
@@ -140,9 +162,50 @@ def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
     allowed = (t(trie.allowed(items.reshape(B * K, T)).reshape(B, K, T, -1))
                if trie is not None else None)
     horizon = horizon_of(hist, hmask, items, cfg.short_horizon)
-    return ListBatch(t(hist[:, :used]), t(hmask[:, :used]), t(ctx), t(items), t(imask),
-                     t(rewards), t(clicked), t(converted), t(weight), t(bids), t(bid_type),
-                     allowed, t(horizon))
+    batch = ListBatch(t(hist[:, :used]), t(hmask[:, :used]), t(ctx), t(items), t(imask),
+                      t(rewards), t(clicked), t(converted), t(weight), t(bids), t(bid_type),
+                      allowed, t(horizon))
+    if any(fb.beams for fb, _ in lists):
+        _add_beams(batch, [fb for fb, _ in lists], tok, T, trie)
+    return batch
+
+
+def _add_beams(batch: ListBatch, lists: Sequence[Feedback], tok: UASIDTokenizer, T: int,
+               trie: IdTrie | None) -> None:
+    """Fill the ``beam_*`` fields of ``batch``: each list's final beams in logged order
+    (unknown ads left out), or its shown items when it has none."""
+    B = len(lists)
+    J = max(max(len(fb.beams) or len(fb.items) for fb in lists), 1)
+    ids = np.zeros((B, J, T), np.int64)
+    mask = np.zeros((B, J), np.float32)
+    logprob = np.zeros((B, J), np.float32)
+    bids = np.zeros((B, J), np.float32)
+    bid_type = np.zeros((B, J), np.int64)
+    shown = np.zeros((B, J), np.float32)
+    realized = np.zeros((B, J), np.float32)
+    for b, fb in enumerate(lists):
+        reward_of = {it.ad_id: it.reward for it in fb.items}
+        cands = fb.beams or fb.items
+        j = 0
+        for c in cands:
+            try:
+                ids[b, j] = tok.ids_of(c.ad_id)
+            except UnknownAdError:
+                continue
+            mask[b, j] = 1.0
+            logprob[b, j] = c.logprob if isinstance(c, BeamCandidate) else c.score
+            bids[b, j] = c.bid
+            bid_type[b, j] = BID_CODES.get(c.bid_type, 0)
+            if c.ad_id in reward_of:
+                shown[b, j] = 1.0
+                realized[b, j] = reward_of[c.ad_id]
+            j += 1
+    t = torch.from_numpy
+    batch.beam_items, batch.beam_mask, batch.beam_logprob = t(ids), t(mask), t(logprob)
+    batch.beam_bids, batch.beam_bid_type = t(bids), t(bid_type)
+    batch.beam_shown, batch.beam_rewards = t(shown), t(realized)
+    batch.beam_allowed = (t(trie.allowed(ids.reshape(B * J, T)).reshape(B, J, T, -1))
+                          if trie is not None else None)
 
 
 def ndcg_of_scores(scores: Tensor, rewards: Tensor, mask: Tensor) -> Tensor:
@@ -197,6 +260,33 @@ class OnlineLearner:
         eta = self.cfg.realized_weight
         return ((1.0 - eta) * ev + eta * b.rewards) * b.item_mask
 
+    @torch.no_grad()
+    def beam_rewards(self, b: ListBatch, memory: Tensor, mem_mask: Tensor) -> Tensor:
+        """HEPO's reward of each logged beam [B, J]: the value model's expected value,
+        moved towards the realized reward by ``realized_weight`` for the beams that were
+        shown, as :meth:`dense_rewards` does for the items (``reward="realized"``: the
+        realized reward of a shown beam, the expected value of the others)."""
+        assert b.beam_items is not None and b.beam_mask is not None
+        assert b.beam_bids is not None and b.beam_bid_type is not None
+        assert b.beam_shown is not None and b.beam_rewards is not None
+        pctr, pcvr = self.model.value(memory, mem_mask, b.beam_items)
+        ev = expected_value(torch.sigmoid(pctr), torch.sigmoid(pcvr), b.beam_bids,
+                            b.beam_bid_type)
+        eta = 1.0 if self.cfg.reward == "realized" else self.cfg.realized_weight
+        shown = b.beam_shown > 0
+        r = torch.where(shown, (1.0 - eta) * ev + eta * b.beam_rewards, ev)
+        return r * b.beam_mask
+
+    @staticmethod
+    def _served_gap(b: ListBatch, ref_level: Tensor) -> dict[str, float]:
+        """Mean (reference policy's − served) sequence log-prob of the logged beams: ~0
+        when π_ref is the served snapshot and the learner's trie is the server's."""
+        assert b.beam_mask is not None and b.beam_logprob is not None
+        n = b.beam_mask.sum()
+        gap = ((ref_level.sum(-1) - b.beam_logprob) * b.beam_mask).sum() / n.clamp_min(1)
+        return {"hepo_beams_per_list": float(n / max(1, len(b))),
+                "hepo_ref_minus_served_logprob": float(gap)}
+
     def _scale(self, rewards: Tensor, mask: Tensor) -> float | None:
         """Update and return the one money scale of the gains (None: per-list form)."""
         if not self.cfg.money_scale:
@@ -213,23 +303,35 @@ class OnlineLearner:
     def update(self, b: ListBatch) -> dict[str, float]:
         """One optimizer step on a batch of lists; returns the loss terms and diagnostics."""
         self.model.train()
-        routed_prior = self.model.decoder.n_leaves > 0 and b.horizon is not None
+        K = b.items.shape[1]
+        # with HEPO or DC over the logged beams, the shown items and the beams go through
+        # the decoder in one pass (one encoder call); columns K: are the beams
+        with_beams = (self.cfg.hepo_weight > 0 or self.cfg.dc_weight > 0) \
+            and b.beam_items is not None
+        ids, allowed = b.items, b.allowed
+        if with_beams:
+            assert b.beam_items is not None
+            ids = torch.cat([b.items, b.beam_items], 1)
+            allowed = (torch.cat([b.allowed, b.beam_allowed], 1)
+                       if b.allowed is not None and b.beam_allowed is not None else None)
         routed_level: Tensor | None = None
         prior_class: Tensor | None = None
         leaf = torch.zeros_like(b.bid_type)
-        if routed_prior:
-            assert b.horizon is not None
+        if self.model.decoder.n_leaves > 0 and b.horizon is not None:
             leaf = self.model.decoder.leaf((b.converted > 0).long(), b.horizon)  # [B, K]
-            level_logp, routed_level, prior_class, memory, mem_mask = \
-                self.model.prior_level_logprob(b, b.items, leaf,
-                                               self.cfg.generator_encoder_grad, b.allowed)
+            leaf_all = torch.cat([leaf, torch.zeros_like(ids[:, K:, 0])], 1)   # beams: unused
+            level_all, routed_all, prior_class, memory, mem_mask = \
+                self.model.prior_level_logprob(b, ids, leaf_all,
+                                               self.cfg.generator_encoder_grad, allowed)
+            routed_level = routed_all[:, :K]
         else:
-            level_logp, memory, mem_mask = self.model.level_logprob_and_memory(
-                b, b.items, encoder_grad=self.cfg.generator_encoder_grad, allowed=b.allowed)
+            level_all, memory, mem_mask = self.model.level_logprob_and_memory(
+                b, ids, encoder_grad=self.cfg.generator_encoder_grad, allowed=allowed)
+        level_logp = level_all[:, :K]
         logp = (level_logp * b.item_mask.unsqueeze(-1)).sum(-1)                # [B, K]
         with torch.no_grad():
-            ref_level, _, _ = self.ref.level_logprob_and_memory(b, b.items,
-                                                                allowed=b.allowed)
+            ref_all, _, _ = self.ref.level_logprob_and_memory(b, ids, allowed=allowed)
+        ref_level = ref_all[:, :K]
         logp_ref = (ref_level * b.item_mask.unsqueeze(-1)).sum(-1)
         value_memory = memory.detach() if self.cfg.value_detach else memory
         pctr, pcvr = self.model.value(value_memory, mem_mask, b.items)
@@ -249,9 +351,19 @@ class OnlineLearner:
                 + self.value_weight * l_val)
         l_dc = torch.zeros(())
         if self.cfg.dc_weight > 0:   # the ranker's money order over the same candidates
-            ev = expected_value(torch.sigmoid(pctr.detach()), torch.sigmoid(pcvr.detach()),
-                                b.bids, b.bid_type)
-            l_dc = dc_loss(logp, log_money(ev), b.item_mask, self.cfg.dc_tau)
+            if with_beams:           # the final beams the server ranked
+                assert b.beam_items is not None and b.beam_mask is not None
+                assert b.beam_bids is not None and b.beam_bid_type is not None
+                with torch.no_grad():
+                    bctr, bcvr = self.model.value(memory, mem_mask, b.beam_items)
+                ev = expected_value(torch.sigmoid(bctr), torch.sigmoid(bcvr), b.beam_bids,
+                                    b.beam_bid_type)
+                gen = (level_all[:, K:] * b.beam_mask.unsqueeze(-1)).sum(-1)
+                l_dc = dc_loss(gen, log_money(ev), b.beam_mask, self.cfg.dc_tau)
+            else:                    # no logged beams: the shown items
+                ev = expected_value(torch.sigmoid(pctr.detach()), torch.sigmoid(pcvr.detach()),
+                                    b.bids, b.bid_type)
+                l_dc = dc_loss(logp, log_money(ev), b.item_mask, self.cfg.dc_tau)
             loss = loss + self.cfg.dc_weight * l_dc
         l_prior = torch.zeros(())
         if routed_level is not None:
@@ -268,9 +380,18 @@ class OnlineLearner:
                     prior_class.repeat_interleave(K, 0), leaf.flatten(), rw.flatten())
             loss = loss + self.prior_weight * l_prior
         l_hepo = torch.zeros(())
+        hepo_stats: dict[str, float] = {}
         if self.cfg.hepo_weight > 0:
-            l_hepo = hepo_loss(level_logp, ref_level, b.items, rewards, b.item_mask,
-                               self.cfg.hepo_clip)
+            if with_beams:
+                beam_rewards = self.beam_rewards(b, memory, mem_mask)
+                assert b.beam_items is not None and b.beam_mask is not None
+                l_hepo, hepo_stats = hepo_loss(level_all[:, K:], ref_all[:, K:], b.beam_items,
+                                               beam_rewards, b.beam_mask, self.cfg.hepo_clip,
+                                               b.list_weight)
+                hepo_stats.update(self._served_gap(b, ref_all[:, K:]))
+            else:   # no logged beams: the shown items are the sibling groups
+                l_hepo, hepo_stats = hepo_loss(level_logp, ref_level, b.items, rewards,
+                                               b.item_mask, self.cfg.hepo_clip, b.list_weight)
             loss = loss + self.cfg.hepo_weight * l_hepo
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -287,7 +408,7 @@ class OnlineLearner:
             "grad_norm": float(grad_norm),
             "mean_reward": float((b.rewards * b.item_mask).sum() / n_items),
             "mean_dense_reward": float((rewards * b.item_mask).sum() / n_items),
-            "lists": float(len(b)), **stats,
+            "lists": float(len(b)), **stats, **hepo_stats,
         }
 
     @torch.no_grad()

@@ -119,3 +119,22 @@ def test_a_list_with_a_reward_beyond_float32_is_not_trainable(
             assert field in str(exc)
         else:
             raise AssertionError(f"{field}={value} passed")
+
+
+def test_a_list_with_a_logged_beam_beyond_float32_is_not_trainable(
+        synth_log: synthetic.SyntheticLog) -> None:
+    from streams.schemas import BeamCandidate
+
+    beam = BeamCandidate(ad_id="ad-1", semantic_id=[1, 2], logprob=-1.0, expected_value=0.1,
+                         bid=1.0, bid_type="cpc")
+    fb = msgspec.structs.replace(synth_log.feedback[0], beams=[beam])
+    check_trainable(fb)
+    for field, value in (("logprob", -1e39), ("expected_value", 1e300), ("bid", 4e38)):
+        bad = msgspec.structs.replace(fb, beams=[beam, msgspec.structs.replace(
+            beam, **{field: value})])
+        try:
+            check_trainable(bad)
+        except ValueError as exc:
+            assert f"beams[1].{field}" in str(exc)
+        else:
+            raise AssertionError(f"{field}={value} passed")

@@ -76,7 +76,7 @@ def test_hepo_credit_pushes_the_better_branch_at_each_level() -> None:
     ids = torch.tensor([[[0, 0], [0, 1], [1, 0], [1, 1]]])
     rewards = torch.tensor([[4.0, 2.0, 0.0, 0.0]])
     level_logp = torch.zeros(1, 4, 2, requires_grad=True)
-    loss = hepo_loss(level_logp, torch.zeros(1, 4, 2), ids, rewards, torch.ones(1, 4))
+    loss, _ = hepo_loss(level_logp, torch.zeros(1, 4, 2), ids, rewards, torch.ones(1, 4))
     loss.backward()
     g = level_logp.grad[0]  # type: ignore[index]
     assert g[0, 0] < 0 and g[1, 0] < 0 and g[2, 0] > 0      # level 0: branch 0 is better
