@@ -137,8 +137,12 @@ class EvalConfig:
     level's whole vocabulary; for ablations)."""
     value_priors: bool = True
     """The value head's empirical-Bayes priors per (industry, goal) (False: for ablations)."""
+    hepo_weight: float = 0.0
+    """Weight of the HEPO term over sibling beams (:func:`learner.rspo.hepo_loss`) for
+    the learning policies, as the live learner's ``--hepo-weight`` (0: off)."""
     rspo: dict[str, Any] = field(default_factory=dict)
-    """Overrides of :class:`learner.rspo.RSPOConfig` for the learning policies."""
+    """Overrides of :class:`learner.rspo.RSPOConfig` for the learning policies (a
+    ``hepo_weight`` here wins over the field above)."""
     pretrain: dict[str, Any] = field(default_factory=dict)
     """Overrides of :class:`learner.pretrain.PretrainSettings` (model shape and
     pretraining losses, e.g. ``task_tokens``, ``dc_weight``; for ablations)."""
@@ -215,7 +219,9 @@ class PolicyRun:
 
 def feedback_of(request: Request, slate: ServedSlate, response: Response,
                 world: World) -> Feedback:
-    """The final feedback list the joiner would emit for this request."""
+    """The final feedback list the joiner would emit for this request (with the final
+    beams the slate was ranked from, when the policy reports them, as the server logs
+    them and the joiner copies them)."""
     by_id = {o.ad_id: o for o in response.items}
     items = []
     for a in slate.ads:
@@ -234,7 +240,8 @@ def feedback_of(request: Request, slate: ServedSlate, response: Response,
                     window_closed=True, context=dict(request.context),
                     recent_ad_ids=list(reversed(request.recent_ad_ids)),
                     recent_organic=list(request.recent_organic),
-                    model_version=slate.model_version, items=items)
+                    model_version=slate.model_version, items=items,
+                    beams=list(slate.beams))
 
 
 def world_config(cfg: EvalConfig, seed: int) -> WorldConfig:
@@ -380,7 +387,8 @@ def make_policy(name: str, world: World, seed: int, cfg: EvalConfig,
                                      beam_width=cfg.beam_width, seed=seed,
                                      explore=cfg.explore if update != "none" else 0.0,
                                      catalogue_beams=cfg.catalogue_beams,
-                                     rspo=RSPOConfig(**cfg.rspo), work_dir=work_dir,
+                                     rspo=RSPOConfig(**{"hepo_weight": cfg.hepo_weight,
+                                                        **cfg.rspo}), work_dir=work_dir,
                                      threads=cfg.threads, trie_logprobs=cfg.trie_logprobs)
 
 

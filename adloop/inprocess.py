@@ -29,11 +29,13 @@ from streams.schemas import Ad
 
 class InProcessServer:
     """Snapshots in ``work_dir`` (a temporary directory when None), served by
-    :class:`server.models.ModelManager` and ranked by :class:`server.engine.Engine`."""
+    :class:`server.models.ModelManager` and ranked by :class:`server.engine.Engine`,
+    which keeps up to ``log_beams`` final beams per result (``adloop serve``'s
+    ``log_beams``)."""
 
     def __init__(self, work_dir: Path | None = None, threads: int = 0,
                  provider: str = "cpu", explore: float = 0.0, explore_max_shown: int = 50,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, log_beams: int = 32) -> None:
         self._temporary = work_dir is None
         self.work_dir = Path(work_dir if work_dir is not None
                              else tempfile.mkdtemp(prefix="adloop-serve-"))
@@ -43,7 +45,7 @@ class InProcessServer:
                                     self.work_dir / "cache", keep_versions=2,
                                     intra_op_threads=threads)
         self.explorer = Explorer(explore, explore_max_shown, self.catalog, seed=seed)
-        self.engine = Engine(self.manager, self.catalog, self.explorer)
+        self.engine = Engine(self.manager, self.catalog, self.explorer, log_beams)
         self.published = 0
         """Snapshots exported (a learner publish)."""
         self.id_updates = 0

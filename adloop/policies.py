@@ -11,7 +11,10 @@ Each policy has ``recommend_batch(requests) -> list[ServedSlate]`` and
   ``rspo`` (RSPO + VSL anchor + value heads), ``vsl_only`` (the same without the RSPO
   term) or ``frozen`` (no updates). Every ``publish_every`` updates the model is
   exported and served and the reference policy refreshed to it, as the live
-  learner does at each published snapshot.
+  learner does at each published snapshot. Its slates carry the engine's final beams
+  (``ServedSlate.beams``), which the harness puts into the feedback as the live server
+  logs them and the joiner copies them, so HEPO (``RSPOConfig.hepo_weight``) trains on
+  the same sibling groups as ``adloop learn``.
 * :class:`DLRMPolicy`: the DLRM-style baseline: embeddings of user, ad, advertiser,
   industry, category, bid type, context and the recent organic topics, pairwise dot
   interactions, an MLP to pCTR and pCVR logits, pretrained on the logging phase and
@@ -146,7 +149,7 @@ class GenerativePolicy:
                      for a in res.ads]
             self.explored += any(a.explored for a in res.ads)
             out.append(ServedSlate(r.request_id, f"{self.name}-{res.model_version}", slate,
-                                   beam_widths=widths))
+                                   beam_widths=widths, beams=res.beams))
         return out
 
     def calibration(self) -> dict[str, float]:

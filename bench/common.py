@@ -79,6 +79,9 @@ def add_closed_loop_arguments(ap: argparse.ArgumentParser) -> None:
                          "threads // jobs, at least 1)")
     ap.add_argument("--jobs", type=int, default=2,
                     help="seeds run at once in worker processes")
+    ap.add_argument("--hepo-weight", type=float, default=0.0,
+                    help="weight of the learning policies' HEPO term over sibling beams "
+                         "(0: off, the default)")
 
 
 def closed_loop_config(args: argparse.Namespace, **fields: Any) -> Any:
@@ -89,6 +92,8 @@ def closed_loop_config(args: argparse.Namespace, **fields: Any) -> Any:
     cfg = EvalConfig(seeds=tuple(int(s) for s in args.seeds.split(",")),
                      encoder=args.encoder, threads=max(1, args.threads // max(1, args.jobs)),
                      **fields)
+    if getattr(args, "hepo_weight", 0.0):
+        cfg.hepo_weight = args.hepo_weight
     if args.quick:
         cfg.requests, cfg.log_requests, cfg.pretrain_steps = 1600, 2500, 250
     if args.requests:

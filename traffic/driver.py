@@ -35,7 +35,16 @@ import numpy as np
 
 from streams.logs import get_logger
 from streams.metrics import counter, gauge, histogram
-from streams.schemas import Ad, Click, Conversion, Event, Impression, SlateItem, encode
+from streams.schemas import (
+    Ad,
+    BeamCandidate,
+    Click,
+    Conversion,
+    Event,
+    Impression,
+    SlateItem,
+    encode,
+)
 from traffic.world import Request, Response, World
 
 log = get_logger(__name__)
@@ -110,6 +119,9 @@ class ServedSlate:
     model_version: str
     ads: list[ServedAd]
     beam_widths: list[int] = field(default_factory=list)
+    beams: list[BeamCandidate] = field(default_factory=list)
+    """The final beams the slate was ranked from, as the server logs them
+    (``Impression.beams``); only an in-process generative policy knows them."""
 
     def ad_ids(self) -> list[str]:
         return [a.ad_id for a in sorted(self.ads, key=lambda a: a.position)]
@@ -195,7 +207,7 @@ def impression_of(request: Request, slate: ServedSlate, world: World,
                       recent_ad_ids=list(request.recent_ad_ids),
                       recent_organic=list(request.recent_organic), slate=items,
                       model_version=slate.model_version, beam_widths=list(slate.beam_widths),
-                      server_id=server_id)
+                      server_id=server_id, beams=list(slate.beams))
 
 
 # -- ledger and emitter -----------------------------------------------------------------
