@@ -189,8 +189,9 @@ class GenerativePolicy:
                                                    p_cvr, float(it.converted)))
         if self.learner is None or not lists:
             return {}
-        metrics = self.learner.update(lists_to_batch([(fb, 1.0) for fb in lists], self.tok,
-                                                     self.model, self._learner_trie()))
+        metrics = self.learner.update(lists_to_batch(
+            [(fb, 1.0) for fb in lists], self.tok, self.model, self._learner_trie(),
+            beams=self.learner.reads_beams))
         if self.learner.steps % self.publish_every == 0:
             self.learner.refresh_reference()
             self.server.publish(self.model, self.tok)

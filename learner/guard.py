@@ -165,7 +165,8 @@ class GuardEstimate:
         holdout estimate under the servable trie, as the learner trains them."""
         if not lists:
             return None
-        batch = lists_to_batch([(f, 1.0) for f in lists], tok, learner.model, trie)
+        batch = lists_to_batch([(f, 1.0) for f in lists], tok, learner.model, trie,
+                               beams=False)
         if self.estimate == "holdout_value":
             return GuardRound("holdout_value", learner, batch, self.beam_width)
         logged = [f for f in lists if has_propensities(f)]
@@ -174,7 +175,8 @@ class GuardEstimate:
             self._fall_back("no_propensities" if not logged else "no_servable_ads", len(lists))
             return GuardRound("holdout_value", learner, batch, self.beam_width)
         return GuardRound(self.estimate, learner, batch, self.beam_width, logged,
-                          lists_to_batch([(f, 1.0) for f in logged], tok, learner.model),
+                          lists_to_batch([(f, 1.0) for f in logged], tok, learner.model,
+                                         beams=False),
                           cat, reward_model(logged))
 
     def _fall_back(self, reason: str, lists: int) -> None:

@@ -490,7 +490,8 @@ class LearnerService:
     def update_model(self, lists: list[tuple[Feedback, float]]) -> dict[str, float]:
         """One optimizer step on ``lists``."""
         return self.learner.update(lists_to_batch(lists, self.tok, self.model,
-                                                  self.learner_trie()))
+                                                  self.learner_trie(),
+                                                  beams=self.learner.reads_beams))
 
     def learner_trie(self) -> IdTrie | None:
         """The servable ids the tokenizer knows, as a trie (None with ``trie_logprobs``

@@ -226,7 +226,7 @@ def hepo_loss(level_logp: Tensor, level_logp_ref: Tensor, ids: Tensor, rewards: 
     loss = -surrogate.sum() / n
     with torch.no_grad():
         stats = {"hepo_tokens": float(active.sum()),
-                 "hepo_groups_lists": float(active.flatten(1).any(1).sum()),
+                 "hepo_lists": float(active.flatten(1).any(1).sum()),
                  "hepo_clipped": float(((ratio - 1).abs() > clip)[active].float().mean())
                  if bool(active.any()) else 0.0}
     return loss, stats

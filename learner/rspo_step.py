@@ -77,8 +77,9 @@ class ListBatch:
     """[B, K] int64: each item's time horizon for the prior heads (0 short-term, 1 long-
     term, :func:`learner.data.horizon_of` against the list's history)."""
     beam_items: Tensor | None = None
-    """[B, J, T] each request's final beams (unknown ads left out); None when no list of
-    the batch has beams."""
+    """[B, J, T] each request's logged final beams, best expected value first (unknown
+    ads left out; the shown items of a list without beams); None when no list of the
+    batch has beams."""
     beam_mask: Tensor | None = None
     """[B, J] 1 for a real beam."""
     beam_logprob: Tensor | None = None
@@ -108,11 +109,14 @@ def provisional_weight(fb: Feedback) -> float:
 
 
 def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
-                   model: GenerativeRecommender, trie: IdTrie | None = None) -> ListBatch:
+                   model: GenerativeRecommender, trie: IdTrie | None = None,
+                   beams: bool = True) -> ListBatch:
     """Tensors for ``(feedback, list weight)`` pairs; unknown ads are left out. The
     history axis is as long as the longest history in the batch (at most H). With the
     ``trie`` of servable ids, the items' log-probs are taken under its constraint, as
-    the server scores them (:attr:`ListBatch.allowed`)."""
+    the server scores them (:attr:`ListBatch.allowed`). With ``beams`` (the default)
+    and a list of the batch carrying logged beams, the ``beam_*`` fields are filled
+    (HEPO's candidates; ``beams=False`` skips them when nothing reads them)."""
     cfg = model.cfg
     T, H = cfg.id_len, cfg.history_len
     B = len(lists)
@@ -165,7 +169,7 @@ def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
     batch = ListBatch(t(hist[:, :used]), t(hmask[:, :used]), t(ctx), t(items), t(imask),
                       t(rewards), t(clicked), t(converted), t(weight), t(bids), t(bid_type),
                       allowed, t(horizon))
-    if any(fb.beams for fb, _ in lists):
+    if beams and any(fb.beams for fb, _ in lists):
         _add_beams(batch, [fb for fb, _ in lists], tok, T, trie)
     return batch
 
@@ -245,6 +249,11 @@ class OnlineLearner:
             p.requires_grad_(False)
         return ref
 
+    @property
+    def reads_beams(self) -> bool:
+        """Whether an update reads the lists' logged final beams (HEPO or DC is on)."""
+        return self.cfg.hepo_weight > 0 or self.cfg.dc_weight > 0
+
     def refresh_reference(self) -> None:
         """π_ref ← π_θ (called when a snapshot of π_θ is published)."""
         self.ref.load_state_dict(self.model.state_dict())
@@ -306,8 +315,7 @@ class OnlineLearner:
         K = b.items.shape[1]
         # with HEPO or DC over the logged beams, the shown items and the beams go through
         # the decoder in one pass (one encoder call); columns K: are the beams
-        with_beams = (self.cfg.hepo_weight > 0 or self.cfg.dc_weight > 0) \
-            and b.beam_items is not None
+        with_beams = self.reads_beams and b.beam_items is not None
         ids, allowed = b.items, b.allowed
         if with_beams:
             assert b.beam_items is not None

@@ -145,8 +145,9 @@ def test_lists_to_batch_builds_beam_tensors_and_leaves_unknown_ads_out(
     assert bt.beam_allowed.shape[:3] == (2, 4, tok.config.id_len)
     assert bt.beam_allowed.shape[3] == bt.allowed.shape[3]
     assert torch.equal(bt.beam_allowed[0, 0], bt.allowed[0, 0])    # same ad, same rows
-    # no list with beams: no beam tensors at all
+    # no list with beams, or nothing to read them: no beam tensors at all
     assert lists_to_batch([(without, 1.0)], tok, model).beam_items is None
+    assert lists_to_batch([(with_beams, 1.0)], tok, model, beams=False).beam_items is None
 
 
 def test_hepo_update_moves_probability_to_the_better_sibling_beam(
