@@ -74,9 +74,9 @@ def test_not_ready_until_a_snapshot_then_serves_and_logs_impressions(
     # exploration off (the default): a deterministic policy, propensity 1.0 everywhere
     assert [s.propensity for s in imp.slate] == [a["propensity"] for a in body["ads"]] \
         == [1.0] * 10
-    # the final beams the slate was ranked from (log_beams = 32 by default): the slate is
-    # their top, and each carries its served log-prob and value
-    assert 10 < len(imp.beams) <= 32
+    # the final beams the slate was ranked from (all of them here: the last level's width
+    # is under log_beams = 32): the slate is their top, with the same log-probs and values
+    assert len(imp.beams) == body["beam_widths"][-1] == 10
     assert [b.ad_id for b in imp.beams[:10]] == [a["ad_id"] for a in body["ads"]]
     assert [b.logprob for b in imp.beams[:10]] == [a["score"] for a in body["ads"]]
     assert [b.expected_value for b in imp.beams[:10]] == evs
