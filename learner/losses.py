@@ -7,9 +7,10 @@ value-aware supervised learning; GPR's VAFT has the same form):
     w_n   = clip(log(1 + v_n) / mean_{m: v_m > 0} log(1 + v_m), w_min, w_max)
 
 with v_n the example's realized value (reward). Examples with v_n = 0 carry no
-generation loss. MTP is Σ_h γ_h CE_h over the future targets that exist (§2.3). DC
-(:func:`dc_loss`) aligns the generator's distribution over a candidate set with the
-ranker's (§3).
+generation loss. MTP is Σ_h γ_h CE_h over the future targets that exist (§2.3), with
+γ_h = mtp_gamma^(h-1) for horizons h = 1..n and CE_h the mean, over the examples that
+have an h-th future positive, of the id CE summed over levels. DC (:func:`dc_loss`)
+aligns the generator's distribution over a candidate set with the ranker's (§3).
 Each function is swappable: pretraining only calls :func:`pretrain_loss`.
 """
 
@@ -60,11 +61,12 @@ def vsl_loss(logits: Tensor, target: Tensor, weight: Tensor) -> Tensor:
 
 
 def mtp_loss(mtp_logits: Tensor, mtp_target: Tensor, mtp_mask: Tensor,
-             gammas: Sequence[float] | None = None) -> Tensor:
-    """Σ_h γ_h · mean CE of head h over rows that have an h-th future target.
-    mtp_logits [B, n_mtp, T, V], mtp_target [B, n_mtp, T], mtp_mask [B, n_mtp]."""
+             gammas: Sequence[float] | None = None, gamma: float = 0.5) -> Tensor:
+    """Σ_h γ_h · mean CE of horizon h over rows that have an h-th future target, γ_h =
+    ``gammas[h-1]`` or ``gamma^(h-1)``. mtp_logits [B, n_mtp, T, V], mtp_target
+    [B, n_mtp, T], mtp_mask [B, n_mtp]."""
     n_mtp = mtp_logits.shape[1]
-    gam = torch.tensor(gammas if gammas is not None else [0.5 ** h for h in range(n_mtp)],
+    gam = torch.tensor(gammas if gammas is not None else [gamma ** h for h in range(n_mtp)],
                        dtype=mtp_logits.dtype)
     ce = level_ce(mtp_logits, mtp_target)                                # [B, n_mtp]
     per_head = (ce * mtp_mask).sum(0) / mtp_mask.sum(0).clamp_min(1.0)  # [n_mtp]
@@ -124,17 +126,18 @@ def prior_class_loss(class_logits: Tensor, leaf: Tensor, weight: Tensor) -> Tens
 
 def pretrain_loss(model: GenerativeRecommender, batch: Batch, mtp_weight: float = 0.3,
                   value_weight: float = 0.5, prior_weight: float = 0.5, w_min: float = 0.2,
-                  w_max: float = 5.0, dc_weight: float = 0.0, dc_tau: float = 1.0
-                  ) -> tuple[Tensor, dict[str, float]]:
+                  w_max: float = 5.0, dc_weight: float = 0.0, dc_tau: float = 1.0,
+                  mtp_gamma: float = 0.5) -> tuple[Tensor, dict[str, float]]:
     """VSL + mtp_weight·MTP + value_weight·value BCE (+ prior_weight·(routed prior CE +
     the prior classifier's CE on the positives' routing labels)) (+ dc_weight·DC over
     each shown slate: in the logs the shown slate is the candidate set the generator and
     ranker both scored)."""
     leaf = model.decoder.leaf(batch.prior, batch.horizon)
-    out = model(batch.history, batch.history_mask, batch.context, batch.target, leaf)
+    out = model(batch.history, batch.history_mask, batch.context, batch.target, leaf,
+                batch.mtp, batch.mtp_mask)
     w = value_weights(batch.value, w_min, w_max)
     l_vsl = vsl_loss(out["logits"], batch.target, w)
-    l_mtp = mtp_loss(out["mtp"], batch.mtp, batch.mtp_mask)
+    l_mtp = mtp_loss(out["mtp"], batch.mtp, batch.mtp_mask, gamma=mtp_gamma)
     pctr, pcvr = model.value(out["memory"], out["memory_mask"], batch.slate)
     l_val = value_loss(pctr, pcvr, batch.clicked, batch.converted, batch.slate_mask)
     loss = l_vsl + mtp_weight * l_mtp + value_weight * l_val

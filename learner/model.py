@@ -25,8 +25,14 @@ suffix), P tokens already chosen, D model width, V = max vocabulary over positio
 * ``ValueHead`` [reconstruction of OneRanker's ranking decoder, §3]: each candidate
   id is a query that cross-attends to the encoder's memory (K/V pass-through, no
   re-encoding) -> pCTR, pCVR.
-* MTP heads [reconstruction of GPR's multi-token prediction, §2.3]: from the pooled
-  user state, predict the ids of the next ``mtp_heads`` future positives.
+* MTP [reconstruction of GPR's multi-token prediction, §2.3]: predict the ids of the
+  user's next ``mtp_heads`` future positives (horizons h = 1..n after the immediate
+  target, horizon 0). ``mtp_mode="decoder"``: each future id is decoded teacher-forced
+  through the decoder's own blocks (lower, top, output projection), conditioned on a
+  learned horizon embedding e_h [n, D] added to every level query; training only, the
+  served path (horizon 0) never reads e_h. ``mtp_mode="pooled"`` (the earlier form):
+  residual MLP heads on the mean-pooled memory plus the level queries, projected by the
+  decoder's output projection, skipping its blocks.
 * Prior-conditioned heads [reconstruction of "Don't Waste It", §4], off unless
   ``prior_heads > 0``. Composed hierarchically, interaction type first, then time
   horizon: z_type = h + MLP_type(h), z_{type,hz} = z_type + MLP_{type,hz}(z_type), every
@@ -61,6 +67,7 @@ from streams.features import (
 NEG = -1e9  # additive mask value (finite, so fully-masked rows never give NaN)
 MODES = ("lazy_ar", "full_ar")
 PRIOR_MIX_MODES = ("predicted", "fixed")
+MTP_MODES = ("decoder", "pooled")
 
 
 @dataclass
@@ -90,6 +97,11 @@ class ModelConfig:
     non-linear layer of its own, which LazyAR with M=1 otherwise lacks (its one top
     block has to mix prefix and user in a single step). Same in both modes."""
     mtp_heads: int = 2
+    """MTP horizons n: the user's next n future positives (0 = no MTP)."""
+    mtp_mode: str = "decoder"
+    """``"decoder"``: future ids decoded through the decoder's blocks with a horizon
+    embedding; ``"pooled"``: MLP heads on the pooled memory (the earlier form; checkpoints
+    written before this setting existed load with it). See the module docstring."""
     prior_heads: int = 0
     """Interaction-type prior heads (0 = off; 2 = the data's ``prior``: 0 click,
     1 conversion)."""
@@ -137,6 +149,8 @@ class ModelConfig:
                              f"got {self.prior_mix_mode!r}")
         if self.prior_mix and len(self.prior_mix) != self.prior_leaves:
             raise ValueError(f"prior_mix needs one weight per leaf head ({self.prior_leaves})")
+        if self.mtp_mode not in MTP_MODES:
+            raise ValueError(f"mtp_mode must be one of {MTP_MODES}, got {self.mtp_mode!r}")
 
     @property
     def prior_leaves(self) -> int:
@@ -160,10 +174,11 @@ class ModelConfig:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ModelConfig:
         # checkpoints written before ``inject_mlp`` existed have no such parameters; those
-        # written before horizon heads had flat type heads mixed by ``prior_mix``
+        # written before horizon heads had flat type heads mixed by ``prior_mix``, and MTP
+        # heads on the pooled memory
         return cls(**{"inject_mlp": False, "organic_len": 0, "value_own_items": False,
                       "prior_horizons": 1, "prior_mix_mode": "fixed", "task_tokens": False,
-                      "fake_items": False, "ranker_kv": False, **d})
+                      "fake_items": False, "ranker_kv": False, "mtp_mode": "pooled", **d})
 
 
 # --------------------------------------------------------------------------------------
@@ -481,13 +496,18 @@ class LazyARDecoder(nn.Module):
             return torch.log_softmax(logits, dim=-1)
         return self.log_mix.unsqueeze(0).expand(memory.shape[0], -1)
 
-    def lower(self, memory: Tensor, memory_mask: Tensor) -> Tensor:
+    def lower(self, memory: Tensor, memory_mask: Tensor,
+              query_shift: Tensor | None = None) -> Tensor:
         """Token-independent states, once per request: [B, S, D] -> [B, T, D]. With task
-        tokens the level queries start from T_interest's state (memory row S-2)."""
+        tokens the level queries start from T_interest's state (memory row S-2).
+        ``query_shift`` [B, D] is added to every level query (MTP's horizon embedding;
+        None on the served path)."""
         B, T = memory.shape[0], self.level_query.shape[0]
         x = self.level_query.unsqueeze(0).expand(B, T, -1)
         if self.task_tokens:
             x = x + memory[:, -2:-1]
+        if query_shift is not None:
+            x = x + query_shift.unsqueeze(1)
         bias = key_bias(memory_mask)
         for blk in self.blocks[: self.start]:
             x = blk(x, self.causal.unsqueeze(0), memory, bias)
@@ -735,19 +755,51 @@ class ValueHead(nn.Module):
 
 
 class MTPHeads(nn.Module):
-    """GPR-style multi-token prediction: pooled user state -> ids of the next
-    ``mtp_heads`` future positives, every level in parallel: [B, n_mtp, T, V]."""
+    """GPR-style multi-token prediction: logits of the next n = ``mtp_heads`` future
+    positives, every level: [B, n, T, V] (see the module docstring).
+
+    ``decoder`` mode: future target h (horizon h = 1..n) is decoded teacher-forced by
+    the decoder (``lower`` from the level queries + e_h, ``top`` over its own prefix,
+    ``project``), so the decoder's blocks produce the future ids. Only the (request,
+    horizon) pairs that have a target (``target_mask``) are decoded; the others' logits
+    are 0 (the loss masks them). ``pooled`` mode ignores the targets: MLP_h over the
+    pooled memory + level queries, all levels in parallel."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.heads = nn.ModuleList(MLP(cfg.d_model) for _ in range(cfg.mtp_heads))
-        self.ln = nn.LayerNorm(cfg.d_model)
+        self.mode = cfg.mtp_mode
+        self.n = cfg.mtp_heads
+        if self.mode == "pooled":
+            self.heads = nn.ModuleList(MLP(cfg.d_model) for _ in range(cfg.mtp_heads))
+            self.ln = nn.LayerNorm(cfg.d_model)
+        elif cfg.mtp_heads:
+            self.horizon = nn.Parameter(torch.zeros(cfg.mtp_heads, cfg.d_model))  # e_h [n, D]
 
-    def forward(self, memory: Tensor, memory_mask: Tensor, decoder: LazyARDecoder) -> Tensor:
-        m = memory_mask.unsqueeze(-1)
-        pooled = (memory * m).sum(1) / m.sum(1).clamp_min(1.0)          # [B, D]
-        x = pooled.unsqueeze(1) + decoder.level_query                   # [B, T, D]
-        return torch.stack([decoder.project(self.ln(x + mlp(x))) for mlp in self.heads], 1)
+    def forward(self, memory: Tensor, memory_mask: Tensor, decoder: LazyARDecoder,
+                target: Tensor | None = None, target_mask: Tensor | None = None) -> Tensor:
+        """memory [B, S, D], memory_mask [B, S]; target [B, n, T] and target_mask [B, n]
+        (decoder mode) -> logits [B, n, T, V]."""
+        B, T, V = memory.shape[0], decoder.level_query.shape[0], decoder.head_w.shape[1]
+        if self.n == 0:
+            return memory.new_zeros(B, 0, T, V)
+        if self.mode == "pooled":
+            m = memory_mask.unsqueeze(-1)
+            pooled = (memory * m).sum(1) / m.sum(1).clamp_min(1.0)      # [B, D]
+            x = pooled.unsqueeze(1) + decoder.level_query               # [B, T, D]
+            return torch.stack([decoder.project(self.ln(x + mlp(x))) for mlp in self.heads], 1)
+        if target is None:
+            raise ValueError("decoder-mode MTP decodes the future targets: pass target")
+        mask = target_mask if target_mask is not None else target.new_ones(target.shape[:2])
+        pairs = torch.nonzero(mask.reshape(-1) > 0)[:, 0]               # [R] (request, h)
+        out = memory.new_zeros(B * self.n, T, V)
+        if len(pairs):
+            req, h = pairs // self.n, pairs % self.n
+            mmask = memory_mask[req]                                    # [R, S]
+            lower = decoder.lower(memory[req], mmask, self.horizon[h])  # [R, T, D]
+            ids = target.reshape(B * self.n, T)[pairs]                  # [R, T]
+            hid = decoder.top(decoder.memory_kv(memory)[req], mmask, lower, ids[:, :-1])
+            out = out.index_copy(0, pairs, decoder.project(hid))        # [R, T, D] -> rows
+        return out.reshape(B, self.n, T, V)
 
 
 # --------------------------------------------------------------------------------------
@@ -780,7 +832,7 @@ class GenerativeRecommender(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
         for name, p in m.named_parameters(recurse=False):
             if name in ("hist_pos", "ctx_feat", "org_pos", "level_query", "bos", "query",
-                        "head_w", "fake", "task"):
+                        "head_w", "fake", "task", "horizon"):
                 nn.init.normal_(p, std=0.02)
 
     def set_mode(self, mode: str) -> None:
@@ -799,19 +851,22 @@ class GenerativeRecommender(nn.Module):
         return memory, mask, self.decoder.lower(memory, mask), self.decoder.memory_kv(memory)
 
     def forward(self, history: Tensor, history_mask: Tensor, context: Tensor, target: Tensor,
-                prior: Tensor | None = None) -> dict[str, Tensor]:
-        """Teacher-forced training pass. target [B, T] ->
-        logits [B, T, V], mtp [B, n_mtp, T, V], memory/memory_mask (for the value head);
-        with prior heads, ``logits`` mix the leaves by the (detached) per-request
-        mixture, ``prior`` [B] (leaf, :meth:`LazyARDecoder.leaf`) adds prior_logits
-        [B, T, V] (the routed leaf head) and the predicted mode prior_class [B, L] (the
-        prior classifier's logits)."""
+                prior: Tensor | None = None, mtp_target: Tensor | None = None,
+                mtp_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """Teacher-forced training pass. target [B, T] (mtp_target [B, n_mtp, T] and
+        mtp_mask [B, n_mtp] for decoder-mode MTP) -> logits [B, T, V], mtp
+        [B, n_mtp, T, V] (decoder mode: only with mtp_target), memory/memory_mask (for
+        the value head); with prior heads, ``logits`` mix the leaves by the (detached)
+        per-request mixture, ``prior`` [B] (leaf, :meth:`LazyARDecoder.leaf`) adds
+        prior_logits [B, T, V] (the routed leaf head) and the predicted mode prior_class
+        [B, L] (the prior classifier's logits)."""
         memory, mask, lower, kv = self.encode(history, history_mask, context)
         mix = self.prior_log_mix(memory, mask)
         out = {"logits": self.decoder.teacher_forced(
                    kv, mask, lower, target, prior_log_mix=None if mix is None else mix.detach()),
-               "mtp": self.mtp(memory, mask, self.decoder), "memory": memory,
-               "memory_mask": mask}
+               "memory": memory, "memory_mask": mask}
+        if self.mtp.mode == "pooled" or mtp_target is not None:
+            out["mtp"] = self.mtp(memory, mask, self.decoder, mtp_target, mtp_mask)
         if prior is not None and len(self.decoder.priors) > 0:
             out["prior_logits"] = self.decoder.teacher_forced(kv, mask, lower, target, prior)
             clf = self.decoder.prior_logits(memory, mask)

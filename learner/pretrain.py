@@ -97,6 +97,11 @@ class PretrainSettings(BaseSettings):
     inject_mlp: bool = True
     """Residual MLP over the injected prefix vector (ModelConfig.inject_mlp)."""
     mtp_heads: int = 2
+    """MTP horizons: the user's next n positives after the target (0 = no MTP)."""
+    mtp_mode: str = "decoder"
+    """decoder (future ids decoded through the decoder with a horizon embedding) or
+    pooled (MLP heads on the pooled memory, the earlier form); ModelConfig.mtp_mode.
+    A resumed run keeps its checkpoint's form."""
     prior_heads: int = 0
     """Interaction-type prior heads (0 = off, 2 = click/conversion; ModelConfig). Off by
     default: not better offline on the small synthetic pretraining (learner/README.md)."""
@@ -129,6 +134,8 @@ class PretrainSettings(BaseSettings):
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     mtp_weight: float = 0.3
+    mtp_gamma: float = 0.5
+    """Weight of MTP horizon h is mtp_gamma^(h-1) (learner.losses.mtp_loss)."""
     value_weight: float = 0.5
     w_min: float = 0.2
     w_max: float = 5.0
@@ -205,10 +212,11 @@ def model_config(s: PretrainSettings, tok: UASIDTokenizer) -> ModelConfig:
         context_buckets=DEFAULT_CONTEXT_BUCKETS, organic_len=DEFAULT_ORGANIC_LEN,
         d_model=s.d_model, n_head=s.n_head,
         n_enc_layer=s.n_enc_layer, n_layer=s.n_layer, n_top=s.n_top, mode=s.mode,
-        inject_mlp=s.inject_mlp, mtp_heads=s.mtp_heads, prior_heads=s.prior_heads,
-        prior_horizons=s.prior_horizons, short_horizon=s.short_horizon,
-        prior_mix_mode=s.prior_mix_mode, value_own_items=s.value_own_items,
-        task_tokens=s.task_tokens, fake_items=s.fake_items, ranker_kv=s.ranker_kv)
+        inject_mlp=s.inject_mlp, mtp_heads=s.mtp_heads, mtp_mode=s.mtp_mode,
+        prior_heads=s.prior_heads, prior_horizons=s.prior_horizons,
+        short_horizon=s.short_horizon, prior_mix_mode=s.prior_mix_mode,
+        value_own_items=s.value_own_items, task_tokens=s.task_tokens, fake_items=s.fake_items,
+        ranker_kv=s.ranker_kv)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
@@ -232,7 +240,8 @@ def train_steps(model: GenerativeRecommender, opt: torch.optim.Optimizer, train:
         batch = train.batch(batch_indices(len(train), s.batch_size, s.seed, step))
         loss, parts = pretrain_loss(model, batch, s.mtp_weight, s.value_weight,
                                     s.prior_weight, w_min=s.w_min, w_max=s.w_max,
-                                    dc_weight=s.dc_weight, dc_tau=s.dc_tau)
+                                    dc_weight=s.dc_weight, dc_tau=s.dc_tau,
+                                    mtp_gamma=s.mtp_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
