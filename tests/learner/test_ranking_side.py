@@ -46,8 +46,10 @@ def _inputs(model: GenerativeRecommender, B: int = 3, seed: int = 1
 def _generator_out(model: GenerativeRecommender, x: tuple[torch.Tensor, ...]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     hist, mask, ctx, target, _ = x
-    with torch.no_grad():
-        out = model(hist, mask, ctx, target)
+    B, n_mtp = hist.shape[0], model.cfg.mtp_heads
+    future = target.unsqueeze(1).expand(B, n_mtp, -1).flip(-1).clamp(max=2)
+    with torch.no_grad():   # MTP through the decoder, as pretraining runs it
+        out = model(hist, mask, ctx, target, None, future, torch.ones(B, n_mtp))
     return out["logits"], out["mtp"]
 
 
