@@ -1,0 +1,170 @@
+"""Closed-loop ablations: variants of the ``rspo`` policy on the same seeds and traffic.
+
+One module for the ablation benchmarks (``bench/ablations_ranking.py``,
+``bench/ablations_gpr.py``): each names its variants (EvalConfig overrides: ``pretrain``
+for :class:`learner.pretrain.PretrainSettings`, ``rspo`` for
+:class:`learner.rspo.RSPOConfig`) and the columns it reports; this module runs them with
+:func:`adloop.evaluation.compare`, merges a partial run (``--variants``) into the
+results already there, and writes ``bench/results/NAME.json``, ``docs/NAME.png`` and the
+``NAME`` section of docs/benchmarks.md.
+
+Every variant runs on the same seeds with the same world, logging phase and traffic;
+``rpm_ratio`` is the mean over seeds of its last-quarter RPM over ``base``'s on the same
+seed (paired), with a 95 % Student-t interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adloop.evaluation import EvalConfig, compare, mean_ci
+from bench.common import (
+    ROOT,
+    add_closed_loop_arguments,
+    closed_loop_config,
+    device,
+    markdown_table,
+    update_doc_section,
+    write_results,
+)
+
+SUMMARY_KEYS = ("latency_ms_per_request", "offline_recall_at_10", "offline_vndcg_at_10",
+                "slate_diversity", "sid_diversity", "catalogue_coverage", "personalization",
+                "ctr", "cvr")
+"""Per-variant means kept from the harness summary (raw, before the report columns)."""
+
+Columns = list[tuple[str, str, Callable[[dict[str, Any]], Any]]]
+"""Report columns: (key in each variant's row, table header, value from the raw entry)."""
+
+
+def mean_of(entry: dict[str, Any], key: str) -> float | None:
+    v = entry.get(key)
+    return float(v["mean"]) if isinstance(v, dict) and "mean" in v else None
+
+
+def run_variant(cfg: EvalConfig, name: str, over: dict[str, Any], tmp: Path,
+                jobs: int) -> dict[str, Any]:
+    vcfg = dataclasses.replace(cfg, policies=("rspo",), pretrain=over.get("pretrain", {}),
+                               rspo={**cfg.rspo, **over.get("rspo", {})})
+
+    def progress(m: str) -> None:
+        print(f"[{name}] {m}", flush=True)
+
+    t0 = time.perf_counter()
+    entry = compare(vcfg, tmp / name.strip("+"), progress=progress, jobs=jobs)["policies"]["rspo"]
+    return {"per_seed_rpm": entry["per_seed_rpm_last_quarter"],
+            **{k: mean_of(entry, k) for k in SUMMARY_KEYS},
+            "settings": over, "elapsed_s": round(time.perf_counter() - t0, 1)}
+
+
+def rows_of(raw: dict[str, dict[str, Any]], order: list[str], columns: Columns
+            ) -> list[dict[str, Any]]:
+    base = raw["base"]
+    out = []
+    for name in [n for n in order if n in raw]:
+        r = raw[name]
+        ratios = [a / b for a, b in zip(r["per_seed_rpm"], base["per_seed_rpm"], strict=True)
+                  if b]
+        m, lo, hi = mean_ci(ratios)
+        lat, base_lat = r.get("latency_ms_per_request"), base.get("latency_ms_per_request")
+        out.append({
+            "name": name, "rpm_ratio": round(m, 4), "rpm_ratio_ci_low": round(lo, 4),
+            "rpm_ratio_ci_high": round(hi, 4),
+            "rpm_mean": round(statistics.mean(r["per_seed_rpm"]), 3),
+            "per_seed_rpm": [round(x, 3) for x in r["per_seed_rpm"]],
+            **{key: value(r) for key, _, value in columns},
+            "decode_latency_ratio": round(lat / base_lat, 4) if lat and base_lat else None,
+            "settings": r["settings"]})
+    return out
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.4))
+    ys = list(range(len(rows)))[::-1]
+    for y, r in zip(ys, rows, strict=True):
+        ax.errorbar(r["rpm_ratio"], y, xerr=[[r["rpm_ratio"] - r["rpm_ratio_ci_low"]],
+                                             [r["rpm_ratio_ci_high"] - r["rpm_ratio"]]],
+                    fmt="o", color="tab:blue", capsize=3)
+    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_yticks(ys, [r["name"] for r in rows])
+    ax.set_xlabel("last-quarter RPM / base (per-seed mean, 95% CI)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fmt(v: Any, spec: str = ".3f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def main(name: str, doc: str, variants: dict[str, dict[str, Any]], columns: Columns,
+         title: str, note: str) -> int:
+    """The command line of an ablation benchmark: ``variants`` (``base`` first) by name."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_closed_loop_arguments(ap)
+    ap.add_argument("--variants", default="",
+                    help="comma-separated variants to run and merge into the results "
+                         "already there (default: all)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg: EvalConfig = closed_loop_config(args)
+    wanted = [v for v in args.variants.split(",") if v] or list(variants)
+    unknown = [v for v in wanted if v not in variants]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(variants)}")
+    path = ROOT / "bench" / "results" / f"{name}.json"
+    raw: dict[str, dict[str, Any]] = {}
+    if args.variants and path.exists():
+        old = json.loads(path.read_text())
+        if old.get("seeds") == list(cfg.seeds) and old.get("requests_per_policy") == \
+                cfg.requests and old.get("encoder") == cfg.encoder:
+            raw = old.get("raw", {})
+    if "base" not in raw and "base" not in wanted:
+        wanted.insert(0, "base")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"adloop-{name}-") as tmp:
+        for v in wanted:
+            raw[v] = run_variant(cfg, v, variants[v], Path(tmp), args.jobs)
+    elapsed = time.perf_counter() - t0
+    rows = rows_of(raw, list(variants), columns)
+    command = " ".join([f"bench/{name}.py", *sys.argv[1:]])
+    write_results(name, {
+        "device": device(), "quick": args.quick, "seeds": list(cfg.seeds),
+        "encoder": cfg.encoder, "command": command, "requests_per_policy": cfg.requests,
+        "elapsed_s_last_run": round(elapsed, 1),
+        "elapsed_s_by_variant": {k: v.get("elapsed_s") for k, v in raw.items()},
+        "metric": "expected revenue per mille impressions, last quarter of the run",
+        "variants": rows, "raw": raw})
+    plot(rows, ROOT / "docs" / f"{name}.png", title)
+    table = markdown_table(
+        ["variant", "RPM ratio to base (95% CI)", "RPM", *[h for _, h, _ in columns],
+         "decode latency ratio"],
+        [[r["name"], f"{r['rpm_ratio']:.3f} ({r['rpm_ratio_ci_low']:.3f}–"
+          f"{r['rpm_ratio_ci_high']:.3f})", f"{r['rpm_mean']:.1f}",
+          *[fmt(r[k]) for k, _, _ in columns], fmt(r["decode_latency_ratio"], ".2f")]
+         for r in rows])
+    update_doc_section(name, (
+        f"`{command}`: seeds {list(cfg.seeds)}, {cfg.requests} requests per run, encoder "
+        f"{cfg.encoder}, {device()}. Every variant is the `rspo` policy on the same seeds "
+        f"and traffic; only the settings in `bench/results/{name}.json` change. "
+        f"{note}\n\n" + table + f"\n\n![{title}]({name}.png)"))
+    print(table)
+    return 0
+
