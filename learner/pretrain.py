@@ -85,6 +85,11 @@ class PretrainSettings(BaseSettings):
     advertiser_size: int = 32
     suffix_size: int = 32
     history_len: int = 20
+    organic_len: int = DEFAULT_ORGANIC_LEN
+    """Organic-history slots of the model's input (0 = ads-only history)."""
+    refine_steps: int = 0
+    """RQ-VAE-style refinement steps of a newly fitted tokenizer (0 = RQ-Kmeans only;
+    TokenizerConfig.refine_steps)."""
     context_features: str = ""
     """Comma-separated context keys the model reads (empty = the simulated world's
     device, placement, hour, region, age, interest); they go into the snapshot manifest."""
@@ -188,7 +193,7 @@ def tokenizer_for(s: PretrainSettings, ads: list[Ad]) -> UASIDTokenizer:
             level_sizes=tuple(int(x) for x in s.level_sizes.split(",")),
             industry_size=s.industry_size, goal_size=s.goal_size,
             advertiser_size=s.advertiser_size, suffix_size=s.suffix_size, seed=s.seed,
-            encoder=s.encoder)
+            encoder=s.encoder, refine_steps=s.refine_steps)
         tok = UASIDTokenizer.fit(ads, cfg)
         log.info("fitted tokenizer", **{k: v for k, v in tok.report().items()
                                         if not isinstance(v, list)})
@@ -209,7 +214,7 @@ def model_config(s: PretrainSettings, tok: UASIDTokenizer) -> ModelConfig:
     return ModelConfig(
         level_sizes=tok.config.token_sizes, semantic_levels=tok.config.semantic_levels,
         history_len=s.history_len, context_features=context_features_of(s),
-        context_buckets=DEFAULT_CONTEXT_BUCKETS, organic_len=DEFAULT_ORGANIC_LEN,
+        context_buckets=DEFAULT_CONTEXT_BUCKETS, organic_len=s.organic_len,
         d_model=s.d_model, n_head=s.n_head,
         n_enc_layer=s.n_enc_layer, n_layer=s.n_layer, n_top=s.n_top, mode=s.mode,
         inject_mlp=s.inject_mlp, mtp_heads=s.mtp_heads, mtp_mode=s.mtp_mode,
