@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from learner import synthetic
+from learner.model import ModelConfig
 from learner.pretrain import PretrainResult, PretrainSettings, pretrain
 from learner.tokenizer import TokenizerConfig, UASIDTokenizer
 
@@ -23,6 +24,15 @@ def small_settings(run_dir: Path, **kw: object) -> PretrainSettings:
         checkpoint_every=0, eval_beam_width=16, eval_k=10, held_out_frac=0.15, threads=1)
     base.update(kw)
     return PretrainSettings(**base)  # type: ignore[arg-type]
+
+
+def small_cfg(tok: UASIDTokenizer, **kw: object) -> ModelConfig:
+    """A small model for ``tok``'s id space (``kw`` overrides any field)."""
+    base: dict[str, object] = dict(level_sizes=tok.config.token_sizes,
+                                   semantic_levels=tok.config.semantic_levels, history_len=10,
+                                   d_model=32, n_head=4, n_enc_layer=1, n_layer=4, n_top=1)
+    base.update(kw)
+    return ModelConfig(**base)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")

@@ -16,14 +16,7 @@ from learner.losses import pretrain_loss
 from learner.model import GenerativeRecommender, ModelConfig
 from learner.pretrain import PretrainResult, PretrainSettings, pretrain
 from learner.tokenizer import UASIDTokenizer
-
-
-def _cfg(tok: UASIDTokenizer, **kw: object) -> ModelConfig:
-    base: dict[str, object] = dict(level_sizes=tok.config.token_sizes,
-                                   semantic_levels=tok.config.semantic_levels, history_len=10,
-                                   d_model=32, n_head=4, n_enc_layer=1, n_layer=4, n_top=1)
-    base.update(kw)
-    return ModelConfig(**base)  # type: ignore[arg-type]
+from tests.learner.conftest import small_cfg
 
 
 def _count_calls(module: torch.nn.Module) -> list[int]:
@@ -36,7 +29,7 @@ def _count_calls(module: torch.nn.Module) -> list[int]:
 def test_lower_layers_run_once_per_request_only_in_lazyar(
         mode: str, small_tokenizer: UASIDTokenizer, synth_log: synthetic.SyntheticLog) -> None:
     torch.manual_seed(0)
-    model = GenerativeRecommender(_cfg(small_tokenizer, mode=mode)).eval()
+    model = GenerativeRecommender(small_cfg(small_tokenizer, mode=mode)).eval()
     lower_calls = _count_calls(model.decoder.blocks[0])     # a lower block in lazy mode
     top_calls = _count_calls(model.decoder.blocks[-1])      # the top block (takes the token)
     enc_calls = _count_calls(model.encoder)
@@ -55,8 +48,8 @@ def test_lower_layers_run_once_per_request_only_in_lazyar(
 
 
 def test_lazy_and_full_ar_share_one_parameter_layout(small_tokenizer: UASIDTokenizer) -> None:
-    lazy = GenerativeRecommender(_cfg(small_tokenizer, mode="lazy_ar"))
-    full = GenerativeRecommender(_cfg(small_tokenizer, mode="full_ar"))
+    lazy = GenerativeRecommender(small_cfg(small_tokenizer, mode="lazy_ar"))
+    full = GenerativeRecommender(small_cfg(small_tokenizer, mode="full_ar"))
     ls, fs = lazy.state_dict(), full.state_dict()
     assert {k: v.shape for k, v in ls.items()} == {k: v.shape for k, v in fs.items()}
     full.load_state_dict(ls)
@@ -67,7 +60,7 @@ def test_decoder_step_agrees_with_teacher_forcing(small_tokenizer: UASIDTokenize
                                                   synth_log: synthetic.SyntheticLog) -> None:
     torch.manual_seed(0)
     for mode in ("lazy_ar", "full_ar"):
-        model = GenerativeRecommender(_cfg(small_tokenizer, mode=mode)).eval()
+        model = GenerativeRecommender(small_cfg(small_tokenizer, mode=mode)).eval()
         ex = build_examples(synth_log.feedback[:30], small_tokenizer, history_len=10)
         b = ex.batch(ex.positives[:6])
         with torch.no_grad():
@@ -82,7 +75,7 @@ def test_decoder_step_agrees_with_teacher_forcing(small_tokenizer: UASIDTokenize
 def test_sequence_logprob_is_the_sum_of_level_logprobs(small_tokenizer: UASIDTokenizer,
                                                        synth_log: synthetic.SyntheticLog) -> None:
     torch.manual_seed(0)
-    model = GenerativeRecommender(_cfg(small_tokenizer)).eval()
+    model = GenerativeRecommender(small_cfg(small_tokenizer)).eval()
     ex = build_examples(synth_log.feedback[:30], small_tokenizer, history_len=10)
     b = ex.batch([0, 1, 2])
     _, arr = small_tokenizer.id_array()
@@ -100,8 +93,8 @@ def test_sequence_logprob_is_the_sum_of_level_logprobs(small_tokenizer: UASIDTok
 def test_prior_heads_behind_a_flag_route_training_and_mix_at_inference(
         small_tokenizer: UASIDTokenizer, synth_log: synthetic.SyntheticLog) -> None:
     torch.manual_seed(0)
-    model = GenerativeRecommender(_cfg(small_tokenizer, prior_heads=2, prior_horizons=1,
-                                       prior_mix_mode="fixed", prior_mix=(0.7, 0.3)))
+    model = GenerativeRecommender(small_cfg(small_tokenizer, prior_heads=2, prior_horizons=1,
+                                            prior_mix_mode="fixed", prior_mix=(0.7, 0.3)))
     ex = build_examples(synth_log.feedback[:60], small_tokenizer, history_len=10)
     b = ex.batch(ex.positives[:16])
     loss, parts = pretrain_loss(model, b)
@@ -113,7 +106,7 @@ def test_prior_heads_behind_a_flag_route_training_and_mix_at_inference(
         logits = model.decoder.step(kv, mask, lower, None, b.target[:, :1])
     V1 = small_tokenizer.config.token_sizes[1]
     assert torch.allclose(torch.logsumexp(logits[:, :V1], -1), torch.zeros(16), atol=1e-4)
-    plain = GenerativeRecommender(_cfg(small_tokenizer))
+    plain = GenerativeRecommender(small_cfg(small_tokenizer))
     assert len(plain.decoder.priors) == 0
 
 
@@ -137,7 +130,7 @@ def test_level_logprob_matches_teacher_forced_log_softmax_per_row(
     level is projected onto its own vocabulary: same values as one row per (request, id)
     through the padded teacher-forced logits."""
     torch.manual_seed(0)
-    model = GenerativeRecommender(_cfg(small_tokenizer, prior_heads=prior_heads)).eval()
+    model = GenerativeRecommender(small_cfg(small_tokenizer, prior_heads=prior_heads)).eval()
     ex = build_examples(synth_log.feedback[:30], small_tokenizer, history_len=10)
     b = ex.batch([0, 1, 2])
     _, arr = small_tokenizer.id_array()
@@ -161,7 +154,7 @@ def test_log_probs_under_the_trie_are_the_served_beam_scores(
     """With the servable trie, each level is renormalized over the children of the id's
     prefix: the log-probability the server's beam search adds at that level."""
     torch.manual_seed(1)
-    model = GenerativeRecommender(_cfg(small_tokenizer, prior_heads=prior_heads)).eval()
+    model = GenerativeRecommender(small_cfg(small_tokenizer, prior_heads=prior_heads)).eval()
     ex = build_examples(synth_log.feedback[:30], small_tokenizer, history_len=10)
     b = ex.batch([0, 1])
     _, arr = small_tokenizer.id_array()

@@ -17,19 +17,12 @@ from learner.checkpoint import load_checkpoint, load_model, save_checkpoint
 from learner.data import Batch, build_examples
 from learner.export import graphs, reference_inputs, torch_outputs
 from learner.losses import mtp_loss
-from learner.model import GenerativeRecommender, ModelConfig
+from learner.model import GenerativeRecommender
 from learner.pretrain import PretrainSettings, pretrain
 from learner.rspo import RSPOConfig
 from learner.rspo_step import OnlineLearner, lists_to_batch
 from learner.tokenizer import UASIDTokenizer
-
-
-def _cfg(tok: UASIDTokenizer, **kw: object) -> ModelConfig:
-    base: dict[str, object] = dict(level_sizes=tok.config.token_sizes,
-                                   semantic_levels=tok.config.semantic_levels, history_len=10,
-                                   d_model=32, n_head=4, n_enc_layer=1, n_layer=4, n_top=1)
-    base.update(kw)
-    return ModelConfig(**base)  # type: ignore[arg-type]
+from tests.learner.conftest import small_cfg
 
 
 def _batch(tok: UASIDTokenizer, log: synthetic.SyntheticLog, n: int = 24) -> Batch:
@@ -46,7 +39,7 @@ def test_mtp_gradient_goes_through_the_decoder_blocks(
     b = _batch(small_tokenizer, synth_log)
     grads: dict[str, dict[str, torch.Tensor | None]] = {}
     for mode in ("decoder", "pooled"):
-        model = GenerativeRecommender(_cfg(small_tokenizer, mtp_mode=mode))
+        model = GenerativeRecommender(small_cfg(small_tokenizer, mtp_mode=mode))
         out = model(b.history, b.history_mask, b.context, b.target, None, b.mtp, b.mtp_mask)
         mtp_loss(out["mtp"], b.mtp, b.mtp_mask).backward()
         grads[mode] = {n: p.grad for n, p in model.named_parameters()}
@@ -67,7 +60,7 @@ def test_each_horizon_is_decoded_teacher_forced_from_its_own_level_queries(
         small_tokenizer: UASIDTokenizer, synth_log: synthetic.SyntheticLog) -> None:
     torch.manual_seed(1)
     b = _batch(small_tokenizer, synth_log, 6)
-    model = GenerativeRecommender(_cfg(small_tokenizer)).eval()
+    model = GenerativeRecommender(small_cfg(small_tokenizer)).eval()
     dec = model.decoder
     with torch.no_grad():
         model.mtp.horizon.normal_()                # horizons clearly apart from horizon 0
@@ -101,8 +94,8 @@ def test_served_path_is_the_same_with_and_without_horizon_embeddings(
         small_tokenizer: UASIDTokenizer, synth_log: synthetic.SyntheticLog) -> None:
     torch.manual_seed(2)
     b = _batch(small_tokenizer, synth_log, 8)
-    with_mtp = GenerativeRecommender(_cfg(small_tokenizer, mtp_heads=3)).eval()
-    without = GenerativeRecommender(_cfg(small_tokenizer, mtp_heads=0)).eval()
+    with_mtp = GenerativeRecommender(small_cfg(small_tokenizer, mtp_heads=3)).eval()
+    without = GenerativeRecommender(small_cfg(small_tokenizer, mtp_heads=0)).eval()
     state = {k: v for k, v in with_mtp.state_dict().items() if not k.startswith("mtp.")}
     assert set(with_mtp.state_dict()) - set(state) == {"mtp.horizon"}
     without.load_state_dict(state)
@@ -161,7 +154,7 @@ def test_old_pooled_mtp_checkpoints_load_and_resume_in_their_form(
     assert res.step == 4 and res.model.cfg.mtp_mode == "pooled"
     # new checkpoints say which form they hold
     new = tmp_path / "new"
-    m = GenerativeRecommender(_cfg(small_tokenizer))
+    m = GenerativeRecommender(small_cfg(small_tokenizer))
     small_tokenizer.save(new / "tokenizer")
     save_checkpoint(new, m, small_tokenizer.id_space_version, 0)
     assert load_checkpoint(new)["config"]["mtp_mode"] == "decoder"
@@ -173,7 +166,7 @@ def test_old_pooled_mtp_checkpoints_load_and_resume_in_their_form(
 def test_the_online_step_trains_no_mtp(small_tokenizer: UASIDTokenizer,
                                        synth_log: synthetic.SyntheticLog) -> None:
     torch.manual_seed(3)
-    model = GenerativeRecommender(_cfg(small_tokenizer))
+    model = GenerativeRecommender(small_cfg(small_tokenizer))
     before = copy.deepcopy(model.mtp.state_dict())
     learner = OnlineLearner(model, RSPOConfig(), lr=1e-2, weight_decay=0.1)
     lists = [(fb, 1.0) for fb in synth_log.feedback[:16]]
