@@ -4,14 +4,15 @@
 
 Every variant runs the ``rspo`` policy on the same seeds and the same simulated traffic
 as ``bench/closed_loop.py``; only the settings named change from ``base`` (today's
-defaults: organic topics in the user history, one decoder, MTP through the decoder,
-RSPO without HEPO, RQ-Kmeans semantic ids):
+defaults: organic topics in the user history, one decoder, MTP heads on the pooled
+memory, RSPO without HEPO, RQ-Kmeans semantic ids):
 
 * ``ads_only``: no organic history (``organic_len`` 0);
 * ``+hhd``: GPR's intent decoder between the user encoder and the ad generator
   (``intent_tokens`` 4);
 * ``mtp_none``: no multi-token prediction (``mtp_heads`` 0);
-* ``mtp_pooled``: MTP heads on the pooled memory instead of through the decoder;
+* ``mtp_decoder``: MTP through the decoder (each future id decoded teacher-forced by the
+  decoder's blocks) instead of heads on the pooled memory;
 * ``+hepo``: HEPO over the logged sibling beams alongside RSPO (``hepo_weight``);
 * ``+sid_refine``: RQ-VAE-style refinement of the semantic-ID codebooks
   (``refine_steps``).
@@ -43,7 +44,7 @@ def variants() -> dict[str, dict[str, Any]]:
         "ads_only": {"pretrain": {"organic_len": 0}},
         "+hhd": {"pretrain": {"intent_tokens": 4}},
         "mtp_none": {"pretrain": {"mtp_heads": 0}},
-        "mtp_pooled": {"pretrain": {"mtp_mode": "pooled"}},
+        "mtp_decoder": {"pretrain": {"mtp_mode": "decoder"}},
         "+hepo": {"rspo": {"hepo_weight": HEPO}},
         "+sid_refine": {"pretrain": {"refine_steps": 200}},
     }

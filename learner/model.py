@@ -98,10 +98,11 @@ class ModelConfig:
     block has to mix prefix and user in a single step). Same in both modes."""
     mtp_heads: int = 2
     """MTP horizons n: the user's next n future positives (0 = no MTP)."""
-    mtp_mode: str = "decoder"
-    """``"decoder"``: future ids decoded through the decoder's blocks with a horizon
-    embedding; ``"pooled"``: MLP heads on the pooled memory (the earlier form; checkpoints
-    written before this setting existed load with it). See the module docstring."""
+    mtp_mode: str = "pooled"
+    """``"pooled"``: MLP heads on the pooled memory (the default, and the form of
+    checkpoints written before this setting existed); ``"decoder"``: future ids decoded
+    through the decoder's blocks with a horizon embedding (off by default: it lowered the
+    closed-loop RPM, learner/README.md). See the module docstring."""
     prior_heads: int = 0
     """Interaction-type prior heads (0 = off; 2 = the data's ``prior``: 0 click,
     1 conversion)."""

@@ -103,9 +103,9 @@ class PretrainSettings(BaseSettings):
     """Residual MLP over the injected prefix vector (ModelConfig.inject_mlp)."""
     mtp_heads: int = 2
     """MTP horizons: the user's next n positives after the target (0 = no MTP)."""
-    mtp_mode: str = "decoder"
-    """decoder (future ids decoded through the decoder with a horizon embedding) or
-    pooled (MLP heads on the pooled memory, the earlier form); ModelConfig.mtp_mode.
+    mtp_mode: str = "pooled"
+    """pooled (MLP heads on the pooled memory, the default) or decoder (future ids
+    decoded through the decoder with a horizon embedding); ModelConfig.mtp_mode.
     A resumed run keeps its checkpoint's form."""
     prior_heads: int = 0
     """Interaction-type prior heads (0 = off, 2 = click/conversion; ModelConfig). Off by

@@ -60,7 +60,7 @@ def test_each_horizon_is_decoded_teacher_forced_from_its_own_level_queries(
         small_tokenizer: UASIDTokenizer, synth_log: synthetic.SyntheticLog) -> None:
     torch.manual_seed(1)
     b = _batch(small_tokenizer, synth_log, 6)
-    model = GenerativeRecommender(small_cfg(small_tokenizer)).eval()
+    model = GenerativeRecommender(small_cfg(small_tokenizer, mtp_mode="decoder")).eval()
     dec = model.decoder
     with torch.no_grad():
         model.mtp.horizon.normal_()                # horizons clearly apart from horizon 0
@@ -94,8 +94,10 @@ def test_served_path_is_the_same_with_and_without_horizon_embeddings(
         small_tokenizer: UASIDTokenizer, synth_log: synthetic.SyntheticLog) -> None:
     torch.manual_seed(2)
     b = _batch(small_tokenizer, synth_log, 8)
-    with_mtp = GenerativeRecommender(small_cfg(small_tokenizer, mtp_heads=3)).eval()
-    without = GenerativeRecommender(small_cfg(small_tokenizer, mtp_heads=0)).eval()
+    with_mtp = GenerativeRecommender(
+        small_cfg(small_tokenizer, mtp_heads=3, mtp_mode="decoder")).eval()
+    without = GenerativeRecommender(
+        small_cfg(small_tokenizer, mtp_heads=0, mtp_mode="decoder")).eval()
     state = {k: v for k, v in with_mtp.state_dict().items() if not k.startswith("mtp.")}
     assert set(with_mtp.state_dict()) - set(state) == {"mtp.horizon"}
     without.load_state_dict(state)
@@ -149,12 +151,13 @@ def test_old_pooled_mtp_checkpoints_load_and_resume_in_their_form(
     assert any(k.startswith("mtp.heads.") for k in model.state_dict())
     for k, v in model.state_dict().items():
         assert torch.equal(v, ck["model"][k]), k
-    # resuming it with today's defaults (decoder MTP) keeps the checkpoint's form
-    res = pretrain(make_settings(run, **{**kw, "steps": 4}), synth_log.ads, synth_log.feedback)
+    # resuming it with decoder MTP asked for keeps the checkpoint's form
+    res = pretrain(make_settings(run, **{**kw, "steps": 4, "mtp_mode": "decoder"}),
+                   synth_log.ads, synth_log.feedback)
     assert res.step == 4 and res.model.cfg.mtp_mode == "pooled"
     # new checkpoints say which form they hold
     new = tmp_path / "new"
-    m = GenerativeRecommender(small_cfg(small_tokenizer))
+    m = GenerativeRecommender(small_cfg(small_tokenizer, mtp_mode="decoder"))
     small_tokenizer.save(new / "tokenizer")
     save_checkpoint(new, m, small_tokenizer.id_space_version, 0)
     assert load_checkpoint(new)["config"]["mtp_mode"] == "decoder"
@@ -166,7 +169,7 @@ def test_old_pooled_mtp_checkpoints_load_and_resume_in_their_form(
 def test_the_online_step_trains_no_mtp(small_tokenizer: UASIDTokenizer,
                                        synth_log: synthetic.SyntheticLog) -> None:
     torch.manual_seed(3)
-    model = GenerativeRecommender(small_cfg(small_tokenizer))
+    model = GenerativeRecommender(small_cfg(small_tokenizer, mtp_mode="decoder"))
     before = copy.deepcopy(model.mtp.state_dict())
     learner = OnlineLearner(model, RSPOConfig(), lr=1e-2, weight_decay=0.1)
     lists = [(fb, 1.0) for fb in synth_log.feedback[:16]]
