@@ -12,6 +12,11 @@ A snapshot directory holds ``encoder.onnx``, ``decoder_step.onnx``, ``value.onnx
 4. rename the temporary directory to the snapshot directory (snapshots are
    immutable: an existing non-empty directory is refused unless ``overwrite``).
 
+A model with GPR's intent decoder (``intent_tokens``) runs it inside ``encoder.onnx``:
+its rows are memory rows like any other (S grows by I, or the user rows make way for
+them in ``replace`` mode), so the graphs' inputs and outputs are unchanged and
+``decoder_step.onnx`` never runs it; the manifest's ``intent_decoder`` says so.
+
 A model with prior heads adds ``prior_log_mix`` [B, L] to the encoder's outputs and to
 the decoder step's inputs (:func:`specs`); models without them export the graphs
 exactly as before.
@@ -277,6 +282,10 @@ def export_snapshot(model: GenerativeRecommender, tok: UASIDTokenizer, out_dir: 
             "ranker": {"task_tokens": model.cfg.task_tokens, "fake_items": model.cfg.fake_items,
                        "kv_pass_through": model.cfg.ranker_kv},
             "prior_heads": _prior_heads(model),
+            "intent_decoder": ({"tokens": model.cfg.intent_tokens,
+                                "layers": model.cfg.n_intent_layer,
+                                "mode": model.cfg.intent_mode}
+                               if model.cfg.intent_tokens else None),
             "opset": OPSET,
             "files": {name: {"sha256": sha256_file(tmp / name),
                              "bytes": (tmp / name).stat().st_size} for name in REQUIRED_FILES},

@@ -13,6 +13,16 @@ suffix), P tokens already chosen, D model width, V = max vocabulary over positio
   head for each of the M token-taking blocks). Rows that share a request attend to its
   keys either grouped (``N = B·G`` request-major rows: a free reshape of the queries)
   or through ``rows`` [N], the request of each row (beam search, variable beams).
+* ``IntentDecoder`` [reconstruction of GPR's HHD, mechanisms.md §2.2], off unless
+  ``intent_tokens`` I > 0: the sequence-wise decoder. I learned intent queries
+  self-attend among themselves and cross-attend to the encoder's U user rows (context,
+  ad history, organic topics: the heterogeneous sequence) in ``n_intent_layer``
+  blocks -> intents [B, I, D], once per request (inside ``encoder.onnx``). They become
+  memory rows that the token-wise generator (LazyAR, over the semantic-id levels) and
+  the value evaluator (``ValueHead``) attend to, before the task tokens:
+  ``intent_mode="append"``: memory [user U | fake items F | intents I | T_interest,
+  T_value], S = U + F + I + 2; ``"replace"`` (the paper's "compresses"): the user rows
+  leave the memory, [fake items | intents | task tokens], S = F + I + 2.
 * ``LazyARDecoder`` [reconstruction of GR4AD's LazyAR, mechanisms.md §1.3]: N blocks
   (causal self-attention over id positions, cross-attention to memory, MLP). In
   ``lazy_ar`` mode the lower N−M blocks see only the memory and learned per-level
@@ -68,6 +78,7 @@ NEG = -1e9  # additive mask value (finite, so fully-masked rows never give NaN)
 MODES = ("lazy_ar", "full_ar")
 PRIOR_MIX_MODES = ("predicted", "fixed")
 MTP_MODES = ("decoder", "pooled")
+INTENT_MODES = ("append", "replace")
 
 
 @dataclass
@@ -131,6 +142,17 @@ class ModelConfig:
     ranker_kv: bool = False
     """The ranking decoder cross-attends to the generator's cached keys/values
     (``memory_kv``, KV pass-through) instead of projecting its own from the memory."""
+    intent_tokens: int = 0
+    """GPR's HHD intent decoder: I learned intent queries decoded over the user rows into
+    I memory rows (see :class:`IntentDecoder`); 0 = off (as in checkpoints written before
+    it existed)."""
+    n_intent_layer: int = 1
+    """Blocks of the intent decoder (self-attention among the intents, cross-attention to
+    the user rows, MLP)."""
+    intent_mode: str = "append"
+    """``"append"``: the intents are added to the memory after the user rows (and fake
+    items); ``"replace"``: they stand in for the user rows (the memory keeps fake items,
+    intents and task tokens only)."""
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -152,6 +174,12 @@ class ModelConfig:
             raise ValueError(f"prior_mix needs one weight per leaf head ({self.prior_leaves})")
         if self.mtp_mode not in MTP_MODES:
             raise ValueError(f"mtp_mode must be one of {MTP_MODES}, got {self.mtp_mode!r}")
+        if self.intent_mode not in INTENT_MODES:
+            raise ValueError(f"intent_mode must be one of {INTENT_MODES}, "
+                             f"got {self.intent_mode!r}")
+        if self.intent_tokens < 0 or self.n_intent_layer < 1:
+            raise ValueError(f"intent_tokens must be >= 0 and n_intent_layer >= 1, got "
+                             f"{self.intent_tokens}, {self.n_intent_layer}")
 
     @property
     def prior_leaves(self) -> int:
@@ -176,10 +204,11 @@ class ModelConfig:
     def from_json(cls, d: dict[str, Any]) -> ModelConfig:
         # checkpoints written before ``inject_mlp`` existed have no such parameters; those
         # written before horizon heads had flat type heads mixed by ``prior_mix``, and MTP
-        # heads on the pooled memory
+        # heads on the pooled memory, and none had an intent decoder
         return cls(**{"inject_mlp": False, "organic_len": 0, "value_own_items": False,
                       "prior_horizons": 1, "prior_mix_mode": "fixed", "task_tokens": False,
-                      "fake_items": False, "ranker_kv": False, "mtp_mode": "pooled", **d})
+                      "fake_items": False, "ranker_kv": False, "mtp_mode": "pooled",
+                      "intent_tokens": 0, **d})
 
 
 # --------------------------------------------------------------------------------------
@@ -304,6 +333,38 @@ def key_bias(mask: Tensor) -> Tensor:
 # the three parts
 
 
+class IntentDecoder(nn.Module):
+    """GPR's sequence-wise intent decoder [reconstruction of HHD, mechanisms.md §2.2]:
+    (user rows [B, U, D], user_mask [B, U]) -> intents [B, I, D].
+
+    I learned queries, ``n_intent_layer`` blocks: self-attention among the intents (no
+    order between them, so no causal mask), cross-attention to the user rows (padding
+    masked), MLP; then a LayerNorm, so the intents enter the memory at the scale of the
+    encoder's rows. The paper names the decoder and says it compresses the
+    heterogeneous sequence into intent embeddings; the query count, the blocks and what
+    they read are our choice."""
+
+    full: Tensor
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, n = cfg.d_model, cfg.intent_tokens
+        self.intent_query = nn.Parameter(torch.zeros(n, d))             # [I, D]
+        self.blocks = nn.ModuleList(Block(d, cfg.n_head, dropout=cfg.dropout)
+                                    for _ in range(cfg.n_intent_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.register_buffer("full", torch.zeros(1, n, n), persistent=False)  # [1, I, I]
+
+    def forward(self, user: Tensor, user_mask: Tensor) -> Tensor:
+        x = self.intent_query.unsqueeze(0).expand(user.shape[0], -1, -1)  # [B, I, D]
+        bias = key_bias(user_mask)                                       # [B, 1, U]
+        for blk in self.blocks:
+            x = blk(x, self.full, user, bias)
+        out: Tensor = self.ln_f(x)
+        return out
+
+
+
 class UserEncoder(nn.Module):
     """(history [B, H, T], history_mask [B, H], context [B, C + O]) -> memory [B, S, D].
 
@@ -320,6 +381,15 @@ class UserEncoder(nn.Module):
       semantic cluster is our choice: the generator attends to a summary of every
       region of the catalogue as seen from this user, without knowing the target.
     * Task tokens (``cfg.task_tokens``): T_interest then T_value, last.
+
+    With ``cfg.intent_tokens`` I > 0 the :class:`IntentDecoder` runs after the blocks on
+    the U encoded user rows alone (never the fake items or task tokens) and its I rows
+    go in before the task tokens: memory [user | fake items | intents | T_interest,
+    T_value] (``intent_mode="append"``; ``"replace"`` drops the user rows: [fake items |
+    intents | T_interest, T_value]). The intents are generator-visible (mask 1), and
+    ``memory[:, -2]``/``[:, -1]`` stay T_interest/T_value. The encoder's own tokens never
+    see the intents (they are decoded afterwards), so every other row is the same with
+    and without them given the same weights [reconstruction: the order is our choice].
 
     Attention is causal *between groups* (user < fake items < T_interest < T_value): a
     token sees every token of its own group and of earlier groups. So the user tokens
@@ -360,6 +430,8 @@ class UserEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(d, cfg.n_head, cross_attn=False, dropout=cfg.dropout)
                                     for _ in range(cfg.n_enc_layer))
         self.ln_f = nn.LayerNorm(d)
+        self.intent = IntentDecoder(cfg) if cfg.intent_tokens else None
+        self.intent_replace = cfg.intent_mode == "replace"
 
     def forward(self, history: Tensor, history_mask: Tensor,
                 context: Tensor) -> tuple[Tensor, Tensor]:
@@ -398,7 +470,15 @@ class UserEncoder(nn.Module):
             seen = torch.ones_like(user_mask[:, :1]).expand(-1, n_extra - self.task_tokens)
             mask = torch.cat([user_mask, seen] + ([torch.zeros_like(user_mask[:, :1])]
                                                   if self.task_tokens else []), 1)
-        return self.ln_f(x), mask
+        memory = self.ln_f(x)
+        if self.intent is not None:
+            U, cut = user_mask.shape[1], user_mask.shape[1] + self.n_fake
+            intents = self.intent(memory[:, :U], user_mask)              # [B, I, D]
+            first = U if self.intent_replace else 0
+            memory = torch.cat([memory[:, first:cut], intents, memory[:, cut:]], 1)
+            mask = torch.cat([mask[:, first:cut], torch.ones_like(intents[..., 0]),
+                              mask[:, cut:]], 1)
+        return memory, mask
 
 
 class PriorClassifier(nn.Module):
@@ -833,7 +913,7 @@ class GenerativeRecommender(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
         for name, p in m.named_parameters(recurse=False):
             if name in ("hist_pos", "ctx_feat", "org_pos", "level_query", "bos", "query",
-                        "head_w", "fake", "task", "horizon"):
+                        "head_w", "fake", "task", "horizon", "intent_query"):
                 nn.init.normal_(p, std=0.02)
 
     def set_mode(self, mode: str) -> None:

@@ -126,6 +126,14 @@ class PretrainSettings(BaseSettings):
     """OneRanker Fake Item Tokens, one per level-0 code (ModelConfig.fake_items)."""
     ranker_kv: bool = False
     """The ranking decoder reads the generator's cached keys/values (ModelConfig.ranker_kv)."""
+    intent_tokens: int = 0
+    """GPR's HHD intent decoder: learned intent queries over the user rows, added to the
+    memory (ModelConfig.intent_tokens; 0 = off)."""
+    n_intent_layer: int = 1
+    """Blocks of the intent decoder (ModelConfig.n_intent_layer)."""
+    intent_mode: str = "append"
+    """append (intents after the user rows) or replace (intents instead of them);
+    ModelConfig.intent_mode."""
     dc_weight: float = 0.0
     """Weight of the Distribution Consistency loss over each shown slate (0 = off)."""
     dc_tau: float = 1.0
@@ -221,7 +229,8 @@ def model_config(s: PretrainSettings, tok: UASIDTokenizer) -> ModelConfig:
         prior_heads=s.prior_heads, prior_horizons=s.prior_horizons,
         short_horizon=s.short_horizon, prior_mix_mode=s.prior_mix_mode,
         value_own_items=s.value_own_items, task_tokens=s.task_tokens, fake_items=s.fake_items,
-        ranker_kv=s.ranker_kv)
+        ranker_kv=s.ranker_kv, intent_tokens=s.intent_tokens,
+        n_intent_layer=s.n_intent_layer, intent_mode=s.intent_mode)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
