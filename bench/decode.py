@@ -13,6 +13,9 @@
    are identical, and reports throughput (requests/s) of both.
 5. The server's own search on that snapshot with and without skipping the decoder for
    beams that have a single allowed child (``server_skip_forced_speedup``).
+6. The cost of GPR's intent decoder (``intent_tokens`` = 4): the LazyAR model's weights
+   plus an (untrained) intent decoder, per-request encoder and whole-search latency
+   with and without it (``intent_decoder``; latency only, the beams differ).
 
 Writes bench/results/decode.json and the ``## decode`` section of docs/benchmarks.md.
 """
@@ -29,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,6 +51,7 @@ from learner.beam import (  # noqa: E402
 from learner.data import Batch  # noqa: E402
 from learner.evaluate import trie_of  # noqa: E402
 from learner.export import export_snapshot  # noqa: E402
+from learner.model import GenerativeRecommender, ModelConfig  # noqa: E402
 from learner.pretrain import PretrainSettings, pretrain  # noqa: E402
 from server.controller import scale_widths  # noqa: E402
 from server.settings import ServerSettings  # noqa: E402
@@ -194,6 +199,7 @@ def main() -> int:
     loop_ms = {name: 1e3 * time_interleaved(fixed, [single[0]], trie, w, 20)["loop"]
                for name, w in ((str(headline), headline), ("serving", serve_widths))}
     server_ms = server_search_ms(work / "snapshot", batch, serve_widths, a.threads, repeats)
+    intent = intent_cost(runs["lazy_ar"].model, batch, trie, headline, repeats)
     recall_lazy = results["lazy_ar"].get(f"recall@{k}", 0.0)
     recall_full = results["full_ar"].get(f"recall@{k}", 0.0)
     out = {
@@ -228,6 +234,7 @@ def main() -> int:
         "server_skip_forced_speedup": server_ms["every_beam"] / server_ms["skip_forced"],
         "ort_beams_identical": same,
         "parity_max_abs_diff": parity,
+        "intent_decoder": intent,
         "export_seconds": export_seconds,
         "train_seconds": {m: results[m]["train_seconds"] for m in results},
         "ads": len(tok), "id_len": tok.config.id_len, "d_model": 64, "n_layer": 4, "n_top": a.n_top,
@@ -247,6 +254,32 @@ def main() -> int:
                                              "recall_full_ar", "ort_vs_torch_throughput",
                                              "parity_max_abs_diff", "device")}, indent=1))
     return 0
+
+
+def intent_cost(model: GenerativeRecommender, batch: Batch, trie: IdTrie, width: int,
+                repeats: int, tokens: int = 4) -> dict[str, Any]:
+    """Per-request latency (ms) of the encoder and of the whole beam search at ``width``,
+    torch eager, without and with an intent decoder of ``tokens`` queries added to
+    ``model``'s weights: what the intents cost once per request, and what their extra
+    memory rows cost the decoding steps."""
+    cfg = ModelConfig.from_json({**model.cfg.to_json(), "intent_tokens": tokens})
+    with_intents = GenerativeRecommender(cfg)
+    with_intents.load_state_dict(model.state_dict(), strict=False)
+    backends: dict[str, Backend] = {"off": TorchBackend(model),
+                                    "on": TorchBackend(with_intents)}
+    B = batch.history.shape[0]
+    encode: dict[str, list[float]] = {name: [] for name in backends}
+    for _ in range(repeats * 4):
+        for name, be in backends.items():
+            t0 = time.perf_counter()
+            be.encode(batch.history, batch.history_mask, batch.context)
+            encode[name].append(time.perf_counter() - t0)
+    search = time_interleaved(backends, [batch], trie, width, repeats)
+    return {"tokens": tokens, "layers": cfg.n_intent_layer, "beam_width": width,
+            "encode_ms_per_request": {n: 1e3 * statistics.median(t) / B
+                                      for n, t in encode.items()},
+            "search_ms_per_request": {n: 1e3 * v / B for n, v in search.items()},
+            "search_overhead": search["on"] / search["off"]}
 
 
 def server_search_ms(snapshot: Path, batch: Batch, widths: list[int], threads: int,
@@ -368,6 +401,17 @@ def write_docs(path: Path, r: dict, widths: list[int]) -> None:
         f"target ORT >= 3x torch eager (one request at a time): "
         f"{'met' if met['ort_vs_torch_throughput'] else 'NOT met'}. "
         f"Export of the three graphs + manifest took {r['export_seconds']:.2f}s.",
+        "",
+        f"GPR's intent decoder ({r['intent_decoder']['tokens']} intents, "
+        f"{r['intent_decoder']['layers']} block, torch eager, beam "
+        f"{r['intent_decoder']['beam_width']}, batch of {r['decode_batch_requests']}) runs "
+        "once per request in the encoder: encoder "
+        f"{r['intent_decoder']['encode_ms_per_request']['off']:.3f} -> "
+        f"{r['intent_decoder']['encode_ms_per_request']['on']:.3f} ms per request, whole "
+        f"search {r['intent_decoder']['search_ms_per_request']['off']:.2f} -> "
+        f"{r['intent_decoder']['search_ms_per_request']['on']:.2f} ms per request "
+        f"({r['intent_decoder']['search_overhead']:.2f}x; the steps only see "
+        f"{r['intent_decoder']['tokens']} more memory rows).",
         "",
     ]
     if not met["recall_gap"]:
