@@ -364,7 +364,6 @@ class IntentDecoder(nn.Module):
         return out
 
 
-
 class UserEncoder(nn.Module):
     """(history [B, H, T], history_mask [B, H], context [B, C + O]) -> memory [B, S, D].
 
@@ -382,6 +381,14 @@ class UserEncoder(nn.Module):
       region of the catalogue as seen from this user, without knowing the target.
     * Task tokens (``cfg.task_tokens``): T_interest then T_value, last.
 
+    Attention is causal *between groups* (user < fake items < T_interest < T_value): a
+    token sees every token of its own group and of earlier groups. So the user tokens
+    are encoded as without the extras, and T_interest never sees T_value. The memory
+    mask returned hides T_value from the generator (decoder and MTP); its state, the
+    memory's last row, is read by the ranker (:class:`ValueHead`) only. T_interest's
+    state (the row before it) is added to the decoder's level queries
+    (:meth:`LazyARDecoder.lower`).
+
     With ``cfg.intent_tokens`` I > 0 the :class:`IntentDecoder` runs after the blocks on
     the U encoded user rows alone (never the fake items or task tokens) and its I rows
     go in before the task tokens: memory [user | fake items | intents | T_interest,
@@ -390,14 +397,7 @@ class UserEncoder(nn.Module):
     ``memory[:, -2]``/``[:, -1]`` stay T_interest/T_value. The encoder's own tokens never
     see the intents (they are decoded afterwards), so every other row is the same with
     and without them given the same weights [reconstruction: the order is our choice].
-
-    Attention is causal *between groups* (user < fake items < T_interest < T_value): a
-    token sees every token of its own group and of earlier groups. So the user tokens
-    are encoded as without the extras, and T_interest never sees T_value. The memory
-    mask returned hides T_value from the generator (decoder and MTP); its state, the
-    memory's last row, is read by the ranker (:class:`ValueHead`) only. T_interest's
-    state (the row before it) is added to the decoder's level queries
-    (:meth:`LazyARDecoder.lower`)."""
+    """
 
     items: ItemEmbedding
     fake_codes: Tensor
