@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from learner import synthetic
-from learner.model import ModelConfig
+from learner.model import GenerativeRecommender, ModelConfig
 from learner.pretrain import PretrainResult, PretrainSettings, pretrain
 from learner.tokenizer import TokenizerConfig, UASIDTokenizer
 
@@ -33,6 +35,29 @@ def small_cfg(tok: UASIDTokenizer, **kw: object) -> ModelConfig:
                                    d_model=32, n_head=4, n_enc_layer=1, n_layer=4, n_top=1)
     base.update(kw)
     return ModelConfig(**base)  # type: ignore[arg-type]
+
+
+def tiny_model(seed: int = 0, **flags: Any) -> GenerativeRecommender:
+    """A tiny model with business-token levels (no tokenizer needed), in eval mode."""
+    cfg = ModelConfig(level_sizes=(8, 8, 4, 5, 3, 6), semantic_levels=3, history_len=6,
+                      d_model=32, n_head=4, n_enc_layer=2, n_layer=3, n_top=1, **flags)
+    torch.manual_seed(seed)
+    return GenerativeRecommender(cfg).eval()
+
+
+def tiny_inputs(model: GenerativeRecommender, B: int = 3, seed: int = 1
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random (history, history_mask, context, target, candidates [B, 4, T]) for
+    ``model``; the last request has a shorter history."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.cfg
+    hist = torch.randint(0, 3, (B, cfg.history_len, cfg.id_len), generator=g)
+    mask = torch.ones(B, cfg.history_len)
+    mask[-1, 3:] = 0
+    ctx = torch.randint(1, 50, (B, len(cfg.context_features) + cfg.organic_len), generator=g)
+    target = torch.randint(0, 3, (B, cfg.id_len), generator=g)
+    cands = torch.randint(0, 3, (B, 4, cfg.id_len), generator=g)
+    return hist, mask, ctx, target, cands
 
 
 @pytest.fixture(scope="session")

@@ -23,31 +23,10 @@ from learner.losses import value_loss, vsl_loss
 from learner.model import GenerativeRecommender, IntentDecoder, ModelConfig
 from learner.pretrain import PretrainResult, pretrain
 from server.engine import RecRequest
-from tests.learner.conftest import small_settings
+from tests.learner.conftest import small_settings, tiny_inputs, tiny_model
 
 RANKING = {"task_tokens": True, "fake_items": True, "ranker_kv": True}
 N_INTENT = 4
-
-
-def _model(**flags: Any) -> GenerativeRecommender:
-    cfg = ModelConfig(level_sizes=(8, 8, 4, 5, 3, 6), semantic_levels=3, history_len=6,
-                      d_model=32, n_head=4, n_enc_layer=2, n_layer=3, n_top=1,
-                      **flags)
-    torch.manual_seed(0)
-    return GenerativeRecommender(cfg).eval()
-
-
-def _inputs(model: GenerativeRecommender, B: int = 3, seed: int = 1
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    cfg = model.cfg
-    hist = torch.randint(0, 3, (B, cfg.history_len, cfg.id_len), generator=g)
-    mask = torch.ones(B, cfg.history_len)
-    mask[-1, 3:] = 0
-    ctx = torch.randint(1, 50, (B, len(cfg.context_features) + cfg.organic_len), generator=g)
-    target = torch.randint(0, 3, (B, cfg.id_len), generator=g)
-    cands = torch.randint(0, 3, (B, 4, cfg.id_len), generator=g)
-    return hist, mask, ctx, target, cands
 
 
 def _user_rows(model: GenerativeRecommender) -> int:
@@ -58,9 +37,9 @@ def _user_rows(model: GenerativeRecommender) -> int:
 def test_the_intents_are_memory_rows_before_the_task_tokens() -> None:
     """memory = [user U | fake items F | intents I | T_interest, T_value]; the intents are
     visible to the generator and T_value still is not; ``replace`` keeps no user row."""
-    off, on = _model(**RANKING), _model(intent_tokens=N_INTENT, **RANKING)
-    rep = _model(intent_tokens=N_INTENT, intent_mode="replace", **RANKING)
-    x = _inputs(on)
+    off, on = tiny_model(**RANKING), tiny_model(intent_tokens=N_INTENT, **RANKING)
+    rep = tiny_model(intent_tokens=N_INTENT, intent_mode="replace", **RANKING)
+    x = tiny_inputs(on)
     U, F = _user_rows(on), on.cfg.level_sizes[0]
     with torch.no_grad():
         m_off = off.encode(*x[:3])[0]
@@ -77,8 +56,8 @@ def test_the_intents_are_memory_rows_before_the_task_tokens() -> None:
 def test_the_intents_depend_only_on_the_user_rows() -> None:
     """Perturbing T_value, T_interest or the fake items leaves the intent rows as they
     were; perturbing the history moves them."""
-    model = _model(intent_tokens=N_INTENT, **RANKING)
-    x = _inputs(model)
+    model = tiny_model(intent_tokens=N_INTENT, **RANKING)
+    x = tiny_inputs(model)
     U, F = _user_rows(model), model.cfg.level_sizes[0]
     rows = slice(U + F, U + F + N_INTENT)
     with torch.no_grad():
@@ -98,10 +77,10 @@ def test_the_intents_depend_only_on_the_user_rows() -> None:
 def test_enabling_intents_leaves_every_other_row_unchanged(flags: dict[str, bool]) -> None:
     """Given the same weights, the user, fake item and task rows are those of the model
     without intents: the intent decoder only adds rows (and its own parameters)."""
-    off, on = _model(**flags), _model(intent_tokens=N_INTENT, **flags)
+    off, on = tiny_model(**flags), tiny_model(intent_tokens=N_INTENT, **flags)
     missing, unexpected = on.load_state_dict(off.state_dict(), strict=False)
     assert not unexpected and missing and all(k.startswith("encoder.intent.") for k in missing)
-    x = _inputs(on)
+    x = tiny_inputs(on)
     U = _user_rows(on) + (on.cfg.level_sizes[0] if flags else 0)
     with torch.no_grad():
         m_off, k_off = off.encode(*x[:3])[:2]
@@ -116,9 +95,9 @@ def test_enabling_intents_leaves_every_other_row_unchanged(flags: dict[str, bool
 def test_the_vsl_and_value_losses_train_the_intent_decoder(mode: str) -> None:
     """The generator's logits and the ranker's scores read the intents: the VSL loss and
     the value loss each reach the intent queries and every intent block."""
-    model = _model(intent_tokens=N_INTENT, intent_mode=mode, n_intent_layer=2,
+    model = tiny_model(intent_tokens=N_INTENT, intent_mode=mode, n_intent_layer=2,
                    task_tokens=True).train()
-    hist, mask, ctx, target, cands = _inputs(model)
+    hist, mask, ctx, target, cands = tiny_inputs(model)
     intent = model.encoder.intent
     assert isinstance(intent, IntentDecoder)
     out = model(hist, mask, ctx, target)
@@ -134,8 +113,8 @@ def test_the_vsl_and_value_losses_train_the_intent_decoder(mode: str) -> None:
 
 
 def test_the_generators_logits_move_with_the_intent_queries() -> None:
-    model = _model(intent_tokens=N_INTENT)
-    hist, mask, ctx, target, _ = _inputs(model)
+    model = tiny_model(intent_tokens=N_INTENT)
+    hist, mask, ctx, target, _ = tiny_inputs(model)
     with torch.no_grad():
         before = model(hist, mask, ctx, target)["logits"]
         assert model.encoder.intent is not None
@@ -168,7 +147,7 @@ def _with_history(model: GenerativeRecommender, ids: np.ndarray, seed: int, B: i
 def test_onnx_parity_with_intents(flags: dict[str, Any]) -> None:
     """The three graphs reproduce torch within 1e-4, at other batch sizes and history
     lengths than exported; the intent decoder is in encoder.onnx and not in the step."""
-    model = _model(**flags)
+    model = tiny_model(**flags)
     ids = np.random.default_rng(0).integers(0, 3, (30, model.cfg.id_len))
     H = model.cfg.history_len
     with tempfile.TemporaryDirectory() as d:
@@ -187,7 +166,7 @@ def test_onnx_parity_with_intents(flags: dict[str, Any]) -> None:
             inputs["value.onnx"]["memory"].shape[1]
         # the same model without the intent decoder: its step graph is the same size, its
         # encoder graph smaller by the intent decoder's weights
-        plain = _model(**{k: v for k, v in flags.items() if not k.startswith("intent")
+        plain = tiny_model(**{k: v for k, v in flags.items() if not k.startswith("intent")
                           and k != "n_intent_layer"})
         plain.load_state_dict(model.state_dict(), strict=False)
         inputs = _with_history(plain, ids, 0, 2, H)
@@ -207,7 +186,7 @@ def test_onnx_parity_with_intents(flags: dict[str, Any]) -> None:
 
 
 def test_an_old_checkpoint_config_loads_with_intents_off() -> None:
-    model = _model()
+    model = tiny_model()
     d = model.cfg.to_json()
     for k in ("intent_tokens", "n_intent_layer", "intent_mode"):
         d.pop(k)
@@ -216,7 +195,7 @@ def test_an_old_checkpoint_config_loads_with_intents_off() -> None:
     old = GenerativeRecommender(cfg)
     assert old.encoder.intent is None
     old.load_state_dict(model.state_dict())               # strict: same parameters
-    new = _model(intent_tokens=N_INTENT).cfg.to_json()
+    new = tiny_model(intent_tokens=N_INTENT).cfg.to_json()
     assert ModelConfig.from_json(new).intent_tokens == N_INTENT
     with pytest.raises(ValueError):
         ModelConfig(level_sizes=(4, 4), intent_tokens=2, intent_mode="compress")

@@ -15,32 +15,12 @@ from learner import synthetic
 from learner.export import SPECS, graphs, max_abs_diff, ort_outputs, reference_inputs
 from learner.export import torch_outputs as torch_refs
 from learner.losses import dc_loss, value_loss
-from learner.model import GenerativeRecommender, ModelConfig
+from learner.model import GenerativeRecommender
 from learner.pretrain import pretrain
 from server.engine import RecRequest
-from tests.learner.conftest import small_settings
+from tests.learner.conftest import small_settings, tiny_inputs, tiny_model
 
 ALL = {"task_tokens": True, "fake_items": True, "ranker_kv": True}
-
-
-def _model(seed: int = 0, **flags: bool) -> GenerativeRecommender:
-    cfg = ModelConfig(level_sizes=(8, 8, 4, 5, 3, 6), semantic_levels=3, history_len=6,
-                      d_model=32, n_head=4, n_enc_layer=2, n_layer=3, n_top=1, **flags)
-    torch.manual_seed(seed)
-    return GenerativeRecommender(cfg).eval()
-
-
-def _inputs(model: GenerativeRecommender, B: int = 3, seed: int = 1
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    cfg = model.cfg
-    hist = torch.randint(0, 3, (B, cfg.history_len, cfg.id_len), generator=g)
-    mask = torch.ones(B, cfg.history_len)
-    mask[-1, 3:] = 0
-    ctx = torch.randint(1, 50, (B, len(cfg.context_features) + cfg.organic_len), generator=g)
-    target = torch.randint(0, 3, (B, cfg.id_len), generator=g)
-    cands = torch.randint(0, 3, (B, 4, cfg.id_len), generator=g)
-    return hist, mask, ctx, target, cands
 
 
 def _generator_out(model: GenerativeRecommender, x: tuple[torch.Tensor, ...]
@@ -56,8 +36,8 @@ def _generator_out(model: GenerativeRecommender, x: tuple[torch.Tensor, ...]
 def test_the_value_task_token_never_changes_the_interest_side() -> None:
     """Causal mask between task tokens: T_value sees T_interest, not the reverse, and the
     generator does not see T_value, so T_value's weights move the ranker only."""
-    model = _model(task_tokens=True)
-    x = _inputs(model)
+    model = tiny_model(task_tokens=True)
+    x = tiny_inputs(model)
     logits, mtp = _generator_out(model, x)
     with torch.no_grad():
         mem, mmask, _, _ = model.encode(*x[:3])
@@ -82,9 +62,9 @@ def test_the_value_task_token_never_changes_the_interest_side() -> None:
 def test_user_tokens_are_encoded_as_without_fake_items_and_task_tokens() -> None:
     """Extras come after the user sequence in the group order: the user tokens' states
     do not depend on them (the extras read the user, not the reverse)."""
-    plain, extra = _model(), _model(task_tokens=True, fake_items=True)
+    plain, extra = tiny_model(), tiny_model(task_tokens=True, fake_items=True)
     extra.load_state_dict(plain.state_dict(), strict=False)
-    x = _inputs(plain)
+    x = tiny_inputs(plain)
     with torch.no_grad():
         m0, mask0, _, _ = plain.encode(*x[:3])
         m1, mask1, _, _ = extra.encode(*x[:3])
@@ -94,8 +74,8 @@ def test_user_tokens_are_encoded_as_without_fake_items_and_task_tokens() -> None
 
 
 def test_fake_item_tokens_are_one_per_level0_code_and_inform_generation() -> None:
-    model = _model(fake_items=True)
-    x = _inputs(model)
+    model = tiny_model(fake_items=True)
+    x = tiny_inputs(model)
     assert model.encoder.fake.shape == (model.cfg.level_sizes[0], model.cfg.d_model)
     logits, _ = _generator_out(model, x)
     with torch.no_grad():    # the token of code 2 is the item table's level-0 row + offset
@@ -105,8 +85,8 @@ def test_fake_item_tokens_are_one_per_level0_code_and_inform_generation() -> Non
 
 
 def test_the_ranker_reads_the_generators_cached_keys_and_values() -> None:
-    model = _model(ranker_kv=True)
-    x = _inputs(model)
+    model = tiny_model(ranker_kv=True)
+    x = tiny_inputs(model)
     assert not any(".attn_c.kv." in n for n, _ in model.value.named_parameters())
     with torch.no_grad():
         mem, mmask, _, kv = model.encode(*x[:3])
@@ -130,7 +110,7 @@ def test_the_ranker_reads_the_generators_cached_keys_and_values() -> None:
 @pytest.mark.parametrize("flags", [{}, ALL, {**ALL, "mode": "full_ar"}],
                          ids=["base", "all", "all-full-ar"])
 def test_onnx_parity_with_the_ranking_side(flags: dict[str, object]) -> None:
-    model = _model(**flags)  # type: ignore[arg-type]
+    model = tiny_model(**flags)  # type: ignore[arg-type]
     ids = np.random.default_rng(0).integers(0, 3, (30, model.cfg.id_len))
     with tempfile.TemporaryDirectory() as d:
         for B, seed in ((2, 0), (5, 1)):
