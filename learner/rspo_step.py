@@ -270,17 +270,24 @@ class OnlineLearner:
         return ((1.0 - eta) * ev + eta * b.rewards) * b.item_mask
 
     @torch.no_grad()
-    def beam_rewards(self, b: ListBatch, memory: Tensor, mem_mask: Tensor) -> Tensor:
-        """HEPO's reward of each logged beam [B, J]: the value model's expected value,
-        moved towards the realized reward by ``realized_weight`` for the beams that were
-        shown, as :meth:`dense_rewards` does for the items (``reward="realized"``: the
-        realized reward of a shown beam, the expected value of the others)."""
-        assert b.beam_items is not None and b.beam_mask is not None
+    @torch.no_grad()
+    def beam_value(self, b: ListBatch, memory: Tensor, mem_mask: Tensor) -> Tensor:
+        """The value model's expected value of each logged beam [B, J] (no gradient: HEPO
+        and DC read it as a fixed score)."""
+        assert b.beam_items is not None
         assert b.beam_bids is not None and b.beam_bid_type is not None
-        assert b.beam_shown is not None and b.beam_rewards is not None
         pctr, pcvr = self.model.value(memory, mem_mask, b.beam_items)
-        ev = expected_value(torch.sigmoid(pctr), torch.sigmoid(pcvr), b.beam_bids,
-                            b.beam_bid_type)
+        return expected_value(torch.sigmoid(pctr), torch.sigmoid(pcvr), b.beam_bids,
+                              b.beam_bid_type)
+
+    def beam_rewards(self, b: ListBatch, ev: Tensor) -> Tensor:
+        """HEPO's reward of each logged beam [B, J]: its expected value ``ev``
+        (:meth:`beam_value`), moved towards the realized reward by ``realized_weight`` for
+        the beams that were shown, as :meth:`dense_rewards` does for the items
+        (``reward="realized"``: the realized reward of a shown beam, the expected value of
+        the others)."""
+        assert b.beam_mask is not None
+        assert b.beam_shown is not None and b.beam_rewards is not None
         eta = 1.0 if self.cfg.reward == "realized" else self.cfg.realized_weight
         shown = b.beam_shown > 0
         r = torch.where(shown, (1.0 - eta) * ev + eta * b.beam_rewards, ev)
@@ -344,6 +351,8 @@ class OnlineLearner:
         value_memory = memory.detach() if self.cfg.value_detach else memory
         pctr, pcvr = self.model.value(value_memory, mem_mask, b.items)
         rewards = self.dense_rewards(b, pctr, pcvr)
+        # the beams' expected value, once for DC and HEPO alike
+        beam_ev = self.beam_value(b, memory, mem_mask) if with_beams else None
         l_rspo, stats = rspo_loss(logp, logp_ref, rewards, b.item_mask, self.cfg.beta,
                                   b.list_weight, self.cfg.min_gap,
                                   self._scale(rewards, b.item_mask))
@@ -359,15 +368,10 @@ class OnlineLearner:
                 + self.value_weight * l_val)
         l_dc = torch.zeros(())
         if self.cfg.dc_weight > 0:   # the ranker's money order over the same candidates
-            if with_beams:           # the final beams the server ranked
-                assert b.beam_items is not None and b.beam_mask is not None
-                assert b.beam_bids is not None and b.beam_bid_type is not None
-                with torch.no_grad():
-                    bctr, bcvr = self.model.value(memory, mem_mask, b.beam_items)
-                ev = expected_value(torch.sigmoid(bctr), torch.sigmoid(bcvr), b.beam_bids,
-                                    b.beam_bid_type)
+            if beam_ev is not None:  # the final beams the server ranked
+                assert b.beam_mask is not None
                 gen = (level_all[:, K:] * b.beam_mask.unsqueeze(-1)).sum(-1)
-                l_dc = dc_loss(gen, log_money(ev), b.beam_mask, self.cfg.dc_tau)
+                l_dc = dc_loss(gen, log_money(beam_ev), b.beam_mask, self.cfg.dc_tau)
             else:                    # no logged beams: the shown items
                 ev = expected_value(torch.sigmoid(pctr.detach()), torch.sigmoid(pcvr.detach()),
                                     b.bids, b.bid_type)
@@ -391,7 +395,8 @@ class OnlineLearner:
         hepo_stats: dict[str, float] = {}
         if self.cfg.hepo_weight > 0:
             if with_beams:
-                beam_rewards = self.beam_rewards(b, memory, mem_mask)
+                assert beam_ev is not None
+                beam_rewards = self.beam_rewards(b, beam_ev)
                 assert b.beam_items is not None and b.beam_mask is not None
                 l_hepo, hepo_stats = hepo_loss(level_all[:, K:], ref_all[:, K:], b.beam_items,
                                                beam_rewards, b.beam_mask, self.cfg.hepo_clip,
