@@ -122,7 +122,12 @@ def main(name: str, doc: str, variants: dict[str, dict[str, Any]], columns: Colu
     ap.add_argument("--variants", default="",
                     help="comma-separated variants to run and merge into the results "
                          "already there (default: all)")
+    ap.add_argument("--results-name", default="",
+                    help=f"write bench/results/<this>.json, docs/<this>.png and the <this> "
+                         f"section instead of {name}'s (e.g. the same variants on more "
+                         "seeds, kept apart from the main table)")
     args = ap.parse_args()
+    name = args.results_name or name
     torch.set_num_threads(args.threads)
     cfg: EvalConfig = closed_loop_config(args)
     wanted = [v for v in args.variants.split(",") if v] or list(variants)
@@ -144,7 +149,7 @@ def main(name: str, doc: str, variants: dict[str, dict[str, Any]], columns: Colu
             raw[v] = run_variant(cfg, v, variants[v], Path(tmp), args.jobs)
     elapsed = time.perf_counter() - t0
     rows = rows_of(raw, list(variants), columns)
-    command = " ".join([f"bench/{name}.py", *sys.argv[1:]])
+    command = " ".join([f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]])
     write_results(name, {
         "device": device(), "quick": args.quick, "seeds": list(cfg.seeds),
         "encoder": cfg.encoder, "command": command, "requests_per_policy": cfg.requests,
