@@ -28,7 +28,7 @@ loss) so that its slate trains the value heads as negatives.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,7 +45,7 @@ from streams.features import (
     request_ids,
 )
 from streams.logs import get_logger
-from streams.schemas import Ad, DecodeFailure, Event, Feedback, decode
+from streams.schemas import Ad, DecodeFailure, Event, Feedback, OrganicItem, decode
 
 BID_TYPES = ("cpc", "cpa", "cpm")
 """Bid type codes (index = code) of :func:`learner.losses.expected_value`."""
@@ -129,11 +129,23 @@ def read_kafka(bootstrap_servers: str, topic: str, record_type: type[R],
 
 def latest_ads(ads: Iterable[Ad]) -> list[Ad]:
     """The newest state per ad id (the ``ads`` topic is a changelog)."""
-    latest: dict[str, Ad] = {}
-    for ad in ads:
-        old = latest.get(ad.ad_id)
-        if old is None or ad.event_time >= old.event_time:
-            latest[ad.ad_id] = ad
+    return _latest(ads, lambda a: a.ad_id)
+
+
+def latest_organic(items: Iterable[OrganicItem]) -> list[OrganicItem]:
+    """The newest state per organic item id (``organic-items`` is a changelog)."""
+    return _latest(items, lambda o: o.item_id)
+
+
+_S = TypeVar("_S", Ad, OrganicItem)
+
+
+def _latest(records: Iterable[_S], key: Callable[[_S], str]) -> list[_S]:
+    latest: dict[str, _S] = {}
+    for rec in records:
+        old = latest.get(key(rec))
+        if old is None or rec.event_time >= old.event_time:
+            latest[key(rec)] = rec
     return list(latest.values())
 
 
