@@ -191,7 +191,7 @@ class GenerativePolicy:
             return {}
         metrics = self.learner.update(lists_to_batch(
             [(fb, 1.0) for fb in lists], self.tok, self.model, self._learner_trie(),
-            beams=self.learner.reads_beams))
+            beams=self.learner.reads_beams, organic_dwell_s=self.learner.organic_dwell_s))
         if self.learner.steps % self.publish_every == 0:
             self.learner.refresh_reference()
             self.server.publish(self.model, self.tok)
