@@ -148,6 +148,16 @@ METRICS: tuple[Metric, ...] = (
        "Wall-clock time of the last model swap."),
     _m("adloop_server_servable_ads", "gauge", "server", (), "Ads in the serving trie."),
     _m("adloop_server_catalog_ads", "gauge", "server", (), "Ads known from the `ads` topic."),
+    _m("adloop_server_organic_items", "gauge", "server", (),
+       "Organic items (videos, articles) in the serving snapshot's organic trie, all "
+       "servable in a mixed feed; 0 = the snapshot has none (ads only)."),
+    _m("adloop_server_organic_served_total", "counter", "server", (),
+       "Organic items served in mixed feeds (requests with organic_k > 0)."),
+    _m("adloop_server_organic_search_seconds", "histogram", "server", (),
+       "Time of the organic beam search of one batch (its mixed-feed requests only)."),
+    _m("adloop_server_organic_unavailable_total", "counter", "server", (),
+       "Mixed-feed requests (organic_k > 0) answered with ads only because the serving "
+       "snapshot has no organic items (no organic_ids in its manifest)."),
     _m("adloop_server_bad_records_total", "counter", "server", ("topic", "reason"),
        "Records the server's topic followers skipped (and dead-lettered once per offset): "
        "undecodable, or breaking the handler.",
