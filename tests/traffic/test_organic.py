@@ -1,15 +1,38 @@
-"""Organic content of the simulated world: the finite catalogue, the users' consumption of
-it, and the engagement model of a mixed feed (ads plus organic items)."""
+"""Organic content: the world's finite catalogue, the users' consumption of it, the
+engagement model of a mixed feed (ads plus organic items), and how the driver, the
+server's answers and recorded logs carry it."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from streams.features import organic_topic
+from streams.kafka_io import EventProducer, read_all
+from streams.schemas import Event, Impression, OrganicEngagement, OrganicItem
+from streams.settings import KafkaSettings
+from traffic.driver import (
+    Emitter,
+    HttpOptions,
+    HttpRecommender,
+    OraclePolicy,
+    RandomPolicy,
+    ServedOrganic,
+    ServedSlate,
+    TrafficDriver,
+    impression_of,
+)
+from traffic.recorded import RecordError, RecordWriter, read_recorded
+from traffic.replay import replay_recorded
 from traffic.world import (
     CATEGORIES,
     ORGANIC_TOPICS,
@@ -241,3 +264,265 @@ def test_oracle_ranks_by_expected_engagement() -> None:
                                               other).views
     assert oracle_views > 1.5 * random_views
     assert world.organic_oracle(req, 0) == []
+
+
+# -- the driver ------------------------------------------------------------------------
+
+
+def _sample(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+def _events(emitter: Emitter, *topics: str) -> list[tuple[str, Event]]:
+    return [(t, r) for t, r in emitter.events if t in topics]
+
+
+@pytest.mark.parametrize("policy", ["oracle", "random"])
+def test_in_process_mixed_feed_produces_organic_slots_and_engagement(policy: str) -> None:
+    world = World(_config(21, organic_slots=3))
+    emitter = Emitter(keep=True)
+    driver = TrafficDriver(world, emitter)
+    pol = OraclePolicy(world) if policy == "oracle" else RandomPolicy(world, 21)
+    before = {a: _sample("adloop_traffic_organic_engagements_total", {"action": a})
+              for a in ("view", "like", "dwell")}
+    imps_before = _sample("adloop_traffic_organic_impressions_total")
+    dwell_before = _sample("adloop_traffic_organic_dwell_seconds_total")
+    stats = driver.run_inprocess(pol, 200)
+    # the catalogue goes out at the start, right after the initial ads
+    head = emitter.events[:40 + 256]
+    assert [t for t, _ in head] == ["ads"] * 40 + ["organic-items"] * 256
+    assert [r for _, r in head[40:]] == world.organic_items()
+    shown: dict[str, list[str]] = {}
+    for topic, rec in emitter.events:
+        if topic == "impressions":
+            assert isinstance(rec, Impression)
+            assert [s.position for s in rec.organic] == [0, 1, 2]
+            assert all(world.organic_item(s.item_id) for s in rec.organic)
+            shown[rec.request_id] = [s.item_id for s in rec.organic]
+        elif topic == "organic-engagements":
+            assert isinstance(rec, OrganicEngagement)
+            assert rec.item_id in shown[rec.request_id]        # after its impression
+    assert len(shown) == 200 and stats.organic_impressions == 600
+    engagements = [r for _, r in _events(emitter, "organic-engagements")]
+    assert isinstance(engagements[0], OrganicEngagement)
+    actions = Counter(r.action for r in engagements)  # type: ignore[attr-defined]
+    assert stats.organic_views == actions["view"] == actions["dwell"] > 0
+    assert stats.organic_likes == actions["like"] > 0
+    assert stats.produced["organic-engagements"] == len(engagements)
+    dwell = sum(r.dwell_s for r in engagements)  # type: ignore[attr-defined]
+    assert stats.organic_dwell_s == pytest.approx(dwell)
+    assert stats.organic_expected_engagement > 0
+    for a in ("view", "like", "dwell"):
+        assert _sample("adloop_traffic_organic_engagements_total",
+                       {"action": a}) - before[a] == actions[a]
+    assert _sample("adloop_traffic_organic_impressions_total") - imps_before == 600
+    assert _sample("adloop_traffic_organic_dwell_seconds_total") - dwell_before == \
+        pytest.approx(dwell)
+    assert stats.pending_left == 0
+
+
+def test_the_oracle_earns_more_organic_engagement_than_random() -> None:
+    runs = {}
+    for name in ("oracle", "random"):
+        world = World(_config(22, organic_slots=3))
+        pol = OraclePolicy(world) if name == "oracle" else RandomPolicy(world, 22)
+        runs[name] = TrafficDriver(world, Emitter()).run_inprocess(pol, 300)
+    assert runs["oracle"].organic_views > 1.5 * runs["random"].organic_views
+    assert runs["oracle"].organic_expected_engagement > \
+        1.5 * runs["random"].organic_expected_engagement
+
+
+@pytest.mark.parametrize("policy", ["oracle", "random"])
+def test_ad_responses_do_not_depend_on_organic_slots(policy: str) -> None:
+    out = {}
+    for slots in (0, 3):
+        world = World(_config(23, organic_slots=slots))
+        emitter = Emitter(keep=True)
+        pol = OraclePolicy(world) if policy == "oracle" else RandomPolicy(world, 23)
+        out[slots] = (emitter, TrafficDriver(world, emitter).run_inprocess(pol, 300))
+    (plain, s0), (mixed, s3) = out[0], out[3]
+    assert _events(plain, "clicks", "conversions", "ads") == \
+        _events(mixed, "clicks", "conversions", "ads")
+    assert s0.clicks == s3.clicks > 0 and s0.revenue == s3.revenue
+    slates = [[[i.ad_id for i in r.slate] for _, r in _events(e, "impressions")]  # type: ignore[attr-defined]
+              for e in (plain, mixed)]
+    assert slates[0] == slates[1]
+    assert s0.organic_impressions == 0 and plain.counts["organic-engagements"] == 0
+    assert all(not r.organic for _, r in _events(plain, "impressions"))  # type: ignore[attr-defined]
+    assert mixed.counts["organic-engagements"] > 0
+
+
+def test_unknown_organic_items_get_no_engagement() -> None:
+    world = World(_config(24, organic_slots=2))
+    emitter = Emitter(keep=True)
+    driver = TrafficDriver(world, emitter)
+    driver.keep_responses = True
+    req = world.next_request()
+    best = world.organic_oracle(req, 1)[0]
+    slate = ServedSlate(req.request_id, "v1", [], organic=[
+        ServedOrganic("nowhere/else#3", 0), ServedOrganic(best, 1)])
+    driver.serve(req, slate)
+    driver.drain()
+    (resp,) = driver.organic_responses
+    assert resp.unknown_item_ids == ["nowhere/else#3"]
+    assert [o.item_id for o in resp.items] == [best] and resp.items[0].position == 1
+    assert {r.item_id for _, r in _events(emitter, "organic-engagements")} <= {best}  # type: ignore[attr-defined]
+    assert driver.stats.organic_impressions == 1
+
+
+# -- answers ---------------------------------------------------------------------------
+
+
+def _answer(organic: Any) -> dict[str, Any]:
+    return {"request_id": "r1", "model_version": "v1",
+            "ads": [{"ad_id": "ad-000001", "position": 0}], "organic": organic}
+
+
+def test_an_answer_with_organic_items_is_parsed_in_rank_order() -> None:
+    slate = ServedSlate.from_json(_answer([
+        {"item_id": "retail/headphones#2", "semantic_id": [4, 1, 7], "position": 1,
+         "score": -2.5},
+        {"item_id": "travel/flights#0", "semantic_id": [3, 0, 2], "position": 0,
+         "score": -1.0}]), "r1")
+    assert slate.organic_ids() == ["travel/flights#0", "retail/headphones#2"]
+    assert slate.organic[0] == ServedOrganic("retail/headphones#2", 1, -2.5, [4, 1, 7])
+    world = World(_config(25))
+    req = dataclasses.replace(world.next_request(), request_id="r1", organic_k=2)
+    imp = impression_of(req, slate, world)
+    assert [(s.item_id, s.position, s.score, s.semantic_id) for s in imp.organic] == [
+        ("travel/flights#0", 0, -1.0, [3, 0, 2]), ("retail/headphones#2", 1, -2.5, [4, 1, 7])]
+    absent: list[Any] | None
+    for absent in (None, []):
+        assert ServedSlate.from_json(_answer(absent), "r1").organic == []
+    no_key = _answer(None)
+    del no_key["organic"]
+    assert ServedSlate.from_json(no_key, "r1").organic == []
+
+
+@pytest.mark.parametrize(("organic", "error"), [
+    ("retail/headphones#2", "not a list"),
+    ([{"semantic_id": [1]}], r"organic\[0\] has no item_id"),
+    (["retail/headphones#2"], r"organic\[0\] has no item_id"),
+    ([{"item_id": ""}], r"organic\[0\] has no item_id"),
+    ([{"item_id": "a#1", "position": "0"}], r"organic\[0\].position"),
+    ([{"item_id": "a#1", "position": 1}], r"organic\[0\].position"),
+    ([{"item_id": "a#1", "position": True}], r"organic\[0\].position"),
+    ([{"item_id": "a#1", "score": "high"}], r"organic\[0\].score"),
+    ([{"item_id": "a#1", "semantic_id": [1, "x"]}], r"organic\[0\].semantic_id"),
+    ([{"item_id": "a#1"}, {"item_id": "a#1"}], "appears twice"),
+    ([{"item_id": "a#1", "position": 0}, {"item_id": "a#2", "position": 0}], "repeat"),
+])
+def test_a_malformed_organic_answer_is_a_value_error(organic: Any, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        ServedSlate.from_json(_answer(organic), "r1")
+
+
+def test_http_mixed_feed_sends_organic_k_and_samples_the_answers_engagement() -> None:
+    world = World(_config(26, organic_slots=2))
+    ad_id = world.initial_ads()[0].ad_id
+    item = world.organic_items()[0].item_id
+    bodies: list[dict[str, Any]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies.append(body)
+        organic: Any = [{"item_id": item, "position": 0, "semantic_id": [1, 2, 3]}]
+        if len(bodies) % 5 == 0:
+            organic = [{"item_id": item, "position": 7}]         # malformed
+        return httpx.Response(200, json={
+            "request_id": body["request_id"], "model_version": "m1",
+            "ads": [{"ad_id": ad_id, "position": 0}], "organic": organic})
+
+    emitter = Emitter(keep=True)
+    driver = TrafficDriver(world, emitter)
+    rec = HttpRecommender("http://recommender.invalid", transport=httpx.MockTransport(answer))
+    stats = asyncio.run(driver.run_http(HttpOptions(rate=200.0, n_requests=20), recommender=rec))
+    assert all(b["organic_k"] == 2 for b in bodies) and len(bodies) == 20
+    assert stats.outcomes == {"ok": 16, "bad_response": 4}
+    assert stats.organic_impressions == 16
+    assert {r.item_id for _, r in _events(emitter, "organic-engagements")} == {item}  # type: ignore[attr-defined]
+
+
+# -- Kafka -----------------------------------------------------------------------------
+
+
+def test_catalogue_and_engagement_reach_their_topics(kafka: KafkaSettings) -> None:
+    world = World(_config(27, organic_slots=2))
+    producer = EventProducer(kafka)
+    stats = TrafficDriver(world, Emitter(producer)).run_inprocess(OraclePolicy(world), 60)
+    producer.flush(30)
+    producer.close()
+    items = read_all(kafka, "organic-items", timeout_s=30, expect=256)
+    assert {r.key for r in items} == {i.item_id.encode() for i in world.organic_items()}
+    n = stats.produced["organic-engagements"]
+    got = read_all(kafka, "organic-engagements", timeout_s=30, expect=n)
+    assert len(got) == n == stats.organic_views * 2 + stats.organic_likes
+    assert all(r.key == r.record.user_id.encode() for r in got)
+    imps = read_all(kafka, "impressions", timeout_s=30, expect=60)
+    assert all(len(r.record.organic) == 2 for r in imps)
+
+
+# -- recorded logs ---------------------------------------------------------------------
+
+
+def test_a_recorded_mixed_feed_run_replays_with_its_organic_engagement(
+        tmp_path: Path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    world = World(_config(28, organic_slots=2))
+    writer = RecordWriter(path)
+    stats = TrafficDriver(world, Emitter(recorder=writer)).run_inprocess(
+        OraclePolicy(world), 150)
+    writer.close()
+    entries = list(read_recorded(path, "stop"))
+    kinds = Counter(e.kind for e in entries)
+    assert kinds["organic_item"] == 256 and kinds["request"] == 150
+    assert kinds["organic_engagement"] == stats.produced["organic-engagements"] > 0
+    requests = [e.record for e in entries if e.kind == "request"]
+    assert all(isinstance(r, Request) and r.organic_k == 2 for r in requests)
+    assert all(len(e.record.organic) == 2 for e in entries  # type: ignore[union-attr]
+               if e.kind == "impression")
+    emitter = Emitter(keep=True)
+    replayed = asyncio.run(replay_recorded(path, emitter, speed=0))
+    assert emitter.sha256 == stats.events_sha256
+    assert replayed.produced["organic_engagement"] == kinds["organic_engagement"]
+    assert replayed.produced["organic_item"] == 256 and replayed.missing() == {}
+    assert {t for t, _ in emitter.events} >= {"organic-items", "organic-engagements"}
+
+
+OLD_AND_BAD = """\
+{"type": "request", "t": 10.0, "request_id": "r1", "user_id": "u1", "k": 2}
+{"type": "organic_item", "t": 10.0, "item_id": "travel/flights#0", "kind": "video", \
+"topic": "travel/flights", "title": "Vlog: Cheap flights to Barcelona"}
+{"type": "request", "t": 11.0, "request_id": "r2", "user_id": "u1", "k": 2, "organic_k": 3}
+{"type": "organic_engagement", "t": 12.0, "event_id": "e1", "request_id": "r2", \
+"user_id": "u1", "item_id": "travel/flights#0", "action": "view"}
+{"type": "request", "t": 13.0, "request_id": "r3", "user_id": "u1", "organic_k": -1}
+{"type": "request", "t": 13.0, "request_id": "r4", "user_id": "u1", "organic_k": "3"}
+{"type": "organic_engagement", "t": 14.0, "event_id": "e2", "request_id": "r2", \
+"user_id": "u1", "item_id": "travel/flights#0", "action": "like", "dwell_s": 4.0}
+{"type": "organic_engagement", "t": 14.0, "event_id": "e3", "request_id": "r2", \
+"user_id": "u1", "item_id": "travel/flights#0", "action": "share"}
+{"type": "organic_item", "t": 15.0, "item_id": "travel/flights#1", "kind": "video"}
+"""
+
+
+def test_old_logs_load_and_bad_organic_lines_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    path.write_text(OLD_AND_BAD)
+    errors: list[RecordError] = []
+    entries = list(read_recorded(path, "skip", errors))
+    assert [(e.line, e.kind) for e in entries] == [
+        (1, "request"), (2, "organic_item"), (3, "request"), (4, "organic_engagement")]
+    old, mixed = entries[0].record, entries[2].record
+    assert isinstance(old, Request) and old.organic_k == 0 and "organic_k" not in old.body()
+    assert isinstance(mixed, Request) and mixed.organic_k == 3
+    item = entries[1].record
+    assert isinstance(item, OrganicItem) and item.created_time == item.event_time == 10.0
+    assert [e.line for e in errors] == [5, 6, 7, 8, 9]
+    assert "organic_k" in errors[0].reason and "organic_k" in errors[1].reason
+    assert "dwell_s" in errors[2].reason and "action" in errors[3].reason
+    assert "topic" in errors[4].reason
+    emitter = Emitter(keep=True)
+    stats = asyncio.run(replay_recorded(path, emitter, speed=0))
+    assert emitter.counts["organic-items"] == 1 and emitter.counts["organic-engagements"] == 1
+    assert len(stats.bad_lines) == 5 and stats.missing() == {}
