@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
+from pydantic import ValidationError
 
 from streams.features import organic_topic
 from streams.kafka_io import EventProducer, read_all
@@ -32,7 +33,7 @@ from traffic.driver import (
     impression_of,
 )
 from traffic.recorded import RecordError, RecordWriter, read_recorded
-from traffic.replay import replay_recorded
+from traffic.replay import ReplaySettings, replay_recorded, world_config
 from traffic.world import (
     CATEGORIES,
     ORGANIC_TOPICS,
@@ -526,3 +527,12 @@ def test_old_logs_load_and_bad_organic_lines_are_named(tmp_path: Path) -> None:
     stats = asyncio.run(replay_recorded(path, emitter, speed=0))
     assert emitter.counts["organic-items"] == 1 and emitter.counts["organic-engagements"] == 1
     assert len(stats.bad_lines) == 5 and stats.missing() == {}
+
+
+def test_replay_settings_ask_for_mixed_feeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert world_config(ReplaySettings()).organic_slots == 0
+    monkeypatch.setenv("ADLOOP_REPLAY_ORGANIC_SLOTS", "4")
+    cfg = world_config(ReplaySettings())
+    assert cfg.organic_slots == 4 and World(cfg).next_request().body()["organic_k"] == 4
+    with pytest.raises(ValidationError, match="organic_slots"):
+        ReplaySettings(organic_slots=-1)
