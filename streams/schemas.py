@@ -34,7 +34,8 @@ DLQ_REASONS = (
     "schema_version",  # a schema version this build does not read
     "oversized",       # larger than the consumer's record limit
     "late",            # event time beyond the attribution window (joiner)
-    "orphan",          # click/conversion whose impression never arrived (joiner)
+    "orphan",          # click/conversion/organic engagement whose impression never
+                       # arrived, or that names an ad/item it did not show (joiner)
     "handler_error",   # a well-formed record the handler could not process
 )
 DlqReason = Literal[

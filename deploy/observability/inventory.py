@@ -64,8 +64,8 @@ METRICS: tuple[Metric, ...] = (
        "version: the package version; process: join, learn, serve, replay, ..."),
     _m("adloop_produced_records_total", "counter", "all", ("topic",),
        "Records the broker acknowledged, by logical topic.",
-       "topic: the 8 logical topics (ads, impressions, clicks, conversions, feedback, "
-       "model-updates, ad-stats, dlq)"),
+       "topic: the 10 logical topics (ads, impressions, clicks, conversions, feedback, "
+       "organic-items, organic-engagements, model-updates, ad-stats, dlq)"),
     _m("adloop_produce_errors_total", "counter", "all", ("topic",),
        "Records the broker did not acknowledge (after the producer's retries).",
        "topic: logical topic"),
@@ -171,20 +171,25 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_join_feedback_total", "counter", "join", ("kind",), "Feedback lists emitted.",
        "kind: provisional, final, correction"),
     _m("adloop_join_corrections_total", "counter", "join", (),
-       "Correction lists emitted (a click or conversion after the list was emitted)."),
+       "Correction lists emitted (a click, conversion or organic engagement after the list "
+       "was emitted)."),
     _m("adloop_join_events_total", "counter", "join", ("topic", "outcome"),
-       "Input records processed, by topic and outcome. A click/conversion held for its "
-       "impression is counted as `held` on arrival and again (applied, late or orphan) when "
-       "its impression arrives, so `applied` of clicks counts every click that reached a "
-       "list.",
-       "topic: impressions, clicks, conversions; outcome: applied, held, duplicate, late, "
-       "orphan, invalid, handler_error, end_of_stream"),
+       "Input records processed, by topic and outcome. A click/conversion/organic "
+       "engagement held for its impression is counted as `held` on arrival and again "
+       "(applied, late or orphan) when its impression arrives, so `applied` of clicks "
+       "counts every click that reached a list.",
+       "topic: impressions, clicks, conversions, organic-engagements; outcome: applied, "
+       "held, duplicate, late, orphan, invalid, handler_error, end_of_stream"),
+    _m("adloop_join_organic_engagements_total", "counter", "join", ("action",),
+       "Organic engagements joined into their impression's feedback (counted once: "
+       "duplicates and dead-lettered ones are not).", "action: view, like, dwell"),
     _m("adloop_join_late_total", "counter", "join", ("topic",),
        "Records dead-lettered as late (after their attribution window closed).",
-       "topic: clicks, conversions"),
+       "topic: impressions, clicks, conversions, organic-engagements"),
     _m("adloop_join_orphan_total", "counter", "join", ("topic",),
-       "Records dead-lettered as orphan (their impression never arrived).",
-       "topic: clicks, conversions"),
+       "Records dead-lettered as orphan (their impression never arrived, or it did not "
+       "show the ad or organic item they name).",
+       "topic: clicks, conversions, organic-engagements"),
     _m("adloop_join_reconciled_total", "counter", "join", (),
        "Feedback lists found on the output whose table mark was lost (after a restart)."),
     _m("adloop_join_table_requests", "gauge", "join", (), "Request ids held in the join table."),
@@ -197,7 +202,7 @@ METRICS: tuple[Metric, ...] = (
        "leave a member idle in its group after an early rebalance)."),
     _m("adloop_join_lag_records", "gauge", "join", ("topic", "partition"),
        "Unread records per input topic and partition (the joiner's consumer lag).",
-       "topic: impressions, clicks, conversions; partition: 0..3"),
+       "topic: impressions, clicks, conversions, organic-engagements; partition: 0..3"),
     _m("adloop_join_watermark_seconds", "gauge", "join", ("partition",),
        "Event-time watermark per partition (Unix seconds).", "partition: 0..3"),
     _m("adloop_join_elapsed_seconds", "histogram", "join", ("kind",),
