@@ -91,6 +91,13 @@ class PretrainSettings(BaseSettings):
     history_len: int = 20
     organic_len: int = DEFAULT_ORGANIC_LEN
     """Organic-history slots of the model's input (0 = ads-only history)."""
+    organic_targets: bool = True
+    """Organic items of mixed feeds the user engaged with (``Feedback.organic``) are
+    generation targets too, weighted by their engagement (a like 1, dwell up to 1 at
+    organic_dwell_s): the one model learns what to place in a feed's organic slots. No
+    effect on logs without organic items."""
+    organic_dwell_s: float = 30.0
+    """Dwell seconds worth one like in the organic engagement reward."""
     refine_steps: int = 0
     """RQ-VAE-style refinement steps of a newly fitted tokenizer (0 = RQ-Kmeans only;
     TokenizerConfig.refine_steps)."""
@@ -329,7 +336,8 @@ def pretrain(s: PretrainSettings, ads: list[Ad] | None = None,
 
     examples = build_examples(feedback, tok, cfg.history_len, cfg.context_features,
                               cfg.context_buckets, cfg.mtp_heads, organic_len=cfg.organic_len,
-                              short_horizon=cfg.short_horizon)
+                              short_horizon=cfg.short_horizon,
+                              organic_dwell_s=s.organic_dwell_s if s.organic_targets else None)
     train, test = split_by_time(examples, s.held_out_frac)
     if ckpt is None and len(train) and s.value_priors:
         first = np.unique(train.request, return_index=True)[1]   # each shown slate once
@@ -338,7 +346,8 @@ def pretrain(s: PretrainSettings, ads: list[Ad] | None = None,
                                        shown.converted)
         log.info("value priors", **rates)
     log.info("examples", train=len(train), held_out=len(test),
-             positives=len(train.positives), params=model.num_parameters())
+             positives=len(train.positives),
+             organic_positives=len(train.organic_positives), params=model.num_parameters())
 
     def checkpoint(step: int, metrics: dict[str, float] | None = None) -> None:
         save_checkpoint(run_dir, model, tok.id_space_version, step, opt, metrics,

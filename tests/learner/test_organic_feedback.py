@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 
@@ -167,3 +168,28 @@ def test_without_the_organic_weight_organic_feedback_changes_nothing(
                                       organic_dwell_s=learner.organic_dwell_s))
         out.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(out[0], out[1])
+
+
+def test_engaged_organic_items_are_pretraining_targets_apart_from_the_ads(
+        organic_tok: UASIDTokenizer, synth_log: synthetic.SyntheticLog) -> None:
+    from learner.data import build_examples
+
+    fb = synth_log.feedback[0]
+    mixed = msgspec.structs.replace(fb, organic=[
+        _slot(organic_tok, "gaming/consoles#1", 0, viewed=True, liked=True, dwell_s=90.0),
+        _slot(organic_tok, "travel/flights#0", 1, viewed=True, dwell_s=15.0),
+        _slot(organic_tok, "finance/cards#2", 2),                       # not viewed
+        _slot(organic_tok, "nowhere/unknown#9", 3, viewed=True, liked=True)])
+    plain = build_examples([mixed], organic_tok, history_len=10)
+    ex = build_examples([mixed], organic_tok, history_len=10, organic_dwell_s=30.0)
+    assert len(ex) == len(plain) + 2 and ex.organic is not None
+    rows = ex.organic_positives
+    assert ex.organic[rows].all() and len(rows) == 2
+    assert [tuple(t) for t in ex.target[rows]] == [
+        organic_tok.organic_ids_of("gaming/consoles#1"),
+        organic_tok.organic_ids_of("travel/flights#0")]
+    assert ex.value[rows].tolist() == pytest.approx([2.0, 0.5])
+    # the ad rows are as without organic targets; organic rows carry no slate, no MTP
+    assert ex.positives.tolist() == plain.positives.tolist()
+    assert (ex.slate_mask[rows] == 0).all() and (ex.mtp_mask[rows] == 0).all()
+    assert (ex.request[rows] == ex.request[0]).all()
