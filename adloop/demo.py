@@ -453,6 +453,9 @@ class Demo:
             if frozen_last else None,
         }
         summary.update(organic_summary(stats, driver))
+        if stats.organic_impressions:
+            summary["organic_engagements_joined"] = metric_sum(
+                join, "adloop_join_organic_engagements_total")
         summary.update(self.beyond(driver, req_entries))
         self._plots(timeline, latencies)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
