@@ -65,6 +65,9 @@ class DemoSettings(BaseSettings):
     n_users: int = Field(600, description="simulated users")
     n_ads: int = Field(150, description="ads at the start")
     new_ads_per_hour: float = Field(30.0, description="new ads per simulated hour")
+    organic_slots: int = Field(3, ge=0, le=50, description="organic items (videos, "
+                               "articles) per request next to the ads, placed by the same "
+                               "model (0: ads-only answers)")
     log_requests: int = Field(4000, description="random-policy requests logged for pretraining")
     pretrain_steps: int = Field(300, description="pretraining steps")
     encoder: str = Field("minilm", description="ad content encoder (minilm or hashing)")
@@ -101,6 +104,26 @@ class DemoSettings(BaseSettings):
 
 
 # -- small helpers ---------------------------------------------------------------------
+
+
+def organic_summary(stats: RunStats, driver: TrafficDriver) -> dict[str, Any]:
+    """The mixed feeds' figures of a run (empty when no organic item was shown)."""
+    n = stats.organic_impressions
+    if not n:
+        return {}
+    rows = driver.organic_responses
+    q = max(1, len(rows) // 4)
+
+    def per_item(part: list[Any]) -> float | None:
+        shown = sum(r.impressions for r in part)
+        return round(sum(r.expected_engagement for r in part) / shown, 4) if shown else None
+
+    return {"organic_items_shown": n,
+            "organic_view_rate": round(stats.organic_views / n, 4),
+            "organic_like_rate": round(stats.organic_likes / n, 4),
+            "organic_dwell_s_per_item": round(stats.organic_dwell_s / n, 2),
+            "organic_engagement_first_quarter": per_item(rows[:q]),
+            "organic_engagement_last_quarter": per_item(rows[-q:])}
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -227,6 +250,7 @@ class Demo:
                   f"logging {s.log_requests} random-policy requests for pretraining")
         world = World(WorldConfig(seed=s.seed, n_users=s.n_users, n_ads=s.n_ads,
                                   new_ads_per_hour=s.new_ads_per_hour, request_rate=2.0,
+                                  organic_slots=s.organic_slots,
                                   delays=DelayModel(window_s=s.attribution_window_s)))
         from adloop.evaluation import EvalConfig, logging_phase
 
@@ -241,7 +265,8 @@ class Demo:
         res = pretrain(PretrainSettings(
             run_dir=pre_dir, encoder=s.encoder, steps=s.pretrain_steps, level_sizes="64,32,16",
             history_len=10, batch_size=128, seed=s.seed, progress=False, checkpoint_every=0,
-            held_out_frac=0.05, resume=False), [a.record for a in world.ads.values()], logs)
+            held_out_frac=0.05, resume=False), [a.record for a in world.ads.values()], logs,
+            world.organic_items() if s.organic_slots else None)
         self.say("     held-out: " + ", ".join(f"{k}={v:.3f}" for k, v in res.metrics.items()))
         self.pretrained_ads = len(res.tokenizer)
         self.pretrained = (res.model, res.tokenizer)
@@ -427,6 +452,10 @@ class Demo:
             "online_over_frozen_last_quarter": round(rpm(last) / frozen_last, 4)
             if frozen_last else None,
         }
+        summary.update(organic_summary(stats, driver))
+        if stats.organic_impressions:
+            summary["organic_engagements_joined"] = metric_sum(
+                join, "adloop_join_organic_engagements_total")
         summary.update(self.beyond(driver, req_entries))
         self._plots(timeline, latencies)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -442,7 +471,10 @@ class Demo:
               "different semantic-ID level-0 clusters), novelty unseen (share of shown ads "
               "the user had not been shown before) and in bits (-log2 of the ad's share of "
               "the logging phase's clicks), personalization (1 - mean Jaccard overlap of "
-              "two users' slates).\n\n![revenue per mille over simulated time](rpm.png)\n\n"
+              "two users' slates). Mixed feeds (`organic_*`): organic items shown, the "
+              "share viewed and liked, dwell seconds per item shown, and the true expected "
+              "engagement per item, P(view)·(1 + P(like | view)), in the first and last "
+              "quarter.\n\n![revenue per mille over simulated time](rpm.png)\n\n"
               "![latency](latency.png)\n")
         (self.run_dir / "report.md").write_text(md)
         table = "\n" + "\n".join(f"  {k:28s} {v}" for k, v in summary.items())

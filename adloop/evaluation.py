@@ -55,9 +55,9 @@ from typing import Any, Protocol
 
 from learner.beyond import beyond_accuracy, click_bits
 from streams.logs import configure_logging, get_logger
-from streams.schemas import Feedback, FeedbackItem
+from streams.schemas import Feedback, FeedbackItem, OrganicFeedbackItem
 from traffic.driver import OraclePolicy, RandomPolicy, ServedAd, ServedSlate
-from traffic.world import Request, Response, World, WorldConfig
+from traffic.world import OrganicResponse, Request, Response, World, WorldConfig
 
 log = get_logger(__name__)
 
@@ -137,6 +137,11 @@ class EvalConfig:
     level's whole vocabulary; for ablations)."""
     value_priors: bool = True
     """The value head's empirical-Bayes priors per (industry, goal) (False: for ablations)."""
+    organic_slots: int = 0
+    """Organic items (videos, articles) per request in a mixed feed (0: ads only). With
+    slots, the generative policies serve organic items from the shared id space, the
+    tokenizer is fitted on the world's organic catalogue too, and the run reports the
+    organic items' true expected engagement against the organic oracle's."""
     hepo_weight: float = 0.0
     """Weight of the HEPO term over sibling beams (:func:`learner.rspo.hepo_loss`) for
     the learning policies, as the live learner's ``--hepo-weight`` (0: off)."""
@@ -164,6 +169,15 @@ class PolicyRun:
     """Per bucket: true expected revenue the observable oracle's slates would have made."""
     clicks: list[int] = field(default_factory=list)
     conversions: list[int] = field(default_factory=list)
+    organic_items: list[int] = field(default_factory=list)
+    """Per bucket: organic items shown (mixed feeds only)."""
+    organic_expected: list[float] = field(default_factory=list)
+    """Per bucket: their true expected engagement, P(view) · (1 + P(like | view))."""
+    organic_oracle_expected: list[float] = field(default_factory=list)
+    """Per bucket: the organic oracle's for the same requests."""
+    organic_views: int = 0
+    organic_likes: int = 0
+    organic_dwell_s: float = 0.0
     cold_revenue: float = 0.0
     total_revenue: float = 0.0
     latency_s: list[float] = field(default_factory=list)
@@ -194,6 +208,26 @@ class PolicyRun:
     def first(self, frac: float = 0.25) -> slice:
         return slice(0, max(1, round(len(self.impressions) * frac)))
 
+    def organic_summary(self) -> dict[str, float]:
+        """Mixed-feed metrics (empty without organic items): last-quarter true expected
+        engagement per organic item and its ratio to the organic oracle's, and the
+        realized view rate, like rate and dwell per item over the run."""
+        n = sum(self.organic_items)
+        if not n:
+            return {}
+        last = self.window()
+        shown = sum(self.organic_items[last])
+        oracle = sum(self.organic_oracle_expected[last])
+        return {
+            "organic_engagement_last_quarter": (sum(self.organic_expected[last]) / shown
+                                                if shown else 0.0),
+            "organic_oracle_ratio_last_quarter": (sum(self.organic_expected[last]) / oracle
+                                                  if oracle else 0.0),
+            "organic_view_rate": self.organic_views / n,
+            "organic_like_rate": self.organic_likes / n,
+            "organic_dwell_s_per_item": self.organic_dwell_s / n,
+        }
+
     def summary(self) -> dict[str, float]:
         last = self.window()
         imp, clk = sum(self.impressions), sum(self.clicks)
@@ -211,6 +245,7 @@ class PolicyRun:
             "latency_ms_per_request": 1000.0 * statistics.mean(self.latency_s)
             if self.latency_s else 0.0,
             "model_versions": float(self.model_versions),
+            **self.organic_summary(),
             **self.beyond,
             **self.serving,
             **{"offline_" + k.replace("@", "_at_"): v for k, v in self.offline.items()},
@@ -218,10 +253,11 @@ class PolicyRun:
 
 
 def feedback_of(request: Request, slate: ServedSlate, response: Response,
-                world: World) -> Feedback:
+                world: World, organic: OrganicResponse | None = None) -> Feedback:
     """The final feedback list the joiner would emit for this request (with the final
     beams the slate was ranked from, when the policy reports them, as the server logs
-    them and the joiner copies them)."""
+    them and the joiner copies them, and the mixed feed's organic items with what the
+    user did with them, ``organic``)."""
     by_id = {o.ad_id: o for o in response.items}
     items = []
     for a in slate.ads:
@@ -241,13 +277,36 @@ def feedback_of(request: Request, slate: ServedSlate, response: Response,
                     recent_ad_ids=list(reversed(request.recent_ad_ids)),
                     recent_organic=list(request.recent_organic),
                     model_version=slate.model_version, items=items,
-                    beams=list(slate.beams))
+                    beams=list(slate.beams), organic=organic_feedback(slate, organic))
+
+
+def organic_feedback(slate: ServedSlate, response: OrganicResponse | None
+                     ) -> list[OrganicFeedbackItem]:
+    """The joined organic items of a mixed feed (the joiner's ``Feedback.organic``)."""
+    if response is None:
+        return []
+    by_id = {o.item_id: o for o in response.items}
+    out = []
+    for o in sorted(slate.organic, key=lambda o: o.position):
+        r = by_id.get(o.item_id)
+        out.append(OrganicFeedbackItem(
+            item_id=o.item_id, semantic_id=list(o.semantic_id), position=o.position,
+            score=o.score, viewed=bool(r and r.viewed), liked=bool(r and r.liked),
+            dwell_s=r.dwell_s if r else 0.0))
+    return out
+
+
+def serve_organic(world: World, req: Request, slate: ServedSlate) -> OrganicResponse | None:
+    """The user's response to the slate's organic items (None for an ads-only request)."""
+    if req.organic_k <= 0:
+        return None
+    return world.respond_organic(req, slate.organic_ids())
 
 
 def world_config(cfg: EvalConfig, seed: int) -> WorldConfig:
     return WorldConfig(seed=seed, n_users=cfg.n_users, n_ads=cfg.n_ads,
                        slate_size=cfg.slate_size, request_rate=cfg.request_rate,
-                       new_ads_per_hour=cfg.new_ads_per_hour)
+                       new_ads_per_hour=cfg.new_ads_per_hour, organic_slots=cfg.organic_slots)
 
 
 def logging_phase(world: World, cfg: EvalConfig, seed: int) -> list[Feedback]:
@@ -258,7 +317,8 @@ def logging_phase(world: World, cfg: EvalConfig, seed: int) -> list[Feedback]:
         req = world.next_request()
         world.advance_to(req.event_time)
         slate = policy.recommend(req)
-        out.append(feedback_of(req, slate, world.respond(req, slate.ad_ids()), world))
+        resp = world.respond(req, slate.ad_ids())
+        out.append(feedback_of(req, slate, resp, world, serve_organic(world, req, slate)))
     return out
 
 
@@ -280,7 +340,7 @@ def run_policy(world: World, policy: BatchPolicy, cfg: EvalConfig, seed: int,
     pending: list[Feedback] = []
     served = 0
     bucket: dict[str, float] = {"imp": 0, "rev": 0.0, "exp": 0.0, "orc": 0.0, "obs": 0.0,
-                                "clk": 0, "cv": 0}
+                                "clk": 0, "cv": 0, "org": 0, "org_exp": 0.0, "org_orc": 0.0}
 
     def close_bucket() -> None:
         run.impressions.append(int(bucket["imp"]))
@@ -290,7 +350,11 @@ def run_policy(world: World, policy: BatchPolicy, cfg: EvalConfig, seed: int,
         run.observable_expected.append(bucket["obs"])
         run.clicks.append(int(bucket["clk"]))
         run.conversions.append(int(bucket["cv"]))
-        bucket.update(imp=0, rev=0.0, exp=0.0, orc=0.0, obs=0.0, clk=0, cv=0)
+        run.organic_items.append(int(bucket["org"]))
+        run.organic_expected.append(bucket["org_exp"])
+        run.organic_oracle_expected.append(bucket["org_orc"])
+        bucket.update(imp=0, rev=0.0, exp=0.0, orc=0.0, obs=0.0, clk=0, cv=0, org=0,
+                      org_exp=0.0, org_orc=0.0)
 
     while served < cfg.requests:
         n = min(cfg.batch, cfg.requests - served)
@@ -316,7 +380,18 @@ def run_policy(world: World, policy: BatchPolicy, cfg: EvalConfig, seed: int,
                 run.total_revenue += o.reward
                 if world.ads[o.ad_id].record.created_time > cold_after:
                     run.cold_revenue += o.reward
-            pending.append(feedback_of(req, slate, resp, world))
+            organic = None
+            if req.organic_k > 0:
+                best = world.organic_oracle(req)   # before the feed joins the history
+                bucket["org_orc"] += float(world.organic_expected_engagement(req, best).sum())
+                organic = serve_organic(world, req, slate)
+                assert organic is not None
+                bucket["org"] += organic.impressions
+                bucket["org_exp"] += organic.expected_engagement
+                run.organic_views += organic.views
+                run.organic_likes += organic.likes
+                run.organic_dwell_s += organic.dwell_s
+            pending.append(feedback_of(req, slate, resp, world, organic))
             served += 1
             if served % per_bucket == 0 and len(run.impressions) < cfg.buckets:
                 close_bucket()
@@ -399,12 +474,13 @@ def pretrain_on(log_feedback: list[Feedback], world: World, cfg: EvalConfig, see
     from learner.pretrain import PretrainSettings, pretrain
 
     ads = [a.record for a in world.ads.values()]
+    organic = world.organic_items() if cfg.organic_slots > 0 else []
     s = PretrainSettings(run_dir=run_dir, encoder=cfg.encoder, steps=cfg.pretrain_steps,
                          level_sizes="64,32,16", history_len=10, batch_size=128, seed=seed,
                          progress=False, checkpoint_every=0, held_out_frac=0.05,
                          resume=False, value_own_items=cfg.value_own_items,
                          value_priors=cfg.value_priors, **cfg.pretrain)
-    res = pretrain(s, ads, log_feedback)
+    res = pretrain(s, ads, log_feedback, organic)
     return res.model, res.tokenizer, res.metrics
 
 

@@ -51,7 +51,7 @@ from server.beam import BID_TYPES
 from server.engine import RecRequest
 from streams.features import organic_topic
 from streams.schemas import Feedback
-from traffic.driver import ServedAd, ServedSlate
+from traffic.driver import ServedAd, ServedOrganic, ServedSlate
 from traffic.world import Request, World
 
 
@@ -133,7 +133,7 @@ class GenerativePolicy:
         widths = self.widths()
         results = self.server.rank(
             [RecRequest(r.user_id, dict(r.context), list(reversed(r.recent_ad_ids)), r.k,
-                        list(r.recent_organic)) for r in requests],
+                        list(r.recent_organic), organic_k=r.organic_k) for r in requests],
             lambda levels, k: widths)
         servable = max(1, self.server.servable())
         out = []
@@ -148,8 +148,10 @@ class GenerativePolicy:
                               expected_value=a.expected_value, semantic_id=a.semantic_id)
                      for a in res.ads]
             self.explored += any(a.explored for a in res.ads)
+            organic = [ServedOrganic(o.item_id, o.position, o.score, o.semantic_id)
+                       for o in res.organic]
             out.append(ServedSlate(r.request_id, f"{self.name}-{res.model_version}", slate,
-                                   beam_widths=widths, beams=res.beams))
+                                   beam_widths=widths, beams=res.beams, organic=organic))
         return out
 
     def calibration(self) -> dict[str, float]:
@@ -191,7 +193,7 @@ class GenerativePolicy:
             return {}
         metrics = self.learner.update(lists_to_batch(
             [(fb, 1.0) for fb in lists], self.tok, self.model, self._learner_trie(),
-            beams=self.learner.reads_beams))
+            beams=self.learner.reads_beams, organic_dwell_s=self.learner.organic_dwell_s))
         if self.learner.steps % self.publish_every == 0:
             self.learner.refresh_reference()
             self.server.publish(self.model, self.tok)

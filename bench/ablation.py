@@ -3,7 +3,8 @@
 One module for the ablation benchmarks (``bench/ablations_ranking.py``,
 ``bench/ablations_gpr.py``): each names its variants (EvalConfig overrides: ``pretrain``
 for :class:`learner.pretrain.PretrainSettings`, ``rspo`` for
-:class:`learner.rspo.RSPOConfig`) and the columns it reports; this module runs them with
+:class:`learner.rspo.RSPOConfig`, ``eval`` for :class:`adloop.evaluation.EvalConfig`
+itself) and the columns it reports; this module runs them with
 :func:`adloop.evaluation.compare`, merges a partial run (``--variants``) into the
 results already there, and writes ``bench/results/NAME.json``, ``docs/NAME.png`` and the
 ``NAME`` section of docs/benchmarks.md.
@@ -41,7 +42,8 @@ from bench.common import (
 
 SUMMARY_KEYS = ("latency_ms_per_request", "offline_recall_at_10", "offline_vndcg_at_10",
                 "slate_diversity", "sid_diversity", "catalogue_coverage", "personalization",
-                "ctr", "cvr")
+                "ctr", "cvr", "organic_engagement_last_quarter",
+                "organic_oracle_ratio_last_quarter", "organic_view_rate", "organic_like_rate")
 """Per-variant means kept from the harness summary (raw, before the report columns)."""
 
 Columns = list[tuple[str, str, Callable[[dict[str, Any]], Any]]]
@@ -56,7 +58,8 @@ def mean_of(entry: dict[str, Any], key: str) -> float | None:
 def run_variant(cfg: EvalConfig, name: str, over: dict[str, Any], tmp: Path,
                 jobs: int) -> dict[str, Any]:
     vcfg = dataclasses.replace(cfg, policies=("rspo",), pretrain=over.get("pretrain", {}),
-                               rspo={**cfg.rspo, **over.get("rspo", {})})
+                               rspo={**cfg.rspo, **over.get("rspo", {})},
+                               **over.get("eval", {}))
 
     def progress(m: str) -> None:
         print(f"[{name}] {m}", flush=True)

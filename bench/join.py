@@ -125,12 +125,14 @@ def core_only_us_per_record(n: int, repeats: int = 3) -> float:
                 encode(rec)) for topic, rec in traffic(n)]
     settings = JoinSettings(observation_window_s=30, attribution_window_s=120,
                             out_of_orderness_s=5)
+    present = {topic for topic, _p, _k, _r in records}
     gc.set_threshold(50_000, 20, 20)   # as `adloop join` runs
     best = float("inf")
     for _ in range(repeats):
         core = JoinCore(settings, None)
         core.load_partitions(range(EVENT_PARTITIONS))
-        caught = dict.fromkeys(INPUT_TOPICS, False)
+        # a topic the traffic has no records of (organic engagements) is read to its end
+        caught = {t: t not in present for t in INPUT_TOPICS}
         offsets = [0] * EVENT_PARTITIONS
         t0 = time.thread_time()
         for k, (topic, p, key, raw) in enumerate(records):

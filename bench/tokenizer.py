@@ -9,9 +9,10 @@ clicked) that follow each other in one user's timeline within an hour. 20 % of t
 ads and the last 25 % of the organic items are held out of the fit and placed online
 afterwards (nearest codes through the fitted encoder), as new items are.
 
-Organic items in the world are only ``<topic>#<n>`` ids; their text here is a
-reconstruction: a format word and one of the topic category's products, e.g.
-``"unboxing: Wireless earbuds (headphones, retail)"``, chosen from the id's hash.
+Organic items are the world's finite catalogue (``organic_per_topic`` per topic, ids
+``<topic>#<n>``); their text is the catalogue's title and description
+(:func:`traffic.world.organic_text`): a format and one of the topic category's
+products, e.g. ``"Unboxing: Wireless earbuds (headphones, retail)"``.
 
 Variants: explicit sizes (64, 32, 16), the demo's, and ``level_sizes="auto"``, each
 as plain RQ-KMeans (balanced fit-time ids, the tokenizer before refinement),
@@ -31,7 +32,6 @@ Writes bench/results/tokenizer.json and the `## tokenizer` table of docs/benchma
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import sys
@@ -52,27 +52,15 @@ from bench.common import (
     write_results,
 )
 
-FORMATS = ("review", "how-to guide", "unboxing", "vlog", "top 10", "news")
 EXPLICIT_SIZES = (64, 32, 16)
 WINDOW_S = 3600.0
 
 
-def _h(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-
-
 def organic_text(item_id: str) -> str:
-    """Text of a world organic item (a reconstruction: the world has none)."""
-    from streams.features import organic_topic
-    from traffic.world import INDUSTRIES
+    """Text of a world organic item: its catalogue title and description."""
+    from traffic.world import organic_text as world_organic_text
 
-    industry, slug = organic_topic(item_id).split("/", 1)
-    spec = next(s for s in INDUSTRIES if s.name == industry)
-    category = next(c for c in spec.categories if c.lower().replace(" ", "-") == slug)
-    products = spec.categories[category]
-    h = _h(item_id)
-    return f"{FORMATS[h % len(FORMATS)]}: {products[(h // 7) % len(products)]} " \
-           f"({category}, {industry})"
+    return world_organic_text(item_id)
 
 
 def simulate(seed: int, requests: int) -> dict[str, Any]:

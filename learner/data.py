@@ -28,7 +28,7 @@ loss) so that its slate trains the value heads as negatives.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,7 +45,7 @@ from streams.features import (
     request_ids,
 )
 from streams.logs import get_logger
-from streams.schemas import Ad, DecodeFailure, Event, Feedback, decode
+from streams.schemas import Ad, DecodeFailure, Event, Feedback, OrganicItem, decode
 
 BID_TYPES = ("cpc", "cpa", "cpm")
 """Bid type codes (index = code) of :func:`learner.losses.expected_value`."""
@@ -129,11 +129,23 @@ def read_kafka(bootstrap_servers: str, topic: str, record_type: type[R],
 
 def latest_ads(ads: Iterable[Ad]) -> list[Ad]:
     """The newest state per ad id (the ``ads`` topic is a changelog)."""
-    latest: dict[str, Ad] = {}
-    for ad in ads:
-        old = latest.get(ad.ad_id)
-        if old is None or ad.event_time >= old.event_time:
-            latest[ad.ad_id] = ad
+    return _latest(ads, lambda a: a.ad_id)
+
+
+def latest_organic(items: Iterable[OrganicItem]) -> list[OrganicItem]:
+    """The newest state per organic item id (``organic-items`` is a changelog)."""
+    return _latest(items, lambda o: o.item_id)
+
+
+_S = TypeVar("_S", Ad, OrganicItem)
+
+
+def _latest(records: Iterable[_S], key: Callable[[_S], str]) -> list[_S]:
+    latest: dict[str, _S] = {}
+    for rec in records:
+        old = latest.get(key(rec))
+        if old is None or rec.event_time >= old.event_time:
+            latest[key(rec)] = rec
     return list(latest.values())
 
 
@@ -193,6 +205,13 @@ class ExampleSet:
     slate_bid_type: np.ndarray
     request: np.ndarray    # [n] int64: index of the request (groups examples)
     time: np.ndarray       # [n] float64: impression time
+    organic: np.ndarray | None = None
+    """[n] bool: the target is an organic item a mixed feed's user engaged with (None:
+    no organic rows)."""
+
+    def __post_init__(self) -> None:
+        if self.organic is None:
+            self.organic = np.zeros(len(self.target), dtype=bool)
 
     def __len__(self) -> int:
         return int(self.target.shape[0])
@@ -214,8 +233,36 @@ class ExampleSet:
 
     @property
     def positives(self) -> np.ndarray:
-        """Indices of examples with a generation target."""
-        return np.flatnonzero(self.value > 0)
+        """Indices of examples with an ad as generation target (what the held-out
+        evaluation and the ad metrics count)."""
+        assert self.organic is not None
+        return np.flatnonzero((self.value > 0) & ~self.organic)
+
+    @property
+    def organic_positives(self) -> np.ndarray:
+        """Indices of examples with an engaged organic item as generation target."""
+        assert self.organic is not None
+        return np.flatnonzero((self.value > 0) & self.organic)
+
+
+def _organic_rows(rec: Feedback, tok: UASIDTokenizer, base: dict[str, Any],
+                  dwell_unit_s: float) -> list[dict[str, Any]]:
+    """One example per engaged organic item of ``rec``'s mixed feed (see
+    :func:`build_examples`)."""
+    from learner.rspo import organic_engagement
+
+    rows = []
+    for it in rec.organic:
+        value = organic_engagement(it.viewed, it.liked, it.dwell_s, dwell_unit_s)
+        if value <= 0:
+            continue
+        try:
+            sid = tok.organic_ids_of(it.item_id)
+        except UnknownAdError:
+            continue
+        rows.append({**base, "target": sid, "value": value, "prior": 0, "horizon": 1,
+                     "organic": True})
+    return rows
 
 
 def horizon_of(history: np.ndarray, history_mask: np.ndarray, targets: np.ndarray,
@@ -245,13 +292,20 @@ def build_examples(feedback: Iterable[Feedback], tok: UASIDTokenizer, history_le
                    context_buckets: int = DEFAULT_CONTEXT_BUCKETS, mtp_heads: int = 2,
                    min_value: float = 0.05, on_unknown: str = "error",
                    organic_len: int = DEFAULT_ORGANIC_LEN,
-                   short_horizon: int = 3) -> ExampleSet:
+                   short_horizon: int = 3,
+                   organic_dwell_s: float | None = None) -> ExampleSet:
     """Examples from feedback records (newest revision per request, time order).
 
     ``on_unknown``: ``"error"`` raises :class:`UnknownAdError` naming the ad and the
     request; ``"skip"`` drops unknown history items and slate items. ``organic_len``:
     organic topic ids appended to each context row (the model's ``organic_len``).
     ``short_horizon``: history ads that count as short-term (:func:`horizon_of`).
+    ``organic_dwell_s``: with a value, every organic item of a mixed feed the user
+    engaged with (``Feedback.organic``) is one more example of its request, its target
+    the item's id and its value the engagement reward
+    (:func:`learner.rspo.organic_engagement`, dwell unit ``organic_dwell_s``); items
+    without an id are skipped. Those rows carry no slate and no MTP targets, and
+    :attr:`ExampleSet.positives` leaves them out (``organic_positives`` has them).
     """
     if on_unknown not in ("error", "skip"):
         raise ValueError(f"on_unknown must be 'error' or 'skip', got {on_unknown!r}")
@@ -298,6 +352,8 @@ def build_examples(feedback: Iterable[Feedback], tok: UASIDTokenizer, history_le
                          "horizon": hz})
             per_user.setdefault(rec.user_id, []).append((r_idx, sid))
         rows[-len(positives) or -1]["slate"] = (slate, clicked, converted, bids, bid_types)
+        if organic_dwell_s is not None:
+            rows.extend(_organic_rows(rec, tok, base, organic_dwell_s))
 
     # MTP targets: the user's next positives from later requests
     mtp_of: dict[tuple[int, tuple[int, ...]], list[tuple[int, ...]]] = {}
@@ -324,7 +380,8 @@ def build_examples(feedback: Iterable[Feedback], tok: UASIDTokenizer, history_le
         slate_bid=np.zeros((n, max_slate), np.float32),
         slate_bid_type=np.zeros((n, max_slate), np.int64),
         request=np.array([r["request"] for r in rows], dtype=np.int64),
-        time=np.array([r["time"] for r in rows], dtype=np.float64))
+        time=np.array([r["time"] for r in rows], dtype=np.float64),
+        organic=np.array([bool(r.get("organic")) for r in rows], dtype=bool))
     for i, r in enumerate(rows):
         if r["value"] > 0:
             fut = mtp_of.get((r["request"], tuple(r["target"])), [])

@@ -290,6 +290,7 @@ def export_snapshot(model: GenerativeRecommender, tok: UASIDTokenizer, out_dir: 
             "files": {name: {"sha256": sha256_file(tmp / name),
                              "bytes": (tmp / name).stat().st_size} for name in REQUIRED_FILES},
             "ids": tok.table(),
+            "organic_ids": tok.organic_table(),
             "parity": {"inputs": _jsonable(inputs), "outputs": _jsonable(expected),
                        "atol": ATOL},
             "metrics": {**(metrics or {}), "parity_max_abs_diff": worst},
@@ -328,7 +329,7 @@ def export_ids_update(src_dir: str | Path, tok: UASIDTokenizer, out_dir: str | P
             except OSError:
                 shutil.copyfile(src / name, tmp / name)
         manifest.update(version=version, parent=manifest["version"], created_time=time.time(),
-                        ids=tok.table())
+                        ids=tok.table(), organic_ids=tok.organic_table())
         manifest["metrics"] = {**manifest.get("metrics", {}), **(metrics or {})}
         (tmp / "manifest.json").write_text(json.dumps(manifest, separators=(",", ":")))
         if out.exists():

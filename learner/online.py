@@ -57,7 +57,16 @@ from learner.tokenizer import UASIDTokenizer
 from streams.kafka_io import DeadLetterOnce, EventConsumer, EventProducer, Received
 from streams.logs import get_logger
 from streams.metrics import FRESHNESS_BUCKETS, counter, gauge, histogram, start_metrics_server
-from streams.schemas import Ad, DecodeFailure, DlqReason, Feedback, ModelUpdate, decode, encode
+from streams.schemas import (
+    Ad,
+    DecodeFailure,
+    DlqReason,
+    Feedback,
+    ModelUpdate,
+    OrganicItem,
+    decode,
+    encode,
+)
 from streams.settings import KafkaSettings, add_settings_arguments, settings_from_args
 from streams.topics import Topics
 
@@ -88,6 +97,8 @@ MODEL_VERSION = gauge("adloop_learner_model_version", "Number of the last publis
 KAFKA_ERRORS = counter("adloop_learner_kafka_errors_total",
                        "Loop steps interrupted by an unreachable Kafka (retried with backoff).")
 NEW_ADS = counter("adloop_learner_new_ads_total", "Ads that received an id online.")
+NEW_ORGANIC = counter("adloop_learner_new_organic_items_total",
+                      "Organic items (videos, articles) that received an id online.")
 HOLDOUT = gauge("adloop_learner_holdout_ndcg", "Online-holdout value-NDCG, by model.", ("model",))
 HOLDOUT_VALUE = gauge("adloop_learner_holdout_value",
                       "Value-weighted off-policy estimate (money per impression) on the "
@@ -132,6 +143,9 @@ class LearnerSettings(BaseSettings):
     dc_weight: float = 0.0
     """Distribution Consistency weight (RSPOConfig.dc_weight): the generator's
     distribution over each list's items towards the ranker's expected value."""
+    organic_weight: float = 0.0
+    """Weight of the organic term (RSPOConfig.organic_weight): RSPO and a VSL anchor over
+    each mixed feed's organic items, rewarded by likes and dwell; 0: off."""
     train_on: str = "all"
     """all (provisional + corrections + changed finals) or final (final lists only)."""
     replay_size: int = 4096
@@ -243,13 +257,15 @@ class LearnerService:
         self.producer = EventProducer(self.kafka)
         self.rng = random.Random(s.seed)
         self.rspo_cfg = RSPOConfig(beta=s.beta, vsl_alpha=s.vsl_alpha, hepo_weight=s.hepo_weight,
-                                   dc_weight=s.dc_weight)
+                                   dc_weight=s.dc_weight, organic_weight=s.organic_weight)
         # state restored from / saved to the checkpoint
         self.seq = 0
         self.positions: dict[int, int] = {}
         self.next_version = 1
         self.ads_checked = 0
         """Offsets of ``ads`` below this were dead-lettered (if bad) before the checkpoint."""
+        self.organic_checked = 0
+        """The same mark for ``organic-items``."""
         self.last_published: str | None = None
         self.pending_update: str | None = None
         self.watermark = 0.0
@@ -303,6 +319,7 @@ class LearnerService:
             self.positions = {int(k): int(v) for k, v in st["positions"].items()}
             self.next_version = int(st["next_version"])
             self.ads_checked = int(st.get("ads_checked", 0))
+            self.organic_checked = int(st.get("organic_checked", 0))
             self.last_published = st["last_published"]
             self.pending_update = st["pending_update"]
             self.watermark = float(st["watermark"])
@@ -348,9 +365,9 @@ class LearnerService:
                 self.consumer.consumer.seek(tp, self.positions[tp.partition])
             else:
                 self.consumer.consumer.seek_to_beginning(tp)
-        ads_tp = TopicPartition(self.topics.ads, 0)
-        self.ads_consumer.assign([ads_tp])
-        self.ads_consumer.seek_to_beginning(ads_tp)
+        catalogue = self.catalogue_partitions()
+        self.ads_consumer.assign(catalogue)
+        self.ads_consumer.seek_to_beginning(*catalogue)
         self.poll_ads(timeout_ms=2000, until_end=True)
         if self.pending_update is not None:          # announced? make sure it is
             self.publisher.announce(self.producer, decode(self.pending_update.encode(),
@@ -360,16 +377,32 @@ class LearnerService:
             self.publish()
         self.ready = True
 
-    # -- ads -----------------------------------------------------------------------------
+    # -- the catalogue: ads and organic items -------------------------------------------
+    def catalogue_partitions(self) -> list[TopicPartition]:
+        """``ads`` and, when the topic exists, ``organic-items`` (both one partition)."""
+        tps = [TopicPartition(self.topics.ads, 0)]
+        organic = self.topics.name("organic-items")
+        if self.ads_consumer.partitions_for_topic(organic):
+            tps.append(TopicPartition(organic, 0))
+        else:
+            log.warning("learner.no_organic_items_topic", topic=organic,
+                        effect="organic items get no ids online")
+        return tps
+
     def poll_ads(self, timeout_ms: int = 0, until_end: bool = False) -> None:
-        """Read new ``ads`` records and give new ads ids. A record that does not decode, or
-        an ad the tokenizer cannot place (missing attributes, id space full, ...), is
-        dead-lettered (``handler_error`` for the latter) once per offset, and skipped."""
-        tp = TopicPartition(self.topics.ads, 0)
-        end = self.ads_consumer.end_offsets([tp])[tp] if until_end else 0
+        """Read new ``ads`` and ``organic-items`` records and give new ads and organic
+        items ids. A record that does not decode, or an item the tokenizer cannot place
+        (missing attributes, id space full, ...), is dead-lettered (``handler_error`` for
+        the latter) once per offset, and skipped."""
+        tps = list(self.ads_consumer.assignment())
+        ends = self.ads_consumer.end_offsets(tps) if until_end else {}
+        organic_topic = self.topics.name("organic-items")
         while True:
             new: list[tuple[Ad, Any]] = []
-            for msgs in self.ads_consumer.poll(timeout_ms=timeout_ms).values():
+            for tp, msgs in self.ads_consumer.poll(timeout_ms=timeout_ms).items():
+                if tp.topic == organic_topic:
+                    self._place_organic(msgs)
+                    continue
                 for m in msgs:
                     ad = decode(m.value, Ad)
                     if isinstance(ad, DecodeFailure):
@@ -395,15 +428,51 @@ class LearnerService:
                             log.warning("learner.ad_rejected", ad_id=ad.ad_id, error=str(one))
                             self._ad_dead_letter(m, "handler_error",
                                                  f"tokenizer cannot place ad: {one!r}")
-            if not until_end or self.ads_consumer.position(tp) >= end:
+            if not until_end or all(self.ads_consumer.position(tp) >= end
+                                    for tp, end in ends.items()):
                 return
 
+    def _place_organic(self, msgs: list[Any]) -> None:
+        """Give ids to the organic items of new ``organic-items`` records (one batch,
+        then one by one when the batch fails, as for ads)."""
+        new: list[tuple[OrganicItem, Any]] = []
+        known = self.tok.organic_table()
+        for m in msgs:
+            item = decode(m.value, OrganicItem)
+            if isinstance(item, DecodeFailure):
+                self._catalogue_dead_letter("organic-items", m, item.reason, item.detail)
+                continue
+            if item.status == "active" and item.item_id not in known:
+                new.append((item, m))
+        if not new:
+            return
+        try:
+            self.tok.add_organic([item for item, _ in new])
+            NEW_ORGANIC.inc(len(new))
+        except Exception as exc:
+            log.warning("learner.organic_batch_partial", error=repr(exc)[:300])
+            for item, m in new:
+                try:
+                    self.tok.add_organic([item])
+                    NEW_ORGANIC.inc()
+                except Exception as one:
+                    log.warning("learner.organic_rejected", item_id=item.item_id,
+                                error=str(one))
+                    self._catalogue_dead_letter("organic-items", m, "handler_error",
+                                                f"tokenizer cannot place organic item: "
+                                                f"{one!r}")
+
     def _ad_dead_letter(self, m: Any, reason: DlqReason, detail: str) -> None:
-        # the ads reader has no consumer group: offsets below ads_checked were handled
-        # before the checkpoint, and DeadLetterOnce's mark (shared with the servers) keeps
-        # each offset to one dead letter across restarts and readers
-        if m.offset >= self.ads_checked:
-            self.ads_dead.offer("ads", m.partition, m.offset, reason, detail,
+        self._catalogue_dead_letter("ads", m, reason, detail)
+
+    def _catalogue_dead_letter(self, topic: str, m: Any, reason: DlqReason,
+                               detail: str) -> None:
+        # the catalogue reader has no consumer group: offsets below the checked mark were
+        # handled before the checkpoint, and DeadLetterOnce's mark (shared with the
+        # servers) keeps each offset to one dead letter across restarts and readers
+        checked = self.ads_checked if topic == "ads" else self.organic_checked
+        if m.offset >= checked:
+            self.ads_dead.offer(topic, m.partition, m.offset, reason, detail,
                                 m.value or b"", m.key)
 
     # -- feedback ------------------------------------------------------------------------
@@ -491,7 +560,8 @@ class LearnerService:
         """One optimizer step on ``lists``."""
         return self.learner.update(lists_to_batch(lists, self.tok, self.model,
                                                   self.learner_trie(),
-                                                  beams=self.learner.reads_beams))
+                                                  beams=self.learner.reads_beams,
+                                                  organic_dwell_s=self.learner.organic_dwell_s))
 
     def learner_trie(self) -> IdTrie | None:
         """The servable ids the tokenizer knows, as a trie (None with ``trie_logprobs``
@@ -621,6 +691,10 @@ class LearnerService:
         (atomically). Returns how far ``ads`` has been checked."""
         ads_tp = TopicPartition(self.topics.ads, 0)
         ads_checked = max(self.ads_checked, self.ads_consumer.position(ads_tp))
+        organic_tp = TopicPartition(self.topics.name("organic-items"), 0)
+        organic_checked = (max(self.organic_checked, self.ads_consumer.position(organic_tp))
+                           if organic_tp in self.ads_consumer.assignment()
+                           else self.organic_checked)
         # 2. ledger segment for this checkpoint
         if ledger:
             seg = self.state_dir / "ledger" / f"{seq:08d}.jsonl"
@@ -637,7 +711,7 @@ class LearnerService:
             "tokenizer_dir": tok_dir, "id_space_version": self.tok.id_space_version,
             "positions": {str(p): o for p, o in positions.items()},
             "next_version": self.next_version, "last_published": self.last_published,
-            "ads_checked": ads_checked,
+            "ads_checked": ads_checked, "organic_checked": organic_checked,
             "pending_update": self.pending_update, "watermark": self.watermark,
             "seen": [[k, [v[0], v[1]]] for k, v in seen],
         }
@@ -647,6 +721,7 @@ class LearnerService:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_state, self.state_dir / STATE_FILE)
+        self.organic_checked = organic_checked
         for old in self.state_dir.glob(f"{TOKENIZER_DIR}.*"):
             if old.name != tok_dir:
                 shutil.rmtree(old, ignore_errors=True)

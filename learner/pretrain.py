@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from learner.data import (
     ExampleSet,
     build_examples,
     latest_ads,
+    latest_organic,
     read_jsonl,
     read_kafka,
     split_by_time,
@@ -50,7 +51,7 @@ from streams.features import (
 )
 from streams.logs import get_logger
 from streams.metrics import counter, gauge, histogram, start_metrics_server
-from streams.schemas import Ad, Feedback
+from streams.schemas import Ad, Feedback, OrganicItem
 from streams.settings import add_settings_arguments, settings_from_args
 
 log = get_logger(__name__)
@@ -70,6 +71,9 @@ class PretrainSettings(BaseSettings):
     """file (--ads/--feedback JSONL) or kafka (the ads and feedback topics)."""
     ads: Path | None = None
     feedback: Path | None = None
+    organic: Path | None = None
+    """``organic-items`` records (JSONL) to place in the same id space as the ads, with
+    --source file (optional; with --source kafka the topic is read)."""
     bootstrap_servers: str = "127.0.0.1:9092"
     topic_prefix: str = ""
     run_dir: Path = Path("runs/pretrain")
@@ -87,6 +91,13 @@ class PretrainSettings(BaseSettings):
     history_len: int = 20
     organic_len: int = DEFAULT_ORGANIC_LEN
     """Organic-history slots of the model's input (0 = ads-only history)."""
+    organic_targets: bool = True
+    """Organic items of mixed feeds the user engaged with (``Feedback.organic``) are
+    generation targets too, weighted by their engagement (a like 1, dwell up to 1 at
+    organic_dwell_s): the one model learns what to place in a feed's organic slots. No
+    effect on logs without organic items."""
+    organic_dwell_s: float = 30.0
+    """Dwell seconds worth one like in the organic engagement reward."""
     refine_steps: int = 0
     """RQ-VAE-style refinement steps of a newly fitted tokenizer (0 = RQ-Kmeans only;
     TokenizerConfig.refine_steps)."""
@@ -173,22 +184,35 @@ class PretrainResult:
     run_dir: Path
 
 
-def load_events(s: PretrainSettings) -> tuple[list[Ad], list[Feedback]]:
+def load_events(s: PretrainSettings) -> tuple[list[Ad], list[Feedback], list[OrganicItem]]:
+    """(latest ads, feedback, latest active organic items) per the settings."""
     if s.source == "file":
         if s.ads is None or s.feedback is None:
             raise SystemExit("adloop pretrain: --ads and --feedback JSONL files are required "
                              "with --source file")
-        return latest_ads(read_jsonl(s.ads, Ad)), read_jsonl(s.feedback, Feedback)
+        organic = read_jsonl(s.organic, OrganicItem) if s.organic is not None else []
+        return (latest_ads(read_jsonl(s.ads, Ad)), read_jsonl(s.feedback, Feedback),
+                active_organic(organic))
     if s.source == "kafka":
         from streams.topics import Topics
 
         topics = Topics(s.topic_prefix)
         ads = read_kafka(s.bootstrap_servers, topics.ads, Ad)
-        return latest_ads(ads), read_kafka(s.bootstrap_servers, topics.feedback, Feedback)
+        organic = read_kafka(s.bootstrap_servers, topics.name("organic-items"), OrganicItem)
+        return (latest_ads(ads), read_kafka(s.bootstrap_servers, topics.feedback, Feedback),
+                active_organic(organic))
     raise SystemExit(f"adloop pretrain: unknown --source {s.source!r} (file or kafka)")
 
 
-def tokenizer_for(s: PretrainSettings, ads: list[Ad]) -> UASIDTokenizer:
+def active_organic(items: list[OrganicItem]) -> list[OrganicItem]:
+    """The newest state of each organic item, removed ones left out."""
+    return [o for o in latest_organic(items) if o.status == "active"]
+
+
+def tokenizer_for(s: PretrainSettings, ads: list[Ad],
+                  organic: Sequence[OrganicItem] = ()) -> UASIDTokenizer:
+    """run_dir's tokenizer with ids for new ads and organic items, or a new id space
+    fitted on ``ads`` and ``organic`` together (one set of codebooks)."""
     tok_dir = Path(s.run_dir) / TOKENIZER_DIR
     if (tok_dir / "tokenizer.json").exists() and not s.refit_tokenizer:
         tok = UASIDTokenizer.load(tok_dir)
@@ -196,13 +220,18 @@ def tokenizer_for(s: PretrainSettings, ads: list[Ad]) -> UASIDTokenizer:
         if new:
             tok.add_ads(new)
             log.info("assigned ids to new ads", count=len(new))
+        known = tok.organic_table()
+        new_org = [o for o in organic if o.item_id not in known]
+        if new_org:
+            tok.add_organic(new_org)
+            log.info("assigned ids to new organic items", count=len(new_org))
     else:
         cfg = TokenizerConfig(
             level_sizes=tuple(int(x) for x in s.level_sizes.split(",")),
             industry_size=s.industry_size, goal_size=s.goal_size,
             advertiser_size=s.advertiser_size, suffix_size=s.suffix_size, seed=s.seed,
             encoder=s.encoder, refine_steps=s.refine_steps)
-        tok = UASIDTokenizer.fit(ads, cfg)
+        tok = UASIDTokenizer.fit(ads, cfg, organic=list(organic))
         log.info("fitted tokenizer", **{k: v for k, v in tok.report().items()
                                         if not isinstance(v, list)})
     tok.save(tok_dir)
@@ -273,12 +302,15 @@ def train_steps(model: GenerativeRecommender, opt: torch.optim.Optimizer, train:
 
 
 def pretrain(s: PretrainSettings, ads: list[Ad] | None = None,
-             feedback: list[Feedback] | None = None) -> PretrainResult:
-    """The whole offline run (events given directly, or read per the settings)."""
+             feedback: list[Feedback] | None = None,
+             organic: Sequence[OrganicItem] | None = None) -> PretrainResult:
+    """The whole offline run (events given directly, or read per the settings).
+    ``organic``: organic items (videos, articles) placed in the ads' id space, so a
+    mixed feed can serve them (none: an ads-only id space)."""
     if s.threads:
         torch.set_num_threads(s.threads)
     if ads is None or feedback is None:
-        ads, feedback = load_events(s)
+        ads, feedback, organic = load_events(s)
     run_dir = Path(s.run_dir)
     ckpt: dict[str, Any] | None = None
     if s.resume and (run_dir / "checkpoint.pt").exists():
@@ -286,7 +318,7 @@ def pretrain(s: PretrainSettings, ads: list[Ad] | None = None,
         if s.refit_tokenizer:
             raise SystemExit("adloop pretrain: --refit-tokenizer makes a new id space; "
                              "it cannot resume a checkpoint (use --no-resume)")
-    tok = tokenizer_for(s, ads)
+    tok = tokenizer_for(s, ads, organic or ())
     cfg = model_config(s, tok)
     if ckpt is not None:
         tok.check_version(ckpt["id_space_version"], what=f"checkpoint in {run_dir}")
@@ -304,7 +336,8 @@ def pretrain(s: PretrainSettings, ads: list[Ad] | None = None,
 
     examples = build_examples(feedback, tok, cfg.history_len, cfg.context_features,
                               cfg.context_buckets, cfg.mtp_heads, organic_len=cfg.organic_len,
-                              short_horizon=cfg.short_horizon)
+                              short_horizon=cfg.short_horizon,
+                              organic_dwell_s=s.organic_dwell_s if s.organic_targets else None)
     train, test = split_by_time(examples, s.held_out_frac)
     if ckpt is None and len(train) and s.value_priors:
         first = np.unique(train.request, return_index=True)[1]   # each shown slate once
@@ -313,7 +346,8 @@ def pretrain(s: PretrainSettings, ads: list[Ad] | None = None,
                                        shown.converted)
         log.info("value priors", **rates)
     log.info("examples", train=len(train), held_out=len(test),
-             positives=len(train.positives), params=model.num_parameters())
+             positives=len(train.positives),
+             organic_positives=len(train.organic_positives), params=model.num_parameters())
 
     def checkpoint(step: int, metrics: dict[str, float] | None = None) -> None:
         save_checkpoint(run_dir, model, tok.id_space_version, step, opt, metrics,

@@ -59,6 +59,12 @@ class RSPOConfig:
     has them) towards the ranker's; 0 = off."""
     dc_tau: float = 1.0
     """Temperature of the ranker's side of the DC term."""
+    organic_weight: float = 0.0
+    """Weight of the organic term: RSPO plus a VSL anchor over each mixed feed's organic
+    items, rewarded by their engagement (:func:`organic_engagement`); 0 = organic
+    feedback is not trained on."""
+    organic_dwell_s: float = 30.0
+    """Dwell seconds worth one like in the organic engagement reward (capped at one)."""
     min_gap: float = 1e-9
     """Rewards closer than this count as ties."""
     reward: str = "value"
@@ -79,6 +85,15 @@ class RSPOConfig:
     train the decoder and item table only, and the encoder, whose memory the value head
     reads, learns only from the value loss, so generator updates cannot move the scores
     that rank the slate."""
+
+
+def organic_engagement(viewed: bool, liked: bool, dwell_s: float, dwell_unit_s: float
+                       ) -> float:
+    """The reward of one organic item of a mixed feed: a like counts 1 and dwell counts
+    ``min(dwell_s / dwell_unit_s, 1)``; an item not viewed earns 0 (in [0, 2])."""
+    if not viewed:
+        return 0.0
+    return float(liked) + min(max(dwell_s, 0.0) / dwell_unit_s, 1.0)
 
 
 def rank_gain_weights(rewards: Tensor, mask: Tensor,

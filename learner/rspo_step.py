@@ -51,7 +51,13 @@ from learner.losses import (
     value_weights,
 )
 from learner.model import GenerativeRecommender
-from learner.rspo import RSPOConfig, fake_negative_weight, hepo_loss, rspo_loss
+from learner.rspo import (
+    RSPOConfig,
+    fake_negative_weight,
+    hepo_loss,
+    organic_engagement,
+    rspo_loss,
+)
 from learner.tokenizer import UASIDTokenizer, UnknownAdError
 from streams.features import request_ids
 from streams.schemas import BeamCandidate, Feedback
@@ -92,6 +98,13 @@ class ListBatch:
     """[B, J] the realized reward of a shown beam, 0 otherwise."""
     beam_allowed: Tensor | None = None
     """[B, J, T, V] bool, as :attr:`allowed` for the beams (None without a trie)."""
+    organic_items: Tensor | None = None
+    """[B, M, T] the ids of each mixed feed's organic items (items without an id left
+    out); None when no list of the batch has organic items."""
+    organic_mask: Tensor | None = None
+    """[B, M] 1 for a real organic item."""
+    organic_rewards: Tensor | None = None
+    """[B, M] each organic item's engagement reward (:func:`organic_engagement`)."""
 
     def __len__(self) -> int:
         return int(self.items.shape[0])
@@ -110,13 +123,15 @@ def provisional_weight(fb: Feedback) -> float:
 
 def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
                    model: GenerativeRecommender, trie: IdTrie | None = None,
-                   beams: bool = True) -> ListBatch:
+                   beams: bool = True, organic_dwell_s: float | None = None) -> ListBatch:
     """Tensors for ``(feedback, list weight)`` pairs; unknown ads are left out. The
     history axis is as long as the longest history in the batch (at most H). With the
     ``trie`` of servable ids, the items' log-probs are taken under its constraint, as
     the server scores them (:attr:`ListBatch.allowed`). With ``beams`` (the default)
     and a list of the batch carrying logged beams, the ``beam_*`` fields are filled
-    (HEPO's candidates; ``beams=False`` skips them when nothing reads them)."""
+    (HEPO's candidates; ``beams=False`` skips them when nothing reads them). With
+    ``organic_dwell_s`` and a list of the batch carrying organic items, the
+    ``organic_*`` fields are filled (None skips them)."""
     cfg = model.cfg
     T, H = cfg.id_len, cfg.history_len
     B = len(lists)
@@ -171,7 +186,32 @@ def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
                       allowed, t(horizon))
     if beams and any(fb.beams for fb, _ in lists):
         _add_beams(batch, [fb for fb, _ in lists], tok, T, trie)
+    if organic_dwell_s is not None and any(fb.organic for fb, _ in lists):
+        _add_organic(batch, [fb for fb, _ in lists], tok, T, organic_dwell_s)
     return batch
+
+
+def _add_organic(batch: ListBatch, lists: Sequence[Feedback], tok: UASIDTokenizer, T: int,
+                 dwell_unit_s: float) -> None:
+    """Fill the ``organic_*`` fields: each list's organic items in feed order (items the
+    tokenizer has no id for left out) and their engagement rewards."""
+    B = len(lists)
+    M = max(max(len(fb.organic) for fb in lists), 1)
+    ids = np.zeros((B, M, T), np.int64)
+    mask = np.zeros((B, M), np.float32)
+    rewards = np.zeros((B, M), np.float32)
+    for b, fb in enumerate(lists):
+        m = 0
+        for it in sorted(fb.organic, key=lambda o: o.position):
+            try:
+                ids[b, m] = tok.organic_ids_of(it.item_id)
+            except UnknownAdError:
+                continue
+            mask[b, m] = 1.0
+            rewards[b, m] = organic_engagement(it.viewed, it.liked, it.dwell_s, dwell_unit_s)
+            m += 1
+    t = torch.from_numpy
+    batch.organic_items, batch.organic_mask, batch.organic_rewards = t(ids), t(mask), t(rewards)
 
 
 def _add_beams(batch: ListBatch, lists: Sequence[Feedback], tok: UASIDTokenizer, T: int,
@@ -254,6 +294,12 @@ class OnlineLearner:
         """Whether an update reads the lists' logged final beams (HEPO or DC is on)."""
         return self.cfg.hepo_weight > 0 or self.cfg.dc_weight > 0
 
+    @property
+    def organic_dwell_s(self) -> float | None:
+        """The organic term's dwell unit when it is on (None: organic items are not read,
+        :func:`lists_to_batch` skips them)."""
+        return self.cfg.organic_dwell_s if self.cfg.organic_weight > 0 else None
+
     def refresh_reference(self) -> None:
         """π_ref ← π_θ (called when a snapshot of π_θ is published)."""
         self.ref.load_state_dict(self.model.state_dict())
@@ -329,6 +375,15 @@ class OnlineLearner:
             ids = torch.cat([b.items, b.beam_items], 1)
             allowed = (torch.cat([b.allowed, b.beam_allowed], 1)
                        if b.allowed is not None and b.beam_allowed is not None else None)
+        n_main = ids.shape[1]        # shown items and beams; organic items after them
+        organic = self.cfg.organic_weight > 0 and b.organic_items is not None
+        if organic:
+            assert b.organic_items is not None
+            ids = torch.cat([ids, b.organic_items], 1)
+            if allowed is not None:   # organic items: each level's whole vocabulary
+                B_, M = b.organic_items.shape[:2]
+                allowed = torch.cat([allowed, allowed.new_ones(
+                    (B_, M, *allowed.shape[2:]))], 1)
         routed_level: Tensor | None = None
         prior_class: Tensor | None = None
         leaf = torch.zeros_like(b.bid_type)
@@ -370,7 +425,7 @@ class OnlineLearner:
         if self.cfg.dc_weight > 0:   # the ranker's money order over the same candidates
             if beam_ev is not None:  # the final beams the server ranked
                 assert b.beam_mask is not None
-                gen = (level_all[:, K:] * b.beam_mask.unsqueeze(-1)).sum(-1)
+                gen = (level_all[:, K:n_main] * b.beam_mask.unsqueeze(-1)).sum(-1)
                 l_dc = dc_loss(gen, log_money(beam_ev), b.beam_mask, self.cfg.dc_tau)
             else:                    # no logged beams: the shown items
                 ev = expected_value(torch.sigmoid(pctr.detach()), torch.sigmoid(pcvr.detach()),
@@ -398,14 +453,31 @@ class OnlineLearner:
                 assert beam_ev is not None
                 beam_rewards = self.beam_rewards(b, beam_ev)
                 assert b.beam_items is not None and b.beam_mask is not None
-                l_hepo, hepo_stats = hepo_loss(level_all[:, K:], ref_all[:, K:], b.beam_items,
+                l_hepo, hepo_stats = hepo_loss(level_all[:, K:n_main], ref_all[:, K:n_main],
+                                               b.beam_items,
                                                beam_rewards, b.beam_mask, self.cfg.hepo_clip,
                                                b.list_weight)
-                hepo_stats.update(self._served_gap(b, ref_all[:, K:]))
+                hepo_stats.update(self._served_gap(b, ref_all[:, K:n_main]))
             else:   # no logged beams: the shown items are the sibling groups
                 l_hepo, hepo_stats = hepo_loss(level_logp, ref_level, b.items, rewards,
                                                b.item_mask, self.cfg.hepo_clip, b.list_weight)
             loss = loss + self.cfg.hepo_weight * l_hepo
+        l_org = torch.zeros(())
+        org_stats: dict[str, float] = {}
+        if organic:
+            assert b.organic_mask is not None and b.organic_rewards is not None
+            om = b.organic_mask
+            org_logp = (level_all[:, n_main:] * om.unsqueeze(-1)).sum(-1)       # [B, M]
+            org_ref = (ref_all[:, n_main:] * om.unsqueeze(-1)).sum(-1)
+            l_org_rspo, _ = rspo_loss(org_logp, org_ref, b.organic_rewards, om,
+                                      self.cfg.beta, b.list_weight, self.cfg.min_gap)
+            ow = b.organic_rewards * om * b.list_weight.unsqueeze(1)
+            l_org_vsl = -(ow * org_logp).sum() / (ow > 0).sum().clamp_min(1)
+            l_org = l_org_rspo + self.cfg.vsl_alpha * l_org_vsl
+            loss = loss + self.cfg.organic_weight * l_org
+            n_org = om.sum().clamp_min(1)
+            org_stats = {"organic_items": float(om.sum()),
+                         "organic_mean_reward": float((b.organic_rewards * om).sum() / n_org)}
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -417,11 +489,11 @@ class OnlineLearner:
             "loss": float(loss.detach()), "rspo": float(l_rspo.detach()),
             "vsl": float(l_vsl.detach()), "value": float(l_val.detach()),
             "hepo": float(l_hepo.detach()), "dc": float(l_dc.detach()),
-            "prior": float(l_prior.detach()), "kl_ref": kl,
+            "prior": float(l_prior.detach()), "organic": float(l_org.detach()), "kl_ref": kl,
             "grad_norm": float(grad_norm),
             "mean_reward": float((b.rewards * b.item_mask).sum() / n_items),
             "mean_dense_reward": float((rewards * b.item_mask).sum() / n_items),
-            "lists": float(len(b)), **stats, **hepo_stats,
+            "lists": float(len(b)), **stats, **hepo_stats, **org_stats,
         }
 
     @torch.no_grad()

@@ -81,6 +81,7 @@ import numpy as np
 
 from learner.embeddings import DEFAULT_ENCODER, ad_text, embed_ads
 from streams.features import organic_topic
+from streams.schemas import OrganicItem as OrganicRecord
 
 FORMAT = 1
 BUSINESS_FIELDS = ("industry", "bid_type", "conversion_goal", "advertiser_id")
@@ -318,13 +319,17 @@ class OrganicItem:
 
 
 def organic_info(item: Any) -> OrganicItem:
-    """An :class:`OrganicItem` from one, a mapping (``item_id``, ``text``, optional
-    ``topic``) or a tuple ``(item_id, text[, topic])``; the topic defaults to the id's."""
+    """An :class:`OrganicItem` from one, an ``organic-items`` record
+    (:class:`streams.schemas.OrganicItem`: its title and description are the text, as
+    an ad's), a mapping (``item_id``, ``text``, optional ``topic``) or a tuple
+    ``(item_id, text[, topic])``; the topic defaults to the id's."""
     item_id: Any
     text: Any
     topic: Any
     if isinstance(item, OrganicItem):
         item_id, text, topic = item.item_id, item.text, item.topic
+    elif isinstance(item, OrganicRecord):
+        item_id, text, topic = item.item_id, ad_text(item), item.topic
     elif isinstance(item, Mapping):
         item_id, text, topic = item.get("item_id"), item.get("text"), item.get("topic")
     elif isinstance(item, tuple | list) and 2 <= len(item) <= 3:

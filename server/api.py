@@ -26,7 +26,7 @@ from server.batcher import OverloadedError
 from server.engine import NotReadyError, RecRequest, RecResult
 from server.service import Service
 from streams.logs import get_logger
-from streams.schemas import Impression, SlateItem
+from streams.schemas import Impression, OrganicSlot, SlateItem
 
 log = get_logger(__name__)
 
@@ -55,13 +55,18 @@ class RecommendRequest(BaseModel):
         description="the user's recent organic items (videos, articles) as "
         "'<topic>#<n>', oldest first; the snapshot reads the last organic_len topics")
     k: int = Field(10, ge=1, le=50, description="slate size")
+    organic_k: int = Field(
+        0, ge=0, le=50, description="organic items (videos, articles) wanted besides the "
+        "ads: a mixed feed that shows organic item 0, ad 0, organic item 1, ad 1, ...; "
+        "0 = ads only. Ranked by the same model, never one of recent_organic; empty when "
+        "the serving snapshot has no organic items")
     request_id: str | None = Field(None, min_length=1, max_length=128,
                                    description="generated when absent")
     event_time: float | None = Field(
         None, ge=0, description="event time of the request (seconds since the epoch) for "
         "simulated-time replays; the server's clock when absent")
 
-    @field_validator("k", "event_time", mode="before")
+    @field_validator("k", "organic_k", "event_time", mode="before")
     @classmethod
     def _json_numbers_only(cls, v: Any) -> Any:
         """JSON numbers only: no ``"10"`` for 10 and no ``false`` for 0 (16.0 is 16)."""
@@ -87,10 +92,21 @@ class RecommendedAd(BaseModel):
         "no ad is eligible for exploration) and an ad drawn by exploration e / |eligible|")
 
 
+class RecommendedOrganic(BaseModel):
+    item_id: str = Field(description="organic item id, '<topic>#<n>'")
+    semantic_id: list[int]
+    position: int = Field(description="rank among the organic items, 0 first (the feed "
+                          "shows organic item 0, ad 0, organic item 1, ad 1, ...)")
+    score: float = Field(description="log-probability of the item's id under the model")
+
+
 class RecommendResponse(BaseModel):
     request_id: str
     model_version: str
     ads: list[RecommendedAd]
+    organic: list[RecommendedOrganic] = Field(
+        description="the mixed feed's organic items, best first (empty when organic_k is 0 "
+        "or the serving snapshot has no organic items)")
     beam_widths: list[int] = Field(description="beam width used per id level")
     server_id: str
 
@@ -254,7 +270,7 @@ def create_api(service: Service) -> FastAPI:
         try:
             result, _wait, widths = await service.batcher.submit(
                 RecRequest(req.user_id, dict(req.context), list(req.recent_ad_ids), req.k,
-                           list(req.recent_organic)))
+                           list(req.recent_organic), req.organic_k))
         except OverloadedError as exc:
             M.SHED.inc()
             return JSONResponse({"detail": f"overloaded: {exc}"}, 429,
@@ -269,6 +285,8 @@ def create_api(service: Service) -> FastAPI:
                 "position": a.position, "semantic_id": a.semantic_id, "pctr": a.pctr,
                 "pcvr": a.pcvr, "bid": a.bid, "bid_type": a.bid_type,
                 "propensity": a.propensity} for a in result.ads]
+        organic = [{"item_id": o.item_id, "semantic_id": o.semantic_id, "position": o.position,
+                    "score": o.score} for o in result.organic]
         if service.impressions is not None:
             service.impressions.offer(Impression(
                 request_id=request_id,
@@ -281,9 +299,13 @@ def create_api(service: Service) -> FastAPI:
                                  propensity=a.propensity)
                        for a in result.ads],
                 model_version=result.model_version, beam_widths=list(result.beam_widths),
-                server_id=settings.server_id, beams=result.beams))
+                server_id=settings.server_id, beams=result.beams,
+                organic=[OrganicSlot(item_id=o.item_id, semantic_id=o.semantic_id,
+                                     position=o.position, score=o.score)
+                         for o in result.organic]))
         body = msgspec.json.encode({"request_id": request_id,
                                     "model_version": result.model_version, "ads": ads,
+                                    "organic": organic,
                                     "beam_widths": result.beam_widths,
                                     "server_id": settings.server_id})
         return Response(body, media_type="application/json")

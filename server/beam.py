@@ -41,14 +41,23 @@ class Beams:
 
 
 def beam_search(step: StepFn, trie: Trie, n_requests: int, widths: Sequence[int],
-                renormalize: bool = True, skip_forced: bool = True) -> Beams:
+                renormalize: bool = True, skip_forced: bool = True,
+                caps: Sequence[int] | np.ndarray | None = None) -> Beams:
     """Constrained beam search for ``n_requests`` requests with ``widths[t]`` per level.
     ``skip_forced`` (default): no model call for beams with a single allowed child (the
-    same beams and scores; off only to measure what it saves)."""
+    same beams and scores; off only to measure what it saves). ``caps`` [n_requests]:
+    request ``b`` keeps at most ``min(widths[t], caps[b])`` beams per level, so requests
+    of one batch can search with widths of their own (each gets the beams it would get
+    searched alone)."""
     T = trie.id_len
     if len(widths) != T or min(widths) < 1:
         raise ValueError(f"need {T} beam widths >= 1, got {list(widths)}")
     B = n_requests
+    cap: np.ndarray | None = None
+    if caps is not None:
+        cap = np.asarray(caps, dtype=np.int64)
+        if cap.shape != (B,) or (B and int(cap.min()) < 1):
+            raise ValueError(f"need {B} per-request caps >= 1, got {cap.tolist()}")
     req = np.arange(B, dtype=np.int64)                 # live beams, request-major
     node = np.zeros(B, dtype=np.int64)
     score = np.zeros(B, dtype=np.float64)
@@ -82,6 +91,8 @@ def beam_search(step: StepFn, trie: Trie, n_requests: int, widths: Sequence[int]
         top = np.take_along_axis(top, rank, axis=1)
         top_val = np.take_along_axis(top_val, rank, axis=1)
         keep = np.isfinite(top_val)
+        if cap is not None:
+            keep &= np.arange(top_val.shape[1])[None, :] < cap[:, None]
         new_req = np.repeat(np.arange(B), keep.sum(axis=1))
         e = edge_at[np.arange(B)[:, None], top][keep]
         score = top_val[keep]

@@ -7,12 +7,21 @@ The final beams themselves, best expected value first and at most ``log_beams`` 
 travel with each result (:attr:`RecResult.beams`) into the impression log, so the
 learner sees the candidates the slate was chosen from (HEPO's sibling groups).
 
+Mixed feed: requests with ``organic_k`` > 0 also get organic items (videos, articles)
+ranked by the same model. Their encoder states are reused for a generator-only beam
+search constrained to the snapshot's organic trie (no value heads: organic items have
+no bid), each request with its own width (``organic_beam``, widened by ``organic_k``
+and the recent organic items it drops); the request's ``recent_organic`` are left
+out and the best ``organic_k`` by log-probability kept. The ads' search never sees
+it, so a request's ads are the same with and without ``organic_k``.
+
 Runs on a worker thread (onnxruntime releases the GIL). The serving state is read
 once per batch, so every request of a batch is answered by one model version.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +60,8 @@ class RecRequest:
     k: int
     recent_organic: list[str] = field(default_factory=list)
     """Recent organic item ids, oldest first (``<topic>#<n>``)."""
+    organic_k: int = 0
+    """Organic items wanted besides the ads (a mixed feed); 0 = ads only."""
 
 
 @dataclass
@@ -72,6 +83,14 @@ class RankedAd:
 
 
 @dataclass
+class RankedOrganic:
+    item_id: str
+    semantic_id: list[int]
+    position: int             # rank among the request's organic items, 0 first
+    score: float              # the generator's log-probability of the item's id
+
+
+@dataclass
 class RecResult:
     model_version: str
     beam_widths: list[int]
@@ -84,18 +103,26 @@ class RecResult:
     """The servable final beams, best expected value first (ties: higher log-prob), at
     most the engine's ``log_beams``: what the impression logs (not part of the HTTP
     response)."""
+    organic: list[RankedOrganic] = field(default_factory=list)
+    """The mixed feed's organic items, best log-probability first (empty when
+    ``organic_k`` is 0 or the snapshot has no organic items)."""
 
 
 class Engine:
     def __init__(self, models: ModelManager, catalog: AdCatalog,
-                 explorer: Explorer | None = None, log_beams: int = 32) -> None:
+                 explorer: Explorer | None = None, log_beams: int = 32,
+                 organic_beam: int = 16) -> None:
         if log_beams < 0:
             raise ValueError(f"log_beams must be >= 0, got {log_beams}")
+        if organic_beam < 1:
+            raise ValueError(f"organic_beam must be >= 1, got {organic_beam}")
         self.models = models
         self.catalog = catalog
         self.explorer = explorer
         self.log_beams = log_beams
         """Final beams per request kept in :attr:`RecResult.beams` (0 = none)."""
+        self.organic_beam = organic_beam
+        """Base beam width per level of the organic search (see :meth:`organic`)."""
         self._warned_context: set[str] = set()
 
     def inputs(self, state: ServingState,
@@ -144,6 +171,9 @@ class Engine:
 
         beams = beam_search(step, trie, B, widths)
         results = [RecResult(state.model.version, list(widths)) for _ in requests]
+        if any(r.organic_k > 0 for r in requests):
+            for res, items in zip(results, self.organic(state, states, requests), strict=True):
+                res.organic = items
         if beams.request.shape[0] == 0:
             return results
         candidates, col = pad_candidates(beams, B)
@@ -174,6 +204,57 @@ class Engine:
         if self.explorer is not None and self.explorer.enabled:
             self._explore(state, states, [beams.rows[idx].tolist() for idx in slates], results)
         return results
+
+    def organic(self, state: ServingState, states: UserStates,
+                requests: list[RecRequest]) -> list[list[RankedOrganic]]:
+        """The organic items of each request (empty for ``organic_k`` = 0): a beam search
+        over the snapshot's organic trie for the mixed-feed requests only, on their rows
+        of ``states``. Request ``b`` searches with width ``max(organic_beam, organic_k +
+        n_b)`` at every level, n_b = its recent organic items in the organic table (so
+        dropping them does not shorten its list), whatever else is in the batch; its
+        recent organic items are dropped and the best ``organic_k`` by log-probability
+        kept. Without organic items in the snapshot: empty lists, counted."""
+        out: list[list[RankedOrganic]] = [[] for _ in requests]
+        want = [b for b, r in enumerate(requests) if r.organic_k > 0]
+        if not want:
+            return out
+        model = state.model
+        trie = model.organic_trie
+        if trie is None:
+            M.ORGANIC_UNAVAILABLE.inc(len(want))
+            return out
+        started = time.perf_counter()
+        man, rt, row_of = model.manifest, model.runtime, model.organic_row_of
+        sub = np.array(want, np.int64)
+        seen = [{row_of[i] for i in requests[b].recent_organic if i in row_of} for b in want]
+        caps = np.array([max(self.organic_beam, requests[b].organic_k + len(s))
+                         for b, s in zip(want, seen, strict=True)], np.int64)
+
+        def step(req: np.ndarray, prefix: np.ndarray) -> np.ndarray:
+            return rt.step(states, sub[req], prefix)
+
+        beams = beam_search(step, trie, len(want), [int(caps.max())] * man.id_len,
+                            caps=caps)
+        order = np.lexsort((-beams.logprob, beams.request))
+        req_sorted = beams.request[order]
+        served = 0
+        for j, b in enumerate(want):
+            lo, hi = np.searchsorted(req_sorted, [j, j + 1])
+            items: list[RankedOrganic] = []
+            for i in order[lo:hi].tolist():
+                row = int(beams.rows[i])
+                if row in seen[j] or not np.isfinite(beams.logprob[i]):
+                    continue
+                items.append(RankedOrganic(
+                    item_id=man.organic_ids[row], semantic_id=[int(x) for x in beams.ids[i]],
+                    position=len(items), score=float(beams.logprob[i])))
+                if len(items) == requests[b].organic_k:
+                    break
+            out[b] = items
+            served += len(items)
+        M.ORGANIC_SERVED.inc(served)
+        M.ORGANIC_SECONDS.observe(time.perf_counter() - started)
+        return out
 
     def _keep_beams(self, beams: Beams, ev: np.ndarray, allowed: np.ndarray,
                     ad_ids: list[str], bid: np.ndarray, kind: np.ndarray,

@@ -1,11 +1,12 @@
 """Impression logging that never blocks a request and survives a crash of the server.
 
-Handlers ``offer`` each served slate. With a spool directory (the default), the
-record is first appended to the current spool segment (one JSON line, written to the
-operating system before the response goes out, no fsync), then put on a bounded
-queue; a daemon thread produces queued records to ``impressions`` with an
-:class:`EventProducer` whose ``max_block_ms`` is short. A segment is deleted once it
-is closed and every record in it is acknowledged by Kafka (or finally refused).
+Handlers ``offer`` each served slate (with the organic items of a mixed feed). With a
+spool directory (the default), the record is first appended to the current spool
+segment (one JSON line, written to the operating system before the response goes out,
+no fsync), then put on a bounded queue; a daemon thread produces queued records to
+``impressions`` with an :class:`EventProducer` whose ``max_block_ms`` is short. A
+segment is deleted once it is closed and every record in it is acknowledged by Kafka
+(or finally refused).
 
 At start, segments left by an earlier process (``kill -9``, power loss of the
 process, a shutdown while Kafka was down) are produced again before new records:

@@ -71,3 +71,14 @@ EXPLORE_VALUE = counter("adloop_server_explore_expected_value_total",
                         "ranked ad each one replaced (slot=ranked) and of the ad drawn "
                         "(slot=explored); their difference is what exploration costs.",
                         ("slot",))
+ORGANIC_SERVED = counter("adloop_server_organic_served_total",
+                        "Organic items (videos, articles) served in mixed feeds.")
+ORGANIC_SECONDS = histogram("adloop_server_organic_search_seconds",
+                            "Time of the organic beam search of one batch (its mixed-feed "
+                            "requests only).")
+ORGANIC_UNAVAILABLE = counter(
+    "adloop_server_organic_unavailable_total",
+    "Mixed-feed requests (organic_k > 0) answered with ads only because the serving "
+    "snapshot has no organic items (no organic_ids in its manifest).")
+ORGANIC_ITEMS = gauge("adloop_server_organic_items",
+                      "Organic items in the serving snapshot's organic trie (0 = ads only).")

@@ -8,10 +8,15 @@ label of ``adloop_server_swaps_total``); any failure keeps the old state:
 1. fetch ``manifest.json`` and its files into the local cache, verifying the
    manifest's sha256 (from ``model-updates``) and every file's sha256   (fetch, checksum, manifest)
 2. load the three onnxruntime sessions beside the serving ones            (load)
-3. warm up: a beam search over the whole id table; every output must be finite (warmup, nan)
+3. warm up: a beam search over the whole id table (and one over the organic items when
+   the snapshot has them); every output must be finite               (warmup, nan)
 4. run the manifest's parity inputs and compare with its references          (parity)
 5. build the trie of servable ads for the new id table, swap the reference, and drop
    the old state (its sessions are freed once no in-flight batch holds them).
+
+The trie of the snapshot's organic items (``organic_ids``, every one servable) is built
+once per snapshot at load and kept with the model: catalog changes rebuild only the
+ads' trie.
 
 The last ``keep_versions`` verified versions stay in the cache for rollback; a
 rollback re-verifies the cached files and goes through steps 2-5 again.
@@ -75,6 +80,10 @@ class LoadedModel:
     order: np.ndarray                       # lexicographic order of manifest.ids
     row_of: dict[str, int]
     loaded_at: float
+    organic_trie: Trie | None = None
+    """Trie over ``manifest.organic_table`` (every row); None without organic items."""
+    organic_row_of: dict[str, int] = field(default_factory=dict)
+    """Organic item id -> row of ``manifest.organic_table``."""
 
     @property
     def data_watermark(self) -> float | None:
@@ -256,8 +265,10 @@ class ModelManager:
             if model.data_watermark is not None:
                 M.WATERMARK.set(model.data_watermark)
             M.SERVABLE_ADS.set(trie.n_ads)
+            organic = model.organic_trie.n_ads if model.organic_trie is not None else 0
+            M.ORGANIC_ITEMS.set(organic)
             log.info("model.swapped", version=model.version, result=ok_label,
-                     seconds=round(elapsed, 3), servable=trie.n_ads)
+                     seconds=round(elapsed, 3), servable=trie.n_ads, organic_items=organic)
             return ok_label
 
     def _failed(self, info: VersionInfo, exc: SnapshotRejectedError, started: float) -> str:
@@ -293,8 +304,13 @@ class ModelManager:
         except Exception as exc:
             raise SnapshotRejectedError("load", repr(exc)[:500]) from None
         order = sort_ids(manifest.ids)
+        organic = manifest.organic_table
+        organic_trie = (build_trie(organic, sort_ids(organic), np.ones(len(organic), bool),
+                                   manifest.level_sizes) if len(manifest.organic_ids) else None)
         model = LoadedModel(manifest.version, manifest, runtime, directory, update, order,
-                            {a: i for i, a in enumerate(manifest.ad_ids)}, time.time())
+                            {a: i for i, a in enumerate(manifest.ad_ids)}, time.time(),
+                            organic_trie,
+                            {a: i for i, a in enumerate(manifest.organic_ids)})
         self._warm_up(model)
         if shared is not None:      # the same graphs passed parity when they were loaded
             return model
@@ -307,7 +323,8 @@ class ModelManager:
         return model
 
     def _warm_up(self, model: LoadedModel) -> None:
-        """A real beam search for two requests over every id; all outputs finite."""
+        """A real beam search for two requests over every id, and one over every organic
+        item when the snapshot has them; all outputs finite."""
         man, rt = model.manifest, model.runtime
         T, H, C = man.id_len, man.history_len, len(man.context_features) + man.organic_len
         B = 2
@@ -344,6 +361,13 @@ class ModelManager:
             finite("value", pctr, pcvr)
             if len(man.ad_ids) and beams.request.shape[0] == 0:
                 raise SnapshotRejectedError("warmup", "beam search found no ids")
+            if model.organic_trie is not None:
+                organic = beam_search(step, model.organic_trie, B, widths)
+                if organic.request.shape[0] == 0:
+                    raise SnapshotRejectedError("warmup", "organic search found no ids")
+                if not np.isfinite(organic.logprob).all():
+                    raise SnapshotRejectedError("nan", "organic search produced non-finite "
+                                                "log-probabilities in warm-up")
         except SnapshotRejectedError:
             raise
         except Exception as exc:

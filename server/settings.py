@@ -53,6 +53,12 @@ class ServerSettings(BaseSettings):
     slo_ms: float = Field(50.0, gt=0, description="latency target inside the server")
     max_queue: int = Field(2048, ge=1, description="queued requests beyond this get 429")
 
+    # mixed feed (organic items ranked by the same model)
+    organic_beam: int = Field(16, ge=1, le=256, description="beam width per level of the "
+                              "organic search of a mixed-feed request (organic_k > 0); "
+                              "never below organic_k plus the request's recent organic "
+                              "items in the snapshot's organic table")
+
     # exploration (server/explore.py)
     explore: float = Field(0.0, ge=0, le=1, description="probability per request that the "
                            "last slot goes to a low-exposure ad drawn uniformly (0 = off)")

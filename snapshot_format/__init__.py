@@ -66,6 +66,9 @@ class Manifest:
     files: dict[str, dict[str, Any]]
     ad_ids: list[str]
     ids: np.ndarray            # [n, T] int64, rows in ``ad_ids`` order
+    organic_ids: list[str]
+    """Organic items (videos, articles) in the same id space, servable in a mixed feed."""
+    organic_table: np.ndarray  # [m, T] int64, rows in ``organic_ids`` order
     parity: dict[str, Any]
     raw: dict[str, Any]
 
@@ -105,24 +108,44 @@ def parse_manifest(data: bytes) -> Manifest:
         id_table = raw["ids"]
         if not isinstance(id_table, dict):
             raise ValueError("ids must be an object ad id -> id")
-        ad_ids = list(id_table)
-        T = len(level_sizes)
-        ids = np.array([id_table[a] for a in ad_ids], dtype=np.int64).reshape(len(ad_ids), T) \
-            if ad_ids else np.zeros((0, T), dtype=np.int64)
-        if ad_ids and ((ids < 0).any() or (ids >= np.array(level_sizes)).any()):
-            raise ValueError("an id has a code outside its level's size")
+        ad_ids, ids = _id_table(id_table, level_sizes, "ids", "ad id")
+        organic = raw.get("organic_ids") or {}
+        if not isinstance(organic, dict):
+            raise ValueError("organic_ids must be an object item id -> id")
+        organic_ids, organic_table = _id_table(organic, level_sizes, "organic_ids",
+                                               "organic item id")
+        if set(organic_ids) & set(ad_ids):
+            raise ValueError("an id is both an ad and an organic item: "
+                             f"{sorted(set(organic_ids) & set(ad_ids))[:3]}")
         return Manifest(
             version=str(raw["version"]), model_name=str(raw.get("model_name", "")),
             parent=raw.get("parent"), id_space_version=str(raw.get("id_space_version", "")),
             level_sizes=level_sizes, history_len=int(raw["history_len"]),
             context_features=tuple(str(f) for f in raw["context_features"]),
             context_buckets=int(raw["context_buckets"]), organic_len=int(raw["organic_len"]),
-            files=files, ad_ids=ad_ids, ids=ids,
+            files=files, ad_ids=ad_ids, ids=ids, organic_ids=organic_ids,
+            organic_table=organic_table,
             parity=raw.get("parity") or {}, raw=raw)
     except SnapshotRejectedError:
         raise
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotRejectedError("manifest", f"manifest.json: {exc!r}") from None
+
+
+def _id_table(table: dict[str, Any], level_sizes: tuple[int, ...], field: str,
+              what: str) -> tuple[list[str], np.ndarray]:
+    """(item ids, [n, T] int64 ids) of a manifest id table, each code checked against its
+    level's size."""
+    keys = list(table)
+    T = len(level_sizes)
+    if not keys:
+        return keys, np.zeros((0, T), dtype=np.int64)
+    ids = np.array([table[k] for k in keys], dtype=np.int64)
+    if ids.shape != (len(keys), T):
+        raise ValueError(f"{field}: every {what} needs {T} codes")
+    if (ids < 0).any() or (ids >= np.array(level_sizes)).any():
+        raise ValueError(f"{field}: an id has a code outside its level's size")
+    return keys, ids
 
 
 MODEL_IO = {

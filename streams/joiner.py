@@ -1,8 +1,11 @@
-"""``adloop join``: impressions ⋈ clicks ⋈ conversions → ``feedback``, exactly-once in effect.
+"""``adloop join``: impressions ⋈ clicks ⋈ conversions ⋈ organic engagements → ``feedback``,
+exactly-once in effect.
 
 The join semantics (windows, watermark, rewards, dedup) are in :mod:`streams.joiner_core`.
 This module is the Kafka side, on kafka-python: one consumer in group
-``<prefix><app_id>`` subscribed to the three co-partitioned input topics with the range
+``<prefix><app_id>`` subscribed to the four co-partitioned input topics
+(:data:`streams.joiner_core.INPUT_TOPICS`: impressions, clicks, conversions,
+organic-engagements) with the range
 assignor (so partition ``p`` of every input goes to the same instance), one idempotent
 :class:`streams.kafka_io.BatchProducer` (aiokafka's C record-batch builder on a background
 thread, ``acks=all``) for ``feedback``, ``dlq`` and the state changelog
@@ -31,7 +34,7 @@ A crash anywhere re-delivers the records after the last commit onto the state of
 last commit. Lists emitted after that commit were acknowledged (step 1) but their marks
 may be missing: on restart the joiner reads ``feedback`` after the recorded offset and
 marks them (``JoinCore.reconcile``), so no (request id, revision) is emitted twice, and
-re-delivered clicks/conversions are recognised by event id.
+re-delivered clicks, conversions and organic engagements are recognised by event id.
 
 Restore (:meth:`Joiner.load`): the partitions of one assignment are restored together,
 before any of their records is processed, with one restore consumer for the batch:
@@ -81,12 +84,15 @@ FEEDBACK = counter("adloop_join_feedback_total", "Feedback lists emitted, by kin
 CORRECTIONS = counter("adloop_join_corrections_total", "Correction lists emitted.")
 EVENTS = counter("adloop_join_events_total", "Input records processed, by topic and outcome "
                  "(applied, held, duplicate, late, orphan, invalid, handler_error, "
-                 "end_of_stream); a held click/conversion is counted again with the outcome "
-                 "it gets when its impression arrives.",
+                 "end_of_stream); a held click/conversion/organic engagement is counted "
+                 "again with the outcome it gets when its impression arrives.",
                  ("topic", "outcome"))
 LATE = counter("adloop_join_late_total", "Records dead-lettered as late, by topic.", ("topic",))
 ORPHANS = counter("adloop_join_orphan_total", "Records dead-lettered as orphan, by topic.",
                   ("topic",))
+ORGANIC = counter("adloop_join_organic_engagements_total",
+                  "Organic engagements joined into their impression's feedback, by action.",
+                  ("action",))
 RECONCILED = counter("adloop_join_reconciled_total",
                      "Feedback lists found on the output whose state mark was lost (restart).")
 COMMITS = counter("adloop_join_commits_total", "Completed commit protocols.")
@@ -105,6 +111,7 @@ ELAPSED = histogram("adloop_join_elapsed_seconds",
 
 
 FEEDBACK_BY_KIND = {k: FEEDBACK.labels(k) for k in ("provisional", "correction", "final")}
+ORGANIC_BY_ACTION = {a: ORGANIC.labels(a) for a in ("view", "like", "dwell")}
 ELAPSED_BY_KIND = {k: ELAPSED.labels(k) for k in ("provisional", "correction", "final")}
 
 
@@ -147,6 +154,8 @@ class Joiner:
         """Input records per (topic, outcome) not yet added to ``EVENTS``."""
         self.kinds: dict[str, int] = dict.fromkeys(FEEDBACK_BY_KIND, 0)
         """Feedback lists per kind not yet added to ``FEEDBACK``."""
+        self.organic: dict[str, int] = dict.fromkeys(ORGANIC_BY_ACTION, 0)
+        """Joined organic engagements per action not yet added to ``ORGANIC``."""
         self.positions: dict[tuple[str, int], int] = {}
         self.committed: dict[TopicPartition, int] = {}
         self.fb_offsets: dict[int, int] = {}
@@ -322,8 +331,10 @@ class Joiner:
                 step = self._handler_error(logical, p, m, exc)
             k = (logical, step.outcome)
             outcomes[k] = outcomes.get(k, 0) + 1
-            for k in step.released:  # held clicks/conversions applied by this impression
+            for k in step.released:  # held actions applied by this impression
                 outcomes[k] = outcomes.get(k, 0) + 1
+            for action in step.organic:
+                self.organic[action] += 1
             if step.rejected:
                 for r in step.rejected:
                     self._dead_letter(r)
@@ -362,6 +373,10 @@ class Joiner:
                 if kind == "correction":
                     CORRECTIONS.inc(n)
                 self.kinds[kind] = 0
+        for action, n in self.organic.items():
+            if n:
+                ORGANIC_BY_ACTION[action].inc(n)
+                self.organic[action] = 0
 
     def _emit(self, p: int, emissions: list[Feedback]) -> None:
         topic = self.topics.feedback

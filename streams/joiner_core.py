@@ -1,4 +1,5 @@
-"""The joiner's state machine: impressions ⋈ clicks ⋈ conversions → feedback lists.
+"""The joiner's state machine: impressions ⋈ clicks ⋈ conversions ⋈ organic engagements →
+feedback lists.
 
 Pure logic, no Kafka: :class:`JoinCore` holds the live state as decoded objects, returns
 what to emit and what to dead-letter, and hands the changed keys, encoded once each, to the
@@ -10,14 +11,22 @@ Event time drives everything. Per source partition:
 * ``watermark = min over input topics that still have unread records of the max event
   time seen on that topic - out_of_orderness_s`` (a topic read to its end does not hold
   the watermark back; when every topic is caught up the max over all is used). It never
-  decreases. "Seen" counts every impression but only the clicks/conversions applied to
-  their impression: one rejected as outside its attribution window (a clock far ahead)
-  or held for an impression not seen yet does not move the watermark.
+  decreases. "Seen" counts every impression but only the actions (clicks, conversions,
+  organic engagements) applied to their impression: one rejected as outside its
+  attribution window (a clock far ahead) or held for an impression not seen yet does not
+  move the watermark.
 * Emission checks run when the watermark crosses a multiple of ``emit_every_s`` and right
-  after a click/conversion changed a request whose provisional list is out; at a check,
-  every request whose provisional time (impression + observation window) or final time
+  after an action changed a request whose provisional list is out; at a check, every
+  request whose provisional time (impression + observation window) or final time
   (impression + attribution window) has passed is emitted, and so is a correction for
-  every request whose rewards changed since its last emitted list.
+  every request whose rewards or organic engagement changed since its last emitted list.
+
+Organic engagements (``view``, ``like``, ``dwell`` of an organic item of a mixed feed) are
+joined exactly like clicks: by request id, deduplicated by event id, held for their
+impression (then ``orphan``), ``late`` outside the attribution window, and ``orphan``
+when they name an item the impression did not place (as a click on an ad not in the
+slate). Every list carries ``Feedback.organic``: one item per organic slot with whether it
+was viewed or liked and its total dwell seconds.
 
 State per request id (the table key) is a :class:`RequestState`; it lives until
 ``impression + attribution window + dedup_retention_s`` (then a tombstone), so its size is
@@ -44,11 +53,17 @@ from streams.schemas import (
     FeedbackItem,
     FeedbackKind,
     Impression,
+    OrganicAction,
+    OrganicEngagement,
+    OrganicFeedbackItem,
     decode,
 )
 
-INPUT_TOPICS = ("impressions", "clicks", "conversions")
+INPUT_TOPICS = ("impressions", "clicks", "conversions", "organic-engagements")
 """Logical input topics, co-partitioned by user id and read by one agent."""
+
+Action = Click | Conversion | OrganicEngagement
+"""What happens to a served impression: joined by request id, deduplicated by event id."""
 
 END_OF_STREAM_REQUEST_ID = "adloop:end-of-stream"
 """The request id of an end-of-stream marker: an :class:`Impression` with an empty slate
@@ -80,13 +95,14 @@ class JoinSettings(BaseSettings):
     observation_window_s: float = Field(
         300.0, description="event seconds after an impression until the provisional list")
     attribution_window_s: float = Field(
-        3600.0, description="event seconds after an impression in which clicks and "
-        "conversions count; the final list is emitted when it closes")
+        3600.0, description="event seconds after an impression in which clicks, "
+        "conversions and organic engagements count; the final list is emitted when it "
+        "closes")
     out_of_orderness_s: float = Field(
         30.0, description="allowed event-time disorder: watermark = max event time - this")
     orphan_grace_s: float = Field(
-        600.0, description="event seconds a click/conversion waits for its impression "
-        "before it is dead-lettered as orphan")
+        600.0, description="event seconds a click/conversion/organic engagement waits for "
+        "its impression before it is dead-lettered as orphan")
     dedup_retention_s: float = Field(
         600.0, description="event seconds a finished request's ids are kept after the "
         "final list, so that re-delivered events are recognised as duplicates")
@@ -112,7 +128,8 @@ class JoinSettings(BaseSettings):
 # ``gc=False``: these never form reference cycles, and the cyclic GC need not scan them.
 
 class HeldEvent(msgspec.Struct, kw_only=True, gc=False):
-    """A click/conversion waiting for its impression (orphan candidate)."""
+    """A click/conversion/organic engagement waiting for its impression (orphan
+    candidate)."""
 
     topic: str
     partition: int
@@ -132,6 +149,11 @@ class RequestState(msgspec.Struct, kw_only=True, gc=False):
     """Applied click event id -> ad id."""
     conversions: dict[str, tuple[str, float]] = {}
     """Applied conversion event id -> (ad id, value)."""
+    organic: dict[str, tuple[str, OrganicAction, float]] = {}
+    """Applied organic engagement event id -> (item id, action, dwell seconds). The slots
+    themselves are the impression's (``impression.organic``); per slot, viewed / liked /
+    total dwell are read from here (:func:`organic_feedback`). Absent in state written
+    before organic engagements were joined (restores empty)."""
     held: list[HeldEvent] = []
     held_since: float = 0.0
     """Earliest event time among ``held`` (orphan grace runs from here)."""
@@ -140,7 +162,8 @@ class RequestState(msgspec.Struct, kw_only=True, gc=False):
     provisional_sent: bool = False
     final_sent: bool = False
     emitted_sig: str = ""
-    """Signature of the rewards in the last emitted list (a correction is due if it differs)."""
+    """Signature of the rewards and organic engagement in the last emitted list (a
+    correction is due if it differs; :func:`rewards_and_signature`)."""
 
 
 class PartitionMeta(msgspec.Struct, kw_only=True, gc=False):
@@ -196,11 +219,21 @@ _FLAGS = (":00:", ":10:", ":01:", ":11:")
 
 
 def rewards_and_signature(state: RequestState) -> tuple[list[FeedbackItem], str]:
-    """:func:`feedback_items` and their :func:`items_signature`, built in one pass.
+    """:func:`feedback_items` and the signature of the list (:func:`feedback_signature`:
+    the items' :func:`items_signature`, then the organic slots' part, present only when
+    the impression placed organic items), built in one pass.
 
     A request without clicks and conversions (most of them) takes a short path: no
     attribution sets, no rounding, the default ``clicked``/``converted``/``value`` fields.
     """
+    items, sig = _ad_items(state)
+    if state.impression is not None and state.impression.organic:
+        sig += organic_feedback(state)[1]
+    return items, sig
+
+
+def _ad_items(state: RequestState) -> tuple[list[FeedbackItem], str]:
+    """The slate's items and their :func:`items_signature`."""
     imp = state.impression
     assert imp is not None
     items: list[FeedbackItem] = []
@@ -250,6 +283,50 @@ def items_signature(items: Iterable[FeedbackItem]) -> str:
                      for i in items])
 
 
+def organic_signature(organic: Iterable[OrganicFeedbackItem]) -> str:
+    """The organic part of a signature: ``|`` then per slot
+    ``item_id:<viewed><liked>:<dwell_s>``; empty without organic slots, so the signature
+    of an ads-only list (and every ``emitted_sig`` persisted before organic engagements
+    were joined) is :func:`items_signature` alone."""
+    parts = [f"{o.item_id}{_FLAGS[o.viewed + 2 * o.liked]}{o.dwell_s!r}" for o in organic]
+    return "|" + ";".join(parts) if parts else ""
+
+
+def feedback_signature(fb: Feedback) -> str:
+    """The signature of an emitted list (as :func:`rewards_and_signature` builds it)."""
+    return items_signature(fb.items) + organic_signature(fb.organic)
+
+
+def organic_feedback(state: RequestState) -> tuple[list[OrganicFeedbackItem], str]:
+    """Per organic slot of the impression, in its order: ``viewed`` (a ``view`` event),
+    ``liked`` (a ``like`` event) and ``dwell_s`` (the sum of its ``dwell`` events, rounded
+    to 9 digits like a conversion value); and their :func:`organic_signature`."""
+    imp = state.impression
+    assert imp is not None
+    slots = imp.organic
+    if not slots:
+        return [], ""
+    if not state.organic:
+        return ([OrganicFeedbackItem(item_id=o.item_id, semantic_id=o.semantic_id,
+                                     position=o.position, score=o.score) for o in slots],
+                "|" + ";".join([o.item_id + ":00:0.0" for o in slots]))
+    viewed: set[str] = set()
+    liked: set[str] = set()
+    dwell: dict[str, float] = {}
+    for item_id, action, dwell_s in state.organic.values():
+        if action == "view":
+            viewed.add(item_id)
+        elif action == "like":
+            liked.add(item_id)
+        else:
+            dwell[item_id] = dwell.get(item_id, 0.0) + dwell_s
+    out = [OrganicFeedbackItem(
+        item_id=o.item_id, semantic_id=o.semantic_id, position=o.position, score=o.score,
+        viewed=o.item_id in viewed, liked=o.item_id in liked,
+        dwell_s=round(dwell.get(o.item_id, 0.0), 9)) for o in slots]
+    return out, organic_signature(out)
+
+
 # --- results ---------------------------------------------------------------------------------
 
 @dataclass
@@ -268,17 +345,21 @@ class Rejected:
 class Step:
     """What one input record caused (a plain class: one is made per record)."""
 
-    __slots__ = ("emissions", "outcome", "rejected", "released")
+    __slots__ = ("emissions", "organic", "outcome", "rejected", "released")
 
     def __init__(self) -> None:
         self.emissions: list[Feedback] = []
         self.rejected: list[Rejected] = []
+        self.organic: list[str] = []
+        """The action of each organic engagement this record applied (itself, or held
+        ones its impression released): ``adloop_join_organic_engagements_total``."""
         self.outcome = "applied"
         """applied | held | duplicate | late | orphan | invalid | handler_error |
         end_of_stream (metrics)."""
         self.released: list[tuple[str, str]] = []
-        """(topic, outcome) of each held click/conversion this record's impression applied
-        (or rejected): counted once more, since it was counted as ``held`` on arrival."""
+        """(topic, outcome) of each held click/conversion/organic engagement this record's
+        impression applied (or rejected): counted once more, since it was counted as
+        ``held`` on arrival."""
 
 
 Due = Literal["provisional", "final", "orphan", "expire"]
@@ -535,7 +616,7 @@ class JoinCore:
             else:
                 step.outcome = self._on_action(part, record, topic, partition, offset,
                                                raw or b"", key, step, wm)
-                # only a click/conversion inside its impression's window counts: one from
+                # only an action inside its impression's window counts: one from
                 # a clock far ahead (rejected) or one still waiting for its impression
                 # must not move the watermark for every other request
                 seen = step.outcome == "applied"
@@ -561,7 +642,7 @@ class JoinCore:
                           partition=partition, impression=imp)
         for h in held:  # the orphans waiting for this impression
             rec = decode(h.raw, _RECORD_TYPES[h.topic], 1 << 30)
-            if isinstance(rec, Click | Conversion):
+            if isinstance(rec, Action):
                 step.released.append((h.topic, self._apply(
                     st, rec, h.topic, h.partition, h.offset, h.raw, h.key, step, wm)))
         if self.emitted_before:
@@ -572,7 +653,7 @@ class JoinCore:
         self._schedule(part, st)
         return "applied"
 
-    def _on_action(self, part: _Partition, ev: Click | Conversion, topic: str, partition: int,
+    def _on_action(self, part: _Partition, ev: Action, topic: str, partition: int,
                    offset: int, raw: bytes, key: bytes | None, step: Step, wm: float) -> str:
         st = self.get(ev.request_id)
         if st is None or st.impression is None:
@@ -603,11 +684,15 @@ class JoinCore:
                 part.dirty.add(st.request_id)
         return outcome
 
-    def _apply(self, st: RequestState, ev: Click | Conversion, topic: str, partition: int,
+    def _apply(self, st: RequestState, ev: Action, topic: str, partition: int,
                offset: int, raw: bytes, key: bytes | None, step: Step, wm: float) -> str:
-        """Apply one click/conversion to a request that has its impression (no store write)."""
+        """Apply one click/conversion/organic engagement to a request that has its
+        impression (no store write)."""
         assert st.impression is not None
-        if ev.event_id in st.clicks or ev.event_id in st.conversions:
+        if isinstance(ev, OrganicEngagement):
+            if ev.event_id in st.organic:
+                return "duplicate"
+        elif ev.event_id in st.clicks or ev.event_id in st.conversions:
             return "duplicate"
         t0 = st.impression.event_time
         if st.final_sent or ev.event_time > t0 + self.s.attribution_window_s:
@@ -617,6 +702,20 @@ class JoinCore:
                 f"[{t0}, {t0 + self.s.attribution_window_s}] of request {ev.request_id}"
                 + (" (final already emitted)" if st.final_sent else ""), raw, key))
             return "late"
+        if isinstance(ev, OrganicEngagement):
+            item_id = ev.item_id
+            for slot in st.impression.organic:
+                if slot.item_id == item_id:
+                    break
+            else:  # as a click on an ad not in the slate
+                step.rejected.append(Rejected(
+                    topic, partition, offset, "orphan",
+                    f"organic item {item_id} was not shown in request {ev.request_id}",
+                    raw, key))
+                return "orphan"
+            st.organic[ev.event_id] = (item_id, ev.action, ev.dwell_s)
+            step.organic.append(ev.action)
+            return "applied"
         ad_id = ev.ad_id
         for it in st.impression.slate:
             if it.ad_id == ad_id:
@@ -716,7 +815,12 @@ class JoinCore:
             kind = "correction" if st.provisional_sent else "provisional"
         else:
             return None
-        items, sig = rewards_and_signature(st)
+        items, sig = _ad_items(st)
+        if imp.organic:
+            organic, osig = organic_feedback(st)
+            sig += osig
+        else:
+            organic = []
         if kind == "correction" and sig == st.emitted_sig:
             return None
         at = max(wm, t0)
@@ -725,7 +829,8 @@ class JoinCore:
                       elapsed_s=at - t0, window_closed=kind == "final",
                       context=imp.context, recent_ad_ids=imp.recent_ad_ids,
                       recent_organic=imp.recent_organic,
-                      model_version=imp.model_version, items=items, beams=imp.beams)
+                      model_version=imp.model_version, items=items, beams=imp.beams,
+                      organic=organic)
         self.pending_sigs[st.request_id] = (fb, sig)
         return fb
 
@@ -737,7 +842,7 @@ class JoinCore:
         st.revision = fb.revision
         pending = self.pending_sigs.pop(fb.request_id, None)
         st.emitted_sig = (pending[1] if pending is not None and pending[0] is fb
-                          else items_signature(fb.items))
+                          else feedback_signature(fb))
         st.provisional_sent = True
         if fb.kind == "final":
             st.final_sent = True
@@ -793,6 +898,8 @@ def _t0(st: RequestState) -> float:
     return st.impression.event_time if st.impression is not None else 0.0
 
 
-_RECORD_TYPES: dict[str, type[Impression] | type[Click] | type[Conversion]] = {
+_RECORD_TYPES: dict[str, type[Impression] | type[Click] | type[Conversion]
+                    | type[OrganicEngagement]] = {
     "impressions": Impression, "clicks": Click, "conversions": Conversion,
+    "organic-engagements": OrganicEngagement,
 }

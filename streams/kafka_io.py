@@ -52,6 +52,7 @@ from streams.schemas import (
     DlqReason,
     Event,
     ModelUpdate,
+    OrganicItem,
     decode,
     encode,
 )
@@ -78,9 +79,12 @@ E = TypeVar("E", bound=Event)
 
 
 def key_of(record: Event) -> str:
-    """The partitioning key of a record: user id for events, ad id, model name, topic."""
+    """The partitioning key of a record: user id for events, ad id, organic item id,
+    model name, topic."""
     if isinstance(record, Ad):
         return record.ad_id
+    if isinstance(record, OrganicItem):
+        return record.item_id
     if isinstance(record, ModelUpdate):
         return record.model_name
     if isinstance(record, DeadLetter):

@@ -14,6 +14,10 @@ from streams.schemas import (
     FeedbackItem,
     Impression,
     ModelUpdate,
+    OrganicEngagement,
+    OrganicFeedbackItem,
+    OrganicItem,
+    OrganicSlot,
     SlateItem,
 )
 
@@ -23,8 +27,8 @@ T0 = 1_790_000_000.0
 def sample_records(n: int = 1, user: str = "u1") -> dict[str, list[Event]]:
     """``n`` records per logical topic; ids are unique within the call."""
     out: dict[str, list[Event]] = {t: [] for t in (
-        "ads", "impressions", "clicks", "conversions", "feedback", "model-updates", "ad-stats",
-        "dlq")}
+        "ads", "impressions", "clicks", "conversions", "feedback", "organic-items",
+        "organic-engagements", "model-updates", "ad-stats", "dlq")}
     for i in range(n):
         ad = f"ad-{i}"
         req = f"req-{user}-{i}"
@@ -39,10 +43,13 @@ def sample_records(n: int = 1, user: str = "u1") -> dict[str, list[Event]]:
                                expected_value=0.06, bid=1.5, bid_type="cpc"),
                  BeamCandidate(ad_id=f"ad-{i}-b", semantic_id=[1, 2, 4, 0, 2, 0], logprob=-1.9,
                                expected_value=0.004, bid=4.0, bid_type="cpm")]
+        video = f"cooking#{i}"
+        slots = [OrganicSlot(item_id=video, semantic_id=[4, 0, 7, 1, 0, 0], position=0,
+                             score=-2.5)]
         out["impressions"].append(Impression(
             request_id=req, event_time=T0 + i, user_id=user, context={"device": "ios"},
-            recent_ad_ids=[], slate=[item], model_version="v000001", beam_widths=[8, 8, 4],
-            beams=beams))
+            recent_ad_ids=[], recent_organic=[f"travel#{i}"], slate=[item],
+            model_version="v000001", beam_widths=[8, 8, 4], beams=beams, organic=slots))
         out["clicks"].append(Click(event_id=f"clk-{user}-{i}", request_id=req, user_id=user,
                                    ad_id=ad, event_time=T0 + i + 2))
         out["conversions"].append(Conversion(event_id=f"cv-{user}-{i}", request_id=req,
@@ -53,7 +60,17 @@ def sample_records(n: int = 1, user: str = "u1") -> dict[str, list[Event]]:
             impression_time=T0 + i, event_time=T0 + i + 300, elapsed_s=300.0,
             window_closed=False, items=[FeedbackItem(
                 ad_id=ad, semantic_id=[1, 2, 3, 0, 1, 0], position=0, score=0.5, bid=1.5,
-                bid_type="cpc", clicked=True, reward=1.5)], beams=beams))
+                bid_type="cpc", clicked=True, reward=1.5)], beams=beams,
+            recent_organic=[f"travel#{i}"],
+            organic=[OrganicFeedbackItem(item_id=video, semantic_id=[4, 0, 7, 1, 0, 0],
+                                         position=0, score=-2.5, viewed=True,
+                                         dwell_s=41.5)]))
+        out["organic-items"].append(OrganicItem(
+            item_id=video, kind="video", topic="cooking", title=f"Ten-minute pasta {i}",
+            description="A weeknight recipe in one pan", created_time=T0, event_time=T0 + i))
+        out["organic-engagements"].append(OrganicEngagement(
+            event_id=f"og-{user}-{i}", request_id=req, user_id=user, item_id=video,
+            action="dwell", dwell_s=41.5, event_time=T0 + i + 45))
         out["model-updates"].append(ModelUpdate(
             model_name="adloop", version=f"v{i:06d}", parent=None, sha256="0" * 64,
             uri=f"file:///snapshots/v{i:06d}", id_space_version="ids-1",

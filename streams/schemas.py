@@ -24,6 +24,9 @@ DEFAULT_MAX_RECORD_BYTES = 256 * 1024
 BidType = Literal["cpc", "cpa", "cpm"]
 AdStatus = Literal["active", "paused", "exhausted"]
 FeedbackKind = Literal["provisional", "correction", "final"]
+OrganicKind = Literal["video", "article"]
+OrganicStatus = Literal["active", "removed"]
+OrganicAction = Literal["view", "like", "dwell"]
 
 DLQ_REASONS = (
     "not_json",        # the bytes do not parse as JSON (or not UTF-8)
@@ -31,7 +34,8 @@ DLQ_REASONS = (
     "schema_version",  # a schema version this build does not read
     "oversized",       # larger than the consumer's record limit
     "late",            # event time beyond the attribution window (joiner)
-    "orphan",          # click/conversion whose impression never arrived (joiner)
+    "orphan",          # click/conversion/organic engagement whose impression never
+                       # arrived, or that names an ad/item it did not show (joiner)
     "handler_error",   # a well-formed record the handler could not process
 )
 DlqReason = Literal[
@@ -66,6 +70,41 @@ class Ad(Event, kw_only=True):
             raise ValueError("ad_id must not be empty")
         if self.bid < 0 or self.budget < 0:
             raise ValueError("bid and budget must be >= 0")
+
+
+class OrganicItem(Event, kw_only=True):
+    """Full state of one organic item, a video or an article (topic ``organic-items``,
+    compacted, key = item id). Organic items share the ads' semantic-ID space: the
+    tokenizer embeds ``title`` and ``description`` like an ad's text."""
+
+    item_id: str
+    """``<topic>#<n>``; the part before ``#`` is the topic
+    (:func:`streams.features.organic_topic`)."""
+    kind: OrganicKind
+    topic: str
+    title: str
+    description: str = ""
+    status: OrganicStatus = "active"
+    created_time: float
+    event_time: float
+
+    def __post_init__(self) -> None:
+        if not self.item_id:
+            raise ValueError("item_id must not be empty")
+        if not self.topic:
+            raise ValueError("topic must not be empty")
+
+
+class OrganicSlot(msgspec.Struct, kw_only=True):
+    """One organic item the server placed in a mixed feed (``Impression.organic``)."""
+
+    item_id: str
+    semantic_id: list[int]
+    position: int
+    """Rank among the feed's organic items, 0 first. The feed shows organic item 0, then
+    ad 0, organic item 1, ad 1, ... (docs/traffic.md, Mixed feed)."""
+    score: float
+    """The generator's log-probability of the item's semantic id."""
 
 
 class SlateItem(msgspec.Struct, kw_only=True):
@@ -116,6 +155,9 @@ class Impression(Event, kw_only=True):
     beams: list[BeamCandidate] = []
     """The final beams the slate was ranked from, best expected value first (at most the
     server's ``log_beams``); empty in old records and with beam logging off."""
+    organic: list[OrganicSlot] = []
+    """The organic items of a mixed feed (``organic_k`` > 0 in the request); empty in old
+    records and in ads-only answers."""
 
     def __post_init__(self) -> None:
         n = len(self.slate)
@@ -126,6 +168,15 @@ class Impression(Event, kw_only=True):
             p = item.propensity
             if p is not None and not 0.0 < p <= 1.0:
                 raise ValueError(f"slate[{i}].propensity {p} is not in (0, 1]")
+        m = len(self.organic)
+        seen: set[str] = set()
+        for i, slot in enumerate(self.organic):
+            if not 0 <= slot.position < m:
+                raise ValueError(f"organic[{i}].position {slot.position} is outside the "
+                                 f"{m} organic item(s) (0..{m - 1})")
+            if slot.item_id in seen:
+                raise ValueError(f"organic[{i}].item_id {slot.item_id!r} appears twice")
+            seen.add(slot.item_id)
 
 
 class Click(Event, kw_only=True):
@@ -151,6 +202,40 @@ class Conversion(Event, kw_only=True):
     def __post_init__(self) -> None:
         if self.value < 0:
             raise ValueError("value must be >= 0")
+
+
+class OrganicEngagement(Event, kw_only=True):
+    """What a user did with one organic item of a mixed feed (topic
+    ``organic-engagements``, key = user id): ``view`` (opened it), ``like``, or ``dwell``
+    (left it after ``dwell_s`` seconds; one per view)."""
+
+    event_id: str
+    request_id: str
+    user_id: str
+    item_id: str
+    action: OrganicAction
+    dwell_s: float = 0.0
+    """Seconds spent on the item (``dwell`` only; 0 for the other actions)."""
+    event_time: float
+
+    def __post_init__(self) -> None:
+        if not self.dwell_s >= 0.0 or self.dwell_s == float("inf"):
+            raise ValueError(f"dwell_s must be a finite number >= 0, got {self.dwell_s}")
+        if self.action != "dwell" and self.dwell_s:
+            raise ValueError(f"dwell_s is only for action 'dwell', got {self.action!r}")
+
+
+class OrganicFeedbackItem(msgspec.Struct, kw_only=True):
+    """One organic item of a joined mixed feed with what the user did with it."""
+
+    item_id: str
+    semantic_id: list[int]
+    position: int
+    score: float
+    viewed: bool = False
+    liked: bool = False
+    dwell_s: float = 0.0
+    """Total seconds of its ``dwell`` events."""
 
 
 class FeedbackItem(msgspec.Struct, kw_only=True):
@@ -196,6 +281,9 @@ class Feedback(Event, kw_only=True):
     beams: list[BeamCandidate] = []
     """The impression's final beams (``Impression.beams``), copied onto every revision;
     empty in old records."""
+    organic: list[OrganicFeedbackItem] = []
+    """The impression's organic items (``Impression.organic``) with their engagement so
+    far; empty in old records and for ads-only impressions."""
 
 
 class ModelUpdate(Event, kw_only=True):

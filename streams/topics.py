@@ -24,11 +24,14 @@ from streams.schemas import (
     Feedback,
     Impression,
     ModelUpdate,
+    OrganicEngagement,
+    OrganicItem,
 )
 
 DAY_MS = 24 * 3600 * 1000
 EVENT_PARTITIONS = 4
-"""impressions, clicks, conversions and feedback share this count (co-partitioning)."""
+"""impressions, clicks, conversions, organic engagements and feedback share this count
+(co-partitioning)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,9 @@ TOPICS: dict[str, TopicSpec] = {
         TopicSpec("clicks", Click, EVENT_PARTITIONS, "user id", dict(_EVENTS)),
         TopicSpec("conversions", Conversion, EVENT_PARTITIONS, "user id", dict(_EVENTS)),
         TopicSpec("feedback", Feedback, EVENT_PARTITIONS, "user id", dict(_EVENTS)),
+        TopicSpec("organic-items", OrganicItem, 1, "item id", dict(_COMPACTED)),
+        TopicSpec("organic-engagements", OrganicEngagement, EVENT_PARTITIONS, "user id",
+                  dict(_EVENTS)),
         TopicSpec("model-updates", ModelUpdate, 1, "model name", dict(_COMPACTED)),
         # Compacted (latest value per window) and deleted after 7 days (old windows).
         TopicSpec("ad-stats", AdStats, 1, "dimension:id:window:window_start",

@@ -8,7 +8,9 @@
   (:meth:`TrafficDriver.run_inprocess`: no HTTP, no wall clock, fully deterministic).
   Responses are sampled from the world's ground truth; clicks and conversions wait in
   a heap until the simulated clock reaches their event time, then go to ``clicks`` /
-  ``conversions``; ad lifecycle changes go to ``ads``.
+  ``conversions``; ad lifecycle changes go to ``ads``. In a mixed feed the organic
+  items' views, likes and dwells wait in the same heap for ``organic-engagements``; the
+  organic catalogue goes to ``organic-items`` at the start.
 * :class:`Emitter` is where every produced event goes: Kafka (optional), the sha256 of
   the stream (determinism checks), the recorded log (``--record``) and the
   :class:`Ledger` (``--ledger``, reconciled against Kafka by fault-injection checks).
@@ -42,10 +44,13 @@ from streams.schemas import (
     Conversion,
     Event,
     Impression,
+    OrganicEngagement,
+    OrganicItem,
+    OrganicSlot,
     SlateItem,
     encode,
 )
-from traffic.world import Request, Response, World
+from traffic.world import OrganicResponse, Request, Response, World
 
 log = get_logger(__name__)
 
@@ -64,9 +69,17 @@ REVENUE = counter("adloop_traffic_revenue_total",
 AD_EVENTS = counter("adloop_traffic_ad_events_total", "Ad records produced, by status.",
                     ("status",))
 PENDING = gauge("adloop_traffic_pending_events",
-                "Delayed clicks and conversions waiting for their event time.")
+                "Delayed clicks, conversions and organic engagements waiting for their "
+                "event time.")
 SIM_TIME = gauge("adloop_traffic_sim_time_seconds", "Simulated clock (event time, epoch s).")
 IN_FLIGHT = gauge("adloop_traffic_requests_in_flight", "Recommend requests awaiting an answer.")
+ORGANIC_IMPRESSIONS = counter("adloop_traffic_organic_impressions_total",
+                              "Organic items shown to users in mixed feeds.")
+ORGANIC_ENGAGEMENTS = counter("adloop_traffic_organic_engagements_total",
+                              "Organic engagement events produced (at their event time), "
+                              "by action (view, like, dwell).", ("action",))
+ORGANIC_DWELL = counter("adloop_traffic_organic_dwell_seconds_total",
+                        "Seconds spent on organic items (the dwell events produced).")
 BAD_LINES = counter("adloop_traffic_bad_lines_total",
                     "Recorded-log lines that could not be read, by reason.", ("reason",))
 
@@ -112,6 +125,17 @@ class ServedAd:
 
 
 @dataclass(frozen=True)
+class ServedOrganic:
+    """One organic item of a mixed feed (``Impression.organic``)."""
+
+    item_id: str
+    position: int
+    """Rank among the feed's organic items, 0 first."""
+    score: float = 0.0
+    semantic_id: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class ServedSlate:
     """A recommend answer, from the HTTP server or an in-process policy."""
 
@@ -122,9 +146,15 @@ class ServedSlate:
     beams: list[BeamCandidate] = field(default_factory=list)
     """The final beams the slate was ranked from, as the server logs them
     (``Impression.beams``); only an in-process generative policy knows them."""
+    organic: list[ServedOrganic] = field(default_factory=list)
+    """The organic items of a mixed feed (empty in an ads-only answer)."""
 
     def ad_ids(self) -> list[str]:
         return [a.ad_id for a in sorted(self.ads, key=lambda a: a.position)]
+
+    def organic_ids(self) -> list[str]:
+        """Organic item ids in rank order."""
+        return [o.item_id for o in sorted(self.organic, key=lambda o: o.position)]
 
     @classmethod
     def from_json(cls, obj: Any, request_id: str) -> ServedSlate:
@@ -142,7 +172,44 @@ class ServedSlate:
                 semantic_id=[int(x) for x in a.get("semantic_id") or []]))
         return cls(request_id=str(obj.get("request_id") or request_id),
                    model_version=str(obj.get("model_version") or ""), ads=ads,
-                   beam_widths=[int(x) for x in obj.get("beam_widths") or []])
+                   beam_widths=[int(x) for x in obj.get("beam_widths") or []],
+                   organic=_organic_of(obj.get("organic")))
+
+
+def _organic_of(raw: Any) -> list[ServedOrganic]:
+    """The ``organic`` list of an answer (absent or null: none); ``ValueError`` names the
+    first malformed item: no string ``item_id``, a position that is not an integer in
+    0..m-1, a non-numeric score or semantic id, an item id served twice."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ValueError(f"answer's 'organic' is not a list: {type(raw).__name__}")
+    out: list[ServedOrganic] = []
+    seen: set[str] = set()
+    for n, o in enumerate(raw):
+        if not isinstance(o, dict) or not isinstance(o.get("item_id"), str) \
+                or not o["item_id"]:
+            raise ValueError(f"organic[{n}] has no item_id")
+        item_id = o["item_id"]
+        if item_id in seen:
+            raise ValueError(f"organic[{n}].item_id {item_id!r} appears twice")
+        seen.add(item_id)
+        pos = o.get("position", n)
+        if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < len(raw):
+            raise ValueError(f"organic[{n}].position {pos!r} is not an integer in "
+                             f"0..{len(raw) - 1}")
+        score = o.get("score") or 0.0
+        if isinstance(score, bool) or not isinstance(score, int | float):
+            raise ValueError(f"organic[{n}].score {score!r} is not a number")
+        sid = o.get("semantic_id") or []
+        if not isinstance(sid, list) or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in sid):
+            raise ValueError(f"organic[{n}].semantic_id is not a list of integers")
+        out.append(ServedOrganic(item_id=item_id, position=pos, score=float(score),
+                                 semantic_id=list(sid)))
+    if len({o.position for o in out}) != len(out):
+        raise ValueError("organic positions repeat")
+    return out
 
 
 class Policy(Protocol):
@@ -162,26 +229,41 @@ class OraclePolicy:
     def recommend(self, request: Request) -> ServedSlate:
         ids = self.world.oracle_slate(request.user_id, request.context, k=request.k,
                                       t=request.event_time)
+        organic: list[ServedOrganic] = []
+        if request.organic_k > 0:
+            best = self.world.organic_oracle(request, request.organic_k)
+            value = self.world.organic_expected_engagement(request, best)
+            organic = [ServedOrganic(o, i, float(value[i])) for i, o in enumerate(best)]
         return ServedSlate(request.request_id, "oracle",
-                           [ServedAd(a, i) for i, a in enumerate(ids)])
+                           [ServedAd(a, i) for i, a in enumerate(ids)], organic=organic)
 
 
 class RandomPolicy:
-    """Uniformly random servable ads (its own seeded generator)."""
+    """Uniformly random servable ads and organic items (seeded generators of its own;
+    the organic one apart, so ad slates do not depend on ``organic_k``)."""
 
     name = "random"
 
     def __init__(self, world: World, seed: int = 0) -> None:
         self.world = world
         self.rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,)))
+        self.rng_organic = np.random.default_rng(np.random.SeedSequence(seed,
+                                                                        spawn_key=(8,)))
 
     def recommend(self, request: Request) -> ServedSlate:
         ads = sorted(a.ad_id for a in self.world.servable_ads())
         k = min(request.k, len(ads))
         pick: list[int] = (self.rng.choice(len(ads), size=k, replace=False).tolist()
                            if k else [])
+        organic: list[ServedOrganic] = []
+        if request.organic_k > 0:
+            items = [o.item_id for o in self.world.organic_items()]
+            m = min(request.organic_k, len(items))
+            chosen = self.rng_organic.choice(len(items), size=m, replace=False).tolist()
+            organic = [ServedOrganic(items[int(j)], i) for i, j in enumerate(chosen)]
         return ServedSlate(request.request_id, "random",
-                           [ServedAd(ads[int(j)], i) for i, j in enumerate(pick)])
+                           [ServedAd(ads[int(j)], i) for i, j in enumerate(pick)],
+                           organic=organic)
 
 
 def policy_by_name(name: str, world: World, seed: int = 0) -> Policy:
@@ -202,12 +284,15 @@ def impression_of(request: Request, slate: ServedSlate, world: World,
                                position=a.position, score=a.score,
                                bid=ad.record.bid if ad else 0.0,
                                bid_type=ad.record.bid_type if ad else "cpc"))
+    organic = [OrganicSlot(item_id=o.item_id, semantic_id=list(o.semantic_id),
+                           position=o.position, score=o.score)
+               for o in sorted(slate.organic, key=lambda o: o.position)]
     return Impression(request_id=request.request_id, event_time=request.event_time,
                       user_id=request.user_id, context=dict(request.context),
                       recent_ad_ids=list(request.recent_ad_ids),
                       recent_organic=list(request.recent_organic), slate=items,
                       model_version=slate.model_version, beam_widths=list(slate.beam_widths),
-                      server_id=server_id, beams=list(slate.beams))
+                      server_id=server_id, beams=list(slate.beams), organic=organic)
 
 
 # -- ledger and emitter -----------------------------------------------------------------
@@ -217,9 +302,12 @@ class Ledger:
     """Every request sent, slate received and event produced, in memory and as JSONL.
 
     Entries (one JSON object per line, ``kind`` first): ``request`` (request_id,
-    user_id, t, outcome, latency_s, model_version, ads), ``ad`` (ad_id, status, t),
-    ``impression``, ``click`` (event_id, request_id, user_id, ad_id, t) and
-    ``conversion`` (the same plus value). Events are written when *produced*.
+    user_id, t, outcome, latency_s, model_version, ads, and organic when the answer had
+    organic items), ``ad`` (ad_id, status, t), ``impression``, ``click`` (event_id,
+    request_id, user_id, ad_id, t), ``conversion`` (the same plus value),
+    ``organic_item`` (item_id, status, t) and ``organic_engagement`` (event_id,
+    request_id, user_id, item_id, action, dwell_s, t). Events are written when
+    *produced*.
     """
 
     def __init__(self, path: Path | str | None = None, keep: bool = True) -> None:
@@ -240,11 +328,15 @@ class Ledger:
 
     def request(self, request: Request, outcome: str, latency_s: float | None,
                 slate: ServedSlate | None) -> None:
-        self.add({"kind": "request", "request_id": request.request_id,
-                  "user_id": request.user_id, "t": request.event_time, "outcome": outcome,
-                  "latency_s": None if latency_s is None else round(latency_s, 6),
-                  "model_version": slate.model_version if slate else None,
-                  "ads": slate.ad_ids() if slate else []})
+        entry: dict[str, Any] = {
+            "kind": "request", "request_id": request.request_id,
+            "user_id": request.user_id, "t": request.event_time, "outcome": outcome,
+            "latency_s": None if latency_s is None else round(latency_s, 6),
+            "model_version": slate.model_version if slate else None,
+            "ads": slate.ad_ids() if slate else []}
+        if slate is not None and slate.organic:
+            entry["organic"] = slate.organic_ids()
+        self.add(entry)
 
     def event(self, topic: str, record: Event) -> None:
         if isinstance(record, Click):
@@ -262,6 +354,14 @@ class Ledger:
             self.add({"kind": "impression", "request_id": record.request_id,
                       "user_id": record.user_id, "t": record.event_time,
                       "ads": [i.ad_id for i in record.slate]})
+        elif isinstance(record, OrganicEngagement):
+            self.add({"kind": "organic_engagement", "event_id": record.event_id,
+                      "request_id": record.request_id, "user_id": record.user_id,
+                      "item_id": record.item_id, "action": record.action,
+                      "dwell_s": record.dwell_s, "t": record.event_time})
+        elif isinstance(record, OrganicItem):
+            self.add({"kind": "organic_item", "item_id": record.item_id,
+                      "status": record.status, "t": record.event_time})
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.entries if e["kind"] == kind]
@@ -320,6 +420,10 @@ class Emitter:
             CONVERSIONS.inc()
         elif isinstance(record, Ad):
             AD_EVENTS.labels(record.status).inc()
+        elif isinstance(record, OrganicEngagement):
+            ORGANIC_ENGAGEMENTS.labels(record.action).inc()
+            if record.action == "dwell":
+                ORGANIC_DWELL.inc(record.dwell_s)
 
     def note_request(self, request: Request) -> None:
         body = json.dumps(request.body(), sort_keys=True, separators=(",", ":"))
@@ -377,6 +481,15 @@ class RunStats:
     revenue: float = 0.0
     expected_revenue: float = 0.0
     """Sum of the true expected value of every slate served (low-variance revenue)."""
+    organic_impressions: int = 0
+    """Organic items shown in mixed feeds."""
+    organic_views: int = 0
+    organic_likes: int = 0
+    organic_dwell_s: float = 0.0
+    """Views, likes and dwell seconds produced (at their event time, like clicks)."""
+    organic_expected_engagement: float = 0.0
+    """Sum of the true expected engagement of every organic item served
+    (:meth:`~traffic.world.World.organic_expected_engagement`)."""
     pending_left: int = 0
     sim_start: float = 0.0
     sim_end: float = 0.0
@@ -486,7 +599,11 @@ class TrafficDriver:
         """Write served slates as ``impression`` lines to the recorder (HTTP mode)."""
         self._started = False
         self.responses: list[Response] = []
+        self.organic_responses: list[OrganicResponse] = []
+        self._unknown_organic = 0
+        """Answers with organic ids outside the world's catalogue (logged sparsely)."""
         self.keep_responses = False
+        """Keep every sampled response (``responses``, ``organic_responses``)."""
         self.shadow: Callable[[list[Request]], list[list[str]]] | None = None
         """A policy that answers every request in shadow (never served): its slates are
         scored against the world's truth as it stood when the request came in."""
@@ -501,12 +618,15 @@ class TrafficDriver:
 
     # -- building blocks (usable by an evaluation harness) -----------------------------
     def start(self) -> None:
-        """Produce the initial catalog to ``ads`` (once)."""
+        """Produce the initial catalog to ``ads`` and the organic catalogue to
+        ``organic-items`` (once)."""
         if self._started:
             return
         self._started = True
         for ad in self.world.initial_ads():
             self.emitter.emit("ads", ad)
+        for item in self.world.organic_items():
+            self.emitter.emit("organic-items", item)
 
     def advance(self, t: float) -> None:
         """Run the ad lifecycle to ``t`` and produce delayed events due by ``t``."""
@@ -524,11 +644,19 @@ class TrafficDriver:
                 self.stats.clicks += 1
             elif topic == "conversions":
                 self.stats.conversions += 1
+            elif isinstance(rec, OrganicEngagement):
+                if rec.action == "view":
+                    self.stats.organic_views += 1
+                elif rec.action == "like":
+                    self.stats.organic_likes += 1
+                else:
+                    self.stats.organic_dwell_s += rec.dwell_s
         PENDING.set(len(self.pending))
         return len(due)
 
     def serve(self, request: Request, slate: ServedSlate) -> Response:
-        """Sample the user's response to ``slate``; schedule its clicks and conversions."""
+        """Sample the user's response to ``slate``; schedule its clicks and conversions,
+        and the engagement with its organic items (their own random stream)."""
         if self.shadow is not None:
             ids, table = self.world.value_table(request)
             self._shadow_queue.append((request, ids, table.astype(np.float32)))
@@ -548,9 +676,29 @@ class TrafficDriver:
         if resp.reward > 0:
             REVENUE.inc(resp.reward)
         PENDING.set(len(self.pending))
+        if slate.organic:
+            self._serve_organic(request, slate)
         if self.keep_responses:
             self.responses.append(resp)
         return resp
+
+    def _serve_organic(self, request: Request, slate: ServedSlate) -> OrganicResponse:
+        oresp = self.world.respond_organic(request, slate.organic_ids())
+        for ev in oresp.events:
+            self.pending.push(ev.event_time, "organic-engagements", ev)
+        self.stats.organic_impressions += oresp.impressions
+        self.stats.organic_expected_engagement += oresp.expected_engagement
+        ORGANIC_IMPRESSIONS.inc(oresp.impressions)
+        if oresp.unknown_item_ids:
+            self._unknown_organic += 1
+            n = self._unknown_organic
+            if n in (1, 10) or n % 1000 == 0:
+                _warn("traffic.unknown_organic_items", request_id=request.request_id,
+                      item_ids=oresp.unknown_item_ids[:10], requests=n)
+        PENDING.set(len(self.pending))
+        if self.keep_responses:
+            self.organic_responses.append(oresp)
+        return oresp
 
     def flush_shadow(self) -> None:
         """Ask the shadow policy for the queued requests' slates (one batch, twice the

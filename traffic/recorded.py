@@ -1,15 +1,19 @@
 """The recorded-traffic log: JSONL (or Parquet) of ads, requests, impressions, clicks,
-conversions, in event-time order.
+conversions and organic items and engagements, in event-time order.
 
 One JSON object per line::
 
-    {"type": "ad"|"request"|"impression"|"click"|"conversion", "t": <event time>, ...}
+    {"type": "ad"|"request"|"impression"|"click"|"conversion"|"organic_item"
+             |"organic_engagement", "t": <event time>, ...}
 
 The other keys are the fields of the record: :class:`streams.schemas.Ad`,
-``Impression``, ``Click``, ``Conversion`` (``schema`` and ``event_time`` may be left
-out: ``event_time`` defaults to ``t``), or for a request the body of
+``Impression``, ``Click``, ``Conversion``, ``OrganicItem``, ``OrganicEngagement``
+(``schema`` and ``event_time`` may be left out: ``event_time`` defaults to ``t``, an
+ad's or organic item's ``created_time`` too), or for a request the body of
 ``POST /v1/recommend`` (``request_id``, ``user_id``, ``context``, ``recent_ad_ids``,
-``k``). Empty lines and lines starting with ``#`` are ignored.
+``recent_organic``, ``k``, and ``organic_k`` for a mixed feed; logs written before
+mixed feeds have neither organic kind nor ``organic_k`` and still load). Empty lines
+and lines starting with ``#`` are ignored.
 
 Parquet files hold the same records as rows with columns ``type`` (string), ``t``
 (double) and ``fields`` (the remaining keys as a JSON object string).
@@ -31,15 +35,28 @@ from typing import IO, Any, Literal
 
 import msgspec
 
-from streams.schemas import Ad, Click, Conversion, Event, Impression, SlateItem, encode
+from streams.schemas import (
+    Ad,
+    Click,
+    Conversion,
+    Event,
+    Impression,
+    OrganicEngagement,
+    OrganicItem,
+    SlateItem,
+    encode,
+)
 from traffic.world import Request
 
-RecordKind = Literal["ad", "request", "impression", "click", "conversion"]
+RecordKind = Literal["ad", "request", "impression", "click", "conversion", "organic_item",
+                     "organic_engagement"]
 RECORD_TYPES: dict[str, type[Event]] = {
     "ad": Ad, "impression": Impression, "click": Click, "conversion": Conversion,
+    "organic_item": OrganicItem, "organic_engagement": OrganicEngagement,
 }
 TOPIC_OF: dict[str, str] = {
     "ad": "ads", "impression": "impressions", "click": "clicks", "conversion": "conversions",
+    "organic_item": "organic-items", "organic_engagement": "organic-engagements",
 }
 KIND_OF_TOPIC: dict[str, str] = {v: k for k, v in TOPIC_OF.items()}
 
@@ -78,7 +95,7 @@ def parse_entry(obj: Any, line: int, seq: int = 0) -> Recorded:
     if not isinstance(obj, dict):
         raise RecordError(line, "not a JSON object")
     kind = obj.get("type")
-    if kind not in ("ad", "request", "impression", "click", "conversion"):
+    if kind != "request" and kind not in RECORD_TYPES:
         raise RecordError(line, f"unknown or missing type {kind!r}")
     t = obj.get("t")
     if isinstance(t, bool) or not isinstance(t, int | float):
@@ -92,6 +109,7 @@ def parse_entry(obj: Any, line: int, seq: int = 0) -> Recorded:
             recent = fields.get("recent_ad_ids") or []
             organic = fields.get("recent_organic") or []
             k = fields.get("k", 5)
+            organic_k = fields.get("organic_k", 0)
             if not (isinstance(rid, str) and rid and isinstance(uid, str)):
                 raise TypeError("request_id and user_id must be strings")
             if not (isinstance(ctx, dict) and all(isinstance(v, str) for v in ctx.values())):
@@ -102,6 +120,8 @@ def parse_entry(obj: Any, line: int, seq: int = 0) -> Recorded:
                 raise TypeError("recent_organic must be a list of strings")
             if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
                 raise TypeError("k must be a positive integer")
+            if isinstance(organic_k, bool) or not isinstance(organic_k, int) or organic_k < 0:
+                raise TypeError("organic_k must be an integer >= 0")
         except KeyError as exc:
             raise RecordError(line, f"request: missing field {exc.args[0]!r}") from None
         except TypeError as exc:
@@ -109,9 +129,10 @@ def parse_entry(obj: Any, line: int, seq: int = 0) -> Recorded:
         return Recorded(line, kind, t, Request(seq=seq, request_id=rid, user_id=uid,
                                                context=dict(ctx), recent_ad_ids=list(recent),
                                                k=k, event_time=t,
-                                               recent_organic=list(organic)))
+                                               recent_organic=list(organic),
+                                               organic_k=organic_k))
     fields.setdefault("event_time", t)
-    if kind == "ad":
+    if kind in ("ad", "organic_item"):
         fields.setdefault("created_time", t)
     try:
         record = msgspec.convert(fields, RECORD_TYPES[kind])

@@ -5,12 +5,15 @@ Three modes:
 * **simulated, HTTP** (default): a seeded :class:`~traffic.world.World` sends
   open-loop requests at ``--rate`` per wall second to ``--server-url``; responses
   are sampled from the ground truth; clicks/conversions/ads go to Kafka at their
-  event times (``--speed`` simulated seconds per wall second).
+  event times (``--speed`` simulated seconds per wall second). With
+  ``--organic-slots M`` requests ask for a mixed feed of M organic items, and the
+  users' views, likes and dwells go to ``organic-engagements``.
 * **simulated, in-process** (``--policy oracle|random``): no server; the policy
   ranks and the driver also produces ``impressions``. Fully deterministic.
 * **recorded** (``--from FILE``): replays a recorded log (docs/traffic.md) at
   ``--speed``× preserving inter-arrival times: requests to the server, ads/clicks/
-  conversions (and impressions when no server is used) to Kafka.
+  conversions/organic items and engagements (and impressions when no server is used)
+  to Kafka.
 
 ``--record FILE`` writes the recorded format from a simulated run, ``--ledger FILE``
 the request/event ledger. ``--convert-criteo TSV --record FILE`` converts the Criteo
@@ -78,6 +81,8 @@ class ReplaySettings(BaseSettings):
     n_ads: int = Field(200, description="ads at the start")
     new_ads_per_hour: float = Field(6.0, description="new ads per simulated hour")
     slate_size: int = Field(5, description="k of each recommend request")
+    organic_slots: int = Field(0, ge=0, description="organic items each request asks for "
+                               "next to the ads (organic_k of a mixed feed; 0 = ads-only)")
     start_time: float = Field(DEFAULT_START_TIME,
                               description="simulated start (epoch s); 0 = now")
     attribution_window_s: float = Field(3600.0, description="attribution window (sim s); "
@@ -110,6 +115,7 @@ def world_config(s: ReplaySettings) -> WorldConfig:
         seed=s.seed, n_users=s.n_users, n_ads=s.n_ads,
         start_time=s.start_time or float(int(time.time())),
         request_rate=s.rate / s.speed if s.speed > 0 else s.rate, slate_size=s.slate_size,
+        organic_slots=s.organic_slots,
         run_id=s.run_id, new_ads_per_hour=s.new_ads_per_hour, budget_scale=s.budget_scale,
         delays=DelayModel(window_s=s.attribution_window_s))
 
@@ -409,6 +415,7 @@ def _progress(stats: RunStats, in_flight: int) -> None:
     log.info("replay.progress", requests=stats.requests, outcomes=dict(stats.outcomes),
              in_flight=in_flight, impressions=stats.impressions, clicks=stats.clicks,
              conversions=stats.conversions, revenue=round(stats.revenue, 2),
+             organic_impressions=stats.organic_impressions, organic_views=stats.organic_views,
              sim_time=round(stats.sim_end, 1))
 
 
@@ -438,6 +445,8 @@ def _run_simulated(settings: ReplaySettings, emitter: Emitter,
     d = stats.as_dict()
     d["revenue"] = round(d["revenue"], 4)
     d["expected_revenue"] = round(d["expected_revenue"], 4)
+    d["organic_dwell_s"] = round(d["organic_dwell_s"], 3)
+    d["organic_expected_engagement"] = round(d["organic_expected_engagement"], 4)
     if not math.isfinite(d["sim_end"]):
         d["sim_end"] = None
     return {"mode": mode, **d}

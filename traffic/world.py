@@ -19,15 +19,23 @@ the serving worker and Kafka.
   a conversion follows its click after a mixture: 35 % exponential (mean 3 min),
   65 % log-normal (median window/4, sigma 1.0), so about 5 % of conversions land
   after the attribution window (the joiner's "late" path).
+* **Organic content**: a finite catalogue of videos and articles,
+  ``organic_per_topic`` per category (ids ``<topic>#<n>``, texts tied to the
+  category). Users consume them between requests (their observable history) and, in a
+  mixed feed (``organic_slots`` > 0), view, like and dwell on the ones served:
+  ``P(view) = decay^rank · sigmoid(b + s·<u, topic> + quality)``.
 
 Randomness comes from numpy Generators seeded from one seed, with separate streams
 for the world (catalog and lifecycle), arrivals (request times, users, contexts,
-interest drift) and responses (one generator per request, derived from the seed and
-the request's sequence number, so responses do not depend on completion order).
+interest drift), ad responses and organic responses (one generator per request each,
+derived from the seed and the request's sequence number, so responses do not depend
+on completion order and organic engagement never shifts an ad response), and the
+organic items' hidden quality.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -37,7 +45,15 @@ from typing import Any
 import numpy as np
 
 from streams.features import organic_topic
-from streams.schemas import Ad, BidType, Click, Conversion
+from streams.schemas import (
+    Ad,
+    BidType,
+    Click,
+    Conversion,
+    OrganicEngagement,
+    OrganicItem,
+    OrganicKind,
+)
 
 DEFAULT_START_TIME = 1_704_067_200.0
 """2024-01-01T00:00:00Z: the default simulated start, so runs are reproducible."""
@@ -290,10 +306,49 @@ class WorldConfig:
     """Share of organic items on a uniformly random topic (what is trending, shared)."""
     recent_organic: int = 20
     """How many recent organic item ids a request carries."""
+    organic_per_topic: int = 8
+    """Organic catalogue: items per category topic (ids ``<topic>#0`` … ``#n-1``)."""
+    # mixed feed (organic items served next to the ads)
+    organic_slots: int = 0
+    """Organic items each request asks for (``Request.organic_k``; 0 = ads-only)."""
+    organic_quality_sigma: float = 0.5
+    """Hidden per-item view-logit offset: N(0, sigma²), drawn once per world on a
+    stream of its own."""
+    organic_view_bias: float = -1.5
+    organic_view_affinity: float = 4.0
+    """``P(view) = organic_position_decay^rank · sigmoid(organic_view_bias +
+    organic_view_affinity · affinity + quality)``, affinity = <interest, topic vector>."""
+    organic_position_decay: float = 0.85
+    """Position bias of a mixed feed: multiplies P(view) once per organic rank."""
+    organic_like_bias: float = -3.0
+    organic_like_affinity: float = 3.0
+    """``P(like | view) = sigmoid(organic_like_bias + organic_like_affinity · affinity
+    + quality)``."""
+    organic_dwell_median_s: float = 15.0
+    organic_dwell_affinity: float = 1.5
+    organic_dwell_sigma: float = 0.8
+    """Dwell seconds of a view: log-normal with median ``organic_dwell_median_s ·
+    exp(organic_dwell_affinity · affinity)`` and sigma ``organic_dwell_sigma``."""
+    organic_view_delay_s: float = 3.0
+    """Mean of the exponential delay from the impression to a view."""
     declared_accuracy: float = 0.7
     """Probability that a user's declared interest (context key ``interest``) is the
     industry of their main favourite category (else a random industry)."""
     delays: DelayModel = field(default_factory=DelayModel)
+
+    def __post_init__(self) -> None:
+        if self.organic_per_topic < 1:
+            raise ValueError(f"organic_per_topic must be >= 1, got {self.organic_per_topic}")
+        if self.organic_slots < 0:
+            raise ValueError(f"organic_slots must be >= 0, got {self.organic_slots}")
+        if not 0.0 < self.organic_position_decay <= 1.0:
+            raise ValueError("organic_position_decay must be in (0, 1], got "
+                             f"{self.organic_position_decay}")
+        if self.organic_dwell_median_s <= 0 or self.organic_dwell_sigma < 0:
+            raise ValueError("organic_dwell_median_s must be > 0 and organic_dwell_sigma "
+                             ">= 0")
+        if self.organic_view_delay_s < 0:
+            raise ValueError("organic_view_delay_s must be >= 0")
 
     @property
     def prefix(self) -> str:
@@ -356,13 +411,19 @@ class Request:
     event_time: float
     recent_organic: list[str] = field(default_factory=list)
     """Ids of the user's recent organic items, oldest first (see :func:`organic_topic`)."""
+    organic_k: int = 0
+    """Organic items asked for next to the ads (a mixed feed); 0 = ads-only."""
 
     def body(self) -> dict[str, Any]:
-        """The JSON body of ``POST /v1/recommend``."""
-        return {"user_id": self.user_id, "context": dict(self.context),
-                "recent_ad_ids": list(self.recent_ad_ids), "k": self.k,
-                "request_id": self.request_id, "event_time": self.event_time,
-                "recent_organic": list(self.recent_organic)}
+        """The JSON body of ``POST /v1/recommend`` (``organic_k`` only when > 0)."""
+        body: dict[str, Any] = {
+            "user_id": self.user_id, "context": dict(self.context),
+            "recent_ad_ids": list(self.recent_ad_ids), "k": self.k,
+            "request_id": self.request_id, "event_time": self.event_time,
+            "recent_organic": list(self.recent_organic)}
+        if self.organic_k > 0:
+            body["organic_k"] = self.organic_k
+        return body
 
 
 @dataclass(frozen=True)
@@ -412,6 +473,60 @@ class Response:
         return len(self.items)
 
 
+@dataclass(frozen=True)
+class OrganicOutcome:
+    """What the user did with one organic item of a mixed feed, and the truth behind it."""
+
+    item_id: str
+    position: int
+    """Rank among the feed's organic items (0 first)."""
+    affinity: float
+    """<user interest, topic vector> when the feed was shown."""
+    p_view: float
+    p_like: float
+    """P(like | view)."""
+    expected_engagement: float
+    """``p_view · (1 + p_like)`` (:meth:`World.organic_expected_engagement`)."""
+    viewed: bool = False
+    liked: bool = False
+    dwell_s: float = 0.0
+    view_time: float | None = None
+
+
+@dataclass
+class OrganicResponse:
+    """The sampled engagement with the organic items of one mixed feed."""
+
+    request_id: str
+    event_time: float
+    items: list[OrganicOutcome]
+    events: list[OrganicEngagement]
+    """``view``, ``like`` and ``dwell`` events, in event-time order."""
+    unknown_item_ids: list[str]
+    """Served ids outside the catalogue, or repeated (no response sampled)."""
+
+    @property
+    def impressions(self) -> int:
+        return len(self.items)
+
+    @property
+    def views(self) -> int:
+        return sum(1 for i in self.items if i.viewed)
+
+    @property
+    def likes(self) -> int:
+        return sum(1 for i in self.items if i.liked)
+
+    @property
+    def dwell_s(self) -> float:
+        return sum(i.dwell_s for i in self.items)
+
+    @property
+    def expected_engagement(self) -> float:
+        """True expected engagement of the organic items as shown (ranks included)."""
+        return sum(i.expected_engagement for i in self.items)
+
+
 def _sigmoid(x: np.ndarray | float) -> Any:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -427,6 +542,56 @@ def _slug(text: str) -> str:
 
 ORGANIC_TOPICS: tuple[str, ...] = tuple(f"{ind}/{_slug(cat)}" for ind, cat in CATEGORIES)
 """Topic token of each category (``industry/category-slug``), the organic item topics."""
+_TOPIC_INDEX = {t: i for i, t in enumerate(ORGANIC_TOPICS)}
+
+ORGANIC_FORMATS: tuple[tuple[str, OrganicKind], ...] = (
+    ("review", "video"), ("how-to guide", "article"), ("unboxing", "video"),
+    ("vlog", "video"), ("top 10", "article"), ("news", "article"),
+)
+"""Formats of organic items and the kind each one is."""
+
+
+def _stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def parse_organic_id(item_id: str) -> tuple[int, int]:
+    """(category index, item number) of an organic id ``<topic>#<n>``; raises
+    ``ValueError`` for another shape or an unknown topic."""
+    topic, sep, num = item_id.rpartition("#")
+    if not sep or topic not in _TOPIC_INDEX or not num.isdigit() or not num.isascii():
+        raise ValueError(f"not an organic item id (<topic>#<n>): {item_id!r}")
+    return _TOPIC_INDEX[topic], int(num)
+
+
+def organic_content(item_id: str) -> tuple[OrganicKind, str, str]:
+    """(kind, title, description) of the organic item ``<topic>#<n>``: a format and one
+    of the topic category's products, e.g. *Unboxing: Wireless earbuds (headphones,
+    retail)*. Within a topic the first ``products × formats`` (18) items have distinct
+    (format, product) pairs; later ones add a part number. Raises ``ValueError`` for an
+    id that is not an organic id."""
+    c, n = parse_organic_id(item_id)
+    industry, category = CATEGORIES[c]
+    spec = next(s for s in INDUSTRIES if s.name == industry)
+    products = spec.categories[category]
+    combos = len(products) * len(ORGANIC_FORMATS)
+    i = n % combos
+    product = products[i % len(products)]
+    fmt, kind = ORGANIC_FORMATS[(i // len(products) + c) % len(ORGANIC_FORMATS)]
+    title = f"{fmt[0].upper()}{fmt[1:]}: {product} ({category}, {industry})"
+    if n >= combos:
+        title += f", part {n // combos + 1}"
+    article = "an" if fmt[0] in "aeiou" else "a"
+    description = (f"{kind.title()} · {industry.title()} · {category}: {article} {fmt} "
+                   f"about {product.lower()}.")
+    return kind, title, description
+
+
+def organic_text(item_id: str) -> str:
+    """The text an organic item is embedded from: ``"<title>. <description>"`` (as an
+    ad's)."""
+    _, title, description = organic_content(item_id)
+    return f"{title}. {description}"
 
 
 # -- the world -------------------------------------------------------------------------
@@ -468,6 +633,21 @@ class World:
             cat_vectors[i, self._category_index[(ind, cat)]] = 1.5
         self._cat_vectors = cat_vectors / np.linalg.norm(cat_vectors, axis=1, keepdims=True)
         self._organic_seq = 0
+        self._organic: dict[str, OrganicItem] = {}
+        self._organic_cat: dict[str, int] = {}
+        for c, topic in enumerate(ORGANIC_TOPICS):
+            for n in range(cfg.organic_per_topic):
+                item_id = f"{topic}#{n}"
+                kind, title, description = organic_content(item_id)
+                self._organic[item_id] = OrganicItem(
+                    item_id=item_id, kind=kind, topic=topic, title=title,
+                    description=description, created_time=cfg.start_time,
+                    event_time=cfg.start_time)
+                self._organic_cat[item_id] = c
+        quality_rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(4,)))
+        self._organic_quality = dict(zip(
+            self._organic, quality_rng.normal(0.0, cfg.organic_quality_sigma,
+                                              len(self._organic)).tolist(), strict=True))
         self._build_users()
         self._group_prior = self._observable_priors()
         self._initial: list[Ad] = []
@@ -579,6 +759,14 @@ class World:
     def initial_ads(self) -> list[Ad]:
         """The catalog at the start (to produce to ``ads`` before any traffic)."""
         return list(self._initial)
+
+    def organic_items(self) -> list[OrganicItem]:
+        """The organic catalogue (to produce to ``organic-items``), topic by topic."""
+        return list(self._organic.values())
+
+    def organic_item(self, item_id: str) -> OrganicItem | None:
+        """The catalogue record of ``item_id``; ``None`` if it is not in the catalogue."""
+        return self._organic.get(item_id)
 
     def servable_ads(self) -> list[SimAd]:
         return [a for a in self.ads.values() if a.active]
@@ -702,12 +890,14 @@ class World:
         return Request(seq=seq, request_id=f"{cfg.prefix}-{seq:09d}", user_id=user.user_id,
                        context=context, recent_ad_ids=list(user.recent),
                        k=k or cfg.slate_size, event_time=t,
-                       recent_organic=list(user.organic))
+                       recent_organic=list(user.organic), organic_k=cfg.organic_slots)
 
     def _consume_organic(self, user: SimUser, rng: np.random.Generator) -> None:
         """Organic items the user consumed since their last request, drawn from the
         hidden interest: topic ~ softmax(sharpness · <state, topic vector>), or a
-        uniformly random topic with probability ``organic_noise``."""
+        uniformly random topic with probability ``organic_noise``. The item within the
+        topic comes from a hash of the user id and the consumption's sequence number
+        (no draw on ``rng``: the topics do not depend on the catalogue's size)."""
         cfg = self.config
         n = int(rng.poisson(cfg.organic_per_request))
         if n == 0:
@@ -721,7 +911,9 @@ class World:
             else:
                 c = int(rng.choice(len(CATEGORIES), p=p))
             self._organic_seq += 1
-            user.organic.append(f"{ORGANIC_TOPICS[c]}#{self._organic_seq}")
+            n_item = (_stable_hash(f"{user.user_id}#{self._organic_seq}")
+                      % cfg.organic_per_topic)
+            user.organic.append(f"{ORGANIC_TOPICS[c]}#{n_item}")
 
     def observable_interest(self, context: dict[str, str],
                             recent_organic: Sequence[str]) -> np.ndarray:
@@ -947,6 +1139,121 @@ class World:
         return self.sample_response(request.user_id, slate, request.request_id,
                                     request.event_time, request.context,
                                     self.response_rng(request.seq))
+
+
+    # -- organic items of a mixed feed ---------------------------------------------------
+    def organic_probabilities(self, user: SimUser | str, item_ids: Sequence[str],
+                              positions: np.ndarray | int = 0
+                              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """True (affinity, P(view), P(like | view), median dwell s) of catalogue items
+        ``item_ids`` shown at organic ranks ``positions`` to the user as they are now.
+        Raises ``KeyError`` for an id outside the catalogue."""
+        cfg = self.config
+        if isinstance(user, str):
+            user = self.user(user)
+        if not item_ids:
+            empty = np.zeros(0)
+            return empty, empty, empty, empty
+        cats = np.array([self._organic_cat[i] for i in item_ids])
+        quality = np.array([self._organic_quality[i] for i in item_ids])
+        affinity = self._cat_vectors[cats] @ user.state
+        decay = cfg.organic_position_decay ** np.asarray(positions, dtype=float)
+        p_view = decay * _sigmoid(cfg.organic_view_bias + cfg.organic_view_affinity * affinity
+                                  + quality)
+        p_like = _sigmoid(cfg.organic_like_bias + cfg.organic_like_affinity * affinity
+                          + quality)
+        median = cfg.organic_dwell_median_s * np.exp(cfg.organic_dwell_affinity * affinity)
+        return affinity, p_view, p_like, median
+
+    def organic_expected_engagement(self, request: Request, item_ids: Sequence[str]
+                                    ) -> np.ndarray:
+        """True expected engagement of catalogue items shown in this order:
+        ``P(view at its rank) · (1 + P(like | view))`` (a view counts 1, a like 1 more)."""
+        _, p_view, p_like, _ = self.organic_probabilities(
+            request.user_id, item_ids, np.arange(len(item_ids)))
+        return np.asarray(p_view * (1.0 + p_like))
+
+    def organic_oracle(self, request: Request, m: int | None = None) -> list[str]:
+        """The ``m`` (default ``request.organic_k``) catalogue items with the highest true
+        expected engagement for the request's user, best first. The rank's position bias
+        multiplies every item alike, so the order is by ``sigmoid(view logit) · (1 +
+        P(like | view))``; ties go to catalogue order."""
+        m = request.organic_k if m is None else m
+        if m <= 0:
+            return []
+        ids = list(self._organic)
+        _, p_view, p_like, _ = self.organic_probabilities(request.user_id, ids, 0)
+        order = np.lexsort((np.arange(len(ids)), -(p_view * (1.0 + p_like))))[:m]
+        return [ids[int(i)] for i in order]
+
+    def organic_rng(self, seq: int) -> np.random.Generator:
+        """The organic-response generator of request number ``seq`` (independent of the
+        ad responses' :meth:`response_rng`)."""
+        return np.random.default_rng(np.random.SeedSequence(self.config.seed,
+                                                            spawn_key=(3, seq)))
+
+    def respond_organic(self, request: Request, item_ids: Sequence[str]) -> OrganicResponse:
+        """Sample what the user does with the organic items ``item_ids`` (rank order)
+        shown with ``request``.
+
+        Each item is viewed with ``P(view)``, a few seconds (``Exp(organic_view_delay_s)``)
+        after the impression; a viewed item is liked with ``P(like | view)`` at a uniform
+        point of its dwell; one ``dwell`` event at the end of the view carries the
+        log-normal dwell seconds. Viewed items join the user's organic history. Ids outside
+        the catalogue, and repeats, get no response and are listed in
+        ``unknown_item_ids``.
+        """
+        cfg = self.config
+        user = self.user(request.user_id)
+        rng = self.organic_rng(request.seq)
+        known: list[str] = []
+        positions: list[int] = []
+        unknown: list[str] = []
+        for pos, item_id in enumerate(item_ids):
+            if item_id not in self._organic or item_id in known:
+                unknown.append(item_id)
+                continue
+            known.append(item_id)
+            positions.append(pos)
+        affinity, p_view, p_like, median = self.organic_probabilities(
+            user, known, np.array(positions, dtype=float))
+        rid, t0 = request.request_id, request.event_time
+        items: list[OrganicOutcome] = []
+        events: list[OrganicEngagement] = []
+        for i, item_id in enumerate(known):
+            # draw every variate for every item so the stream layout is fixed
+            u_view, u_like = float(rng.random()), float(rng.random())
+            delay = float(rng.exponential(cfg.organic_view_delay_s)) \
+                if cfg.organic_view_delay_s > 0 else 0.0
+            z = float(rng.standard_normal())
+            like_frac = float(rng.random())
+            viewed = u_view < p_view[i]
+            liked = viewed and u_like < p_like[i]
+            dwell = 0.0
+            view_t: float | None = None
+            if viewed:
+                view_t = t0 + delay
+                dwell = round(float(median[i]) * math.exp(cfg.organic_dwell_sigma * z), 3)
+                events.append(OrganicEngagement(
+                    event_id=f"{rid}:view:{item_id}", request_id=rid,
+                    user_id=user.user_id, item_id=item_id, action="view", event_time=view_t))
+                if liked:
+                    events.append(OrganicEngagement(
+                        event_id=f"{rid}:like:{item_id}", request_id=rid,
+                        user_id=user.user_id, item_id=item_id, action="like",
+                        event_time=view_t + like_frac * dwell))
+                events.append(OrganicEngagement(
+                    event_id=f"{rid}:dwell:{item_id}", request_id=rid,
+                    user_id=user.user_id, item_id=item_id, action="dwell", dwell_s=dwell,
+                    event_time=view_t + dwell))
+                user.organic.append(item_id)
+            items.append(OrganicOutcome(
+                item_id=item_id, position=positions[i], affinity=float(affinity[i]),
+                p_view=float(p_view[i]), p_like=float(p_like[i]),
+                expected_engagement=float(p_view[i] * (1.0 + p_like[i])),
+                viewed=bool(viewed), liked=bool(liked), dwell_s=dwell, view_time=view_t))
+        events.sort(key=lambda e: e.event_time)
+        return OrganicResponse(rid, t0, items, events, unknown)
 
 
 def slate_ids(items: Iterable[Any]) -> list[str]:

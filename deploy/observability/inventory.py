@@ -64,8 +64,8 @@ METRICS: tuple[Metric, ...] = (
        "version: the package version; process: join, learn, serve, replay, ..."),
     _m("adloop_produced_records_total", "counter", "all", ("topic",),
        "Records the broker acknowledged, by logical topic.",
-       "topic: the 8 logical topics (ads, impressions, clicks, conversions, feedback, "
-       "model-updates, ad-stats, dlq)"),
+       "topic: the 10 logical topics (ads, impressions, clicks, conversions, feedback, "
+       "organic-items, organic-engagements, model-updates, ad-stats, dlq)"),
     _m("adloop_produce_errors_total", "counter", "all", ("topic",),
        "Records the broker did not acknowledge (after the producer's retries).",
        "topic: logical topic"),
@@ -148,6 +148,16 @@ METRICS: tuple[Metric, ...] = (
        "Wall-clock time of the last model swap."),
     _m("adloop_server_servable_ads", "gauge", "server", (), "Ads in the serving trie."),
     _m("adloop_server_catalog_ads", "gauge", "server", (), "Ads known from the `ads` topic."),
+    _m("adloop_server_organic_items", "gauge", "server", (),
+       "Organic items (videos, articles) in the serving snapshot's organic trie, all "
+       "servable in a mixed feed; 0 = the snapshot has none (ads only)."),
+    _m("adloop_server_organic_served_total", "counter", "server", (),
+       "Organic items served in mixed feeds (requests with organic_k > 0)."),
+    _m("adloop_server_organic_search_seconds", "histogram", "server", (),
+       "Time of the organic beam search of one batch (its mixed-feed requests only)."),
+    _m("adloop_server_organic_unavailable_total", "counter", "server", (),
+       "Mixed-feed requests (organic_k > 0) answered with ads only because the serving "
+       "snapshot has no organic items (no organic_ids in its manifest)."),
     _m("adloop_server_bad_records_total", "counter", "server", ("topic", "reason"),
        "Records the server's topic followers skipped (and dead-lettered once per offset): "
        "undecodable, or breaking the handler.",
@@ -161,20 +171,25 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_join_feedback_total", "counter", "join", ("kind",), "Feedback lists emitted.",
        "kind: provisional, final, correction"),
     _m("adloop_join_corrections_total", "counter", "join", (),
-       "Correction lists emitted (a click or conversion after the list was emitted)."),
+       "Correction lists emitted (a click, conversion or organic engagement after the list "
+       "was emitted)."),
     _m("adloop_join_events_total", "counter", "join", ("topic", "outcome"),
-       "Input records processed, by topic and outcome. A click/conversion held for its "
-       "impression is counted as `held` on arrival and again (applied, late or orphan) when "
-       "its impression arrives, so `applied` of clicks counts every click that reached a "
-       "list.",
-       "topic: impressions, clicks, conversions; outcome: applied, held, duplicate, late, "
-       "orphan, invalid, handler_error, end_of_stream"),
+       "Input records processed, by topic and outcome. A click/conversion/organic "
+       "engagement held for its impression is counted as `held` on arrival and again "
+       "(applied, late or orphan) when its impression arrives, so `applied` of clicks "
+       "counts every click that reached a list.",
+       "topic: impressions, clicks, conversions, organic-engagements; outcome: applied, "
+       "held, duplicate, late, orphan, invalid, handler_error, end_of_stream"),
+    _m("adloop_join_organic_engagements_total", "counter", "join", ("action",),
+       "Organic engagements joined into their impression's feedback (counted once: "
+       "duplicates and dead-lettered ones are not).", "action: view, like, dwell"),
     _m("adloop_join_late_total", "counter", "join", ("topic",),
        "Records dead-lettered as late (after their attribution window closed).",
-       "topic: clicks, conversions"),
+       "topic: impressions, clicks, conversions, organic-engagements"),
     _m("adloop_join_orphan_total", "counter", "join", ("topic",),
-       "Records dead-lettered as orphan (their impression never arrived).",
-       "topic: clicks, conversions"),
+       "Records dead-lettered as orphan (their impression never arrived, or it did not "
+       "show the ad or organic item they name).",
+       "topic: clicks, conversions, organic-engagements"),
     _m("adloop_join_reconciled_total", "counter", "join", (),
        "Feedback lists found on the output whose table mark was lost (after a restart)."),
     _m("adloop_join_table_requests", "gauge", "join", (), "Request ids held in the join table."),
@@ -187,7 +202,7 @@ METRICS: tuple[Metric, ...] = (
        "leave a member idle in its group after an early rebalance)."),
     _m("adloop_join_lag_records", "gauge", "join", ("topic", "partition"),
        "Unread records per input topic and partition (the joiner's consumer lag).",
-       "topic: impressions, clicks, conversions; partition: 0..3"),
+       "topic: impressions, clicks, conversions, organic-engagements; partition: 0..3"),
     _m("adloop_join_watermark_seconds", "gauge", "join", ("partition",),
        "Event-time watermark per partition (Unix seconds).", "partition: 0..3"),
     _m("adloop_join_elapsed_seconds", "histogram", "join", ("kind",),
@@ -221,6 +236,8 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_learner_model_version", "gauge", "learn", (),
        "Number of the last published version."),
     _m("adloop_learner_new_ads_total", "counter", "learn", (), "Ads that received an id online."),
+    _m("adloop_learner_new_organic_items_total", "counter", "learn", (),
+       "Organic items (videos, articles) that received an id online."),
     _m("adloop_learner_kafka_errors_total", "counter", "learn", (),
        "Loop steps interrupted by an unreachable Kafka (the step is retried with backoff; "
        "nothing trained is lost)."),
@@ -260,10 +277,17 @@ METRICS: tuple[Metric, ...] = (
        "Conversions produced (at their event time)."),
     _m("adloop_traffic_revenue_total", "counter", "replay", (),
        "Realized reward booked when responses are sampled (currency units)."),
+    _m("adloop_traffic_organic_impressions_total", "counter", "replay", (),
+       "Organic items shown to users in mixed feeds."),
+    _m("adloop_traffic_organic_engagements_total", "counter", "replay", ("action",),
+       "Organic engagement events produced (at their event time), by action.",
+       "action: view, like, dwell"),
+    _m("adloop_traffic_organic_dwell_seconds_total", "counter", "replay", (),
+       "Seconds spent on organic items (the dwell events produced)."),
     _m("adloop_traffic_ad_events_total", "counter", "replay", ("status",),
        "Ad records produced, by status.", "status: the Ad status enum (active, paused, ...)"),
     _m("adloop_traffic_pending_events", "gauge", "replay", (),
-       "Delayed clicks and conversions waiting for their event time."),
+       "Delayed clicks, conversions and organic engagements waiting for their event time."),
     _m("adloop_traffic_sim_time_seconds", "gauge", "replay", (),
        "The simulator's clock (event time, Unix seconds)."),
     _m("adloop_traffic_requests_in_flight", "gauge", "replay", (),

@@ -1,8 +1,9 @@
 """The whole loop on the real broker: ``adloop demo`` in a short configuration.
 
-Every process takes part: the server answers the traffic and logs impressions, the
-joiner turns them into feedback, the learner trains on it and publishes new
-snapshots, and the server swaps to them while traffic runs.
+Every process takes part: the server answers the traffic (ads and organic items, a
+mixed feed) and logs impressions, the joiner turns them and the users' clicks,
+conversions and organic engagements into feedback, the learner trains on it and
+publishes new snapshots, and the server swaps to them while traffic runs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def test_demo_closes_the_loop_feedback_reaches_the_learner_and_new_snapshots_are
     env = dict(os.environ, ADLOOP_LOG_JSON="1", HF_HUB_OFFLINE="1")
     res = subprocess.run(
         [sys.executable, "-m", "adloop", "demo", "--minutes", "0.75", "--rate", "10",
-         "--log-requests", "800", "--pretrain-steps", "20", "--encoder", "hashing",
+         "--log-requests", "800", "--pretrain-steps", "60", "--encoder", "hashing",
          "--n-users", "200", "--out", str(out), "--metrics-port", "0"],
         capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -43,6 +44,13 @@ def test_demo_closes_the_loop_feedback_reaches_the_learner_and_new_snapshots_are
                 "personalization"):
         assert 0.0 < summary[key] <= 1.0 and 0.0 < summary[f"frozen_{key}"] <= 1.0, key
     assert summary["novelty_bits"] > 0 and summary["frozen_novelty_bits"] > 0
+    # mixed feeds: three organic items per request, placed by the served model, their
+    # views, likes and dwell produced and measured
+    assert summary["organic_items_shown"] == 3 * summary["outcomes"]["ok"]
+    assert 0.0 < summary["organic_like_rate"] < summary["organic_view_rate"] < 1.0
+    assert summary["organic_dwell_s_per_item"] > 0
+    assert 0.0 < summary["organic_engagement_last_quarter"] < 2.0
+    assert summary["organic_engagements_joined"] > 0     # through Kafka and the joiner
     assert (out / "report.md").exists() and (out / "rpm.png").exists()
     assert "stopping processes" in res.stdout
     # the console keeps to steps, progress and the summary; the logs are in files

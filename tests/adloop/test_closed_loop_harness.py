@@ -73,3 +73,29 @@ def test_generative_policies_are_served_from_exported_snapshots_and_learn(
     # rspo published (10 updates of 32 lists) and served its own snapshot
     assert res["policies"]["rspo"]["model_versions"]["mean"] == 2
     assert res["policies"]["frozen"]["model_versions"]["mean"] == 1
+
+
+def test_mixed_feeds_report_organic_engagement_against_the_organic_oracle(
+        tmp_path: Path) -> None:
+    cfg = _small(seeds=(0,), requests=192, organic_slots=3,
+                 policies=("frozen", "random", "oracle", "bid_only"))
+    res = compare(cfg, tmp_path)
+    pol = res["policies"]
+    # the oracle serves the organic oracle's items: its ratio is exactly 1
+    assert pol["oracle"]["organic_oracle_ratio_last_quarter"]["mean"] == 1.0
+    for name in ("frozen", "random"):
+        e = pol[name]
+        assert 0.0 < e["organic_oracle_ratio_last_quarter"]["mean"] < 1.0
+        assert 0.0 < e["organic_engagement_last_quarter"]["mean"] < 2.0
+        assert 0.0 < e["organic_view_rate"]["mean"] <= 1.0
+        assert 0.0 <= e["organic_like_rate"]["mean"] <= e["organic_view_rate"]["mean"]
+        assert e["organic_dwell_s_per_item"]["mean"] > 0.0
+    assert pol["oracle"]["organic_engagement_last_quarter"]["mean"] > \
+        pol["random"]["organic_engagement_last_quarter"]["mean"]
+    # a policy that places no organic items reports none
+    assert "organic_view_rate" not in pol["bid_only"]
+    # the ads are served as without organic slots
+    ads_only = compare(_small(seeds=(0,), requests=192, policies=("oracle",)),
+                       tmp_path / "ads-only")
+    assert ads_only["policies"]["oracle"]["per_seed_rpm_last_quarter"] == \
+        pol["oracle"]["per_seed_rpm_last_quarter"]

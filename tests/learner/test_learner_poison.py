@@ -1,6 +1,6 @@
-"""Poison bytes on ``feedback`` and ``ads`` never stop the learner: each bad record is
-dead-lettered with its reason (once, also across a restart) and every good list after it
-is trained."""
+"""Poison bytes on ``feedback``, ``ads`` and ``organic-items`` never stop the learner:
+each bad record is dead-lettered with its reason (once, also across a restart) and every
+good list after it is trained."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from learner import synthetic
 from learner.online import check_trainable
 from learner.pretrain import PretrainSettings, pretrain
 from streams.kafka_io import EventProducer, read_all
-from streams.schemas import DeadLetter
+from streams.schemas import DeadLetter, OrganicItem
 from streams.settings import KafkaSettings
 from streams.topics import Topics
 
@@ -51,6 +51,13 @@ def test_poison_feedback_and_ads_are_dead_lettered_and_training_goes_on(
     for key, value in poison_ads:
         p.send_bytes("ads", value, key)
     p.send("ads", no_advertiser)
+    organic = [OrganicItem(item_id=f"gaming/consoles#{n}", kind="video", topic="gaming/consoles",
+                           title=f"console review {n}", created_time=0.0, event_time=0.0)
+               for n in range(3)]
+    for item in organic[:2]:
+        p.send("organic-items", item)
+    p.send_bytes("organic-items", b'{"item_id": "x#1", "kind": "podcast"}', b"x#1")
+    p.send("organic-items", organic[2])
     poison_feedback = [(b"u", b'"\x80"'), (b"\x80\x81", b'{"\x80":1}'), (b"u", None),
                        (b"u", b"[" * 100_000)]
     for fb in good[:30]:
@@ -63,6 +70,7 @@ def test_poison_feedback_and_ads_are_dead_lettered_and_training_goes_on(
     p.flush()
     p.close()
     expected = {("ads", "not_json"): 2, ("ads", "handler_error"): 1,
+                ("organic-items", "invalid"): 1,
                 ("feedback", "not_json"): 3, ("feedback", "invalid"): 1,
                 ("feedback", "handler_error"): 1}
 
@@ -97,6 +105,11 @@ def test_poison_feedback_and_ads_are_dead_lettered_and_training_goes_on(
     letters = {d.detail: d for d in _letters(kafka)}
     assert any("reward" in detail and "1e+300" in detail for detail in letters)
     assert any("advertiser_id" in detail for detail in letters)
+    # the good organic items got ids and every snapshot since serves them
+    manifests = sorted(store.glob("v*/manifest.json"))
+    assert manifests
+    assert set(json.loads(manifests[-1].read_text())["organic_ids"]) == {
+        o.item_id for o in organic}
 
     # a restart re-reads ``ads`` from offset 0: no second dead letter for the bad ones
     again = learner().start()

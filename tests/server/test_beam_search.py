@@ -125,6 +125,24 @@ def test_sequence_logprob_scores_an_id_as_the_beam_search_would(seed: int,
     np.testing.assert_allclose(got, wide.logprob, rtol=1e-9, atol=1e-12)
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), caps=st.lists(st.integers(1, 12), min_size=1, max_size=5))
+def test_per_request_caps_give_each_request_the_beams_it_gets_alone(seed: int,
+                                                                     caps: list[int]) -> None:
+    rng = np.random.default_rng(seed)
+    ids = ALL_IDS[rng.choice(len(ALL_IDS), 40, replace=False)]
+    trie = build_trie(ids, sort_ids(ids), np.ones(40, bool), SIZES)
+    step = _step_fn(seed)
+    T = len(SIZES)
+    together = beam_search(step, trie, len(caps), [max(caps)] * T, caps=caps)
+    for b, cap in enumerate(caps):
+        alone = beam_search(lambda r, p, b=b: step(np.full_like(r, b), p), trie, 1, [cap] * T)
+        mine = together.request == b
+        assert together.rows[mine].tolist() == alone.rows.tolist()
+        assert np.allclose(together.logprob[mine], alone.logprob)
+        assert mine.sum() <= cap
+
+
 def test_empty_trie_gives_empty_beams() -> None:
     ids = ALL_IDS[:10]
     trie = build_trie(ids, sort_ids(ids), np.zeros(10, bool), SIZES)

@@ -161,6 +161,11 @@ def test_only_servable_ads_are_recommended_and_a_paused_ad_disappears(
     ({**REQ, "recent_ad_ids": "ad-1"}, "recent_ad_ids"),
     ({**REQ, "recent_organic": ["t#1"] * 201}, "recent_organic"),
     ({**REQ, "event_time": -1}, "event_time"),
+    ({**REQ, "organic_k": -1}, "organic_k"),
+    ({**REQ, "organic_k": 51}, "organic_k"),
+    ({**REQ, "organic_k": "x"}, "organic_k"),
+    ({**REQ, "organic_k": True}, "organic_k"),
+    ({**REQ, "organic_k": 2.5}, "organic_k"),
     ({**REQ, "surprise": 1}, "surprise"),
 ])
 def test_bad_requests_get_422_naming_the_field(

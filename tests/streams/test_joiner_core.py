@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from streams.joiner_core import (
+    INPUT_TOPICS,
     JoinCore,
     JoinSettings,
     feedback_items,
@@ -14,7 +15,7 @@ from tests.streams.test_joiner_helpers import click, conv, imp, rewards
 
 S = JoinSettings(observation_window_s=10, attribution_window_s=100, out_of_orderness_s=0,
                  orphan_grace_s=50, dedup_retention_s=50, emit_every_s=1)
-ALL_CAUGHT_UP = {"impressions": True, "clicks": True, "conversions": True}
+ALL_CAUGHT_UP = dict.fromkeys(INPUT_TOPICS, True)
 
 
 class Run:

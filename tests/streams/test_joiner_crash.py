@@ -1,5 +1,6 @@
 """kill -9 the joiner twice mid-stream, restart it: exactly one final per impression, with
-the right reward, none missing, no (request id, revision) emitted twice."""
+the right reward and organic engagement, none missing, no (request id, revision) emitted
+twice."""
 
 from __future__ import annotations
 
@@ -14,7 +15,16 @@ from kafka import KafkaConsumer, TopicPartition
 from streams.kafka_io import EventProducer, read_all
 from streams.schemas import Event, Feedback
 from streams.settings import KafkaSettings
-from tests.streams.test_joiner_helpers import JoinerProcess, click, conv, imp, rewards, wait_for
+from tests.streams.test_joiner_helpers import (
+    JoinerProcess,
+    click,
+    conv,
+    engage,
+    imp,
+    organic,
+    rewards,
+    wait_for,
+)
 
 N = 1200
 USERS = 40
@@ -31,13 +41,34 @@ def _count(kafka: KafkaSettings, topic: str) -> int:
         c.close()
 
 
-def _events() -> tuple[list[tuple[float, str, Event]], dict[str, list[float]]]:
-    """Event-time ordered traffic and the expected final rewards per request id."""
+Organic = list[tuple[str, bool, bool, float]]
+
+
+def _events() -> tuple[list[tuple[float, str, Event]], dict[str, list[float]],
+                       dict[str, Organic]]:
+    """Event-time ordered traffic, the expected final rewards and organic items per
+    request id."""
     evs: list[tuple[float, str, Event]] = []
     expected: dict[str, list[float]] = {}
+    expected_organic: dict[str, Organic] = {}
     for i in range(N):
         t, rid, u = float(i), f"r{i}", f"u{i % USERS}"
-        evs.append((t, "impressions", imp(rid, t, u)))
+        mixed = i % 4 == 0  # a mixed feed: engagements before and after the provisional list
+        evs.append((t, "impressions", imp(rid, t, u, organic=mixed)))
+        expected_organic[rid] = []
+        if mixed:
+            o = "organic-engagements"
+            evs.append((t + 1, o, engage(f"o{i}v", rid, t + 1, "view", user=u)))
+            evs.append((t + 3, o, engage(f"o{i}d", rid, t + 3, "dwell", dwell_s=1.5, user=u)))
+            evs.append((t + 9, o, engage(f"o{i}e", rid, t + 9, "dwell", dwell_s=2.25,
+                                         user=u)))
+            if i % 8 == 0:  # a duplicate view (same event id)
+                evs.append((t + 2, o, engage(f"o{i}v", rid, t + 2, "view", user=u)))
+            if i % 12 == 0:
+                evs.append((t + 8, o, engage(f"o{i}l", rid, t + 8, "like", item="travel#3",
+                                             user=u)))
+            expected_organic[rid] = [("cooking#0", True, False, 3.75),
+                                     ("travel#3", False, i % 12 == 0, 0.0)]
         r = [0.0, 0.0, 1.0]
         if i % 3 == 0:  # click inside the observation window
             evs.append((t + 1, "clicks", click(f"c{i}", rid, t + 1, user=u)))
@@ -52,7 +83,7 @@ def _events() -> tuple[list[tuple[float, str, Event]], dict[str, list[float]]]:
     evs.sort(key=lambda e: e[0])
     # time moves on for every user: closes every window
     evs += [(1e6, "impressions", imp(f"end{u}", 1e6, f"u{u}")) for u in range(USERS)]
-    return evs, expected
+    return evs, expected, expected_organic
 
 
 def test_kill9_twice_gives_exactly_one_final_per_impression(kafka: KafkaSettings,
@@ -60,7 +91,7 @@ def test_kill9_twice_gives_exactly_one_final_per_impression(kafka: KafkaSettings
     seed = int(os.environ.get("ADLOOP_TEST_CRASH_SEED", time.time_ns() % 100_000))
     rnd = random.Random(seed)
     print(f"crash seed {seed}")  # shown on failure; rerun with ADLOOP_TEST_CRASH_SEED
-    evs, expected = _events()
+    evs, expected, expected_organic = _events()
     # the producer writes ~150 event-seconds per burst; the allowed disorder covers a burst
     # so that a topic fetched ahead of another does not make records late
     settings = {"observation_window_s": 5, "attribution_window_s": 20, "out_of_orderness_s": 200,
@@ -102,4 +133,5 @@ def test_kill9_twice_gives_exactly_one_final_per_impression(kafka: KafkaSettings
     for f in fbs:
         if f.kind == "final":
             assert rewards(f) == expected[f.request_id], f.request_id
+            assert organic(f) == expected_organic[f.request_id], f.request_id
     assert log.read_text().count("join.partition_loaded") >= 8  # three runs did work

@@ -12,8 +12,19 @@ from pathlib import Path
 from typing import Any
 
 from streams.kafka_io import read_all
-from streams.schemas import Click, Conversion, Feedback, Impression, SlateItem
+from streams.schemas import (
+    Click,
+    Conversion,
+    Event,
+    Feedback,
+    Impression,
+    OrganicAction,
+    OrganicEngagement,
+    OrganicSlot,
+    SlateItem,
+)
 from streams.settings import KafkaSettings
+from streams.topics import TOPICS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,10 +36,34 @@ SLATE = [
               bid_type="cpm"),
 ]
 
+# the organic items of a mixed feed, in order (shown as cooking#0, a0, travel#3, a1, a2)
+ORGANIC = [
+    OrganicSlot(item_id="cooking#0", semantic_id=[7, 1, 1], position=0, score=-1.5),
+    OrganicSlot(item_id="travel#3", semantic_id=[7, 2, 9], position=1, score=-2.25),
+]
 
-def imp(rid: str, t: float, user: str = "u1") -> Impression:
+
+def imp(rid: str, t: float, user: str = "u1", organic: bool = False) -> Impression:
     return Impression(request_id=rid, event_time=t, user_id=user, slate=list(SLATE),
-                      model_version="m1", context={"page": "home"})
+                      model_version="m1", context={"page": "home"},
+                      organic=list(ORGANIC) if organic else [])
+
+
+def engage(eid: str, rid: str, t: float, action: OrganicAction = "view",
+           item: str = "cooking#0", dwell_s: float = 0.0,
+           user: str = "u1") -> OrganicEngagement:
+    return OrganicEngagement(event_id=eid, request_id=rid, user_id=user, item_id=item,
+                             action=action, dwell_s=dwell_s, event_time=t)
+
+
+def topic_of(rec: Event) -> str:
+    """The logical topic that carries ``rec``."""
+    return next(name for name, spec in TOPICS.items() if type(rec) is spec.record)
+
+
+def organic(fb: Feedback) -> list[tuple[str, bool, bool, float]]:
+    """Per organic item of a list: (item id, viewed, liked, dwell seconds)."""
+    return [(o.item_id, o.viewed, o.liked, o.dwell_s) for o in fb.organic]
 
 
 def click(eid: str, rid: str, t: float, ad: str = "a0", user: str = "u1") -> Click:

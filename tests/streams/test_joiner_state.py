@@ -13,7 +13,13 @@ from kafka import KafkaConsumer, TopicPartition
 
 from streams import joiner as joiner_module
 from streams.joiner import Joiner
-from streams.joiner_core import JoinCore, JoinSettings, StateFormatError, meta_key
+from streams.joiner_core import (
+    INPUT_TOPICS,
+    JoinCore,
+    JoinSettings,
+    StateFormatError,
+    meta_key,
+)
 from streams.kafka_io import BatchProducer, read_all
 from streams.schemas import Event, Feedback, encode
 from streams.settings import KafkaSettings
@@ -22,7 +28,7 @@ from tests.streams.test_joiner_helpers import click, imp
 
 S = JoinSettings(observation_window_s=10, attribution_window_s=100, out_of_orderness_s=0,
                  orphan_grace_s=50, dedup_retention_s=50, emit_every_s=1)
-CAUGHT_UP = {"impressions": True, "clicks": True, "conversions": True}
+CAUGHT_UP = dict.fromkeys(INPUT_TOPICS, True)
 
 
 class Run:

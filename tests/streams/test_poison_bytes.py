@@ -13,12 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from streams.joiner import Joiner
-from streams.joiner_core import JoinSettings
+from streams.joiner_core import INPUT_TOPICS, JoinSettings
 from streams.kafka_io import DeadLetterOnce, EventProducer, read_all
 from streams.schemas import DeadLetter, Feedback, encode
 from streams.settings import KafkaSettings
 from streams.topics import Topics
-from tests.streams.test_joiner_helpers import REPO, JoinerProcess, click, conv, imp, wait_for
+from tests.streams.test_joiner_helpers import (
+    REPO,
+    JoinerProcess,
+    click,
+    conv,
+    engage,
+    imp,
+    wait_for,
+)
 
 WINDOWS = {"observation_window_s": 10, "attribution_window_s": 100, "out_of_orderness_s": 0,
            "orphan_grace_s": 50, "dedup_retention_s": 50, "emit_every_s": 1}
@@ -36,14 +44,15 @@ POISON: list[tuple[bytes, bytes | None, str]] = [
 def test_poison_on_every_joiner_input_is_dead_lettered_and_the_join_goes_on(
         kafka: KafkaSettings, tmp_path: Path) -> None:
     p = EventProducer(kafka)
-    for topic in ("impressions", "clicks", "conversions"):
+    for topic in INPUT_TOPICS:
         for key, value, _ in POISON:
             p.send_bytes(topic, value, key)  # type: ignore[arg-type]
     # good records after the poison; r2 has a garbage non-UTF-8 key: keys only route
     # records to partitions, the joiner never decodes them
-    p.send("impressions", imp("r1", 0))
+    p.send("impressions", imp("r1", 0, organic=True))
     p.send("clicks", click("c1", "r1", 3))
     p.send("conversions", conv("v1", "r1", 4, 2.5))
+    p.send("organic-engagements", engage("o1", "r1", 5, "like"))
     p.send("impressions", imp("tick", 200))
     for rec in (imp("r2", 0), imp("tick2", 200)):
         p.send_bytes("impressions", encode(rec), b"\x80\xff")
@@ -53,7 +62,7 @@ def test_poison_on_every_joiner_input_is_dead_lettered_and_the_join_goes_on(
         fbs = wait_for(kafka, "feedback",
                        lambda fbs: {"r1", "r2"} <= {f.request_id for f in fbs
                                                     if f.kind == "final"}, proc=joiner)
-        want = Counter({(t, why): n for t in ("impressions", "clicks", "conversions")
+        want = Counter({(t, why): n for t in INPUT_TOPICS
                         for why, n in Counter(why for _, _, why in POISON).items()})
         names = Topics(kafka.topic_prefix)
 
@@ -69,6 +78,8 @@ def test_poison_on_every_joiner_input_is_dead_lettered_and_the_join_goes_on(
                  and f.kind == "final")
     assert [i.clicked for i in final.items] == [True, False, False]
     assert final.items[1].converted and final.items[1].conversion_value == 2.5
+    assert [(o.item_id, o.liked) for o in final.organic] == [("cooking#0", True),
+                                                             ("travel#3", False)]
     raws = {d.raw() for d in letters}
     assert {v or b"" for _, v, _ in POISON} <= raws  # the exact bytes are kept
     assert any(d.key_b64 == "//6A" for d in letters)  # b"\xff\xfe\x80", base64

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 import pytest
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
@@ -20,10 +21,18 @@ def test_create_topics_is_idempotent_and_applies_partitions_and_configs(
     assert set(again.values()) == {"exists"}
     admin = KafkaAdminClient(bootstrap_servers=kafka_broker)
     try:
-        described = {t["name"]: t for t in admin.describe_topics([prefix + t for t in TOPICS])}
+        deadline = time.monotonic() + 15
+        while True:  # the last topics created may take a moment to reach the metadata
+            described = {t["name"]: t
+                         for t in admin.describe_topics([prefix + t for t in TOPICS])}
+            if all(t["partitions"] for t in described.values()) \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         for logical, spec in TOPICS.items():
             assert len(described[prefix + logical]["partitions"]) == spec.partitions
-        for logical in ("impressions", "clicks", "conversions", "feedback"):
+        for logical in ("impressions", "clicks", "conversions", "organic-engagements",
+                        "feedback"):
             assert TOPICS[logical].partitions == EVENT_PARTITIONS  # co-partitioned
         res = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, prefix + "ads")])
         entries = res["topic"][prefix + "ads"]

@@ -57,7 +57,14 @@ class SnapshotSpec:
     id_seed: int = 0
     """Seed of the id table: keep it fixed across versions of one id space."""
     data_watermark: float = 0.0
+    organic_ids: Sequence[str] = ()
+    """Organic item ids of the manifest's ``organic_ids`` (none by default). With them, the
+    level-0 code ``level_sizes[0] - 1`` is reserved for organic items (no ad has it), as
+    the learner's tokenizer reserves business token 0."""
     nan: bool = False
+    nan_organic: bool = False
+    """The decoder step gives NaN logits for beams whose prefix holds the organic level-0
+    code (only an organic search meets them)."""
     corrupt: str | None = None
     bad_checksum: str | None = None
     parity_fail: bool = False
@@ -159,6 +166,8 @@ def _graphs(spec: SnapshotSpec, rng: np.random.Generator) -> dict[str, onnx.Mode
         return (rng.standard_normal(shape) * scale / np.sqrt(shape[0])).astype(np.float32)
 
     emb = w(int(sum(sizes)), D, scale=float(np.sqrt(sum(sizes))) * 0.5)
+    if spec.nan_organic:
+        emb[sizes[0] - 1] = np.nan        # the organic level-0 code (SnapshotSpec.organic_ids)
     common = [_init("off", off), _init("emb", emb), _init("ax1", np.array([1], np.int64)),
               _init("ax2", np.array([2], np.int64))]
     eps = _init("eps", np.array(1e-6, np.float32))
@@ -356,7 +365,14 @@ def build_snapshot(directory: Path, spec: SnapshotSpec | None = None,
     rng = np.random.default_rng(spec.seed)
     ad_ids = list(spec.ad_ids) if spec.ad_ids is not None else \
         [f"ad-{i:04d}" for i in range(spec.n_ads)]
-    ids = make_id_table(ad_ids, spec.level_sizes, spec.id_seed)
+    organic: dict[str, list[int]] = {}
+    if spec.organic_ids:
+        sizes = list(spec.level_sizes)
+        ids = make_id_table(ad_ids, [sizes[0] - 1, *sizes[1:]], spec.id_seed)
+        organic = {i: [sizes[0] - 1, *row[1:]] for i, row in make_id_table(
+            list(spec.organic_ids), [1, *sizes[1:]], spec.id_seed + 1).items()}
+    else:
+        ids = make_id_table(ad_ids, spec.level_sizes, spec.id_seed)
     files: dict[str, dict[str, Any]] = {}
     for name, model in _graphs(spec, rng).items():
         data = model.SerializeToString()
@@ -373,7 +389,7 @@ def build_snapshot(directory: Path, spec: SnapshotSpec | None = None,
         "semantic_levels": max(1, len(spec.level_sizes) - 1), "history_len": spec.history_len,
         "context_features": list(spec.context_features),
         "context_buckets": spec.context_buckets, "organic_len": spec.organic_len,
-        "files": files, "ids": ids,
+        "files": files, "ids": ids, **({"organic_ids": organic} if organic else {}),
         "parity": parity, "metrics": dict(spec.metrics),
     }
     data = json.dumps(manifest).encode()

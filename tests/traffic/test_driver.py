@@ -171,7 +171,7 @@ def test_unreachable_server_is_counted_not_a_crash() -> None:
     assert _sample("adloop_traffic_requests_total", {"outcome": "unreachable"}) - before == 60
     # the request stream depends only on the seed, not on the server
     assert runs[0].requests_sha256 == runs[1].requests_sha256
-    assert runs[0].produced == {"ads": 40}
+    assert runs[0].produced == {"ads": 40, "organic-items": 32 * 8}
 
 
 def test_open_loop_keeps_sending_while_answers_are_slow() -> None:

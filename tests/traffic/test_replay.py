@@ -60,7 +60,7 @@ def test_replay_of_a_recorded_run_reproduces_its_stream(tmp_path: Path, suffix: 
     assert e1.sha256 == original == e2.sha256
     assert s1.by_kind["request"] == 300 and s1.by_kind["ad"] >= 30  # type: ignore[attr-defined]
     kinds = {r.kind for r in read_recorded(path)}
-    assert kinds == {"ad", "request", "impression", "click", "conversion"}
+    assert kinds == {"ad", "organic_item", "request", "impression", "click", "conversion"}
 
 
 def test_format_is_one_json_object_per_line_with_type_and_t(tmp_path: Path) -> None:
@@ -68,7 +68,8 @@ def test_format_is_one_json_object_per_line_with_type_and_t(tmp_path: Path) -> N
     _record_run(path, n=50)
     for line in path.read_text().splitlines():
         obj = json.loads(line)
-        assert obj["type"] in {"ad", "request", "impression", "click", "conversion"}
+        assert obj["type"] in {"ad", "organic_item", "request", "impression", "click",
+                               "conversion"}
         assert isinstance(obj["t"], float)
 
 
