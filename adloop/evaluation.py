@@ -627,6 +627,9 @@ def aggregate(runs: Sequence[PolicyRun], cfg: EvalConfig) -> dict[str, Any]:
         entry["rpm_curve"] = [statistics.mean(r.rpm(slice(i, i + 1)) for r in rs)
                               for i in range(min(len(r.impressions) for r in rs))]
         entry["per_seed_rpm_last_quarter"] = [s["rpm_last_quarter"] for s in sums]
+        if all("organic_engagement_last_quarter" in s for s in sums):
+            entry["per_seed_organic_engagement_last_quarter"] = [
+                s["organic_engagement_last_quarter"] for s in sums]
         out["policies"][name] = entry
     pol = out["policies"]
 

@@ -67,8 +67,21 @@ def run_variant(cfg: EvalConfig, name: str, over: dict[str, Any], tmp: Path,
     t0 = time.perf_counter()
     entry = compare(vcfg, tmp / name.strip("+"), progress=progress, jobs=jobs)["policies"]["rspo"]
     return {"per_seed_rpm": entry["per_seed_rpm_last_quarter"],
+            **({"per_seed_organic_engagement": entry["per_seed_organic_engagement_last_quarter"]}
+               if "per_seed_organic_engagement_last_quarter" in entry else {}),
             **{k: mean_of(entry, k) for k in SUMMARY_KEYS},
             "settings": over, "elapsed_s": round(time.perf_counter() - t0, 1)}
+
+
+def paired_ratio(raw: dict[str, dict[str, Any]], name: str, key: str
+                 ) -> tuple[float, float, float] | None:
+    """Mean and 95 % interval over seeds of variant ``name``'s per-seed ``key`` over
+    ``base``'s on the same seed (None when either lacks per-seed values)."""
+    a, b = raw[name].get(key), raw["base"].get(key)
+    if not a or not b or len(a) != len(b):
+        return None
+    ratios = [x / y for x, y in zip(a, b, strict=True) if y]
+    return mean_ci(ratios) if ratios else None
 
 
 def rows_of(raw: dict[str, dict[str, Any]], order: list[str], columns: Columns
@@ -76,7 +89,10 @@ def rows_of(raw: dict[str, dict[str, Any]], order: list[str], columns: Columns
     base = raw["base"]
     out = []
     for name in [n for n in order if n in raw]:
-        r = raw[name]
+        r = dict(raw[name])
+        paired = paired_ratio(raw, name, "per_seed_organic_engagement")
+        if paired is not None:
+            r["organic_engagement_ratio"] = [round(x, 4) for x in paired]
         ratios = [a / b for a, b in zip(r["per_seed_rpm"], base["per_seed_rpm"], strict=True)
                   if b]
         m, lo, hi = mean_ci(ratios)
@@ -114,7 +130,12 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def fmt(v: Any, spec: str = ".3f") -> str:
-    return "–" if v is None else format(v, spec)
+    """A table cell: a number, or a [mean, low, high] triple as ``mean (low–high)``."""
+    if v is None:
+        return "–"
+    if isinstance(v, list | tuple) and len(v) == 3:
+        return f"{format(v[0], spec)} ({format(v[1], spec)}–{format(v[2], spec)})"
+    return format(v, spec)
 
 
 def main(name: str, doc: str, variants: dict[str, dict[str, Any]], columns: Columns,

@@ -8,17 +8,18 @@ request next to the ads: the server places them with the same model, constrained
 organic items' ids in the shared id space, and the simulated users view, like and dwell
 on them (docs/traffic.md, Mixed feed). The variants:
 
-* ``base``: today's defaults; engaged organic items of the logged mixed feeds are
-  pretraining targets (``organic_targets``), the online step does not train on organic
+* ``base``: engaged organic items of the logged mixed feeds are pretraining targets
+  (``organic_targets``, the default); the online step does not train on organic
   feedback (``organic_weight`` 0);
-* ``no_organic_targets``: pretraining on the ads only;
+* ``no_organic_targets``: pretraining on the ads only (online as base);
 * ``+organic_term``: the online step's organic term (RSPO + VSL anchor over each feed's
   organic items, rewarded by likes and dwell; ``organic_weight`` 1).
 
 Per variant (bench/ablation.py): ``rpm_ratio`` to ``base`` (the ads' revenue) with its
 95 % interval, and the organic slots' last-quarter true expected engagement per item
-(P(view)·(1 + P(like | view))) with its ratio to the organic oracle's on the same
-requests, the realized view and like rates. Writes ``bench/results/organic.json``,
+(P(view)·(1 + P(like | view))), its per-seed ratio to ``base``'s with its 95 %
+interval, its ratio to the organic oracle's on the same requests, the realized view
+and like rates. Writes ``bench/results/organic.json``,
 ``docs/organic.png`` and the ``organic`` section of docs/benchmarks.md.
 """
 
@@ -40,8 +41,9 @@ def variants() -> dict[str, dict[str, Any]]:
     """Name -> overrides (``eval``: EvalConfig, ``pretrain``: PretrainSettings, ``rspo``:
     RSPOConfig); every one serves mixed feeds."""
     return {
-        "base": {"eval": MIXED},
-        "no_organic_targets": {"eval": MIXED, "pretrain": {"organic_targets": False}},
+        "base": {"eval": MIXED, "rspo": {"organic_weight": 0.0}},
+        "no_organic_targets": {"eval": MIXED, "pretrain": {"organic_targets": False},
+                               "rspo": {"organic_weight": 0.0}},
         "+organic_term": {"eval": MIXED, "rspo": {"organic_weight": 1.0}},
     }
 
@@ -49,6 +51,8 @@ def variants() -> dict[str, dict[str, Any]]:
 COLUMNS: Columns = [
     ("organic_engagement", "organic engagement / item",
      lambda r: r["organic_engagement_last_quarter"]),
+    ("organic_engagement_ratio", "organic engagement ratio to base (95% CI)",
+     lambda r: r.get("organic_engagement_ratio")),
     ("organic_oracle_ratio", "organic / organic oracle",
      lambda r: r["organic_oracle_ratio_last_quarter"]),
     ("organic_view_rate", "view rate", lambda r: r["organic_view_rate"]),
