@@ -13,7 +13,8 @@ on them (docs/traffic.md, Mixed feed). The variants:
   feedback (``organic_weight`` 0);
 * ``no_organic_targets``: pretraining on the ads only (online as base);
 * ``+organic_term``: the online step's organic term (RSPO + VSL anchor over each feed's
-  organic items, rewarded by likes and dwell; ``organic_weight`` 1).
+  organic items, rewarded by likes and dwell; ``organic_weight`` 1, the default since
+  this benchmark).
 
 Per variant (bench/ablation.py): ``rpm_ratio`` to ``base`` (the ads' revenue) with its
 95 % interval, and the organic slots' last-quarter true expected engagement per item

@@ -143,7 +143,7 @@ class LearnerSettings(BaseSettings):
     dc_weight: float = 0.0
     """Distribution Consistency weight (RSPOConfig.dc_weight): the generator's
     distribution over each list's items towards the ranker's expected value."""
-    organic_weight: float = 0.0
+    organic_weight: float = 1.0
     """Weight of the organic term (RSPOConfig.organic_weight): RSPO and a VSL anchor over
     each mixed feed's organic items, rewarded by likes and dwell; 0: off."""
     train_on: str = "all"

@@ -59,10 +59,12 @@ class RSPOConfig:
     has them) towards the ranker's; 0 = off."""
     dc_tau: float = 1.0
     """Temperature of the ranker's side of the DC term."""
-    organic_weight: float = 0.0
+    organic_weight: float = 1.0
     """Weight of the organic term: RSPO plus a VSL anchor over each mixed feed's organic
     items, rewarded by their engagement (:func:`organic_engagement`); 0 = organic
-    feedback is not trained on."""
+    feedback is not trained on. On by default: in closed loop with mixed feeds it raised
+    the organic items' expected engagement 1.17× (95 % CI 1.05–1.30) without moving the
+    ads' RPM (bench/organic.py); lists without organic items are unaffected."""
     organic_dwell_s: float = 30.0
     """Dwell seconds worth one like in the organic engagement reward (capped at one)."""
     min_gap: float = 1e-9

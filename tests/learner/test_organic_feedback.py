@@ -162,7 +162,7 @@ def test_without_the_organic_weight_organic_feedback_changes_nothing(
     for fb in fbs:
         torch.manual_seed(0)
         model = GenerativeRecommender(small_cfg(organic_tok))
-        learner = OnlineLearner(model, RSPOConfig(), lr=5e-3)
+        learner = OnlineLearner(model, RSPOConfig(organic_weight=0.0), lr=5e-3)
         assert learner.organic_dwell_s is None
         learner.update(lists_to_batch([(fb, 1.0)], organic_tok, model,
                                       organic_dwell_s=learner.organic_dwell_s))
