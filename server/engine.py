@@ -10,10 +10,11 @@ learner sees the candidates the slate was chosen from (HEPO's sibling groups).
 Mixed feed: requests with ``organic_k`` > 0 also get organic items (videos, articles)
 ranked by the same model. Their encoder states are reused for a generator-only beam
 search constrained to the snapshot's organic trie (no value heads: organic items have
-no bid), each request with its own width (``organic_beam``, widened by ``organic_k``
-and the recent organic items it drops); the request's ``recent_organic`` are left
-out and the best ``organic_k`` by log-probability kept. The ads' search never sees
-it, so a request's ads are the same with and without ``organic_k``.
+no bid), each request with width ``max(organic_beam, organic_k)``; the best
+``organic_k`` by log-probability are kept, the request's ``recent_organic`` left out
+while the search found enough others (then the best recent ones fill the rest). The
+ads' search never sees it, so a request's ads are the same with and without
+``organic_k``.
 
 Runs on a worker thread (onnxruntime releases the GIL). The serving state is read
 once per batch, so every request of a batch is answered by one model version.
@@ -111,7 +112,7 @@ class RecResult:
 class Engine:
     def __init__(self, models: ModelManager, catalog: AdCatalog,
                  explorer: Explorer | None = None, log_beams: int = 32,
-                 organic_beam: int = 16) -> None:
+                 organic_beam: int = 8) -> None:
         if log_beams < 0:
             raise ValueError(f"log_beams must be >= 0, got {log_beams}")
         if organic_beam < 1:
@@ -209,11 +210,13 @@ class Engine:
                 requests: list[RecRequest]) -> list[list[RankedOrganic]]:
         """The organic items of each request (empty for ``organic_k`` = 0): a beam search
         over the snapshot's organic trie for the mixed-feed requests only, on their rows
-        of ``states``. Request ``b`` searches with width ``max(organic_beam, organic_k +
-        n_b)`` at every level, n_b = its recent organic items in the organic table (so
-        dropping them does not shorten its list), whatever else is in the batch; its
-        recent organic items are dropped and the best ``organic_k`` by log-probability
-        kept. Without organic items in the snapshot: empty lists, counted."""
+        of ``states``. Request ``b`` searches with width ``max(organic_beam, organic_k)``
+        at every level, whatever else is in the batch, and keeps the best ``organic_k``
+        by log-probability among the final beams that are not among its recent organic
+        items; when fewer than ``organic_k`` are left, its best recent ones fill the
+        rest, so the answer has ``organic_k`` items whenever the search found them (a
+        width that grew with the recent items cost the ads' beams their width under
+        load). Without organic items in the snapshot: empty lists, counted."""
         out: list[list[RankedOrganic]] = [[] for _ in requests]
         want = [b for b, r in enumerate(requests) if r.organic_k > 0]
         if not want:
@@ -227,8 +230,8 @@ class Engine:
         man, rt, row_of = model.manifest, model.runtime, model.organic_row_of
         sub = np.array(want, np.int64)
         seen = [{row_of[i] for i in requests[b].recent_organic if i in row_of} for b in want]
-        caps = np.array([max(self.organic_beam, requests[b].organic_k + len(s))
-                         for b, s in zip(want, seen, strict=True)], np.int64)
+        caps = np.array([max(self.organic_beam, requests[b].organic_k) for b in want],
+                        np.int64)
 
         def step(req: np.ndarray, prefix: np.ndarray) -> np.ndarray:
             return rt.step(states, sub[req], prefix)
@@ -240,16 +243,14 @@ class Engine:
         served = 0
         for j, b in enumerate(want):
             lo, hi = np.searchsorted(req_sorted, [j, j + 1])
-            items: list[RankedOrganic] = []
-            for i in order[lo:hi].tolist():
-                row = int(beams.rows[i])
-                if row in seen[j] or not np.isfinite(beams.logprob[i]):
-                    continue
-                items.append(RankedOrganic(
-                    item_id=man.organic_ids[row], semantic_id=[int(x) for x in beams.ids[i]],
-                    position=len(items), score=float(beams.logprob[i])))
-                if len(items) == requests[b].organic_k:
-                    break
+            found = [i for i in order[lo:hi].tolist() if np.isfinite(beams.logprob[i])]
+            fresh = [i for i in found if int(beams.rows[i]) not in seen[j]]
+            again = [i for i in found if int(beams.rows[i]) in seen[j]]
+            picked = (fresh + again)[:requests[b].organic_k]
+            items = [RankedOrganic(
+                item_id=man.organic_ids[int(beams.rows[i])],
+                semantic_id=[int(x) for x in beams.ids[i]], position=n,
+                score=float(beams.logprob[i])) for n, i in enumerate(picked)]
             out[b] = items
             served += len(items)
         M.ORGANIC_SERVED.inc(served)

@@ -54,10 +54,9 @@ class ServerSettings(BaseSettings):
     max_queue: int = Field(2048, ge=1, description="queued requests beyond this get 429")
 
     # mixed feed (organic items ranked by the same model)
-    organic_beam: int = Field(16, ge=1, le=256, description="beam width per level of the "
+    organic_beam: int = Field(8, ge=1, le=256, description="beam width per level of the "
                               "organic search of a mixed-feed request (organic_k > 0); "
-                              "never below organic_k plus the request's recent organic "
-                              "items in the snapshot's organic table")
+                              "never below organic_k")
 
     # exploration (server/explore.py)
     explore: float = Field(0.0, ge=0, le=1, description="probability per request that the "

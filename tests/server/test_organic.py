@@ -232,3 +232,23 @@ def test_a_mixed_feed_over_http_is_answered_and_logged(
     assert imp.recent_organic == ["travel/beaches#1"]
     assert [s.ad_id for s in imp.slate] == [a["ad_id"] for a in got["ads"]]
     assert imps["r-plain"].organic == []
+
+
+def test_recent_organic_items_fill_the_feed_only_when_the_search_found_too_few_others(
+        tmp_path: Path, organic_snapshot: Path) -> None:
+    """The search width does not grow with the request's history (it would take the
+    ads' time under load): recent items are left out while there are enough others
+    among the final beams, and the best of them fill what is left otherwise."""
+    _mgr, engine, _state = _serving(tmp_path, organic_snapshot, organic_beam=4)
+    (first,) = engine.run([_req("u1", organic_k=4)], WIDTHS)
+    top = [o.item_id for o in first.organic]
+    assert len(top) == 4
+    (some,) = engine.run([_req("u1", organic_k=2, recent_organic=top[:2])], WIDTHS)
+    assert [o.item_id for o in some.organic] == top[2:]
+    (all_recent,) = engine.run([_req("u1", organic_k=4, recent_organic=top)], WIDTHS)
+    assert [o.item_id for o in all_recent.organic] == top          # refilled, same order
+    assert [o.position for o in all_recent.organic] == [0, 1, 2, 3]
+    # (the history is model input too, so the beams themselves may differ)
+    (mixed,) = engine.run([_req("u1", organic_k=4, recent_organic=top[:1])], WIDTHS)
+    ids = [o.item_id for o in mixed.organic]
+    assert len(ids) == 4 and ids.index(top[0]) == 3 if top[0] in ids else len(ids) == 4
