@@ -65,9 +65,11 @@ class DemoSettings(BaseSettings):
     n_users: int = Field(600, description="simulated users")
     n_ads: int = Field(150, description="ads at the start")
     new_ads_per_hour: float = Field(30.0, description="new ads per simulated hour")
-    organic_slots: int = Field(3, ge=0, le=50, description="organic items (videos, "
+    organic_slots: int = Field(0, ge=0, le=50, description="organic items (videos, "
                                "articles) per request next to the ads, placed by the same "
-                               "model (0: ads-only answers)")
+                               "model (0: ads-only answers, the default: with 3 slots the "
+                               "live loop's online/frozen RPM fell to 0.41, not yet "
+                               "explained; see learner/README.md)")
     log_requests: int = Field(4000, description="random-policy requests logged for pretraining")
     pretrain_steps: int = Field(300, description="pretraining steps")
     encoder: str = Field("minilm", description="ad content encoder (minilm or hashing)")

@@ -22,7 +22,8 @@ def test_demo_closes_the_loop_feedback_reaches_the_learner_and_new_snapshots_are
     res = subprocess.run(
         [sys.executable, "-m", "adloop", "demo", "--minutes", "0.75", "--rate", "10",
          "--log-requests", "800", "--pretrain-steps", "60", "--encoder", "hashing",
-         "--n-users", "200", "--out", str(out), "--metrics-port", "0"],
+         "--n-users", "200", "--out", str(out), "--metrics-port", "0",
+         "--organic-slots", "3"],
         capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
