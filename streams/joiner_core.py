@@ -211,7 +211,7 @@ def feedback_items(state: RequestState) -> list[FeedbackItem]:
 
     ``conversion_value`` is the sum of the advertiser values of the item's conversions.
     """
-    return rewards_and_signature(state)[0]
+    return _ad_items(state)[0]
 
 
 _FLAGS = (":00:", ":10:", ":01:", ":11:")
@@ -226,10 +226,17 @@ def rewards_and_signature(state: RequestState) -> tuple[list[FeedbackItem], str]
     A request without clicks and conversions (most of them) takes a short path: no
     attribution sets, no rounding, the default ``clicked``/``converted``/``value`` fields.
     """
-    items, sig = _ad_items(state)
-    if state.impression is not None and state.impression.organic:
-        sig += organic_feedback(state)[1]
+    items, _, sig = list_and_signature(state)
     return items, sig
+
+
+def list_and_signature(state: RequestState
+                       ) -> tuple[list[FeedbackItem], list[OrganicFeedbackItem], str]:
+    """The slate's items, the organic slots' items (:func:`organic_feedback`) and the
+    list's signature (:func:`rewards_and_signature`)."""
+    items, sig = _ad_items(state)
+    organic, organic_sig = organic_feedback(state)
+    return items, organic, sig + organic_sig
 
 
 def _ad_items(state: RequestState) -> tuple[list[FeedbackItem], str]:
@@ -306,10 +313,6 @@ def organic_feedback(state: RequestState) -> tuple[list[OrganicFeedbackItem], st
     slots = imp.organic
     if not slots:
         return [], ""
-    if not state.organic:
-        return ([OrganicFeedbackItem(item_id=o.item_id, semantic_id=o.semantic_id,
-                                     position=o.position, score=o.score) for o in slots],
-                "|" + ";".join([o.item_id + ":00:0.0" for o in slots]))
     viewed: set[str] = set()
     liked: set[str] = set()
     dwell: dict[str, float] = {}
@@ -815,12 +818,7 @@ class JoinCore:
             kind = "correction" if st.provisional_sent else "provisional"
         else:
             return None
-        items, sig = _ad_items(st)
-        if imp.organic:
-            organic, osig = organic_feedback(st)
-            sig += osig
-        else:
-            organic = []
+        items, organic, sig = list_and_signature(st)
         if kind == "correction" and sig == st.emitted_sig:
             return None
         at = max(wm, t0)
