@@ -38,6 +38,7 @@ import threading
 import time
 import zlib
 from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -406,35 +407,20 @@ class LearnerService:
                 for m in msgs:
                     ad = decode(m.value, Ad)
                     if isinstance(ad, DecodeFailure):
-                        self._ad_dead_letter(m, ad.reason, ad.detail)
+                        self._catalogue_dead_letter("ads", m, ad.reason, ad.detail)
                         continue
                     self.ads[ad.ad_id] = ad
                     self.ads_generation += 1
                     if ad.ad_id not in self.tok:
                         new.append((ad, m))
-            if new:
-                try:
-                    self.tok.add_ads([ad for ad, _ in new])
-                    NEW_ADS.inc(len(new))
-                except Exception as exc:
-                    log.warning("learner.ads_batch_partial", error=repr(exc)[:300])
-                    for ad, m in new:  # one by one, so one bad ad does not block the rest
-                        if ad.ad_id in self.tok:
-                            continue
-                        try:
-                            self.tok.add_ads([ad])
-                            NEW_ADS.inc()
-                        except Exception as one:
-                            log.warning("learner.ad_rejected", ad_id=ad.ad_id, error=str(one))
-                            self._ad_dead_letter(m, "handler_error",
-                                                 f"tokenizer cannot place ad: {one!r}")
+            self._place("ads", [(ad.ad_id, ad, m) for ad, m in new], self.tok.add_ads,
+                        lambda ad_id: ad_id in self.tok, NEW_ADS)
             if not until_end or all(self.ads_consumer.position(tp) >= end
                                     for tp, end in ends.items()):
                 return
 
     def _place_organic(self, msgs: list[Any]) -> None:
-        """Give ids to the organic items of new ``organic-items`` records (one batch,
-        then one by one when the batch fails, as for ads)."""
+        """Give ids to the organic items of new ``organic-items`` records."""
         new: list[tuple[OrganicItem, Any]] = []
         known = self.tok.organic_table()
         for m in msgs:
@@ -444,26 +430,37 @@ class LearnerService:
                 continue
             if item.status == "active" and item.item_id not in known:
                 new.append((item, m))
+        self._place("organic-items", [(item.item_id, item, m) for item, m in new],
+                    self.tok.add_organic,
+                    lambda item_id: item_id in self.tok.organic_table(), NEW_ORGANIC)
+
+    def _place(self, topic: str, new: Sequence[tuple[str, Any, Any]],
+               add: Callable[[list[Any]], object], placed: Callable[[str], bool],
+               counter: Any) -> None:
+        """Give the ``(id, record, message)`` triples of ``topic`` ids with ``add`` in one
+        batch, then one by one when the batch fails, so one bad item does not block the
+        rest (``placed(id)``: it has one already); one the tokenizer cannot place is
+        dead-lettered (``handler_error``) once per offset."""
         if not new:
             return
+        noun = "ad" if topic == "ads" else "organic item"
         try:
-            self.tok.add_organic([item for item, _ in new])
-            NEW_ORGANIC.inc(len(new))
+            add([rec for _, rec, _ in new])
+            counter.inc(len(new))
         except Exception as exc:
-            log.warning("learner.organic_batch_partial", error=repr(exc)[:300])
-            for item, m in new:
+            log.warning("learner.catalogue_batch_partial", topic=topic,
+                        error=repr(exc)[:300])
+            for item_id, rec, m in new:
+                if placed(item_id):
+                    continue
                 try:
-                    self.tok.add_organic([item])
-                    NEW_ORGANIC.inc()
+                    add([rec])
+                    counter.inc()
                 except Exception as one:
-                    log.warning("learner.organic_rejected", item_id=item.item_id,
-                                error=str(one))
-                    self._catalogue_dead_letter("organic-items", m, "handler_error",
-                                                f"tokenizer cannot place organic item: "
-                                                f"{one!r}")
-
-    def _ad_dead_letter(self, m: Any, reason: DlqReason, detail: str) -> None:
-        self._catalogue_dead_letter("ads", m, reason, detail)
+                    log.warning("learner.catalogue_item_rejected", topic=topic,
+                                item_id=item_id, error=str(one))
+                    self._catalogue_dead_letter(topic, m, "handler_error",
+                                                f"tokenizer cannot place {noun}: {one!r}")
 
     def _catalogue_dead_letter(self, topic: str, m: Any, reason: DlqReason,
                                detail: str) -> None:
