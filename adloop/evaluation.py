@@ -380,12 +380,11 @@ def run_policy(world: World, policy: BatchPolicy, cfg: EvalConfig, seed: int,
                 run.total_revenue += o.reward
                 if world.ads[o.ad_id].record.created_time > cold_after:
                     run.cold_revenue += o.reward
-            organic = None
-            if req.organic_k > 0:
-                best = world.organic_oracle(req)   # before the feed joins the history
+            if req.organic_k > 0:   # the oracle before the feed joins the history
+                best = world.organic_oracle(req)
                 bucket["org_orc"] += float(world.organic_expected_engagement(req, best).sum())
-                organic = serve_organic(world, req, slate)
-                assert organic is not None
+            organic = serve_organic(world, req, slate)
+            if organic is not None:
                 bucket["org"] += organic.impressions
                 bucket["org_exp"] += organic.expected_engagement
                 run.organic_views += organic.views

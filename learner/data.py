@@ -205,13 +205,7 @@ class ExampleSet:
     slate_bid_type: np.ndarray
     request: np.ndarray    # [n] int64: index of the request (groups examples)
     time: np.ndarray       # [n] float64: impression time
-    organic: np.ndarray | None = None
-    """[n] bool: the target is an organic item a mixed feed's user engaged with (None:
-    no organic rows)."""
-
-    def __post_init__(self) -> None:
-        if self.organic is None:
-            self.organic = np.zeros(len(self.target), dtype=bool)
+    organic: np.ndarray    # [n] bool: the target is an organic item a user engaged with
 
     def __len__(self) -> int:
         return int(self.target.shape[0])
@@ -235,13 +229,11 @@ class ExampleSet:
     def positives(self) -> np.ndarray:
         """Indices of examples with an ad as generation target (what the held-out
         evaluation and the ad metrics count)."""
-        assert self.organic is not None
         return np.flatnonzero((self.value > 0) & ~self.organic)
 
     @property
     def organic_positives(self) -> np.ndarray:
         """Indices of examples with an engaged organic item as generation target."""
-        assert self.organic is not None
         return np.flatnonzero((self.value > 0) & self.organic)
 
 
