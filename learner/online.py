@@ -350,15 +350,15 @@ class LearnerService:
 
     def start(self) -> None:
         feedback = self.topics.feedback
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.kafka.topic_wait_s
         parts: list[int] = []
         while not parts and time.monotonic() < deadline:
             parts = sorted(self.consumer.consumer.partitions_for_topic(feedback) or ())
             if not parts:
                 time.sleep(0.2)
         if not parts:
-            raise SystemExit(f"adloop learn: topic {feedback} does not exist "
-                             "(run `adloop topics create`)")
+            raise SystemExit(f"adloop learn: topic {feedback} does not exist after "
+                             f"{self.kafka.topic_wait_s:.0f}s (run `adloop topics create`)")
         tps = [TopicPartition(feedback, p) for p in self.my_partitions(parts)]
         self.consumer.consumer.assign(tps)
         for tp in tps:

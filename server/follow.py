@@ -2,7 +2,7 @@
 
 The server's view of ``ads`` and ``model-updates`` is rebuilt from offset 0 at every
 start (assign + seek_to_beginning, nothing committed), then followed. A broker that
-is down delays the follower (it retries with backoff up to 10 s, counted in
+is down delays the follower (it retries with backoff up to 5 s, counted in
 ``adloop_follow_retries_total{topic}``); it never stops the server.
 
 A record that cannot be used never blocks the records after it: one that does not
@@ -94,7 +94,7 @@ class TopicFollower:
                 log.warning("follow.retry", topic=self.topic, error=repr(exc)[:300],
                             retry_in_s=backoff)
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(backoff * 2, 5.0)   # a topic created later is found soon
             finally:
                 if consumer is not None:
                     with contextlib.suppress(Exception):

@@ -500,7 +500,7 @@ class Joiner:
             self.consumer.close(autocommit=False)
             self.producer.close(timeout_s=10)
 
-    def wait_for_metadata(self, topics: list[str], timeout_s: float = 60.0) -> None:
+    def wait_for_metadata(self, topics: list[str], timeout_s: float | None = None) -> None:
         """Know every input topic's partitions before joining the group (called after
         ``subscribe`` and before the first ``poll``, which joins).
 
@@ -512,6 +512,8 @@ class Joiner:
         stays empty, the leader assigns against it, and the first metadata refresh after
         the join sees a difference and rebalances the group once more (a second restore
         of every partition, seconds after start)."""
+        if timeout_s is None:
+            timeout_s = self.kafka.topic_wait_s
         deadline = time.monotonic() + timeout_s
         missing = list(topics)
         while missing and not self.stop_event.is_set():

@@ -52,6 +52,13 @@ class KafkaSettings(BaseSettings):
     ssl_cafile: Path | None = Field(None, description="CA bundle that signed the brokers")
     ssl_certfile: Path | None = Field(None, description="client certificate (mutual TLS)")
     ssl_keyfile: Path | None = Field(None, description="client key (mutual TLS)")
+    metadata_max_age_ms: int = Field(
+        3000, ge=100, description="how often every client refreshes its cluster metadata: "
+        "the longest a consumer started before its topic exists waits to find it (Kafka's "
+        "default is 5 minutes)")
+    topic_wait_s: float = Field(
+        120.0, gt=0, description="how long a process waits at start-up for its input topics "
+        "to exist (`adloop topics create`) before it exits with that advice")
 
     def model_post_init(self, _ctx: object) -> None:
         if self.security_protocol.startswith("SASL_") and not (
@@ -78,7 +85,9 @@ class KafkaSettings(BaseSettings):
 
     def client_config(self, **extra: Any) -> dict[str, Any]:
         """Arguments for any kafka-python client of this cluster (plus ``extra``)."""
-        return {"bootstrap_servers": self.bootstrap_servers, **self.security_config(), **extra}
+        return {"bootstrap_servers": self.bootstrap_servers,
+                "metadata_max_age_ms": self.metadata_max_age_ms,
+                **self.security_config(), **extra}
 
 
 def _flag(name: str) -> str:

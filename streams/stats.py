@@ -250,6 +250,9 @@ class StatsApp:
             # behind the agents, which bounds what a kill -9 re-processes
             stream_buffer_maxsize=settings.commit_every,
             consumer_auto_offset_reset="earliest",
+            # find topics created after start-up within seconds, not aiokafka's 5 minutes
+            consumer_metadata_max_age_ms=kafka.metadata_max_age_ms,
+            producer_metadata_max_age_ms=kafka.metadata_max_age_ms,
             topic_partitions=1,
             topic_replication_factor=1,
             table_standby_replicas=0,

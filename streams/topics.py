@@ -7,7 +7,8 @@ partition and impressions, clicks, conversions and feedback are co-partitioned
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,11 +128,14 @@ class Topics:
 
 def create_topics(bootstrap_servers: str, prefix: str = "",
                   replication_factor: int = 1,
-                  security: Mapping[str, Any] | None = None) -> dict[str, str]:
+                  security: Mapping[str, Any] | None = None,
+                  wait_s: float = 30.0) -> dict[str, str]:
     """Create every topic that does not exist yet. Idempotent.
 
     ``security``: TLS/SASL client arguments (:meth:`KafkaSettings.security_config`).
-    Returns ``{physical name: "created" | "exists"}``.
+    Returns ``{physical name: "created" | "exists"}`` once every topic's partitions
+    have a leader in the cluster metadata (:func:`wait_for_topics`, at most ``wait_s``;
+    0 returns at once), so a client started next finds them on its first lookup.
     """
     topics = Topics(prefix)
     admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="adloop-topics",
@@ -153,6 +157,47 @@ def create_topics(bootstrap_servers: str, prefix: str = "",
                 admin.create_topics([topic])
             except TopicAlreadyExistsError:
                 result[topic.name] = "exists"
+        if wait_s > 0:
+            _wait_for_leaders(admin, {topics.name(t): spec.partitions
+                                      for t, spec in TOPICS.items()}, wait_s)
         return result
     finally:
         admin.close()
+
+
+class TopicsNotReadyError(TimeoutError):
+    """Topics whose partitions have no leader in the metadata within the bound."""
+
+
+def wait_for_topics(bootstrap_servers: str, names: Iterable[str], timeout_s: float = 30.0,
+                    security: Mapping[str, Any] | None = None) -> None:
+    """Return once every partition of every topic in ``names`` (physical names) has a
+    leader in the cluster metadata; :class:`TopicsNotReadyError` after ``timeout_s``."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="adloop-topics",
+                             **(security or {}))
+    try:
+        _wait_for_leaders(admin, dict.fromkeys(names, 0), timeout_s)
+    finally:
+        admin.close()
+
+
+def _wait_for_leaders(admin: KafkaAdminClient, partitions: Mapping[str, int],
+                      timeout_s: float) -> None:
+    """``partitions``: physical name -> partitions expected (0: any number, at least 1)."""
+    deadline = time.monotonic() + timeout_s
+    pending = dict(partitions)
+    while True:
+        for described in admin.describe_topics(sorted(pending)):
+            parts = described.get("partitions") or []
+            want = pending.get(described["name"])
+            if (want is not None and described.get("error_code", 0) == 0 and parts
+                    and len(parts) >= max(want, 1)
+                    and all(p.get("error_code", 0) == 0 and p.get("leader_id", -1) >= 0
+                            for p in parts)):
+                del pending[described["name"]]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise TopicsNotReadyError(
+                f"no leader in the metadata after {timeout_s:.0f}s for {sorted(pending)}")
+        time.sleep(0.1)  # poll interval of a bounded wait
