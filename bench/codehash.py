@@ -5,7 +5,8 @@ Standard library only: ``bench/common.py`` stamps every results file with it and
 
 A benchmark declares the files its figures depend on as ``code_paths``: a directory
 (``"traffic/"``), a file (``"adloop/evaluation.py"``) or a glob (``"bench/*.py"``;
-``*`` crosses ``/``), relative to the repository root. The files are the git-tracked ones
+``*`` crosses ``/``), relative to the repository root; directories and globs leave out
+documentation (``*.md``) and pictures. The files are the git-tracked ones
 (``git ls-files``; a walk of the tree where git or the repository is missing), without
 ``__pycache__``, ``*.pyc`` and ``bench/results/``. The hash is sha256 over the sorted
 ``(path, sha256 of content)`` pairs, content with CRLF read as LF, so it is the same on
@@ -23,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+DOC_SUFFIXES = (".md", ".png", ".svg", ".jpg")
+"""Documentation and pictures: a directory or glob spec leaves them out (a file spec may
+still name one), so editing a README leaves results fresh."""
 EXCLUDED_DIRS = frozenset({"__pycache__", ".git", ".mypy_cache", ".ruff_cache",
                            ".pytest_cache", "node_modules"})
 RESULTS_DIR = "bench/results/"
@@ -73,11 +77,15 @@ def source_files(root: Path) -> list[str]:
 def matches(path: str, spec: str) -> bool:
     """Whether ``path`` is one of the files ``spec`` (directory, file or glob) names."""
     spec = spec.strip().removeprefix("./")
+    if path == spec:
+        return True
+    if path.endswith(DOC_SUFFIXES):
+        return False
     if any(c in spec for c in "*?["):
         return fnmatch.fnmatchcase(path, spec)
     if spec.endswith("/"):
         return path.startswith(spec)
-    return path == spec or path.startswith(spec + "/")
+    return path.startswith(spec + "/")
 
 
 def select(paths: Iterable[str], specs: Sequence[str]) -> list[str]:

@@ -76,7 +76,7 @@ def check(path: Path, root: Path) -> Verdict:
     reasons: list[str] = []
     if code_hash(root, specs) != recorded:
         reasons.append("code changed since")
-        if isinstance(v.commit, str):
+        if isinstance(v.commit, str) and v.commit:
             v.changed = changed_since(root, v.commit, specs)
             if v.changed is None:
                 reasons[-1] += f" (commit {v.commit[:10]} unknown here)"

@@ -91,7 +91,8 @@ def test_hash_ignores_order_and_files_outside_the_dependencies(tmp_path: Path) -
     write(tmp_path, {"other/tool.py": "TOOL = 2\n",
                      "traffic/__pycache__/world.cpython-311.pyc": b"\0bytecode",
                      "traffic/stray.pyc": b"\0",
-                     "bench/results/closed_loop.json": "{}"})
+                     "bench/results/closed_loop.json": "{}",
+                     "traffic/README.md": "# notes\n"})
     assert code_hash(tmp_path, ["traffic/", "learner/model.py", "bench/"]) == \
         code_hash(tmp_path, ["traffic/", "learner/model.py"]) == before
 
@@ -127,6 +128,8 @@ def test_specs_name_directories_files_and_globs() -> None:
     assert codehash.matches("bench/closed_loop.py", "bench/*.py")
     assert codehash.matches("adloop/evaluation.py", "adloop/evaluation.py")
     assert not codehash.matches("adloop/evaluation.pyi", "adloop/evaluation.py")
+    assert not codehash.matches("learner/README.md", "learner/")
+    assert codehash.matches("learner/README.md", "learner/README.md")
 
 
 # -- the stamp ----------------------------------------------------------------------------
