@@ -23,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 
 from adloop.evaluation import EvalConfig, compare, mean_ci
 from bench.common import (
+    CLOSED_LOOP_DEPENDS,
     ROOT,
     add_closed_loop_arguments,
     closed_loop_config,
@@ -39,6 +40,9 @@ from bench.common import (
     update_doc_section,
     write_results,
 )
+
+DEPENDS = (*CLOSED_LOOP_DEPENDS, "bench/ablation.py")
+"""What every ablation's results depend on; each ablation script adds itself."""
 
 SUMMARY_KEYS = ("latency_ms_per_request", "offline_recall_at_10", "offline_vndcg_at_10",
                 "slate_diversity", "sid_diversity", "catalogue_coverage", "personalization",
@@ -139,8 +143,9 @@ def fmt(v: Any, spec: str = ".3f") -> str:
 
 
 def main(name: str, doc: str, variants: dict[str, dict[str, Any]], columns: Columns,
-         title: str, note: str) -> int:
-    """The command line of an ablation benchmark: ``variants`` (``base`` first) by name."""
+         title: str, note: str, *, depends: Sequence[str]) -> int:
+    """The command line of an ablation benchmark: ``variants`` (``base`` first) by name;
+    ``depends``: the code its results depend on (:data:`DEPENDS` and the script)."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     add_closed_loop_arguments(ap)
     ap.add_argument("--variants", default="",
@@ -160,11 +165,13 @@ def main(name: str, doc: str, variants: dict[str, dict[str, Any]], columns: Colu
         raise SystemExit(f"unknown variants {unknown}; known: {list(variants)}")
     path = ROOT / "bench" / "results" / f"{name}.json"
     raw: dict[str, dict[str, Any]] = {}
+    kept: dict[str, Any] | None = None
     if args.variants and path.exists():
         old = json.loads(path.read_text())
         if old.get("seeds") == list(cfg.seeds) and old.get("requests_per_policy") == \
                 cfg.requests and old.get("encoder") == cfg.encoder:
             raw = old.get("raw", {})
+            kept = old
     if "base" not in raw and "base" not in wanted:
         wanted.insert(0, "base")
     t0 = time.perf_counter()
@@ -180,7 +187,8 @@ def main(name: str, doc: str, variants: dict[str, dict[str, Any]], columns: Colu
         "elapsed_s_last_run": round(elapsed, 1),
         "elapsed_s_by_variant": {k: v.get("elapsed_s") for k, v in raw.items()},
         "metric": "expected revenue per mille impressions, last quarter of the run",
-        "variants": rows, "raw": raw})
+        "variants": rows, "raw": raw}, depends,
+        merged_from=kept if kept and set(kept.get("raw", {})) - set(wanted) else None)
     plot(rows, ROOT / "docs" / f"{name}.png", title)
     table = markdown_table(
         ["variant", "RPM ratio to base (95% CI)", "RPM", *[h for _, h, _ in columns],

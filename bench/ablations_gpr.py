@@ -32,7 +32,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.ablation import DEPENDS as ABLATION_DEPENDS
 from bench.ablation import Columns, main
+
+DEPENDS = (*ABLATION_DEPENDS, "bench/ablations_gpr.py")
 
 HEPO = 0.5
 
@@ -60,4 +63,4 @@ if __name__ == "__main__":
     sys.exit(main("ablations_gpr", __doc__ or "", variants(), COLUMNS,
                   "GPR ablations, closed loop",
                   "recall@10 is the pretrained model's on held-out logged requests; CTCVR is "
-                  "CTR × CVR of the run's impressions."))
+                  "CTR × CVR of the run's impressions.", depends=DEPENDS))

@@ -33,7 +33,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.ablation import DEPENDS as ABLATION_DEPENDS
 from bench.ablation import Columns, main
+
+DEPENDS = (*ABLATION_DEPENDS, "bench/ablations_ranking.py")
 
 PRIOR_HEADS: dict[str, Any] = {"prior_heads": 2, "prior_horizons": 2}
 DC = 0.5
@@ -68,4 +71,4 @@ if __name__ == "__main__":
                   "Ranking-side ablations, closed loop",
                   "recall@10 and vNDCG@10 are the pretrained model's on held-out logged "
                   "requests; diversity is distinct categories per slate, coverage the share "
-                  "of the catalogue shown."))
+                  "of the catalogue shown.", depends=DEPENDS))

@@ -25,7 +25,9 @@ if str(ROOT) not in sys.path:
 
 from adloop.chaos import ChaosRun, configure, settings_of  # noqa: E402
 from adloop.console import Console  # noqa: E402
-from bench.common import device, markdown_table, write_results  # noqa: E402
+from bench.common import STACK_DEPENDS, device, markdown_table, write_results  # noqa: E402
+
+DEPENDS = (*STACK_DEPENDS, "bench/chaos.py")
 
 DOC = ROOT / "docs" / "reliability.md"
 COLUMNS = ["fault", "events_in", "accounted", "lost", "doubled", "dead_lettered", "recovery_s"]
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                "settings": {"rate": s.rate, "speed": s.speed, "phase_s": s.phase_s,
                             "attribution_window_s": s.attribution_window_s,
                             "observation_window_s": s.observation_window_s}}
-    path = write_results("chaos", results)
+    path = write_results("chaos", results, DEPENDS)
     exits = ", ".join(f"{e['process']} in {e['phase']} (exit {e['exit_code']})"
                       for e in result["exits"]) or "none"
     total_lost = sum(r["lost"] + r["wrong"] for r in rows)

@@ -32,6 +32,7 @@ from adloop.evaluation import (
     plot_rpm_curves,
 )
 from bench.common import (
+    CLOSED_LOOP_DEPENDS,
     ROOT,
     add_closed_loop_arguments,
     closed_loop_config,
@@ -40,6 +41,8 @@ from bench.common import (
     write_results,
 )
 from learner.beyond import BEYOND_KEYS
+
+DEPENDS = (*CLOSED_LOOP_DEPENDS, "adloop/console.py", "bench/closed_loop.py")
 
 SERVING_KEYS = ("ece_ctr", "ece_cvr", "mean_coverage", "explored_share",
                 "observable_oracle_reach", "model_versions", *BEYOND_KEYS)
@@ -117,7 +120,7 @@ def main() -> int:
         ci = results.get(f"{pair}_per_seed_ci95")
         out[f"{pair}_ci_low"] = round(ci[0], 4) if ci else None
         out[f"{pair}_per_seed_ci95"] = [round(x, 4) for x in ci] if ci else None
-    write_results("closed_loop", out)
+    write_results("closed_loop", out, DEPENDS)
     plot = plot_rpm_curves(results, ROOT / "docs" / "closed_loop.png",
                            f"closed loop, {len(cfg.seeds)} seeds, {cfg.requests} requests")
     goals = (f"rspo / oracle = {out['rspo_over_oracle']} (goal ≥ 0.90), "

@@ -1,4 +1,9 @@
-"""Shared plumbing for benchmarks: device description, results JSON, the docs table."""
+"""Shared plumbing for benchmarks: device description, results JSON, the docs table.
+
+Every results file records the code it was measured on (see bench/codehash.py): each
+benchmark declares ``DEPENDS``, the source paths its figures depend on, and passes it to
+:func:`write_results`; ``python3 bench/stale.py`` lists the results whose code changed since.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,35 @@ import os
 import platform
 import re
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from bench.codehash import TreeState
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
+
+CLOSED_LOOP_DEPENDS = (
+    "traffic/", "adloop/__init__.py", "adloop/evaluation.py", "adloop/policies.py",
+    "adloop/inprocess.py", "learner/", "server/", "snapshot_format/", "streams/__init__.py",
+    "streams/features.py", "streams/logs.py", "streams/metrics.py", "streams/schemas.py",
+    "streams/settings.py", "streams/topics.py", "bench/common.py")
+"""What a closed-loop result (adloop/evaluation.py's harness, configured by
+:func:`closed_loop_config` here) depends on; each closed-loop benchmark adds its script."""
+
+STACK_DEPENDS = ("adloop/", "streams/", "traffic/", "learner/", "server/", "snapshot_format/",
+                 "deploy/kafka/")
+"""What a run of the whole loop (the embedded broker; joiner, learner, server and traffic
+as processes) depends on; each such benchmark adds its own script."""
+
+PROVENANCE = ("commit", "dirty", "code_hash", "code_paths", "changed_during_run",
+              "mixed_with", "stamp_error")
+"""The fields :func:`write_results` owns (see bench/codehash.py and bench/stale.py)."""
+
+TREE = TreeState.capture(ROOT)
+"""The source tree when this benchmark process started: what its results are stamped with."""
 
 
 def cpu_name() -> str:
@@ -30,13 +58,44 @@ def device() -> str:
     return f"cpu: {cpu_name()} ({os.cpu_count()} cores)"
 
 
-def write_results(name: str, results: dict[str, Any]) -> Path:
-    """Write ``bench/results/NAME.json`` with a timestamp and the device."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def provenance(depends: Sequence[str], merged_from: Mapping[str, Any] | None = None,
+               tree: TreeState | None = None) -> dict[str, Any]:
+    """The provenance fields of a result depending on ``depends`` (paths, directories or
+    globs from the repository root): the commit, ``dirty``, ``code_hash`` and
+    ``code_paths`` as this process found the tree when it started, ``changed_during_run``
+    when some of those files changed since, and ``mixed_with``: the earlier runs whose
+    figures ``merged_from`` (the results this run merges into) keeps, where their code was
+    not this run's. Never raises: a result is worth keeping even unstamped."""
+    tree = tree or TREE
+    try:
+        stamp = tree.stamp(depends)
+    except OSError as e:
+        return {"commit": tree.commit, "code_hash": None, "code_paths": list(depends),
+                "stamp_error": str(e)}
+    if merged_from:
+        earlier = [dict(m) for m in merged_from.get("mixed_with", [])]
+        if (merged_from.get("code_hash") != stamp["code_hash"]
+                or merged_from.get("changed_during_run")):
+            earlier.append({k: merged_from.get(k) for k in ("commit", "code_hash",
+                                                            "measured_at")})
+        if earlier:
+            stamp["mixed_with"] = earlier
+    return stamp
+
+
+def write_results(name: str, results: dict[str, Any], depends: Sequence[str], *,
+                  merged_from: Mapping[str, Any] | None = None,
+                  path: Path | None = None) -> Path:
+    """Write ``bench/results/NAME.json`` (or ``path``) with a timestamp, the device and
+    the code it was measured on (:func:`provenance` of ``depends``; ``merged_from``: the
+    earlier results whose figures ``results`` keeps)."""
+    path = path or RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figures = {k: v for k, v in results.items() if k not in PROVENANCE}
     results = {"benchmark": name, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                time.gmtime()), **results}
+                                                                time.gmtime()), **figures}
     results.setdefault("device", device())
-    path = RESULTS / f"{name}.json"
+    results.update(provenance(depends, merged_from))
     path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
     return path
 

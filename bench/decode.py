@@ -39,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import write_results  # noqa: E402
 from learner import synthetic  # noqa: E402
 from learner.beam import (  # noqa: E402
     Backend,
@@ -55,6 +56,10 @@ from learner.model import GenerativeRecommender, ModelConfig  # noqa: E402
 from learner.pretrain import PretrainSettings, pretrain  # noqa: E402
 from server.controller import scale_widths  # noqa: E402
 from server.settings import ServerSettings  # noqa: E402
+
+DEPENDS = ("learner/", "server/", "snapshot_format/", "streams/__init__.py",
+           "streams/features.py", "streams/logs.py", "streams/metrics.py", "streams/schemas.py",
+           "streams/settings.py", "streams/topics.py", "bench/decode.py")
 
 
 def device_name() -> str:
@@ -247,8 +252,7 @@ def main() -> int:
                         "recall_gap": abs(recall_lazy - recall_full) <= 0.02,
                         "ort_vs_torch_throughput": ort_vs_torch >= 3.0},
     }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    write_results("decode", out, DEPENDS, path=Path(a.out))
     write_docs(Path(a.docs), out, bench_widths)
     print(json.dumps({k2: out[k2] for k2 in ("lazyar_speedup", "recall_lazyar",
                                              "recall_full_ar", "ort_vs_torch_throughput",

@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import device, write_results  # noqa: E402
+from bench.common import STACK_DEPENDS, device, write_results  # noqa: E402
+
+DEPENDS = (*STACK_DEPENDS, "bench/demo.py")
 
 KEYS = ("requests", "sim_hours", "rpm_first_quarter", "rpm_last_quarter",
         "frozen_rpm_first_quarter", "frozen_rpm_last_quarter",
@@ -58,7 +60,7 @@ def main() -> int:
                "elapsed_s": round(time.perf_counter() - t0, 1),
                **{k: summary.get(k) for k in KEYS}}
     results["model_versions_served"] = len(summary.get("model_versions_served") or [])
-    write_results("demo", results)
+    write_results("demo", results, DEPENDS)
     print(json.dumps(results, indent=2))
     return 0
 

@@ -45,6 +45,9 @@ from streams.schemas import Click, Conversion, Event, Impression, SlateItem, dec
 from streams.settings import KafkaSettings
 from streams.topics import EVENT_PARTITIONS, TOPICS, Topics, create_topics
 
+DEPENDS = ("streams/", "adloop/__init__.py", "adloop/__main__.py", "adloop/cli.py",
+           "deploy/kafka/", "bench/join.py")
+
 INPUTS = ("impressions", "clicks", "conversions")
 DEFAULT_GC = gc.get_threshold()
 SLATE = [SlateItem(ad_id=f"a{j}", semantic_id=[1, j], position=j, score=0.5, bid=1.0 + j,
@@ -271,7 +274,7 @@ def main() -> int:
         "load_average_1m": load,
         "device": device(),
     }
-    path = write_results("join", results)
+    path = write_results("join", results, DEPENDS)
     table = markdown_table(["path", "input records/s"], [
         ["raw kafka-python consume of the 3 inputs (bytes, no decode, no group; best of 3)",
          float(results["raw_consume_events_per_s"])],

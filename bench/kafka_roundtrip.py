@@ -30,6 +30,10 @@ from streams.schemas import Click, encode
 from streams.settings import KafkaSettings
 from streams.topics import Topics, create_topics
 
+DEPENDS = ("streams/__init__.py", "streams/broker.py", "streams/kafka_io.py", "streams/logs.py",
+           "streams/metrics.py", "streams/schemas.py", "streams/settings.py", "streams/topics.py",
+           "deploy/kafka/", "bench/kafka_roundtrip.py")
+
 
 def _clicks(n: int) -> list[Click]:
     return [Click(event_id=f"e{i}", request_id=f"r{i}", user_id=f"u{i % 997}", ad_id=f"a{i % 50}",
@@ -140,7 +144,7 @@ def main() -> int:
         "produce_ratio": round(best["helpers_produce"] / best["raw_produce"], 3),
         "consume_ratio": round(best["helpers_consume"] / best["raw_consume"], 3),
     }
-    path = write_results("kafka_roundtrip", results)
+    path = write_results("kafka_roundtrip", results, DEPENDS)
     table = markdown_table(
         ["path", "produce msg/s", "consume msg/s"],
         [["adloop helpers (typed, acks=all, idempotent; decode + DLQ)",

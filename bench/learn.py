@@ -37,13 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from bench.common import device, markdown_table, update_doc_section, write_results
+from bench.common import STACK_DEPENDS, device, markdown_table, update_doc_section, write_results
 from learner import synthetic
 from learner.model import GenerativeRecommender, ModelConfig
 from learner.publish import Publisher, SnapshotStore
 from learner.rspo import RSPOConfig
 from learner.rspo_step import OnlineLearner, lists_to_batch
 from learner.tokenizer import TokenizerConfig, UASIDTokenizer
+
+DEPENDS = (*STACK_DEPENDS, "bench/freshness.py", "bench/learn.py")
 
 
 def default_model_and_lists(n_lists: int) -> tuple[GenerativeRecommender, UASIDTokenizer, list]:
@@ -202,7 +204,7 @@ def main() -> int:
             results.update(fresh)
         except ImportError:
             results["freshness_note"] = "end-to-end freshness needs the serving worker"
-    path = write_results("learn", results)
+    path = write_results("learn", results, DEPENDS)
     per_rank = f"{args.rank_threads} thread{'s' if args.rank_threads > 1 else ''}"
     rows = [["RSPO + VSL + value heads (lists/s)", results["rspo_lists_per_s"], "≥ 2,000"],
             ["RSPO term only (lists/s)", results["rspo_only_lists_per_s"], ""],

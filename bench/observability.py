@@ -32,11 +32,19 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from adloop.stack import LocalStack  # noqa: E402
-from bench.common import device, markdown_table, update_doc_section, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    STACK_DEPENDS,
+    device,
+    markdown_table,
+    update_doc_section,
+    write_results,
+)
 from deploy.observability import dashboards as dash  # noqa: E402
 from deploy.observability import promlive  # noqa: E402
 
 PLOT = ROOT / "deploy" / "grafana" / "rendered" / "adloop-overview.png"
+DEPENDS = (*STACK_DEPENDS, "deploy/__init__.py", "deploy/observability/", "deploy/prometheus/",
+           "bench/observability.py")
 
 
 def _legend(fmt: str, labels: dict[str, str]) -> str:
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="60 s of traffic instead of 180 s")
     args = parser.parse_args(argv)
     res = run(60.0 if args.quick else 180.0)
-    path = write_results("observability", res)
+    path = write_results("observability", res, DEPENDS)
     rows = [
         ["dashboards / panels / panel queries", f"{res['dashboards']} / {res['panels']} / "
                                                 f"{res['panel_queries']}"],

@@ -32,7 +32,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.ablation import DEPENDS as ABLATION_DEPENDS
 from bench.ablation import Columns, main
+
+DEPENDS = (*ABLATION_DEPENDS, "bench/organic.py")
 
 ORGANIC_SLOTS = 3
 MIXED = {"organic_slots": ORGANIC_SLOTS}
@@ -67,4 +70,4 @@ if __name__ == "__main__":
                   "engagement is the last quarter's true expected engagement per organic "
                   "item, P(view)·(1 + P(like | view)), and its ratio to the organic "
                   "oracle's on the same requests; view and like rates are realized, over "
-                  "the run."))
+                  "the run.", depends=DEPENDS))

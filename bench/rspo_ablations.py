@@ -39,6 +39,7 @@ import torch
 
 from adloop.evaluation import EvalConfig, compare, mean_ci
 from bench.common import (
+    CLOSED_LOOP_DEPENDS,
     add_closed_loop_arguments,
     closed_loop_config,
     device,
@@ -46,6 +47,8 @@ from bench.common import (
     update_doc_section,
     write_results,
 )
+
+DEPENDS = (*CLOSED_LOOP_DEPENDS, "bench/rspo_ablations.py")
 
 OLD_RSPO: dict[str, Any] = {"reward": "realized", "money_scale": False,
                             "anchor_clicks_only": False, "generator_encoder_grad": True}
@@ -102,7 +105,7 @@ def main() -> int:
         "encoder": cfg.encoder, "command": " ".join(["bench/rspo_ablations.py", *sys.argv[1:]]),
         "requests_per_policy": cfg.requests, "elapsed_s": round(elapsed, 1),
         "metric": "expected revenue per mille impressions, last quarter of the run",
-        "variants": rows})
+        "variants": rows}, DEPENDS)
     table = markdown_table(
         ["variant", "RPM last quarter (95% CI)", "per seed", "ratio to frozen (95% CI)"],
         [[r["name"], f"{r['rpm_mean']:.2f} ({r['rpm_ci95'][0]:.2f}–{r['rpm_ci95'][1]:.2f})",

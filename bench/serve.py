@@ -59,6 +59,10 @@ from streams.settings import KafkaSettings
 from streams.topics import create_topics
 from tests.support.snapshots import BuiltSnapshot, SnapshotSpec, build_snapshot, make_ads
 
+DEPENDS = ("server/", "snapshot_format/", "streams/", "adloop/__init__.py", "adloop/__main__.py",
+           "adloop/cli.py", "adloop/balancer.py", "adloop/stack.py", "deploy/kafka/",
+           "tests/__init__.py", "tests/support/", "bench/serve.py")
+
 MODEL = dict(level_sizes=(64, 64, 64, 16), n_ads=5000, d_model=256, mlp_hidden=1024,
              history_len=20)
 SCHEDULE = "64,64,32,32"
@@ -572,7 +576,7 @@ def merge_results(ready: dict[str, Any], provider: str,
     path = ROOT / "bench" / "results" / f"{name}.json"
     old: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     old.pop("benchmark", None)
-    write_results(name, {**old, **fields})
+    write_results(name, {**old, **fields}, DEPENDS, merged_from=old)
     return name, path
 
 
@@ -715,7 +719,7 @@ def main() -> int:
         **replica_keys(rep),
     }
     name = "serve" if provider == "cpu" or args.provider == "auto" else f"serve_{provider}"
-    path = write_results(name, out)
+    path = write_results(name, out, DEPENDS)
     print(f"wrote {path.relative_to(ROOT)}")
 
     def cells(row: dict[str, Any]) -> list[Any]:

@@ -24,6 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import write_results
 
+DEPENDS = ("learner/", "snapshot_format/", "streams/__init__.py", "streams/features.py",
+           "streams/logs.py", "streams/metrics.py", "streams/schemas.py", "streams/settings.py",
+           "streams/topics.py", "bench/snapshot_size.py")
+
 
 def measure(n_ads: int, root: Path) -> dict[str, Any]:
     from learner import synthetic
@@ -61,7 +65,7 @@ def main() -> None:
         results["bytes_per_ad"] = round((b["total_bytes"] - a["total_bytes"])
                                         / (b["n_ads"] - a["n_ads"]), 1)
         results["fixed_bytes"] = round(a["total_bytes"] - results["bytes_per_ad"] * a["n_ads"])
-    path = write_results("snapshot_size", results)
+    path = write_results("snapshot_size", results, DEPENDS)
     print(path.read_text())
 
 

@@ -52,6 +52,10 @@ from bench.common import (
     write_results,
 )
 
+DEPENDS = ("learner/__init__.py", "learner/embeddings.py", "learner/tokenizer.py",
+           "streams/__init__.py", "streams/features.py", "streams/schemas.py",
+           "traffic/__init__.py", "traffic/world.py", "bench/tokenizer.py")
+
 EXPLICIT_SIZES = (64, 32, 16)
 WINDOW_S = 3600.0
 
@@ -293,7 +297,7 @@ def main() -> None:
                       "heldout_pairs": len(split["heldout_pairs"])},
         "variants": variants, "elapsed_s": round(elapsed, 1),
     }
-    write_results("tokenizer", results)
+    write_results("tokenizer", results, DEPENDS)
     write_doc(results)
     print(f"done in {elapsed:.0f} s")
 
