@@ -294,6 +294,9 @@ METRICS: tuple[Metric, ...] = (
        "Recommend requests awaiting an answer."),
     _m("adloop_traffic_bad_lines_total", "counter", "replay", ("reason",),
        "Recorded-log lines that could not be read, by reason.", "reason: fixed parse-error set"),
+    _m("adloop_traffic_replay_gaps_clamped_total", "counter", "replay", ("direction",),
+       "Recorded-log time jumps larger than max_gap_s that replay shortened instead of "
+       "waiting for.", "direction: forward, backward"),
     # --- offline pretraining: adloop pretrain -------------------------------------------
     _m("adloop_stats_events_total", "counter", "stats", ("topic", "outcome"),
        "Records the stats stage read, by topic and outcome.",
