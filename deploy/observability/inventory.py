@@ -103,6 +103,10 @@ METRICS: tuple[Metric, ...] = (
        "version is logged (serve.context_unmatched)."),
     _m("adloop_server_shed_total", "counter", "server", (),
        "Requests refused with 429 (the narrowest beams could not hold the latency target)."),
+    _m("adloop_server_batches_during_swap_total", "counter", "server", (),
+       "Batches that overlapped a snapshot swap (load, warm-up, parity of a new version on "
+       "the follower thread): the load controller neither narrows beams nor updates its "
+       "service time from them, and sheds nothing while a swap runs."),
     _m("adloop_server_explored_total", "counter", "server", (),
        "Requests whose last slot went to an exploration draw (a servable ad this server "
        "has shown fewer than ADLOOP_SERVER_EXPLORE_MAX_SHOWN times); the exploration "
