@@ -15,6 +15,13 @@ a slate's ad pairs with different semantic-ID level-0 codes in the snapshot's id
 table), novelty unseen (share of the slate's ads the log had not shown the user before
 that request), novelty in bits (against the log's clicks) and personalization (1 - mean
 Jaccard overlap of two users' slates); a figure without a value is null.
+
+``--out FILE`` writes what the figures were computed from, as JSON lines, so that other
+estimators can be run on the same data (:func:`write_served`): first the summary (the
+same object as printed, ``"type": "summary"``), then one ``"type": "impression"`` line
+per logged impression in time order with its request and user id, impression time, the
+logged slate (ad ids by position), the logged propensities (null where the log has
+none), the logged rewards, and the target's slate (the snapshot's ad ids in that context).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +59,8 @@ log = get_logger(__name__)
 
 __all__ = ["ESTIMATORS", "LoggedItems", "OffPolicySettings", "beyond_of_slates", "bootstrap",
            "configure", "doubly_robust", "estimate", "evaluate_offline", "ips", "logged_items",
-           "on_policy", "reward_model", "run", "snapshot_slates", "snips"]
+           "on_policy", "reward_model", "run", "served_lines", "snapshot_slates", "snips",
+           "write_served"]
 
 
 # -- the snapshot as a target policy ---------------------------------------------------
@@ -117,7 +125,9 @@ class OffPolicySettings(BaseSettings):
 
 
 def evaluate_offline(log_file: Path, snapshot_dir: Path, s: OffPolicySettings,
-                     beam_width: int = 32) -> dict[str, Any]:
+                     beam_width: int = 32, out: Path | None = None) -> dict[str, Any]:
+    """The summary (printed by ``adloop evaluate --offline``); with ``out``, also the
+    summary and each impression's logged and target slates there (:func:`write_served`)."""
     from adloop.importer import join_recorded
     from streams.joiner_core import JoinSettings
     from traffic.recorded import read_recorded
@@ -141,7 +151,42 @@ def evaluate_offline(log_file: Path, snapshot_dir: Path, s: OffPolicySettings,
     if matched < 30:
         log.warning("ope.few_matches", matched_items=matched,
                     note="the snapshot rarely serves what the log shows: intervals are wide")
+    if out is not None:
+        write_served(out, summary, finals, slates)
     return summary
+
+
+def served_lines(summary: dict[str, Any], finals: Sequence[Feedback],
+                 slates: Sequence[Sequence[str]]) -> Iterator[dict[str, Any]]:
+    """The ``--out`` lines: the summary, then one line per logged impression (``finals``,
+    with the target's slate ``slates[i]`` for ``finals[i]``) in time order."""
+    if len(finals) != len(slates):
+        raise ValueError(f"{len(finals)} impressions but {len(slates)} target slates")
+    yield {"type": "summary", **summary}
+    for i in sorted(range(len(finals)), key=lambda i: (finals[i].impression_time,
+                                                        finals[i].request_id)):
+        f = finals[i]
+        logged = sorted(f.items, key=lambda it: it.position)
+        yield {"type": "impression", "request_id": f.request_id, "user_id": f.user_id,
+               "impression_time": f.impression_time,
+               "logged_slate": [it.ad_id for it in logged],
+               "logged_propensities": [it.propensity for it in logged],
+               "logged_rewards": [it.reward for it in logged],
+               "target_slate": list(slates[i])}
+
+
+def write_served(path: Path, summary: dict[str, Any], finals: Sequence[Feedback],
+                 slates: Sequence[Sequence[str]]) -> int:
+    """Write :func:`served_lines` to ``path`` as JSON lines (through a temporary file, so a
+    failed run leaves no half-written file); returns the number of impressions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for line in served_lines(summary, finals, slates):
+            fh.write(json.dumps(line, default=str) + "\n")
+    tmp.replace(path)
+    log.info("ope.written", path=str(path), impressions=len(finals))
+    return len(finals)
 
 
 def beyond_of_slates(finals: Sequence[Feedback], slates: Sequence[Sequence[str]],
@@ -175,7 +220,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("off-policy evaluation on a recorded log")
     group.add_argument("--offline", action="store_true",
                        help="estimate --snapshot's value per impression on --from FILE "
-                            "(IPS, SNIPS, DR, with bootstrap intervals)")
+                            "(IPS, SNIPS, DR, with bootstrap intervals); --out FILE also "
+                            "writes the summary and each impression's logged and target "
+                            "slates as JSON lines")
     group.add_argument("--from", dest="from_file", type=Path, default=None,
                        help="same as --from-file")
     add_settings_arguments(parser, OffPolicySettings)
@@ -190,7 +237,10 @@ def run(args: argparse.Namespace) -> int:
     snapshot = getattr(args, "snapshot", None)
     if s.from_file is None or snapshot is None:
         raise SystemExit("adloop evaluate --offline needs --from FILE and --snapshot DIR")
+    from learner.evaluate import EvaluateSettings
+
+    out = settings_from_args(EvaluateSettings, args).out
     summary = evaluate_offline(s.from_file, Path(snapshot), s,
-                               getattr(args, "beam_width", None) or 32)
+                               getattr(args, "beam_width", None) or 32, out)
     print(json.dumps(summary, default=str))
     return 0

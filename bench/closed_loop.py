@@ -117,9 +117,9 @@ def main() -> int:
         out[key] = round(v, 4) if v is not None else None
     for pair in ("rspo_over_frozen", "rspo_over_dlrm", "rspo_over_vsl_only",
                  "rspo_over_observable_oracle"):
-        ci = results.get(f"{pair}_per_seed_ci95")
-        out[f"{pair}_ci_low"] = round(ci[0], 4) if ci else None
-        out[f"{pair}_per_seed_ci95"] = [round(x, 4) for x in ci] if ci else None
+        interval = results.get(f"{pair}_per_seed_ci95")
+        out[f"{pair}_ci_low"] = round(interval[0], 4) if interval else None
+        out[f"{pair}_per_seed_ci95"] = [round(x, 4) for x in interval] if interval else None
     write_results("closed_loop", out, DEPENDS)
     plot = plot_rpm_curves(results, ROOT / "docs" / "closed_loop.png",
                            f"closed loop, {len(cfg.seeds)} seeds, {cfg.requests} requests")

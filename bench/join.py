@@ -41,7 +41,7 @@ from bench.common import ROOT, device, markdown_table, update_doc_section, write
 from streams.broker import BrokerSettings, EmbeddedBroker
 from streams.joiner_core import INPUT_TOPICS, JoinCore, JoinSettings
 from streams.kafka_io import EventProducer
-from streams.schemas import Click, Conversion, Event, Impression, SlateItem, decode, encode
+from streams.schemas import Click, Conversion, Impression, SlateItem, decode, encode
 from streams.settings import KafkaSettings
 from streams.topics import EVENT_PARTITIONS, TOPICS, Topics, create_topics
 
@@ -56,7 +56,7 @@ JOIN_FLAGS = ["--observation-window-s", "30", "--attribution-window-s", "120",
               "--out-of-orderness-s", "5", "--session-timeout-s", "6"]
 
 
-def traffic(n: int) -> Iterator[tuple[str, Event]]:
+def traffic(n: int) -> Iterator[tuple[str, Impression | Click | Conversion]]:
     """Event-time ordered (logical topic, record) for ``n`` impressions."""
     for i in range(n):
         t, rid, u = i * 0.1, f"r{i}", f"u{i % 256}"

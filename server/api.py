@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from server import metrics as M
 from server.batcher import OverloadedError
+from server.controller import BeamController
 from server.engine import NotReadyError, RecRequest, RecResult
 from server.service import Service
 from streams.logs import get_logger
@@ -205,25 +206,38 @@ class LoopLag:
 
     Requests that wait for the HTTP front (parsing, the accept queue) are invisible to
     the batcher's queue; a late loop is how that wait shows. With beams already at their
-    narrowest, a loop later than the latency target sheds requests with 429 at once."""
+    narrowest, a loop later than the latency target sheds requests with 429 at once.
+    A sample during which a snapshot swap ran (``controller``) is left out: the swap's
+    thread holding the GIL makes the loop late, not the request rate."""
 
-    def __init__(self, interval_s: float = 0.01) -> None:
+    def __init__(self, interval_s: float = 0.01,
+                 controller: BeamController | None = None) -> None:
         self.interval_s = interval_s
+        self.controller = controller
         self.value = 0.0
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             t = loop.time()
+            mark = self.controller.swap_mark() if self.controller is not None else 0
             await asyncio.sleep(self.interval_s)
+            if self.controller is not None and self.controller.overlapped_swap(mark):
+                continue
             late = max(0.0, loop.time() - t - self.interval_s)
             self.value = 0.8 * self.value + 0.2 * late
             M.LOOP_LAG.set(self.value)
 
+    def sheds(self, controller: BeamController) -> bool:
+        """Refuse a request now: beams at their narrowest, the loop later than the
+        latency target, and no swap in progress."""
+        return (controller.dynamic and controller.at_floor and self.value > controller.slo_s
+                and not controller.swap_in_progress)
+
 
 def create_api(service: Service) -> FastAPI:
     settings = service.settings
-    lag = LoopLag()
+    lag = LoopLag(controller=service.controller)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -262,7 +276,7 @@ def create_api(service: Service) -> FastAPI:
             return JSONResponse({"detail": "not ready: no model snapshot loaded yet"}, 503,
                                 headers={"Retry-After": "1"})
         ctl = service.controller
-        if ctl.dynamic and ctl.at_floor and lag.value > ctl.slo_s:
+        if lag.sheds(ctl):
             M.SHED.inc()
             return JSONResponse({"detail": f"overloaded: the HTTP front runs "
                                  f"{1000 * lag.value:.0f} ms late at the narrowest beams"},

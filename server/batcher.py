@@ -113,6 +113,7 @@ class Batcher:
     async def _run(self, items: list[_Item]) -> None:
         assert self._slots is not None
         start = time.perf_counter()
+        swap_mark = self.controller.swap_mark()
         used: list[list[int]] = []
 
         def widths_for(levels: int, k: int) -> list[int]:
@@ -141,4 +142,4 @@ class Batcher:
             if not i.future.done():
                 i.future.set_result((r, wait, widths))
         self.controller.observe(len(items), elapsed, start - items[0].enqueued,
-                                len(self._queue))
+                                len(self._queue), swap_mark)

@@ -19,12 +19,27 @@ refused (429) only when α is already at its floor, requests are already queued 
 the backlog estimate for the new one exceeds the SLO, or when the queue is full.
 With ``dynamic=False`` α stays 1 and only the queue bound refuses (the fixed-beam
 baseline of the benchmark).
+
+**Snapshot swaps.** A swap (fetch, session load, warm-up beam search, parity, trie) runs
+on a follower thread of the same process and competes with the batches for the cores and
+the GIL: batches that overlap it run slower, and the event loop runs late. That slowdown
+says nothing about the request rate, so it must not narrow the beams nor refuse
+requests: the model manager brackets every swap with :meth:`BeamController.swapping`;
+a batch that overlapped a swap (one was in progress when it started, or one started or
+ended while it ran: :meth:`swap_mark` / :meth:`overlapped_swap`) is not observed (α and
+the service-time estimate stay as they were; counted in
+``adloop_server_batches_during_swap_total``), and while a swap runs :meth:`admit`
+refuses only at the queue bound (the HTTP front's loop-lag shed also waits). Requests
+that arrive during a swap wait a little longer instead of being refused; the queue
+bound still caps how long.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 from server import metrics as M
 
@@ -63,6 +78,8 @@ class BeamController:
         self._batch_s = 0.0                    # EWMA of model time per batch
         self._lock = threading.Lock()
         self._last_change = time.monotonic()
+        self._swapping = 0                     # swaps in progress
+        self._swap_seq = 0                     # +1 at every swap start and end
         M.BEAM_SCALE.set(1.0)
 
     @property
@@ -72,6 +89,35 @@ class BeamController:
     @property
     def at_floor(self) -> bool:
         return self.rung == len(self.rungs) - 1
+
+    # -- snapshot swaps --------------------------------------------------------------
+    @contextlib.contextmanager
+    def swapping(self) -> Iterator[None]:
+        """Bracket one snapshot swap (see the module docstring)."""
+        with self._lock:
+            self._swapping += 1
+            self._swap_seq += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._swapping -= 1
+                self._swap_seq += 1
+
+    @property
+    def swap_in_progress(self) -> bool:
+        return self._swapping > 0
+
+    def swap_mark(self) -> int:
+        """Taken when a batch (or a loop-lag sample) starts: -1 if a swap is in progress,
+        else the swap sequence number; :meth:`overlapped_swap` tells at its end."""
+        with self._lock:
+            return -1 if self._swapping else self._swap_seq
+
+    def overlapped_swap(self, mark: int) -> bool:
+        """Whether a swap ran at any time since ``mark`` was taken."""
+        with self._lock:
+            return mark < 0 or self._swapping > 0 or mark != self._swap_seq
 
     def widths(self, levels: int, k: int = 1) -> list[int]:
         widths = scale_widths(self.schedule, self.alpha, levels, self.min_width, k)
@@ -87,14 +133,19 @@ class BeamController:
         """May one more request join a queue of ``queued``?"""
         if queued >= self.max_queue:
             return False
-        if not self.dynamic or queued == 0:
+        if not self.dynamic or queued == 0 or self._swapping:
             # an empty queue always admits: refusing then would also stop the batches
-            # that keep the service-time estimate current
+            # that keep the service-time estimate current; a swap's slowdown is not load
             return True
         return not (self.at_floor and self.backlog_s(queued + 1) > self.slo_s)
 
     def observe(self, batch_size: int, batch_s: float, oldest_wait_s: float,
-                queued_after: int) -> None:
+                queued_after: int, swap_mark: int | None = None) -> None:
+        """Learn from one finished batch; with the ``swap_mark`` taken when it started, a
+        batch that overlapped a swap is counted and otherwise ignored."""
+        if swap_mark is not None and self.overlapped_swap(swap_mark):
+            M.BATCHES_DURING_SWAP.inc()
+            return
         with self._lock:
             a = 0.3
             self._batch_s = batch_s if self._batch_s == 0 else (1 - a) * self._batch_s + a * batch_s

@@ -27,6 +27,10 @@ CONTEXT_UNMATCHED = counter(
     "the model ranks them as if no context were given.")
 SHED = counter("adloop_server_shed_total",
                "Requests refused with 429 (narrowest beams could not hold the SLO).")
+BATCHES_DURING_SWAP = counter(
+    "adloop_server_batches_during_swap_total",
+    "Batches that overlapped a snapshot swap: the load controller neither narrows beams "
+    "nor updates its service time from them.")
 LOOP_LAG = gauge("adloop_server_event_loop_lag_seconds",
                  "How late the HTTP event loop runs a 10 ms timer (EWMA).")
 IMPRESSIONS = counter("adloop_server_impressions_produced_total",

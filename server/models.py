@@ -20,6 +20,10 @@ ads' trie.
 
 The last ``keep_versions`` verified versions stay in the cache for rollback; a
 rollback re-verifies the cached files and goes through steps 2-5 again.
+
+Every swap (steps 1-5, a rollback, a local directory) runs inside ``swap_guard`` (the
+load controller's :meth:`~server.controller.BeamController.swapping`), so that the
+slowdown it causes to the batches running beside it is not taken for load.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,7 +119,8 @@ class ModelManager:
 
     def __init__(self, catalog: AdCatalog, provider: Provider, cache_dir: Path,
                  keep_versions: int = 3, intra_op_threads: int = 0, device_id: int = 0,
-                 warmup_widths: list[int] | None = None) -> None:
+                 warmup_widths: list[int] | None = None,
+                 swap_guard: Callable[[], AbstractContextManager[None]] | None = None) -> None:
         self.catalog = catalog
         self.provider = provider
         self.cache_dir = Path(cache_dir)
@@ -121,6 +128,7 @@ class ModelManager:
         self.intra_op_threads = intra_op_threads
         self.device_id = device_id
         self.warmup_widths = warmup_widths or [8]
+        self.swap_guard = swap_guard or contextlib.nullcontext
         self.state: ServingState | None = None
         self.versions: OrderedDict[str, VersionInfo] = OrderedDict()
         self._lock = threading.RLock()       # writers only; readers use self.state
@@ -151,27 +159,29 @@ class ModelManager:
         self.versions[update.version] = info
         self.versions.move_to_end(update.version)
         started = time.perf_counter()
-        try:
-            directory, manifest = fetch_snapshot(update.uri, update.sha256, self.cache_dir,
-                                                 update.version)
-        except SnapshotRejectedError as exc:
-            return self._failed(info, exc, started)
-        info.directory = directory
-        return self._load_and_swap(info, directory, manifest, update, started)
+        with self.swap_guard():
+            try:
+                directory, manifest = fetch_snapshot(update.uri, update.sha256,
+                                                     self.cache_dir, update.version)
+            except SnapshotRejectedError as exc:
+                return self._failed(info, exc, started)
+            info.directory = directory
+            return self._load_and_swap(info, directory, manifest, update, started)
 
     def load_directory(self, directory: Path) -> str:
         """Serve a local snapshot directory (``--snapshot``); its files are verified
         against its own manifest."""
         started = time.perf_counter()
-        try:
-            local, manifest = fetch_snapshot(str(directory), None, self.cache_dir)
-        except SnapshotRejectedError as exc:
-            info = VersionInfo(str(directory), None)
-            return self._failed(info, exc, started)
-        info = self.versions.get(manifest.version) or VersionInfo(manifest.version, None)
-        self.versions[manifest.version] = info
-        info.directory = local
-        return self._load_and_swap(info, local, manifest, None, started)
+        with self.swap_guard():
+            try:
+                local, manifest = fetch_snapshot(str(directory), None, self.cache_dir)
+            except SnapshotRejectedError as exc:
+                info = VersionInfo(str(directory), None)
+                return self._failed(info, exc, started)
+            info = self.versions.get(manifest.version) or VersionInfo(manifest.version, None)
+            self.versions[manifest.version] = info
+            info.directory = local
+            return self._load_and_swap(info, local, manifest, None, started)
 
     def start_from(self, updates: list[ModelUpdate]) -> str | None:
         """At start: serve the newest update that passes, trying older ones after it;
@@ -224,15 +234,16 @@ class ModelManager:
             if version == current:
                 return "ok", version
             started = time.perf_counter()
-            try:
-                manifest = verify_local(info.directory,
-                                        info.update.sha256 if info.update else None)
-            except (SnapshotRejectedError, OSError) as exc:
-                err = exc if isinstance(exc, SnapshotRejectedError) else \
-                    SnapshotRejectedError("checksum", repr(exc))
-                return self._failed(info, err, started), version
-            result = self._load_and_swap(info, info.directory, manifest, info.update, started,
-                                         ok_label="rollback")
+            with self.swap_guard():
+                try:
+                    manifest = verify_local(info.directory,
+                                            info.update.sha256 if info.update else None)
+                except (SnapshotRejectedError, OSError) as exc:
+                    err = exc if isinstance(exc, SnapshotRejectedError) else \
+                        SnapshotRejectedError("checksum", repr(exc))
+                    return self._failed(info, err, started), version
+                result = self._load_and_swap(info, info.directory, manifest, info.update,
+                                             started, ok_label="rollback")
             return ("ok" if result == "rollback" else result), version
 
     def _load_and_swap(self, info: VersionInfo, directory: Path, manifest: Manifest,

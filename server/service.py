@@ -35,12 +35,13 @@ class Service:
         self.provider = resolve_provider(settings.provider, settings.cuda_device_id)
         self.catalog = AdCatalog()
         schedule = settings.schedule()
-        self.models = ModelManager(self.catalog, self.provider, settings.cache_dir,
-                                   settings.keep_versions, settings.intra_op_threads,
-                                   settings.cuda_device_id, warmup_widths=schedule)
         self.controller = BeamController(
             schedule, settings.slo_ms / 1000.0, settings.alpha_min, settings.min_beam_width,
             settings.dynamic_beams, settings.max_batch_size, settings.max_queue)
+        self.models = ModelManager(self.catalog, self.provider, settings.cache_dir,
+                                   settings.keep_versions, settings.intra_op_threads,
+                                   settings.cuda_device_id, warmup_widths=schedule,
+                                   swap_guard=self.controller.swapping)
         self.explorer = Explorer(settings.explore, settings.explore_max_shown, self.catalog,
                                  seed=settings.explore_seed)
         self.engine = Engine(self.models, self.catalog, self.explorer,

@@ -14,8 +14,15 @@ header: an origin already there is skipped, so re-driving twice produces a recor
 and two dead letters of one record (a consumer re-delivered after a crash dead-letters
 again) produce it once. By default only letters whose bytes decode with the source
 topic's schema are re-driven (the rest would only fail again); ``--force`` sends them
-anyway. Run one ``redrive`` at a time: two concurrent runs can both miss each other's
-records.
+anyway.
+
+Concurrent runs are safe: each source topic is re-driven in one Kafka transaction by a
+producer whose ``transactional.id`` is fixed per source topic
+(:func:`transactional_id`). The scan starts only after ``init_transactions``, which
+fences every other producer with that id (its open transaction is aborted, its later
+sends and commit fail) and waits for a commit already under way to finish. So the scan
+(``read_committed``) sees every re-drive that can ever commit, except its own, and a
+run whose scan is stale cannot commit: it is fenced, and retries from the start.
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import random
 import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import InvalidProducerEpochError, KafkaError, ProducerFencedError
 
 from streams.kafka_io import producer_config, read_all
 from streams.logs import get_logger
@@ -40,6 +49,18 @@ log = get_logger(__name__)
 
 ORIGIN_HEADER = "adloop-origin"
 """Header on a re-driven record: ``<source topic>/<partition>/<offset>`` of the original."""
+REDRIVE_ATTEMPTS = 8
+"""Tries per source topic when a concurrent ``redrive`` of the same topic fences this one."""
+
+
+class RedriveFencedError(RuntimeError):
+    """Another ``redrive`` of the same source topic kept fencing this one."""
+
+
+def transactional_id(physical_topic: str) -> str:
+    """The one ``transactional.id`` every ``redrive`` uses for ``physical_topic``: two runs
+    re-driving the same topic fence each other (the topic name carries the prefix)."""
+    return f"adloop-dlq-redrive:{physical_topic}"
 
 
 @dataclass(frozen=True)
@@ -177,45 +198,95 @@ def redriven_origins(kafka: KafkaSettings, physical_topic: str, since_s: float,
 
 def redrive(kafka: KafkaSettings, letters: Sequence[Letter], *, force: bool = False,
             dry_run: bool = False) -> RedriveResult:
-    """Send ``letters`` back to their source topics, each origin at most once."""
+    """Send ``letters`` back to their source topics, each origin at most once, even with
+    other ``redrive`` runs at the same time (see the module docstring)."""
     result = RedriveResult()
-    todo: list[Letter] = []
+    by_topic: dict[str, list[Letter]] = {}
     for item in letters:
         failure = decodes_now(kafka, item.letter)
         if failure is not None and not force:
             result.undecodable.append((item, failure))
         else:
-            todo.append(item)
-    present: set[str] = set()
-    by_topic: dict[str, list[Letter]] = {}
-    for item in todo:
-        by_topic.setdefault(item.letter.source_topic, []).append(item)
+            by_topic.setdefault(item.letter.source_topic, []).append(item)
     for physical, items in by_topic.items():
-        # a re-driven record is written after its letter, so scan from the first failure
-        since = min(i.letter.failed_time for i in items) - 1.0
-        present |= redriven_origins(kafka, physical, since)
-    producer = None if dry_run else KafkaProducer(**producer_config(kafka))
-    try:
-        for item in todo:
-            if item.origin in present:
-                result.already.append(item)
-                continue
-            present.add(item.origin)
-            result.sent.append(item)
-            if producer is None:
-                continue
-            key = (base64.b64decode(item.letter.key_b64)
-                   if item.letter.key_b64 is not None else None)
-            producer.send(item.letter.source_topic, value=item.letter.raw(), key=key,
-                          headers=[(ORIGIN_HEADER, item.origin.encode())])
-        if producer is not None:
-            producer.flush()
-    finally:
-        if producer is not None:
-            producer.close()
+        if dry_run:
+            sent, already = _split(items, _scan(kafka, physical, items))
+        else:
+            sent, already = _redrive_topic(kafka, physical, items)
+        result.sent += sent
+        result.already += already
     log.info("dlq.redrive", sent=len(result.sent), already=len(result.already),
              undecodable=len(result.undecodable), dry_run=dry_run)
     return result
+
+
+def _scan(kafka: KafkaSettings, physical: str, items: Sequence[Letter]) -> set[str]:
+    # a re-driven record is written after its letter, so scan from the first failure
+    since = min(i.letter.failed_time for i in items) - 1.0
+    return redriven_origins(kafka, physical, since)
+
+
+def _split(items: Sequence[Letter], present: set[str]) -> tuple[list[Letter], list[Letter]]:
+    """(to send, already there): each origin not in ``present`` once, in order."""
+    seen = set(present)
+    sent: list[Letter] = []
+    already: list[Letter] = []
+    for item in items:
+        if item.origin in seen:
+            already.append(item)
+        else:
+            seen.add(item.origin)
+            sent.append(item)
+    return sent, already
+
+
+def _redrive_topic(kafka: KafkaSettings, physical: str,
+                   items: Sequence[Letter]) -> tuple[list[Letter], list[Letter]]:
+    """One source topic in one transaction, in this order:
+
+    1. ``init_transactions`` with the topic's fixed transactional id: every other
+       producer with that id is fenced (its open transaction aborted) and a commit under
+       way has finished;
+    2. scan the topic (``read_committed``) for origins already re-driven: every
+       transaction that can still commit is this one, so the scan is complete;
+    3. send the missing origins and commit. ``ProducerFencedError`` here means another
+       run initialised after step 1 and may have sent the same origins: nothing of this
+       transaction is visible; start again at step 1 (after a short random pause, so two
+       runs do not keep fencing each other), at most ``REDRIVE_ATTEMPTS`` times.
+    """
+    for attempt in range(1, REDRIVE_ATTEMPTS + 1):
+        producer = KafkaProducer(**producer_config(
+            kafka, client_id=f"{kafka.client_id}-dlq", transactional_id=transactional_id(physical),
+            transaction_timeout_ms=120_000))
+        try:
+            producer.init_transactions()
+            sent, already = _split(items, _scan(kafka, physical, items))
+            if sent:
+                producer.begin_transaction()
+                for item in sent:
+                    key = (base64.b64decode(item.letter.key_b64)
+                           if item.letter.key_b64 is not None else None)
+                    producer.send(physical, value=item.letter.raw(), key=key,
+                                  headers=[(ORIGIN_HEADER, item.origin.encode())])
+                producer.commit_transaction()
+            return sent, already
+        except KafkaError as exc:
+            if not _fenced(exc):
+                raise
+            log.warning("dlq.redrive_fenced", topic=physical, attempt=attempt,
+                        error=str(exc)[:200])
+            time.sleep(random.uniform(0.05, 0.25) * attempt)
+        finally:
+            producer.close(timeout=5)
+    raise RedriveFencedError(f"another redrive of {physical} fenced this one "
+                             f"{REDRIVE_ATTEMPTS} times; run it again")
+
+
+def _fenced(exc: BaseException) -> bool:
+    """Whether ``exc`` says another producer with our transactional id took over (raised
+    as is, or as the cause a later send reports)."""
+    fencing = (ProducerFencedError, InvalidProducerEpochError)
+    return isinstance(exc, fencing) or any(isinstance(a, fencing) for a in exc.args)
 
 
 # -- show ------------------------------------------------------------------------------
@@ -274,7 +345,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p_show.add_argument("offset", type=int, help="its offset in dlq (from `list --records`)")
     p_show.add_argument("--max-bytes", type=int, default=4096)
     p_re = sub.add_parser("redrive", help="send selected dead letters back to their source "
-                                          "topic (idempotent)")
+                                          "topic (idempotent, safe to run concurrently)")
     _add_filters(p_re)
     p_re.add_argument("--offsets", default=None,
                       help="comma-separated dlq offsets (from `list --records`)")
@@ -318,7 +389,11 @@ def run(args: argparse.Namespace) -> int:
         print("choose letters: --offsets, --topic, --reason or --all", file=sys.stderr)
         return 2
     chosen = select(kafka, letters, topic=args.topic, reason=args.reason, offsets=offsets)
-    result = redrive(kafka, chosen, force=args.force, dry_run=args.dry_run)
+    try:
+        result = redrive(kafka, chosen, force=args.force, dry_run=args.dry_run)
+    except RedriveFencedError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
     verb = "would re-drive" if args.dry_run else "re-drove"
     print(f"{verb} {len(result.sent)}; already re-driven {len(result.already)}; "
           f"still undecodable {len(result.undecodable)} (--force sends them)")

@@ -82,6 +82,9 @@ ORGANIC_DWELL = counter("adloop_traffic_organic_dwell_seconds_total",
                         "Seconds spent on organic items (the dwell events produced).")
 BAD_LINES = counter("adloop_traffic_bad_lines_total",
                     "Recorded-log lines that could not be read, by reason.", ("reason",))
+GAPS_CLAMPED = counter("adloop_traffic_replay_gaps_clamped_total",
+                       "Recorded-log time jumps larger than max_gap_s that replay "
+                       "shortened instead of waiting for, by direction.", ("direction",))
 
 OUTCOMES = ("ok", "shed", "unavailable", "timeout", "unreachable", "http_error",
             "bad_response", "error", "client_overload")

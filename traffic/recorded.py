@@ -28,6 +28,7 @@ import csv
 import gzip
 import heapq
 import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,8 @@ def parse_entry(obj: Any, line: int, seq: int = 0) -> Recorded:
     if isinstance(t, bool) or not isinstance(t, int | float):
         raise RecordError(line, "missing or non-numeric 't'")
     t = float(t)
+    if not math.isfinite(t):
+        raise RecordError(line, f"non-finite 't' ({t})")
     fields = {k: v for k, v in obj.items() if k not in ("type", "t")}
     if kind == "request":
         try:

@@ -46,6 +46,7 @@ from streams.schemas import encode
 from streams.settings import KafkaSettings, add_settings_arguments, settings_from_args
 from traffic.driver import (
     BAD_LINES,
+    GAPS_CLAMPED,
     LATENCY,
     REQUESTS,
     SIM_TIME,
@@ -99,6 +100,10 @@ class ReplaySettings(BaseSettings):
     ledger_file: Path | None = Field(None, description="write the request/event ledger")
     on_error: Literal["skip", "stop"] = Field("skip", description="bad recorded line: "
                                               "skip it (reported) or stop")
+    max_gap_s: float = Field(3600.0, gt=0, description="recorded replay: the most recorded "
+                             "seconds the pacing waits for between two lines; a larger jump "
+                             "of `t` (a far-future or far-past line) is shortened to this and "
+                             "reported (replay.gap_clamped)")
     impressions: Literal["auto", "kafka", "skip"] = Field(
         "auto", description="recorded impressions: auto = to Kafka unless the server "
         "answered the file's request for it (then the server logged it); kafka = always; "
@@ -137,6 +142,8 @@ class ReplayStats:
     end_of_stream: float | None = None
     """Event time of the end-of-stream marker produced at the end, if any."""
     bad_lines: list[str] = field(default_factory=list)
+    gaps_clamped: list[str] = field(default_factory=list)
+    """One line per jump of ``t`` larger than ``max_gap_s`` (shortened, not waited for)."""
     stopped_at_line: int | None = None
     outcomes: Counter[str] = field(default_factory=Counter)
     events_sha256: str = ""
@@ -148,7 +155,8 @@ class ReplayStats:
                 "produced": dict(self.produced), "server_logged": self.server_logged,
                 "skipped": dict(self.skipped), "missing": self.missing(),
                 "end_of_stream": self.end_of_stream,
-                "bad_lines": len(self.bad_lines), "stopped_at_line": self.stopped_at_line,
+                "bad_lines": len(self.bad_lines), "gaps_clamped": len(self.gaps_clamped),
+                "stopped_at_line": self.stopped_at_line,
                 "outcomes": dict(self.outcomes), "events_sha256": self.events_sha256,
                 "requests_sha256": self.requests_sha256, "wall_s": round(self.wall_s, 3)}
 
@@ -172,8 +180,17 @@ async def replay_recorded(path: Path | str, emitter: Emitter, *, speed: float = 
                           impressions: str = "auto", timeout_s: float = 2.0,
                           max_in_flight: int = 256, stop: threading.Event | None = None,
                           recommender: HttpRecommender | None = None,
-                          end_of_stream: bool = False) -> ReplayStats:
+                          end_of_stream: bool = False,
+                          max_gap_s: float = 3600.0) -> ReplayStats:
     """Replay a recorded log in file order at ``speed``× (0 = no waiting).
+
+    Pacing follows ``t``, but between two consecutive lines the pacing clock moves by at
+    most ``max_gap_s`` recorded seconds either way: a line far in the future (or, after
+    it, the return to the file's real times) is replayed after at most ``max_gap_s /
+    speed`` wall seconds instead of sleeping until the end of time; each such jump is
+    logged (``replay.gap_clamped`` with the line and the gap), counted
+    (``adloop_traffic_replay_gaps_clamped_total``) and listed in ``stats.gaps_clamped``.
+    Records keep their recorded times.
 
     Requests go to ``server_url`` (open loop, counted per outcome) when given; ads,
     clicks and conversions to the emitter. Impressions: with ``kafka`` always to the
@@ -186,6 +203,8 @@ async def replay_recorded(path: Path | str, emitter: Emitter, *, speed: float = 
     """
     if impressions not in ("auto", "kafka", "skip"):
         raise ValueError(f"impressions must be auto, kafka or skip, not {impressions!r}")
+    if not max_gap_s > 0:
+        raise ValueError(f"max_gap_s must be > 0, not {max_gap_s!r}")
     stop = stop or threading.Event()
     stats = ReplayStats()
     answered: dict[str, asyncio.Task[str]] = {}
@@ -222,9 +241,20 @@ async def replay_recorded(path: Path | str, emitter: Emitter, *, speed: float = 
         except Exception:  # the send failed: the server logged nothing
             return False
 
+    def clamp(entry: Recorded, gap: float) -> None:
+        direction = "forward" if gap > 0 else "backward"
+        stats.gaps_clamped.append(f"line {entry.line}: t jumps {gap:+.3f} s "
+                                  f"(more than max_gap_s={max_gap_s:g})")
+        GAPS_CLAMPED.labels(direction).inc()
+        log.warning("replay.gap_clamped", line=entry.line, t=entry.t, gap_s=gap,
+                    max_gap_s=max_gap_s, direction=direction)
+
     t_wall0 = time.monotonic()
     t0: float | None = None
     t_last: float | None = None
+    t_prev: float | None = None
+    shift = 0.0
+    """Recorded seconds taken out of the pacing by clamped jumps (pace = t - shift)."""
     entries = read_recorded(path, "stop" if on_error == "stop" else "skip",
                             errors=_Reporter(bad))
     try:
@@ -239,8 +269,15 @@ async def replay_recorded(path: Path | str, emitter: Emitter, *, speed: float = 
                 break
             if t0 is None:
                 t0 = entry.t
+            if t_prev is not None and abs(entry.t - t_prev) > max_gap_s:
+                gap = entry.t - t_prev
+                # the pace moves by max_gap_s forward, or stays put backward
+                shift += gap - max_gap_s if gap > 0 else gap
+                clamp(entry, gap)
+            t_prev = entry.t
             t_last = entry.t if t_last is None else max(t_last, entry.t)
-            if speed > 0 and not await sleep_until(t_wall0 + (entry.t - t0) / speed, stop):
+            due = t_wall0 + (entry.t - shift - t0) / speed if speed > 0 else 0.0
+            if speed > 0 and not await sleep_until(due, stop):
                 break
             stats.entries += 1
             stats.by_kind[entry.kind] += 1
@@ -382,9 +419,10 @@ def run(args: argparse.Namespace) -> int:
                 settings.from_file, emitter, speed=settings.speed, on_error=settings.on_error,
                 server_url=settings.server_url or None, impressions=settings.impressions,
                 timeout_s=settings.timeout_s, max_in_flight=settings.max_in_flight,
-                stop=stop, end_of_stream=settings.end_of_stream))
+                stop=stop, end_of_stream=settings.end_of_stream,
+                max_gap_s=settings.max_gap_s))
             summary = {"mode": "recorded", **rstats.as_dict()}
-            for line in rstats.bad_lines[:20]:
+            for line in rstats.bad_lines[:20] + rstats.gaps_clamped[:20]:
                 print(line)
             if rstats.stopped_at_line is not None:
                 code = 2

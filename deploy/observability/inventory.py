@@ -103,6 +103,10 @@ METRICS: tuple[Metric, ...] = (
        "version is logged (serve.context_unmatched)."),
     _m("adloop_server_shed_total", "counter", "server", (),
        "Requests refused with 429 (the narrowest beams could not hold the latency target)."),
+    _m("adloop_server_batches_during_swap_total", "counter", "server", (),
+       "Batches that overlapped a snapshot swap (load, warm-up, parity of a new version on "
+       "the follower thread): the load controller neither narrows beams nor updates its "
+       "service time from them, and sheds nothing while a swap runs."),
     _m("adloop_server_explored_total", "counter", "server", (),
        "Requests whose last slot went to an exploration draw (a servable ad this server "
        "has shown fewer than ADLOOP_SERVER_EXPLORE_MAX_SHOWN times); the exploration "
@@ -294,6 +298,9 @@ METRICS: tuple[Metric, ...] = (
        "Recommend requests awaiting an answer."),
     _m("adloop_traffic_bad_lines_total", "counter", "replay", ("reason",),
        "Recorded-log lines that could not be read, by reason.", "reason: fixed parse-error set"),
+    _m("adloop_traffic_replay_gaps_clamped_total", "counter", "replay", ("direction",),
+       "Recorded-log time jumps larger than max_gap_s that replay shortened instead of "
+       "waiting for.", "direction: forward, backward"),
     # --- offline pretraining: adloop pretrain -------------------------------------------
     _m("adloop_stats_events_total", "counter", "stats", ("topic", "outcome"),
        "Records the stats stage read, by topic and outcome.",

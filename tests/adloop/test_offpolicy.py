@@ -20,6 +20,7 @@ from adloop.offpolicy import (
     ips,
     on_policy,
     snips,
+    write_served,
 )
 from streams.schemas import Ad, Feedback, FeedbackItem
 from streams.settings import KafkaSettings
@@ -97,10 +98,31 @@ def test_bring_your_own_logs_replay_join_import_evaluate(
     imported = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert imported["context_features"] == ["device", "segment"]
 
+    served = tmp_path / "ope" / "served.jsonl"
     assert cli.main(["evaluate", "--offline", "--from", str(LOG),
                      "--snapshot", imported["snapshot"], "--beam-width", "16",
-                     "--bootstrap-samples", "50"]) == 0
+                     "--bootstrap-samples", "50", "--out", str(served)]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # --out: the same summary, then every logged impression with both slates
+    lines = [json.loads(line) for line in served.read_text().splitlines()]
+    assert lines[0] == {"type": "summary", **out}
+    logged = {e.record.request_id: e.record for e in entries  # type: ignore[union-attr]
+              if e.kind == "impression"}
+    rows = lines[1:]
+    assert [r["type"] for r in rows] == ["impression"] * n_imp
+    assert {r["request_id"] for r in rows} == set(logged)
+    for r in rows:
+        imp = logged[r["request_id"]]
+        shown = sorted(imp.slate, key=lambda it: it.position)  # type: ignore[union-attr]
+        assert r["logged_slate"] == [it.ad_id for it in shown]
+        assert r["logged_propensities"] == [it.propensity for it in shown]
+        assert r["user_id"] == imp.user_id  # type: ignore[union-attr]
+        assert len(r["target_slate"]) == len(shown)
+    assert [r["impression_time"] for r in rows] == sorted(r["impression_time"] for r in rows)
+    # an item counts for the estimators where the target serves it at its logged position
+    matched = sum(a == b for r in rows for a, b in zip(r["logged_slate"], r["target_slate"],
+                                                       strict=True))
+    assert matched == out["matched_items"]
     v = out["value_per_impression"]
     assert out["impressions"] == n_imp
     assert v["logging_on_policy"]["value"] == pytest.approx(n_click * 1.0 / n_imp)
@@ -138,3 +160,25 @@ def test_beyond_accuracy_of_the_snapshot_slates_on_the_log_by_hand() -> None:
     # log clicks: a once of 3 logged impressions over {a, b}: a -log2(2/4), b c -log2(1/4)
     assert out["novelty_bits"] == round((1 + 2 + 2 + 2 + 1 + 2) / 6, 4)
     assert "sid_diversity" not in out                               # no snapshot given
+
+
+def test_out_lines_are_the_summary_then_each_impression_with_both_slates(
+        tmp_path: Path) -> None:
+    finals = [_final("r2", "u1", 20.0, ["c", "a"]), _final("r1", "u2", 10.0, ["a", "b"])]
+    finals[1].items[0].propensity, finals[1].items[1].propensity = 0.5, 0.25
+    finals[1].items[0].reward = 1.0
+    path = tmp_path / "out" / "served.jsonl"
+    assert write_served(path, {"impressions": 2}, finals, [["b", "c"], ["a", "d"]]) == 2
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines == [
+        {"type": "summary", "impressions": 2},
+        {"type": "impression", "request_id": "r1", "user_id": "u2", "impression_time": 10.0,
+         "logged_slate": ["a", "b"], "logged_propensities": [0.5, 0.25],
+         "logged_rewards": [1.0, 0.0], "target_slate": ["a", "d"]},
+        {"type": "impression", "request_id": "r2", "user_id": "u1", "impression_time": 20.0,
+         "logged_slate": ["c", "a"], "logged_propensities": [None, None],
+         "logged_rewards": [0.0, 0.0], "target_slate": ["b", "c"]},
+    ]
+    assert not path.with_name("served.jsonl.tmp").exists()
+    with pytest.raises(ValueError, match="2 impressions but 1 target slates"):
+        write_served(path, {}, finals, [["a"]])

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from collections import Counter
+from pathlib import Path
 
 import msgspec
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from adloop.cli import main
-from streams.cli_dlq import ORIGIN_HEADER, group_letters, read_letters, redrive, select
-from streams.kafka_io import EventConsumer, EventProducer
+from streams.cli_dlq import (
+    ORIGIN_HEADER,
+    group_letters,
+    read_letters,
+    redrive,
+    select,
+    transactional_id,
+)
+from streams.kafka_io import EventConsumer, EventProducer, producer_config
 from streams.schemas import Click, Impression, encode
 from streams.settings import KafkaSettings
 
@@ -54,8 +65,10 @@ def _seed_dead_letters(kafka: KafkaSettings) -> None:
 
 
 def _records_with_origin(kafka: KafkaSettings, logical: str) -> list[tuple[str, bytes, bytes]]:
-    """(origin header, key, value) of every record in a topic that carries an origin."""
-    consumer = KafkaConsumer(**kafka.client_config(), enable_auto_commit=False)
+    """(origin header, key, value) of every record in a topic that carries an origin, as
+    every adloop consumer reads it (``read_committed``)."""
+    consumer = KafkaConsumer(**kafka.client_config(), enable_auto_commit=False,
+                             isolation_level="read_committed")
     topic = kafka.topic_prefix + logical
     try:
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
@@ -177,3 +190,75 @@ def test_redrive_of_a_record_dead_lettered_twice_produces_it_once_and_force_send
     again = redrive(kafka, letters, force=True)
     assert again.sent == [] and len(again.already) == 3
     assert len(_records_with_origin(kafka, "impressions")) == 2
+
+
+def _dead_letter_clicks(kafka: KafkaSettings, n: int) -> list[bytes]:
+    """``n`` valid clicks dead-lettered (handler_error) from clicks partition 0..3; returns
+    their bytes."""
+    producer = EventProducer(kafka)
+    consumer = EventConsumer(kafka, ["clicks"], group_id=None, dlq=producer, subscribe=False)
+    raws = []
+    for i in range(n):
+        raw = encode(_click(i))
+        raws.append(raw)
+        consumer.send_dead_letter("clicks", i % 4, 1000 + i, "handler_error", "boom", raw,
+                                  f"u{i}".encode())
+    consumer.commit()
+    consumer.close()
+    producer.close()
+    return raws
+
+
+def test_redrive_fences_a_concurrent_run_that_has_not_committed_and_sends_each_origin_once(
+        kafka: KafkaSettings) -> None:
+    """The mechanism, step by step: a run that has sent an origin but not committed yet
+    (its scan happened before ours) is fenced by our ``init_transactions``; our scan does
+    not count its uncommitted record, we send and commit; its commit then fails, so the
+    origin is in the topic once."""
+    from kafka import KafkaProducer
+    from kafka.errors import KafkaError
+
+    _dead_letter_clicks(kafka, 3)
+    letters = read_letters(kafka)
+    physical = kafka.topic_prefix + "clicks"
+    other = KafkaProducer(**producer_config(kafka, transactional_id=transactional_id(physical)))
+    other.init_transactions()
+    other.begin_transaction()
+    first = letters[0]
+    other.send(physical, value=first.letter.raw(), key=b"u0",
+               headers=[(ORIGIN_HEADER, first.origin.encode())]).get(timeout=30)
+
+    result = redrive(kafka, letters)
+    assert sorted(i.origin for i in result.sent) == sorted(i.origin for i in letters)
+
+    with pytest.raises(KafkaError):
+        other.commit_transaction()
+    other.close(timeout=5)
+    origins = Counter(o for o, _k, _v in _records_with_origin(kafka, "clicks"))
+    assert origins == Counter({i.origin: 1 for i in letters})
+
+
+def test_two_concurrent_redrive_processes_send_each_origin_exactly_once(
+        kafka: KafkaSettings, tmp_path: Path) -> None:
+    n = 300
+    raws = _dead_letter_clicks(kafka, n)
+    cmd = [sys.executable, "-m", "adloop", "dlq", "redrive", "--topic", "clicks",
+           "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix]
+    repo = Path(__file__).resolve().parents[2]
+    logs = [tmp_path / f"redrive{i}.out" for i in range(2)]
+    procs = []
+    for path in logs:
+        with path.open("wb") as out:
+            procs.append(subprocess.Popen(cmd, cwd=repo, stdout=out, stderr=subprocess.STDOUT))
+    for proc in procs:
+        assert proc.wait(timeout=180) == 0, [p.read_text() for p in logs]
+    outs = [p.read_text() for p in logs]
+    sent = [int(o.split("re-drove ", 1)[1].split(";")[0]) for o in outs]
+    already = [int(o.split("already re-driven ", 1)[1].split(";")[0]) for o in outs]
+    # between them the two runs sent every origin once; what one sent, the other found
+    assert sum(sent) == n and [s + a for s, a in zip(sent, already, strict=True)] == [n, n], outs
+
+    redriven = _records_with_origin(kafka, "clicks")
+    origins = Counter(origin for origin, _k, _v in redriven)
+    assert len(origins) == n and set(origins.values()) == {1}, origins.most_common(3)
+    assert Counter(v for _o, _k, v in redriven) == Counter(raws)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import structlog
 from adloop import cli
 from streams.joiner_core import END_OF_STREAM_REQUEST_ID as END_OF_STREAM
 from streams.kafka_io import read_all
-from streams.schemas import Event, encode
+from streams.schemas import Click, Event, encode
 from streams.settings import KafkaSettings
 from traffic.driver import Emitter, OraclePolicy, TrafficDriver
 from traffic.recorded import (
@@ -255,3 +256,80 @@ def test_impressions_skip_is_not_a_mismatch_but_counted(tmp_path: Path) -> None:
     assert emitter.counts["impressions"] == 0
     assert stats.skipped["impression"] == stats.by_kind["impression"] > 0  # type: ignore[attr-defined]
     assert stats.missing() == {}  # type: ignore[attr-defined]
+
+
+def _clicks_at(path: Path, times: list[float]) -> None:
+    path.write_text("".join(json.dumps({"type": "click", "t": t, "event_id": f"e{i}",
+                                        "request_id": "r", "user_id": "u", "ad_id": "a"})
+                            + "\n" for i, t in enumerate(times)))
+
+
+def test_a_far_future_line_is_clamped_to_max_gap_and_replay_finishes(tmp_path: Path) -> None:
+    """Line 3 jumps ~31,000 years ahead, line 4 comes back: replay waits at most
+    max_gap_s / speed for each jump instead of sleeping until the far-future time, keeps
+    the pacing of the ordinary lines, reports both jumps with their line and gap (the
+    ``replay.gap_clamped`` log line carries the same), counts them, and produces every
+    record unchanged."""
+    from prometheus_client import REGISTRY
+
+    path = tmp_path / "jump.jsonl"
+    _clicks_at(path, [1000.0, 1001.0, 1e12, 1002.0, 1003.0])
+    sent: list[tuple[float, float]] = []
+
+    class Clocked:
+        def send(self, topic: str, record: Event) -> None:
+            sent.append((time.monotonic(), record.event_time))  # type: ignore[attr-defined]
+
+    def clamped(direction: str) -> float:
+        return REGISTRY.get_sample_value("adloop_traffic_replay_gaps_clamped_total",
+                                         {"direction": direction}) or 0.0
+
+    before = clamped("forward"), clamped("backward")
+    stop = threading.Event()
+    result: list[object] = []
+    t0 = time.monotonic()
+    worker = threading.Thread(target=lambda: result.append(asyncio.run(replay_recorded(
+        path, Emitter(producer=Clocked()), speed=10.0, max_gap_s=2.0, stop=stop))))
+    worker.start()
+    worker.join(timeout=10.0)
+    stop.set()  # a replay still sleeping (the bug) is stopped, then the test fails
+    worker.join(timeout=5.0)
+    assert result, "replay did not finish within 10 s of a far-future line"
+    stats = result[0]
+    assert [t for _, t in sent] == [1000.0, 1001.0, 1e12, 1002.0, 1003.0]
+    # pacing: 0.1 s, then the jump clamped to 2 s / 10, back at once, then 0.1 s
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(sent)]
+    for got, want in zip(gaps, [0.1, 0.2, 0.0, 0.1], strict=True):
+        assert abs(got - want) < 0.06, gaps
+    assert sent[-1][0] - t0 < 1.0
+    assert stats.gaps_clamped == [  # type: ignore[attr-defined]
+        "line 3: t jumps +999999998999.000 s (more than max_gap_s=2)",
+        "line 4: t jumps -999999998998.000 s (more than max_gap_s=2)"]
+    assert (clamped("forward"), clamped("backward")) == (before[0] + 1, before[1] + 1)
+
+
+def test_cli_max_gap_setting_reaches_replay_and_the_summary_counts_clamps(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "jump.jsonl"
+    _clicks_at(path, [1000.0, 1000.25, 4e9, 4e9 + 0.25])
+    monkeypatch.setenv("ADLOOP_REPLAY_MAX_GAP_S", "0.5")
+    code = cli.main(["replay", "--from", str(path), "--speed", "10", "--no-kafka",
+                     "--server-url", ""])
+    assert code == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])
+    assert summary["gaps_clamped"] == 1 and summary["by_kind"] == {"click": 4}
+    assert summary["wall_s"] < 5.0
+    assert out[0].startswith("line 3: t jumps +") and "max_gap_s=0.5" in out[0]
+
+
+def test_non_finite_t_in_parquet_is_a_bad_line(tmp_path: Path) -> None:
+    """JSON has no infinity, Parquet's float64 column does: such a line is refused, not
+    replayed (it would put the pacing at an infinite time)."""
+    path = tmp_path / "inf.parquet"
+    with RecordWriter(path) as writer:
+        writer.write("click", float("inf"), Click(event_id="e", request_id="r", user_id="u",
+                                                   ad_id="a", event_time=1.0))
+    with pytest.raises(RecordError, match="line 1: non-finite 't'"):
+        list(read_recorded(path, "stop"))
