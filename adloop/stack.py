@@ -217,6 +217,8 @@ class Supervisor:
         self.poll_s = poll_s
         self.exits: list[ProcessExit] = []
         self.crash_loop: CrashLoopError | None = None
+        self.passes = 0
+        """Completed looks at every process (one each ``poll_s``): it is still watching."""
         self._held: set[str] = set()
         self._watch: dict[str, _Watch] = {}
         self._lock = threading.Lock()
@@ -256,6 +258,7 @@ class Supervisor:
                         self._check(name, proc, time.monotonic())
                     except Exception:   # one process's trouble must not end supervision
                         log.exception("supervisor.check_failed", name=name)
+                self.passes += 1
 
     def _check(self, name: str, proc: ManagedProcess, now: float) -> None:
         w = self._watch.setdefault(name, _Watch())

@@ -74,7 +74,7 @@ from streams.logs import get_logger
 from streams.metrics import counter, gauge, histogram, start_metrics_server
 from streams.schemas import DeadLetter, DecodeFailure, Feedback, decode, encode
 from streams.settings import KafkaSettings, add_settings_arguments, settings_from_args
-from streams.topics import EVENT_PARTITIONS, Topics
+from streams.topics import EVENT_PARTITIONS, Topics, wait_for_topics
 
 log = get_logger(__name__)
 
@@ -167,6 +167,8 @@ class Joiner:
 
     # -- setup -----------------------------------------------------------------------------
     def ensure_changelog(self) -> None:
+        """Create the changelog if it is missing; return once its partitions have leaders
+        (a restore that reads it right after creation finds them)."""
         admin = KafkaAdminClient(**self.kafka.client_config(), client_id=f"{self.group}-admin")
         try:
             if self.changelog not in set(admin.list_topics()):
@@ -177,6 +179,9 @@ class Joiner:
                                        "max.message.bytes": str(4 * 1024 * 1024)})])
         finally:
             admin.close()
+        wait_for_topics(self.kafka.bootstrap_servers, [self.changelog],
+                        timeout_s=self.kafka.topic_wait_s,
+                        security=self.kafka.security_config())
 
     def _new_consumer(self) -> KafkaConsumer:
         return KafkaConsumer(

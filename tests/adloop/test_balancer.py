@@ -95,6 +95,7 @@ class _Stub(http.server.ThreadingHTTPServer):
     name: str
     recommend_status: int
     delay_s: float = 0.0
+    received: threading.Event   # set when a POST arrived (before its delay)
 
 
 class _StubHandler(http.server.BaseHTTPRequestHandler):
@@ -114,7 +115,8 @@ class _StubHandler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        time.sleep(self.server.delay_s)
+        self.server.received.set()
+        time.sleep(self.server.delay_s)   # a slow replica on purpose, not a wait
         self._answer(self.server.recommend_status, {"server_id": self.server.name})
 
     def log_message(self, *_args: Any) -> None:
@@ -125,6 +127,7 @@ class _StubHandler(http.server.BaseHTTPRequestHandler):
 def _stub(name: str, recommend_status: int = 200) -> Iterator[_Stub]:
     srv = _Stub(("127.0.0.1", 0), _StubHandler)
     srv.name, srv.recommend_status = name, recommend_status
+    srv.received = threading.Event()
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     try:
@@ -178,7 +181,7 @@ def test_stopping_the_balancer_lets_the_request_in_flight_finish_and_exits_0(
         sender = threading.Thread(target=lambda: answer.append(
             httpx.post(f"{lb.url}/v1/recommend", json=REQ, timeout=10)))
         sender.start()
-        time.sleep(0.3)                         # the request is with the replica
+        assert slow.received.wait(10), "the request never reached the replica"
         assert lb.process.stop() == 0
         sender.join(10)
     assert [r.status_code for r in answer] == [200]

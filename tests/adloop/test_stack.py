@@ -75,7 +75,8 @@ def test_a_process_that_dies_at_every_start_trips_the_crash_loop_with_its_log_ta
     sup = stack.supervise(FAST, on_crash_loop=on_crash_loop)
     try:
         assert done.wait(60), "the crash loop never tripped"
-        time.sleep(0.5)                       # a few more supervisor passes: no restart
+        after = sup.passes                    # a few more supervisor passes: no restart
+        _until("3 more supervisor passes", lambda: sup.passes >= after + 3)
         err = tripped[0]
         assert sup.crash_loop is err and len(tripped) == 1
         assert err.name == "broken" and err.exits == FAST.crash_loop_exits
@@ -98,7 +99,8 @@ def test_a_process_stopped_on_purpose_stays_stopped(tmp_path: Path) -> None:
     try:
         _until("the supervisor saw it running", lambda: proc.alive())
         proc.stop()
-        time.sleep(1.0)                       # many supervisor passes
+        after = sup.passes                    # many supervisor passes
+        _until("5 more supervisor passes", lambda: sup.passes >= after + 5)
         assert not proc.alive() and proc.restarts == 0 and sup.exits == []
     finally:
         stack.stop()

@@ -30,6 +30,12 @@ def _trained(state_dir: Path) -> Counter[str]:
     return out
 
 
+def _ledger_request_ids(state_dir: Path) -> set[str]:
+    return {json.loads(line)["request_id"]
+            for seg in sorted((state_dir / "ledger").glob("*.jsonl"))
+            for line in seg.read_text().splitlines()}
+
+
 def _letters(kafka: KafkaSettings) -> list[DeadLetter]:
     return [r.record for r in read_all(kafka, "dlq", timeout_s=10)]
 
@@ -113,8 +119,18 @@ def test_poison_feedback_and_ads_are_dead_lettered_and_training_goes_on(
 
     # a restart re-reads ``ads`` from offset 0: no second dead letter for the bad ones
     again = learner().start()
-    again.wait_ready(180)
-    time.sleep(2.0)
+    again.wait_ready(180)   # ready: the catalogue (ads, organic-items) re-read to its end
+    # a marker list after every feedback record: once it is trained, the restarted
+    # learner has been through all of ``feedback`` too
+    p = EventProducer(kafka)
+    p.send("feedback", msgspec.structs.replace(good[0], request_id="marker"), key="u")
+    p.flush()
+    p.close()
+    deadline = time.monotonic() + 120
+    while "marker" not in _ledger_request_ids(state):
+        assert again.alive(), again.log_tail()
+        assert time.monotonic() < deadline, "the marker list never reached the ledger"
+        time.sleep(0.5)
     assert again.stop() == 0, again.log_tail()
     assert dead() == expected
 

@@ -97,7 +97,7 @@ def test_learner_kill9_restarts_train_every_feedback_offset_exactly_once(
     rng = random.Random(7)
     proc.start().wait_ready(180)
     for _ in range(2):                        # kill -9 twice at random points
-        time.sleep(rng.uniform(1.0, 4.0))
+        time.sleep(rng.uniform(1.0, 4.0))     # when to kill (seeded), not a wait
         proc.kill()
         proc.start().wait_ready(180)
     _assert_trained_exactly_once(kafka, proc, tmp_path / "state", ends)
@@ -124,7 +124,7 @@ def test_two_rank_learner_kill9_of_one_rank_then_of_all_trains_every_offset_exac
     rng = random.Random(7)
     proc.start().wait_ready(180)
     for victim in (1, 0):                     # kill -9 one rank: the group goes down
-        time.sleep(rng.uniform(1.0, 3.0))
+        time.sleep(rng.uniform(1.0, 3.0))     # when to kill (seeded), not a wait
         ranks = _ranks(proc)
         assert sorted(ranks) == [0, 1], ranks
         os.kill(ranks[victim], signal.SIGKILL)
@@ -134,7 +134,7 @@ def test_two_rank_learner_kill9_of_one_rank_then_of_all_trains_every_offset_exac
         assert rc != 0, proc.log_tail()
         assert time.monotonic() - t0 < 45, "the surviving rank hung"
         proc.start().wait_ready(180)
-    time.sleep(rng.uniform(1.0, 3.0))
+    time.sleep(rng.uniform(1.0, 3.0))         # when to kill (seeded), not a wait
     os.killpg(proc.pid, signal.SIGKILL)       # kill -9 the launcher and every rank at once
     assert proc.proc is not None
     proc.proc.wait(30)

@@ -35,7 +35,8 @@ def test_updates_raise_higher_value_ids_and_lower_lower_value_ids() -> None:
 
 
 def test_gradient_is_zero_when_policy_equals_reference_and_rewards_are_equal() -> None:
-    logp = torch.log_softmax(torch.randn(4, 5), 1).requires_grad_(True)
+    gen = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(4, 5, generator=gen), 1).requires_grad_(True)
     rewards = torch.full((4, 5), 2.5)
     loss, stats = rspo_loss(logp, logp.detach(), rewards, torch.ones(4, 5), beta=0.7)
     loss.backward()

@@ -33,7 +33,12 @@ def prom(live_stack: LiveStack, prometheus_server: PrometheusFactory) -> Prometh
                         timeout_s=180)
         server.wait_for("sum(adloop_learner_snapshots_published_total) > 1", timeout_s=120)
         server.wait_for("sum(rate(adloop_server_requests_total[1m])) > 0", timeout_s=60)
-    time.sleep(3)
+    # every rule evaluated at least once (a rule not evaluated yet has health "unknown")
+    deadline = time.monotonic() + 60
+    while (pending := [name for name, health, _ in promlive.rule_health(server)
+                       if health == "unknown"]):
+        assert time.monotonic() < deadline, f"rules never evaluated: {pending}"
+        time.sleep(0.5)
     return server
 
 

@@ -304,7 +304,9 @@ def test_continuous_requests_during_20_swaps_never_fail(
             producer("model-updates", snap.model_update())
             wait_for(lambda v=snap.version: c.get("/readyz").json()["model_version"] == v,
                      what=f"swap to {snap.version}")
-        time.sleep(0.3)
+        # requests go on after the last swap until one was answered by it
+        wait_for(lambda: any(v == versions[-1] for _, v in list(results)),
+                 what=f"a request answered by {versions[-1]}")
         stop.set()
         for t in threads:
             t.join(30)

@@ -13,10 +13,13 @@ def test_loop_lag_rises_when_the_loop_is_blocked_and_decays_when_it_is_free() ->
         lag = LoopLag()
         task = asyncio.create_task(lag.run())
         for _ in range(10):           # something hogs the loop (parsing under overload)
-            time.sleep(0.05)
+            time.sleep(0.05)          # the scenario: blocking the loop, not a wait
             await asyncio.sleep(0.011)
         busy = lag.value
-        await asyncio.sleep(0.5)      # a free loop
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10   # a free loop: the lag decays (bounded wait)
+        while lag.value >= busy / 4 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         task.cancel()
         return busy, lag.value
 

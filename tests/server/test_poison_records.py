@@ -5,7 +5,6 @@ snapshot published after the poison is still loaded."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,12 @@ def _send_raw(kafka: KafkaSettings, topic: str, items: list[tuple[bytes | None, 
 def _retries() -> float:
     return sum(REGISTRY.get_sample_value("adloop_follow_retries_total", {"topic": t}) or 0.0
                for t in ("ads", "model-updates"))
+
+
+def _bad_records() -> float:
+    """``adloop_server_bad_records_total`` of this process, every topic and reason."""
+    return sum(s.value for m in REGISTRY.collect() if m.name == "adloop_server_bad_records"
+               for s in m.samples if s.name.endswith("_total"))
 
 
 def _letters(kafka: KafkaSettings, logical: str) -> list[DeadLetter]:
@@ -105,10 +110,15 @@ def test_poison_on_ads_and_model_updates_is_dead_lettered_once_and_serving_goes_
     assert by_offset[upd_bad[1]].key_b64 is not None  # the garbage key is kept, base64
 
     # a second replica (or a restart) re-reads both topics from offset 0: nothing new in dlq
+    bad_before = _bad_records()
     again = start_server(kafka, cache_dir=tmp_path / "replica-2")
     with httpx.Client(base_url=again.url, timeout=30) as c:
-        wait_for(lambda: ready(c, "v3"), what="the restarted server serves v3")
-        time.sleep(1.0)
+        # ready with v3 (the last record of model-updates) and the catalogue caught up:
+        # both followers have read past every poison record, and each one's dead letter
+        # decision was made on the follower's thread before it went on
+        wait_for(lambda: ready(c, "v3") and c.get("/readyz").json()["catalog_caught_up"],
+                 what="the restarted server serves v3, its catalogue caught up")
+    assert _bad_records() - bad_before == len(expected)   # it did meet each one again
     assert letters() == expected
 
 

@@ -76,7 +76,9 @@ def _records_with_origin(kafka: KafkaSettings, logical: str) -> list[tuple[str, 
         consumer.seek_to_beginning(*tps)
         ends = consumer.end_offsets(tps)
         out = []
+        deadline = time.monotonic() + 60
         while any(consumer.position(tp) < ends[tp] for tp in tps):
+            assert time.monotonic() < deadline, f"{topic} not read to its end"
             for msgs in consumer.poll(timeout_ms=200).values():
                 for m in msgs:
                     for name, value in m.headers or ():

@@ -23,6 +23,7 @@ from tests.streams.test_joiner_helpers import (
     imp,
     organic,
     rewards,
+    wait_drained,
     wait_for,
 )
 
@@ -88,7 +89,7 @@ def _events() -> tuple[list[tuple[float, str, Event]], dict[str, list[float]],
 
 def test_kill9_twice_gives_exactly_one_final_per_impression(kafka: KafkaSettings,
                                                             tmp_path: Path) -> None:
-    seed = int(os.environ.get("ADLOOP_TEST_CRASH_SEED", time.time_ns() % 100_000))
+    seed = int(os.environ.get("ADLOOP_TEST_CRASH_SEED", "1"))   # fixed: the same kills
     rnd = random.Random(seed)
     print(f"crash seed {seed}")  # shown on failure; rerun with ADLOOP_TEST_CRASH_SEED
     evs, expected, expected_organic = _events()
@@ -112,13 +113,13 @@ def test_kill9_twice_gives_exactly_one_final_per_impression(kafka: KafkaSettings
                 deadline = time.monotonic() + 60
                 while _count(kafka, "feedback") <= before and time.monotonic() < deadline:
                     time.sleep(0.05)
-                time.sleep(rnd.uniform(0.0, 0.3))
+                time.sleep(rnd.uniform(0.0, 0.3))   # when to kill (seeded), not a wait
                 joiner.kill9()
                 joiner = JoinerProcess(kafka, log, **settings).start()
         finals = wait_for(kafka, "feedback",
                           lambda fbs: sum(f.kind == "final" for f in fbs) >= N,
                           timeout_s=120, proc=joiner)
-        time.sleep(2.0)  # anything doubled would show up now
+        wait_drained(kafka, joiner)  # all input handled and its output flushed
         fbs: list[Feedback] = [r.record for r in read_all(kafka, "feedback")]
         assert len(fbs) >= len(finals)
     finally:

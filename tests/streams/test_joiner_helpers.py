@@ -11,6 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kafka import KafkaConsumer, TopicPartition
+
+from streams.joiner_core import INPUT_TOPICS, JoinSettings
 from streams.kafka_io import read_all
 from streams.schemas import (
     Click,
@@ -24,7 +27,7 @@ from streams.schemas import (
     SlateItem,
 )
 from streams.settings import KafkaSettings
-from streams.topics import TOPICS
+from streams.topics import TOPICS, Topics
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -138,6 +141,35 @@ class JoinerProcess:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+def wait_drained(kafka: KafkaSettings, proc: JoinerProcess, timeout_s: float = 60.0) -> None:
+    """Wait until the joiner's group has committed the end of every input partition.
+
+    The joiner commits offsets only after its outputs for the records before them are
+    flushed (its commit protocol), so from then on everything it will emit for the input
+    so far is in Kafka: a barrier for "nothing more (doubled) shows up"."""
+    group = kafka.topic_prefix + str(proc.settings.get("app_id", JoinSettings().app_id))
+    names = Topics(kafka.topic_prefix)
+    deadline = time.monotonic() + timeout_s
+    behind: dict[TopicPartition, tuple[int, int]] = {}
+    while time.monotonic() < deadline:
+        assert proc.alive(), f"joiner exited; log:\n{proc.log_path.read_text()[-3000:]}"
+        consumer = KafkaConsumer(**kafka.client_config(), group_id=group,
+                                 enable_auto_commit=False)
+        try:
+            tps = [TopicPartition(names.name(t), p) for t in INPUT_TOPICS
+                   for p in sorted(consumer.partitions_for_topic(names.name(t)) or ())]
+            at = {tp: (consumer.committed(tp) or 0, end)
+                  for tp, end in consumer.end_offsets(tps).items()}
+            behind = {tp: v for tp, v in at.items() if v[0] < v[1]}
+        finally:
+            consumer.close(autocommit=False)
+        if tps and not behind:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"joiner group {group} never committed its input's end: "
+                         f"{dict(list(behind.items())[:5])}\n{proc.diagnostics()}")
 
 
 def wait_for(kafka: KafkaSettings, topic: str, pred: Callable[[list[Any]], bool],

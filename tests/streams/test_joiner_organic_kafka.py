@@ -69,9 +69,9 @@ def test_joiner_fills_the_organic_items_of_a_mixed_feed(kafka: KafkaSettings,
                                                                for f in fbs}, proc=joiner)
         letters: list[DeadLetter] = wait_for(kafka, "dlq", lambda ls: len(ls) >= 2, proc=joiner)
         deadline = time.monotonic() + 30
-        while (counted := _metric(joiner, "adloop_join_organic_engagements_total")) \
-                .get('action="dwell"', 0) < 1 and time.monotonic() < deadline:
-            time.sleep(0.5)   # the counters are added once per poll
+        while min((counted := _metric(joiner, "adloop_join_organic_engagements_total"))
+                  .values(), default=0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.5)   # counters are added once per poll: until each action is
         assert joiner.alive()
     finally:
         assert joiner.stop() == 0

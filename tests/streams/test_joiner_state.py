@@ -5,6 +5,7 @@ batched restore of an assignment on the broker; and the batch producer it writes
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -121,7 +122,9 @@ def test_batch_producer_keeps_order_and_reports_acked_offsets(kafka: KafkaSettin
         c.assign([tp])
         c.seek_to_beginning(tp)
         values: list[bytes] = []
+        deadline = time.monotonic() + 60
         while len(values) < 1501:
+            assert time.monotonic() < deadline, f"read {len(values)} of 1501"
             for msgs in c.poll(timeout_ms=1000).values():
                 values += [m.value for m in msgs]
         assert values[:-1] == [str(i).encode() for i in range(1, 3000, 2)]

@@ -166,7 +166,12 @@ def test_stats_are_the_exact_windowed_sums_of_final_lists_with_advertiser_and_in
         url = next(line.split()[1] for line in (tmp_path / "stats.log").read_text().splitlines()
                    if line.startswith("metrics http"))
         assert urllib.request.urlopen(url + "/readyz").status == 200
-        metrics = urllib.request.urlopen(url + "/metrics").read().decode()
+        # the top-N gauges are published by a 1 s timer: wait for its first pass
+        deadline = time.monotonic() + 30
+        while 'adloop_stats_top_revenue{dimension="ad"' not in (
+                metrics := urllib.request.urlopen(url + "/metrics").read().decode()):
+            assert time.monotonic() < deadline, "the top-N was never published"
+            time.sleep(0.2)
     finally:
         _stop(proc)
     assert proc.returncode == 0, (tmp_path / "stats.log").read_text()[-3000:]

@@ -69,7 +69,7 @@ class ToyServer:
         if self.shed_every and n % self.shed_every == 0:
             return JSONResponse({"error": "overloaded"}, status_code=429)
         if self.delay_s and (not self.slow_every or n % self.slow_every == 0):
-            await asyncio.sleep(self.delay_s)
+            await asyncio.sleep(self.delay_s)   # a slow answer on purpose, not a wait
         k = int(body["k"])
 
         def score(ad_id: str) -> float:  # a simple, user-dependent ranking
@@ -193,6 +193,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _ok_requests(body: str) -> float:
+    """``adloop_traffic_requests_total{outcome="ok"}`` in a Prometheus text body."""
+    for line in body.splitlines():
+        if line.startswith('adloop_traffic_requests_total{outcome="ok"} '):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_cli_run_exposes_metrics_and_stops_cleanly_on_sigterm(
         kafka: KafkaSettings, tmp_path: Path) -> None:
     world = _world(0)
@@ -210,19 +218,18 @@ def test_cli_run_exposes_metrics_and_stops_cleanly_on_sigterm(
         try:
             body = ""
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline:   # until more than 10 answers came back
                 try:
                     body = urllib.request.urlopen(
                         f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
                 except OSError:
                     body = ""
-                if 'adloop_traffic_requests_total{outcome="ok"}' in body:
+                if _ok_requests(body) > 10:
                     break
                 time.sleep(0.3)
-            assert 'adloop_traffic_requests_total{outcome="ok"}' in body
+            assert _ok_requests(body) > 10, body[-2000:]
             assert "adloop_traffic_sim_time_seconds" in body
             assert urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz").status == 200
-            time.sleep(1.0)
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=60)
         finally:
