@@ -65,7 +65,8 @@ def test_poison_on_ads_and_model_updates_is_dead_lettered_once_and_serving_goes_
     publish_ads(producer)
     producer("model-updates", snapshots("v1", data_watermark=10.0).model_update())
     retries_before = _retries()
-    srv = start_server(kafka)
+    bases = f"{(tmp_path / 'store').as_uri()},s3://no-such-bucket"
+    srv = start_server(kafka, snapshot_bases=bases)
     with httpx.Client(base_url=srv.url, timeout=30) as c:
         wait_for(lambda: ready(c, "v1"), what="v1 served past the poison")
         wait_for(lambda: c.get("/readyz").json()["servable_ads"] == len(AD_IDS),
@@ -105,7 +106,7 @@ def test_poison_on_ads_and_model_updates_is_dead_lettered_once_and_serving_goes_
     assert by_offset[upd_bad[1]].key_b64 is not None  # the garbage key is kept, base64
 
     # a second replica (or a restart) re-reads both topics from offset 0: nothing new in dlq
-    again = start_server(kafka, cache_dir=tmp_path / "replica-2")
+    again = start_server(kafka, cache_dir=tmp_path / "replica-2", snapshot_bases=bases)
     with httpx.Client(base_url=again.url, timeout=30) as c:
         wait_for(lambda: ready(c, "v3"), what="the restarted server serves v3")
         time.sleep(1.0)
