@@ -19,7 +19,7 @@ from learner import synthetic
 from learner.pretrain import PretrainSettings, pretrain
 from streams.kafka_io import EventProducer, read_all
 from streams.settings import KafkaSettings
-from streams.signing import read_keyring_file, verify_update
+from streams.signing import generate_keyring_file, read_keyring_file, verify_update
 from streams.topics import Topics
 
 
@@ -60,6 +60,7 @@ def _learner(kafka: KafkaSettings, tmp_path: Path, synth_log: synthetic.Syntheti
     assert sum(ends.values()) == 900
 
     state, store, port = tmp_path / "state", tmp_path / "store", free_port()
+    generate_keyring_file(tmp_path / "model-updates.keys")   # as the stack writes one
     proc = ManagedProcess("learn", [
         "learn", "--bootstrap-servers", kafka.bootstrap_servers,
         "--topic-prefix", kafka.topic_prefix, "--init-run-dir", str(pre),
@@ -90,7 +91,7 @@ def _assert_trained_exactly_once(kafka: KafkaSettings, proc: ManagedProcess, sta
     assert len(versions) >= 2, versions
     assert all(u.sha256 and u.uri.startswith("file://") for u in updates)
     assert max(u.data_watermark for u in updates) > 0
-    # every announcement is signed with the learner's keyring (generated on first use)
+    # every announcement is signed with the learner's keyring
     keyring = read_keyring_file(state.parent / "model-updates.keys")
     assert [verify_update(u, keyring) for u in updates] == [None] * len(updates)
 

@@ -139,3 +139,21 @@ def test_the_default_keyring_file_is_generated_once_private(tmp_path: Path) -> N
     assert load_keyring(None, other, path).ids == ["o"]
     with pytest.raises(KeyringError, match="cannot read keyring file"):
         load_keyring(None, tmp_path / "missing.keys", path)
+
+
+def test_update_keys_command_rotates_a_keyring_file_and_prints_ids_only(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from adloop.cli import main
+
+    path = tmp_path / "keys"
+    assert main(["update-keys", "init", "--file", str(path)]) == 0
+    assert main(["update-keys", "add", "--file", str(path), "--key-id", "k2"]) == 0
+    ring = load_keyring(None, path, None)
+    assert ring.ids == ["k1", "k2"] and ring.signing_key()[0] == "k2"
+    assert main(["update-keys", "drop", "--file", str(path), "--key-id", "k1"]) == 0
+    assert load_keyring(None, path, None).keys == {"k2": ring.keys["k2"]}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert main(["update-keys", "drop", "--file", str(path), "--key-id", "k2"]) == 2
+    out = capsys.readouterr()
+    assert "k2" in out.out and "only key" in out.err
+    assert ring.keys["k2"].decode() not in out.out + out.err
