@@ -73,6 +73,7 @@ from streams.kafka_io import EventProducer, read_all
 from streams.logs import get_logger
 from streams.schemas import Click, Conversion, DeadLetter, Event, ModelUpdate
 from streams.settings import add_settings_arguments, settings_from_args
+from streams.signing import sign_update
 from streams.topics import Topics
 from traffic.driver import Emitter, HttpOptions, Ledger, TrafficDriver
 from traffic.world import World
@@ -451,6 +452,8 @@ class ChaosRun:
                             uri=directory.resolve().as_uri(),
                             id_space_version=str(manifest.get("id_space_version", "")),
                             data_watermark=watermark, created_time=time.time())
+        # signed with the stack's key, as the learner signs: the fault is in the files
+        event = sign_update(event, *self.stack.keyring.signing_key())
         self.producer.send("model-updates", event)
         self.producer.flush(30)
 

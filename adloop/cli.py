@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "consume": ("streams.cli_debug", "print decoded events from a topic (debugging)"),
     "dlq": ("streams.cli_dlq", "list / show / re-drive dead letters"),
     "smoke": ("streams.smoke", "start a broker, create topics, round-trip sample events"),
+    "update-keys": ("streams.signing", "create a model-updates signing keyring file, add or "
+                    "drop a key (rotation), list its key ids"),
 }
 
 

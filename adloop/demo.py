@@ -296,7 +296,8 @@ class Demo:
                          "--max-wait-s", "1.0", "--snapshot-every-s", str(self.s.snapshot_every_s),
                          "--snapshot-every-updates", "30", "--threads", str(self.s.threads)],
                f"http://127.0.0.1:{ports['learn']}/readyz")
-        servers = st.add_servers(kafka, self.s.server_replicas, ports["serve"],
+        servers = st.add_servers([*kafka, "--snapshot-bases", str(self.run_dir / "snapshots")],
+                                 self.s.server_replicas, ports["serve"],
                                  self.run_dir / "server-cache")
         urls = {name: f"http://127.0.0.1:{p}" for name, p in ports.items()}
         for name in servers:                    # each replica's own /metrics

@@ -11,6 +11,11 @@ own, as compose's ``restart: unless-stopped`` does: a process stopped through
 exponential backoff. A process that exits ``crash_loop_exits`` times within
 ``crash_loop_window_s`` is in a crash loop: it is left down and the supervisor's
 owner is told (the demo stops with a non-zero exit and that process's log tail).
+
+:class:`LocalStack` writes a ``model-updates`` keyring into its run directory at
+start-up (a random key, mode 0600; one already there is kept) and hands it to every
+process it runs
+(``ADLOOP_UPDATE_KEYS_FILE``): the learner signs with it, the servers verify with it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import TYPE_CHECKING
 from streams.broker import BrokerSettings, EmbeddedBroker
 from streams.logs import get_logger
 from streams.settings import KafkaSettings
+from streams.signing import Keyring, generate_keyring_file
 from streams.topics import create_topics
 
 if TYPE_CHECKING:
@@ -321,6 +327,9 @@ class LocalStack:
         self._bootstrap = bootstrap_servers
         self.topic_prefix = topic_prefix
         self.processes: dict[str, ManagedProcess] = {}
+        self.keys_file = self.run_dir / "model-updates.keys"
+        """The keyring the stack's learner signs and its servers verify with."""
+        self.keyring: Keyring = generate_keyring_file(self.keys_file)
         self.supervisor: Supervisor | None = None
         self.balancer: Balancer | None = None
         """HAProxy in front of the serving replicas (:meth:`add_servers`, more than one)."""
@@ -343,6 +352,7 @@ class LocalStack:
     def add(self, name: str, argv: Sequence[str], ready_url: str | None = None,
             env: dict[str, str] | None = None,
             command: Sequence[str] | None = None) -> ManagedProcess:
+        env = {"ADLOOP_UPDATE_KEYS_FILE": str(self.keys_file), **(env or {})}
         proc = ManagedProcess(name, argv, self.run_dir / "logs", ready_url, env, command)
         self.processes[name] = proc
         return proc

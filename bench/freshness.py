@@ -45,7 +45,8 @@ def measure_freshness(quick: bool = True) -> dict[str, float | int | None]:
                                 "--threads", "1"],
                       f"http://127.0.0.1:{lp}/readyz").start()
             stack.add("serve", ["serve", *stack.kafka_args(), "--port", str(sp),
-                                "--cache-dir", str(root / "cache")],
+                                "--cache-dir", str(root / "cache"),
+                                "--snapshot-bases", str(root / "snapshots")],
                       f"http://127.0.0.1:{sp}/readyz").start()
             for p in stack.processes.values():
                 p.wait_ready(300)

@@ -56,8 +56,17 @@ from streams.broker import BrokerSettings, EmbeddedBroker
 from streams.kafka_io import EventProducer
 from streams.schemas import ModelUpdate
 from streams.settings import KafkaSettings
+from streams.signing import sign_update
 from streams.topics import create_topics
-from tests.support.snapshots import BuiltSnapshot, SnapshotSpec, build_snapshot, make_ads
+from tests.support.snapshots import (
+    TEST_KEY_ID,
+    TEST_KEYRING,
+    TEST_SECRET,
+    BuiltSnapshot,
+    SnapshotSpec,
+    build_snapshot,
+    make_ads,
+)
 
 DEPENDS = ("server/", "snapshot_format/", "streams/", "adloop/__init__.py", "adloop/__main__.py",
            "adloop/cli.py", "adloop/balancer.py", "adloop/stack.py", "deploy/kafka/",
@@ -88,10 +97,11 @@ def clone_version(base: BuiltSnapshot, root: Path, version: str, parent: str) ->
                 "created_time": time.time()}
     data = json.dumps(manifest).encode()
     (d / "manifest.json").write_bytes(data)
-    return ModelUpdate(model_name="adloop", version=version, parent=parent,
-                       sha256=sha256_hex(data), uri=d.as_uri(),
-                       id_space_version=str(manifest["id_space_version"]),
-                       data_watermark=time.time(), created_time=time.time())
+    return sign_update(ModelUpdate(model_name="adloop", version=version, parent=parent,
+                                   sha256=sha256_hex(data), uri=d.as_uri(),
+                                   id_space_version=str(manifest["id_space_version"]),
+                                   data_watermark=time.time(), created_time=time.time()),
+                       TEST_KEY_ID, TEST_SECRET)
 
 
 class Server:
@@ -105,14 +115,15 @@ class Server:
                     "--provider", provider, "--beam-schedule", SCHEDULE,
                     "--slo-ms", str(slo_ms), "--intra-op-threads", str(threads),
                     "--max-batch-size", "16", "--max-wait-ms", "2", "--keep-versions", "3",
-                    "--server-id", self.name,
+                    "--server-id", self.name, "--snapshot-bases", str(cache.parent / "store"),
                     "--dynamic-beams" if dynamic else "--no-dynamic-beams"]
         self.url = f"http://127.0.0.1:{self.port}"
         self.start()
 
     def start(self) -> None:
         """Start the process (again, after :meth:`stop`: same port, cache and id)."""
-        env = {**os.environ, "ADLOOP_LOG_LEVEL": "WARNING"}
+        env = {**os.environ, "ADLOOP_LOG_LEVEL": "WARNING",
+               "ADLOOP_SERVER_UPDATE_KEYS": TEST_KEYRING}   # clone_version signs with it
         self.proc = subprocess.Popen(self.cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
 

@@ -45,13 +45,14 @@ from typing import Any
 import torch
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from learner.beam import IdTrie
 from learner.checkpoint import TOKENIZER_DIR, load_model
 from learner.guard import Catalogue, GuardEstimate, GuardEstimateName
 from learner.model import GenerativeRecommender, ModelConfig
-from learner.publish import Publisher, SnapshotRefusedError, SnapshotStore
+from learner.publish import Publisher, SnapshotRefusedError, SnapshotStore, UpdateSigner
 from learner.rspo import RSPOConfig
 from learner.rspo_step import OnlineLearner, lists_to_batch, provisional_weight
 from learner.tokenizer import UASIDTokenizer
@@ -69,6 +70,7 @@ from streams.schemas import (
     encode,
 )
 from streams.settings import KafkaSettings, add_settings_arguments, settings_from_args
+from streams.signing import default_keyring_file, load_keyring
 from streams.topics import Topics
 
 log = get_logger(__name__)
@@ -110,6 +112,16 @@ GUARD_VALUE = gauge("adloop_learner_guard_value",
                     "lists, by model (candidate, serving, baseline, best) and estimate in "
                     "effect (holdout_value, snips, dr).", ("model", "estimate"))
 
+def _env_secret(name: str) -> SecretStr | None:
+    value = os.environ.get(name)
+    return SecretStr(value) if value else None
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
 STATE_FILE = "learner_state.pt"
 STATE_FORMAT = 1
 
@@ -130,6 +142,19 @@ class LearnerSettings(BaseSettings):
     snapshot_base_url: str | None = os.environ.get("ADLOOP_SNAPSHOT_BASE_URL") or None
     """Public base URL announced instead of the store path (``http://host:port/`` of a
     web server serving the store directory); empty: announce where it is written."""
+    update_keys: SecretStr | None = Field(
+        default_factory=lambda: _env_secret("ADLOOP_UPDATE_KEYS"),
+        description="keyring that model-updates records are signed with, "
+        "'key_id:secret,...' (environment ADLOOP_LEARN_UPDATE_KEYS or ADLOOP_UPDATE_KEYS "
+        "only, never a flag)")
+    update_keys_file: Path | None = Field(
+        default_factory=lambda: _env_path("ADLOOP_UPDATE_KEYS_FILE"),
+        description="file with the keyring, one key_id:secret per line (used when "
+        "update_keys is unset; unset too: <cache>/model-updates.keys, generated on first "
+        "use for the embedded stack)")
+    update_key_id: str | None = Field(
+        default_factory=lambda: os.environ.get("ADLOOP_UPDATE_KEY_ID") or None,
+        description="id of the keyring's key to sign with (default: the last one listed)")
     model_name: str = "adloop"
     group_id: str = "adloop-learner"
     batch_lists: int = 64
@@ -253,8 +278,10 @@ class LearnerService:
         self.state_dir = Path(s.state_dir)
         (self.state_dir / "ledger").mkdir(parents=True, exist_ok=True)
         self.store = SnapshotStore(s.snapshot_store, s.snapshot_base_url)
+        keyring = load_keyring(s.update_keys, s.update_keys_file, default_keyring_file())
         self.publisher = Publisher(self.store, self.state_dir / "staging", s.model_name,
-                                   s.max_regression, s.keep_snapshots)
+                                   s.max_regression, s.keep_snapshots,
+                                   signer=UpdateSigner.of(keyring, s.update_key_id))
         self.producer = EventProducer(self.kafka)
         self.rng = random.Random(s.seed)
         self.rspo_cfg = RSPOConfig(beta=s.beta, vsl_alpha=s.vsl_alpha, hepo_weight=s.hepo_weight,

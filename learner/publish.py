@@ -21,7 +21,10 @@
    temporary name, then renamed) or any fsspec URL;
 4. the caller checkpoints, then **announces** the version on ``model-updates``
    (``announce``), so a crash between the two re-announces the same version on restart
-   instead of training a different model under that name.
+   instead of training a different model under that name. The record is signed as it is
+   sent (:class:`UpdateSigner`, HMAC-SHA256 under the keyring's signing key,
+   :mod:`streams.signing`): servers fetch nothing a record names before its signature
+   verifies (docs/security.md).
 
 A refused snapshot is logged, counted in ``adloop_learner_snapshots_refused_total``
 with its reason, and never stored or announced.
@@ -36,7 +39,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,7 @@ from streams.kafka_io import EventProducer
 from streams.logs import get_logger
 from streams.metrics import counter, histogram
 from streams.schemas import ModelUpdate
+from streams.signing import Keyring, sign_update
 
 log = get_logger(__name__)
 
@@ -61,6 +65,22 @@ PUBLISHED = counter("adloop_learner_snapshots_published_total", "Snapshots store
 REFUSED = counter("adloop_learner_snapshots_refused_total",
                   "Snapshots not published (promotion guard or store unavailable), by reason.",
                   ("reason",))
+
+
+@dataclass(frozen=True)
+class UpdateSigner:
+    """The key ``model-updates`` records are signed with (its secret is never shown)."""
+
+    key_id: str
+    secret: bytes = field(repr=False)
+
+    @classmethod
+    def of(cls, keyring: Keyring, key_id: str | None = None) -> UpdateSigner:
+        """``key_id`` of ``keyring`` (default: its last key)."""
+        return cls(*keyring.signing_key(key_id))
+
+    def sign(self, update: ModelUpdate) -> ModelUpdate:
+        return sign_update(update, self.key_id, self.secret)
 
 
 class SnapshotRefusedError(RuntimeError):
@@ -156,8 +176,11 @@ class Publisher:
     """Export → guard → store for one model name; ``announce`` sends the event."""
 
     def __init__(self, store: SnapshotStore, staging_dir: Path, model_name: str = "adloop",
-                 max_regression: float = 0.05, keep: int = 5) -> None:
+                 max_regression: float = 0.05, keep: int = 5,
+                 signer: UpdateSigner | None = None) -> None:
         self.store = store
+        self.signer = signer
+        """Signs what :meth:`announce` sends; without one, ``announce`` refuses."""
         self.staging = Path(staging_dir)
         self.model_name = model_name
         self.max_regression = max_regression
@@ -240,6 +263,11 @@ class Publisher:
                      if isinstance(v, int | float) and math.isfinite(float(v))})
 
     def announce(self, producer: EventProducer, event: ModelUpdate) -> None:
+        """Sign ``event`` and send it to ``model-updates`` (then prune the store)."""
+        if self.signer is None:
+            raise RuntimeError("no signing key: model-updates records are always signed "
+                               "(Publisher(signer=...))")
+        event = self.signer.sign(event)
         producer.send("model-updates", event)
         producer.flush(30)
         PUBLISHED.inc()
@@ -248,4 +276,5 @@ class Publisher:
         except OSError as exc:   # pruning waits for the next publish
             log.warning("snapshot.prune_failed", error=str(exc))
             pruned = []
-        log.info("snapshot.published", version=event.version, pruned=pruned)
+        log.info("snapshot.published", version=event.version, key_id=event.key_id,
+                 pruned=pruned)

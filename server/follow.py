@@ -6,8 +6,10 @@ is down delays the follower (it retries with backoff up to 5 s, counted in
 ``adloop_follow_retries_total{topic}``); it never stops the server.
 
 A record that cannot be used never blocks the records after it: one that does not
-decode (reason from :func:`streams.schemas.decode`) or whose handler raises
-(``handler_error``) is counted in ``adloop_server_bad_records_total{topic,reason}``,
+decode (reason from :func:`streams.schemas.decode`), that the follower's ``check``
+refuses (``model-updates``: unsigned, badly signed, unknown key or a snapshot URI outside
+the snapshot bases, :mod:`server.trust`), or whose handler raises (``handler_error``)
+is counted in ``adloop_server_bad_records_total{topic,reason}``,
 skipped, and dead-lettered once per offset: :class:`streams.kafka_io.DeadLetterOnce`
 keeps a mark per partition as the committed offset of one consumer group shared by
 every replica and the learner, so neither a restart (which re-reads the topic from 0)
@@ -35,6 +37,9 @@ log = get_logger(__name__)
 
 BatchHandler = Callable[[list[tuple[bytes | None, Any]]], None]
 """Gets ``(key, record)`` pairs in topic order; ``record`` is None for a tombstone."""
+RecordCheck = Callable[[Any], tuple[DlqReason, str] | None]
+"""Runs on each decoded record before any handler: None lets it through, (reason,
+detail) skips and dead-letters it."""
 
 
 class TopicFollower:
@@ -46,13 +51,16 @@ class TopicFollower:
     that still fail are skipped as ``handler_error``. ``dead_letters`` (optional)
     dead-letters what is skipped, once per offset. ``tombstones``: a null value is handed
     to ``handle`` as ``(key, None)`` (a deletion); if False it is skipped as ``invalid``.
+    ``check`` (optional) vets each decoded record first: a record it refuses is skipped
+    with its reason and never reaches ``handle`` (``model-updates``: the signature and
+    snapshot-base check of :class:`server.trust.UpdateGate`).
     """
 
     def __init__(self, kafka: KafkaSettings, topic: str, handle: BatchHandler,
                  on_caught_up: Callable[[], None] | None = None,
                  poll_timeout_ms: int = 200, name: str | None = None,
                  dead_letters: DeadLetterOnce | None = None,
-                 tombstones: bool = True) -> None:
+                 tombstones: bool = True, check: RecordCheck | None = None) -> None:
         self.kafka = kafka
         self.topic = topic
         self.physical = Topics(kafka.topic_prefix).name(topic)
@@ -67,6 +75,7 @@ class TopicFollower:
         self.error: str | None = None
         self.dead_letters = dead_letters
         self.tombstones = tombstones
+        self.check = check
         self.skipped = 0
         """Records skipped (undecodable or handler_error) since start."""
 
@@ -129,6 +138,14 @@ class TopicFollower:
             self.dead_letters.offer(self.topic, msg.partition, msg.offset, reason, detail,
                                     msg.value or b"", msg.key)
 
+    def _refused(self, rec: Any) -> tuple[DlqReason, str] | None:
+        if self.check is None:
+            return None
+        try:
+            return self.check(rec)
+        except Exception as exc:   # a check that breaks refuses: never let a record by
+            return "handler_error", f"{self.topic} record check failed: {exc!r}"
+
     def _handle(self, batch: list[tuple[bytes | None, Any]], msgs: list[Any]) -> None:
         """Hand ``batch`` over; if that raises, one record at a time, skipping failures."""
         try:
@@ -159,6 +176,10 @@ class TopicFollower:
                     rec = decode(msg.value, self.record_type)
                     if isinstance(rec, DecodeFailure):
                         self._skip(msg, rec.reason, rec.detail)
+                        continue
+                    refused = self._refused(rec)
+                    if refused is not None:
+                        self._skip(msg, *refused)
                         continue
                     batch.append((msg.key, rec))
                     msgs.append(msg)

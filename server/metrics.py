@@ -60,6 +60,10 @@ CATALOG_ADS = gauge("adloop_server_catalog_ads", "Ads known from the ads topic."
 BAD_RECORDS = counter("adloop_server_bad_records_total",
                       "Records the server's followers skipped: undecodable (by reason) or "
                       "breaking the handler (handler_error).", ("topic", "reason"))
+UPDATES_REFUSED = counter(
+    "adloop_server_model_updates_refused_total",
+    "model-updates records refused before anything was fetched (dead-lettered): unsigned, "
+    "bad_signature, unknown_key or uri_outside_bases.", ("reason",))
 FOLLOW_RETRIES = counter("adloop_follow_retries_total",
                          "Times a follower reopened its topic after a fault that can heal "
                          "(broker unreachable, topic missing), by topic.", ("topic",))

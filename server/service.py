@@ -20,10 +20,12 @@ from server.impressions import ImpressionLogger
 from server.models import ModelManager
 from server.runtime import resolve_provider
 from server.settings import ServerSettings
+from server.trust import SnapshotBases, UpdateGate
 from streams.kafka_io import DeadLetterOnce
 from streams.logs import get_logger
-from streams.schemas import Ad, ModelUpdate
+from streams.schemas import Ad, DlqReason, ModelUpdate
 from streams.settings import KafkaSettings
+from streams.signing import default_keyring_file, load_keyring
 
 log = get_logger(__name__)
 
@@ -55,17 +57,32 @@ class Service:
         # bad records of the compacted topics: dead-lettered once per offset by whichever
         # reader (a replica, or the learner for ads) meets them first
         dead = settings.dead_letter_group
+        self.gate = self._update_gate() if settings.follow_model_updates else None
         self.ads_follower = TopicFollower(
             kafka, "ads", self._on_ads,
             dead_letters=DeadLetterOnce(kafka, dead) if dead else None)
         self.updates_follower = (TopicFollower(
             kafka, "model-updates", self._on_updates, on_caught_up=self._updates_caught_up,
             dead_letters=DeadLetterOnce(kafka, dead) if dead else None,
-            tombstones=False)  # the learner never deletes an announcement: not ours
+            tombstones=False,  # the learner never deletes an announcement: not ours
+            check=self._check_update)  # signature and snapshot bases, before any fetch
             if settings.follow_model_updates else None)
         self._initial_updates: list[ModelUpdate] = []
         self._updates_initial_done = False
         self.started_at = time.time()
+
+    def _update_gate(self) -> UpdateGate:
+        """The keyring and snapshot bases (a bad setting stops the start, named)."""
+        s = self.settings
+        keyring = load_keyring(s.update_keys, s.update_keys_file, default_keyring_file())
+        bases = SnapshotBases.parse(s.snapshot_bases)
+        log.info("model_updates.trust", key_ids=keyring.ids, keyring=keyring.source,
+                 snapshot_bases=bases.describe())
+        return UpdateGate(keyring, bases)
+
+    def _check_update(self, rec: Any) -> tuple[DlqReason, str] | None:
+        assert self.gate is not None
+        return self.gate.check(rec) if isinstance(rec, ModelUpdate) else None
 
     # -- lifecycle -------------------------------------------------------------------
     def start_threads(self) -> None:

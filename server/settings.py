@@ -6,7 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.settings import cache_dir
@@ -14,6 +14,25 @@ from streams.settings import cache_dir
 
 def _default_server_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _env_secret(name: str) -> SecretStr | None:
+    value = os.environ.get(name)
+    return SecretStr(value) if value else None
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+def default_snapshot_bases() -> str:
+    """Where the learner stores and announces snapshots by default: its public base URL
+    (``ADLOOP_SNAPSHOT_BASE_URL``) when set, and its store (``ADLOOP_SNAPSHOT_STORE``,
+    else ``runs/snapshots``)."""
+    bases = [os.environ.get("ADLOOP_SNAPSHOT_BASE_URL") or "",
+             os.environ.get("ADLOOP_SNAPSHOT_STORE") or "runs/snapshots"]
+    return ",".join(b for b in bases if b)
 
 
 class ServerSettings(BaseSettings):
@@ -29,6 +48,22 @@ class ServerSettings(BaseSettings):
     snapshot: Path | None = Field(None, description="load this snapshot directory at start "
                                   "(before/besides following model-updates)")
     follow_model_updates: bool = Field(True, description="follow the model-updates topic")
+    snapshot_bases: str = Field(
+        default_factory=default_snapshot_bases,
+        description="comma-separated prefixes snapshots may be fetched from: directories "
+        "(or file:// URIs), http(s):// or s3:// URL prefixes; a model-updates record "
+        "naming anything else is dead-lettered unfetched (default: the learner's default "
+        "store, ADLOOP_SNAPSHOT_STORE or runs/snapshots, and ADLOOP_SNAPSHOT_BASE_URL)")
+    update_keys: SecretStr | None = Field(
+        default_factory=lambda: _env_secret("ADLOOP_UPDATE_KEYS"),
+        description="keyring that model-updates signatures are checked with, "
+        "'key_id:secret,...' (environment ADLOOP_SERVER_UPDATE_KEYS or ADLOOP_UPDATE_KEYS "
+        "only, never a flag)")
+    update_keys_file: Path | None = Field(
+        default_factory=lambda: _env_path("ADLOOP_UPDATE_KEYS_FILE"),
+        description="file with the keyring, one key_id:secret per line (used when "
+        "update_keys is unset; unset too: <cache>/model-updates.keys, generated on first "
+        "use for the embedded stack)")
     cache_dir: Path = Field(default_factory=lambda: cache_dir() / "server-snapshots",
                             description="local copies of fetched snapshots")
     keep_versions: int = Field(3, ge=1, description="versions kept for rollback")

@@ -9,10 +9,15 @@ the package to install. The ``model-updates`` record
 carries the sha256 of ``manifest.json``; the manifest carries each file's sha256 and
 size. Only ``.onnx`` and ``.json`` files with plain names are ever fetched or read;
 nothing is unpickled.
+
+Which URIs get here at all is decided before, on the signed record (:mod:`server.trust`).
+Here, an http(s) store may not redirect (the record's signed URI is what is fetched) and
+a local file may not be a symlink leading out of its snapshot directory.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import uuid
@@ -41,6 +46,10 @@ def _open_store(uri: str) -> tuple[Any, str]:
         import aiohttp  # fsspec's http driver; only stores served over http need it
 
         options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)}
+        # never follow a redirect away from the announced (and vetted) URI: aiohttp
+        # raises TooManyRedirects at the first one
+        options["allow_redirects"] = True
+        options["max_redirects"] = 1
     try:
         fs, root = fsspec.core.url_to_fs(uri, **options)
     except (ImportError, ValueError) as exc:
@@ -60,6 +69,7 @@ def fetch_snapshot(uri: str, manifest_sha256: str | None, cache_root: Path,
     manifest bytes; ``None`` skips that check (a local ``--snapshot`` directory).
     """
     fs, root = _open_store(uri)   # a scheme without a driver is refused here
+    _stays_inside(fs, root, "manifest.json")
     try:
         data = fs.cat_file(f"{root}/manifest.json")
     except Exception as exc:  # OSError, ValueError, aiohttp errors, a timeout
@@ -80,6 +90,7 @@ def fetch_snapshot(uri: str, manifest_sha256: str | None, cache_root: Path,
     tmp.mkdir()
     try:
         for name, meta in manifest.files.items():
+            _stays_inside(fs, root, name)
             try:
                 blob = fs.cat_file(f"{root}/{name}")
             except Exception as exc:  # OSError, ValueError, aiohttp errors, a timeout
@@ -100,6 +111,16 @@ def fetch_snapshot(uri: str, manifest_sha256: str | None, cache_root: Path,
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final, manifest
+
+
+def _stays_inside(fs: Any, root: str, name: str) -> None:
+    """Refuse a local file that resolves outside its snapshot directory (a symlink)."""
+    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        return
+    real = os.path.realpath(f"{root}/{name}")
+    if not real.startswith(os.path.realpath(root) + os.sep):
+        raise SnapshotRejectedError("fetch", f"{name} resolves outside the snapshot "
+                                    "directory (a symlink)")
 
 
 def verify_local(directory: Path, manifest_sha256: str | None = None) -> Manifest:

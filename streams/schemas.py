@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import msgspec
 
 SCHEMA_VERSION = 1
-"""The only schema version this build reads and writes."""
+"""The schema version of every record type this build writes, except where a type says
+otherwise (:data:`MODEL_UPDATE_SCHEMA`)."""
+
+MODEL_UPDATE_SCHEMA = 2
+"""``model-updates`` records carry a signature from schema 2 on (``streams/signing.py``).
+Schema 1 records (written before signatures) still decode, so that a reader refuses them
+as ``unsigned`` instead of failing on them."""
 
 DEFAULT_MAX_RECORD_BYTES = 256 * 1024
 """Records larger than this are dead-lettered with reason ``oversized``."""
@@ -37,16 +43,24 @@ DLQ_REASONS = (
     "orphan",          # click/conversion/organic engagement whose impression never
                        # arrived, or that names an ad/item it did not show (joiner)
     "handler_error",   # a well-formed record the handler could not process
+    "unsigned",        # a model-updates record without a signature (schema 1, or empty)
+    "bad_signature",   # a model-updates record whose signature does not verify
+    "unknown_key",     # a model-updates record signed with a key id the reader lacks
+    "uri_outside_bases",  # a signed model-updates record naming a snapshot outside the
+                          # reader's snapshot bases
 )
 DlqReason = Literal[
-    "not_json", "invalid", "schema_version", "oversized", "late", "orphan", "handler_error"
+    "not_json", "invalid", "schema_version", "oversized", "late", "orphan", "handler_error",
+    "unsigned", "bad_signature", "unknown_key", "uri_outside_bases",
 ]
 
 
 class Event(msgspec.Struct, kw_only=True, omit_defaults=False):
-    """Base of every record. ``schema`` is checked on decode."""
+    """Base of every record. ``schema`` is checked on decode against ``SCHEMAS_READ``."""
 
     schema: int = SCHEMA_VERSION
+    SCHEMAS_READ: ClassVar[tuple[int, ...]] = (SCHEMA_VERSION,)
+    """The schema versions this build decodes for the type (the newest is written)."""
 
 
 class Ad(Event, kw_only=True):
@@ -287,8 +301,15 @@ class Feedback(Event, kw_only=True):
 
 
 class ModelUpdate(Event, kw_only=True):
-    """A published snapshot (topic ``model-updates``, compacted, key = model name)."""
+    """A published snapshot (topic ``model-updates``, compacted, key = model name).
 
+    Signed by the learner (:func:`streams.signing.sign_update`): ``signature`` is the
+    HMAC-SHA256 of every other field under the key ``key_id``; a reader verifies it
+    before it fetches anything (docs/security.md). Schema 1 records have neither field
+    and are refused as ``unsigned``."""
+
+    schema: int = MODEL_UPDATE_SCHEMA
+    SCHEMAS_READ: ClassVar[tuple[int, ...]] = (1, MODEL_UPDATE_SCHEMA)
     model_name: str
     version: str
     parent: str | None
@@ -300,6 +321,10 @@ class ModelUpdate(Event, kw_only=True):
     """Newest event time the snapshot was trained on."""
     created_time: float
     metrics: dict[str, float] = {}
+    key_id: str = ""
+    """Id of the signing key in the readers' keyrings (empty: unsigned)."""
+    signature: str = ""
+    """Lower-case hex HMAC-SHA256 (``streams.signing``); empty: unsigned."""
 
 
 StatsDimension = Literal["ad", "advertiser", "industry"]
@@ -423,12 +448,16 @@ def decode(raw: bytes | None, record_type: type[T],
         return DecodeFailure("invalid", f"{record_type.__name__}: {exc}")
     except Exception as exc:  # the last line of defence: a consumer must never stop here
         return DecodeFailure("invalid", f"{record_type.__name__}: unexpected {exc!r}"[:2000])
-    if record.schema != SCHEMA_VERSION:
+    if record.schema not in record_type.SCHEMAS_READ:
         return DecodeFailure(
             "schema_version",
-            f"schema version {record.schema} not supported (reads {SCHEMA_VERSION})",
+            f"schema version {record.schema} not supported (reads {_reads(record_type)})",
         )
     return record
+
+
+def _reads(record_type: type[Any]) -> str:
+    return ", ".join(str(v) for v in getattr(record_type, "SCHEMAS_READ", (SCHEMA_VERSION,)))
 
 
 def _explain_invalid(raw: bytes, record_type: type[Any],
@@ -451,10 +480,11 @@ def _explain_invalid(raw: bytes, record_type: type[Any],
         return DecodeFailure("not_json", f"unreadable JSON: {inner!r}"[:2000])
     if isinstance(obj, dict):
         v = obj.get("schema")
-        if isinstance(v, int) and not isinstance(v, bool) and v != SCHEMA_VERSION:
+        reads = getattr(record_type, "SCHEMAS_READ", (SCHEMA_VERSION,))
+        if isinstance(v, int) and not isinstance(v, bool) and v not in reads:
             return DecodeFailure(
                 "schema_version",
-                f"schema version {str(v)[:40]} not supported (reads {SCHEMA_VERSION})")
+                f"schema version {str(v)[:40]} not supported (reads {_reads(record_type)})")
     return DecodeFailure("invalid", f"{record_type.__name__}: {exc}")
 
 

@@ -79,21 +79,75 @@ def test_the_sasl_override_wires_every_client_and_takes_the_password_from_the_en
     assert exe is not None
     files = ["-f", str(ROOT / "compose.yaml"), "-f", str(ROOT / "deploy" / "compose.sasl.yaml")]
     env = dict(os.environ, COMPOSE_PROFILES="single,traffic")
-    env.pop("ADLOOP_SASL_PASSWORD", None)
-    res = subprocess.run([exe, *files, "config"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=60)
-    assert res.returncode != 0 and "ADLOOP_SASL_PASSWORD" in res.stderr   # no default secret
+    secrets = {"ADLOOP_SASL_PASSWORD": "from-the-env",
+               "ADLOOP_LEARNER_SASL_PASSWORD": "learner-from-the-env",
+               "ADLOOP_KAFKA_ADMIN_PASSWORD": "admin-from-the-env"}
+    for name in secrets:
+        env.pop(name, None)
+    for missing in secrets:   # no default secret: each one must come from the environment
+        res = subprocess.run([exe, *files, "config"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60,
+                             env={**env, **{k: v for k, v in secrets.items() if k != missing}})
+        assert res.returncode != 0 and missing in res.stderr, missing
     res = subprocess.run([exe, *files, "config"], cwd=ROOT, capture_output=True, text=True,
-                         env={**env, "ADLOOP_SASL_PASSWORD": "from-the-env"}, timeout=60)
+                         env={**env, **secrets}, timeout=60)
     assert res.returncode == 0, res.stderr
     cfg = yaml.safe_load(res.stdout)
     for name in ("topics", "join", "learn", "serve-1", "serve-2", "replay"):
         e = cfg["services"][name]["environment"]
         assert e["ADLOOP_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT", name
-        assert e["ADLOOP_SASL_PASSWORD"] == "from-the-env" and e["ADLOOP_BOOTSTRAP_SERVERS"] \
-            == "kafka:9094", name
+        assert e["ADLOOP_BOOTSTRAP_SERVERS"] == "kafka:9094", name
+        assert e["ADLOOP_SASL_PASSWORD"] == ("learner-from-the-env" if name == "learn"
+                                             else "from-the-env"), name
     assert cfg["services"]["serve-1"]["environment"]["ADLOOP_SERVER_ID"] == "serve-1"
-    jaas = cfg["services"]["kafka"]["environment"][
-        "KAFKA_LISTENER_NAME_SASL__PLAINTEXT_PLAIN_SASL_JAAS_CONFIG"]
+    kafka = cfg["services"]["kafka"]["environment"]
+    jaas = kafka["KAFKA_LISTENER_NAME_SASL__PLAINTEXT_PLAIN_SASL_JAAS_CONFIG"]
     assert 'user_adloop="from-the-env"' in jaas
-    assert "from-the-env" not in (ROOT / "deploy" / "compose.sasl.yaml").read_text()
+    assert 'user_adloop-learner="learner-from-the-env"' in jaas
+    assert 'user_admin="admin-from-the-env"' in jaas
+    for text in secrets.values():
+        assert text not in (ROOT / "deploy" / "compose.sasl.yaml").read_text()
+
+
+def test_the_sasl_override_lets_only_the_learner_write_model_updates() -> None:
+    exe = shutil.which("docker-compose")
+    assert exe is not None
+    files = ["-f", str(ROOT / "compose.yaml"), "-f", str(ROOT / "deploy" / "compose.sasl.yaml")]
+    env = dict(os.environ, COMPOSE_PROFILES="single", ADLOOP_SASL_PASSWORD="a",
+               ADLOOP_LEARNER_SASL_PASSWORD="b", ADLOOP_KAFKA_ADMIN_PASSWORD="c")
+    res = subprocess.run([exe, *files, "config"], cwd=ROOT, capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    services = yaml.safe_load(res.stdout)["services"]
+    kafka = services["kafka"]["environment"]
+    assert kafka["KAFKA_AUTHORIZER_CLASS_NAME"].endswith("StandardAuthorizer")
+    # no client can reach a listener that skips SASL (ANONYMOUS is a super user there)
+    assert "User:ANONYMOUS" in kafka["KAFKA_SUPER_USERS"]
+    plain = [x for x in kafka["KAFKA_LISTENERS"].split(",") if not x.startswith("SASL")]
+    assert plain and all("//127.0.0.1:" in x for x in plain), plain
+    script = "\n".join(services["acls"]["command"])
+    assert ("--allow-principal User:adloop-learner --operation Write --operation Describe "
+            "--topic model-updates") in script
+    assert "--operation Read --operation Describe --topic model-updates" in script
+    assert "--operation Write" not in script.replace(
+        "User:adloop-learner --operation Write", "")
+    assert services["learn"]["environment"]["ADLOOP_SASL_USERNAME"] == "adloop-learner"
+    for name in ("learn", "serve-1", "serve-2"):
+        assert "acls" in services[name]["depends_on"], name
+
+
+def test_compose_generates_one_signing_keyring_mounted_by_the_learner_and_servers_only() -> None:
+    services = _compose_config("single,traffic")["services"]
+    assert services["update-keys"]["command"] == ["update-keys", "init"]
+
+    def keyring_mount(svc: dict) -> list[str]:
+        return [v if isinstance(v, str) else f"{v['source']}:{v['target']}"
+                for v in svc.get("volumes", []) if "update-keys" in str(v)]
+
+    path = services["learn"]["environment"]["ADLOOP_UPDATE_KEYS_FILE"]
+    for name in ("learn", "serve-1", "serve-2"):
+        (mount,) = keyring_mount(services[name])
+        assert path.startswith(mount.split(":")[1]), (name, mount)
+        assert "update-keys" in services[name]["depends_on"], name
+    for name in ("topics", "join", "stats", "replay"):
+        assert not keyring_mount(services[name]), name

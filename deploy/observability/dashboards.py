@@ -136,6 +136,14 @@ ALERTS: tuple[Alert, ...] = (
           "0m", "warning", "{{ $labels.instance }} refused a model snapshot",
           "A snapshot failed checksum, load, warm-up or parity; the previous version keeps "
           "serving. Check the server log for the reason and the learner's export."),
+    Alert("AdloopModelUpdateRefused",
+          "sum by (job, reason) (increase(adloop_server_model_updates_refused_total[15m])) > 0",
+          "0m", "critical",
+          "a model-updates record was refused before any fetch ({{ $labels.reason }})",
+          "A model-updates record was unsigned, badly signed, signed with a key id the "
+          "servers lack, or named a snapshot outside the snapshot bases; nothing was "
+          "fetched and the record is in the dlq topic. Outside a key rotation, something "
+          "other than the learner writes the topic: check its Kafka ACLs (docs/security.md)."),
     Alert("AdloopLearnerSnapshotRefused",
           "sum by (job, reason) (increase(adloop_learner_snapshots_refused_total[15m])) > 0",
           "0m", "warning", "the learner refused to publish a snapshot ({{ $labels.reason }})",

@@ -74,7 +74,8 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_dead_letters_total", "counter", "all", ("topic", "reason"),
        "Records sent to the `dlq` topic, by source topic and rejection reason.",
        "topic: logical source topic; reason: the DlqReason enum (not_json, invalid, "
-       "schema_version, oversized, late, orphan, handler_error)"),
+       "schema_version, oversized, late, orphan, handler_error, unsigned, bad_signature, "
+       "unknown_key, uri_outside_bases)"),
     _m("adloop_consumer_lag_records", "gauge", "all", ("group", "topic", "partition"),
        "High watermark minus the consumer's position.",
        "group: consumer group; topic: logical topic; partition: 0..partitions-1"),
@@ -164,9 +165,17 @@ METRICS: tuple[Metric, ...] = (
        "snapshot has no organic items (no organic_ids in its manifest)."),
     _m("adloop_server_bad_records_total", "counter", "server", ("topic", "reason"),
        "Records the server's topic followers skipped (and dead-lettered once per offset): "
-       "undecodable, or breaking the handler.",
+       "undecodable, refused by the model-updates check (signature, snapshot bases), or "
+       "breaking the handler.",
        "topic: ads, model-updates; reason: the DlqReason enum (handler_error: the record "
-       "decoded but the server could not use it)"),
+       "decoded but the server could not use it; unsigned, bad_signature, unknown_key, "
+       "uri_outside_bases: a refused model-updates record)"),
+    _m("adloop_server_model_updates_refused_total", "counter", "server", ("reason",),
+       "`model-updates` records refused before anything they name was fetched, and "
+       "dead-lettered: no valid signature under the server's keyring, or a snapshot URI "
+       "outside its snapshot bases (docs/security.md). Also counted in "
+       "adloop_server_bad_records_total{topic=\"model-updates\"}.",
+       "reason: unsigned, bad_signature, unknown_key, uri_outside_bases"),
     _m("adloop_follow_retries_total", "counter", "server", ("topic",),
        "Times a topic follower reopened its topic after a fault that can heal (broker "
        "unreachable, topic missing); backoff 0.5 s doubling to 10 s. Bad records are never "

@@ -81,7 +81,8 @@ SPECS: dict[str, ProcessSpec] = {
         "--max-wait-s", "0.5", "--snapshot-every-s", "5", "--threads", "1"]),
     "serve": ProcessSpec("adloop-serve", "server", lambda s, p: [
         "serve", *s.kafka_args(), "--host", "127.0.0.1", "--port", str(p["serve"]),
-        "--server-id", "serve-1", "--cache-dir", str(s.run_dir / "serve-cache")]),
+        "--server-id", "serve-1", "--cache-dir", str(s.run_dir / "serve-cache"),
+        "--snapshot-bases", str(s.run_dir / "snapshots")]),
     "replay": ProcessSpec("adloop-replay", "replay", lambda s, p: [
         "replay", *s.kafka_args(), "--metrics-port", str(p["replay"]),
         *(["--rate", "5", "--speed", "60"] if "serve" in p else ["--rate", "0.5", "--speed", "30"]),

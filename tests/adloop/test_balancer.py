@@ -259,17 +259,19 @@ def test_a_rolling_restart_swaps_replicas_at_different_moments_without_a_failed_
 
     v1, v2 = snapshot("v1"), snapshot("v2")
     producer = EventProducer(kafka)
+    stack = LocalStack(tmp_path / "stack", kafka.bootstrap_servers, kafka.topic_prefix)
 
-    def announce(snap: BuiltSnapshot) -> None:
-        producer.send("model-updates", snap.model_update()).get(timeout=30)
+    def announce(snap: BuiltSnapshot) -> None:   # signed with the stack's key
+        update = snap.model_update(key=stack.keyring.signing_key())
+        producer.send("model-updates", update).get(timeout=30)
 
     publish_ads(lambda topic, rec: producer.send(topic, rec).get(timeout=30))
     announce(v1)
-    stack = LocalStack(tmp_path / "stack", kafka.bootstrap_servers, kafka.topic_prefix)
     port = free_port()
     names = stack.add_servers(
         [*stack.kafka_args(), "--intra-op-threads", "1", "--beam-schedule", "8,8,8",
-         "--max-batch-size", "8", "--slo-ms", "2000", "--no-dynamic-beams"],
+         "--max-batch-size", "8", "--slo-ms", "2000", "--no-dynamic-beams",
+         "--snapshot-bases", str(store)],
         2, port, tmp_path / "server-cache")
     assert names == ["serve-1", "serve-2"] and stack.balancer is not None
     lb, b = stack.balancer, stack.processes["serve-2"]

@@ -19,6 +19,7 @@ from learner import synthetic
 from learner.pretrain import PretrainSettings, pretrain
 from streams.kafka_io import EventProducer, read_all
 from streams.settings import KafkaSettings
+from streams.signing import generate_keyring_file, read_keyring_file, verify_update
 from streams.topics import Topics
 
 
@@ -59,6 +60,7 @@ def _learner(kafka: KafkaSettings, tmp_path: Path, synth_log: synthetic.Syntheti
     assert sum(ends.values()) == 900
 
     state, store, port = tmp_path / "state", tmp_path / "store", free_port()
+    generate_keyring_file(tmp_path / "model-updates.keys")   # as the stack writes one
     proc = ManagedProcess("learn", [
         "learn", "--bootstrap-servers", kafka.bootstrap_servers,
         "--topic-prefix", kafka.topic_prefix, "--init-run-dir", str(pre),
@@ -66,7 +68,8 @@ def _learner(kafka: KafkaSettings, tmp_path: Path, synth_log: synthetic.Syntheti
         "--max-wait-s", "0.1", "--checkpoint-every-s", "0.3", "--snapshot-every-updates", "8",
         "--snapshot-every-s", "2", "--holdout-every", "10", "--threads", "1",
         "--metrics-port", str(port), *extra], tmp_path / "logs",
-        ready_url=f"http://127.0.0.1:{port}/readyz")
+        ready_url=f"http://127.0.0.1:{port}/readyz",
+        env={"ADLOOP_UPDATE_KEYS_FILE": str(tmp_path / "model-updates.keys")})
     return proc, ends
 
 
@@ -88,6 +91,9 @@ def _assert_trained_exactly_once(kafka: KafkaSettings, proc: ManagedProcess, sta
     assert len(versions) >= 2, versions
     assert all(u.sha256 and u.uri.startswith("file://") for u in updates)
     assert max(u.data_watermark for u in updates) > 0
+    # every announcement is signed with the learner's keyring
+    keyring = read_keyring_file(state.parent / "model-updates.keys")
+    assert [verify_update(u, keyring) for u in updates] == [None] * len(updates)
 
 
 def test_learner_kill9_restarts_train_every_feedback_offset_exactly_once(

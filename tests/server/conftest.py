@@ -10,12 +10,14 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from server.settings import ServerSettings
 from streams.kafka_io import EventProducer
 from streams.schemas import Ad, Event
 from streams.settings import KafkaSettings
 from tests.support.snapshots import (
+    TEST_KEYRING,
     BuiltSnapshot,
     ServerThread,
     SnapshotSpec,
@@ -50,10 +52,13 @@ def producer(kafka: KafkaSettings) -> Iterator[Callable[[str, Event], None]]:
 
 
 def server_settings(tmp_path: Path, **overrides: Any) -> ServerSettings:
+    """Settings of a test server: the ``snapshots`` fixture's store is its snapshot base
+    and it verifies ``model-updates`` with the tests' keyring."""
     base: dict[str, Any] = {
         "port": 0, "cache_dir": tmp_path / "cache", "beam_schedule": "8,8,8",
         "max_batch_size": 8, "max_wait_ms": 2.0, "slo_ms": 2000.0, "intra_op_threads": 1,
         "admin_token": "s3cret", "keep_versions": 3, "server_id": "test-server",
+        "snapshot_bases": (tmp_path / "store").as_uri(), "update_keys": SecretStr(TEST_KEYRING),
     }
     base.update(overrides)
     return ServerSettings(**base)

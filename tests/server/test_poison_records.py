@@ -70,7 +70,8 @@ def test_poison_on_ads_and_model_updates_is_dead_lettered_once_and_serving_goes_
     publish_ads(producer)
     producer("model-updates", snapshots("v1", data_watermark=10.0).model_update())
     retries_before = _retries()
-    srv = start_server(kafka)
+    bases = f"{(tmp_path / 'store').as_uri()},s3://no-such-bucket"
+    srv = start_server(kafka, snapshot_bases=bases)
     with httpx.Client(base_url=srv.url, timeout=30) as c:
         wait_for(lambda: ready(c, "v1"), what="v1 served past the poison")
         wait_for(lambda: c.get("/readyz").json()["servable_ads"] == len(AD_IDS),
@@ -111,7 +112,7 @@ def test_poison_on_ads_and_model_updates_is_dead_lettered_once_and_serving_goes_
 
     # a second replica (or a restart) re-reads both topics from offset 0: nothing new in dlq
     bad_before = _bad_records()
-    again = start_server(kafka, cache_dir=tmp_path / "replica-2")
+    again = start_server(kafka, cache_dir=tmp_path / "replica-2", snapshot_bases=bases)
     with httpx.Client(base_url=again.url, timeout=30) as c:
         # ready with v3 (the last record of model-updates) and the catalogue caught up:
         # both followers have read past every poison record, and each one's dead letter

@@ -105,7 +105,7 @@ def test_a_server_following_model_updates_fetches_over_http_and_refuses_a_corrup
         store_url: str) -> None:
     publish_ads(producer)
     producer("model-updates", snapshots("v0001").model_update(uri=f"{store_url}/v0001"))
-    srv = start_server(kafka)
+    srv = start_server(kafka, snapshot_bases=store_url)
     with httpx.Client(base_url=srv.url, timeout=30) as c:
         wait_for(lambda: ready(c, "v0001"), what="v0001 served from http")
         before = c.get("/metrics").text

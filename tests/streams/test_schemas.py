@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from streams.samples import sample_records
 from streams.schemas import (
     DLQ_REASONS,
-    SCHEMA_VERSION,
     DecodeFailure,
     Event,
     decode,
@@ -26,7 +25,7 @@ RECORD_TYPES = sorted({spec.record for spec in TOPICS.values()}, key=lambda t: t
 def test_every_record_type_round_trips_exactly(topic: str) -> None:
     for rec in sample_records(3)[topic]:
         raw = encode(rec)
-        assert msgspec.json.decode(raw)["schema"] == SCHEMA_VERSION
+        assert msgspec.json.decode(raw)["schema"] == TOPICS[topic].record.SCHEMAS_READ[-1]
         back = decode(raw, TOPICS[topic].record)
         assert back == rec
 
@@ -66,7 +65,7 @@ def test_decoders_reject_mutated_json_with_a_reason(topic: str, data: st.DataObj
         if result.reason == "invalid":
             assert result.detail
     else:
-        assert result.schema == SCHEMA_VERSION
+        assert result.schema in TOPICS[topic].record.SCHEMAS_READ
 
 
 def test_wrong_schema_version_is_named_even_when_fields_also_changed() -> None:
@@ -131,3 +130,17 @@ def test_final_beams_are_optional_and_old_records_without_them_stay_readable() -
     assert decode(encode(new), Impression) == new
     bad = decode(encode(new).replace(b'"bid_type":"cpm"', b'"bid_type":"cpx"'), Impression)
     assert isinstance(bad, DecodeFailure) and bad.reason == "invalid" and "beams" in bad.detail
+
+
+def test_model_updates_read_schemas_1_and_2_and_name_any_other() -> None:
+    from streams.schemas import MODEL_UPDATE_SCHEMA, ModelUpdate
+
+    good = msgspec.to_builtins(sample_records(1)["model-updates"][0])
+    assert good["schema"] == MODEL_UPDATE_SCHEMA == 2
+    for version, readable in ((1, True), (2, True), (3, False)):
+        result = decode(msgspec.json.encode({**good, "schema": version}), ModelUpdate)
+        if readable:
+            assert isinstance(result, ModelUpdate) and result.schema == version
+        else:
+            assert isinstance(result, DecodeFailure) and result.reason == "schema_version"
+            assert "reads 1, 2" in result.detail

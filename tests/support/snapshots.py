@@ -32,9 +32,16 @@ from onnx import TensorProto, helper, numpy_helper
 from snapshot_format import FORMAT, sha256_hex
 from streams.features import DEFAULT_CONTEXT_BUCKETS, DEFAULT_CONTEXT_FEATURES
 from streams.schemas import Ad, ModelUpdate
+from streams.signing import sign_update
 
 OPSET = 17
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
+
+TEST_KEY_ID = "test-1"
+TEST_SECRET = b"adloop-tests-model-updates-key-1"
+TEST_KEYRING = f"{TEST_KEY_ID}:{TEST_SECRET.decode()}"
+"""The keyring the server fixtures verify with and :meth:`BuiltSnapshot.model_update`
+signs with (tests only; a deployment's keys come from its secret store)."""
 
 
 @dataclass
@@ -90,13 +97,18 @@ class BuiltSnapshot:
         ids: dict[str, list[int]] = self.manifest["ids"]
         return ids
 
-    def model_update(self, uri: str | None = None, sha256: str | None = None) -> ModelUpdate:
-        return ModelUpdate(
+    def model_update(self, uri: str | None = None, sha256: str | None = None, *,
+                     key: tuple[str, bytes] | None = (TEST_KEY_ID, TEST_SECRET)
+                     ) -> ModelUpdate:
+        """The ``model-updates`` record announcing this snapshot, signed with ``key``
+        (key id, secret) as the learner signs it; ``key=None``: unsigned."""
+        update = ModelUpdate(
             model_name=self.spec.model_name, version=self.version, parent=self.spec.parent,
             sha256=sha256 or self.manifest_sha256, uri=uri or self.directory.as_uri(),
             id_space_version=str(self.manifest["id_space_version"]),
             data_watermark=self.spec.data_watermark, created_time=time.time(),
             metrics=dict(self.spec.metrics))
+        return update if key is None else sign_update(update, *key)
 
 
 def make_id_table(ad_ids: Sequence[str], level_sizes: Sequence[int],

@@ -1,5 +1,8 @@
 """A stock web server (Debian's nginx, installed by ``scripts/bootstrap``) serving a
-snapshot store directory on loopback, as a store is served to servers on other hosts."""
+snapshot store directory on loopback, as a store is served to servers on other hosts.
+
+Every request it answers is logged (:func:`requests_logged`), so a test can show what a
+server fetched, or that it fetched nothing."""
 
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ pid {work}/nginx.pid;
 error_log {work}/error.log warn;
 events {{ worker_connections 64; }}
 http {{
-  access_log off;
+  log_format requests '$request_method $request_uri $status';
+  access_log {work}/access.log requests;
   client_body_temp_path {work}/body;
   proxy_temp_path {work}/proxy;
   fastcgi_temp_path {work}/fastcgi;
@@ -46,9 +50,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def requests_logged(work: Path) -> list[str]:
+    """``METHOD URI STATUS`` of every request the server in ``work`` answered so far."""
+    log = work / "access.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
 @contextmanager
 def serve_directory(root: Path, work: Path) -> Iterator[str]:
-    """Serve ``root`` over http on 127.0.0.1; yields the base URL (no trailing slash)."""
+    """Serve ``root`` over http on 127.0.0.1; yields the base URL (no trailing slash).
+    ``work`` holds the configuration and the request log (:func:`requests_logged`)."""
     work.mkdir(parents=True, exist_ok=True)
     root.mkdir(parents=True, exist_ok=True)
     port = _free_port()
