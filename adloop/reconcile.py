@@ -12,6 +12,11 @@ reconciles, per phase of the run:
   the attribution window (else *wrong*);
 * every click and conversion is in its request's final list, or in ``dlq`` with a
   reason (``late`` outside the window, ``orphan`` without an impression);
+* every organic engagement (view, like, dwell of a mixed feed's organic item) is in the
+  organic part of its request's final list (``Feedback.organic``: the item's slot is
+  viewed / liked, its dwell the sum of its dwell events), or in ``dlq`` with a reason; a
+  slot with more dwell than the ledger's events is *doubled* (an engagement counted
+  twice), any other disagreement *wrong*;
 * every malformed record is in ``dlq`` with a reason;
 * the learner's ledger holds each feedback offset at most once (*trained twice*
   counts as doubled) and, up to its checkpoint, every offset (a gap: *untrained*).
@@ -55,7 +60,7 @@ class Row:
     doubled: int = 0
     dead_lettered: int = 0
     wrong: int = 0
-    """Final lists whose rewards disagree with the ledger."""
+    """Final lists whose rewards or organic engagements disagree with the ledger."""
     untrained: int = 0
     """Feedback offsets below the learner's checkpoint missing from its ledger."""
     late_inside_window: int = 0
@@ -163,9 +168,10 @@ def reconcile(ledger: Sequence[dict[str, Any]], obs: Observed, phase_of: dict[st
             requests[e["request_id"]] = (phase_of[e["request_id"]], float(e["t"]))
     actions: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for e in ledger:
-        if e["kind"] in ("click", "conversion") and e["request_id"] in requests:
+        if e["kind"] in ("click", "conversion", "organic_engagement") \
+                and e["request_id"] in requests:
             actions[e["request_id"]].append(e)
-    dead_ids = obs.dead_by("event_id", ("clicks", "conversions"))
+    dead_ids = obs.dead_by("event_id", ("clicks", "conversions", "organic-engagements"))
     dead_requests = obs.dead_by("request_id", ("impressions",))
 
     for rid, (ph, t0) in requests.items():
@@ -195,6 +201,10 @@ def reconcile(ledger: Sequence[dict[str, Any]], obs: Observed, phase_of: dict[st
         by_ad = {it.ad_id: it for it in final.items}
         clicked: set[str] = set()
         values: dict[str, float] = defaultdict(float)
+        slots = {o.item_id for o in final.organic}
+        viewed: set[str] = set()
+        liked: set[str] = set()
+        dwell: dict[str, float] = defaultdict(float)
         for a in acts:
             inside = a["t"] <= t0 + attribution_window_s
             if a["event_id"] in dead_ids:
@@ -203,14 +213,23 @@ def reconcile(ledger: Sequence[dict[str, Any]], obs: Observed, phase_of: dict[st
                 if inside and dead_ids[a["event_id"]] == "late":
                     row.late_inside_window += 1
                 continue
-            if not inside:          # outside the window yet not dead-lettered
+            organic = a["kind"] == "organic_engagement"
+            if not inside or (organic and a["item_id"] not in slots):
+                # outside the window (or an item the feed did not place) yet not
+                # dead-lettered
                 row.lost += 1
                 row.detail.setdefault("lost_events", []).append(a["event_id"])
                 continue
             if a["kind"] == "click":
                 clicked.add(a["ad_id"])
-            else:
+            elif a["kind"] == "conversion":
                 values[a["ad_id"]] += float(a["value"])
+            elif a["action"] == "view":
+                viewed.add(a["item_id"])
+            elif a["action"] == "like":
+                liked.add(a["item_id"])
+            else:
+                dwell[a["item_id"]] += float(a["dwell_s"])
             row.accounted += 1
         for ad_id, it in by_ad.items():
             ok = it.clicked == (ad_id in clicked) and it.converted == (ad_id in values) \
@@ -219,6 +238,19 @@ def reconcile(ledger: Sequence[dict[str, Any]], obs: Observed, phase_of: dict[st
                 row.wrong += 1
                 row.detail.setdefault("wrong_requests", []).append(rid)
                 break
+        organic_ok = True
+        for slot in final.organic:
+            want = round(dwell.get(slot.item_id, 0.0), 9)
+            if slot.dwell_s > want + 1e-6:     # more dwell than happened: counted twice
+                row.doubled += 1
+                row.detail.setdefault("organic_doubled", []).append([rid, slot.item_id])
+            elif (slot.viewed != (slot.item_id in viewed)
+                    or slot.liked != (slot.item_id in liked)
+                    or abs(slot.dwell_s - want) > 1e-6):
+                organic_ok = False
+        if not organic_ok:
+            row.wrong += 1
+            row.detail.setdefault("wrong_organic", []).append(rid)
 
     dead_raw = obs.dead_raw()
     for m in malformed:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from adloop.reconcile import Malformed, Observed, reconcile
-from streams.schemas import DeadLetter, Feedback, FeedbackItem
+from streams.schemas import DeadLetter, Feedback, FeedbackItem, OrganicFeedbackItem
 
 W = 600.0
 
@@ -20,13 +20,26 @@ def _click(rid: str, ad: str, t: float) -> dict[str, Any]:
             "t": t}
 
 
-def _final(rid: str, clicked: frozenset[str] = frozenset(), revision: int = 1) -> Feedback:
+def _engage(rid: str, item: str, action: str, t: float, dwell_s: float = 0.0,
+            n: int = 0) -> dict[str, Any]:
+    return {"kind": "organic_engagement", "event_id": f"{rid}:{action}:{item}:{n}",
+            "request_id": rid, "item_id": item, "action": action, "dwell_s": dwell_s, "t": t}
+
+
+Slot = tuple[str, bool, bool, float]   # (item id, viewed, liked, dwell seconds)
+
+
+def _final(rid: str, clicked: frozenset[str] = frozenset(), revision: int = 1,
+           organic: Sequence[Slot] = ()) -> Feedback:
     items = [FeedbackItem(ad_id=a, semantic_id=[i], position=i, score=0.0, bid=1.0,
                           bid_type="cpc", clicked=a in clicked, reward=float(a in clicked))
              for i, a in enumerate(("a", "b"))]
+    slots = [OrganicFeedbackItem(item_id=o, semantic_id=[7, i], position=i, score=-1.0,
+                                 viewed=v, liked=lk, dwell_s=d)
+             for i, (o, v, lk, d) in enumerate(organic)]
     return Feedback(request_id=rid, user_id="u", kind="final", revision=revision,
                     impression_time=0.0, event_time=W, elapsed_s=W, window_closed=True,
-                    items=items)
+                    items=items, organic=slots)
 
 
 def _dead(topic: str, raw: bytes, offset: int, reason: str = "invalid") -> DeadLetter:
@@ -125,3 +138,56 @@ def test_dead_letters_of_any_bytes_never_break_the_ledger_lookups() -> None:
                                    failed_time=0.0))
     assert obs.dead_by("event_id") == {"e1": "not_json"}
     assert len(obs.dead_raw()) == len(raws)
+
+
+MIXED = [_req("r1"), _engage("r1", "cooking#0", "view", 3.0),
+         _engage("r1", "cooking#0", "dwell", 9.0, dwell_s=1.5),
+         _engage("r1", "cooking#0", "dwell", 20.0, dwell_s=2.25, n=1),
+         _engage("r1", "travel#3", "like", 30.0)]
+"""A mixed feed: two dwells and a view on one item, a like on the other."""
+RIGHT: list[Slot] = [("cooking#0", True, False, 3.75), ("travel#3", False, True, 0.0)]
+
+
+def test_every_organic_engagement_of_a_mixed_feed_is_accounted_in_its_final() -> None:
+    row = reconcile(MIXED, _observed([_final("r1", organic=RIGHT)]), {"r1": "p"}, ["p"],
+                    W)["p"]
+    assert (row.events_in, row.accounted, row.lost, row.doubled, row.wrong) == (5, 5, 0, 0, 0)
+
+
+def test_an_organic_engagement_counted_twice_is_doubled_and_one_missing_is_wrong() -> None:
+    twice: list[Slot] = [("cooking#0", True, False, 5.25), RIGHT[1]]   # a dwell again
+    row = reconcile(MIXED, _observed([_final("r1", organic=twice)]), {"r1": "p"}, ["p"],
+                    W)["p"]
+    assert row.doubled == 1 and row.wrong == 0
+    assert row.detail["organic_doubled"] == [["r1", "cooking#0"]]
+    for missing in ([("cooking#0", False, False, 3.75), RIGHT[1]],      # the view
+                    [RIGHT[0], ("travel#3", False, False, 0.0)],        # the like
+                    [("cooking#0", True, False, 1.5), RIGHT[1]]):       # one dwell
+        row = reconcile(MIXED, _observed([_final("r1", organic=missing)]), {"r1": "p"},
+                        ["p"], W)["p"]
+        assert row.wrong == 1 and row.doubled == 0, missing
+        assert row.detail["wrong_organic"] == ["r1"]
+
+
+def test_organic_engagements_of_a_lost_or_doubled_final_are_lost_or_doubled() -> None:
+    row = reconcile(MIXED, _observed([]), {"r1": "p"}, ["p"], W)["p"]
+    assert row.lost == 5 and row.accounted == 0
+    two = [_final("r1", organic=RIGHT), _final("r1", revision=2, organic=RIGHT)]
+    row = reconcile(MIXED, _observed(two), {"r1": "p"}, ["p"], W)["p"]
+    assert row.doubled == 1 and row.lost == 0
+
+
+def test_an_organic_engagement_outside_the_feed_or_window_must_be_dead_lettered() -> None:
+    stray = _engage("r1", "news#9", "view", 5.0)                # an item the feed lacked
+    late = _engage("r1", "travel#3", "view", W + 50)
+    ledger = [*MIXED, stray, late]
+    obs = _observed([_final("r1", organic=RIGHT)])
+    row = reconcile(ledger, obs, {"r1": "p"}, ["p"], W)["p"]
+    assert row.lost == 2 and row.detail["lost_events"] == [stray["event_id"],
+                                                           late["event_id"]]
+    dead = [_dead("organic-engagements", b'{"event_id":"' + e["event_id"].encode() + b'"}',
+                  i, reason) for i, (e, reason) in enumerate(((stray, "orphan"),
+                                                              (late, "late")))]
+    row = reconcile(ledger, _observed([_final("r1", organic=RIGHT)], dead), {"r1": "p"},
+                    ["p"], W)["p"]
+    assert (row.lost, row.dead_lettered, row.accounted, row.wrong) == (0, 2, 7, 0)
