@@ -63,6 +63,8 @@ class Row:
     """Final lists whose rewards or organic engagements disagree with the ledger."""
     untrained: int = 0
     """Feedback offsets below the learner's checkpoint missing from its ledger."""
+    organic_engagements: int = 0
+    """Organic engagements among ``events_in`` (each accounted like a click)."""
     late_inside_window: int = 0
     """Events dead-lettered as ``late`` although their event time was inside the window
     (accounted for, but the join was wrong: e.g. a watermark pushed ahead by clock skew)."""
@@ -178,6 +180,7 @@ def reconcile(ledger: Sequence[dict[str, Any]], obs: Observed, phase_of: dict[st
         row = rows[ph]
         acts = actions.get(rid, [])
         row.events_in += 1 + len(acts)
+        row.organic_engagements += sum(a["kind"] == "organic_engagement" for a in acts)
         finals = obs.finals.get(rid, [])
         if len(finals) > 1:
             row.doubled += len(finals) - 1
