@@ -423,8 +423,7 @@ class ModelManager:
                 return
             gen = self.organic.generation
             organic_trie = self._build_organic_trie(state.model)
-            self.state = replace(state, organic_trie=organic_trie,
-                                             organic_generation=gen)
+            self.state = replace(state, organic_trie=organic_trie, organic_generation=gen)
             M.ORGANIC_ITEMS.set(organic_trie.n_ads if organic_trie is not None else 0)
 
     # -- bookkeeping -----------------------------------------------------------------

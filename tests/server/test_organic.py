@@ -18,7 +18,7 @@ from server.controller import BeamController
 from server.engine import Engine, RecRequest, RecResult
 from server.models import ModelManager, ServingState
 from server.runtime import resolve_provider
-from streams.kafka_io import read_all
+from streams.kafka_io import EventProducer, read_all
 from streams.schemas import Event, Impression, OrganicItem
 from streams.settings import KafkaSettings
 from tests.server.conftest import AD_IDS, Builder, metric_value, publish_ads, ready, wait_for
@@ -359,9 +359,16 @@ def test_the_organic_search_narrows_with_the_ads_beams_under_load(
 def test_the_server_follows_organic_items_removals_and_returns(
         kafka: KafkaSettings, start_server: Start, organic_snapshot: Path,
         producer: Send) -> None:
-    """Over the topic: a removal stops being served within a bound (no new snapshot),
-    and an item active again is served again."""
+    """Over the topic: poison before the catalogue is skipped and dead-lettered; a
+    removal stops being served within a bound (no new snapshot), and an item active
+    again is served again."""
     publish_ads(producer)
+    prod = EventProducer(kafka)
+    bad = [prod.send_bytes("organic-items", value, key).get(timeout=30).offset
+           for key, value in ((b"x#1", b'"\x80"'), (b"\xff\xfe", b'{"schema":1,"item_id":7}'),
+                              (b"x#2", b"[" * 100_000))]
+    prod.send_bytes("organic-items", None, b"\xc0gone").get(timeout=30)  # type: ignore[arg-type]
+    prod.close()
     for item in _items(ORGANIC_IDS):
         producer("organic-items", item)
     srv = start_server(kafka, snapshot=organic_snapshot, follow_model_updates=False,
@@ -385,5 +392,13 @@ def test_the_server_follows_organic_items_removals_and_returns(
         assert metric_value(text, "adloop_server_organic_items") == len(ORGANIC_IDS) - 1
         assert metric_value(text, "adloop_server_catalog_organic_items") == len(ORGANIC_IDS)
         assert c.get("/readyz").json()["servable_organic_items"] == len(ORGANIC_IDS) - 1
+        assert metric_value(text, "adloop_server_bad_records_total",
+                            'reason="not_json",topic="organic-items"') == 2
+        assert metric_value(text, "adloop_server_bad_records_total",
+                            'reason="invalid",topic="organic-items"') == 1
         producer("organic-items", _items([gone])[0])
         wait_for(lambda: gone in served(c), timeout_s=10, what="the item served again")
+    physical = kafka.topic_prefix + "organic-items"
+    wait_for(lambda: sorted(r.record.offset for r in read_all(kafka, "dlq", timeout_s=5)
+                            if r.record.source_topic == physical) == bad,
+             timeout_s=30, what="one dead letter per poison record (not the tombstone)")
