@@ -17,15 +17,18 @@ Faults (``--faults`` takes a comma-separated subset; ``all`` is the default):
 ``kill_joiner_learner``     two at once
 ``broker_restart``          stop the broker (controlled shutdown), start it again
 ``malformed_burst``         bad records on every input topic (impressions, clicks,
-                            conversions, feedback, ads): not JSON, missing fields,
-                            a wrong schema version, oversized
+                            conversions, organic-engagements, feedback, ads,
+                            organic-items): not JSON, missing fields, a wrong schema
+                            version, oversized
 ``poison_bytes``            bytes no decoder should choke on, on every topic a process
-                            reads (compacted ``ads`` and ``model-updates`` included):
-                            invalid UTF-8, tombstones (null values), non-UTF-8 keys;
-                            each must reach ``dlq`` with a reason (a tombstone on
-                            ``ads`` is a deletion there), no process may exit,
-                            and the server must go on following new ads and serve a
-                            snapshot published after the poison
+                            reads (compacted ``ads``, ``organic-items`` and
+                            ``model-updates`` included): invalid UTF-8, tombstones (null
+                            values), non-UTF-8 keys, wrong field types; each must reach
+                            ``dlq`` with a reason (a tombstone on ``ads`` or
+                            ``organic-items`` is a deletion there), no process may exit,
+                            and the server must go on following new ads, read past the
+                            poison on ``organic-items`` and serve a snapshot published
+                            after the poison
 ``corrupt_snapshot``        a model-update whose files fail their checksums
 ``poisoned_snapshot``       NaN weights with valid checksums
 ``stale_snapshot``          a replayed announcement of an older snapshot (regressing)
@@ -33,6 +36,10 @@ Faults (``--faults`` takes a comma-separated subset; ``all`` is the default):
 ``skew_within``             click/conversion clocks off by up to ± half the tolerance
 ``skew_beyond``             clicks from a clock far ahead (beyond the attribution window)
 ==========================  ============================================================
+
+Traffic asks for mixed feeds (``--organic-slots``, 3 by default), so the organic path
+(``organic-items``, ``organic-engagements``, the joined ``Feedback.organic``) runs under
+every fault and the ledger accounts for each organic engagement too.
 
 Load phases (``--load``): the server's capacity is measured first (closed loop), then
 open-loop traffic at 1×, 2× and 3× of it: beams narrow first, then 429s; the table
@@ -84,8 +91,12 @@ FAULTS = ("kill_joiner", "kill_learner", "kill_server", "kill_joiner_learner",
           "broker_restart", "malformed_burst", "poison_bytes", "corrupt_snapshot",
           "poisoned_snapshot",
           "stale_snapshot", "store_unreadable", "skew_within", "skew_beyond")
-INPUT_TOPICS = ("impressions", "clicks", "conversions", "feedback", "ads")
+INPUT_TOPICS = ("impressions", "clicks", "conversions", "organic-engagements", "feedback",
+                "ads", "organic-items")
 POISON_TOPICS = (*INPUT_TOPICS, "model-updates")
+DELETING_TOPICS = ("ads", "organic-items")
+"""Compacted catalogue topics whose tombstone is a deletion (the server drops that id),
+not a bad record."""
 
 
 class ChaosSettings(BaseSettings):
@@ -107,6 +118,8 @@ class ChaosSettings(BaseSettings):
     malformed_per_topic: int = Field(8, description="bad records per input topic")
     n_users: int = Field(300, description="simulated users")
     n_ads: int = Field(100, description="ads at the start")
+    organic_slots: int = Field(3, ge=0, le=50, description="organic items per request "
+                               "(mixed feeds; 0 = ads only)")
     log_requests: int = Field(1500, description="random-policy requests for pretraining")
     pretrain_steps: int = Field(60, description="pretraining steps")
     encoder: str = Field("hashing", description="ad content encoder (hashing or minilm)")
@@ -163,6 +176,7 @@ class ChaosRun:
         self.store_link.symlink_to(self.store_data.name)
         self.demo = Demo(DemoSettings(
             out=self.out, seed=s.seed, n_users=s.n_users, n_ads=s.n_ads,
+            organic_slots=s.organic_slots,
             log_requests=s.log_requests, pretrain_steps=s.pretrain_steps, encoder=s.encoder,
             speed=s.speed, rate=s.rate, snapshot_every_s=3.0, metrics_port=0,
             bootstrap_servers=s.bootstrap_servers, topic_prefix=s.topic_prefix,
@@ -372,9 +386,11 @@ class ChaosRun:
         announced_before = {r.record.version for r in read_all(
             self.stack.kafka, "model-updates", timeout_s=3) if isinstance(r.record, ModelUpdate)}
         catalog_before = self.metric("serve", "adloop_server_catalog_ads")
+        skipped = "adloop_server_bad_records_total"
+        skipped_before = self.metric("serve", skipped, topic="organic-items")
         prod = KafkaProducer(bootstrap_servers=self.stack.kafka.bootstrap_servers, acks="all")
         sent: list[tuple[str, bytes, bytes]] = []   # (topic, key, value; b"" for null)
-        deletions: list[bytes] = []
+        deletions: list[tuple[str, bytes]] = []
         t0 = time.monotonic()
         for topic in POISON_TOPICS:
             tag = uuid.uuid4().hex[:12]
@@ -385,12 +401,16 @@ class ChaosRun:
                     (f"chaos-{tag}-t".encode(), None),                # tombstone
                     (garbage_key, b'{"schema":1,"chaos":"' + tag.encode() + b'"}'),
                     (garbage_key + b"-t", None),                      # tombstone, bad key
-                    (f"chaos-{tag}-b".encode(), b"\xc3\x28" + tag.encode())):  # bad byte
+                    (f"chaos-{tag}-b".encode(), b"\xc3\x28" + tag.encode()),  # bad byte
+                    (f"chaos-{tag}-w".encode(),                       # wrong field types
+                     b'{"schema":1,"event_id":7,"request_id":[],"ad_id":{},"item_id":0,'
+                     b'"event_time":"now","chaos":"' + tag.encode() + b'"}')):
                 prod.send(topics.name(topic), value, key=key)
-                if topic == "ads" and value is None:
-                    # on ``ads`` (compacted, key = ad id) a tombstone is a deletion: the
-                    # catalog drops that id (none of these names a real ad), not a bad record
-                    deletions.append(key)
+                if topic in DELETING_TOPICS and value is None:
+                    # on ``ads`` / ``organic-items`` (compacted, key = id) a tombstone is a
+                    # deletion: the server drops that id (none of these names a real ad or
+                    # item), not a bad record
+                    deletions.append((topic, key))
                 else:
                     sent.append((topic, key, value or b""))
         prod.flush(30)
@@ -412,7 +432,16 @@ class ChaosRun:
             raise
         res.recovery_s = time.monotonic() - t0
         res.detail["poison_records"] = len(sent)
-        res.detail["ads_tombstones_as_deletions"] = len(deletions)
+        res.detail["tombstones_as_deletions"] = {
+            t: sum(d == t for d, _k in deletions) for t in DELETING_TOPICS}
+        # the server's organic-items follower read past every poison record there (each
+        # skipped and counted, whoever dead-lettered it)
+        organic_poison = sum(t == "organic-items" for t, _k, _v in sent)
+        self.wait_until("the server to read past the poison on organic-items",
+                        lambda: self.metric("serve", skipped, topic="organic-items")
+                        - skipped_before >= organic_poison, 120)
+        res.detail["server_skipped_organic_items"] = self.metric(
+            "serve", skipped, topic="organic-items") - skipped_before
         # the server still follows both compacted topics past the poison
         self.wait_until("the server's catalog to take a new ad after the poison",
                         lambda: self.metric("serve", "adloop_server_catalog_ads")

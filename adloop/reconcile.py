@@ -12,6 +12,11 @@ reconciles, per phase of the run:
   the attribution window (else *wrong*);
 * every click and conversion is in its request's final list, or in ``dlq`` with a
   reason (``late`` outside the window, ``orphan`` without an impression);
+* every organic engagement (view, like, dwell of a mixed feed's organic item) is in the
+  organic part of its request's final list (``Feedback.organic``: the item's slot is
+  viewed / liked, its dwell the sum of its dwell events), or in ``dlq`` with a reason; a
+  slot with more dwell than the ledger's events is *doubled* (an engagement counted
+  twice), any other disagreement *wrong*;
 * every malformed record is in ``dlq`` with a reason;
 * the learner's ledger holds each feedback offset at most once (*trained twice*
   counts as doubled) and, up to its checkpoint, every offset (a gap: *untrained*).
@@ -55,9 +60,11 @@ class Row:
     doubled: int = 0
     dead_lettered: int = 0
     wrong: int = 0
-    """Final lists whose rewards disagree with the ledger."""
+    """Final lists whose rewards or organic engagements disagree with the ledger."""
     untrained: int = 0
     """Feedback offsets below the learner's checkpoint missing from its ledger."""
+    organic_engagements: int = 0
+    """Organic engagements among ``events_in`` (each accounted like a click)."""
     late_inside_window: int = 0
     """Events dead-lettered as ``late`` although their event time was inside the window
     (accounted for, but the join was wrong: e.g. a watermark pushed ahead by clock skew)."""
@@ -149,6 +156,19 @@ def observe(impressions: Iterable[Received[Any]], feedback: Iterable[Received[An
     return obs
 
 
+def _may(maybe: Sequence[dict[str, Any]], kind: str, key: str, value: str,
+          action: str | None = None) -> bool:
+    """Is one of ``maybe`` (ledger events a final may count) of ``kind`` for ``value``?"""
+    return any(m["kind"] == kind and m[key] == value
+               and (action is None or m["action"] == action) for m in maybe)
+
+
+def _extra(maybe: Sequence[dict[str, Any]], kind: str, key: str, value: str,
+           amount: str) -> float:
+    """The sum of ``amount`` over those of ``maybe`` of ``kind`` for ``value``."""
+    return sum(float(m[amount]) for m in maybe if m["kind"] == kind and m[key] == value)
+
+
 def reconcile(ledger: Sequence[dict[str, Any]], obs: Observed, phase_of: dict[str, str],
               phases: Sequence[str], attribution_window_s: float,
               malformed: Sequence[Malformed] = ()) -> dict[str, Row]:
@@ -163,15 +183,17 @@ def reconcile(ledger: Sequence[dict[str, Any]], obs: Observed, phase_of: dict[st
             requests[e["request_id"]] = (phase_of[e["request_id"]], float(e["t"]))
     actions: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for e in ledger:
-        if e["kind"] in ("click", "conversion") and e["request_id"] in requests:
+        if e["kind"] in ("click", "conversion", "organic_engagement") \
+                and e["request_id"] in requests:
             actions[e["request_id"]].append(e)
-    dead_ids = obs.dead_by("event_id", ("clicks", "conversions"))
+    dead_ids = obs.dead_by("event_id", ("clicks", "conversions", "organic-engagements"))
     dead_requests = obs.dead_by("request_id", ("impressions",))
 
     for rid, (ph, t0) in requests.items():
         row = rows[ph]
         acts = actions.get(rid, [])
         row.events_in += 1 + len(acts)
+        row.organic_engagements += sum(a["kind"] == "organic_engagement" for a in acts)
         finals = obs.finals.get(rid, [])
         if len(finals) > 1:
             row.doubled += len(finals) - 1
@@ -195,30 +217,73 @@ def reconcile(ledger: Sequence[dict[str, Any]], obs: Observed, phase_of: dict[st
         by_ad = {it.ad_id: it for it in final.items}
         clicked: set[str] = set()
         values: dict[str, float] = defaultdict(float)
+        slots = {o.item_id for o in final.organic}
+        viewed: set[str] = set()
+        liked: set[str] = set()
+        dwell: dict[str, float] = defaultdict(float)
+        maybe: list[dict[str, Any]] = []
+        """Dead-lettered inside the window: the final may count them too. After a
+        ``kill -9`` the joiner re-reads the records after its last offset commit; one that
+        a final emitted since already counted is dead-lettered on top when its request's
+        state no longer knows its id (``late``: the final is marked from ``feedback``;
+        ``orphan``/``late``: the request expired in a changelog written after that
+        commit). Counted once either way."""
         for a in acts:
             inside = a["t"] <= t0 + attribution_window_s
             if a["event_id"] in dead_ids:
                 row.dead_lettered += 1
                 row.accounted += 1
-                if inside and dead_ids[a["event_id"]] == "late":
-                    row.late_inside_window += 1
+                if inside:
+                    maybe.append(a)
+                    row.late_inside_window += dead_ids[a["event_id"]] == "late"
                 continue
-            if not inside:          # outside the window yet not dead-lettered
+            organic = a["kind"] == "organic_engagement"
+            if not inside or (organic and a["item_id"] not in slots):
+                # outside the window (or an item the feed did not place) yet not
+                # dead-lettered
                 row.lost += 1
                 row.detail.setdefault("lost_events", []).append(a["event_id"])
                 continue
             if a["kind"] == "click":
                 clicked.add(a["ad_id"])
-            else:
+            elif a["kind"] == "conversion":
                 values[a["ad_id"]] += float(a["value"])
+            elif a["action"] == "view":
+                viewed.add(a["item_id"])
+            elif a["action"] == "like":
+                liked.add(a["item_id"])
+            else:
+                dwell[a["item_id"]] += float(a["dwell_s"])
             row.accounted += 1
         for ad_id, it in by_ad.items():
-            ok = it.clicked == (ad_id in clicked) and it.converted == (ad_id in values) \
-                and abs(it.conversion_value - round(values.get(ad_id, 0.0), 9)) < 1e-6
+            value = round(values.get(ad_id, 0.0), 9)
+            ok = (it.clicked == (ad_id in clicked)
+                  or (it.clicked and _may(maybe, "click", "ad_id", ad_id))) \
+                and (it.converted == (ad_id in values)
+                     or (it.converted and _may(maybe, "conversion", "ad_id", ad_id))) \
+                and value - 1e-6 < it.conversion_value \
+                < value + _extra(maybe, "conversion", "ad_id", ad_id, "value") + 1e-6
             if not ok:
                 row.wrong += 1
                 row.detail.setdefault("wrong_requests", []).append(rid)
                 break
+        organic_ok = True
+        for slot in final.organic:
+            item, org = slot.item_id, "organic_engagement"
+            want = round(dwell.get(item, 0.0), 9)
+            if slot.dwell_s > want + _extra(maybe, org, "item_id", item, "dwell_s") + 1e-6:
+                # more dwell than happened: an engagement counted twice
+                row.doubled += 1
+                row.detail.setdefault("organic_doubled", []).append([rid, item])
+                continue
+            view_ok = slot.viewed == (item in viewed) \
+                or (slot.viewed and _may(maybe, org, "item_id", item, "view"))
+            like_ok = slot.liked == (item in liked) \
+                or (slot.liked and _may(maybe, org, "item_id", item, "like"))
+            organic_ok &= view_ok and like_ok and slot.dwell_s > want - 1e-6
+        if not organic_ok:
+            row.wrong += 1
+            row.detail.setdefault("wrong_organic", []).append(rid)
 
     dead_raw = obs.dead_raw()
     for m in malformed:

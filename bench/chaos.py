@@ -37,7 +37,7 @@ LOAD_COLUMNS = ["load", "offered_per_s", "sent_per_s", "requests", "ok", "shed_4
 
 
 def fault_table(rows: list[dict[str, Any]]) -> str:
-    extra = ["wrong", "untrained", "late_inside_window", "process_exits"]
+    extra = ["wrong", "organic_engagements", "untrained", "late_inside_window", "process_exits"]
     return markdown_table([*COLUMNS, *extra],
                           [[r[c] if r[c] is not None else "—" for c in COLUMNS]
                            + [r[c] for c in extra] for r in rows])

@@ -1,7 +1,9 @@
 """Dynamic beam width: a load controller that narrows beams before refusing requests.
 
 Widths per level are ``b_l(α) = max(b_min, floor(α·b_l), k)`` for the base schedule
-``b`` (mechanisms.md §1.6). α moves on a ladder of rungs from 1 down to ``alpha_min``
+``b`` (mechanisms.md §1.6); the organic search of mixed feeds narrows with them
+(``max(b_min, floor(α·organic_beam))``, each request at least its ``organic_k``).
+α moves on a ladder of rungs from 1 down to ``alpha_min``
 (each rung ≈ 0.7× the previous). After every batch the controller compares the
 *pressure* with the SLO:
 
@@ -124,6 +126,15 @@ class BeamController:
         for level, w in enumerate(widths):
             M.BEAM_WIDTH.labels(str(level)).set(w)
         return widths
+
+    def organic_width(self, base: int) -> int:
+        """The organic search's width per level for a base of ``base``: scaled by the
+        same α as the ads' beams (``max(min_width, ⌊α·base⌋)``), so a mixed feed's
+        extra search narrows with them under load; each request still searches at
+        least its ``organic_k`` (the engine's rule)."""
+        width = scale_widths([base], self.alpha, 1, self.min_width)[0]
+        M.ORGANIC_BEAM_WIDTH.set(width)
+        return width
 
     def backlog_s(self, queued: int) -> float:
         batches = queued / max(1, self.max_batch)

@@ -9,8 +9,9 @@ learner sees the candidates the slate was chosen from (HEPO's sibling groups).
 
 Mixed feed: requests with ``organic_k`` > 0 also get organic items (videos, articles)
 ranked by the same model. Their encoder states are reused for a generator-only beam
-search constrained to the snapshot's organic trie (no value heads: organic items have
-no bid), each request with width ``max(organic_beam, organic_k)``; the best
+search constrained to the snapshot's organic trie of servable items (no value heads:
+organic items have no bid), each request with width ``max(organic_beam, organic_k)``,
+``organic_beam`` scaled by the load controller's α like the ads' beams; the best
 ``organic_k`` by log-probability are kept, the request's ``recent_organic`` left out
 while the search found enough others (then the best recent ones fill the rest). The
 ads' search never sees it, so a request's ads are the same with and without
@@ -23,6 +24,7 @@ once per batch, so every request of a batch is answered by one model version.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,7 +114,8 @@ class RecResult:
 class Engine:
     def __init__(self, models: ModelManager, catalog: AdCatalog,
                  explorer: Explorer | None = None, log_beams: int = 32,
-                 organic_beam: int = 8) -> None:
+                 organic_beam: int = 8,
+                 organic_width: Callable[[int], int] | None = None) -> None:
         if log_beams < 0:
             raise ValueError(f"log_beams must be >= 0, got {log_beams}")
         if organic_beam < 1:
@@ -124,6 +127,9 @@ class Engine:
         """Final beams per request kept in :attr:`RecResult.beams` (0 = none)."""
         self.organic_beam = organic_beam
         """Base beam width per level of the organic search (see :meth:`organic`)."""
+        self.organic_width = organic_width or (lambda base: base)
+        """``organic_beam`` -> the width in use: the load controller scales it by the
+        ads' α (:meth:`server.controller.BeamController.organic_width`)."""
         self._warned_context: set[str] = set()
 
     def inputs(self, state: ServingState,
@@ -211,7 +217,8 @@ class Engine:
         """The organic items of each request (empty for ``organic_k`` = 0): a beam search
         over the snapshot's organic trie for the mixed-feed requests only, on their rows
         of ``states``. Request ``b`` searches with width ``max(organic_beam, organic_k)``
-        at every level, whatever else is in the batch, and keeps the best ``organic_k``
+        at every level (``organic_beam`` as :attr:`organic_width` scales it under load),
+        whatever else is in the batch, and keeps the best ``organic_k``
         by log-probability among the final beams that are not among its recent organic
         items; when fewer than ``organic_k`` are left, its best recent ones fill the
         rest, so the answer has ``organic_k`` items whenever the search found them (a
@@ -222,7 +229,7 @@ class Engine:
         if not want:
             return out
         model = state.model
-        trie = model.organic_trie
+        trie = state.organic_trie
         if trie is None:
             M.ORGANIC_UNAVAILABLE.inc(len(want))
             return out
@@ -230,8 +237,8 @@ class Engine:
         man, rt, row_of = model.manifest, model.runtime, model.organic_row_of
         sub = np.array(want, np.int64)
         seen = [{row_of[i] for i in requests[b].recent_organic if i in row_of} for b in want]
-        caps = np.array([max(self.organic_beam, requests[b].organic_k) for b in want],
-                        np.int64)
+        base = self.organic_width(self.organic_beam)
+        caps = np.array([max(base, requests[b].organic_k) for b in want], np.int64)
 
         def step(req: np.ndarray, prefix: np.ndarray) -> np.ndarray:
             return rt.step(states, sub[req], prefix)

@@ -57,6 +57,8 @@ SWAP_TIME = gauge("adloop_server_model_swap_timestamp_seconds",
                   "Wall-clock time of the last model swap.")
 SERVABLE_ADS = gauge("adloop_server_servable_ads", "Ads in the serving trie.")
 CATALOG_ADS = gauge("adloop_server_catalog_ads", "Ads known from the ads topic.")
+CATALOG_ORGANIC = gauge("adloop_server_catalog_organic_items",
+                        "Organic items known from the organic-items topic.")
 BAD_RECORDS = counter("adloop_server_bad_records_total",
                       "Records the server's followers skipped: undecodable (by reason) or "
                       "breaking the handler (handler_error).", ("topic", "reason"))
@@ -89,4 +91,10 @@ ORGANIC_UNAVAILABLE = counter(
     "Mixed-feed requests (organic_k > 0) answered with ads only because the serving "
     "snapshot has no organic items (no organic_ids in its manifest).")
 ORGANIC_ITEMS = gauge("adloop_server_organic_items",
-                      "Organic items in the serving snapshot's organic trie (0 = ads only).")
+                      "Servable organic items: in the serving snapshot's organic table and, "
+                      "for a server following organic-items, active there (0 = ads only).")
+ORGANIC_BEAM_WIDTH = gauge("adloop_server_organic_beam_width",
+                           "Base beam width per level of the organic search in use: "
+                           "organic_beam scaled by the load controller's alpha, like the "
+                           "ads' beams (a request never searches narrower than its "
+                           "organic_k).")

@@ -14,9 +14,13 @@ label of ``adloop_server_swaps_total``); any failure keeps the old state:
 5. build the trie of servable ads for the new id table, swap the reference, and drop
    the old state (its sessions are freed once no in-flight batch holds them).
 
-The trie of the snapshot's organic items (``organic_ids``, every one servable) is built
-once per snapshot at load and kept with the model: catalog changes rebuild only the
-ads' trie.
+The trie of the snapshot's organic items (``organic_ids``) is built the same way: the
+model keeps the full one (warm-up), the state the one of the servable items. With an
+organic catalogue (the server follows ``organic-items``) an item is servable when its
+latest record there is ``active``: a removal rebuilds only the organic trie, an ``ads``
+change only the ads' trie. Without one (in-process serving) every item of the
+snapshot is servable. An item the snapshot has no id for waits for a snapshot that has
+one, like a new ad (the learner places both online and publishes an id-table update).
 
 The last ``keep_versions`` verified versions stay in the cache for rollback; a
 rollback re-verifies the cached files and goes through steps 2-5 again.
@@ -38,7 +42,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +50,7 @@ import numpy as np
 
 from server import metrics as M
 from server.beam import beam_search
-from server.catalog import AdCatalog
+from server.catalog import AdCatalog, OrganicCatalog
 from server.runtime import ModelRuntime, Provider, check_parity
 from server.snapshot import fetch_snapshot, verify_local
 from server.trie import Trie, build_trie, sort_ids
@@ -90,6 +94,8 @@ class LoadedModel:
     """Trie over ``manifest.organic_table`` (every row); None without organic items."""
     organic_row_of: dict[str, int] = field(default_factory=dict)
     """Organic item id -> row of ``manifest.organic_table``."""
+    organic_order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Lexicographic order of ``manifest.organic_table``."""
 
     @property
     def data_watermark(self) -> float | None:
@@ -101,6 +107,9 @@ class ServingState:
     model: LoadedModel
     trie: Trie
     catalog_generation: int
+    organic_trie: Trie | None = None
+    """Trie of the servable organic items (None: the snapshot has none)."""
+    organic_generation: int = 0
 
 
 @dataclass
@@ -120,8 +129,12 @@ class ModelManager:
     def __init__(self, catalog: AdCatalog, provider: Provider, cache_dir: Path,
                  keep_versions: int = 3, intra_op_threads: int = 0, device_id: int = 0,
                  warmup_widths: list[int] | None = None,
-                 swap_guard: Callable[[], AbstractContextManager[None]] | None = None) -> None:
+                 swap_guard: Callable[[], AbstractContextManager[None]] | None = None,
+                 organic: OrganicCatalog | None = None) -> None:
         self.catalog = catalog
+        self.organic = organic
+        """The ``organic-items`` catalogue (None: every organic item of a snapshot is
+        servable)."""
         self.provider = provider
         self.cache_dir = Path(cache_dir)
         self.keep_versions = keep_versions
@@ -256,8 +269,11 @@ class ModelManager:
                 return self._failed(info, exc, started)
             old = self.state
             generation = self.catalog.generation     # read before the mask: never newer
+            organic_gen = self.organic.generation if self.organic is not None else 0
             trie = self._build_trie(model)
-            self.state = ServingState(model, trie, generation)   # the swap
+            organic_trie = self._build_organic_trie(model)
+            self.state = ServingState(model, trie, generation, organic_trie,
+                                      organic_gen)   # the swap
             if old is not None:
                 old_info = self.versions.get(old.model.version)
                 if old_info is not None and old_info.status == "serving":
@@ -276,7 +292,7 @@ class ModelManager:
             if model.data_watermark is not None:
                 M.WATERMARK.set(model.data_watermark)
             M.SERVABLE_ADS.set(trie.n_ads)
-            organic = model.organic_trie.n_ads if model.organic_trie is not None else 0
+            organic = organic_trie.n_ads if organic_trie is not None else 0
             M.ORGANIC_ITEMS.set(organic)
             log.info("model.swapped", version=model.version, result=ok_label,
                      seconds=round(elapsed, 3), servable=trie.n_ads, organic_items=organic)
@@ -316,12 +332,13 @@ class ModelManager:
             raise SnapshotRejectedError("load", repr(exc)[:500]) from None
         order = sort_ids(manifest.ids)
         organic = manifest.organic_table
-        organic_trie = (build_trie(organic, sort_ids(organic), np.ones(len(organic), bool),
+        organic_order = sort_ids(organic)
+        organic_trie = (build_trie(organic, organic_order, np.ones(len(organic), bool),
                                    manifest.level_sizes) if len(manifest.organic_ids) else None)
         model = LoadedModel(manifest.version, manifest, runtime, directory, update, order,
                             {a: i for i, a in enumerate(manifest.ad_ids)}, time.time(),
                             organic_trie,
-                            {a: i for i, a in enumerate(manifest.organic_ids)})
+                            {a: i for i, a in enumerate(manifest.organic_ids)}, organic_order)
         self._warm_up(model)
         if shared is not None:      # the same graphs passed parity when they were loaded
             return model
@@ -389,6 +406,13 @@ class ModelManager:
         mask = self.catalog.servable_mask(model.manifest.ad_ids)
         return build_trie(model.manifest.ids, model.order, mask, model.manifest.level_sizes)
 
+    def _build_organic_trie(self, model: LoadedModel) -> Trie | None:
+        if model.organic_trie is None or self.organic is None:
+            return model.organic_trie
+        mask = self.organic.servable_mask(list(model.manifest.organic_ids))
+        return build_trie(model.manifest.organic_table, model.organic_order, mask,
+                          model.manifest.level_sizes)
+
     def on_catalog_change(self) -> None:
         """Rebuild the trie for the serving model and swap the state reference."""
         with self._lock:
@@ -397,8 +421,21 @@ class ModelManager:
                 return
             gen = self.catalog.generation
             trie = self._build_trie(state.model)
-            self.state = ServingState(state.model, trie, gen)
+            self.state = replace(state, trie=trie, catalog_generation=gen)
             M.SERVABLE_ADS.set(trie.n_ads)
+
+    def on_organic_change(self) -> None:
+        """Rebuild the organic trie for the serving model (an item removed, or one of the
+        snapshot's items active again) and swap the state reference."""
+        with self._lock:
+            state = self.state
+            if state is None or self.organic is None \
+                    or state.organic_generation == self.organic.generation:
+                return
+            gen = self.organic.generation
+            organic_trie = self._build_organic_trie(state.model)
+            self.state = replace(state, organic_trie=organic_trie, organic_generation=gen)
+            M.ORGANIC_ITEMS.set(organic_trie.n_ads if organic_trie is not None else 0)
 
     # -- bookkeeping -----------------------------------------------------------------
     def _evict(self) -> None:

@@ -1,6 +1,7 @@
 """The serving worker's parts wired together, started and stopped as one.
 
-Reads: ``model-updates`` (and the snapshot store it points to), ``ads``.
+Reads: ``model-updates`` (and the snapshot store it points to), ``ads``,
+``organic-items``.
 Writes: ``impressions``. Threads: one follower per topic, the impression producer,
 the model-execution worker(s); the batcher runs on the HTTP event loop.
 """
@@ -11,7 +12,7 @@ import time
 from typing import Any
 
 from server.batcher import Batcher
-from server.catalog import AdCatalog
+from server.catalog import AdCatalog, OrganicCatalog
 from server.controller import BeamController
 from server.engine import Engine
 from server.explore import Explorer
@@ -23,7 +24,7 @@ from server.settings import ServerSettings
 from server.trust import SnapshotBases, UpdateGate
 from streams.kafka_io import DeadLetterOnce
 from streams.logs import get_logger
-from streams.schemas import Ad, DlqReason, ModelUpdate
+from streams.schemas import Ad, DlqReason, ModelUpdate, OrganicItem
 from streams.settings import KafkaSettings
 from streams.signing import default_keyring_file, load_keyring
 
@@ -36,6 +37,7 @@ class Service:
         self.kafka = kafka
         self.provider = resolve_provider(settings.provider, settings.cuda_device_id)
         self.catalog = AdCatalog()
+        self.organic = OrganicCatalog()
         schedule = settings.schedule()
         self.controller = BeamController(
             schedule, settings.slo_ms / 1000.0, settings.alpha_min, settings.min_beam_width,
@@ -43,12 +45,12 @@ class Service:
         self.models = ModelManager(self.catalog, self.provider, settings.cache_dir,
                                    settings.keep_versions, settings.intra_op_threads,
                                    settings.cuda_device_id, warmup_widths=schedule,
-                                   swap_guard=self.controller.swapping)
+                                   swap_guard=self.controller.swapping, organic=self.organic)
         self.explorer = Explorer(settings.explore, settings.explore_max_shown, self.catalog,
                                  seed=settings.explore_seed)
         self.engine = Engine(self.models, self.catalog, self.explorer,
                              settings.log_beams if settings.log_impressions else 0,
-                             settings.organic_beam)
+                             settings.organic_beam, self.controller.organic_width)
         self.batcher = Batcher(self.engine.run, self.controller, settings.max_batch_size,
                                settings.max_wait_ms / 1000.0, settings.workers)
         self.impressions = (ImpressionLogger(kafka, settings.impression_buffer,
@@ -60,6 +62,9 @@ class Service:
         self.gate = self._update_gate() if settings.follow_model_updates else None
         self.ads_follower = TopicFollower(
             kafka, "ads", self._on_ads,
+            dead_letters=DeadLetterOnce(kafka, dead) if dead else None)
+        self.organic_follower = TopicFollower(
+            kafka, "organic-items", self._on_organic,
             dead_letters=DeadLetterOnce(kafka, dead) if dead else None)
         self.updates_follower = (TopicFollower(
             kafka, "model-updates", self._on_updates, on_caught_up=self._updates_caught_up,
@@ -89,6 +94,7 @@ class Service:
         if self.impressions is not None:
             self.impressions.start()
         self.ads_follower.start()
+        self.organic_follower.start()
         if self.settings.snapshot is not None:
             result = self.models.load_directory(self.settings.snapshot)
             if result != "ok":
@@ -97,7 +103,7 @@ class Service:
             self.updates_follower.start()
 
     def stop_threads(self) -> None:
-        for f in (self.updates_follower, self.ads_follower):
+        for f in (self.updates_follower, self.organic_follower, self.ads_follower):
             if f is not None:
                 f.stop()
         if self.impressions is not None:
@@ -114,6 +120,17 @@ class Service:
                 updates.append((rec.ad_id, rec))
         if self.catalog.apply(updates):
             self.models.on_catalog_change()
+
+    def _on_organic(self, batch: list[tuple[bytes | None, Any]]) -> None:
+        updates: list[tuple[str, OrganicItem | None]] = []
+        for key, rec in batch:
+            if rec is None:
+                if key:
+                    updates.append((key.decode("utf-8", "replace"), None))
+            else:
+                updates.append((rec.item_id, rec))
+        if self.organic.apply(updates):
+            self.models.on_organic_change()
 
     def _on_updates(self, batch: list[tuple[bytes | None, Any]]) -> None:
         for _key, rec in batch:
@@ -138,6 +155,8 @@ class Service:
             waiting.append("a model snapshot")
         if not self.ads_follower.caught_up.is_set():
             waiting.append("the ads topic")
+        if not self.organic_follower.caught_up.is_set():
+            waiting.append("the organic-items topic")
         detail = {
             "model_version": state.model.version if state else None,
             "provider": self.provider.name, "device": self.provider.device,
@@ -145,6 +164,9 @@ class Service:
             "catalog_caught_up": self.ads_follower.caught_up.is_set(),
             "catalog_ads": len(self.catalog),
             "servable_ads": state.trie.n_ads if state else 0,
+            "catalog_organic_items": len(self.organic),
+            "servable_organic_items": state.organic_trie.n_ads
+            if state and state.organic_trie else 0,
             "beam_scale": self.controller.alpha,
             "waiting_for": waiting,
         }

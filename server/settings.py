@@ -90,7 +90,8 @@ class ServerSettings(BaseSettings):
 
     # mixed feed (organic items ranked by the same model)
     organic_beam: int = Field(8, ge=1, le=256, description="beam width per level of the "
-                              "organic search of a mixed-feed request (organic_k > 0); "
+                              "organic search of a mixed-feed request (organic_k > 0), "
+                              "scaled by the load controller like the ads' beams; "
                               "never below organic_k")
 
     # exploration (server/explore.py)

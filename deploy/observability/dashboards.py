@@ -350,8 +350,11 @@ SERVING = Dashboard(
             ts("Beam width per level", q("max by (instance, level) (adloop_server_beam_width)",
                                          "{{instance}} level {{level}}"),
                q("min by (instance) (adloop_server_beam_scale_ratio)", "{{instance}} scale"),
+               q("max by (instance) (adloop_server_organic_beam_width)",
+                 "{{instance}} organic", may_be_empty=True),
                description="The load-shedding controller narrows beams (scale < 1) before "
-                           "it refuses requests."),
+                           "it refuses requests; the organic search of mixed feeds narrows "
+                           "with them (empty without mixed feeds)."),
         )),
         Row("Impressions and snapshots", (
             ts("Impression logging", q(_rate("adloop_server_impressions_produced_total"),

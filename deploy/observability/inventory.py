@@ -96,6 +96,10 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_server_beam_scale_ratio", "gauge", "server", (),
        "The load controller's beam scale in (0, 1]; below 1 the server sheds load by "
        "narrowing beams."),
+    _m("adloop_server_organic_beam_width", "gauge", "server", (),
+       "Base beam width per level of the organic search of mixed feeds in use: "
+       "organic_beam scaled by the load controller like the ads' beams (a request never "
+       "searches narrower than its organic_k)."),
     _m("adloop_server_request_beam_width", "histogram", "server", ("level",),
        "Beam width used per request and level.", "level: semantic-id level"),
     _m("adloop_server_context_unmatched_total", "counter", "server", (),
@@ -153,9 +157,12 @@ METRICS: tuple[Metric, ...] = (
        "Wall-clock time of the last model swap."),
     _m("adloop_server_servable_ads", "gauge", "server", (), "Ads in the serving trie."),
     _m("adloop_server_catalog_ads", "gauge", "server", (), "Ads known from the `ads` topic."),
+    _m("adloop_server_catalog_organic_items", "gauge", "server", (),
+       "Organic items known from the `organic-items` topic."),
     _m("adloop_server_organic_items", "gauge", "server", (),
-       "Organic items (videos, articles) in the serving snapshot's organic trie, all "
-       "servable in a mixed feed; 0 = the snapshot has none (ads only)."),
+       "Servable organic items (videos, articles): in the serving snapshot's organic trie "
+       "and active on `organic-items` (a removed or deleted item leaves at once); 0 = the "
+       "snapshot has none (ads only)."),
     _m("adloop_server_organic_served_total", "counter", "server", (),
        "Organic items served in mixed feeds (requests with organic_k > 0)."),
     _m("adloop_server_organic_search_seconds", "histogram", "server", (),
@@ -167,9 +174,9 @@ METRICS: tuple[Metric, ...] = (
        "Records the server's topic followers skipped (and dead-lettered once per offset): "
        "undecodable, refused by the model-updates check (signature, snapshot bases), or "
        "breaking the handler.",
-       "topic: ads, model-updates; reason: the DlqReason enum (handler_error: the record "
-       "decoded but the server could not use it; unsigned, bad_signature, unknown_key, "
-       "uri_outside_bases: a refused model-updates record)"),
+       "topic: ads, organic-items, model-updates; reason: the DlqReason enum (handler_error: "
+       "the record decoded but the server could not use it; unsigned, bad_signature, "
+       "unknown_key, uri_outside_bases: a refused model-updates record)"),
     _m("adloop_server_model_updates_refused_total", "counter", "server", ("reason",),
        "`model-updates` records refused before anything they name was fetched, and "
        "dead-lettered: no valid signature under the server's keyring, or a snapshot URI "
@@ -178,8 +185,8 @@ METRICS: tuple[Metric, ...] = (
        "reason: unsigned, bad_signature, unknown_key, uri_outside_bases"),
     _m("adloop_follow_retries_total", "counter", "server", ("topic",),
        "Times a topic follower reopened its topic after a fault that can heal (broker "
-       "unreachable, topic missing); backoff 0.5 s doubling to 10 s. Bad records are never "
-       "retried.", "topic: ads, model-updates"),
+       "unreachable, topic missing); backoff 0.5 s doubling to 5 s. Bad records are never "
+       "retried.", "topic: ads, organic-items, model-updates"),
     # --- joiner: adloop join (streams/joiner.py) -----------------------------------------
     _m("adloop_join_feedback_total", "counter", "join", ("kind",), "Feedback lists emitted.",
        "kind: provisional, final, correction"),

@@ -1,11 +1,12 @@
 """A CI-sized subset of ``bench/chaos.py``: faults during live traffic, then the ledger.
 
-The server and the learner are killed with ``kill -9`` while traffic runs, a burst of
-malformed records hits every input topic, poison bytes (invalid UTF-8, tombstones,
-non-UTF-8 keys) hit every topic a process reads, and a corrupt snapshot is announced;
-no process exits on its own; after
-tail traffic closes every attribution window, every event the traffic caused is
-accounted for: nothing lost, nothing doubled, no final list with a wrong reward.
+The server and the learner are killed with ``kill -9`` while traffic (mixed feeds: ads
+and organic items) runs, a burst of malformed records hits every input topic, poison
+bytes (invalid UTF-8, tombstones, non-UTF-8 keys, wrong field types) hit every topic a
+process reads (the organic ones included), and a corrupt snapshot is announced; no
+process exits on its own; after tail traffic closes every attribution window, every
+event the traffic caused is accounted for: nothing lost, nothing doubled, no final list
+with a wrong reward or organic engagement.
 """
 
 from __future__ import annotations
@@ -39,15 +40,19 @@ def test_faults_during_live_traffic_lose_and_double_nothing(kafka_broker: str,
         assert r["accounted"] == r["events_in"] > 0, (name, r)
         assert r["recovery_s"] is not None, (name, r)
         assert r["process_exits"] == 0, (name, r, result["exits"])
-    # every malformed record (4 per input topic, 5 topics) is in the dlq with a reason
-    assert rows["malformed_burst"]["dead_lettered"] >= 20
-    # 5 poison records on each of 6 topics, every one dead-lettered (but the two
-    # tombstones on ads: deletions there); the server goes on following ads and serves a
-    # snapshot announced after the poison
+    # organic engagements of the mixed feeds were accounted in every phase's ledger
+    assert sum(r["organic_engagements"] for r in rows.values()) > 0, rows
+    # every malformed record (4 per input topic, 7 topics) is in the dlq with a reason
+    assert rows["malformed_burst"]["dead_lettered"] >= 28
+    # 6 poison records on each of 8 topics, every one dead-lettered (but the two
+    # tombstones on ads and on organic-items: deletions there); the server goes on
+    # following ads, reads past the poison on organic-items and serves a snapshot
+    # announced after the poison
     poison = rows["poison_bytes"]
-    assert poison["detail"]["poison_records"] == 28
-    assert poison["detail"]["ads_tombstones_as_deletions"] == 2
-    assert poison["dead_lettered"] >= 28
+    assert poison["detail"]["poison_records"] == 44
+    assert poison["detail"]["tombstones_as_deletions"] == {"ads": 2, "organic-items": 2}
+    assert poison["detail"]["server_skipped_organic_items"] >= 4
+    assert poison["dead_lettered"] >= 44
     assert poison["detail"]["catalog_ads"][1] > poison["detail"]["catalog_ads"][0]
     assert poison["detail"]["response_model_is_new"], poison["detail"]
     assert result["exits"] == []

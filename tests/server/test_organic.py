@@ -13,12 +13,13 @@ import pytest
 from prometheus_client import REGISTRY
 
 from server.beam import beam_search, sequence_logprob
-from server.catalog import AdCatalog
+from server.catalog import AdCatalog, OrganicCatalog
+from server.controller import BeamController
 from server.engine import Engine, RecRequest, RecResult
 from server.models import ModelManager, ServingState
 from server.runtime import resolve_provider
-from streams.kafka_io import read_all
-from streams.schemas import Event, Impression
+from streams.kafka_io import EventProducer, read_all
+from streams.schemas import Event, Impression, OrganicItem
 from streams.settings import KafkaSettings
 from tests.server.conftest import AD_IDS, Builder, metric_value, publish_ads, ready, wait_for
 from tests.support.snapshots import ServerThread, make_ads
@@ -58,6 +59,24 @@ def _serving(tmp_path: Path, directory: Path, organic_beam: int = 16
     assert mgr.load_directory(directory) == "ok", mgr.describe()
     assert mgr.state is not None
     return mgr, Engine(mgr, catalog, organic_beam=organic_beam), mgr.state
+
+
+def _items(item_ids: list[str], status: str = "active") -> list[OrganicItem]:
+    """``organic-items`` records of ``item_ids``."""
+    return [OrganicItem(item_id=i, kind="video", topic=i.split("#")[0], title=f"story {i}",
+                        status=status, created_time=0.0, event_time=1.0)  # type: ignore[arg-type]
+            for i in item_ids]
+
+
+def _following(tmp_path: Path, directory: Path, organic: OrganicCatalog
+               ) -> tuple[ModelManager, Engine]:
+    """A manager that follows an organic catalogue, as the server's does."""
+    catalog = AdCatalog()
+    catalog.apply((a.ad_id, a) for a in make_ads(AD_IDS))
+    mgr = ModelManager(catalog, resolve_provider("cpu"), tmp_path / "cache", 3, 1,
+                       warmup_widths=[16], organic=organic)
+    assert mgr.load_directory(directory) == "ok", mgr.describe()
+    return mgr, Engine(mgr, catalog, organic_beam=32)
 
 
 def _req(user: str, organic_k: int = 0, recent_organic: list[str] | None = None,
@@ -202,6 +221,8 @@ def test_a_mixed_feed_over_http_is_answered_and_logged(
         kafka: KafkaSettings, start_server: Start, organic_snapshot: Path,
         producer: Send) -> None:
     publish_ads(producer)
+    for item in _items(ORGANIC_IDS):
+        producer("organic-items", item)
     srv = start_server(kafka, snapshot=organic_snapshot, follow_model_updates=False,
                        organic_beam=8)
     body = {"user_id": "u-1", "context": {"device": "ios"}, "recent_ad_ids": AD_IDS[:2],
@@ -252,3 +273,132 @@ def test_recent_organic_items_fill_the_feed_only_when_the_search_found_too_few_o
     (mixed,) = engine.run([_req("u1", organic_k=4, recent_organic=top[:1])], WIDTHS)
     ids = [o.item_id for o in mixed.organic]
     assert len(ids) == 4 and ids.index(top[0]) == 3 if top[0] in ids else len(ids) == 4
+
+
+def test_a_removed_organic_item_leaves_the_organic_trie_at_once(
+        tmp_path: Path, snapshots: Builder) -> None:
+    """An item ``removed`` on ``organic-items``, or deleted (a tombstone), is not served
+    from the next batch on; the ads' trie is untouched; active again, it is back."""
+    organic = [f"news/tech#{n}" for n in range(12)]
+    catalogue = OrganicCatalog()
+    catalogue.apply((i.item_id, i) for i in _items(organic))
+    mgr, engine = _following(tmp_path, snapshots("v1", organic_ids=organic).directory,
+                             catalogue)
+    (res,) = engine.run([_req("u1", organic_k=50)], WIDTHS)
+    assert sorted(o.item_id for o in res.organic) == sorted(organic)
+    state = mgr.state
+    assert state is not None
+
+    assert catalogue.apply([(organic[3], _items([organic[3]], "removed")[0]),
+                            (organic[5], None)])
+    mgr.on_organic_change()
+    assert mgr.state is not None and mgr.state.trie is state.trie   # ads untouched
+    assert mgr.state.organic_trie is not None and mgr.state.organic_trie.n_ads == 10
+    assert _sample("adloop_server_organic_items") == 10
+    (res,) = engine.run([_req("u1", organic_k=50)], WIDTHS)
+    assert sorted(o.item_id for o in res.organic) == sorted(set(organic) - {organic[3],
+                                                                            organic[5]})
+    catalogue.apply((i.item_id, i) for i in _items([organic[3]]))
+    mgr.on_organic_change()
+    (res,) = engine.run([_req("u1", organic_k=50)], WIDTHS)
+    assert organic[3] in {o.item_id for o in res.organic}
+    assert organic[5] not in {o.item_id for o in res.organic}
+
+
+def test_a_new_organic_item_is_served_once_a_snapshot_has_its_ids(
+        tmp_path: Path, snapshots: Builder) -> None:
+    """A new item active on ``organic-items`` has no semantic id in the serving snapshot:
+    it waits, like a new ad, for the snapshot the learner publishes after placing it;
+    an item of the snapshot whose record has not arrived is not served either."""
+    organic = [f"news/tech#{n}" for n in range(12)]
+    new, unannounced = "news/tech#12", "news/tech#13"
+    catalogue = OrganicCatalog()
+    catalogue.apply((i.item_id, i) for i in _items([*organic, new]))
+    mgr, engine = _following(tmp_path, snapshots("v1", organic_ids=organic).directory,
+                             catalogue)
+    (res,) = engine.run([_req("u1", organic_k=50)], WIDTHS)
+    assert sorted(o.item_id for o in res.organic) == sorted(organic)    # no ids for it yet
+
+    v2 = snapshots("v2", organic_ids=[*organic, new, unannounced])
+    assert mgr.load_directory(v2.directory) == "ok", mgr.describe()
+    (res,) = engine.run([_req("u1", organic_k=50)], WIDTHS)
+    assert res.model_version == "v2"
+    assert sorted(o.item_id for o in res.organic) == sorted([*organic, new])
+    catalogue.apply((i.item_id, i) for i in _items([unannounced]))
+    mgr.on_organic_change()
+    (res,) = engine.run([_req("u1", organic_k=50)], WIDTHS)
+    assert unannounced in {o.item_id for o in res.organic}
+
+
+def test_the_organic_search_narrows_with_the_ads_beams_under_load(
+        tmp_path: Path, organic_snapshot: Path) -> None:
+    """The load controller scales the organic search's width by the ads' α; a request
+    still searches at least its organic_k."""
+    ctl = BeamController([16, 16, 8], slo_s=0.05, alpha_min=0.125)
+    used: list[int] = []
+
+    def width(base: int) -> int:
+        used.append(ctl.organic_width(base))
+        return used[-1]
+
+    _mgr, _plain, _state = _serving(tmp_path, organic_snapshot)
+    engine = Engine(_mgr, _mgr.catalog, organic_beam=16, organic_width=width)
+    (calm,) = engine.run([_req("u1", organic_k=3)], ctl.widths)
+    assert used == [16] and _sample("adloop_server_organic_beam_width") == 16
+    for _ in range(3):   # batches far over the SLO: α drops to its floor
+        ctl.observe(16, 1.0, 1.0, 64)
+    assert ctl.at_floor
+    (loaded,) = engine.run([_req("u1", organic_k=3)], ctl.widths)
+    ads_ratio = ctl.widths(3)[0] / 16
+    assert used[-1] == int(ctl.alpha * 16) == 2 and used[-1] / 16 == ads_ratio
+    assert _sample("adloop_server_organic_beam_width") == 2
+    assert len(calm.organic) == len(loaded.organic) == 3     # never below organic_k
+
+
+@pytest.mark.kafka
+def test_the_server_follows_organic_items_removals_and_returns(
+        kafka: KafkaSettings, start_server: Start, organic_snapshot: Path,
+        producer: Send) -> None:
+    """Over the topic: poison before the catalogue is skipped and dead-lettered; a
+    removal stops being served within a bound (no new snapshot), and an item active
+    again is served again."""
+    publish_ads(producer)
+    prod = EventProducer(kafka)
+    bad = [prod.send_bytes("organic-items", value, key).get(timeout=30).offset
+           for key, value in ((b"x#1", b'"\x80"'), (b"\xff\xfe", b'{"schema":1,"item_id":7}'),
+                              (b"x#2", b"[" * 100_000))]
+    prod.send_bytes("organic-items", None, b"\xc0gone").get(timeout=30)  # type: ignore[arg-type]
+    prod.close()
+    for item in _items(ORGANIC_IDS):
+        producer("organic-items", item)
+    srv = start_server(kafka, snapshot=organic_snapshot, follow_model_updates=False,
+                       organic_beam=32)
+    body = {"user_id": "u-1", "context": {"device": "ios"}, "recent_ad_ids": AD_IDS[:2],
+            "k": 4, "organic_k": len(ORGANIC_IDS)}
+    gone = ORGANIC_IDS[4]
+
+    def served(c: httpx.Client) -> set[str]:
+        r = c.post("/v1/recommend", json=body)
+        assert r.status_code == 200, r.text
+        return {o["item_id"] for o in r.json()["organic"]}
+
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        wait_for(lambda: ready(c, "v1"), what="v1 ready")
+        assert served(c) == set(ORGANIC_IDS)
+        producer("organic-items", _items([gone], "removed")[0])
+        wait_for(lambda: gone not in served(c), timeout_s=10, what="the removal served")
+        assert served(c) == set(ORGANIC_IDS) - {gone}
+        text = c.get("/metrics").text
+        assert metric_value(text, "adloop_server_organic_items") == len(ORGANIC_IDS) - 1
+        assert metric_value(text, "adloop_server_catalog_organic_items") == len(ORGANIC_IDS)
+        assert c.get("/readyz").json()["servable_organic_items"] == len(ORGANIC_IDS) - 1
+        assert metric_value(text, "adloop_server_bad_records_total",
+                            'reason="not_json",topic="organic-items"') == 2
+        assert metric_value(text, "adloop_server_bad_records_total",
+                            'reason="invalid",topic="organic-items"') == 1
+        producer("organic-items", _items([gone])[0])
+        wait_for(lambda: gone in served(c), timeout_s=10, what="the item served again")
+    physical = kafka.topic_prefix + "organic-items"
+    wait_for(lambda: sorted(r.record.offset for r in read_all(kafka, "dlq", timeout_s=5)
+                            if r.record.source_topic == physical) == bad,
+             timeout_s=30, what="one dead letter per poison record (not the tombstone)")
