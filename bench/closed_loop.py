@@ -42,8 +42,10 @@ from bench.common import (
 from learner.beyond import BEYOND_KEYS
 
 SERVING_KEYS = ("ece_ctr", "ece_cvr", "mean_coverage", "explored_share",
-                "observable_oracle_reach", "model_versions", *BEYOND_KEYS)
-"""What the generative policies report about their serving, and every policy's
+                "observable_oracle_reach", "model_versions", "value_logloss_ctr",
+                "value_logloss_cvr", "value_mse_reward", *BEYOND_KEYS)
+"""What the generative policies report about their serving, the baselines' held-out
+value-model errors on the logs' time split (``heldout_metrics``), and every policy's
 beyond-accuracy metrics (mean over seeds; see learner/beyond.py)."""
 
 
@@ -106,14 +108,17 @@ def main() -> int:
                      "per_seed_rpm": [round(x, 4) for x in e["per_seed_rpm_last_quarter"]],
                      **{k: _num(e[k]["mean"]) for k in SERVING_KEYS if k in e},
                      "rpm_curve": [round(x, 4) for x in e["rpm_curve"]]}
+    out["best_baseline"] = results.get("best_baseline")
     for key in ("rspo_over_oracle", "rspo_over_frozen", "rspo_over_dlrm", "rspo_over_vsl_only",
-                "rspo_over_observable_oracle", "observable_oracle_over_oracle",
+                "rspo_over_observable_oracle", "rspo_over_frozen_explore",
+                "rspo_over_best_baseline", "observable_oracle_over_oracle",
                 "frozen_over_observable_oracle_first_quarter",
                 "frozen_over_observable_oracle_last_quarter"):
         v = results.get(key)
         out[key] = round(v, 4) if v is not None else None
     for pair in ("rspo_over_frozen", "rspo_over_dlrm", "rspo_over_vsl_only",
-                 "rspo_over_observable_oracle"):
+                 "rspo_over_observable_oracle", "rspo_over_frozen_explore",
+                 "rspo_over_best_baseline"):
         ci = results.get(f"{pair}_per_seed_ci95")
         out[f"{pair}_ci_low"] = round(ci[0], 4) if ci else None
         out[f"{pair}_per_seed_ci95"] = [round(x, 4) for x in ci] if ci else None
@@ -124,6 +129,11 @@ def main() -> int:
              f"rspo / frozen = {out['rspo_over_frozen']} (goal ≥ 1.10; per-seed ratio "
              f"95 % interval {out['rspo_over_frozen_per_seed_ci95']}, goal: low end > 1.0), "
              f"rspo / dlrm = {out['rspo_over_dlrm']} (goal ≥ 1.042), "
+             f"rspo / best baseline ({out['best_baseline']}) = "
+             f"{out['rspo_over_best_baseline']} (per-seed 95 % interval "
+             f"{out['rspo_over_best_baseline_per_seed_ci95']}), "
+             f"rspo / frozen_explore = {out['rspo_over_frozen_explore']} (low end "
+             f"{out['rspo_over_frozen_explore_ci_low']}: learning alone), "
              f"rspo / observable oracle = {out['rspo_over_observable_oracle']}, "
              f"rspo / vsl_only = {out['rspo_over_vsl_only']}; drift: frozen / observable "
              f"oracle {out['frozen_over_observable_oracle_first_quarter']} (first quarter) → "
