@@ -49,6 +49,27 @@ value-model errors on the logs' time split (``heldout_metrics``), and every poli
 beyond-accuracy metrics (mean over seeds; see learner/beyond.py)."""
 
 
+BASELINES_NOTE = (
+    "Yardsticks (each fed the same logged phase, feedback lists and request features "
+    "as the generative policies; hyper-parameters picked on a time split of the logged "
+    "phase, never on the evaluation traffic): **logistic**, a factorised logistic "
+    "pCTR·pCVR model (per-ad bias shrunk to its industry, organic-topic shares × ad "
+    "category and industry, context × industry and category, recent-ad fatigue) refit "
+    "on every feedback block, every servable ad ranked by expected value with the bid; "
+    "**dlrm**, the DLRM-style network with held-out early stopping and a learning-rate "
+    "grid, trained online on every list; **vw_cb**, a Vowpal Wabbit contextual bandit "
+    "(`--cb_explore_adf`, `mtr`): one prediction scores every servable ad, the slate is "
+    "filled slot by slot from the ads not yet chosen, with probability ε (the harness's "
+    "exploration share) one drawn uniformly, else the lowest estimated cost; each shown "
+    "slot is learnt as one example (cost = -realized revenue) with its propensity "
+    "(1 - ε)·[greedy] + ε / remaining; **frozen_explore**, the frozen generative model "
+    "with rspo's exploration, so rspo / frozen_explore isolates learning. "
+    "`best_baseline` is the best of logistic, dlrm and vw_cb by last-quarter RPM; "
+    "`value_logloss_ctr` / `value_logloss_cvr` (`value_mse_reward` for vw_cb) are the "
+    "value models' errors on the logs' held-out split.")
+"""The paragraph of docs/benchmarks.md's closed_loop section that defines the yardsticks."""
+
+
 def _num(x: float) -> float | None:
     return round(x, 4) if math.isfinite(x) else None
 
@@ -146,7 +167,7 @@ def main() -> int:
         f"logging phase (the pretraining data), {out['device']}, {elapsed:.0f} s. "
         "RPM = expected revenue per 1000 impressions (ground-truth expected value of every "
         "shown ad), over the last quarter of the run; 95 % Student-t intervals over seeds.\n\n"
-        f"{headline_table(results)}\n\n{goals}.\n\n"
+        f"{headline_table(results)}\n\n{goals}.\n\n{BASELINES_NOTE}\n\n"
         f"![RPM over time]({plot.relative_to(ROOT / 'docs')})"))
     print(headline_table(results))
     print(goals)
