@@ -61,8 +61,12 @@ from traffic.world import OrganicResponse, Request, Response, World, WorldConfig
 
 log = get_logger(__name__)
 
-POLICIES = ("rspo", "frozen", "vsl_only", "dlrm", "bid_only", "popularity", "random",
-            "observable_oracle", "oracle")
+POLICIES = ("rspo", "frozen", "frozen_explore", "vsl_only", "dlrm", "logistic", "vw_cb",
+            "bid_only", "popularity", "random", "observable_oracle", "oracle")
+GENERATIVE = ("rspo", "frozen", "frozen_explore", "vsl_only")
+"""Policies served by the pretrained generative model."""
+BASELINES = ("logistic", "dlrm", "vw_cb")
+"""The learned non-generative yardsticks; ``best_baseline`` is the best of them by RPM."""
 # two-sided 95 % Student t quantiles by degrees of freedom
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
         9: 2.262, 10: 2.228}
@@ -412,6 +416,9 @@ def run_policy(world: World, policy: BatchPolicy, cfg: EvalConfig, seed: int,
     calibration = getattr(policy, "calibration", None)
     if callable(calibration):
         run.serving = dict(calibration())
+    heldout = getattr(policy, "heldout_metrics", None)
+    if callable(heldout):       # a value model's held-out log-loss on the logs' time split
+        run.serving.update(heldout())
     return run
 
 
@@ -453,13 +460,23 @@ def make_policy(name: str, world: World, seed: int, cfg: EvalConfig,
         dlrm = policies.DLRMPolicy(world, seed=seed)
         dlrm.pretrain(logs)
         return dlrm
-    update = {"rspo": "rspo", "frozen": "none", "vsl_only": "vsl_only"}[name]
+    if name in ("logistic", "vw_cb"):
+        from adloop import baselines
+
+        base: baselines.LogisticPolicy | baselines.VWPolicy = (
+            baselines.LogisticPolicy(world, seed=seed) if name == "logistic"
+            else baselines.VWPolicy(world, seed=seed, epsilon=cfg.explore))
+        base.pretrain(logs)
+        return base
+    update = {"rspo": "rspo", "frozen": "none", "frozen_explore": "none",
+              "vsl_only": "vsl_only"}[name]
     from learner.rspo import RSPOConfig
 
     model, tok, _ = pretrained
     return policies.GenerativePolicy(name, world, model, tok, update=update,
                                      beam_width=cfg.beam_width, seed=seed,
-                                     explore=cfg.explore if update != "none" else 0.0,
+                                     explore=(cfg.explore if update != "none"
+                                              or name == "frozen_explore" else 0.0),
                                      catalogue_beams=cfg.catalogue_beams,
                                      rspo=RSPOConfig(**{"hepo_weight": cfg.hepo_weight,
                                                         **cfg.rspo}), work_dir=work_dir,
@@ -531,7 +548,7 @@ def run_seed(cfg: EvalConfig, seed: int, work_dir: Path,
     for fb in logs:
         seen_before.setdefault(fb.user_id, set()).update(it.ad_id for it in fb.items)
     pretrained = None
-    if any(p in ("rspo", "frozen", "vsl_only") for p in cfg.policies):
+    if any(p in GENERATIVE for p in cfg.policies):
         pretrained = pretrain_on(logs, world, cfg, seed, work_dir / f"pretrain-{seed}")
     prefixes = SidPrefixes(pretrained[1] if pretrained is not None
                            else sid_tokenizer(world, cfg, seed))
@@ -545,7 +562,7 @@ def run_seed(cfg: EvalConfig, seed: int, work_dir: Path,
         t1 = time.perf_counter()
         runs.append(run_policy(w, policy, cfg, seed, cold_after, progress, bits,
                                seen_before, prefixes))
-        if pretrained is not None and name in ("rspo", "frozen", "vsl_only"):
+        if pretrained is not None and name in GENERATIVE:
             runs[-1].offline = dict(pretrained[2])
         if progress:
             s = runs[-1].summary()
@@ -655,9 +672,19 @@ def aggregate(runs: Sequence[PolicyRun], cfg: EvalConfig) -> dict[str, Any]:
         return [lo, hi]
 
     out["policies_run"] = list(pol)
+    ran = [b for b in BASELINES if b in pol]
+    best = max(ran, key=lambda b: pol[b]["rpm_last_quarter"]["mean"]) if ran else None
+    out["best_baseline"] = best
     for a, b in (("rspo", "frozen"), ("rspo", "dlrm"), ("rspo", "vsl_only"),
-                 ("rspo", "observable_oracle")):
+                 ("rspo", "observable_oracle"), ("rspo", "frozen_explore")):
         out[f"{a}_over_{b}_per_seed_ci95"] = seed_ratio_ci(a, b)
+    out["rspo_over_frozen_explore"] = ratio("rspo", "frozen_explore")
+    out["rspo_over_best_baseline"] = ratio("rspo", best) if best else None
+    out["rspo_over_best_baseline_per_seed_ci95"] = (seed_ratio_ci("rspo", best) if best
+                                                    else None)
+    for pair in ("rspo_over_best_baseline", "rspo_over_frozen_explore"):
+        ci = out[f"{pair}_per_seed_ci95"]
+        out[f"{pair}_ci_low"] = ci[0] if ci else None
     out["rspo_over_oracle"] = ratio("rspo", "oracle")
     out["rspo_over_frozen"] = ratio("rspo", "frozen")
     out["rspo_over_dlrm"] = ratio("rspo", "dlrm")

@@ -45,9 +45,32 @@ from learner.beyond import BEYOND_KEYS
 DEPENDS = (*CLOSED_LOOP_DEPENDS, "adloop/console.py", "bench/closed_loop.py")
 
 SERVING_KEYS = ("ece_ctr", "ece_cvr", "mean_coverage", "explored_share",
-                "observable_oracle_reach", "model_versions", *BEYOND_KEYS)
-"""What the generative policies report about their serving, and every policy's
+                "observable_oracle_reach", "model_versions", "value_logloss_ctr",
+                "value_logloss_cvr", "value_mse_reward", *BEYOND_KEYS)
+"""What the generative policies report about their serving, the baselines' held-out
+value-model errors on the logs' time split (``heldout_metrics``), and every policy's
 beyond-accuracy metrics (mean over seeds; see learner/beyond.py)."""
+
+
+BASELINES_NOTE = (
+    "Yardsticks (each fed the same logged phase, feedback lists and request features "
+    "as the generative policies; hyper-parameters picked on a time split of the logged "
+    "phase, never on the evaluation traffic): **logistic**, a factorised logistic "
+    "pCTR·pCVR model (per-ad bias shrunk to its industry, organic-topic shares × ad "
+    "category and industry, context × industry and category, recent-ad fatigue) refit "
+    "on every feedback block, every servable ad ranked by expected value with the bid; "
+    "**dlrm**, the DLRM-style network with held-out early stopping and a learning-rate "
+    "grid, trained online on every list; **vw_cb**, a Vowpal Wabbit contextual bandit "
+    "(`--cb_explore_adf`, `mtr`): one prediction scores every servable ad, the slate is "
+    "filled slot by slot from the ads not yet chosen, with probability ε (the harness's "
+    "exploration share) one drawn uniformly, else the lowest estimated cost; each shown "
+    "slot is learnt as one example (cost = -realized revenue) with its propensity "
+    "(1 - ε)·[greedy] + ε / remaining; **frozen_explore**, the frozen generative model "
+    "with rspo's exploration, so rspo / frozen_explore isolates learning. "
+    "`best_baseline` is the best of logistic, dlrm and vw_cb by last-quarter RPM; "
+    "`value_logloss_ctr` / `value_logloss_cvr` (`value_mse_reward` for vw_cb) are the "
+    "value models' errors on the logs' held-out split.")
+"""The paragraph of docs/benchmarks.md's closed_loop section that defines the yardsticks."""
 
 
 def _num(x: float) -> float | None:
@@ -109,14 +132,17 @@ def main() -> int:
                      "per_seed_rpm": [round(x, 4) for x in e["per_seed_rpm_last_quarter"]],
                      **{k: _num(e[k]["mean"]) for k in SERVING_KEYS if k in e},
                      "rpm_curve": [round(x, 4) for x in e["rpm_curve"]]}
+    out["best_baseline"] = results.get("best_baseline")
     for key in ("rspo_over_oracle", "rspo_over_frozen", "rspo_over_dlrm", "rspo_over_vsl_only",
-                "rspo_over_observable_oracle", "observable_oracle_over_oracle",
+                "rspo_over_observable_oracle", "rspo_over_frozen_explore",
+                "rspo_over_best_baseline", "observable_oracle_over_oracle",
                 "frozen_over_observable_oracle_first_quarter",
                 "frozen_over_observable_oracle_last_quarter"):
         v = results.get(key)
         out[key] = round(v, 4) if v is not None else None
     for pair in ("rspo_over_frozen", "rspo_over_dlrm", "rspo_over_vsl_only",
-                 "rspo_over_observable_oracle"):
+                 "rspo_over_observable_oracle", "rspo_over_frozen_explore",
+                 "rspo_over_best_baseline"):
         interval = results.get(f"{pair}_per_seed_ci95")
         out[f"{pair}_ci_low"] = round(interval[0], 4) if interval else None
         out[f"{pair}_per_seed_ci95"] = [round(x, 4) for x in interval] if interval else None
@@ -127,6 +153,11 @@ def main() -> int:
              f"rspo / frozen = {out['rspo_over_frozen']} (goal ≥ 1.10; per-seed ratio "
              f"95 % interval {out['rspo_over_frozen_per_seed_ci95']}, goal: low end > 1.0), "
              f"rspo / dlrm = {out['rspo_over_dlrm']} (goal ≥ 1.042), "
+             f"rspo / best baseline ({out['best_baseline']}) = "
+             f"{out['rspo_over_best_baseline']} (per-seed 95 % interval "
+             f"{out['rspo_over_best_baseline_per_seed_ci95']}), "
+             f"rspo / frozen_explore = {out['rspo_over_frozen_explore']} (low end "
+             f"{out['rspo_over_frozen_explore_ci_low']}: learning alone), "
              f"rspo / observable oracle = {out['rspo_over_observable_oracle']}, "
              f"rspo / vsl_only = {out['rspo_over_vsl_only']}; drift: frozen / observable "
              f"oracle {out['frozen_over_observable_oracle_first_quarter']} (first quarter) → "
@@ -139,7 +170,7 @@ def main() -> int:
         f"logging phase (the pretraining data), {out['device']}, {elapsed:.0f} s. "
         "RPM = expected revenue per 1000 impressions (ground-truth expected value of every "
         "shown ad), over the last quarter of the run; 95 % Student-t intervals over seeds.\n\n"
-        f"{headline_table(results)}\n\n{goals}.\n\n"
+        f"{headline_table(results)}\n\n{goals}.\n\n{BASELINES_NOTE}\n\n"
         f"![RPM over time]({plot.relative_to(ROOT / 'docs')})"))
     print(headline_table(results))
     print(goals)

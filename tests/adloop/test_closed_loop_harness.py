@@ -99,3 +99,36 @@ def test_mixed_feeds_report_organic_engagement_against_the_organic_oracle(
                        tmp_path / "ads-only")
     assert ads_only["policies"]["oracle"]["per_seed_rpm_last_quarter"] == \
         pol["oracle"]["per_seed_rpm_last_quarter"]
+
+
+def test_aggregate_names_the_best_baseline_and_compares_rspo_with_it() -> None:
+    """best_baseline is the learned yardstick with the highest last-quarter RPM; rspo's
+    ratios to it and to frozen_explore come with per-seed intervals and their low ends,
+    and a policy's held-out value-model errors reach its summary."""
+    from adloop.evaluation import PolicyRun, aggregate
+
+    rpm = {"rspo": (300.0, 330.0), "frozen_explore": (250.0, 240.0), "logistic": (280.0, 300.0),
+           "dlrm": (200.0, 190.0), "vw_cb": (150.0, 170.0)}
+    runs = []
+    for name, per_seed in rpm.items():
+        for seed, r in enumerate(per_seed):
+            run = PolicyRun(name, seed, impressions=[1000] * 4, revenue=[r] * 4,
+                            expected=[r] * 4, oracle_expected=[1000.0] * 4,
+                            observable_expected=[900.0] * 4, clicks=[10] * 4,
+                            conversions=[1] * 4)
+            if name == "dlrm":
+                run.serving = {"value_logloss_ctr": 0.14, "value_logloss_cvr": 0.35}
+            runs.append(run)
+    out = aggregate(runs, EvalConfig(seeds=(0, 1)))
+    assert out["best_baseline"] == "logistic"
+    assert math.isclose(out["rspo_over_best_baseline"], 315.0 / 290.0)
+    lo, hi = out["rspo_over_best_baseline_per_seed_ci95"]
+    assert lo < 315.0 / 290.0 < hi and out["rspo_over_best_baseline_ci_low"] == lo
+    assert math.isclose(out["rspo_over_frozen_explore"], 315.0 / 245.0)
+    assert out["rspo_over_frozen_explore_ci_low"] == out[
+        "rspo_over_frozen_explore_per_seed_ci95"][0]
+    assert out["policies"]["dlrm"]["value_logloss_ctr"]["mean"] == 0.14
+    no_baselines = aggregate([r for r in runs if r.policy in ("rspo", "frozen_explore")],
+                             EvalConfig(seeds=(0, 1)))
+    assert no_baselines["best_baseline"] is None
+    assert no_baselines["rspo_over_best_baseline"] is None
