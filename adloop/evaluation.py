@@ -8,10 +8,10 @@ times). The design is paired (common random numbers, :mod:`traffic.world`): the
 catalogue and its lifecycle do not depend on what was served, and the response to an
 ad shown to a request is keyed by the two, so two policies showing the same ad to the
 same request see the same click and conversion; only what the slates cause (spend,
-fatigue, the users' clicked-ad history) differs. Learning policies receive the final feedback of each block of
-``update_every`` requests at the end of that block (a delay of up to one block,
-standing in for the joiner's attribution window; the live stack of ``adloop demo``
-runs the real delayed path).
+fatigue, the users' clicked-ad history) differs. Learning policies receive the final
+feedback of each block of ``update_every`` requests at the end of that block (a delay
+of up to one block, standing in for the joiner's attribution window; the live stack of
+``adloop demo`` runs the real delayed path).
 
 Reported per policy (mean and 95 % interval over seeds, Student t):
 
