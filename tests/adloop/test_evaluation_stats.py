@@ -4,6 +4,7 @@ effects on known inputs."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from adloop.evaluation import (
     headline_table,
     mean_ci,
     paired_ratio,
+    plot_ratios,
     ratio_table,
     t95,
     units_for_mde,
@@ -119,3 +121,12 @@ def test_aggregate_reports_last_quarter_and_whole_run_ratios_with_intervals() ->
     table = ratio_table(res)
     assert "| rspo / frozen | 1.000 (" in table and "| rspo / best_baseline |" in table
     assert ratio_table(res) in headline_table(res)
+
+
+def test_plot_ratios_draws_the_intervals(tmp_path: Path) -> None:
+    runs = [_run("rspo", s, [1.0, 1.0, 1.0, 1.0 + 0.1 * s]) for s in range(3)] + [
+        _run("frozen", s, [1.0, 1.0, 1.0, 1.0]) for s in range(3)]
+    res = aggregate(runs, EvalConfig(seeds=(0, 1, 2), requests=400, buckets=4))
+    path = plot_ratios(res, tmp_path / "ratios.png", "ratios")
+    assert path is not None and path.stat().st_size > 1000
+    assert plot_ratios({"ratios": []}, tmp_path / "none.png", "none") is None
