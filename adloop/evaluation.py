@@ -1,13 +1,17 @@
 """Closed-loop evaluation: every policy fed the same simulated traffic, side by side.
 
 For each seed a :class:`traffic.world.World` is built, a logging phase serves
-uniformly random slates (the logs pretrain the generative model), then each policy
-serves the *same* request stream (same users, contexts and arrival times; the world
-is rebuilt from the seed and replayed through the identical logging phase for every
-policy). Learning policies receive the final feedback of each block of
-``update_every`` requests at the end of that block (a delay of up to one block,
-standing in for the joiner's attribution window; the live stack of ``adloop demo``
-runs the real delayed path).
+uniformly random slates (the logs pretrain the generative model, once per seed, shared
+by every generative policy), then each policy starts from a copy of the world after the
+logging phase and serves the *same* request stream (same users, contexts and arrival
+times). The design is paired (common random numbers, :mod:`traffic.world`): the
+catalogue and its lifecycle do not depend on what was served, and the response to an
+ad shown to a request is keyed by the two, so two policies showing the same ad to the
+same request see the same click and conversion; only what the slates cause (spend,
+fatigue, the users' clicked-ad history) differs. Learning policies receive the final
+feedback of each block of ``update_every`` requests at the end of that block (a delay
+of up to one block, standing in for the joiner's attribution window; the live stack of
+``adloop demo`` runs the real delayed path).
 
 Reported per policy (mean and 95 % interval over seeds, Student t):
 
@@ -32,18 +36,24 @@ Reported per policy (mean and 95 % interval over seeds, Student t):
 * latency: wall time of ``recommend_batch`` per request.
 
 The headline window is the last quarter of the run, when learning policies have
-adapted. The generative policies live in :mod:`adloop.policies` (imported lazily) and
+adapted; the whole run is reported beside it. Each ratio of :data:`RATIO_PAIRS` (e.g.
+``rspo_over_frozen``) is the ratio of the two policies' mean RPM over seeds with a
+paired 95 % interval from the per-seed pairs (delta method on the log ratio,
+:func:`paired_ratio`) and ``mde_<ratio>``, the relative effect the run detects at 80 %
+power (two-sided 5 %). The generative policies live in :mod:`adloop.policies` (imported lazily) and
 are served by the server's own code in-process (:mod:`adloop.inprocess`: the learner's
 ONNX export, the server's model manager, trie and beam search, batched, no HTTP and no
 Kafka), so the harness measures what ``adloop serve`` would answer.
 
-Size: the full run is 8 seeds × 40 000 requests per policy (~14 simulated days after
-the logs); ``bench/closed_loop.py --quick`` is 8 seeds × 1 600. Seeds share nothing and
-run in parallel worker processes (``compare(jobs=N)``).
+Size: ``EvalConfig``'s defaults are 8 seeds × 40 000 requests per policy (~14 simulated
+days after the logs); ``bench/closed_loop.py --quick`` is 8 seeds × 1 600 (the MDE a
+size reaches: docs/benchmarks.md, Paired design). Seeds share nothing and run in
+parallel worker processes (``compare(jobs=N)``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import statistics
@@ -70,6 +80,15 @@ BASELINES = ("logistic", "dlrm", "vw_cb")
 # two-sided 95 % Student t quantiles by degrees of freedom
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
         9: 2.262, 10: 2.228}
+Z975 = 1.959963984540054
+"""Standard normal quantile at 0.975 (two-sided 5 % test)."""
+Z80 = 0.8416212335729143
+"""Standard normal quantile at 0.80 (80 % power)."""
+RATIO_PAIRS = (("rspo", "frozen"), ("rspo", "best_baseline"), ("rspo", "frozen_explore"),
+               ("rspo", "dlrm"), ("rspo", "logistic"), ("rspo", "vw_cb"),
+               ("rspo", "vsl_only"), ("rspo", "observable_oracle"), ("rspo", "oracle"),
+               ("observable_oracle", "oracle"))
+"""The ratios ``aggregate`` reports (each skipped when either policy did not run)."""
 
 
 class BatchPolicy(Protocol):
@@ -538,10 +557,14 @@ class SidPrefixes:
 def run_seed(cfg: EvalConfig, seed: int, work_dir: Path,
              progress: Callable[[str], None] | None = None) -> list[PolicyRun]:
     """Every policy of ``cfg`` on one seed (each on a world rebuilt from the seed)."""
+    from learner.embeddings import clear_embedding_cache
+
+    clear_embedding_cache()     # a seed's results never depend on the seeds run before it
     runs: list[PolicyRun] = []
     t0 = time.perf_counter()
     world = World(world_config(cfg, seed))
     logs = logging_phase(world, cfg, seed)
+    after_logs = copy.deepcopy(world)   # every policy starts from this state
     cold_after = world.now
     bits = click_bits(logs)
     seen_before: dict[str, set[str]] = {}
@@ -555,9 +578,8 @@ def run_seed(cfg: EvalConfig, seed: int, work_dir: Path,
     if progress:
         progress(f"seed {seed}: logging phase + pretraining {time.perf_counter() - t0:.0f}s")
     for name in cfg.policies:
-        w = World(world_config(cfg, seed))
-        w_logs = logging_phase(w, cfg, seed)  # identical state for every policy
-        policy = make_policy(name, w, seed, cfg, pretrained, w_logs,
+        w = copy.deepcopy(after_logs)   # identical state for every policy
+        policy = make_policy(name, w, seed, cfg, pretrained, logs,
                              work_dir / f"serve-{seed}-{name}")
         t1 = time.perf_counter()
         runs.append(run_policy(w, policy, cfg, seed, cold_after, progress, bits,
@@ -620,12 +642,91 @@ def compare(cfg: EvalConfig, work_dir: Path,
     return aggregate([r for runs in per_seed for r in runs], cfg)
 
 
+def t95(df: int) -> float:
+    """Two-sided 95 % Student t quantile (``df`` ≥ 1): the table to 10 degrees of
+    freedom, then the Cornish–Fisher expansion (within 0.001 of the exact value)."""
+    if df < 1:
+        raise ValueError(f"t95 needs df >= 1, got {df}")
+    if df in _T95:
+        return _T95[df]
+    z = Z975
+    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+
+
 def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and 95 % Student-t interval (the mean alone for one value)."""
     m = statistics.mean(values)
     if len(values) < 2:
         return m, m, m
-    half = _T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    half = t95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return m, m - half, m + half
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """The ratio of two policies' mean metric over paired units (seeds: same world, same
+    traffic, same response randomness), its 95 % interval and the smallest effect the
+    design detects.
+
+    ``ratio`` = mean(a) / mean(b). Its log has the delta-method standard error
+    ``se_log`` = sd(d) / √n with ``d_i = a_i / mean(a) - b_i / mean(b)`` (the paired
+    linearization: the covariance of a and b across units cancels); the interval is
+    ``ratio · exp(±t95(n-1) · se_log)`` and ``mde`` = (z₀.₉₇₅ + z₀.₈) · ``se_log``: the
+    relative effect (0.05: 5 %) a two-sided 5 % test detects with 80 % power."""
+
+    ratio: float
+    ci_low: float | None
+    ci_high: float | None
+    se_log: float | None
+    mde: float | None
+    n: int
+    per_unit: tuple[float, ...]
+    """a_i / b_i per unit (seed)."""
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> PairedRatio | None:
+    """:class:`PairedRatio` of per-unit values ``a`` over ``b`` (same units, same order);
+    None when empty or a mean is not positive. One unit gives the ratio alone."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_ratio needs paired values, got {len(a)} and {len(b)}")
+    n = len(a)
+    if n == 0:
+        return None
+    ma, mb = statistics.fmean(a), statistics.fmean(b)
+    if ma <= 0 or mb <= 0:
+        return None
+    ratio = ma / mb
+    per_unit = tuple(x / y if y else math.nan for x, y in zip(a, b, strict=True))
+    if n < 2:
+        return PairedRatio(ratio, None, None, None, None, n, per_unit)
+    d = [x / ma - y / mb for x, y in zip(a, b, strict=True)]
+    se = statistics.stdev(d) / math.sqrt(n)
+    half = t95(n - 1) * se
+    return PairedRatio(ratio, ratio * math.exp(-half), ratio * math.exp(half), se,
+                       (Z975 + Z80) * se, n, per_unit)
+
+
+def units_for_mde(se_log: float, n: int, target: float = 0.05) -> int:
+    """Units (seeds) of the same kind that bring the MDE of a ratio measured with
+    standard error ``se_log`` on ``n`` units down to ``target`` (SE falls as 1/√n)."""
+    sd = se_log * math.sqrt(n)
+    return max(2, math.ceil(((Z975 + Z80) * sd / target) ** 2))
+
+
+def ratio_entries(name: str, pr: PairedRatio | None) -> dict[str, Any]:
+    """The result keys of one ratio: ``name``, ``name_ci_low``, ``name_ci_high``,
+    ``name_ci95``, ``name_se_log``, ``mde_name`` and ``name_per_seed`` (None when the
+    ratio is missing; the interval and MDE are None with one seed)."""
+    if pr is None:
+        return {name: None, f"{name}_ci_low": None, f"{name}_ci_high": None,
+                f"{name}_ci95": None, f"{name}_se_log": None, f"mde_{name}": None,
+                f"{name}_per_seed": None}
+    return {name: pr.ratio, f"{name}_ci_low": pr.ci_low, f"{name}_ci_high": pr.ci_high,
+            f"{name}_ci95": ([pr.ci_low, pr.ci_high] if pr.ci_low is not None
+                             and pr.ci_high is not None else None),
+            f"{name}_se_log": pr.se_log, f"mde_{name}": pr.mde,
+            f"{name}_per_seed": list(pr.per_unit)}
 
 
 def aggregate(runs: Sequence[PolicyRun], cfg: EvalConfig) -> dict[str, Any]:
@@ -643,59 +744,73 @@ def aggregate(runs: Sequence[PolicyRun], cfg: EvalConfig) -> dict[str, Any]:
         entry["rpm_curve"] = [statistics.mean(r.rpm(slice(i, i + 1)) for r in rs)
                               for i in range(min(len(r.impressions) for r in rs))]
         entry["per_seed_rpm_last_quarter"] = [s["rpm_last_quarter"] for s in sums]
+        entry["per_seed_rpm_whole_run"] = [s["rpm_all"] for s in sums]
         if all("organic_engagement_last_quarter" in s for s in sums):
             entry["per_seed_organic_engagement_last_quarter"] = [
                 s["organic_engagement_last_quarter"] for s in sums]
         out["policies"][name] = entry
     pol = out["policies"]
 
-    def ratio(a: str, b: str) -> float | None:
-        if a in pol and b in pol and pol[b]["rpm_last_quarter"]["mean"]:
-            return pol[a]["rpm_last_quarter"]["mean"] / pol[b]["rpm_last_quarter"]["mean"]
-        return None
-
     def ratio_at(a: str, b: str, key: str) -> float | None:
         if a in pol and b in pol and pol[b][key]["mean"]:
             return float(pol[a][key]["mean"] / pol[b][key]["mean"])
         return None
 
+    def per_seed(name: str, whole: bool) -> dict[int, float]:
+        return {r.seed: r.rpm() if whole else r.rpm(r.window()) for r in by_policy[name]}
+
     def seed_ratio_ci(a: str, b: str) -> list[float] | None:
-        """95 % interval of the per-seed ratio a/b (paired: same seed, same traffic)."""
-        if a not in by_policy or b not in by_policy:
-            return None
-        ra = {r.seed: r.rpm(r.window()) for r in by_policy[a]}      # last-quarter RPM
-        rb = {r.seed: r.rpm(r.window()) for r in by_policy[b]}
+        """95 % interval of the mean per-seed ratio a/b (the earlier interval; kept)."""
+        ra, rb = per_seed(a, False), per_seed(b, False)
         ratios = [ra[k] / rb[k] for k in ra if rb.get(k)]
         if not ratios:
             return None
         _, lo, hi = mean_ci(ratios)
         return [lo, hi]
 
-    out["policies_run"] = list(pol)
-    ran = [b for b in BASELINES if b in pol]
-    best = max(ran, key=lambda b: pol[b]["rpm_last_quarter"]["mean"]) if ran else None
+    best = best_baseline(by_policy)
+    if best is not None and "best_baseline" not in by_policy:
+        by_policy["best_baseline"] = by_policy[best]
+    out["best_baseline_policy"] = ("best_baseline" if "best_baseline" in pol else best)
     out["best_baseline"] = best
-    for a, b in (("rspo", "frozen"), ("rspo", "dlrm"), ("rspo", "vsl_only"),
-                 ("rspo", "observable_oracle"), ("rspo", "frozen_explore")):
-        out[f"{a}_over_{b}_per_seed_ci95"] = seed_ratio_ci(a, b)
-    out["rspo_over_frozen_explore"] = ratio("rspo", "frozen_explore")
-    out["rspo_over_best_baseline"] = ratio("rspo", best) if best else None
-    out["rspo_over_best_baseline_per_seed_ci95"] = (seed_ratio_ci("rspo", best) if best
-                                                    else None)
-    for pair in ("rspo_over_best_baseline", "rspo_over_frozen_explore"):
-        ci = out[f"{pair}_per_seed_ci95"]
-        out[f"{pair}_ci_low"] = ci[0] if ci else None
-    out["rspo_over_oracle"] = ratio("rspo", "oracle")
-    out["rspo_over_frozen"] = ratio("rspo", "frozen")
-    out["rspo_over_dlrm"] = ratio("rspo", "dlrm")
-    out["rspo_over_vsl_only"] = ratio("rspo", "vsl_only")
-    out["rspo_over_observable_oracle"] = ratio("rspo", "observable_oracle")
-    out["observable_oracle_over_oracle"] = ratio("observable_oracle", "oracle")
+    out["policies_run"] = list(pol)
+    out["ratios"] = []
+    for a, b in RATIO_PAIRS:
+        name = f"{a}_over_{b}"
+        if a not in by_policy or b not in by_policy:
+            if (a, b) in _ALWAYS_REPORTED:
+                out.update(ratio_entries(name, None))
+                out.update(ratio_entries(f"{name}_whole_run", None))
+            continue
+        for whole in (False, True):
+            ra, rb = per_seed(a, whole), per_seed(b, whole)
+            seeds = [k for k in ra if k in rb]
+            pr = paired_ratio([ra[k] for k in seeds], [rb[k] for k in seeds])
+            out.update(ratio_entries(name + ("_whole_run" if whole else ""), pr))
+        out["ratios"].append(name)
+        if (a, b) in _ALWAYS_REPORTED:
+            out[f"{name}_per_seed_ci95"] = seed_ratio_ci(a, b)
     out["frozen_over_observable_oracle_first_quarter"] = ratio_at(
         "frozen", "observable_oracle", "rpm_first_quarter")
     out["frozen_over_observable_oracle_last_quarter"] = ratio_at(
         "frozen", "observable_oracle", "rpm_last_quarter")
     return out
+
+
+_ALWAYS_REPORTED = (("rspo", "frozen"), ("rspo", "best_baseline"), ("rspo", "frozen_explore"),
+                    ("rspo", "dlrm"), ("rspo", "vsl_only"),
+                    ("rspo", "observable_oracle"), ("rspo", "oracle"),
+                    ("observable_oracle", "oracle"))
+"""Ratios whose keys exist (None when a policy did not run), as before."""
+
+
+def best_baseline(by_policy: Mapping[str, Sequence[PolicyRun]]) -> str | None:
+    """The policy of :data:`BASELINES` with the highest mean last-quarter RPM over seeds
+    (None when none ran)."""
+    ran = [b for b in BASELINES if b in by_policy]
+    if not ran:
+        return None
+    return max(ran, key=lambda b: statistics.fmean(r.rpm(r.window()) for r in by_policy[b]))
 
 
 def _cell(e: dict[str, Any], key: str, spec: str) -> str:
@@ -704,7 +819,31 @@ def _cell(e: dict[str, Any], key: str, spec: str) -> str:
     return format(v, spec) if isinstance(v, float | int) and math.isfinite(v) else "–"
 
 
+def _fmt(v: Any, spec: str) -> str:
+    return format(v, spec) if isinstance(v, float | int) and math.isfinite(v) else "–"
+
+
+def ratio_table(results: dict[str, Any]) -> str:
+    """Every reported ratio: last quarter and whole run, each its mean (ratio of the
+    means over seeds), paired 95 % interval and MDE at 80 % power."""
+    rows = ["| ratio | last quarter (95% CI) | MDE | whole run (95% CI) | MDE (whole run) |",
+            "|---|---|---|---|---|"]
+
+    def cell(key: str) -> str:
+        lo, hi = results.get(f"{key}_ci_low"), results.get(f"{key}_ci_high")
+        ci = f" ({_fmt(lo, '.3f')}–{_fmt(hi, '.3f')})" if lo is not None else ""
+        return _fmt(results.get(key), ".3f") + ci
+
+    for name in results.get("ratios", []):
+        whole = f"{name}_whole_run"
+        mde, mde_whole = results.get(f"mde_{name}"), results.get(f"mde_{whole}")
+        rows.append(f"| {name.replace('_over_', ' / ')} | {cell(name)} "
+                    f"| {_fmt(mde, '.1%')} | {cell(whole)} | {_fmt(mde_whole, '.1%')} |")
+    return "\n".join(rows)
+
+
 def headline_table(results: dict[str, Any]) -> str:
+    """The per-policy table, then (when any ratio was reported) :func:`ratio_table`."""
     rows = ["| policy | RPM last quarter (95% CI) | RPM first quarter | realized RPM | CTR "
             "| CVR | regret vs oracle | regret vs observable oracle "
             "| cold-start revenue share | catalogue coverage | slate diversity "
@@ -724,7 +863,10 @@ def headline_table(results: dict[str, Any]) -> str:
             f"| {_cell(e, 'sid_diversity', '.2f')} | {_cell(e, 'novelty_unseen', '.1%')} "
             f"| {_cell(e, 'novelty_bits', '.2f')} | {_cell(e, 'personalization', '.2f')} "
             f"| {e['latency_ms_per_request']['mean']:.2f} |")
-    return "\n".join(rows)
+    table = "\n".join(rows)
+    if results.get("ratios"):
+        table += "\n\n" + ratio_table(results)
+    return table
 
 
 def plot_rpm_curves(results: dict[str, Any], path: Path, title: str) -> Path:
@@ -743,6 +885,47 @@ def plot_rpm_curves(results: dict[str, Any], path: Path, title: str) -> Path:
     ax.set_title(title)
     ax.legend(ncol=2, fontsize=8)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_ratios(results: dict[str, Any], path: Path, title: str) -> Path | None:
+    """Every reported ratio with its paired 95 % interval, last quarter and whole run,
+    and the MDE band around 1 (an interval inside it cannot tell an effect that small);
+    None when no ratio has an interval."""
+    rows = [n for n in results.get("ratios", []) if results.get(f"{n}_ci_low") is not None]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(rows) + 1.6))
+    ys = list(range(len(rows)))[::-1]
+    for y, n in zip(ys, rows, strict=True):
+        for key, dy, color, label in ((n, 0.12, "tab:blue", "last quarter"),
+                                      (f"{n}_whole_run", -0.12, "tab:orange", "whole run")):
+            r, lo, hi = (results.get(key), results.get(f"{key}_ci_low"),
+                         results.get(f"{key}_ci_high"))
+            if r is None or lo is None or hi is None:
+                continue
+            ax.errorbar(r, y + dy, xerr=[[r - lo], [hi - r]], fmt="o", color=color,
+                        capsize=3, label=label if y == ys[0] else None)
+        mde = results.get(f"mde_{n}")
+        if mde is not None:
+            ax.plot([1 - mde, 1 + mde], [y, y], color="grey", lw=6, alpha=0.25,
+                    solid_capstyle="butt", label="±MDE (last quarter)" if y == ys[0] else None)
+    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_yticks(ys, [n.replace("_over_", " / ") for n in rows])
+    ax.set_xlabel("RPM ratio (ratio of means over seeds, paired 95% CI)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

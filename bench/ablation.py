@@ -9,9 +9,10 @@ itself) and the columns it reports; this module runs them with
 results already there, and writes ``bench/results/NAME.json``, ``docs/NAME.png`` and the
 ``NAME`` section of docs/benchmarks.md.
 
-Every variant runs on the same seeds with the same world, logging phase and traffic;
-``rpm_ratio`` is the mean over seeds of its last-quarter RPM over ``base``'s on the same
-seed (paired), with a 95 % Student-t interval.
+Every variant runs on the same seeds with the same world, logging phase, traffic and
+response randomness; ``rpm_ratio`` is its mean last-quarter RPM over ``base``'s, with the
+paired 95 % interval over seeds and the minimum detectable effect at 80 % power
+(:func:`adloop.evaluation.paired_ratio`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -29,7 +31,7 @@ from typing import Any
 
 import torch
 
-from adloop.evaluation import EvalConfig, compare, mean_ci
+from adloop.evaluation import EvalConfig, compare, paired_ratio
 from bench.common import (
     CLOSED_LOOP_DEPENDS,
     ROOT,
@@ -77,15 +79,19 @@ def run_variant(cfg: EvalConfig, name: str, over: dict[str, Any], tmp: Path,
             "settings": over, "elapsed_s": round(time.perf_counter() - t0, 1)}
 
 
-def paired_ratio(raw: dict[str, dict[str, Any]], name: str, key: str
-                 ) -> tuple[float, float, float] | None:
-    """Mean and 95 % interval over seeds of variant ``name``'s per-seed ``key`` over
-    ``base``'s on the same seed (None when either lacks per-seed values)."""
+def ratio_to_base(raw: dict[str, dict[str, Any]], name: str, key: str
+                  ) -> tuple[float, float, float, float | None] | None:
+    """Variant ``name``'s mean per-seed ``key`` over ``base``'s (same seeds, paired), its
+    95 % interval and MDE (None when either lacks per-seed values)."""
     a, b = raw[name].get(key), raw["base"].get(key)
     if not a or not b or len(a) != len(b):
         return None
-    ratios = [x / y for x, y in zip(a, b, strict=True) if y]
-    return mean_ci(ratios) if ratios else None
+    pr = paired_ratio(a, b)
+    if pr is None:
+        return None
+    lo = pr.ci_low if pr.ci_low is not None else pr.ratio
+    hi = pr.ci_high if pr.ci_high is not None else pr.ratio
+    return pr.ratio, lo, hi, pr.mde
 
 
 def rows_of(raw: dict[str, dict[str, Any]], order: list[str], columns: Columns
@@ -94,16 +100,16 @@ def rows_of(raw: dict[str, dict[str, Any]], order: list[str], columns: Columns
     out = []
     for name in [n for n in order if n in raw]:
         r = dict(raw[name])
-        paired = paired_ratio(raw, name, "per_seed_organic_engagement")
+        paired = ratio_to_base(raw, name, "per_seed_organic_engagement")
         if paired is not None:
-            r["organic_engagement_ratio"] = [round(x, 4) for x in paired]
-        ratios = [a / b for a, b in zip(r["per_seed_rpm"], base["per_seed_rpm"], strict=True)
-                  if b]
-        m, lo, hi = mean_ci(ratios)
+            r["organic_engagement_ratio"] = [round(x, 4) for x in paired[:3]]
+        rpm = ratio_to_base(raw, name, "per_seed_rpm")
+        m, lo, hi, mde = rpm if rpm is not None else (math.nan, math.nan, math.nan, None)
         lat, base_lat = r.get("latency_ms_per_request"), base.get("latency_ms_per_request")
         out.append({
             "name": name, "rpm_ratio": round(m, 4), "rpm_ratio_ci_low": round(lo, 4),
             "rpm_ratio_ci_high": round(hi, 4),
+            "rpm_ratio_mde": round(mde, 4) if mde is not None else None,
             "rpm_mean": round(statistics.mean(r["per_seed_rpm"]), 3),
             "per_seed_rpm": [round(x, 3) for x in r["per_seed_rpm"]],
             **{key: value(r) for key, _, value in columns},
@@ -191,10 +197,11 @@ def main(name: str, doc: str, variants: dict[str, dict[str, Any]], columns: Colu
         merged_from=kept if kept and set(kept.get("raw", {})) - set(wanted) else None)
     plot(rows, ROOT / "docs" / f"{name}.png", title)
     table = markdown_table(
-        ["variant", "RPM ratio to base (95% CI)", "RPM", *[h for _, h, _ in columns],
+        ["variant", "RPM ratio to base (95% CI)", "MDE", "RPM", *[h for _, h, _ in columns],
          "decode latency ratio"],
         [[r["name"], f"{r['rpm_ratio']:.3f} ({r['rpm_ratio_ci_low']:.3f}–"
-          f"{r['rpm_ratio_ci_high']:.3f})", f"{r['rpm_mean']:.1f}",
+          f"{r['rpm_ratio_ci_high']:.3f})", fmt(r["rpm_ratio_mde"], ".1%"),
+          f"{r['rpm_mean']:.1f}",
           *[fmt(r[k]) for k, _, _ in columns], fmt(r["decode_latency_ratio"], ".2f")]
          for r in rows])
     update_doc_section(name, (

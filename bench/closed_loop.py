@@ -6,9 +6,13 @@ Writes bench/results/closed_loop.json (per policy: mean and 95 % interval of RPM
 the last and first quarter of the run, its RPM curve, regret against the oracle and the
 observable oracle, cold-start revenue share, the beyond-accuracy metrics: catalogue
 coverage, slate and SID diversity, novelty unseen and in bits, personalization; plus
-rspo_over_* ratios and the drift evidence
+every ratio of adloop.evaluation.RATIO_PAIRS that ran, over the last quarter and the
+whole run (``<a>_over_<b>``, ``..._whole_run``), each with its paired 95 % interval
+(``_ci_low``, ``_ci_high``) and minimum detectable effect at 80 % power
+(``mde_<a>_over_<b>``), and the drift evidence
 frozen_over_observable_oracle_first/last_quarter), the `## closed_loop` table of
-docs/benchmarks.md and docs/closed_loop.png.
+docs/benchmarks.md, docs/closed_loop.png (RPM curves) and docs/closed_loop_ratios.png
+(the ratios with their intervals).
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ import torch
 
 from adloop.console import Console
 from adloop.evaluation import (
+    RATIO_PAIRS,
     EvalConfig,
     compare,
     headline_table,
+    plot_ratios,
     plot_rpm_curves,
 )
 from bench.common import (
@@ -77,6 +83,15 @@ def _num(x: float) -> float | None:
     return round(x, 4) if math.isfinite(x) else None
 
 
+def _round(v: object) -> object:
+    """A result value rounded to 4 places (lists elementwise; None and non-finite: None)."""
+    if isinstance(v, list):
+        return [_round(x) for x in v]
+    if isinstance(v, float | int):
+        return _num(float(v))
+    return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_closed_loop_arguments(ap)
@@ -116,6 +131,8 @@ def main() -> int:
     for name, e in pol.items():
         out[name] = {"rpm_mean": round(e["rpm_last_quarter"]["mean"], 4),
                      "rpm_ci95": ci(e, "rpm_last_quarter"),
+                     "rpm_whole_run_mean": round(e["rpm_all"]["mean"], 4),
+                     "rpm_whole_run_ci95": ci(e, "rpm_all"),
                      "rpm_first_quarter_mean": round(e["rpm_first_quarter"]["mean"], 4),
                      "rpm_first_quarter_ci95": ci(e, "rpm_first_quarter"),
                      "realized_rpm_mean": round(e["rpm_realized_last_quarter"]["mean"], 4),
@@ -130,34 +147,40 @@ def main() -> int:
                      "cold_start_revenue_share_ci95": ci(e, "cold_start_revenue_share"),
                      "latency_ms_per_request": round(e["latency_ms_per_request"]["mean"], 3),
                      "per_seed_rpm": [round(x, 4) for x in e["per_seed_rpm_last_quarter"]],
+                     "per_seed_rpm_whole_run": [round(x, 4)
+                                                for x in e["per_seed_rpm_whole_run"]],
                      **{k: _num(e[k]["mean"]) for k in SERVING_KEYS if k in e},
                      "rpm_curve": [round(x, 4) for x in e["rpm_curve"]]}
     out["best_baseline"] = results.get("best_baseline")
-    for key in ("rspo_over_oracle", "rspo_over_frozen", "rspo_over_dlrm", "rspo_over_vsl_only",
-                "rspo_over_observable_oracle", "rspo_over_frozen_explore",
-                "rspo_over_best_baseline", "observable_oracle_over_oracle",
-                "frozen_over_observable_oracle_first_quarter",
+    out["best_baseline_policy"] = results.get("best_baseline_policy")
+    for a, b in RATIO_PAIRS:     # ratio, paired 95 % interval, MDE; last quarter, whole run
+        for name in (f"{a}_over_{b}", f"{a}_over_{b}_whole_run"):
+            for key in (name, f"{name}_ci_low", f"{name}_ci_high", f"mde_{name}",
+                        f"{name}_se_log"):
+                if key in results:
+                    out[key] = _round(results[key])
+            for key in (f"{name}_ci95", f"{name}_per_seed", f"{name}_per_seed_ci95"):
+                if key in results:
+                    out[key] = _round(results[key])
+    for key in ("frozen_over_observable_oracle_first_quarter",
                 "frozen_over_observable_oracle_last_quarter"):
-        v = results.get(key)
-        out[key] = round(v, 4) if v is not None else None
-    for pair in ("rspo_over_frozen", "rspo_over_dlrm", "rspo_over_vsl_only",
-                 "rspo_over_observable_oracle", "rspo_over_frozen_explore",
-                 "rspo_over_best_baseline"):
-        interval = results.get(f"{pair}_per_seed_ci95")
-        out[f"{pair}_ci_low"] = round(interval[0], 4) if interval else None
-        out[f"{pair}_per_seed_ci95"] = [round(x, 4) for x in interval] if interval else None
+        out[key] = _round(results.get(key))
     write_results("closed_loop", out, DEPENDS)
     plot = plot_rpm_curves(results, ROOT / "docs" / "closed_loop.png",
                            f"closed loop, {len(cfg.seeds)} seeds, {cfg.requests} requests")
+    ratios_plot = plot_ratios(results, ROOT / "docs" / "closed_loop_ratios.png",
+                              f"paired ratios, {len(cfg.seeds)} seeds, {cfg.requests} requests")
     goals = (f"rspo / oracle = {out['rspo_over_oracle']} (goal ≥ 0.90), "
-             f"rspo / frozen = {out['rspo_over_frozen']} (goal ≥ 1.10; per-seed ratio "
-             f"95 % interval {out['rspo_over_frozen_per_seed_ci95']}, goal: low end > 1.0), "
+             f"rspo / frozen = {out['rspo_over_frozen']} (goal ≥ 1.10; paired 95 % interval "
+             f"{out['rspo_over_frozen_ci95']}, goal: low end > 1.0; MDE "
+             f"{out['mde_rspo_over_frozen']}), "
              f"rspo / dlrm = {out['rspo_over_dlrm']} (goal ≥ 1.042), "
              f"rspo / best baseline ({out['best_baseline']}) = "
-             f"{out['rspo_over_best_baseline']} (per-seed 95 % interval "
-             f"{out['rspo_over_best_baseline_per_seed_ci95']}), "
-             f"rspo / frozen_explore = {out['rspo_over_frozen_explore']} (low end "
-             f"{out['rspo_over_frozen_explore_ci_low']}: learning alone), "
+             f"{out.get('rspo_over_best_baseline')} (paired 95 % interval "
+             f"{out.get('rspo_over_best_baseline_ci95')}, MDE "
+             f"{out.get('mde_rspo_over_best_baseline')}), "
+             f"rspo / frozen_explore = {out.get('rspo_over_frozen_explore')} (low end "
+             f"{out.get('rspo_over_frozen_explore_ci_low')}: learning alone), "
              f"rspo / observable oracle = {out['rspo_over_observable_oracle']}, "
              f"rspo / vsl_only = {out['rspo_over_vsl_only']}; drift: frozen / observable "
              f"oracle {out['frozen_over_observable_oracle_first_quarter']} (first quarter) → "
@@ -169,9 +192,15 @@ def main() -> int:
         f"after a {cfg.log_requests}-request random "
         f"logging phase (the pretraining data), {out['device']}, {elapsed:.0f} s. "
         "RPM = expected revenue per 1000 impressions (ground-truth expected value of every "
-        "shown ad), over the last quarter of the run; 95 % Student-t intervals over seeds.\n\n"
+        "shown ad), over the last quarter of the run; 95 % Student-t intervals over seeds. "
+        "Ratios are ratios of the means over seeds with a paired 95 % interval (every "
+        "policy of a seed sees the same world, traffic and response randomness) and the "
+        "minimum detectable effect at 80 % power (MDE; docs/benchmarks.md, Paired "
+        "design).\n\n"
         f"{headline_table(results)}\n\n{goals}.\n\n{BASELINES_NOTE}\n\n"
-        f"![RPM over time]({plot.relative_to(ROOT / 'docs')})"))
+        f"![RPM over time]({plot.relative_to(ROOT / 'docs')})"
+        + (f"\n\n![paired ratios]({ratios_plot.relative_to(ROOT / 'docs')})"
+           if ratios_plot is not None else "")))
     print(headline_table(results))
     print(goals)
     return 0

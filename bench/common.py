@@ -130,7 +130,8 @@ def add_closed_loop_arguments(ap: argparse.ArgumentParser) -> None:
     """The flags every closed-loop benchmark shares (seeds, size, encoder, threads)."""
     ap.add_argument("--quick", action="store_true",
                     help="1600 requests per policy after a 2500-request logging phase")
-    ap.add_argument("--seeds", default="0,1,2,3,4,5,6,7")
+    ap.add_argument("--seeds", default="0,1,2,3,4,5,6,7",
+                    help="comma-separated seeds and ranges (0-39: forty seeds)")
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--encoder", default="minilm")
     ap.add_argument("--threads", type=int, default=2,
@@ -143,12 +144,22 @@ def add_closed_loop_arguments(ap: argparse.ArgumentParser) -> None:
                          "(0: off, the default)")
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds``: comma-separated seeds and inclusive ranges, e.g. ``0-31`` or
+    ``0,1,8-15``."""
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        lo, sep, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi) + 1) if sep else [int(part)])
+    return tuple(out)
+
+
 def closed_loop_config(args: argparse.Namespace, **fields: Any) -> Any:
     """The :class:`adloop.evaluation.EvalConfig` those flags ask for (``--quick``: 1600
     requests after a 2500-request logging phase, 250 pretraining steps)."""
     from adloop.evaluation import EvalConfig
 
-    cfg = EvalConfig(seeds=tuple(int(s) for s in args.seeds.split(",")),
+    cfg = EvalConfig(seeds=parse_seeds(args.seeds),
                      encoder=args.encoder, threads=max(1, args.threads // max(1, args.jobs)),
                      **fields)
     if getattr(args, "hepo_weight", 0.0):

@@ -79,9 +79,22 @@ _ENCODERS: dict[str, Callable[[Sequence[str]], np.ndarray]] = {
 }
 
 
+_CACHE: dict[tuple[str, str], np.ndarray] = {}
+_CACHE_MAX = 200_000
+"""Embeddings kept per (encoder, text): an ad text is encoded once per process (the
+harness places the same new ads for every policy of a seed)."""
+
+
+def clear_embedding_cache() -> None:
+    """Forget every cached embedding (a run that must not depend on earlier ones)."""
+    _CACHE.clear()
+
+
 def register_encoder(name: str, fn: Callable[[Sequence[str]], np.ndarray]) -> None:
     """Make ``fn`` selectable as ``embed_ads(texts, encoder=name)``."""
     _ENCODERS[name] = fn
+    for key in [k for k in _CACHE if k[0] == name]:
+        del _CACHE[key]
 
 
 def encoder_names() -> list[str]:
@@ -89,12 +102,22 @@ def encoder_names() -> list[str]:
 
 
 def embed_ads(texts: Sequence[str], encoder: str = DEFAULT_ENCODER) -> np.ndarray:
-    """Embeddings of ad texts: float32 [len(texts), d], each row L2-normalised."""
+    """Embeddings of ad texts: float32 [len(texts), d], each row L2-normalised. Each
+    distinct text is encoded once per process (:func:`clear_embedding_cache` forgets)."""
     if encoder not in _ENCODERS:
         raise ValueError(f"unknown content encoder {encoder!r}; known: {encoder_names()}")
     if len(texts) == 0:
         raise ValueError("embed_ads needs at least one text")
-    emb = _ENCODERS[encoder](texts)
-    if emb.ndim != 2 or emb.shape[0] != len(texts):
-        raise ValueError(f"encoder {encoder!r} returned shape {emb.shape} for {len(texts)} texts")
-    return np.ascontiguousarray(emb, dtype=np.float32)
+    missing = list(dict.fromkeys(t for t in texts if (encoder, t) not in _CACHE))
+    if missing:
+        emb = _ENCODERS[encoder](missing)
+        if emb.ndim != 2 or emb.shape[0] != len(missing):
+            raise ValueError(f"encoder {encoder!r} returned shape {emb.shape} for "
+                             f"{len(missing)} texts")
+        if len(_CACHE) + len(missing) > _CACHE_MAX:
+            _CACHE.clear()
+        emb = np.asarray(emb, dtype=np.float32)
+        for text, row in zip(missing, emb, strict=True):
+            _CACHE[(encoder, text)] = row
+    return np.ascontiguousarray(np.stack([_CACHE[(encoder, t)] for t in texts]),
+                                dtype=np.float32)

@@ -26,16 +26,30 @@ the serving worker and Kafka.
   ``P(view) = decay^rank · sigmoid(b + s·<u, topic> + quality)``.
 
 Randomness comes from numpy Generators seeded from one seed, with separate streams
-for the world (catalog and lifecycle), arrivals (request times, users, contexts,
-interest drift), ad responses and organic responses (one generator per request each,
-derived from the seed and the request's sequence number, so responses do not depend
-on completion order and organic engagement never shifts an ad response), and the
-organic items' hidden quality.
+for the world's construction (effects, users, the initial catalogue) and each new ad's
+attributes, the arrival times of new ads, each ad's own lifecycle (its pause and
+bid-revision candidate times and their variates, state-independent), arrivals (request
+times, users, contexts, interest drift), and the organic items' hidden quality. The
+response variates are counter-based: every uniform behind a click, a conversion, their
+delays and values (and an organic item's view, like, delay and dwell) is a hash of
+(seed, stream, request number, ad or item number, variate number), so the outcome of
+showing a given ad to a given request does not depend on the order of serving, on
+what else is in the slate, or on which policy chose it.
+
+**Common random numbers.** Two worlds built from one seed and fed the same request
+stream stay coupled whatever they serve: the requests (users, contexts, times, interest
+drift, organic consumption), the catalogue (new ads, their attributes and arrival times),
+each ad's pause, resume and bid-revision times, and the response to any (request, ad)
+pair are the same. What legitimately differs is what the served slates cause: spend and
+budget exhaustion, creative fatigue, the users' clicked-ad history and, in a mixed feed,
+the organic history. A policy comparison on one seed is therefore paired: a difference
+in revenue is a difference in what was shown, not in luck.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -223,6 +237,18 @@ class DelayModel:
     def sample_click(self, rng: np.random.Generator) -> float:
         return float(rng.exponential(self.click_mean_s))
 
+    def conversion_from(self, u_mix: float, u_fast: float, z: float) -> float:
+        """:meth:`sample_conversion` from given variates: uniforms ``u_mix``, ``u_fast``
+        in (0, 1) and a standard normal ``z`` (counter-based responses)."""
+        if u_mix < self.fast_share:
+            return -self.fast_mean_s * math.log(u_fast)
+        median = self.window_s * self.slow_median_frac
+        return math.exp(math.log(median) + self.slow_sigma * z)
+
+    def click_from(self, u: float) -> float:
+        """:meth:`sample_click` from a uniform ``u`` in (0, 1)."""
+        return -self.click_mean_s * math.log(u)
+
     def late_share(self) -> float:
         """Probability that a conversion lands after the attribution window."""
         fast_late = math.exp(-self.window_s / self.fast_mean_s)
@@ -388,6 +414,8 @@ class SimAd:
     spend: float = 0.0
     impressions: int = 0
     """Impressions so far, all users (overall wear-out)."""
+    number: int = 0
+    """Creation order (1 first): the key of the ad's lifecycle and response variates."""
 
     @property
     def ad_id(self) -> str:
@@ -527,6 +555,37 @@ class OrganicResponse:
         return sum(i.expected_engagement for i in self.items)
 
 
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finalizer (a bijection of uint64 with full avalanche)."""
+    x = (x + _GOLDEN) & _M64
+    x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _M64
+    x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _M64
+    return np.asarray(x ^ (x >> np.uint64(31)))
+
+
+def keyed_uniforms(seed: int, stream: int, seq: int, keys: Sequence[int],
+                   n: int) -> np.ndarray:
+    """Counter-based uniforms in (0, 1): ``[len(keys), n]``, entry ``[i, j]`` a hash of
+    (seed, stream, seq, keys[i], j). The same arguments give the same numbers whatever
+    else is drawn, so a response keyed by (request, ad) is common to every policy."""
+    with np.errstate(over="ignore"):
+        h = _mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
+        h = _mix64(h ^ np.uint64(stream))
+        h = _mix64(h ^ np.uint64(seq))
+        k = _mix64(h ^ np.asarray(keys, dtype=np.uint64).reshape(-1, 1))
+        x = _mix64(k ^ np.arange(n, dtype=np.uint64).reshape(1, -1))
+    return ((x >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53
+
+
+def _normal(u1: Any, u2: Any) -> Any:
+    """A standard normal from two uniforms in (0, 1) (Box–Muller)."""
+    return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
+
+
 def _sigmoid(x: np.ndarray | float) -> Any:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -616,6 +675,7 @@ class World:
         self.ads: dict[str, SimAd] = {}
         self.users: list[SimUser] = []
         self._matrix_cache: tuple[list[SimAd], np.ndarray] | None = None
+        self._static_cache: tuple[list[SimAd], tuple[np.ndarray, ...]] | None = None
         self._industry_index = {s.name: i for i, s in enumerate(INDUSTRIES)}
         self._category_index = {c: len(INDUSTRIES) + i for i, c in enumerate(CATEGORIES)}
         self._cat_of = {c: i for i, c in enumerate(CATEGORIES)}
@@ -644,6 +704,7 @@ class World:
                     description=description, created_time=cfg.start_time,
                     event_time=cfg.start_time)
                 self._organic_cat[item_id] = c
+        self._organic_index = {item_id: n for n, item_id in enumerate(self._organic)}
         quality_rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(4,)))
         self._organic_quality = dict(zip(
             self._organic, quality_rng.normal(0.0, cfg.organic_quality_sigma,
@@ -651,10 +712,17 @@ class World:
         self._build_users()
         self._group_prior = self._observable_priors()
         self._initial: list[Ad] = []
+        self._lifecycle: list[tuple[float, int, int]] = []
+        """Pending lifecycle events: (time, ad number, kind) with kind 0 a pause
+        candidate, 1 a bid-revision candidate, 2 a resume (a heap)."""
+        self._ad_rngs: dict[int, np.random.Generator] = {}
+        self._by_number: dict[int, SimAd] = {}
         for _ in range(cfg.n_ads):
             created = cfg.start_time - float(self.rng_world.uniform(0.0, 7 * 86400.0))
             self._initial.append(self._new_ad(created, cfg.start_time).record)
-        self._next_lifecycle = self._draw_lifecycle_gap(cfg.start_time)
+        self._rng_new_ads = np.random.default_rng(np.random.SeedSequence(cfg.seed,
+                                                                         spawn_key=(5,)))
+        self._next_new_ad = self._gap(self._rng_new_ads, cfg.new_ads_per_hour, cfg.start_time)
         weights = np.array([u.activity for u in self.users])
         self._user_p = weights / weights.sum()
 
@@ -750,9 +818,18 @@ class World:
         v[self._category_index[(spec.name, category)]] = 1.5
         v += rng.normal(0.0, 0.15, N_TOPICS)
         ad = SimAd(record=record, vector=_unit(v),
-                   quality=float(rng.normal(0.0, cfg.ad_quality_sigma)), category=category)
+                   quality=float(rng.normal(0.0, cfg.ad_quality_sigma)), category=category,
+                   number=self._ad_counter)
         self.ads[ad_id] = ad
+        self._by_number[ad.number] = ad
         self._matrix_cache = None
+        # the ad's own lifecycle stream: candidate times that do not depend on its state
+        own = np.random.default_rng(np.random.SeedSequence(cfg.seed,
+                                                           spawn_key=(6, ad.number)))
+        self._ad_rngs[ad.number] = own
+        start = max(event_time, cfg.start_time)
+        self._push(self._gap(own, cfg.pause_per_hour, start), ad.number, 0)
+        self._push(self._gap(own, cfg.bid_change_per_hour, start), ad.number, 1)
         return ad
 
     # -- catalog -----------------------------------------------------------------------
@@ -783,66 +860,70 @@ class World:
         return ad.record
 
     # -- lifecycle ---------------------------------------------------------------------
-    def _lifecycle_rates(self) -> tuple[float, float, float, float]:
-        cfg = self.config
-        n_active = sum(1 for a in self.ads.values() if a.active)
-        n_paused = sum(1 for a in self.ads.values() if a.record.status == "paused")
-        n_revisable = sum(1 for a in self.ads.values() if a.record.status != "paused")
-        return (cfg.new_ads_per_hour / 3600.0, n_active * cfg.pause_per_hour / 3600.0,
-                n_paused * cfg.resume_per_hour / 3600.0,
-                n_revisable * cfg.bid_change_per_hour / 3600.0)
+    @staticmethod
+    def _gap(rng: np.random.Generator, per_hour: float, t: float) -> float:
+        """``t`` plus an exponential gap at ``per_hour`` events per hour (inf when 0)."""
+        return t + float(rng.exponential(3600.0 / per_hour)) if per_hour > 0 else math.inf
 
-    def _revise(self, ad: SimAd, t: float, rng: np.random.Generator) -> Ad:
-        """The advertiser changes the bid and tops up the budget (reactivating the ad)."""
+    def _push(self, t: float, number: int, kind: int) -> None:
+        if math.isfinite(t):
+            heapq.heappush(self._lifecycle, (t, number, kind))
+
+    def _revise(self, ad: SimAd, t: float, bid_factor: float, top_up: float) -> Ad:
+        """The advertiser changes the bid (× ``bid_factor``, clipped to the bid type's
+        range) and tops up the budget (+ ``top_up`` × budget), reactivating an exhausted
+        ad whose spend is below the new budget."""
         import msgspec
 
         r = ad.record
         lo, hi = BID_RANGES[r.bid_type]
-        bid = float(np.clip(r.bid * rng.lognormal(0.0, self.config.bid_change_sigma), lo, hi))
-        budget = r.budget + float(rng.uniform(0.0, 0.5)) * r.budget
+        bid = float(np.clip(r.bid * bid_factor, lo, hi))
+        budget = r.budget + top_up * r.budget
         status = "active" if r.status == "exhausted" and ad.spend < budget else r.status
         ad.record = msgspec.structs.replace(r, bid=round(bid, 4), budget=round(budget, 2),
                                             status=status, event_time=t)
         self._matrix_cache = None
         return ad.record
 
-    def _draw_lifecycle_gap(self, t: float) -> float:
-        total = sum(self._lifecycle_rates())
-        if total <= 0:
-            return math.inf
-        return t + float(self.rng_world.exponential(1.0 / total))
-
     def advance_to(self, t: float) -> list[Ad]:
         """Run the ad lifecycle up to simulated time ``t``; the ads that changed, in order.
 
         New ads arrive as a Poisson process (``new_ads_per_hour``); each active ad pauses
-        and each paused ad resumes at its hazard rate; each active or exhausted ad gets a
-        bid/budget revision at ``bid_change_per_hour``.
+        at ``pause_per_hour`` and a paused ad resumes after an exponential time
+        (``resume_per_hour``); each active or exhausted ad gets a bid/budget revision at
+        ``bid_change_per_hour``. Every ad draws its pause and revision candidate times,
+        and the variates of each candidate, from its own stream whatever its state (a
+        candidate that finds the ad in the wrong state does nothing), so the lifecycle
+        of worlds built from one seed stays the same whatever their policies spend.
         """
+        cfg = self.config
         changed: list[Ad] = []
-        rng = self.rng_world
-        while self._next_lifecycle <= t:
-            te = self._next_lifecycle
-            new, pause, resume, revise = self._lifecycle_rates()
-            u = float(rng.uniform(0.0, new + pause + resume + revise))
-            if u < new:
+        while True:
+            t_ev = self._lifecycle[0][0] if self._lifecycle else math.inf
+            te = min(self._next_new_ad, t_ev)
+            if te > t:
+                break
+            if self._next_new_ad <= t_ev:
                 changed.append(self._new_ad(te, te).record)
-            elif u < new + pause:
-                active = [a for a in self.ads.values() if a.active]
-                if active:
-                    ad = active[int(rng.integers(len(active)))]
+                self._next_new_ad = self._gap(self._rng_new_ads, cfg.new_ads_per_hour, te)
+                continue
+            _, number, kind = heapq.heappop(self._lifecycle)
+            ad, own = self._by_number[number], self._ad_rngs[number]
+            if kind == 0:      # pause candidate
+                pause_s = (float(own.exponential(3600.0 / cfg.resume_per_hour))
+                           if cfg.resume_per_hour > 0 else math.inf)
+                self._push(self._gap(own, cfg.pause_per_hour, te), number, 0)
+                if ad.active:
                     changed.append(self._set_status(ad, "paused", te))
-            elif u < new + pause + resume:
-                paused = [a for a in self.ads.values() if a.record.status == "paused"]
-                if paused:
-                    ad = paused[int(rng.integers(len(paused)))]
-                    changed.append(self._set_status(ad, "active", te))
-            else:
-                revisable = [a for a in self.ads.values() if a.record.status != "paused"]
-                if revisable:
-                    ad = revisable[int(rng.integers(len(revisable)))]
-                    changed.append(self._revise(ad, te, rng))
-            self._next_lifecycle = self._draw_lifecycle_gap(te)
+                    self._push(te + pause_s, number, 2)
+            elif kind == 1:    # bid-revision candidate
+                factor = float(own.lognormal(0.0, cfg.bid_change_sigma))
+                top_up = float(own.uniform(0.0, 0.5))
+                self._push(self._gap(own, cfg.bid_change_per_hour, te), number, 1)
+                if ad.record.status != "paused":
+                    changed.append(self._revise(ad, te, factor, top_up))
+            elif ad.record.status == "paused":   # resume
+                changed.append(self._set_status(ad, "active", te))
         self.now = max(self.now, t)
         return changed
 
@@ -953,6 +1034,21 @@ class World:
         mat = np.stack([a.vector for a in ads]) if ads else np.zeros((0, N_TOPICS))
         return ads, mat
 
+    def _static(self, ads: list[SimAd]) -> tuple[np.ndarray, ...]:
+        """Industry index, category index, hidden quality and pCVR bias of ``ads``
+        (kept with the servable matrix while the servable set is unchanged)."""
+        cached = self._static_cache
+        if cached is not None and cached[0] is ads:
+            return cached[1]
+        cfg = self.config
+        out = (np.array([self._industry_index[a.record.industry] for a in ads]),
+               np.array([self._cat_of[(a.record.industry, a.category)] for a in ads]),
+               np.array([a.quality for a in ads]),
+               np.array([cfg.cvr_bias[a.record.bid_type] for a in ads]))
+        if self._matrix_cache is not None and ads is self._matrix_cache[0]:
+            self._static_cache = (ads, out)
+        return out
+
     def trend_effect(self, t: float) -> np.ndarray:
         """Per-category click-logit trend at time ``t`` (rises and falls over days)."""
         return self.config.trend_amplitude * np.sin(
@@ -977,9 +1073,7 @@ class World:
             return ads_list, np.zeros(0), np.zeros(0)
         affinity = mat @ (user.state if state is None else state)
         hour = self.hour_effect(t)
-        ind = np.array([self._industry_index[a.record.industry] for a in ads_list])
-        cat = np.array([self._cat_of[(a.record.industry, a.category)] for a in ads_list])
-        quality = np.array([a.quality for a in ads_list])
+        ind, cat, quality, cvr_b = self._static(ads_list)
         ctx_bias = (PLACEMENT_BIAS.get(context.get("placement", ""), 0.0)
                     + DEVICE_BIAS.get(context.get("device", ""), 0.0))
         ctx_ind = np.zeros(len(INDUSTRIES))
@@ -995,23 +1089,19 @@ class World:
                  + self.trend_effect(t)[cat] - fatigue
                  + cfg.ctr_bias + cfg.position_bias * np.asarray(positions, dtype=float))
         pctr = _sigmoid(logit)
-        cvr_b = np.array([cfg.cvr_bias[a.record.bid_type] for a in ads_list])
         pcvr = _sigmoid(cfg.cvr_affinity * affinity + cvr_b)
         return ads_list, pctr, pcvr
 
     @staticmethod
     def expected_values(ads: Sequence[SimAd], pctr: Any, pcvr: Any) -> np.ndarray:
         """Expected reward per impression: cpc bid·pCTR, cpa bid·pCTR·pCVR, cpm bid/1000."""
-        out = np.empty(len(ads))
-        for i, a in enumerate(ads):
-            bid = a.record.bid
-            if a.record.bid_type == "cpc":
-                out[i] = bid * pctr[i]
-            elif a.record.bid_type == "cpa":
-                out[i] = bid * pctr[i] * pcvr[i]
-            else:
-                out[i] = bid / 1000.0
-        return out
+        bid = np.array([a.record.bid for a in ads], dtype=float)
+        kind = [a.record.bid_type for a in ads]
+        cpc = np.array([k == "cpc" for k in kind], dtype=bool)
+        cpa = np.array([k == "cpa" for k in kind], dtype=bool)
+        pctr, pcvr = np.asarray(pctr, dtype=float), np.asarray(pcvr, dtype=float)
+        return np.asarray(np.where(cpc, bid * pctr, np.where(cpa, bid * pctr * pcvr,
+                                                             bid / 1000.0)))
 
     def oracle_slate(self, user: SimUser | str, context: dict[str, str],
                      servable_ads: Sequence[SimAd] | None = None, k: int | None = None,
@@ -1056,18 +1146,22 @@ class World:
         return [ads[int(i)].ad_id for i in order]
 
     # -- responses ---------------------------------------------------------------------
-    def response_rng(self, seq: int) -> np.random.Generator:
-        """The response generator of request number ``seq`` (independent of order)."""
-        return np.random.default_rng(np.random.SeedSequence(self.config.seed,
-                                                            spawn_key=(2, seq)))
+    def response_uniforms(self, seq: int, ads: Sequence[SimAd]) -> np.ndarray:
+        """The response variates of request number ``seq`` for ``ads``: ``[len(ads), 9]``
+        uniforms in (0, 1), row ``i`` keyed by (seed, request number, ad number) only
+        (click, conversion, click delay, conversion-delay mixture and tail, value)."""
+        return keyed_uniforms(self.config.seed, 2, seq, [a.number for a in ads], 9)
 
     def sample_response(self, user: SimUser | str, slate: Sequence[str], request_id: str,
-                        event_time: float, context: dict[str, str],
-                        rng: np.random.Generator) -> Response:
-        """Sample clicks and (delayed) conversions for ``slate`` shown at ``event_time``.
+                        event_time: float, context: dict[str, str], seq: int) -> Response:
+        """Sample clicks and (delayed) conversions for ``slate`` shown at ``event_time``
+        to request number ``seq``.
 
-        Updates spend and budgets (booked at sampling time) and returns ads that became
-        ``exhausted``. Unknown or non-active ads get no response.
+        Every variate of an (ad, request) pair is keyed by both (:meth:`response_uniforms`):
+        the same ad shown to the same request clicks and converts alike whatever its
+        neighbours, the serving order or the policy; its position enters only through
+        pCTR. Updates spend and budgets (booked at sampling time) and returns ads that
+        became ``exhausted``. Unknown or non-active ads get no response.
         """
         cfg = self.config
         if isinstance(user, str):
@@ -1092,13 +1186,15 @@ class World:
                                              np.array(positions))
         ev = self.expected_values(ads, pctr, pcvr)
         window = cfg.delays.window_s
+        uni = self.response_uniforms(seq, ads)
         for i, ad in enumerate(ads):
             r = ad.record
-            # draw every variate for every item so the stream layout is fixed
-            u_click, u_conv = float(rng.random()), float(rng.random())
-            click_delay = cfg.delays.sample_click(rng)
-            conv_delay = cfg.delays.sample_conversion(rng)
-            value_draw = float(rng.lognormal(0.0, 0.5))
+            u = uni[i]
+            u_click, u_conv = float(u[0]), float(u[1])
+            click_delay = cfg.delays.click_from(float(u[2]))
+            conv_delay = cfg.delays.conversion_from(float(u[3]), float(u[4]),
+                                                    float(_normal(u[5], u[6])))
+            value_draw = math.exp(0.5 * float(_normal(u[7], u[8])))
             clicked = u_click < pctr[i]
             converted = clicked and u_conv < pcvr[i]
             reward = r.bid / 1000.0 if r.bid_type == "cpm" else 0.0
@@ -1137,8 +1233,7 @@ class World:
     def respond(self, request: Request, slate: Sequence[str]) -> Response:
         """The response to ``request`` served ``slate`` (ad ids, top first)."""
         return self.sample_response(request.user_id, slate, request.request_id,
-                                    request.event_time, request.context,
-                                    self.response_rng(request.seq))
+                                    request.event_time, request.context, request.seq)
 
 
     # -- organic items of a mixed feed ---------------------------------------------------
@@ -1186,11 +1281,13 @@ class World:
         order = np.lexsort((np.arange(len(ids)), -(p_view * (1.0 + p_like))))[:m]
         return [ids[int(i)] for i in order]
 
-    def organic_rng(self, seq: int) -> np.random.Generator:
-        """The organic-response generator of request number ``seq`` (independent of the
-        ad responses' :meth:`response_rng`)."""
-        return np.random.default_rng(np.random.SeedSequence(self.config.seed,
-                                                            spawn_key=(3, seq)))
+    def organic_uniforms(self, seq: int, item_ids: Sequence[str]) -> np.ndarray:
+        """The organic-response variates of request number ``seq`` for catalogue items
+        ``item_ids``: ``[len(item_ids), 6]`` uniforms, row ``i`` keyed by (seed, request
+        number, item) only (view, like, view delay, dwell (two), like point), on a
+        stream apart from the ads' :meth:`response_uniforms`."""
+        return keyed_uniforms(self.config.seed, 3, seq,
+                              [self._organic_index[i] for i in item_ids], 6)
 
     def respond_organic(self, request: Request, item_ids: Sequence[str]) -> OrganicResponse:
         """Sample what the user does with the organic items ``item_ids`` (rank order)
@@ -1205,7 +1302,6 @@ class World:
         """
         cfg = self.config
         user = self.user(request.user_id)
-        rng = self.organic_rng(request.seq)
         known: list[str] = []
         positions: list[int] = []
         unknown: list[str] = []
@@ -1220,13 +1316,13 @@ class World:
         rid, t0 = request.request_id, request.event_time
         items: list[OrganicOutcome] = []
         events: list[OrganicEngagement] = []
+        uni = self.organic_uniforms(request.seq, known)
         for i, item_id in enumerate(known):
-            # draw every variate for every item so the stream layout is fixed
-            u_view, u_like = float(rng.random()), float(rng.random())
-            delay = float(rng.exponential(cfg.organic_view_delay_s)) \
-                if cfg.organic_view_delay_s > 0 else 0.0
-            z = float(rng.standard_normal())
-            like_frac = float(rng.random())
+            u = uni[i]
+            u_view, u_like = float(u[0]), float(u[1])
+            delay = -cfg.organic_view_delay_s * math.log(float(u[2]))
+            z = float(_normal(u[3], u[4]))
+            like_frac = float(u[5])
             viewed = u_view < p_view[i]
             liked = viewed and u_like < p_like[i]
             dwell = 0.0

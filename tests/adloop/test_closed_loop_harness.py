@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from adloop.evaluation import EvalConfig, compare, headline_table
+import pytest
+
+from adloop.evaluation import (
+    EvalConfig,
+    compare,
+    headline_table,
+    logging_phase,
+    make_policy,
+    run_policy,
+    run_seed,
+    world_config,
+)
 from learner.beyond import BEYOND_KEYS
+from streams.schemas import Feedback
+from traffic.driver import ServedSlate
+from traffic.world import Request, World
 
 FAST = ("bid_only", "random", "popularity", "observable_oracle", "oracle")
 
@@ -45,10 +62,14 @@ def test_seeds_in_worker_processes_give_the_same_results_as_one_process(
     assert rnd["personalization"]["mean"] > 0.8
     assert rnd["sid_diversity"]["mean"] > 0.9
     assert rnd["novelty_unseen"]["mean"] > pop["novelty_unseen"]["mean"]
-    table = headline_table(one)
+    table, ratios = headline_table(one).split("\n\n")
     assert "| SID diversity | novelty (unseen) | novelty (bits) | personalization |" in table
     assert all(row.count("|") == table.splitlines()[0].count("|")
                for row in table.splitlines())
+    # then every ratio that ran: its paired interval and minimum detectable effect
+    assert ratios.splitlines()[0].startswith("| ratio | last quarter (95% CI) | MDE |")
+    assert "| observable_oracle / oracle |" in ratios
+    assert one["mde_observable_oracle_over_oracle"] > 0.0
     # the oracle knows the hidden state, the observable one only what the models see
     assert one["observable_oracle_over_oracle"] is not None
     assert 0.0 < one["observable_oracle_over_oracle"] <= 1.0
@@ -103,7 +124,7 @@ def test_mixed_feeds_report_organic_engagement_against_the_organic_oracle(
 
 def test_aggregate_names_the_best_baseline_and_compares_rspo_with_it() -> None:
     """best_baseline is the learned yardstick with the highest last-quarter RPM; rspo's
-    ratios to it and to frozen_explore come with per-seed intervals and their low ends,
+    ratios to it and to frozen_explore come with paired intervals and their low ends,
     and a policy's held-out value-model errors reach its summary."""
     from adloop.evaluation import PolicyRun, aggregate
 
@@ -122,13 +143,60 @@ def test_aggregate_names_the_best_baseline_and_compares_rspo_with_it() -> None:
     out = aggregate(runs, EvalConfig(seeds=(0, 1)))
     assert out["best_baseline"] == "logistic"
     assert math.isclose(out["rspo_over_best_baseline"], 315.0 / 290.0)
-    lo, hi = out["rspo_over_best_baseline_per_seed_ci95"]
+    lo, hi = out["rspo_over_best_baseline_ci95"]
     assert lo < 315.0 / 290.0 < hi and out["rspo_over_best_baseline_ci_low"] == lo
     assert math.isclose(out["rspo_over_frozen_explore"], 315.0 / 245.0)
-    assert out["rspo_over_frozen_explore_ci_low"] == out[
-        "rspo_over_frozen_explore_per_seed_ci95"][0]
+    assert out["rspo_over_frozen_explore_ci_low"] == out["rspo_over_frozen_explore_ci95"][0]
+    assert out["mde_rspo_over_best_baseline"] is not None
     assert out["policies"]["dlrm"]["value_logloss_ctr"]["mean"] == 0.14
     no_baselines = aggregate([r for r in runs if r.policy in ("rspo", "frozen_explore")],
                              EvalConfig(seeds=(0, 1)))
     assert no_baselines["best_baseline"] is None
     assert no_baselines["rspo_over_best_baseline"] is None
+
+
+class _OneChanged:
+    """bid_only's slates, except request number ``at`` of the run gets ``other``'s."""
+
+    def __init__(self, base: Any, other: Any, at: int) -> None:
+        self.name, self.base, self.other, self.at, self.served = "changed", base, other, at, 0
+
+    def recommend_batch(self, requests: Sequence[Request]) -> list[ServedSlate]:
+        out = self.base.recommend_batch(requests)
+        for i, r in enumerate(requests):
+            if self.served + i == self.at:
+                out[i] = self.other.recommend_batch([r])[0]
+        self.served += len(requests)
+        return out
+
+    def learn(self, lists: Sequence[Feedback]) -> dict[str, float]:
+        return self.base.learn(lists)
+
+
+def test_policies_share_the_requests_and_the_response_randomness(tmp_path: Path) -> None:
+    # common random numbers: the same policy twice gives the same run to the last
+    # click; a policy that differs on one request matches it up to that request
+    cfg = _small(seeds=(3,), requests=192, buckets=6)
+    runs = []
+    for variant in ("same", "same", "changed", "random"):
+        world = World(world_config(cfg, 3))
+        logs = logging_phase(world, cfg, 3)
+        policy: Any = make_policy("bid_only", world, 3, cfg, None, logs)
+        if variant == "changed":
+            policy = _OneChanged(policy, make_policy("random", world, 3, cfg, None, logs), 100)
+        elif variant == "random":
+            policy = make_policy("random", world, 3, cfg, None, logs)
+        runs.append(run_policy(world, policy, cfg, 3, world.now))
+    same, again, changed, rnd = runs
+    assert dataclasses.asdict(same) == dataclasses.asdict(again) | {"latency_s":
+                                                                    same.latency_s}
+    # buckets of 32 requests: request 100 is in the fourth; the first three are identical
+    for key in ("expected", "revenue", "clicks", "oracle_expected", "observable_expected"):
+        assert getattr(changed, key)[:3] == getattr(same, key)[:3], key
+    assert changed.expected[3] != same.expected[3]
+    assert rnd.expected[0] != pytest.approx(same.expected[0])
+    # run_seed starts every policy from a copy of the world after the logging phase:
+    # the same state as replaying it
+    (seeded,) = run_seed(dataclasses.replace(cfg, policies=("bid_only",)), 3, tmp_path)
+    for key in ("expected", "revenue", "clicks", "conversions", "oracle_expected"):
+        assert getattr(seeded, key) == getattr(same, key), key

@@ -23,6 +23,7 @@ from traffic.world import (
     DelayModel,
     World,
     WorldConfig,
+    keyed_uniforms,
     slate_ids,
 )
 
@@ -289,3 +290,69 @@ def test_observable_oracle_sits_between_random_and_oracle() -> None:
 
     rand, obs, oracle = expected("random"), expected("observable"), expected("oracle")
     assert rand < 0.5 * obs and obs < oracle
+
+
+def test_an_ads_outcome_depends_on_the_request_and_the_ad_not_on_the_slate() -> None:
+    # common random numbers: the variates of (request, ad) are keyed by both alone
+    world = World(WorldConfig(seed=5, **SMALL))
+    req = world.next_request()
+    ads = world.servable_ads()[:6]
+    both = world.response_uniforms(req.seq, ads)
+    alone = world.response_uniforms(req.seq, [ads[3]])
+    assert np.array_equal(both[3], alone[0])
+    assert not np.array_equal(both[0], both[1])
+    assert not np.array_equal(world.response_uniforms(req.seq + 1, [ads[3]]), alone)
+    assert both.shape == (6, 9) and np.all((both > 0) & (both < 1))
+    # uniform and independent enough: mean, variance and no correlation across variates
+    many = keyed_uniforms(5, 2, 0, range(5000), 9)
+    assert abs(many.mean() - 0.5) < 0.01 and abs(many.var() - 1 / 12) < 0.005
+    assert abs(np.corrcoef(many[:, 0], many[:, 1])[0, 1]) < 0.05
+
+
+def test_one_different_slate_changes_that_requests_outcome_only() -> None:
+    # without fatigue or budgets the world state a response sees is the same whatever
+    # was served, so two runs that differ on one request differ only there
+    cfg = WorldConfig(seed=6, fatigue_user=0.0, fatigue_overall=0.0, budget_scale=1e6,
+                      **SMALL)
+    a, b = World(cfg), World(cfg)
+    changed = 7
+    outcomes: list[list[list[object]]] = [[], []]
+    for n in range(40):
+        for w, out in ((a, outcomes[0]), (b, outcomes[1])):
+            req = w.next_request()
+            w.advance_to(req.event_time)
+            slate = [x.ad_id for x in w.servable_ads()[:5]]
+            if w is b and n == changed:
+                slate = [x.ad_id for x in w.servable_ads()[5:10]]
+            out.append([(i.ad_id, i.clicked, i.converted, i.reward, i.click_time)
+                        for i in w.respond(req, slate).items])
+    differ = [n for n in range(40) if outcomes[0][n] != outcomes[1][n]]
+    assert differ == [changed]
+    assert sum(c for row in outcomes[0] for _, c, _, _, _ in row) > 0   # clicks happened
+
+
+def test_the_lifecycle_does_not_depend_on_what_was_served() -> None:
+    # one world exhausts budgets, the other serves nothing: the same ads arrive with the
+    # same attributes, and the ads neither touched pause, resume and get revised alike
+    cfg = WorldConfig(seed=2, n_users=50, n_ads=30, budget_scale=0.02, new_ads_per_hour=8.0,
+                      request_rate=1 / 60.0,
+                      pause_per_hour=1.0, resume_per_hour=2.0, bid_change_per_hour=0.5)
+    busy, idle = World(cfg), World(cfg)
+    spent: set[str] = set()
+    for _ in range(300):
+        for w in (busy, idle):
+            req = w.next_request()
+            w.advance_to(req.event_time)
+            if w is busy:
+                slate = w.oracle_slate(req.user_id, req.context, k=5)
+                spent.update(slate)
+                w.respond(req, slate)
+    exhausted = [a for a in busy.ads.values() if a.record.status == "exhausted"]
+    assert exhausted
+    assert list(busy.ads) == list(idle.ads)
+    assert len(busy.ads) > cfg.n_ads + 20
+    untouched = [a for a in busy.ads if a not in spent]
+    assert len(untouched) > 20
+    for ad_id in untouched:
+        assert busy.ads[ad_id].record == idle.ads[ad_id].record
+    assert any(busy.ads[a].record.status == "paused" for a in untouched)
