@@ -54,6 +54,8 @@ def server_settings(tmp_path: Path, **overrides: Any) -> ServerSettings:
         "port": 0, "cache_dir": tmp_path / "cache", "beam_schedule": "8,8,8",
         "max_batch_size": 8, "max_wait_ms": 2.0, "slo_ms": 2000.0, "intra_op_threads": 1,
         "admin_token": "s3cret", "keep_versions": 3, "server_id": "test-server",
+        # the beam-search path (whole-catalogue scoring: test_catalogue_mode.py)
+        "score_catalogue_max": 0,
     }
     base.update(overrides)
     return ServerSettings(**base)
