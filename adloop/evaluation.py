@@ -174,6 +174,10 @@ class EvalConfig:
     pretrain: dict[str, Any] = field(default_factory=dict)
     """Overrides of :class:`learner.pretrain.PretrainSettings` (model shape and
     pretraining losses, e.g. ``task_tokens``, ``dc_weight``; for ablations)."""
+    score_catalogue_max: int | None = None
+    """The generative policies score a servable catalogue of at most this many ads whole
+    instead of searching it by beams (None: ``adloop serve``'s setting,
+    ``ServerSettings.score_catalogue_max``; 0: always beams, the earlier form)."""
     policies: tuple[str, ...] = POLICIES
     threads: int = 0
     """torch and ONNX Runtime threads of a seed worker (0: the library defaults; 1 in
@@ -216,7 +220,9 @@ class PolicyRun:
     latest logged requests), for generative policies."""
     serving: dict[str, float] = field(default_factory=dict)
     """What a generative policy reports about its serving (``calibration()``: ECE of
-    pCTR and pCVR, mean candidate coverage, share of requests with an exploration slot)."""
+    pCTR and pCVR, mean candidate coverage, share of requests with an exploration slot)
+    and a policy's value model's held-out figures (``heldout_metrics()``:
+    ``value_logloss_ctr``, ``value_logloss_cvr`` on the latest logged requests)."""
 
     def window(self, frac: float = 0.25) -> slice:
         n = len(self.impressions)
@@ -499,7 +505,9 @@ def make_policy(name: str, world: World, seed: int, cfg: EvalConfig,
                                      catalogue_beams=cfg.catalogue_beams,
                                      rspo=RSPOConfig(**{"hepo_weight": cfg.hepo_weight,
                                                         **cfg.rspo}), work_dir=work_dir,
-                                     threads=cfg.threads, trie_logprobs=cfg.trie_logprobs)
+                                     threads=cfg.threads, trie_logprobs=cfg.trie_logprobs,
+                                     heldout=pretrained[2],
+                                     score_catalogue_max=cfg.score_catalogue_max)
 
 
 def pretrain_on(log_feedback: list[Feedback], world: World, cfg: EvalConfig, seed: int,

@@ -24,6 +24,7 @@ from server.engine import Engine, RecRequest, RecResult
 from server.explore import Explorer
 from server.models import ModelManager
 from server.runtime import resolve_provider
+from server.settings import ServerSettings
 from streams.schemas import Ad
 
 
@@ -31,11 +32,14 @@ class InProcessServer:
     """Snapshots in ``work_dir`` (a temporary directory when None), served by
     :class:`server.models.ModelManager` and ranked by :class:`server.engine.Engine`,
     which keeps up to ``log_beams`` final beams per result (``adloop serve``'s
-    ``log_beams``)."""
+    ``log_beams``) and scores a servable catalogue of at most ``score_catalogue_max``
+    ads whole (None: ``adloop serve``'s setting, ``ADLOOP_SERVER_SCORE_CATALOGUE_MAX``
+    included, so the harness serves as the live server does)."""
 
     def __init__(self, work_dir: Path | None = None, threads: int = 0,
                  provider: str = "cpu", explore: float = 0.0, explore_max_shown: int = 50,
-                 seed: int | None = None, log_beams: int = 32) -> None:
+                 seed: int | None = None, log_beams: int = 32,
+                 score_catalogue_max: int | None = None) -> None:
         self._temporary = work_dir is None
         self.work_dir = Path(work_dir if work_dir is not None
                              else tempfile.mkdtemp(prefix="adloop-serve-"))
@@ -45,7 +49,10 @@ class InProcessServer:
                                     self.work_dir / "cache", keep_versions=2,
                                     intra_op_threads=threads)
         self.explorer = Explorer(explore, explore_max_shown, self.catalog, seed=seed)
-        self.engine = Engine(self.manager, self.catalog, self.explorer, log_beams)
+        if score_catalogue_max is None:     # as adloop serve is configured
+            score_catalogue_max = ServerSettings().score_catalogue_max
+        self.engine = Engine(self.manager, self.catalog, self.explorer, log_beams,
+                             score_catalogue_max=score_catalogue_max)
         self.published = 0
         """Snapshots exported (a learner publish)."""
         self.id_updates = 0

@@ -65,7 +65,9 @@ class GenerativePolicy:
                  explore: float = 0.0, explore_max_shown: int = 50,
                  rspo: RSPOConfig | None = None, catalogue_beams: bool = True,
                  work_dir: Path | None = None, threads: int = 0,
-                 reach_every: int = 8, trie_logprobs: bool = True) -> None:
+                 reach_every: int = 8, trie_logprobs: bool = True,
+                 heldout: dict[str, float] | None = None,
+                 score_catalogue_max: int | None = None) -> None:
         if update not in ("none", "rspo", "vsl_only"):
             raise ValueError(f"update must be none, rspo or vsl_only, got {update!r}")
         self.name = name
@@ -93,9 +95,11 @@ class GenerativePolicy:
         self._predicted: dict[str, dict[str, tuple[float, float]]] = {}
         self.calibration_pairs: list[tuple[float, float, float, float]] = []
         """(p̂CTR, clicked, p̂CVR, converted) of every shown item once its feedback is in."""
+        self._heldout = {k: v for k, v in (heldout or {}).items() if k.startswith("value_")}
         torch.manual_seed(seed)
         self.server = InProcessServer(work_dir, threads=threads, explore=explore,
-                                      explore_max_shown=explore_max_shown, seed=seed)
+                                      explore_max_shown=explore_max_shown, seed=seed,
+                                      score_catalogue_max=score_catalogue_max)
         self.server.sync_catalog(self.world.ad_records())
         self._place_new_ads()
         self.server.publish(self.model, self.tok)
@@ -170,6 +174,22 @@ class GenerativePolicy:
                 "observable_oracle_reach": float(np.mean(self.oracle_reach))
                 if self.oracle_reach else math.nan}
 
+    def heldout_metrics(self) -> dict[str, float]:
+        """The value model's log-loss of pCTR (shown items) and pCVR (clicked items) on
+        the held-out (latest) logged requests, as pretraining measured it
+        (``value_logloss_ctr``, ``value_logloss_cvr``, with its ECEs), and the same
+        log-losses of the served predictions against what followed (``_online``: each
+        item predicted before its feedback was known)."""
+        out = dict(self._heldout)
+        pairs = self.calibration_pairs
+        if pairs:
+            arr = np.clip(np.asarray(pairs, dtype=float), 1e-6, 1 - 1e-6)
+            clk = np.asarray([b for _, b, _, _ in pairs]) > 0
+            out["value_logloss_ctr_online"] = _logloss(arr[:, 0], arr[:, 1])
+            out["value_logloss_cvr_online"] = (_logloss(arr[clk, 2], arr[clk, 3])
+                                               if clk.any() else math.nan)
+        return out
+
     # -- learning --------------------------------------------------------------------------
     def _learner_trie(self) -> IdTrie | None:
         """The servable ids as the learner's trie (None with ``trie_logprobs`` off): the
@@ -218,6 +238,12 @@ def expected_calibration_error(p: Sequence[float], y: Sequence[float],
         curve.append((mp, my, len(chunk)))
         ece += len(chunk) / len(pa) * abs(mp - my)
     return ece, curve
+
+
+def _logloss(p: np.ndarray, y: np.ndarray) -> float:
+    """Mean binary log-loss of probabilities ``p`` (clipped away from 0 and 1)."""
+    y = np.round(y)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
 def level_widths(beam_width: int, level0_codes: int, id_len: int) -> list[int]:

@@ -153,6 +153,20 @@ class ModelConfig:
     """``"append"``: the intents are added to the memory after the user rows (and fake
     items); ``"replace"``: they stand in for the user rows (the memory keeps fake items,
     intents and task tokens only)."""
+    value_factors: bool = True
+    """Factorised logit terms of the value head beside its decoder output (see
+    :class:`ValueHead`): a per-item bias (hashed full id) shrunk to the (industry, goal)
+    prior, and user × item interactions (context rows, pooled history and organic
+    topics × the candidate's semantic and business tokens). Checkpoints written before
+    it existed load with ``False``."""
+    value_factors_cvr: bool = False
+    """The factorised terms on pCVR too (off: pCTR only; pCVR stays the cell prior plus
+    the decoder's output: with tens of conversions in the logs, per-item and interaction
+    terms of pCVR overfit and the winner's curse takes the CPA ads' ranking)."""
+    value_rank: int = 16
+    """Rank of the value head's user × item interaction, per head (pCTR, pCVR)."""
+    value_buckets: int = 4093
+    """Rows of the value head's hashed per-item bias table."""
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -208,7 +222,7 @@ class ModelConfig:
         return cls(**{"inject_mlp": False, "organic_len": 0, "value_own_items": False,
                       "prior_horizons": 1, "prior_mix_mode": "fixed", "task_tokens": False,
                       "fake_items": False, "ranker_kv": False, "mtp_mode": "pooled",
-                      "intent_tokens": 0, **d})
+                      "intent_tokens": 0, "value_factors": False, **d})
 
 
 # --------------------------------------------------------------------------------------
@@ -749,11 +763,37 @@ class ValueHead(nn.Module):
     from its business tokens (id levels ``semantic_levels`` and ``semantic_levels + 1``)
     and set from the logs by :meth:`set_priors`: rare cells and rare events (conversions)
     stay near their parent's rate instead of following noise. All zeros (no prior) until
-    set, and in models saved before it existed."""
+    set, and in models saved before it existed.
+
+    With ``cfg.value_factors`` two factorised terms join the logits (the terms a
+    factorised logistic pCTR·pCVR model has, learned end to end):
+
+    * a per-item bias b_item [2] from a table of ``value_buckets`` rows keyed by a hash
+      of the candidate's full id (every token: one row per ad, up to rare collisions).
+      It starts at 0 and its L2 penalty (:meth:`penalty`, weight ``bias_l2`` set by
+      pretraining from the data size) is a Gaussian prior centred on 0: an item with
+      little or no data keeps its (industry, goal) cell prior, an item with many
+      impressions moves away from it by what its own clicks say;
+    * a user × item interaction ⟨u, v⟩ per head, rank ``value_rank``: u is a linear map
+      of the encoder's context rows (one per context feature, in order), the masked
+      mean of its history rows and of its organic-topic rows (the user sequence comes
+      first in the memory; with intents in ``replace`` mode, the masked mean of the
+      whole memory in the history's slot); v the sum of the candidate's semantic-level
+      and business token vectors (own table, suffix left out) plus a constant (the
+      user's first-order term). Context × industry and interest × category effects
+      are such products.
+
+    Last comes a fixed affine map per head (``calibration`` [2, 2]: scale, shift of the
+    logit; identity until :func:`learner.value_fit.calibrate` fits it on held-out logs),
+    part of the graph, so value.onnx serves calibrated probabilities."""
 
     items: ItemEmbedding
     decoder: LazyARDecoder
     prior_logit: Tensor
+    calibration: Tensor
+    bias_l2: Tensor
+    hash_mult: Tensor
+    factor_heads: Tensor
 
     def __init__(self, cfg: ModelConfig, items: ItemEmbedding, decoder: LazyARDecoder) -> None:
         super().__init__()
@@ -762,6 +802,31 @@ class ValueHead(nn.Module):
         self.biz = (L, L + 1) if len(cfg.level_sizes) >= L + 2 else None
         cells = (cfg.level_sizes[L], cfg.level_sizes[L + 1]) if self.biz else (1, 1)
         self.register_buffer("prior_logit", torch.zeros(2, *cells))
+        self.register_buffer("calibration", torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+        self.factors = cfg.value_factors
+        if self.factors:
+            r, T = cfg.value_rank, cfg.id_len
+            # semantic levels and business tokens: the suffix (last position) only
+            # separates colliding ids, which the per-item bias does
+            self.n_fm = T - 1 if T > L + 1 else T
+            self.fm_items = ItemEmbedding(cfg.level_sizes[: self.n_fm], 2 * r)
+            self.fm_const = nn.Parameter(torch.zeros(2 * r))
+            self.n_ctx, self.org_len = len(cfg.context_features), cfg.organic_len
+            # memory rows after the user sequence (fake items, intents, task tokens): the
+            # history's length varies (the learner drops unused trailing padding), so the
+            # history and organic rows are found from the end
+            self.n_after = (cfg.level_sizes[0] if cfg.fake_items else 0) + \
+                cfg.intent_tokens + (2 if cfg.task_tokens else 0)
+            self.user_rows = cfg.intent_tokens == 0 or cfg.intent_mode == "append"
+            self.fm_user = nn.Linear((self.n_ctx + 1 + (1 if self.org_len else 0)) * d, 2 * r)
+            self.rank = r
+            self.item_bias = nn.Parameter(torch.zeros(cfg.value_buckets, 2))
+            self.register_buffer("factor_heads", torch.tensor(
+                [1.0, 1.0 if cfg.value_factors_cvr else 0.0]), persistent=False)
+            self.register_buffer("bias_l2", torch.zeros(2))
+            mult = [pow(1_000_003, t + 1, 2**31 - 1) for t in range(T)]
+            self.register_buffer("hash_mult", torch.tensor(mult, dtype=torch.long),
+                                 persistent=False)
         if cfg.value_own_items:
             self.items = ItemEmbedding(cfg.level_sizes, d)
         else:
@@ -800,11 +865,54 @@ class ValueHead(nn.Module):
             else:
                 x = blk(x, mem=memory, mem_bias=bias)
         logits = self.out(self.ln_f(x))                                 # [B, K, 2]
-        if self.biz is None:
-            return logits[..., 0], logits[..., 1]
-        prior = self.prior_logit[:, candidates[..., self.biz[0]],
-                                 candidates[..., self.biz[1]]]          # [2, B, K]
-        return logits[..., 0] + prior[0], logits[..., 1] + prior[1]
+        if self.factors:
+            logits = logits + self.factor_heads * (self.item_bias[self.bucket(candidates)]
+                                                   + self.interaction(memory, memory_mask,
+                                                                      candidates))
+        if self.biz is not None:
+            prior = self.prior_logit[:, candidates[..., self.biz[0]],
+                                     candidates[..., self.biz[1]]]      # [2, B, K]
+            logits = logits + prior.permute(1, 2, 0)
+        logits = logits * self.calibration[:, 0] + self.calibration[:, 1]
+        return logits[..., 0], logits[..., 1]
+
+    def bucket(self, candidates: Tensor) -> Tensor:
+        """Row of each candidate's per-item bias: a hash of its full id [B, K, T] ->
+        [B, K] (integer arithmetic only, so the graph computes the same rows)."""
+        h = (candidates * self.hash_mult).sum(-1)
+        n = self.item_bias.shape[0]
+        return h - torch.div(h, n, rounding_mode="floor") * n
+
+    def interaction(self, memory: Tensor, memory_mask: Tensor, candidates: Tensor) -> Tensor:
+        """The user × item term ⟨u, v⟩ per head [B, K, 2] (see the class docstring)."""
+        B, D = memory.shape[0], memory.shape[2]
+        m = memory_mask.unsqueeze(-1)
+        if self.user_rows:
+            C, n_org, E = self.n_ctx, self.org_len, self.n_after
+            parts = [memory[:, :C].reshape(B, C * D)]
+            ends = [-(n_org + E) if n_org + E else None] + \
+                ([-E if E else None] if n_org else [])
+            starts = [C] + ([-(n_org + E)] if n_org else [])
+            for lo, hi in zip(starts, ends, strict=True):   # history rows, organic rows
+                w = m[:, lo:hi]
+                parts.append((memory[:, lo:hi] * w).sum(1) / w.sum(1).clamp_min(1.0))
+            user = torch.cat(parts, -1)
+        else:       # no user rows: the pooled memory in the history's slot
+            pooled = (memory * m).sum(1) / m.sum(1).clamp_min(1.0)
+            user = torch.cat([memory.new_zeros(B, self.n_ctx * D), pooled]
+                             + ([torch.zeros_like(pooled)] if self.org_len else []), -1)
+        u = self.fm_user(user).reshape(B, 1, 2, self.rank)
+        v = self.fm_items.items(candidates[..., : self.n_fm]) + self.fm_const
+        return (u * v.reshape(v.shape[0], v.shape[1], 2, self.rank)).sum(-1)
+
+    def penalty(self) -> Tensor:
+        """The per-item biases' L2 term (their zero-mean Gaussian prior), to add to the
+        value loss: Σ_head ``bias_l2[head]`` · Σ_rows b² (0 without factorised terms or
+        before pretraining sets it: λ / impressions for pCTR, λ / clicks for pCVR, so a
+        pass over the logs is the MAP fit under a prior of λ pseudo-observations)."""
+        if not self.factors:
+            return self.calibration.new_zeros(())
+        return (self.bias_l2 * self.factor_heads * self.item_bias.pow(2).sum(0)).sum()
 
     @torch.no_grad()
     def set_priors(self, slate: Tensor, mask: Tensor, clicked: Tensor, converted: Tensor,
@@ -832,6 +940,8 @@ class ValueHead(nn.Module):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
                               *args: Any, **kwargs: Any) -> None:
         state_dict.setdefault(prefix + "prior_logit", torch.zeros_like(self.prior_logit))
+        state_dict.setdefault(prefix + "calibration", self.calibration.new_tensor(
+            [[1.0, 0.0], [1.0, 0.0]]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

@@ -7,8 +7,12 @@ Steps:
 3. build examples (:mod:`learner.data`) and hold out the latest requests;
 4. train VSL + MTP + value-head BCE (:func:`learner.losses.pretrain_loss`) with AdamW,
    checkpointing every ``checkpoint_every`` steps (atomic, :mod:`learner.checkpoint`);
-5. evaluate recall@K / vNDCG@K on the held-out requests and store them in the
-   checkpoint (they travel into the snapshot manifest's ``metrics``).
+   then value-only epochs with early stopping and a Platt calibration of the value
+   heads on the latest training requests, whose slates the main stage's value loss
+   left out, and a refit on all of them (:mod:`learner.value_fit`);
+5. evaluate recall@K / vNDCG@K and the value model's log-loss and ECE on the
+   held-out requests and store them in the checkpoint (they travel into the snapshot
+   manifest's ``metrics``).
 
 Deterministic for a seed: model init uses ``torch.manual_seed(seed)`` and the batch of
 step s is a pure function of (seed, s), so a run resumed from a checkpoint continues
@@ -44,6 +48,7 @@ from learner.evaluate import evaluate, trie_of
 from learner.losses import pretrain_loss
 from learner.model import GenerativeRecommender, ModelConfig
 from learner.tokenizer import TokenizerConfig, UASIDTokenizer
+from learner.value_fit import finetune_value, value_metrics, without_value_split
 from streams.features import (
     DEFAULT_CONTEXT_BUCKETS,
     DEFAULT_CONTEXT_FEATURES,
@@ -152,6 +157,30 @@ class PretrainSettings(BaseSettings):
     value_priors: bool = True
     """Set the value head's prior logits per (industry, goal) from the logs
     (``ValueHead.set_priors``; off: no prior, the earlier form)."""
+    value_factors: bool = True
+    """Factorised value terms: a per-item bias shrunk to the (industry, goal) prior and
+    user × item interactions (ModelConfig.value_factors)."""
+    value_factors_cvr: bool = False
+    """The factorised terms on pCVR too (ModelConfig.value_factors_cvr; off: pCTR only)."""
+    value_rank: int = 16
+    """Rank of the value head's user × item interaction (ModelConfig.value_rank)."""
+    value_bias_prior: float = 2.0
+    """Strength λ of the per-item biases' prior, in pseudo-observations (their L2
+    weight is λ / impressions for pCTR, λ / clicks for pCVR)."""
+    value_epochs: int = 40
+    """Most value-only epochs after pretraining (encoder and generator frozen; their
+    count chosen by early stopping on a time split, 0 = none;
+    learner.value_fit.finetune_value)."""
+    value_val_frac: float = 0.15
+    """Latest share of the training requests whose slates the value head does not see
+    until the end: they choose the value-only epoch count and fit the calibration map,
+    then the head is refitted on all training requests (learner.value_fit)."""
+    value_patience: int = 4
+    """Stop the value-only epochs after this many without a better held-out log-loss."""
+    value_lr: float = 3e-3
+    value_calibrate: bool = True
+    """Fit a Platt map per value head on the value split (in value.onnx; a head with
+    fewer than 30 events there keeps the identity)."""
     steps: int = 1000
     batch_size: int = 64
     lr: float = 3e-3
@@ -259,7 +288,9 @@ def model_config(s: PretrainSettings, tok: UASIDTokenizer) -> ModelConfig:
         short_horizon=s.short_horizon, prior_mix_mode=s.prior_mix_mode,
         value_own_items=s.value_own_items, task_tokens=s.task_tokens, fake_items=s.fake_items,
         ranker_kv=s.ranker_kv, intent_tokens=s.intent_tokens,
-        n_intent_layer=s.n_intent_layer, intent_mode=s.intent_mode)
+        n_intent_layer=s.n_intent_layer, intent_mode=s.intent_mode,
+        value_factors=s.value_factors, value_factors_cvr=s.value_factors_cvr,
+        value_rank=s.value_rank)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
@@ -327,11 +358,16 @@ def pretrain(s: PretrainSettings, ads: list[Ad] | None = None,
     model = GenerativeRecommender(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     start = 0
+    # the model as the training steps left it, before the value-only stage: what a run
+    # that continues takes up, so a resumed run equals an uninterrupted one
+    train_state: dict[str, Any] | None = None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        start = int(ckpt["step"])
+        train_state = ckpt.get("extra", {}).get("train_state")
+        model.load_state_dict(train_state if train_state is not None and start < s.steps
+                              else ckpt["model"])
         if ckpt.get("optimizer") is not None:
             opt.load_state_dict(ckpt["optimizer"])
-        start = int(ckpt["step"])
         log.info("resumed", step=start, run_dir=str(run_dir))
 
     examples = build_examples(feedback, tok, cfg.history_len, cfg.context_features,
@@ -339,28 +375,48 @@ def pretrain(s: PretrainSettings, ads: list[Ad] | None = None,
                               short_horizon=cfg.short_horizon,
                               organic_dwell_s=s.organic_dwell_s if s.organic_targets else None)
     train, test = split_by_time(examples, s.held_out_frac)
+    # the value model's split: its slates stay out of the main stage's value loss
+    main = without_value_split(train, s.value_val_frac) if s.value_epochs > 0 else train
     if ckpt is None and len(train) and s.value_priors:
-        first = np.unique(train.request, return_index=True)[1]   # each shown slate once
-        shown = train.subset(first).batch()
+        first = np.unique(main.request, return_index=True)[1]    # each shown slate once
+        shown = main.subset(first).batch()
         rates = model.value.set_priors(shown.slate, shown.slate_mask, shown.clicked,
                                        shown.converted)
         log.info("value priors", **rates)
+    if ckpt is None and len(train) and model.value.factors:
+        mask = main.slate_mask
+        n_imp, n_clk = float(mask.sum()), float((main.clicked * mask).sum())
+        model.value.bias_l2.copy_(torch.tensor([s.value_bias_prior / max(n_imp, 1.0),
+                                                s.value_bias_prior / max(n_clk, 1.0)]))
     log.info("examples", train=len(train), held_out=len(test),
              positives=len(train.positives),
              organic_positives=len(train.organic_positives), params=model.num_parameters())
 
     def checkpoint(step: int, metrics: dict[str, float] | None = None) -> None:
-        save_checkpoint(run_dir, model, tok.id_space_version, step, opt, metrics,
-                        extra={"data_watermark": float(examples.time.max(initial=0.0))})
+        extra: dict[str, Any] = {"data_watermark": float(examples.time.max(initial=0.0))}
+        if train_state is not None:
+            extra["train_state"] = train_state
+        save_checkpoint(run_dir, model, tok.id_space_version, step, opt, metrics, extra=extra)
 
+    value: dict[str, float] = {}
     if start < s.steps:
-        train_steps(model, opt, train, start, s.steps, s, checkpoint)
+        train_state = None      # while it trains, the model is its own training state
+        train_steps(model, opt, main, start, s.steps, s, checkpoint)
+        if s.value_epochs > 0:
+            train_state = {k: v.clone() for k, v in model.state_dict().items()}
+            value.update(finetune_value(model, train, s.value_val_frac, s.value_epochs,
+                                        s.value_patience, s.value_lr, s.batch_size,
+                                        seed=s.seed, calibrate_on_split=s.value_calibrate))
+    if len(test):
+        value.update(value_metrics(model, test))
+        log.info("value model", **value)
     metrics: dict[str, float] = {}
     if len(test.positives):
         trie, _ = trie_of(tok)
         metrics = evaluate(TorchBackend(model), test, trie, s.eval_beam_width, (s.eval_k,))
-        for k, v in metrics.items():
-            EVAL.labels(k).set(v)
+    metrics.update({k: v for k, v in value.items() if k.startswith("value_")})
+    for k, v in metrics.items():
+        EVAL.labels(k).set(v)
     checkpoint(max(start, s.steps), metrics)
     log.info("pretrained", step=max(start, s.steps), **metrics)
     return PretrainResult(model, tok, metrics, max(start, s.steps), run_dir)

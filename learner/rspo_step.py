@@ -418,7 +418,8 @@ class OnlineLearner:
         pos_w = value_weights((b.rewards * positive).flatten()).reshape(b.rewards.shape)
         pos_w = pos_w * b.item_mask * b.list_weight.unsqueeze(1)
         l_vsl = -(pos_w * logp).sum() / (pos_w > 0).sum().clamp_min(1)
-        l_val = value_loss(pctr, pcvr, b.clicked, b.converted, b.item_mask)
+        l_val = value_loss(pctr, pcvr, b.clicked, b.converted, b.item_mask) \
+            + self.model.value.penalty()
         loss = (self.cfg.rspo_weight * l_rspo + self.cfg.vsl_alpha * l_vsl
                 + self.value_weight * l_val)
         l_dc = torch.zeros(())

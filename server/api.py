@@ -108,7 +108,8 @@ class RecommendResponse(BaseModel):
     organic: list[RecommendedOrganic] = Field(
         description="the mixed feed's organic items, best first (empty when organic_k is 0 "
         "or the serving snapshot has no organic items)")
-    beam_widths: list[int] = Field(description="beam width used per id level")
+    beam_widths: list[int] = Field(description="beam width used per id level (empty when "
+                                   "the whole servable catalogue was scored)")
     server_id: str
 
 

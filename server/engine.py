@@ -3,6 +3,13 @@ search over all beams of the batch at once, value heads on the final beams, slat
 then exploration (:mod:`server.explore`) may give a slate's last slot to a low-exposure
 ad and sets every item's propensity.
 
+Whole-catalogue mode: when the servable ads are at most ``score_catalogue_max``, the
+beam search is skipped and the value heads score every servable ad for every request
+(one ``value.onnx`` call with all of them as candidates); the slate is the top by
+expected value, as from beams. Only the ads shown or logged get a sequence
+log-probability (scored through the trie as a beam reaching them would be). Everything
+after the candidates (exploration, the logged beams, organic items) is the same.
+
 The final beams themselves, best expected value first and at most ``log_beams`` of them,
 travel with each result (:attr:`RecResult.beams`) into the impression log, so the
 learner sees the candidates the slate was chosen from (HEPO's sibling groups).
@@ -115,9 +122,15 @@ class Engine:
     def __init__(self, models: ModelManager, catalog: AdCatalog,
                  explorer: Explorer | None = None, log_beams: int = 32,
                  organic_beam: int = 8,
-                 organic_width: Callable[[int], int] | None = None) -> None:
+                 organic_width: Callable[[int], int] | None = None,
+                 score_catalogue_max: int = 0) -> None:
         if log_beams < 0:
             raise ValueError(f"log_beams must be >= 0, got {log_beams}")
+        if score_catalogue_max < 0:
+            raise ValueError(f"score_catalogue_max must be >= 0, got {score_catalogue_max}")
+        self.score_catalogue_max = score_catalogue_max
+        """A servable catalogue of at most this many ads is scored whole by the value
+        heads instead of searched by beams (0 = always beams)."""
         if organic_beam < 1:
             raise ValueError(f"organic_beam must be >= 1, got {organic_beam}")
         self.models = models
@@ -176,14 +189,26 @@ class Engine:
         def step(req: np.ndarray, prefix: np.ndarray) -> np.ndarray:
             return rt.step(states, req, prefix)
 
-        beams = beam_search(step, trie, B, widths)
-        results = [RecResult(state.model.version, list(widths)) for _ in requests]
+        whole = 0 < trie.n_ads <= self.score_catalogue_max
+        M.RANKING_MODE.labels("catalogue" if whole else "beams").inc(B)
+        results = [RecResult(state.model.version, [] if whole else list(widths))
+                   for _ in requests]
         if any(r.organic_k > 0 for r in requests):
             for res, items in zip(results, self.organic(state, states, requests), strict=True):
                 res.organic = items
-        if beams.request.shape[0] == 0:
-            return results
-        candidates, col = pad_candidates(beams, B)
+        if whole:       # every servable ad is a candidate of every request
+            n = trie.n_ads
+            req = np.repeat(np.arange(B, dtype=np.int64), n)
+            beams = Beams(req, np.tile(man.ids[trie.rows], (B, 1)), np.tile(trie.rows, B),
+                          np.zeros(B * n))
+            candidates = np.ascontiguousarray(
+                np.broadcast_to(man.ids[trie.rows], (B, n, man.id_len)))
+            col = np.tile(np.arange(n, dtype=np.int64), B)
+        else:
+            beams = beam_search(step, trie, B, widths)
+            if beams.request.shape[0] == 0:
+                return results
+            candidates, col = pad_candidates(beams, B)
         pctr_all, pcvr_all = rt.value(states, candidates)
         pctr = pctr_all[beams.request, col].astype(np.float64)
         pcvr = pcvr_all[beams.request, col].astype(np.float64)
@@ -197,8 +222,15 @@ class Engine:
         ev = expected_value(bid, kind, pctr, pcvr)
         allowed = np.fromiter((is_servable(a) for a in recs), bool, count=len(recs))
         slates = rank_slates(beams, ev, [r.k for r in requests], allowed)
+        kept = rank_slates(beams, ev, [self.log_beams] * B, allowed & np.isfinite(ev)) \
+            if self.log_beams else []
+        if whole:   # log-probs of the ads that are shown or logged only (trie-scored)
+            need = np.unique(np.concatenate([*slates, *kept, np.zeros(0, np.int64)]))
+            if need.size:
+                beams.logprob[need] = sequence_logprob(step, trie, beams.request[need],
+                                                       beams.ids[need])
         if self.log_beams:
-            self._keep_beams(beams, ev, allowed, ad_ids, bid, kind, results)
+            self._keep_beams(beams, kept, ev, ad_ids, bid, kind, results)
         for b, idx in enumerate(slates):
             for pos, i in enumerate(idx):
                 rec = recs[i]
@@ -264,15 +296,14 @@ class Engine:
         M.ORGANIC_SECONDS.observe(time.perf_counter() - started)
         return out
 
-    def _keep_beams(self, beams: Beams, ev: np.ndarray, allowed: np.ndarray,
+    def _keep_beams(self, beams: Beams, ranked: list[np.ndarray], ev: np.ndarray,
                     ad_ids: list[str], bid: np.ndarray, kind: np.ndarray,
                     results: list[RecResult]) -> None:
-        """Each request's servable final beams in ranking order, at most ``log_beams``
-        (beams with a non-finite log-prob or value are left out: a log record holds
-        finite numbers only)."""
-        finite = allowed & np.isfinite(ev) & np.isfinite(beams.logprob)
-        ranked = rank_slates(beams, ev, [self.log_beams] * len(results), finite)
+        """Each request's servable final beams in ranking order (``ranked``: at most
+        ``log_beams`` with a finite value each; one with a non-finite log-prob is left
+        out: a log record holds finite numbers only)."""
         for b, idx in enumerate(ranked):
+            idx = idx[np.isfinite(beams.logprob[idx])]
             results[b].beams = [BeamCandidate(
                 ad_id=ad_ids[i], semantic_id=[int(x) for x in beams.ids[i]],
                 logprob=float(beams.logprob[i]), expected_value=float(ev[i]),

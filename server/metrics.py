@@ -69,6 +69,10 @@ UPDATES_REFUSED = counter(
 FOLLOW_RETRIES = counter("adloop_follow_retries_total",
                          "Times a follower reopened its topic after a fault that can heal "
                          "(broker unreachable, topic missing), by topic.", ("topic",))
+RANKING_MODE = counter("adloop_server_ranking_mode_total",
+                       "Requests by how their ads' candidates were found: catalogue (every "
+                       "servable ad scored by the value heads) or beams (constrained beam "
+                       "search, then the value heads on the final beams).", ("mode",))
 EXPLORED = counter("adloop_server_explored_total",
                    "Requests whose last slot went to an exploration draw (a low-exposure ad).")
 EXPLORE_RATE = gauge("adloop_server_explore_ratio",

@@ -50,7 +50,8 @@ class Service:
                                  seed=settings.explore_seed)
         self.engine = Engine(self.models, self.catalog, self.explorer,
                              settings.log_beams if settings.log_impressions else 0,
-                             settings.organic_beam, self.controller.organic_width)
+                             settings.organic_beam, self.controller.organic_width,
+                             settings.score_catalogue_max)
         self.batcher = Batcher(self.engine.run, self.controller, settings.max_batch_size,
                                settings.max_wait_ms / 1000.0, settings.workers)
         self.impressions = (ImpressionLogger(kafka, settings.impression_buffer,

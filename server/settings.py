@@ -88,6 +88,12 @@ class ServerSettings(BaseSettings):
     slo_ms: float = Field(50.0, gt=0, description="latency target inside the server")
     max_queue: int = Field(2048, ge=1, description="queued requests beyond this get 429")
 
+    score_catalogue_max: int = Field(500, ge=0, description="a servable catalogue of at "
+                                     "most this many ads is scored whole by the value heads "
+                                     "(every ad a candidate of every request, ranked by "
+                                     "expected value) instead of searched by beams; "
+                                     "0 = always beams")
+
     # mixed feed (organic items ranked by the same model)
     organic_beam: int = Field(8, ge=1, le=256, description="beam width per level of the "
                               "organic search of a mixed-feed request (organic_k > 0), "

@@ -112,6 +112,11 @@ METRICS: tuple[Metric, ...] = (
        "Batches that overlapped a snapshot swap (load, warm-up, parity of a new version on "
        "the follower thread): the load controller neither narrows beams nor updates its "
        "service time from them, and sheds nothing while a swap runs."),
+    _m("adloop_server_ranking_mode_total", "counter", "server", ("mode",),
+       "Requests by how their ads' candidates were found: catalogue (every servable ad "
+       "scored by the value heads, the catalogue being within "
+       "ADLOOP_SERVER_SCORE_CATALOGUE_MAX) or beams (constrained beam search, then the "
+       "value heads on the final beams).", "mode: catalogue, beams"),
     _m("adloop_server_explored_total", "counter", "server", (),
        "Requests whose last slot went to an exploration draw (a servable ad this server "
        "has shown fewer than ADLOOP_SERVER_EXPLORE_MAX_SHOWN times); the exploration "

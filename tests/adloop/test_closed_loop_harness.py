@@ -87,6 +87,8 @@ def test_generative_policies_are_served_from_exported_snapshots_and_learn(
         assert 0.0 <= e["observable_oracle_reach"]["mean"] <= 1.0
         assert set(BEYOND_KEYS) <= set(e)
         assert 0.0 <= e["sid_diversity"]["mean"] <= 1.0
+        # the value model's held-out log-loss, as the other learned policies report it
+        assert 0.0 < e["value_logloss_ctr"]["mean"] < 1.0 and "value_logloss_cvr" in e
     # the server's exploration slot serves the learning policy only (EvalConfig.explore)
     assert res["policies"]["rspo"]["explored_share"]["mean"] > 0.0
     assert res["policies"]["frozen"]["explored_share"]["mean"] == 0.0

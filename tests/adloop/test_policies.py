@@ -63,9 +63,16 @@ def test_the_in_process_generative_policy_hands_the_learner_its_final_beams(
             if beam is not None:                    # ranked (an explored ad is not a beam)
                 assert (beam.logprob, beam.semantic_id) == (ad.score, ad.semantic_id)
         assert sum(ad.ad_id in by_id for ad in slate.ads) >= len(slate.ads) - 1
+    # a small catalogue is scored whole (the server's default score_catalogue_max)
+    assert policy.coverage[-16:] == [1.0] * 16
     metrics = policy.learn(lists)
     assert metrics["hepo_beams_per_list"] > max(len(fb.items) for fb in lists)
     assert metrics["hepo_tokens"] > 0 and metrics["hepo"] == metrics["hepo"]
+    # the value model's held-out log-loss (pretraining's split) and on what it served
+    held = policy.heldout_metrics()
+    assert 0 < held["value_logloss_ctr"] < 1 and "value_logloss_cvr" in held
+    assert held["value_logloss_ctr"] == pretrained[2]["value_logloss_ctr"]
+    assert 0 < held["value_logloss_ctr_online"] < 2
     policy.server.close()
 
 

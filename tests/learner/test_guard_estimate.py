@@ -64,12 +64,15 @@ def _uniform_log(log: synthetic.SyntheticLog, ads: dict[str, Ad], n: int,
 
 
 def _scrambled(model: GenerativeRecommender) -> GenerativeRecommender:
-    """The same model whose value head ranks upside down (negated output layer)."""
+    """The same model whose value head ranks upside down (every learned logit term
+    negated: the decoder's output layer, the per-item biases, the interaction)."""
     bad = copy.deepcopy(model)
-    out = bad.value.out
+    head = bad.value
     with torch.no_grad():
-        out.weight.neg_()
-        out.bias.neg_()
+        for p in (head.out.weight, head.out.bias, *(
+                (head.item_bias, head.fm_user.weight, head.fm_user.bias)
+                if head.factors else ())):
+            p.neg_()
     return bad
 
 

@@ -196,7 +196,8 @@ def test_value_priors_shrink_rare_cells_to_their_goal_and_old_models_load_withou
         small_tokenizer: UASIDTokenizer) -> None:
     cfg = ModelConfig(level_sizes=small_tokenizer.config.token_sizes, d_model=32, n_head=4,
                       n_layer=2, n_top=1, n_enc_layer=1,
-                      semantic_levels=small_tokenizer.config.semantic_levels)
+                      semantic_levels=small_tokenizer.config.semantic_levels,
+                      value_factors=False)   # the prior alone (the memory below is fake)
     model = GenerativeRecommender(cfg)
     L = cfg.semantic_levels
     # 4000 impressions of (industry 1, goal 2) at CTR 0.10; 10 of (industry 3, goal 2), none

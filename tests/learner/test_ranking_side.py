@@ -85,7 +85,8 @@ def test_fake_item_tokens_are_one_per_level0_code_and_inform_generation() -> Non
 
 
 def test_the_ranker_reads_the_generators_cached_keys_and_values() -> None:
-    model = tiny_model(ranker_kv=True)
+    # the ranking decoder alone (the factorised terms read the memory's user rows)
+    model = tiny_model(ranker_kv=True, value_factors=False)
     x = tiny_inputs(model)
     assert not any(".attn_c.kv." in n for n, _ in model.value.named_parameters())
     with torch.no_grad():

@@ -59,6 +59,8 @@ def server_settings(tmp_path: Path, **overrides: Any) -> ServerSettings:
         "max_batch_size": 8, "max_wait_ms": 2.0, "slo_ms": 2000.0, "intra_op_threads": 1,
         "admin_token": "s3cret", "keep_versions": 3, "server_id": "test-server",
         "snapshot_bases": (tmp_path / "store").as_uri(), "update_keys": SecretStr(TEST_KEYRING),
+        # the beam-search path (whole-catalogue scoring: test_catalogue_mode.py)
+        "score_catalogue_max": 0,
     }
     base.update(overrides)
     return ServerSettings(**base)
