@@ -71,7 +71,7 @@ def test_the_imported_snapshot_answers_contexts_differing_only_in_a_log_key_diff
     from learner.beam import IdTrie, OrtBackend, beam_search
     from streams.features import request_ids
 
-    summary = _import_small(tmp_path, capsys, steps=40)
+    summary = _import_small(tmp_path, capsys, steps=100)
     snap = Path(summary["snapshot"])
     man = parse_manifest((snap / "manifest.json").read_bytes())
     trie = IdTrie(man.ids, man.level_sizes)
