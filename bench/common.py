@@ -25,7 +25,8 @@ DOC = ROOT / "docs" / "benchmarks.md"
 
 CLOSED_LOOP_DEPENDS = (
     "traffic/", "adloop/__init__.py", "adloop/evaluation.py", "adloop/policies.py",
-    "adloop/inprocess.py", "adloop/baselines.py", "learner/", "server/", "snapshot_format/", "streams/__init__.py",
+    "adloop/inprocess.py", "adloop/baselines.py", "learner/", "server/", "snapshot_format/",
+    "streams/__init__.py",
     "streams/features.py", "streams/logs.py", "streams/metrics.py", "streams/schemas.py",
     "streams/settings.py", "streams/topics.py", "bench/common.py")
 """What a closed-loop result (adloop/evaluation.py's harness, configured by
