@@ -33,7 +33,6 @@ import torch
 
 from adloop.evaluation import EvalConfig, compare, paired_ratio
 from bench.common import (
-    CLOSED_LOOP_DEPENDS,
     ROOT,
     add_closed_loop_arguments,
     closed_loop_config,
@@ -42,9 +41,6 @@ from bench.common import (
     update_doc_section,
     write_results,
 )
-
-DEPENDS = (*CLOSED_LOOP_DEPENDS, "bench/ablation.py")
-"""What every ablation's results depend on; each ablation script adds itself."""
 
 SUMMARY_KEYS = ("latency_ms_per_request", "offline_recall_at_10", "offline_vndcg_at_10",
                 "slate_diversity", "sid_diversity", "catalogue_coverage", "personalization",
@@ -157,6 +153,10 @@ def main(name: str, doc: str, variants: dict[str, dict[str, Any]], columns: Colu
     ap.add_argument("--variants", default="",
                     help="comma-separated variants to run and merge into the results "
                          "already there (default: all)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="with --variants: start a new results file instead of merging, so "
+                         "the variants not run are left out (nothing measured on other "
+                         "code is kept)")
     ap.add_argument("--results-name", default="",
                     help=f"write bench/results/<this>.json, docs/<this>.png and the <this> "
                          f"section instead of {name}'s (e.g. the same variants on more "
@@ -172,7 +172,7 @@ def main(name: str, doc: str, variants: dict[str, dict[str, Any]], columns: Colu
     path = ROOT / "bench" / "results" / f"{name}.json"
     raw: dict[str, dict[str, Any]] = {}
     kept: dict[str, Any] | None = None
-    if args.variants and path.exists():
+    if args.variants and not args.fresh and path.exists():
         old = json.loads(path.read_text())
         if old.get("seeds") == list(cfg.seeds) and old.get("requests_per_policy") == \
                 cfg.requests and old.get("encoder") == cfg.encoder:

@@ -33,10 +33,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.ablation import DEPENDS as ABLATION_DEPENDS
 from bench.ablation import Columns, main
+from bench.common import in_process_depends
 
-DEPENDS = (*ABLATION_DEPENDS, "bench/ablations_ranking.py")
+DEPENDS = in_process_depends("bench/ablations_ranking.py")
 
 PRIOR_HEADS: dict[str, Any] = {"prior_heads": 2, "prior_horizons": 2}
 DC = 0.5

@@ -38,17 +38,17 @@ from adloop.evaluation import (
     plot_rpm_curves,
 )
 from bench.common import (
-    CLOSED_LOOP_DEPENDS,
     ROOT,
     add_closed_loop_arguments,
     closed_loop_config,
     device,
+    in_process_depends,
     update_doc_section,
     write_results,
 )
 from learner.beyond import BEYOND_KEYS
 
-DEPENDS = (*CLOSED_LOOP_DEPENDS, "adloop/console.py", "bench/closed_loop.py")
+DEPENDS = in_process_depends("bench/closed_loop.py")
 
 SERVING_KEYS = ("ece_ctr", "ece_cvr", "mean_coverage", "explored_share",
                 "observable_oracle_reach", "model_versions", "value_logloss_ctr",

@@ -15,6 +15,7 @@ every checkout of the same code: no mtimes, no absolute paths.
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import hashlib
 import os
@@ -91,6 +92,57 @@ def matches(path: str, spec: str) -> bool:
 def select(paths: Iterable[str], specs: Sequence[str]) -> list[str]:
     """The paths some spec names, sorted."""
     return sorted(p for p in paths if any(matches(p, s) for s in specs))
+
+
+def module_file(root: Path, name: str) -> str | None:
+    """The repository file of module ``name`` (``a/b.py`` or ``a/b/__init__.py``), or None
+    for a module outside the repository (the standard library, an installed package)."""
+    base = root.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate.relative_to(root).as_posix()
+    return None
+
+
+def imported_files(root: Path, path: str) -> set[str]:
+    """The repository files the Python file ``path`` imports anywhere in it: module level
+    and inside functions (a lazy import counts), with the packages on the way."""
+    package = path.rsplit("/", 1)[0].replace("/", ".") if "/" in path else ""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse((root / path).read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".") if package else []
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            names = [base, *(f"{base}.{a.name}" for a in node.names)]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            found.update(f for i in range(1, len(parts) + 1)
+                         if (f := module_file(root, ".".join(parts[:i]))))
+    return found
+
+
+def import_closure(root: Path, entries: Sequence[str],
+                   opaque: frozenset[str] = frozenset()) -> list[str]:
+    """Every repository Python file that running ``entries`` can execute: the files they
+    import, what those import, and so on (static: nothing runs; every import statement
+    counts, lazy ones too). A file in ``opaque`` is included when reached, but what it
+    imports is not followed (benchmark plumbing that imports everything)."""
+    seen: set[str] = set()
+    todo = list(entries)
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        if path not in opaque:
+            todo.extend(imported_files(root, path) - seen)
+    return sorted(seen)
 
 
 def file_digest(root: Path, path: str) -> str:

@@ -17,20 +17,30 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.codehash import TreeState
+from bench.codehash import TreeState, import_closure
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
 
-CLOSED_LOOP_DEPENDS = (
-    "traffic/", "adloop/__init__.py", "adloop/evaluation.py", "adloop/policies.py",
-    "adloop/inprocess.py", "adloop/baselines.py", "learner/", "server/", "snapshot_format/",
-    "streams/__init__.py",
-    "streams/features.py", "streams/logs.py", "streams/metrics.py", "streams/schemas.py",
-    "streams/settings.py", "streams/topics.py", "bench/common.py")
-"""What a closed-loop result (adloop/evaluation.py's harness, configured by
-:func:`closed_loop_config` here) depends on; each closed-loop benchmark adds its script."""
+PLUMBING = frozenset({"bench/__init__.py", "bench/codehash.py", "bench/common.py"})
+"""Imported by every benchmark; what they import is not followed (bench/common.py imports
+the harness only to build its settings, which the closed-loop benchmarks import anyway)."""
+
+LOCKFILE = "requirements.lock"
+"""The pinned third-party versions (torch, onnxruntime, ...): figures depend on them too."""
+
+
+def in_process_depends(script: str, *extra: str) -> tuple[str, ...]:
+    """What the results of a benchmark that runs everything in its own processes (the
+    closed-loop harness and its ablations) depend on: every repository file ``script``
+    can execute (bench/codehash.py's static import closure, lazy imports included),
+    bench/common.py (the ``--quick`` settings), the lock file and ``extra``. Files the
+    harness never imports (the HTTP service, the live learner) leave its results fresh."""
+    closure = import_closure(ROOT, [script], opaque=PLUMBING)
+    keep = {p for p in closure if p not in PLUMBING}
+    return tuple(sorted({*keep, "bench/common.py", LOCKFILE, *extra}))
+
 
 STACK_DEPENDS = ("adloop/", "streams/", "traffic/", "learner/", "server/", "snapshot_format/",
                  "deploy/kafka/")

@@ -32,10 +32,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.ablation import DEPENDS as ABLATION_DEPENDS
 from bench.ablation import Columns, main
+from bench.common import in_process_depends
 
-DEPENDS = (*ABLATION_DEPENDS, "bench/organic.py")
+DEPENDS = in_process_depends("bench/organic.py")
 
 ORGANIC_SLOTS = 3
 MIXED = {"organic_slots": ORGANIC_SLOTS}

@@ -39,16 +39,16 @@ import torch
 
 from adloop.evaluation import EvalConfig, compare, mean_ci
 from bench.common import (
-    CLOSED_LOOP_DEPENDS,
     add_closed_loop_arguments,
     closed_loop_config,
     device,
+    in_process_depends,
     markdown_table,
     update_doc_section,
     write_results,
 )
 
-DEPENDS = (*CLOSED_LOOP_DEPENDS, "bench/rspo_ablations.py")
+DEPENDS = in_process_depends("bench/rspo_ablations.py")
 
 OLD_RSPO: dict[str, Any] = {"reward": "realized", "money_scale": False,
                             "anchor_clicks_only": False, "generator_encoder_grad": True}

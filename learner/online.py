@@ -69,7 +69,13 @@ from streams.schemas import (
     decode,
     encode,
 )
-from streams.settings import KafkaSettings, add_settings_arguments, settings_from_args
+from streams.settings import (
+    KafkaSettings,
+    add_settings_arguments,
+    env_path,
+    env_secret,
+    settings_from_args,
+)
 from streams.signing import default_keyring_file, load_keyring
 from streams.topics import Topics
 
@@ -112,16 +118,6 @@ GUARD_VALUE = gauge("adloop_learner_guard_value",
                     "lists, by model (candidate, serving, baseline, best) and estimate in "
                     "effect (holdout_value, snips, dr).", ("model", "estimate"))
 
-def _env_secret(name: str) -> SecretStr | None:
-    value = os.environ.get(name)
-    return SecretStr(value) if value else None
-
-
-def _env_path(name: str) -> Path | None:
-    value = os.environ.get(name)
-    return Path(value) if value else None
-
-
 STATE_FILE = "learner_state.pt"
 STATE_FORMAT = 1
 
@@ -143,12 +139,12 @@ class LearnerSettings(BaseSettings):
     """Public base URL announced instead of the store path (``http://host:port/`` of a
     web server serving the store directory); empty: announce where it is written."""
     update_keys: SecretStr | None = Field(
-        default_factory=lambda: _env_secret("ADLOOP_UPDATE_KEYS"),
+        default_factory=lambda: env_secret("ADLOOP_UPDATE_KEYS"),
         description="keyring that model-updates records are signed with, "
         "'key_id:secret,...' (environment ADLOOP_LEARN_UPDATE_KEYS or ADLOOP_UPDATE_KEYS "
         "only, never a flag)")
     update_keys_file: Path | None = Field(
-        default_factory=lambda: _env_path("ADLOOP_UPDATE_KEYS_FILE"),
+        default_factory=lambda: env_path("ADLOOP_UPDATE_KEYS_FILE"),
         description="file with the keyring, one key_id:secret per line (used when "
         "update_keys is unset; unset too: <cache>/model-updates.keys, generated on first "
         "use for the embedded stack)")

@@ -9,21 +9,11 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from streams.settings import cache_dir
+from streams.settings import cache_dir, env_path, env_secret
 
 
 def _default_server_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def _env_secret(name: str) -> SecretStr | None:
-    value = os.environ.get(name)
-    return SecretStr(value) if value else None
-
-
-def _env_path(name: str) -> Path | None:
-    value = os.environ.get(name)
-    return Path(value) if value else None
 
 
 def default_snapshot_bases() -> str:
@@ -55,12 +45,12 @@ class ServerSettings(BaseSettings):
         "naming anything else is dead-lettered unfetched (default: the learner's default "
         "store, ADLOOP_SNAPSHOT_STORE or runs/snapshots, and ADLOOP_SNAPSHOT_BASE_URL)")
     update_keys: SecretStr | None = Field(
-        default_factory=lambda: _env_secret("ADLOOP_UPDATE_KEYS"),
+        default_factory=lambda: env_secret("ADLOOP_UPDATE_KEYS"),
         description="keyring that model-updates signatures are checked with, "
         "'key_id:secret,...' (environment ADLOOP_SERVER_UPDATE_KEYS or ADLOOP_UPDATE_KEYS "
         "only, never a flag)")
     update_keys_file: Path | None = Field(
-        default_factory=lambda: _env_path("ADLOOP_UPDATE_KEYS_FILE"),
+        default_factory=lambda: env_path("ADLOOP_UPDATE_KEYS_FILE"),
         description="file with the keyring, one key_id:secret per line (used when "
         "update_keys is unset; unset too: <cache>/model-updates.keys, generated on first "
         "use for the embedded stack)")
@@ -107,6 +97,16 @@ class ServerSettings(BaseSettings):
                                    "many times is no longer drawn for exploration")
     explore_seed: int | None = Field(None, description="seed of the exploration draws "
                                      "(reproducible runs); unset = fresh entropy")
+
+    # live A/B test (server/abtest.py): a control bucket served by a pinned model
+    control_share: float = Field(0.0, ge=0, lt=1, description="share of users (a stable "
+                                 "hash of the user id) served by the control model; the rest "
+                                 "get the online model (0 = no control bucket)")
+    control_version: str = Field("pretrained", description="the control model: "
+                                 "'pretrained' (the first version this server loaded) or a "
+                                 "version id such as v003")
+    ab_salt: str = Field("adloop-ab", description="salt of the user-id hash that assigns "
+                         "buckets (a new salt re-randomises users)")
 
     # request limits
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="request bodies above get 413")

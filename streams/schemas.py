@@ -172,6 +172,9 @@ class Impression(Event, kw_only=True):
     organic: list[OrganicSlot] = []
     """The organic items of a mixed feed (``organic_k`` > 0 in the request); empty in old
     records and in ads-only answers."""
+    bucket: str = ""
+    """The live A/B bucket that served it (``online`` or ``control``); empty without a
+    control bucket and in old records."""
 
     def __post_init__(self) -> None:
         n = len(self.slate)
@@ -298,6 +301,8 @@ class Feedback(Event, kw_only=True):
     organic: list[OrganicFeedbackItem] = []
     """The impression's organic items (``Impression.organic``) with their engagement so
     far; empty in old records and for ads-only impressions."""
+    bucket: str = ""
+    """The impression's A/B bucket (``Impression.bucket``), copied onto every revision."""
 
 
 class ModelUpdate(Event, kw_only=True):

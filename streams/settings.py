@@ -28,6 +28,19 @@ def cache_dir() -> Path:
     return Path(base)
 
 
+def env_secret(name: str) -> SecretStr | None:
+    """Environment variable ``name`` as a secret (None when unset or empty): for settings
+    that must never come from a flag, where they would show in the process list."""
+    value = os.environ.get(name)
+    return SecretStr(value) if value else None
+
+
+def env_path(name: str) -> Path | None:
+    """Environment variable ``name`` as a path (None when unset or empty)."""
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
 class KafkaSettings(BaseSettings):
     """How a process reaches Kafka. Embedded into each process's settings.
 

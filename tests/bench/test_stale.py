@@ -5,6 +5,7 @@ exit status, and every benchmark's dependency declaration."""
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import shutil
 import subprocess
@@ -282,43 +283,23 @@ def import_closure(script: str) -> set[str]:
     return seen - PLUMBING
 
 
-def declared(path: str, name: str = "DEPENDS") -> tuple[str, ...]:
-    """The value of the module-level tuple ``name`` in ``path``, read without importing
-    it: string items, and ``*NAME`` items from this module or a ``from bench... import``."""
-    tree = ast.parse((ROOT / path).read_text())
-    imports = {a.asname or a.name: (node.module, a.name) for node in tree.body
-               if isinstance(node, ast.ImportFrom) and node.module for a in node.names}
-    for node in tree.body:
-        if (isinstance(node, ast.Assign) and len(node.targets) == 1
-                and isinstance(node.targets[0], ast.Name) and node.targets[0].id == name):
-            assert isinstance(node.value, ast.Tuple), f"{path}: {name} is a tuple literal"
-            out: list[str] = []
-            for item in node.value.elts:
-                if isinstance(item, ast.Constant) and isinstance(item.value, str):
-                    out.append(item.value)
-                elif isinstance(item, ast.Starred) and isinstance(item.value, ast.Name):
-                    ref = item.value.id
-                    if ref in imports:
-                        module, original = imports[ref]
-                        source = module_file(module)
-                        assert source, module
-                        out.extend(declared(source, original))
-                    else:
-                        out.extend(declared(path, ref))
-                else:
-                    raise AssertionError(f"{path}: {name} holds strings and *NAMEs only")
-            return tuple(out)
-    raise AssertionError(f"{path} declares no {name}")
+def declared(path: str) -> tuple[str, ...]:
+    """The ``DEPENDS`` of the benchmark script ``path`` (a tuple it declares, or the one
+    ``bench.common.in_process_depends`` computes from its imports)."""
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    depends = module.DEPENDS
+    assert isinstance(depends, tuple) and all(isinstance(d, str) for d in depends), path
+    return depends
 
 
 WRITERS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "bench").glob("*.py")
-                 if p.name != "common.py"
+                 if p.name not in ("common.py", "ablation.py")  # given their DEPENDS
                  and ("write_results(" in p.read_text() or "depends=DEPENDS" in p.read_text()))
 
 
 def test_every_results_writer_is_found() -> None:
     assert {"bench/closed_loop.py", "bench/demo.py", "bench/organic.py",
-            "bench/ablation.py", "bench/decode.py"} <= set(WRITERS)
+            "bench/ablations_gpr.py", "bench/decode.py"} <= set(WRITERS)
 
 
 @pytest.mark.parametrize("script", WRITERS)
@@ -335,6 +316,15 @@ def test_benchmark_declares_the_code_it_imports(script: str) -> None:
 def test_closed_loop_results_depend_on_the_world_harness_and_models() -> None:
     files = codehash.select(codehash.source_files(ROOT), declared("bench/closed_loop.py"))
     for required in ("traffic/world.py", "adloop/evaluation.py", "adloop/policies.py",
-                     "learner/model.py", "server/engine.py", "streams/schemas.py",
-                     "bench/closed_loop.py", "bench/common.py"):
+                     "adloop/baselines.py", "learner/model.py", "learner/rspo.py",
+                     "server/engine.py", "streams/schemas.py", "bench/closed_loop.py",
+                     "bench/common.py", "requirements.lock"):
         assert required in files
+
+
+def test_in_process_results_leave_out_code_the_harness_never_imports() -> None:
+    """The HTTP service and the live learner run only in the whole stack: editing them
+    leaves the closed-loop figures fresh."""
+    files = set(declared("bench/closed_loop.py"))
+    assert not files & {"server/service.py", "server/app.py", "learner/online.py",
+                        "streams/joiner.py", "adloop/demo.py"}
