@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import math
 import shutil
@@ -42,6 +43,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adloop.console import Console
+from adloop.cores import free_cores, usable_cores
+from adloop.evaluation import EvalConfig
 from adloop.stack import CrashLoopError, LocalStack, RestartPolicy, free_port
 from streams.kafka_io import EventProducer
 from streams.logs import get_logger
@@ -103,6 +106,10 @@ class DemoSettings(BaseSettings):
     verbose: bool = Field(False, description="show every log line on the console (default: "
                           "steps, a progress line and the summary; logs go to files under "
                           "the run directory)")
+
+
+HARNESS = EvalConfig()
+"""The closed-loop harness's defaults: the live loop explores and trains at its cadence."""
 
 
 # -- small helpers ---------------------------------------------------------------------
@@ -254,19 +261,24 @@ class Demo:
                                   new_ads_per_hour=s.new_ads_per_hour, request_rate=2.0,
                                   organic_slots=s.organic_slots,
                                   delays=DelayModel(window_s=s.attribution_window_s)))
-        from adloop.evaluation import EvalConfig, logging_phase
+        from adloop.evaluation import logging_phase
 
         logs = self.logs = logging_phase(world, EvalConfig(log_requests=s.log_requests),
                                          s.seed)
-        self.step(f"pretraining the generative recommender ({s.pretrain_steps} steps, "
-                  f"{s.encoder} ad encoder)")
+        import torch
+
         from learner.pretrain import PretrainSettings, pretrain
+
+        threads = free_cores()
+        torch.set_num_threads(threads)
+        self.step(f"pretraining the generative recommender ({s.pretrain_steps} steps, "
+                  f"{s.encoder} ad encoder, {threads} of {usable_cores()} cores free)")
 
         pre_dir = self.run_dir / "pretrain"
         shutil.rmtree(pre_dir, ignore_errors=True)
         res = pretrain(PretrainSettings(
             run_dir=pre_dir, encoder=s.encoder, steps=s.pretrain_steps, level_sizes="64,32,16",
-            history_len=10, batch_size=128, seed=s.seed, progress=False, checkpoint_every=0,
+            history_len=10, batch_size=128, seed=s.seed, progress=True, checkpoint_every=0,
             held_out_frac=0.05, resume=False), [a.record for a in world.ads.values()], logs,
             world.organic_items() if s.organic_slots else None)
         self.say("     held-out: " + ", ".join(f"{k}={v:.3f}" for k, v in res.metrics.items()))
@@ -292,11 +304,14 @@ class Demo:
         st.add("learn", ["learn", *kafka, "--init-run-dir", str(pre_dir),
                          "--state-dir", str(self.run_dir / "learner"),
                          "--snapshot-store", str(self.run_dir / "snapshots"),
-                         "--metrics-port", str(ports["learn"]), "--batch-lists", "64",
-                         "--max-wait-s", "1.0", "--snapshot-every-s", str(self.s.snapshot_every_s),
-                         "--snapshot-every-updates", "30", "--threads", str(self.s.threads)],
+                         "--metrics-port", str(ports["learn"]),
+                         *self.learner_cadence(),
+                         "--snapshot-every-s", str(self.s.snapshot_every_s),
+                         "--threads", str(self.s.threads)],
                f"http://127.0.0.1:{ports['learn']}/readyz")
-        servers = st.add_servers([*kafka, "--snapshot-bases", str(self.run_dir / "snapshots")],
+        servers = st.add_servers([*kafka, "--snapshot-bases", str(self.run_dir / "snapshots"),
+                                  "--explore", str(HARNESS.explore),
+                                  "--explore-seed", str(self.s.seed)],
                                  self.s.server_replicas, ports["serve"],
                                  self.run_dir / "server-cache")
         urls = {name: f"http://127.0.0.1:{p}" for name, p in ports.items()}
@@ -315,6 +330,17 @@ class Demo:
         self.supervise()
         self.replicas = servers
         return urls
+
+    @staticmethod
+    def learner_cadence() -> list[str]:
+        """The live learner trains and publishes as the closed-loop harness's learning
+        policies do: an update per ``batch`` feedback lists (waiting long enough for a
+        batch to fill at the demo's rate), a snapshot every ``publish_every`` updates."""
+        from adloop.policies import GenerativePolicy
+
+        publish_every = inspect.signature(GenerativePolicy).parameters["publish_every"].default
+        return ["--batch-lists", str(HARNESS.batch), "--max-wait-s", "5.0",
+                "--snapshot-every-updates", str(publish_every)]
 
     def supervise(self) -> None:
         """Restart a process that exits on its own (with backoff); a crash loop stops
