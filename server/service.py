@@ -4,6 +4,8 @@ Reads: ``model-updates`` (and the snapshot store it points to), ``ads``,
 ``organic-items``.
 Writes: ``impressions``. Threads: one follower per topic, the impression producer,
 the model-execution worker(s); the batcher runs on the HTTP event loop.
+With a control bucket (``control_share`` > 0) a second, pinned model serves the
+control users (:mod:`server.abtest`).
 """
 
 from __future__ import annotations
@@ -171,8 +173,8 @@ class Service:
         for _key, rec in batch:
             if not isinstance(rec, ModelUpdate) or rec.model_name != self.settings.model_name:
                 continue
-            if self.control is not None and self.control.state is None \
-                    and rec.version == self.control.wanted:
+            if self.control is not None and self.control.wanted != PRETRAINED \
+                    and self.control.state is None and rec.version == self.control.wanted:
                 self._control_records.append(rec)
             if self._updates_initial_done:
                 self.models.apply_update(rec)
