@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from server import metrics as M
+from server.abtest import AB_REQUESTS, RoutedRequest, ServedResult
 from server.batcher import OverloadedError
 from server.controller import BeamController
 from server.engine import NotReadyError, RecRequest, RecResult
@@ -111,6 +112,9 @@ class RecommendResponse(BaseModel):
     beam_widths: list[int] = Field(description="beam width used per id level (empty when "
                                    "the whole servable catalogue was scored)")
     server_id: str
+    bucket: str = Field(description="the live A/B bucket whose model served the request: "
+                        "'online' or 'control' ('' without a control bucket, and for a "
+                        "control user while the control model is not loaded yet)")
 
 
 class RollbackRequest(BaseModel):
@@ -282,10 +286,13 @@ def create_api(service: Service) -> FastAPI:
             return JSONResponse({"detail": f"overloaded: the HTTP front runs "
                                  f"{1000 * lag.value:.0f} ms late at the narrowest beams"},
                                 429, headers={"Retry-After": "1"})
+        assigned = service.assign(req.user_id)
+        if assigned:
+            AB_REQUESTS.labels(assigned).inc()
         try:
-            result, _wait, widths = await service.batcher.submit(
+            served, _wait, widths = await service.batcher.submit(RoutedRequest(
                 RecRequest(req.user_id, dict(req.context), list(req.recent_ad_ids), req.k,
-                           list(req.recent_organic), req.organic_k))
+                           list(req.recent_organic), req.organic_k), assigned))
         except OverloadedError as exc:
             M.SHED.inc()
             return JSONResponse({"detail": f"overloaded: {exc}"}, 429,
@@ -293,6 +300,8 @@ def create_api(service: Service) -> FastAPI:
         except NotReadyError as exc:
             return JSONResponse({"detail": f"not ready: {exc}"}, 503,
                                 headers={"Retry-After": "1"})
+        assert isinstance(served, ServedResult)
+        result = served.result
         assert isinstance(result, RecResult)
         for level, w in enumerate(widths):
             M.REQUEST_BEAM_WIDTH.labels(str(level)).observe(w)
@@ -314,7 +323,7 @@ def create_api(service: Service) -> FastAPI:
                                  propensity=a.propensity)
                        for a in result.ads],
                 model_version=result.model_version, beam_widths=list(result.beam_widths),
-                server_id=settings.server_id, beams=result.beams,
+                server_id=settings.server_id, beams=result.beams, bucket=served.bucket,
                 organic=[OrganicSlot(item_id=o.item_id, semantic_id=o.semantic_id,
                                      position=o.position, score=o.score)
                          for o in result.organic]))
@@ -322,7 +331,8 @@ def create_api(service: Service) -> FastAPI:
                                     "model_version": result.model_version, "ads": ads,
                                     "organic": organic,
                                     "beam_widths": result.beam_widths,
-                                    "server_id": settings.server_id})
+                                    "server_id": settings.server_id,
+                                    "bucket": served.bucket})
         return Response(body, media_type="application/json")
 
     @app.get("/healthz")
@@ -344,7 +354,7 @@ def create_api(service: Service) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(admin)], responses=admin_responses)
     async def models() -> dict[str, Any]:
-        return service.models.describe()
+        return {**service.models.describe(), "ab": service.router.describe()}
 
     @app.post("/v1/models/rollback", dependencies=[Depends(admin)],
               responses={**admin_responses,
@@ -354,6 +364,7 @@ def create_api(service: Service) -> FastAPI:
     async def rollback(request: Request, body: RollbackRequest | None = None) -> JSONResponse:
         version = body.version if body is not None else None
         result, target = await asyncio.to_thread(service.models.rollback, version)
+        service.router.refresh()
         payload = {"result": result, "version": target, "serving": service.models.version}
         return JSONResponse(payload, 200 if result == "ok" else 409)
 

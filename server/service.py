@@ -4,6 +4,8 @@ Reads: ``model-updates`` (and the snapshot store it points to), ``ads``,
 ``organic-items``.
 Writes: ``impressions``. Threads: one follower per topic, the impression producer,
 the model-execution worker(s); the batcher runs on the HTTP event loop.
+With a control bucket (``control_share`` > 0) a second, pinned model serves the
+control users (:mod:`server.abtest`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from server.abtest import PRETRAINED, BucketRouter, ControlModel, assign
 from server.batcher import Batcher
 from server.catalog import AdCatalog, OrganicCatalog
 from server.controller import BeamController
@@ -52,7 +55,27 @@ class Service:
                              settings.log_beams if settings.log_impressions else 0,
                              settings.organic_beam, self.controller.organic_width,
                              settings.score_catalogue_max)
-        self.batcher = Batcher(self.engine.run, self.controller, settings.max_batch_size,
+        # the live A/B test (server/abtest.py): a control bucket on a pinned model, with
+        # the online bucket's load controller, exploration and catalogues
+        self.control: ControlModel | None = None
+        control_engine: Engine | None = None
+        if settings.control_share > 0:
+            self.control = ControlModel(
+                settings.control_version, self.models, self.catalog, self.organic,
+                settings.cache_dir / "control-model",
+                ModelManager(self.catalog, self.provider, settings.cache_dir / "control-model",
+                             1, settings.intra_op_threads, settings.cuda_device_id,
+                             warmup_widths=schedule, swap_guard=self.controller.swapping,
+                             organic=self.organic))
+            control_engine = Engine(self.control.models, self.catalog, self.explorer,
+                                    settings.log_beams if settings.log_impressions else 0,
+                                    settings.organic_beam, self.controller.organic_width,
+                                    settings.score_catalogue_max)
+            log.info("ab.enabled", control_share=settings.control_share,
+                     control_version=settings.control_version)
+        self.router = BucketRouter(self.engine, control_engine, self.control,
+                                   settings.control_share)
+        self.batcher = Batcher(self.router.run, self.controller, settings.max_batch_size,
                                settings.max_wait_ms / 1000.0, settings.workers)
         self.impressions = (ImpressionLogger(kafka, settings.impression_buffer,
                                             spool_dir=settings.spool_dir())
@@ -74,6 +97,8 @@ class Service:
             check=self._check_update)  # signature and snapshot bases, before any fetch
             if settings.follow_model_updates else None)
         self._initial_updates: list[ModelUpdate] = []
+        self._control_records: list[ModelUpdate] = []
+        """Records of the control version seen while it is not loaded (newest last)."""
         self._updates_initial_done = False
         self.started_at = time.time()
 
@@ -90,6 +115,10 @@ class Service:
         assert self.gate is not None
         return self.gate.check(rec) if isinstance(rec, ModelUpdate) else None
 
+    def assign(self, user_id: str) -> str:
+        """The A/B bucket of ``user_id`` (``""`` without a control bucket)."""
+        return assign(user_id, self.settings.control_share, self.settings.ab_salt)
+
     # -- lifecycle -------------------------------------------------------------------
     def start_threads(self) -> None:
         if self.impressions is not None:
@@ -100,8 +129,11 @@ class Service:
             result = self.models.load_directory(self.settings.snapshot)
             if result != "ok":
                 log.error("snapshot.refused", path=str(self.settings.snapshot), result=result)
+            self._after_online_load()
         if self.updates_follower is not None:
             self.updates_follower.start()
+        else:
+            self._load_control(initial=True)
 
     def stop_threads(self) -> None:
         for f in (self.updates_follower, self.organic_follower, self.ads_follower):
@@ -120,6 +152,8 @@ class Service:
             else:
                 updates.append((rec.ad_id, rec))
         if self.catalog.apply(updates):
+            if self.control is not None:   # first: the servable-ads gauge is the online's
+                self.control.on_catalog_change()
             self.models.on_catalog_change()
 
     def _on_organic(self, batch: list[tuple[bytes | None, Any]]) -> None:
@@ -131,14 +165,21 @@ class Service:
             else:
                 updates.append((rec.item_id, rec))
         if self.organic.apply(updates):
+            if self.control is not None:
+                self.control.on_organic_change()
             self.models.on_organic_change()
 
     def _on_updates(self, batch: list[tuple[bytes | None, Any]]) -> None:
         for _key, rec in batch:
             if not isinstance(rec, ModelUpdate) or rec.model_name != self.settings.model_name:
                 continue
+            if self.control is not None and self.control.wanted != PRETRAINED \
+                    and self.control.state is None and rec.version == self.control.wanted:
+                self._control_records.append(rec)
             if self._updates_initial_done:
                 self.models.apply_update(rec)
+                self._after_online_load()
+                self._load_control(initial=False)
             else:
                 self._initial_updates.append(rec)
 
@@ -147,6 +188,33 @@ class Service:
         self._updates_initial_done = True
         if pending:
             self.models.start_from(pending)
+            self._after_online_load()
+        self._load_control(initial=True)
+
+    # -- the control bucket ------------------------------------------------------------
+    def _after_online_load(self) -> None:
+        """Pin the online bucket's version as the control when it is the control
+        (``pretrained``: the first version loaded), and show both versions."""
+        if self.control is not None:
+            self.control.after_online_load()
+        self.router.refresh()
+
+    def _load_control(self, initial: bool) -> None:
+        """A ``vNNN`` control not loaded yet: from its newest record (the older ones
+        when that fails); at start, with no record at all, from the control cache."""
+        control = self.control
+        if control is None or control.state is not None or control.wanted == PRETRAINED:
+            return
+        records, self._control_records = self._control_records, []
+        for rec in reversed(records):
+            if control.load(rec) == "ok":
+                break
+        else:
+            if initial and not records and control.load_cached() != "ok":
+                log.info("ab.control_waiting", version=control.wanted,
+                         detail="no model-updates record of the control version yet; "
+                         "control users are served by the online model, bucket \"\"")
+        self.router.refresh()
 
     # -- status ----------------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -169,6 +237,7 @@ class Service:
             "servable_organic_items": state.organic_trie.n_ads
             if state and state.organic_trie else 0,
             "beam_scale": self.controller.alpha,
+            "ab": self.router.describe(),
             "waiting_for": waiting,
         }
         return not waiting, detail

@@ -828,7 +828,7 @@ class JoinCore:
                       context=imp.context, recent_ad_ids=imp.recent_ad_ids,
                       recent_organic=imp.recent_organic,
                       model_version=imp.model_version, items=items, beams=imp.beams,
-                      organic=organic)
+                      organic=organic, bucket=imp.bucket)
         self.pending_sigs[st.request_id] = (fb, sig)
         return fb
 

@@ -151,8 +151,28 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_server_snapshot_load_seconds", "histogram", "server", (),
        "Fetch + verify + load + warm-up + parity check of one snapshot."),
     _m("adloop_server_model_version_info", "gauge", "server", ("version",),
-       "1 for the version being served, 0 for the other kept versions (rollback targets).",
+       "1 for the version the online bucket serves (every request without an A/B "
+       "test), 0 for the other kept versions (rollback targets).",
        "version: the kept versions only (--keep-versions, default 3); evicted ones are removed"),
+    _m("adloop_server_ab_requests_total", "counter", "server", ("bucket",),
+       "Valid /v1/recommend requests by the live A/B bucket their user is assigned to "
+       "(a stable hash of the user id), whatever the answer; only with a control bucket "
+       "(ADLOOP_SERVER_CONTROL_SHARE > 0).", "bucket: online, control"),
+    _m("adloop_server_ab_impressions_total", "counter", "server", ("bucket",),
+       "Slates served (one impression each) by the bucket whose model served them; a "
+       "control user served by the online model before the control model is loaded "
+       "counts in neither (adloop_server_ab_control_unavailable_total).",
+       "bucket: online, control"),
+    _m("adloop_server_ab_control_unavailable_total", "counter", "server", (),
+       "Control users served by the online model outside the test (impression bucket "
+       "\"\") because the pinned control model is not loaded yet."),
+    _m("adloop_server_ab_model_version_info", "gauge", "server", ("bucket", "version"),
+       "1 for the model version each live A/B bucket serves (the control's once loaded); "
+       "adloop_server_model_version_info stays the online bucket's.",
+       "bucket: online, control; version: one per bucket (an old one is removed)"),
+    _m("adloop_server_ab_control_share_ratio", "gauge", "server", (),
+       "Configured share of users in the control bucket (ADLOOP_SERVER_CONTROL_SHARE; "
+       "0 = no A/B test)."),
     _m("adloop_server_provider_info", "gauge", "server", ("provider",),
        "1 for the onnxruntime execution provider in use.",
        "provider: CUDAExecutionProvider, CPUExecutionProvider"),
