@@ -100,9 +100,13 @@ class DemoSettings(BaseSettings):
     crash_loop_exits: int = Field(5, description="this many exits of one process within "
                                   "--crash-loop-window-s stop the demo (crash loop)")
     crash_loop_window_s: float = Field(120.0, description="crash-loop window (wall seconds)")
-    shadow_frozen: bool = Field(True, description="a frozen copy of the pretrained model "
-                                "answers every request in shadow (never served); the world "
-                                "scores its slates too, for the online-vs-frozen comparison")
+    control_share: float = Field(0.5, ge=0, lt=1, description="share of the users in the "
+                                 "live A/B test's control bucket, served by the pretrained "
+                                 "model (pinned); the rest get the online model (0 = no test)")
+    shadow_frozen: bool = Field(False, description="also a frozen copy of the pretrained "
+                                "model answering every request in shadow (never served, so "
+                                "its ads never spend budget or wear out: not an A/B control; "
+                                "the world scores its slates for the frozen_* figures)")
     verbose: bool = Field(False, description="show every log line on the console (default: "
                           "steps, a progress line and the summary; logs go to files under "
                           "the run directory)")
@@ -152,7 +156,7 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
-def metric_sum(samples: dict[str, float], name: str, **labels: str) -> float:
+def metric_sum(samples: Mapping[str, float], name: str, **labels: str) -> float:
     total = 0.0
     for key, v in samples.items():
         base = key.split("{", 1)[0]
@@ -183,6 +187,87 @@ def histogram_quantile(samples: dict[str, float], name: str, q: float) -> float 
             return prev_edge + frac * (e - prev_edge)
         prev_edge, prev_count = e, buckets[e]
     return prev_edge
+
+
+def ab_versions(scraped: Mapping[str, Mapping[str, float]]) -> dict[str, str]:
+    """Bucket -> the model version its server reports serving
+    (``adloop_server_ab_model_version_info``; the control's is pinned)."""
+    out: dict[str, str] = {}
+    for samples in scraped.values():
+        for key, v in samples.items():
+            if key.startswith("adloop_server_ab_model_version_info{") and v:
+                labels = dict(part.split("=", 1) for part in key[key.index("{") + 1:-1]
+                              .split(","))
+                out[labels["bucket"].strip('"')] = labels["version"].strip('"')
+    return out
+
+
+def ab_summary(rows: Sequence[Mapping[str, Any]], control_share: float,
+               versions: Mapping[str, str], learn: Mapping[str, float]) -> dict[str, Any]:
+    """The live A/B test, scored by the world: each request's bucket (the server's user
+    hash; a control user served before the control model was loaded is outside the
+    test), expected revenue per mille impressions per bucket in the first and last
+    quarter of the run and over all of it, the always-valid test of
+    :mod:`learner.abtest` on per-request expected revenue, and what the learner's live
+    test (on realized revenue from the joined feedback) decided and did."""
+    if control_share <= 0:
+        return {}
+    from learner.abtest import RevenueTest
+    from server.abtest import CONTROL, ONLINE, assign
+    from server.settings import ServerSettings
+
+    salt = ServerSettings.model_fields["ab_salt"].default
+    control_version = versions.get(CONTROL, "")
+
+    def bucket(r: Mapping[str, Any]) -> str:
+        b = assign(str(r["user"]), control_share, salt)
+        return "" if b == CONTROL and r["version"] != control_version else b
+
+    tagged = [(bucket(r), r) for r in rows]
+    q = max(1, len(tagged) // 4)
+
+    def rpm(part: Sequence[tuple[str, Mapping[str, Any]]], b: str) -> float | None:
+        imp = sum(r["imp"] for x, r in part if x == b)
+        return round(1000.0 * sum(r["exp"] for x, r in part if x == b) / imp, 3) \
+            if imp else None
+
+    def ratio(a: float | None, c: float | None) -> float | None:
+        return round(a / c, 4) if a is not None and c else None
+
+    test = RevenueTest()
+    for b, r in tagged:
+        if b:
+            test.add(b, float(r["exp"]))
+    res = test.result().evidence()
+    out: dict[str, Any] = {
+        "control_version": control_version,
+        "requests_online": sum(1 for b, _ in tagged if b == ONLINE),
+        "requests_control": sum(1 for b, _ in tagged if b == CONTROL),
+        "requests_outside_test": sum(1 for b, _ in tagged if not b)}
+    for name, part in (("first_quarter", tagged[:q]), ("last_quarter", tagged[-q:]),
+                       ("whole_run", tagged)):
+        out[f"online_rpm_{name}"] = rpm(part, ONLINE)
+        out[f"control_rpm_{name}"] = rpm(part, CONTROL)
+    out["online_over_control"] = ratio(out["online_rpm_last_quarter"],
+                                       out["control_rpm_last_quarter"])
+    out["online_over_control_first_quarter"] = ratio(out["online_rpm_first_quarter"],
+                                                     out["control_rpm_first_quarter"])
+    out["online_over_control_whole_run"] = ratio(out["online_rpm_whole_run"],
+                                                 out["control_rpm_whole_run"])
+    out["ab_rpm_diff"] = res["rpm_diff"]
+    out["ab_rpm_diff_interval"] = [res["rpm_diff_lower"], res["rpm_diff_upper"]]
+    out["ab_decision"] = res["decision"]
+    out["live_test_rpm_diff"] = metric_sum(learn, "adloop_learner_abtest_rpm_difference",
+                                           stat="estimate")
+    out["live_test_rpm_diff_interval"] = [
+        metric_sum(learn, "adloop_learner_abtest_rpm_difference", stat=s)
+        for s in ("lower", "upper")]
+    out["live_test_decisions"] = {
+        d: metric_sum(learn, "adloop_learner_abtest_decisions_total", decision=d)
+        for d in ("online_worse", "online_better")}
+    out["rollbacks"] = metric_sum(learn, "adloop_learner_abtest_rollbacks_total",
+                                  result="published")
+    return out
 
 
 def beyond_summary(users: Sequence[str], slates: Sequence[Sequence[str]], world: World,
@@ -311,6 +396,8 @@ class Demo:
                f"http://127.0.0.1:{ports['learn']}/readyz")
         servers = st.add_servers([*kafka, "--snapshot-bases", str(self.run_dir / "snapshots"),
                                   "--explore", str(HARNESS.explore),
+                                  "--control-share", str(self.s.control_share),
+                                  "--control-version", "pretrained",
                                   "--explore-seed", str(self.s.seed)],
                                  self.s.server_replicas, ports["serve"],
                                  self.run_dir / "server-cache")
@@ -434,6 +521,7 @@ class Demo:
             e = req_entries.get(resp.request_id, {})
             shadow_exp, shadow_imp = driver.shadow_values.get(resp.request_id, (0.0, 0))
             timeline.append({"t": resp.event_time, "exp": resp.expected_value,
+                             "user": e.get("user_id") or "",
                              "rev": resp.reward, "imp": resp.impressions,
                              "version": e.get("model_version") or "",
                              "latency": e.get("latency_s"), "shadow_exp": shadow_exp,
@@ -481,6 +569,8 @@ class Demo:
             "online_over_frozen_last_quarter": round(rpm(last) / frozen_last, 4)
             if frozen_last else None,
         }
+        summary.update(ab_summary(timeline, self.s.control_share, ab_versions(scraped),
+                                  learn))
         summary.update(organic_summary(stats, driver))
         if stats.organic_impressions:
             summary["organic_engagements_joined"] = metric_sum(
@@ -511,6 +601,14 @@ class Demo:
             self.console.say(table)
         else:
             print(table, flush=True)
+        if summary.get("online_over_control") is not None:
+            self.say(f"last quarter: online {summary['online_rpm_last_quarter']:.1f} RPM vs "
+                     f"control {summary['control_rpm_last_quarter']:.1f} RPM "
+                     f"(×{summary['online_over_control']:.3f}); whole run "
+                     f"×{summary['online_over_control_whole_run']:.3f}, online - control "
+                     f"{summary['ab_rpm_diff']} RPM per request, always-valid 95 % interval "
+                     f"{summary['ab_rpm_diff_interval']} ({summary['ab_decision']}); "
+                     f"rollbacks {summary['rollbacks']:.0f}")
         if driver.shadow_values:
             self.say(f"last quarter: online {summary['rpm_last_quarter']:.1f} RPM vs frozen "
                      f"(shadow, never served) {summary['frozen_rpm_last_quarter']:.1f} RPM")

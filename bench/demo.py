@@ -1,19 +1,25 @@
-"""The demo's counterfactual: the live loop (online learner) vs a frozen copy in shadow.
+"""The demo as a live A/B test, over seeds: the online learner's bucket against the
+control bucket served by the pinned pretrained model.
 
-Runs ``adloop demo`` (default settings unless given) and writes
-``bench/results/demo.json``: online and frozen RPM (first and last quarter) and
-``online_over_frozen_last_quarter``. The frozen copy of the pretrained model answers
-every request in shadow (never served); the world scores its slate against the state
-the request saw.
+Runs ``adloop demo --seed S`` (default settings otherwise: a 50/50 control bucket, the
+harness's exploration and learner cadence) for each seed and writes
+``bench/results/demo.json``: per seed, both buckets' expected revenue per mille
+impressions (first and last quarter, whole run; the world scores every served slate),
+the demo's always-valid test and the learner's live test, rollbacks, wall time; over
+seeds, ``online_over_control`` (last quarter; ratio of the mean RPMs, paired by seed)
+with its 95 % interval (``online_over_control_ci_low``/``_ci_high``), the whole-run
+ratio, and ``runs_below_control_without_rollback``.
 
-    python bench/demo.py [--report-dir=docs/demo] [-- extra adloop demo arguments]
+    python bench/demo.py [--quick] [--seeds 0-4] [--report-dir=docs/demo]
+                         [-- extra adloop demo arguments]
 
-``--report-dir=DIR`` also copies the run's report (report.md, summary.json, plots) there
-(docs/demo holds the report of one default run).
+``--quick``: two seeds, one minute of traffic each. ``--report-dir`` copies the first
+seed's report (report.md, summary.json, plots) there.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -22,46 +28,94 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import STACK_DEPENDS, device, write_results  # noqa: E402
+from bench.common import STACK_DEPENDS, device, parse_seeds, write_results  # noqa: E402
 
 DEPENDS = (*STACK_DEPENDS, "bench/demo.py")
 
-KEYS = ("requests", "sim_hours", "rpm_first_quarter", "rpm_last_quarter",
-        "frozen_rpm_first_quarter", "frozen_rpm_last_quarter",
-        "online_over_frozen_last_quarter", "model_versions_served", "lists_trained",
-        "organic_items_shown", "organic_view_rate", "organic_like_rate",
-        "organic_engagement_first_quarter", "organic_engagement_last_quarter")
+PER_SEED = ("requests", "sim_hours", "control_version", "requests_online",
+            "requests_control", "requests_outside_test", "online_rpm_first_quarter",
+            "control_rpm_first_quarter", "online_rpm_last_quarter", "control_rpm_last_quarter",
+            "online_rpm_whole_run", "control_rpm_whole_run", "online_over_control",
+            "online_over_control_first_quarter", "online_over_control_whole_run",
+            "ab_rpm_diff", "ab_rpm_diff_interval", "ab_decision", "live_test_rpm_diff",
+            "live_test_rpm_diff_interval", "live_test_decisions", "rollbacks",
+            "lists_trained", "rspo_updates", "snapshots_published", "snapshots_refused")
 
 
-def main() -> int:
-    report_dir = next((Path(a.split("=", 1)[1]) for a in sys.argv[1:]
-                       if a.startswith("--report-dir=")), None)
-    extra = [a for a in sys.argv[1:] if a != "--" and not a.startswith("--report-dir=")]
+def run_seed(seed: int, extra: list[str], report_dir: Path | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="adloop-demo-") as tmp:
         out = Path(tmp) / "demo"
         res = subprocess.run([sys.executable, "-m", "adloop", "demo", "--out", str(out),
-                              "--metrics-port", "0", *extra], cwd=ROOT,
+                              "--metrics-port", "0", "--seed", str(seed), *extra], cwd=ROOT,
                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
         if res.returncode != 0:
-            return res.returncode
+            raise SystemExit(f"adloop demo --seed {seed} exited {res.returncode}")
         summary = json.loads((out / "summary.json").read_text())
         if report_dir is not None:
             report_dir.mkdir(parents=True, exist_ok=True)
             for name in ("report.md", "summary.json", "rpm.png", "latency.png"):
                 if (out / name).exists():
                     shutil.copyfile(out / name, report_dir / name)
-    results = {"device": device(), "arguments": extra or "defaults",
-               "elapsed_s": round(time.perf_counter() - t0, 1),
-               **{k: summary.get(k) for k in KEYS}}
-    results["model_versions_served"] = len(summary.get("model_versions_served") or [])
+    row = {"seed": seed, "elapsed_s": round(time.perf_counter() - t0, 1),
+           **{k: summary.get(k) for k in PER_SEED}}
+    row["model_versions_served"] = len(summary.get("model_versions_served") or [])
+    return row
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Over seeds: the paired ratio of online over control RPM (last quarter, whole run)."""
+    from adloop.evaluation import paired_ratio
+
+    out: dict[str, Any] = {}
+    for key, part in (("online_over_control", "last_quarter"),
+                      ("online_over_control_whole_run", "whole_run")):
+        pairs = [(r[f"online_rpm_{part}"], r[f"control_rpm_{part}"]) for r in rows
+                 if r.get(f"online_rpm_{part}") is not None
+                 and r.get(f"control_rpm_{part}") is not None]
+        pr = paired_ratio([a for a, _ in pairs], [b for _, b in pairs]) if pairs else None
+        out[key] = round(pr.ratio, 4) if pr else None
+        out[f"{key}_ci_low"] = round(pr.ci_low, 4) if pr and pr.ci_low is not None else None
+        out[f"{key}_ci_high"] = round(pr.ci_high, 4) if pr and pr.ci_high is not None \
+            else None
+        out[f"mde_{key}"] = round(pr.mde, 4) if pr and pr.mde is not None else None
+    out["rollbacks"] = sum(int(r.get("rollbacks") or 0) for r in rows)
+    out["runs_below_control_without_rollback"] = sum(
+        1 for r in rows if (r.get("online_over_control") or 0) < 1.0
+        and not r.get("rollbacks"))
+    out["elapsed_s_per_run"] = round(sum(r["elapsed_s"] for r in rows) / len(rows), 1)
+    return out
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true",
+                    help="two seeds, one minute of traffic each")
+    ap.add_argument("--seeds", default=None, help="seeds and ranges (default 0-4; quick 0-1)")
+    ap.add_argument("--report-dir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    seeds = parse_seeds(args.seeds or ("0-1" if args.quick else "0-4"))
+    if args.quick and "--minutes" not in extra:
+        extra = ["--minutes", "1", *extra]
+    rows = []
+    for i, seed in enumerate(seeds):
+        print(f"demo seed {seed} ({i + 1}/{len(seeds)})", flush=True)
+        rows.append(run_seed(seed, extra, args.report_dir if i == 0 else None))
+    results = {"device": device(), "quick": args.quick, "seeds": list(seeds),
+               "arguments": extra or "defaults", **aggregate(rows), "runs": rows}
     write_results("demo", results, DEPENDS)
-    print(json.dumps(results, indent=2))
+    print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
     return 0
 
 
