@@ -82,7 +82,7 @@ from streams.settings import add_settings_arguments, settings_from_args
 
 log = get_logger(__name__)
 
-DEFAULT_ESTIMATOR = "sndr"
+DEFAULT_ESTIMATOR = "dr"
 """The estimate ``adloop evaluate --offline`` reports first (docs/ope.md: measured
 against the simulator's ground truth by bench/ope.py)."""
 MIN_MATCHED_ITEMS = 30
