@@ -258,7 +258,7 @@ def first_decisions(revenue: np.ndarray, control: np.ndarray, alpha: float = 0.0
 
 
 def ads_like_revenue(rng: np.random.Generator, shape: tuple[int, ...],
-                     scale: float = 1.0, click_rate: float = 0.05,
+                     scale: float | np.ndarray = 1.0, click_rate: float = 0.05,
                      conversion_rate: float = 0.1, cpa_price: float = 10.0) -> np.ndarray:
     """Revenue per request shaped like ads traffic: most requests earn nothing; a click
     (``click_rate`` per request, times ``scale``) pays a log-normal CPC price (mean 1,
@@ -267,7 +267,8 @@ def ads_like_revenue(rng: np.random.Generator, shape: tuple[int, ...],
     the mean is 0.1 per request and the coefficient of variation about 12.6.
 
     ``scale < 1`` models a worse model: fewer clicks, so proportionally less revenue
-    (``scale=0.85`` is a 15 % drop in revenue per mille)."""
+    (``scale=0.85`` is a 15 % drop in revenue per mille); an array of ``shape`` scales
+    each request."""
     clicks = rng.random(shape) < click_rate * scale
     cpc = rng.lognormal(-0.5, 1.0, shape)                     # mean 1
     converted = clicks & (rng.random(shape) < conversion_rate)
