@@ -9,6 +9,19 @@ the logging policy's on-policy value and percentile bootstrap intervals over
 impressions — are :mod:`learner.ope`, which the learner's promotion guard also uses
 (``adloop learn --guard-estimate``); its docstring has the formulas.
 
+Beside them, ``slate_estimates`` holds the slate-aware estimators of
+:mod:`learner.slate_ope` (item-position IPS, per-slot SNIPS, pseudo-inverse and its
+self-normalised form, the direct method, item-level and self-normalised DR and slate-level
+DR, with a ridge reward model on context × ad attributes cross-fitted on the log) with
+influence-function intervals; ``estimate`` is the one ``--estimator`` names
+(:data:`DEFAULT_ESTIMATOR` unless set; docs/ope.md has why). ``diagnostics`` says how
+much the log can tell about the snapshot: the effective sample size of the weights
+(impressions' worth of on-policy data per slot), the share of logged items (and of
+impressions) where the snapshot serves the logged ad at the logged slot, the largest
+weight's share of the total, and ``warnings`` (also logged as ``ope.untrustworthy``)
+when the estimate cannot be trusted: too few matched items, an effective sample size
+too small, or one item carrying too much of the weight.
+
 Beside the value, ``beyond_accuracy`` describes the snapshot's slates on the log
 (:mod:`learner.beyond`): catalogue coverage (of the log's ads), SID diversity (share of
 a slate's ad pairs with different semantic-ID level-0 codes in the snapshot's id
@@ -35,6 +48,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -51,16 +65,38 @@ from learner.ope import (
     reward_model,
     snips,
 )
+from learner.slate_ope import (
+    SLATE_ESTIMATORS,
+    ItemCodes,
+    RidgeRewardModel,
+    SlateLog,
+    cross_fit,
+    effective_sample_size,
+    match_share,
+    max_weight_share,
+)
+from learner.slate_ope import estimate as slate_estimate
 from streams.logs import get_logger
-from streams.schemas import Feedback, ModelUpdate
+from streams.schemas import Ad, Feedback, ModelUpdate
 from streams.settings import add_settings_arguments, settings_from_args
 
 log = get_logger(__name__)
 
-__all__ = ["ESTIMATORS", "LoggedItems", "OffPolicySettings", "beyond_of_slates", "bootstrap",
+DEFAULT_ESTIMATOR = "dr"
+"""The estimate ``adloop evaluate --offline`` reports first (docs/ope.md: measured
+against the simulator's ground truth by bench/ope.py)."""
+MIN_MATCHED_ITEMS = 30
+"""Fewer logged items where the snapshot serves the logged ad at its slot: untrusted."""
+MIN_EFFECTIVE_SAMPLE = 100.0
+"""Smaller effective sample size per slot: untrusted."""
+MAX_WEIGHT_SHARE = 0.05
+"""One item carrying more of the total weight: untrusted (the weights are too heavy)."""
+
+__all__ = ["DEFAULT_ESTIMATOR", "ESTIMATORS", "LoggedItems", "OffPolicySettings",
+           "beyond_of_slates", "bootstrap",
            "configure", "doubly_robust", "estimate", "evaluate_offline", "ips", "logged_items",
-           "on_policy", "reward_model", "run", "served_lines", "snapshot_slates", "snips",
-           "write_served"]
+           "on_policy", "reward_model", "run", "served_lines", "slate_log_of", "slate_report",
+           "snapshot_slates", "snips", "write_served"]
 
 
 # -- the snapshot as a target policy ---------------------------------------------------
@@ -120,7 +156,10 @@ class OffPolicySettings(BaseSettings):
                                    "(--offline)")
     bootstrap_samples: int = Field(200, description="bootstrap resamples of the intervals")
     interval: float = Field(0.95, description="coverage of the bootstrap intervals")
-    ope_seed: int = Field(0, description="seed of the bootstrap")
+    ope_seed: int = Field(0, description="seed of the bootstrap and of the reward "
+                          "model's cross-fitting folds")
+    estimator: str = Field(DEFAULT_ESTIMATOR, description="the slate estimator reported "
+                           f"as 'estimate' (one of {', '.join(SLATE_ESTIMATORS)})")
     attribution_window_s: float = Field(3600.0, description="join: attribution window")
 
 
@@ -146,14 +185,121 @@ def evaluate_offline(log_file: Path, snapshot_dir: Path, s: OffPolicySettings,
                "impressions": items.n, "logged_items": len(items.reward),
                "matched_items": matched, "value_per_impression": result,
                "interval": s.interval, "bootstrap_samples": s.bootstrap_samples}
+    summary.update(slate_report(finals, slates, joined.ads, s.estimator, s.interval,
+                                s.ope_seed))
     summary["beyond_accuracy"] = beyond_of_slates(finals, slates, joined.ads, snapshot_dir,
                                                   s.ope_seed)
-    if matched < 30:
-        log.warning("ope.few_matches", matched_items=matched,
-                    note="the snapshot rarely serves what the log shows: intervals are wide")
     if out is not None:
         write_served(out, summary, finals, slates)
     return summary
+
+
+# -- slate-aware estimates ----------------------------------------------------------------
+
+
+def slate_log_of(finals: Sequence[Feedback], slates: Sequence[Sequence[str]],
+                 ads: Sequence[Ad], seed: int = 0, folds: int = 2) -> SlateLog:
+    """The :class:`learner.slate_ope.SlateLog` of ``finals`` (every item with its logging
+    propensity) against the target ``slates`` (``slates[i]`` for ``finals[i]``), with a
+    ridge reward model on (context value × ad industry, bid type, advertiser) and a
+    per-ad term, cross-fitted over ``folds`` folds of impressions."""
+    if len(finals) != len(slates):
+        raise ValueError(f"{len(finals)} impressions but {len(slates)} target slates")
+    n = len(finals)
+    k = max((1 + max(it.position for it in f.items) for f in finals if f.items), default=1)
+    keys = sorted({key for f in finals for key in f.context})
+    vocab: list[dict[str, int]] = [{} for _ in keys]
+    ctx = np.array([[v.setdefault(f.context.get(key, ""), len(v))
+                     for key, v in zip(keys, vocab, strict=True)] for f in finals],
+                   np.int64).reshape(n, len(keys))
+    records = {a.ad_id: a for a in ads}
+    attr_vocab: list[dict[str, int]] = [{}, {}, {}]
+    ad_code: dict[str, int] = {}
+    attrs: list[list[int]] = []
+
+    def code(ad_id: str) -> int:
+        c = ad_code.get(ad_id)
+        if c is None:
+            rec = records.get(ad_id)
+            vals = ((rec.industry, rec.bid_type, rec.advertiser_id) if rec is not None
+                    else ("?", "?", "?"))
+            c = ad_code[ad_id] = len(attrs)
+            attrs.append([v.setdefault(x, len(v)) for v, x in zip(attr_vocab, vals,
+                                                                   strict=True)])
+        return c
+
+    reward, prop, target = np.zeros((n, k)), np.ones((n, k)), np.zeros((n, k))
+    mask = np.zeros((n, k), bool)
+    li, la, lp, ti, ta, tp = [], [], [], [], [], []
+    for i, (f, slate) in enumerate(zip(finals, slates, strict=True)):
+        for it in f.items:
+            if it.propensity is None:
+                raise ValueError(f"request {f.request_id}: item {it.ad_id} has no logging "
+                                 "propensity (slate[].propensity in the recorded log)")
+            j = it.position
+            reward[i, j], prop[i, j], mask[i, j] = it.reward, it.propensity, True
+            target[i, j] = 1.0 if j < len(slate) and slate[j] == it.ad_id else 0.0
+            li.append(i)
+            la.append(code(it.ad_id))
+            lp.append(j)
+        for j, a in enumerate(slate[:len(f.items)]):
+            ti.append(i)
+            ta.append(code(a))
+            tp.append(j)
+    logged = ItemCodes(np.asarray(li, np.int64), np.asarray(la, np.int64),
+                       np.asarray(lp, np.int64))
+    served = ItemCodes(np.asarray(ti, np.int64), np.asarray(ta, np.int64),
+                       np.asarray(tp, np.int64))
+    attr_arr = np.asarray(attrs, np.int64).reshape(-1, 3)
+    sizes = [max(1, len(v)) for v in vocab], [max(1, len(v)) for v in attr_vocab]
+    pred, direct = cross_fit(ctx, attr_arr, logged, reward[logged.impression, logged.position],
+                             [served], n, folds=folds if n >= 2 * folds else 1, seed=seed,
+                             make=lambda: RidgeRewardModel(*sizes, len(attrs)))
+    predicted = np.zeros((n, k))
+    predicted[logged.impression, logged.position] = pred
+    return SlateLog(reward, prop, target, mask, predicted,
+                    np.bincount(served.impression, weights=direct, minlength=n))
+
+
+def trust_warnings(matched_items: int, ess: float, heaviest: float) -> list[str]:
+    """Why an estimate on this log cannot be trusted (empty: no reason found)."""
+    out = []
+    if matched_items < MIN_MATCHED_ITEMS:
+        out.append(f"only {matched_items} logged items are what the snapshot serves at "
+                   f"that slot (< {MIN_MATCHED_ITEMS}): the log says little about it")
+    if ess < MIN_EFFECTIVE_SAMPLE:
+        out.append(f"effective sample size {ess:.1f} per slot (< {MIN_EFFECTIVE_SAMPLE:g}): "
+                   "intervals are unreliable")
+    if heaviest > MAX_WEIGHT_SHARE:
+        out.append(f"one item carries {heaviest:.0%} of the total weight "
+                   f"(> {MAX_WEIGHT_SHARE:.0%}): the weights are too heavy")
+    return out
+
+
+def slate_report(finals: Sequence[Feedback], slates: Sequence[Sequence[str]],
+                 ads: Sequence[Ad], estimator: str = DEFAULT_ESTIMATOR,
+                 level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """``slate_estimates`` (every slate estimator), ``estimate`` (``estimator``'s) and
+    ``diagnostics`` (effective sample size, match shares, heaviest weight, warnings)."""
+    if estimator not in SLATE_ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; known: {SLATE_ESTIMATORS}")
+    sl = slate_log_of(finals, slates, ads, seed)
+    est = slate_estimate(sl, SLATE_ESTIMATORS, level)
+    ess = effective_sample_size(sl)
+    item_share, imp_share = match_share(sl)
+    matched = int(((sl.target > 0) & sl.mask).sum())
+    heaviest = max_weight_share(sl)
+    warnings = trust_warnings(matched, ess, heaviest)
+    for w in warnings:
+        log.warning("ope.untrustworthy", reason=w)
+    return {"estimate": {"estimator": estimator, **est[estimator]},
+            "slate_estimates": est,
+            "diagnostics": {"effective_sample_size": round(ess, 2),
+                            "matched_items": matched,
+                            "matched_item_share": round(item_share, 4),
+                            "matched_impression_share": round(imp_share, 4),
+                            "max_weight_share": round(heaviest, 4),
+                            "trusted": not warnings, "warnings": warnings}}
 
 
 def served_lines(summary: dict[str, Any], finals: Sequence[Feedback],
@@ -220,7 +366,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("off-policy evaluation on a recorded log")
     group.add_argument("--offline", action="store_true",
                        help="estimate --snapshot's value per impression on --from FILE "
-                            "(IPS, SNIPS, DR, with bootstrap intervals); --out FILE also "
+                            "(IPS, SNIPS, DR with bootstrap intervals; the slate estimators "
+                            "of docs/ope.md with their intervals, the effective sample "
+                            "size and the matched share, with warnings); --out FILE also "
                             "writes the summary and each impression's logged and target "
                             "slates as JSON lines")
     group.add_argument("--from", dest="from_file", type=Path, default=None,

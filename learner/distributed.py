@@ -15,8 +15,10 @@ lockstep, one control exchange per loop step:
    lists, :class:`AllReduceAdamW` all-reduces them weighted by list count (a rank with
    no lists contributes zero with weight 0), clips the averaged gradient and steps:
    identical gradients and optimizer states keep the replicas identical;
-4. a publish: rank 0 alone exports, guards and stores, then broadcasts the outcome;
-   every rank refreshes π_ref when it was stored;
+4. a publish: rank 0 alone exports, guards and stores (or, after the live A/B test
+   found the online bucket worse, re-announces an earlier version), then broadcasts the
+   outcome with the weights to train on from after a refusal or a rollback; every rank
+   loads those and refreshes π_ref when a version was stored;
 5. a checkpoint: every rank sends rank 0 its consumer positions, ledger records, the
    ``seen`` table of its requests and a digest of its parameters; rank 0 checks the
    digests agree and writes one ledger segment and one checkpoint holding every rank's
@@ -379,15 +381,12 @@ class RankService(LearnerService):
 
     # -- publishing: rank 0 alone ---------------------------------------------------------
     def publish(self) -> bool:
-        stored = bool(self.group.broadcast(self.store_snapshot() if self.rank == 0
-                                           else False))
-        if not stored:
-            self.updates_since_publish = 0
-            self.last_publish = time.monotonic()
-            return False
-        self.learner.refresh_reference()
-        self.finish_publish()
-        return True
+        """Rank 0 decides (promote, refuse, hold or roll back) and broadcasts whether a
+        version is to be announced and the weights every rank trains on from (after a
+        refusal or a rollback), so the replicas stay identical."""
+        stored, restart = self.group.broadcast(self.publish_outcome() if self.rank == 0
+                                               else None)
+        return self.apply_publish_outcome(bool(stored), restart)
 
     def finish_publish(self) -> None:
         self.commit()

@@ -23,6 +23,17 @@ record being consumed and its effect.
 ``--world-size N`` runs N data-parallel ranks of this service (:mod:`learner.distributed`):
 each consumes its share of the partitions, and rank 0 writes one checkpoint holding
 every rank's positions.
+
+Live A/B test (docs/abtest.md): rank 0 feeds every final feedback record to a
+:class:`learner.abmonitor.BucketMonitor` (per-bucket RPM, CTR, CVR and an always-valid
+test of online against control). When the test finds the online bucket worse, the
+decision is logged with its evidence and counted, promotion stops (training goes on),
+and at the next publish the learner re-announces the best earlier version that was not
+worse (or the control version) under a new version id (:meth:`Publisher.republish`) and
+trains on from its weights; promotion resumes once the restored version has served
+``--abtest-resume-requests`` requests per bucket without being found worse. A candidate
+the promotion guard refuses is logged and counted with the version that keeps serving
+and since when, and training goes on from the best published version.
 """
 
 from __future__ import annotations
@@ -48,6 +59,8 @@ from kafka.errors import KafkaError
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from learner.abmonitor import PROMOTION_HELD, ROLLBACKS, BucketMonitor
+from learner.abtest import TestResult
 from learner.beam import IdTrie
 from learner.checkpoint import TOKENIZER_DIR, load_model
 from learner.guard import Catalogue, GuardEstimate, GuardEstimateName
@@ -113,6 +126,12 @@ HOLDOUT_VALUE = gauge("adloop_learner_holdout_value",
                       "Value-weighted off-policy estimate (money per impression) on the "
                       "held-out lists the promotion guard uses, by model (candidate, "
                       "serving, baseline, best).", ("model",))
+SERVING_SINCE = gauge("adloop_learner_serving_since_timestamp_seconds",
+                      "Wall time the version the learner last announced (the one serving) "
+                      "was announced.")
+REFUSED_IN_A_ROW = gauge("adloop_learner_candidates_refused_in_a_row",
+                         "Candidates the promotion guard refused since the serving version "
+                         "was announced (0 after each promotion).")
 GUARD_VALUE = gauge("adloop_learner_guard_value",
                     "The promotion guard's estimate (money per impression) on the held-out "
                     "lists, by model (candidate, serving, baseline, best) and estimate in "
@@ -218,6 +237,22 @@ class LearnerSettings(BaseSettings):
     """Longest wait on any collective (a rank that is gone makes the others exit
     non-zero after at most this long; a dead peer's closed socket is usually noticed at
     once). Must exceed rank 0's export + guard time."""
+    restart_on_refusal: bool = True
+    """After the promotion guard refuses a candidate, train on from the best published
+    version's weights (off: from the refused candidate's)."""
+    abtest_alpha: float = Field(0.05, gt=0, lt=1)
+    """Level of the live A/B test (docs/abtest.md): the chance that it ever finds a
+    difference between online and control when there is none, however long it runs."""
+    abtest_min_requests: int = Field(1000, ge=2)
+    """Final requests each bucket needs in a test epoch before the test may decide."""
+    abtest_target_requests: int = Field(20_000, ge=1)
+    """Requests per bucket at which the test's interval is tightest (its mixture scale)."""
+    abtest_resume_requests: int = Field(5000, ge=2)
+    """After a rollback, requests per bucket the restored version serves without being
+    found worse before new versions are promoted again."""
+    abtest_rollback: bool = True
+    """Act on an online_worse decision: stop promoting, roll the servers back, train on
+    from the restored version (off: log, count and alert only)."""
 
 
 _F32_MAX = 3.4e38
@@ -282,6 +317,7 @@ class LearnerService:
         self.rng = random.Random(s.seed)
         self.rspo_cfg = RSPOConfig(beta=s.beta, vsl_alpha=s.vsl_alpha, hepo_weight=s.hepo_weight,
                                    dc_weight=s.dc_weight, organic_weight=s.organic_weight)
+        self._init_abtest()
         # state restored from / saved to the checkpoint
         self.seq = 0
         self.positions: dict[int, int] = {}
@@ -324,6 +360,24 @@ class LearnerService:
                                           isolation_level="read_committed")
         self.ads_dead = DeadLetterOnce(self.kafka, s.dead_letter_group)
 
+    def _init_abtest(self) -> None:
+        """The live A/B test's state and the published versions' bookkeeping."""
+        self.monitor = BucketMonitor(self.s.abtest_alpha, self.s.abtest_min_requests,
+                                     self.s.abtest_target_requests)
+        self.ab_pending: TestResult | None = None
+        """An online_worse decision not acted on yet (the next publish rolls back)."""
+        self.ab_hold: dict[str, Any] | None = None
+        """Why promotion is held (set by an online_worse decision), or None."""
+        self.ab_failed: set[str] = set()
+        """Versions found worse (the online one at each online_worse decision)."""
+        self.republished: dict[str, str] = {}
+        """Rollback version -> the version whose snapshot it re-announced."""
+        self.weights: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        """Weights of recently published versions (a rollback trains on from them)."""
+        self.best_version: str | None = None
+        self.serving_since = 0.0
+        self.refused_in_a_row = 0
+
     # -- start-up ----------------------------------------------------------------------
     def _load(self) -> tuple[GenerativeRecommender, UASIDTokenizer, OnlineLearner]:
         path = self.state_dir / STATE_FILE
@@ -348,6 +402,8 @@ class LearnerService:
             self.pending_update = st["pending_update"]
             self.watermark = float(st["watermark"])
             self.seen = OrderedDict((k, (float(v[0]), list(v[1]))) for k, v in st["seen"])
+            if st.get("abtest"):
+                self.load_abtest(st["abtest"])
             if self.rank == 0:
                 for seg in (self.state_dir / "ledger").glob("*.jsonl"):
                     if int(seg.stem) > self.seq:   # trained after the checkpoint: redo
@@ -533,6 +589,8 @@ class LearnerService:
             fb: Feedback = rec.record
             try:
                 check_trainable(fb)
+                if self.rank == 0:
+                    self.monitor.observe(fb)
                 w, outcome = self.classify(fb)
             except Exception as exc:  # decodes, but cannot be trained on: never retried
                 w, outcome = None, "handler_error"
@@ -550,6 +608,8 @@ class LearnerService:
                 self.pending.append((fb, w))
                 self.watermark = max(self.watermark, fb.event_time)
                 self.newest_append_ms = max(self.newest_append_ms, rec.timestamp_ms)
+        if batch and self.rank == 0:
+            self.check_abtest()
 
     def train_pending(self) -> dict[str, float] | None:
         if not self.pending:
@@ -594,14 +654,174 @@ class LearnerService:
             self._trie = (key, cat.trie if cat is not None else None)
         return self._trie[1]
 
+    # -- the live A/B test ------------------------------------------------------------------
+    def check_abtest(self) -> None:
+        """Act on a new decision of the test (rank 0, after each polled batch)."""
+        res = self.monitor.new_decision()
+        if res is None:
+            if self.ab_hold is not None and self.ab_hold.get("restored") and \
+                    self.ab_pending is None:
+                self._maybe_resume()
+            return
+        evidence = self.monitor.evidence(res)
+        if res.decision == "online_better":
+            log.info("abtest.decision", **evidence, action="none")
+            self.monitor.restart(self.monitor.accept)
+            return
+        if self.monitor.current_online is not None:
+            self.ab_failed.add(self.monitor.current_online)
+            self.ab_failed.add(self.republished.get(self.monitor.current_online,
+                                                    self.monitor.current_online))
+        if not self.s.abtest_rollback:
+            ROLLBACKS.labels("disabled").inc()
+            log.warning("abtest.decision", **evidence, action="none (rollback disabled)")
+            self.monitor.restart(self.monitor.accept)
+            return
+        self.ab_pending = res
+        if self.ab_hold is None:
+            self.ab_hold = {"since": time.time(), "decision": evidence}
+        PROMOTION_HELD.set(1)
+        log.warning("abtest.decision", **evidence,
+                    action="promotion held; rollback at the next publish")
+
+    def _maybe_resume(self) -> None:
+        assert self.ab_hold is not None
+        res = self.monitor.result()
+        if min(res.n_online, res.n_control) >= self.s.abtest_resume_requests \
+                and res.decision != "online_worse":
+            log.info("abtest.promotion_resumed", restored=self.ab_hold.get("restored"),
+                     held_s=round(time.time() - self.ab_hold["since"], 1), **res.evidence())
+            self.ab_hold = None
+            PROMOTION_HELD.set(0)
+
+    def rollback(self) -> dict[str, torch.Tensor] | None:
+        """Re-announce the best earlier version that was not worse (``pending_update``);
+        the weights to train on from, or None when nothing could be rolled back to."""
+        assert self.ab_pending is not None
+        decided, self.ab_pending = self.ab_pending, None
+        stored = set(self.store.versions())
+        exclude = self.ab_failed | {v for v, src in self.republished.items()
+                                    if src in self.ab_failed}
+        cands = self.monitor.rollback_candidates(exclude)
+        considered = [c.describe() for c in cands[:5]]
+        target = next((c for c in cands if c.version in stored), None)
+        evidence = self.monitor.evidence(decided)
+        if target is None:
+            ROLLBACKS.labels("no_candidate").inc()
+            log.error("abtest.rollback", result="no_candidate", candidates=considered,
+                      stored=sorted(stored)[-10:], serving=self.last_published, **evidence,
+                      effect="promotion stays held; the test restarts")
+            self.monitor.restart(None)
+            return None
+        source = self.republished.get(target.version, target.version)
+        version = f"v{self.next_version:06d}"
+        try:
+            pub = self.publisher.republish(target.version, self.tok, version, self.watermark,
+                                           extra={"rollback": {"decision": evidence,
+                                                               "target": target.describe()}})
+        except SnapshotRefusedError as exc:
+            ROLLBACKS.labels("failed").inc()
+            log.error("abtest.rollback", result="failed", target=target.version,
+                      error=str(exc)[:300], **evidence, effect="retried at the next publish")
+            self.ab_pending = decided
+            return None
+        event = self.publisher.update_event(pub, self.watermark)
+        self.next_version += 1
+        weights = self.weights.get(target.version) or self.weights.get(source)
+        restart = weights if weights is not None else self.baseline.state_dict()
+        self.remember_weights(version, restart)
+        self.republished[version] = source
+        self.last_published = version
+        self.pending_update = json.dumps(_builtins(event))
+        self.best = None
+        self.best_version = version
+        self.monitor.restart({version})
+        assert self.ab_hold is not None
+        self.ab_hold["restored"] = version
+        ROLLBACKS.labels("published").inc()
+        log.warning("abtest.rollback", result="published", version=version,
+                    restores=target.version, snapshot_of=source, target=target.describe(),
+                    candidates=considered, trains_from=target.version if weights is not None
+                    else "the starting model (weights of the target not held)", **evidence)
+        return restart
+
+    def abtest_state(self) -> dict[str, Any]:
+        return {"monitor": self.monitor.state(), "hold": self.ab_hold,
+                "pending": self.ab_pending is not None, "failed": sorted(self.ab_failed),
+                "republished": self.republished, "serving_since": self.serving_since,
+                "refused_in_a_row": self.refused_in_a_row, "best_version": self.best_version}
+
+    def load_abtest(self, st: dict[str, Any]) -> None:
+        self.monitor.load(st["monitor"])
+        self.ab_hold = st.get("hold")
+        if st.get("pending"):
+            self.ab_pending = self.monitor.test.decided
+        self.ab_failed = set(st.get("failed", []))
+        self.republished = dict(st.get("republished", {}))
+        self.serving_since = float(st.get("serving_since", 0.0))
+        self.refused_in_a_row = int(st.get("refused_in_a_row", 0))
+        self.best_version = st.get("best_version")
+        PROMOTION_HELD.set(1 if self.ab_hold is not None else 0)
+        REFUSED_IN_A_ROW.set(self.refused_in_a_row)
+        if self.serving_since:
+            SERVING_SINCE.set(self.serving_since)
+
+    def remember_weights(self, version: str, state: dict[str, torch.Tensor]) -> None:
+        """Keep ``version``'s weights (CPU copies) for a later rollback: the last
+        ``keep_snapshots`` versions and those the store protects."""
+        self.weights[version] = {k: v.detach().clone() for k, v in state.items()}
+        keep = self.monitor.protected() | {self.best_version or ""}
+        while len(self.weights) > max(1, self.s.keep_snapshots):
+            old = next((v for v in self.weights if v not in keep and v != version), None)
+            if old is None:
+                break
+            del self.weights[old]
+
     # -- snapshots -----------------------------------------------------------------------
     def publish(self) -> bool:
-        """Export + guard + store the current model, checkpoint, then announce it."""
-        if not self.store_snapshot():
+        """Export + guard + store the current model, checkpoint, then announce it; or,
+        after an online_worse decision, roll back instead (see the module docstring)."""
+        stored, restart = self.publish_outcome()
+        return self.apply_publish_outcome(stored, restart)
+
+    def publish_outcome(self) -> tuple[bool, dict[str, torch.Tensor] | None]:
+        """Rank 0's part of a publish: (something to announce, weights to train on from)."""
+        if self.ab_pending is not None:
+            restart = self.rollback()
+            return self.pending_update is not None, restart
+        if self.ab_hold is not None:
+            log.info("abtest.promotion_held", serving=self.last_published,
+                     since=round(self.ab_hold["since"], 3),
+                     restored=self.ab_hold.get("restored"))
+            return False, None
+        if self.store_snapshot():
+            return True, None
+        return False, self.restart_point()
+
+    def apply_publish_outcome(self, stored: bool,
+                              restart: dict[str, torch.Tensor] | None) -> bool:
+        """Every rank: load ``restart`` into the model, then refresh π_ref and announce
+        when something was stored."""
+        if restart is not None:
+            self.model.load_state_dict(restart)
+        if not stored:
+            self.updates_since_publish = 0
+            self.last_publish = time.monotonic()
             return False
         self.learner.refresh_reference()
         self.finish_publish()
         return True
+
+    def restart_point(self) -> dict[str, torch.Tensor] | None:
+        """After a refusal: the best published version's weights (None: keep training the
+        refused candidate, with ``restart_on_refusal`` off or nothing published yet)."""
+        if not self.s.restart_on_refusal:
+            return None
+        if self.best is not None:
+            return self.best.state_dict()
+        if self.last_published is not None:
+            return self.learner.ref.state_dict()
+        return None
 
     def store_snapshot(self) -> bool:
         """Export + guard + store the current model (``pending_update`` is its
@@ -640,18 +860,41 @@ class LearnerService:
                 holdout=holdout, references=refs,
                 metrics={"updates": float(self.learner.steps)},
                 estimate=rnd.name if rnd is not None else "holdout_value")
-        except SnapshotRefusedError:
+        except SnapshotRefusedError as exc:
             self.next_version += 1  # the refused name is never reused
             self.updates_since_publish = 0
             self.last_publish = time.monotonic()
+            self.version_kept(version, exc.reason)
             return False
         event = self.publisher.update_event(pub, self.watermark)
         self.next_version += 1
         self.last_published = version
         if math.isfinite(cand_value) and cand_value >= refs.get("best", -math.inf):
             self.best = OnlineLearner.frozen_copy(self.model)
+            self.best_version = version
+        self.remember_weights(version, self.model.state_dict())
+        self.refused_in_a_row = 0
+        REFUSED_IN_A_ROW.set(0)
         self.pending_update = json.dumps(_builtins(event))
         return True
+
+    def version_kept(self, refused: str, reason: str) -> None:
+        """A refused candidate: say which version keeps serving, since when, and what
+        training goes on from."""
+        self.refused_in_a_row += 1
+        REFUSED_IN_A_ROW.set(self.refused_in_a_row)
+        if self.s.restart_on_refusal and self.best is not None:
+            trains_from = f"{self.best_version} (best published)"
+        elif self.s.restart_on_refusal and self.last_published is not None:
+            trains_from = f"{self.last_published} (serving)"
+        else:
+            trains_from = f"{refused} (the refused candidate)"
+        log.warning("learner.version_kept", serving=self.last_published,
+                    serving_since=round(self.serving_since, 3) if self.serving_since else None,
+                    serving_for_s=round(time.time() - self.serving_since, 1)
+                    if self.serving_since else None,
+                    refused=refused, reason=reason, refused_in_a_row=self.refused_in_a_row,
+                    trains_from=trains_from)
 
     @staticmethod
     def _guard_gauges(model: str, estimate: str, value: float) -> None:
@@ -674,9 +917,13 @@ class LearnerService:
         assert self.pending_update is not None
         event = decode(self.pending_update.encode(), ModelUpdate)
         assert isinstance(event, ModelUpdate)
+        self.publisher.protect = self.monitor.protected() | set(self.weights)
         self.publisher.announce(self.producer, event)
+        self.monitor.announced(event.version)
         self.pending_update = None
         now = time.time()
+        self.serving_since = now
+        SERVING_SINCE.set(now)
         PUBLISH_TS.set(now)
         MODEL_VERSION.set(self.next_version - 1)
         if self.newest_append_ms:
@@ -734,6 +981,7 @@ class LearnerService:
             "ads_checked": ads_checked, "organic_checked": organic_checked,
             "pending_update": self.pending_update, "watermark": self.watermark,
             "seen": [[k, [v[0], v[1]]] for k, v in seen],
+            "abtest": self.abtest_state(),
         }
         tmp_state = self.state_dir / (STATE_FILE + ".tmp")
         with open(tmp_state, "wb") as f:

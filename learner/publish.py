@@ -28,6 +28,13 @@
 
 A refused snapshot is logged, counted in ``adloop_learner_snapshots_refused_total``
 with its reason, and never stored or announced.
+
+``Publisher.republish(source, version, ...)`` serves an earlier version again (the live
+A/B rollback, docs/abtest.md): the stored snapshot's graphs, unchanged, under a new
+version id with the tokenizer's current id table and a newer data watermark
+(:func:`learner.export.export_ids_update`), so the servers take it through their usual
+signature, snapshot-base, checksum and parity checks and hot swap. ``protect`` names the
+versions pruning must keep (the control version and the rollback candidates).
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from typing import Any
 import fsspec
 import torch
 
-from learner.export import SnapshotError, export_snapshot
+from learner.export import SnapshotError, export_ids_update, export_snapshot
 from learner.model import GenerativeRecommender
 from learner.tokenizer import UASIDTokenizer
 from streams.kafka_io import EventProducer
@@ -156,6 +163,17 @@ class SnapshotStore:
                 self.fs.put_file(str(f), f"{self.path}/{version}/{f.name}")
         return self.uri(version)
 
+    def get(self, version: str, local_dir: Path) -> None:
+        """Copy the stored ``version`` into ``local_dir`` (created; files only)."""
+        local_dir.mkdir(parents=True, exist_ok=True)
+        if self.local:
+            for f in (Path(self.path) / version).iterdir():
+                if f.is_file():
+                    shutil.copyfile(f, local_dir / f.name)
+            return
+        for name in self.fs.ls(f"{self.path}/{version}", detail=False):
+            self.fs.get_file(name, str(local_dir / Path(name).name))
+
     def versions(self) -> list[str]:
         try:
             names = [Path(p).name for p in self.fs.ls(self.path, detail=False)]
@@ -185,6 +203,8 @@ class Publisher:
         self.model_name = model_name
         self.max_regression = max_regression
         self.keep = keep
+        self.protect: set[str] = set()
+        """Versions :meth:`announce` never prunes (besides the one it announces)."""
 
     def publish(self, model: GenerativeRecommender, tok: UASIDTokenizer, version: str,
                 parent: str | None, data_watermark: float,
@@ -248,6 +268,35 @@ class Publisher:
                  guard_value=round(cand, 6) if math.isfinite(cand) else None)
         return Published(version, uri, digest, manifest, export_s, validate_s)
 
+    def republish(self, source: str, tok: UASIDTokenizer, version: str,
+                  data_watermark: float, extra: dict[str, Any] | None = None) -> Published:
+        """Store the snapshot of version ``source`` again as ``version``: the same graphs
+        (their checksums and parity evidence carry over), ``tok``'s current id table,
+        ``parent`` = ``source``, ``data_watermark`` and ``republished_from`` = ``source``
+        (plus ``extra``) in the manifest. Raises ``SnapshotRefusedError``
+        (``store_unavailable``) when the source cannot be read or the copy stored."""
+        stage = self.staging / version
+        src = self.staging / f".{source}.source"
+        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(src, ignore_errors=True)
+        t0 = time.perf_counter()
+        try:
+            self.store.get(source, src)
+            manifest = export_ids_update(src, tok, stage, version)
+            manifest.update(data_watermark=data_watermark, republished_from=source,
+                            **(extra or {}))
+            (stage / "manifest.json").write_text(json.dumps(manifest, separators=(",", ":")))
+            digest = hashlib.sha256((stage / "manifest.json").read_bytes()).hexdigest()
+            uri = self.store.put(stage, version)
+        except (OSError, ValueError, KeyError, SnapshotError) as exc:
+            self._refuse("store_unavailable", f"{version}: republishing {source} from "
+                         f"{self.store.root}: {exc!r}")
+        finally:
+            shutil.rmtree(src, ignore_errors=True)
+            shutil.rmtree(stage, ignore_errors=True)
+        log.info("snapshot.republished", version=version, source=source, uri=uri)
+        return Published(version, uri, digest, manifest, 0.0, time.perf_counter() - t0)
+
     def _refuse(self, reason: str, detail: str) -> Any:
         REFUSED.labels(reason).inc()
         log.warning("snapshot.refused", reason=reason, detail=detail)
@@ -272,7 +321,7 @@ class Publisher:
         producer.flush(30)
         PUBLISHED.inc()
         try:
-            pruned = self.store.prune(self.keep, protect={event.version})
+            pruned = self.store.prune(self.keep, protect={event.version, *self.protect})
         except OSError as exc:   # pruning waits for the next publish
             log.warning("snapshot.prune_failed", error=str(exc))
             pruned = []

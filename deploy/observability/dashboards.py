@@ -149,6 +149,21 @@ ALERTS: tuple[Alert, ...] = (
           "0m", "warning", "the learner refused to publish a snapshot ({{ $labels.reason }})",
           "The learner's own validation rejected a candidate snapshot; serving keeps the "
           "last published one."),
+    Alert("AdloopOnlineWorseThanControl",
+          'sum by (job) (increase(adloop_learner_abtest_decisions_total{decision="online_worse"}'
+          "[30m])) > 0",
+          "0m", "critical", "the online model earns less than the control model",
+          "The learner's sequential test found the online bucket's revenue per request "
+          "below the control bucket's with confidence (docs/abtest.md). The learner stops "
+          "promoting and re-announces the best earlier version that was not worse; its log "
+          "line abtest.decision has the evidence, abtest.rollback what was restored."),
+    Alert("AdloopPromotionHeld", "max by (job) (adloop_learner_abtest_promotion_held) == 1",
+          "1h", "warning", "the learner has promoted no new version for an hour after a "
+          "rollback",
+          "After an online_worse decision the restored version has not yet served "
+          "--abtest-resume-requests per bucket without being found worse, or nothing could "
+          "be rolled back to (adloop_learner_abtest_rollbacks_total{result!=\"published\"}). "
+          "Servers keep the restored version; check the abtest.* log lines."),
     Alert("AdloopNoRecentSnapshot",
           f"(time() - max by (job, instance) (adloop_learner_last_publish_timestamp_seconds)"
           f" > {NO_SNAPSHOT_S})\nand on (job, instance)\n"
@@ -490,6 +505,46 @@ LEARNER = Dashboard(
                  "validation p95"), unit="s"),
             ts("Server swaps", q("sum by (result) (increase(adloop_server_swaps_total[15m]))",
                                  "{{result}}", may_be_empty=True)),
+            ts("Stale serving version",
+               q("max(adloop_learner_candidates_refused_in_a_row)", "refused in a row"),
+               q("time() - max(adloop_learner_serving_since_timestamp_seconds)",
+                 "serving for (s)"),
+               description="Candidates the promotion guard refused since the serving version "
+                           "was announced, and how long that version has been serving."),
+        )),
+        Row("Live A/B test (online vs control)", (
+            ts("RPM by bucket",
+               q("1000 * sum by (bucket) (rate(adloop_learner_abtest_revenue_total[15m]))\n/\n"
+                 "sum by (bucket) (rate(adloop_learner_abtest_requests_total[15m]))",
+                 "{{bucket}} (15m)", may_be_empty=True),
+               q("max by (bucket) (adloop_learner_abtest_rpm)", "{{bucket}} (test epoch)",
+                 may_be_empty=True),
+               description="Realized revenue per 1000 requests of the final feedback, per "
+                           "bucket: over the last 15 minutes, and over the current test "
+                           "epoch (what the sequential test compares)."),
+            ts("Online − control RPM, always-valid interval",
+               q("max by (stat) (adloop_learner_abtest_rpm_difference)", "{{stat}}",
+                 may_be_empty=True),
+               description="The sequential test's estimate and its always-valid interval "
+                           "(docs/abtest.md): an interval wholly below 0 is an online_worse "
+                           "decision."),
+            ts("CTR and CVR by bucket",
+               q("sum by (bucket) (rate(adloop_learner_abtest_clicks_total[15m]))\n/\n"
+                 "sum by (bucket) (rate(adloop_learner_abtest_items_total[15m]))",
+                 "CTR {{bucket}}", may_be_empty=True),
+               q("sum by (bucket) (rate(adloop_learner_abtest_conversions_total[15m]))\n/\n"
+                 "sum by (bucket) (rate(adloop_learner_abtest_clicks_total[15m]))",
+                 "CVR {{bucket}}", may_be_empty=True), unit="percentunit"),
+            ts("Test epoch requests",
+               q("max by (bucket) (adloop_learner_abtest_epoch_requests)", "{{bucket}}",
+                 may_be_empty=True)),
+            ts("Decisions and rollbacks",
+               q("sum by (decision) (increase(adloop_learner_abtest_decisions_total[1h]))",
+                 "{{decision}} (1h)", may_be_empty=True),
+               q("sum by (result) (increase(adloop_learner_abtest_rollbacks_total[1h]))",
+                 "rollback {{result}} (1h)", may_be_empty=True),
+               q("max(adloop_learner_abtest_promotion_held)", "promotion held",
+                 may_be_empty=True)),
         )),
         PROCESSES_ROW,
     ),

@@ -57,6 +57,8 @@ def _m(name: str, kind: Kind, process: Process, labels: tuple[str, ...], meaning
     return Metric(name, kind, process, labels, meaning, label_values, planned)
 
 
+_BUCKETS = "bucket: online, control, none (served without a control bucket)"
+
 METRICS: tuple[Metric, ...] = (
     # --- every process (streams.metrics, streams.kafka_io) -------------------------------
     _m("adloop_build_info", "gauge", "all", ("version", "process"),
@@ -309,6 +311,45 @@ METRICS: tuple[Metric, ...] = (
     _m("adloop_learner_snapshots_refused_total", "counter", "learn", ("reason",),
        "Snapshots not published: refused by the promotion guard, or the store was "
        "unreachable.", "reason: nan, parity, regression, store_unavailable"),
+    _m("adloop_learner_serving_since_timestamp_seconds", "gauge", "learn", (),
+       "Wall time the version the learner last announced (the serving one) was announced; "
+       "with candidates refused in a row, how long a stale version has been kept."),
+    _m("adloop_learner_candidates_refused_in_a_row", "gauge", "learn", (),
+       "Candidates the promotion guard refused since the serving version was announced "
+       "(0 after each promotion)."),
+    # --- learner: the live A/B test (learner/abmonitor.py, docs/abtest.md) -------------
+    _m("adloop_learner_abtest_requests_total", "counter", "learn", ("bucket",),
+       "Final feedback records (requests) seen, by A/B bucket.", _BUCKETS),
+    _m("adloop_learner_abtest_revenue_total", "counter", "learn", ("bucket",),
+       "Realized revenue (sum of the items' rewards) of the final feedback records.",
+       _BUCKETS),
+    _m("adloop_learner_abtest_items_total", "counter", "learn", ("bucket",),
+       "Ads shown in the final feedback records.", _BUCKETS),
+    _m("adloop_learner_abtest_clicks_total", "counter", "learn", ("bucket",),
+       "Clicks in the final feedback records.", _BUCKETS),
+    _m("adloop_learner_abtest_conversions_total", "counter", "learn", ("bucket",),
+       "Conversions in the final feedback records.", _BUCKETS),
+    _m("adloop_learner_abtest_epoch_requests", "gauge", "learn", ("bucket",),
+       "Requests in the current test epoch.", "bucket: online, control"),
+    _m("adloop_learner_abtest_rpm", "gauge", "learn", ("bucket",),
+       "Realized revenue per 1000 requests in the current test epoch.",
+       "bucket: online, control"),
+    _m("adloop_learner_abtest_ctr", "gauge", "learn", ("bucket",),
+       "Clicks per ad shown in the current test epoch.", "bucket: online, control"),
+    _m("adloop_learner_abtest_cvr", "gauge", "learn", ("bucket",),
+       "Conversions per click in the current test epoch.", "bucket: online, control"),
+    _m("adloop_learner_abtest_rpm_difference", "gauge", "learn", ("stat",),
+       "Online minus control revenue per 1000 requests in the current test epoch, with the "
+       "always-valid interval of the sequential test.", "stat: estimate, lower, upper"),
+    _m("adloop_learner_abtest_decisions_total", "counter", "learn", ("decision",),
+       "Conclusive results of the sequential test.", "decision: online_worse, online_better"),
+    _m("adloop_learner_abtest_rollbacks_total", "counter", "learn", ("result",),
+       "What followed an online_worse decision.", "result: published (an earlier version "
+       "re-announced), no_candidate, failed (store unreadable), disabled (rollback off)"),
+    _m("adloop_learner_abtest_promotion_held", "gauge", "learn", (),
+       "1 while no new version is promoted after an online_worse decision."),
+    _m("adloop_learner_abtest_epoch_start_timestamp_seconds", "gauge", "learn", (),
+       "Wall time the current test epoch started (start, decision or rollback)."),
     # --- traffic: adloop replay (traffic/driver.py) -------------------------------------
     _m("adloop_traffic_requests_total", "counter", "replay", ("outcome",),
        "Recommend requests, by outcome.", "outcome: ok, shed, unavailable, timeout, "

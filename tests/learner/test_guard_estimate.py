@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections import deque
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from learner import synthetic
 from learner.export import verify_snapshot
 from learner.guard import FALLBACK, GuardEstimate
 from learner.model import GenerativeRecommender
-from learner.online import LearnerService, LearnerSettings
+from learner.online import REFUSED_IN_A_ROW, LearnerService, LearnerSettings
 from learner.pretrain import PretrainResult
 from learner.publish import REFUSED, Publisher, SnapshotStore
 from learner.rspo_step import OnlineLearner
@@ -94,6 +95,7 @@ def _service(tmp_path: Path, candidate: GenerativeRecommender, baseline: Generat
     svc.next_version, svc.last_published, svc.watermark = 2, "v000001", 0.0
     svc.pending_update, svc.updates_since_publish, svc.last_publish = None, 0, 0.0
     svc.finish_publish = lambda: None  # type: ignore[method-assign]
+    svc._init_abtest()
     return svc
 
 
@@ -140,6 +142,34 @@ def test_snips_guard_refuses_a_snapshot_worse_on_the_logs_and_publishes_an_uncha
     assert plain.publish() is True
     assert "holdout_value" in verify_snapshot(tmp_path / "plain" / "store" / "v000002")[
         "metrics"]
+
+
+def test_a_refused_candidate_says_which_version_keeps_serving_and_training_restarts_from_the_best(
+        trained_lazy: PretrainResult, synth_log: synthetic.SyntheticLog,
+        tmp_path: Path) -> None:
+    ads = _catalogue(synth_log)
+    held_out = _uniform_log(synth_log, ads, 240)
+    model, tok = trained_lazy.model, trained_lazy.tokenizer
+    svc = _service(tmp_path, _scrambled(model), model, tok, ads, held_out, "snips")
+    svc.best, svc.best_version = OnlineLearner.frozen_copy(model), "v000001"
+    svc.serving_since = time.time() - 60.0
+    try:
+        with capture_logs() as logs:
+            assert svc.publish() is False
+            assert svc.publish() is True
+    finally:
+        structlog.reset_defaults()
+    kept = [e for e in logs if e["event"] == "learner.version_kept"]
+    assert kept[0]["serving"] == "v000001" and kept[0]["refused"] == "v000002"
+    assert kept[0]["reason"] == "regression" and kept[0]["refused_in_a_row"] == 1
+    assert kept[0]["trains_from"] == "v000001 (best published)"
+    assert kept[0]["serving_for_s"] >= 60.0
+    # the model trains on from the best version: its weights are v000001's again, so
+    # the next candidate (no training in between) is as good as the best and promoted
+    for name, p in svc.model.state_dict().items():
+        assert torch.equal(p, model.state_dict()[name]), name
+    assert len(kept) == 1 and svc.last_published == "v000003"
+    assert REFUSED_IN_A_ROW._value.get() == 0
 
 
 def test_the_guard_does_not_refuse_on_fewer_held_out_lists_with_reward_than_its_minimum(
