@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import inspect
 import json
 import math
@@ -35,7 +36,7 @@ import threading
 import time
 import urllib.request
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,10 @@ def histogram_quantile(samples: dict[str, float], name: str, q: float) -> float 
             return prev_edge + frac * (e - prev_edge)
         prev_edge, prev_count = e, buckets[e]
     return prev_edge
+
+
+def fmt_interval(bounds: Sequence[float | None]) -> str:
+    return "[" + ", ".join("–" if b is None else f"{b:.1f}" for b in bounds) + "]"
 
 
 def ab_versions(scraped: Mapping[str, Mapping[str, float]]) -> dict[str, str]:
@@ -361,15 +366,43 @@ class Demo:
 
         pre_dir = self.run_dir / "pretrain"
         shutil.rmtree(pre_dir, ignore_errors=True)
-        res = pretrain(PretrainSettings(
+        with self.pretrain_progress(s.pretrain_steps):
+            res = pretrain(PretrainSettings(
             run_dir=pre_dir, encoder=s.encoder, steps=s.pretrain_steps, level_sizes="64,32,16",
-            history_len=10, batch_size=128, seed=s.seed, progress=True, checkpoint_every=0,
-            held_out_frac=0.05, resume=False), [a.record for a in world.ads.values()], logs,
-            world.organic_items() if s.organic_slots else None)
+            history_len=10, batch_size=128, seed=s.seed, progress=False, checkpoint_every=0,
+                held_out_frac=0.05, resume=False), [a.record for a in world.ads.values()],
+                logs, world.organic_items() if s.organic_slots else None)
         self.say("     held-out: " + ", ".join(f"{k}={v:.3f}" for k, v in res.metrics.items()))
         self.pretrained_ads = len(res.tokenizer)
         self.pretrained = (res.model, res.tokenizer)
         return world, pre_dir
+
+    @contextlib.contextmanager
+    def pretrain_progress(self, steps: int) -> Iterator[None]:
+        """A progress line while pretraining runs in this process: its step counter
+        (``adloop_pretrain_steps_total``) and the rate, redrawn every two seconds."""
+        from prometheus_client import REGISTRY
+
+        def taken() -> float:
+            return REGISTRY.get_sample_value("adloop_pretrain_steps_total") or 0.0
+
+        start, t0, done = taken(), time.monotonic(), threading.Event()
+
+        def show() -> None:
+            while not done.wait(2.0):
+                n = int(taken() - start)
+                rate = n / max(time.monotonic() - t0, 1e-9)
+                phase = (f"step {n}/{steps} ({rate:.1f} steps/s)" if n < steps
+                         else "fitting the value model and evaluating")
+                self.progress(f"     pretraining: {phase}")
+
+        watcher = threading.Thread(target=show, name="pretrain-progress", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join()
 
     # 4 -----------------------------------------------------------------------------------
     def start_processes(self, pre_dir: Path) -> dict[str, str]:
@@ -605,9 +638,10 @@ class Demo:
             self.say(f"last quarter: online {summary['online_rpm_last_quarter']:.1f} RPM vs "
                      f"control {summary['control_rpm_last_quarter']:.1f} RPM "
                      f"(×{summary['online_over_control']:.3f}); whole run "
-                     f"×{summary['online_over_control_whole_run']:.3f}, online - control "
-                     f"{summary['ab_rpm_diff']} RPM per request, always-valid 95 % interval "
-                     f"{summary['ab_rpm_diff_interval']} ({summary['ab_decision']}); "
+                     f"×{summary['online_over_control_whole_run']:.3f}; online - control "
+                     f"{summary['ab_rpm_diff']:.1f} per 1000 requests, always-valid 95 % "
+                     f"interval {fmt_interval(summary['ab_rpm_diff_interval'])} "
+                     f"({summary['ab_decision']}); "
                      f"rollbacks {summary['rollbacks']:.0f}")
         if driver.shadow_values:
             self.say(f"last quarter: online {summary['rpm_last_quarter']:.1f} RPM vs frozen "
