@@ -389,12 +389,14 @@ class Demo:
         start, t0, done = taken(), time.monotonic(), threading.Event()
 
         def show() -> None:
-            while not done.wait(2.0):
+            while True:
                 n = int(taken() - start)
                 rate = n / max(time.monotonic() - t0, 1e-9)
                 phase = (f"step {n}/{steps} ({rate:.1f} steps/s)" if n < steps
                          else "fitting the value model and evaluating")
                 self.progress(f"     pretraining: {phase}")
+                if done.wait(2.0):
+                    return
 
         watcher = threading.Thread(target=show, name="pretrain-progress", daemon=True)
         watcher.start()

@@ -1,9 +1,10 @@
 """The whole loop on the real broker: ``adloop demo`` in a short configuration.
 
 Every process takes part: the server answers the traffic (ads and organic items, a
-mixed feed) and logs impressions, the joiner turns them and the users' clicks,
-conversions and organic engagements into feedback, the learner trains on it and
-publishes new snapshots, and the server swaps to them while traffic runs.
+mixed feed) for two A/B buckets and logs impressions, the joiner turns them and the
+users' clicks, conversions and organic engagements into feedback, the learner trains on
+it and publishes new snapshots, and the server swaps the online bucket to them while
+traffic runs; the control bucket keeps the pretrained model.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def test_demo_closes_the_loop_feedback_reaches_the_learner_and_new_snapshots_are
         [sys.executable, "-m", "adloop", "demo", "--minutes", "0.75", "--rate", "10",
          "--log-requests", "800", "--pretrain-steps", "60", "--encoder", "hashing",
          "--n-users", "200", "--out", str(out), "--metrics-port", "0",
-         "--organic-slots", "3"],
+         "--organic-slots", "3", "--shadow-frozen"],
         capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -40,6 +41,19 @@ def test_demo_closes_the_loop_feedback_reaches_the_learner_and_new_snapshots_are
     assert summary["frozen_rpm_last_quarter"] > 0
     assert summary["online_over_frozen_last_quarter"] == round(
         summary["rpm_last_quarter"] / summary["frozen_rpm_last_quarter"], 4)
+    # the live A/B test: both buckets served, the control by the pinned first version
+    assert summary["control_version"] == summary["model_versions_served"][0]
+    assert summary["requests_online"] > 20 and summary["requests_control"] > 20
+    assert summary["requests_online"] + summary["requests_control"] + \
+        summary["requests_outside_test"] == summary["outcomes"]["ok"]
+    assert summary["online_rpm_whole_run"] > 0 and summary["control_rpm_whole_run"] > 0
+    assert summary["online_over_control_whole_run"] == round(
+        summary["online_rpm_whole_run"] / summary["control_rpm_whole_run"], 4)
+    low, high = summary["ab_rpm_diff_interval"]
+    assert low <= summary["ab_rpm_diff"] <= high
+    assert summary["live_test_decisions"].keys() == {"online_worse", "online_better"}
+    assert "last quarter: online" in res.stdout and "vs control" in res.stdout
+    assert "pretraining: step" in res.stdout      # progress while pretraining
     # beyond accuracy of the impressions served and of the shadow's slates
     for key in ("catalogue_coverage", "slate_diversity", "sid_diversity", "novelty_unseen",
                 "personalization"):
