@@ -33,10 +33,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from bench.common import device, markdown_table, update_doc_section, write_results
+from bench.common import (
+    device,
+    in_process_depends,
+    markdown_table,
+    update_doc_section,
+    write_results,
+)
 from learner.abtest import ads_like_revenue, first_decisions
 
-DEPENDS = ("learner/abtest.py", "bench/abtest.py")
+DEPENDS = in_process_depends("bench/abtest.py")
 ALPHA, MIN_REQUESTS, TARGET = 0.05, 1000, 20_000
 MEAN = 0.1
 
