@@ -4,7 +4,6 @@ exit status, and every benchmark's dependency declaration."""
 
 from __future__ import annotations
 
-import ast
 import importlib
 import json
 import shutil
@@ -240,47 +239,10 @@ def test_checker_without_the_commit_still_says_stale(tmp_path: Path) -> None:
 # -- the declarations ---------------------------------------------------------------------
 
 
-def module_file(name: str) -> str | None:
-    base = ROOT.joinpath(*name.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate.relative_to(ROOT).as_posix()
-    return None
-
-
-def imported_files(path: str) -> set[str]:
-    """Repository files ``path`` imports anywhere (module level or inside functions)."""
-    package = path.rsplit("/", 1)[0].replace("/", ".")
-    found: set[str] = set()
-    for node in ast.walk(ast.parse((ROOT / path).read_text())):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
-            names = [base, *(f"{base}.{a.name}" for a in node.names)]
-        else:
-            continue
-        for name in names:
-            parts = name.split(".")
-            found.update(f for i in range(1, len(parts) + 1)
-                         if (f := module_file(".".join(parts[:i]))))
-    return found
-
-
 def import_closure(script: str) -> set[str]:
-    seen: set[str] = set()
-    todo = [script]
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        if path not in PLUMBING:
-            todo.extend(imported_files(path) - seen)
-    return seen - PLUMBING
+    """The repository files ``script`` can execute (bench/codehash.py's static import
+    closure), without the results plumbing every benchmark imports."""
+    return set(codehash.import_closure(ROOT, [script], opaque=frozenset(PLUMBING))) - PLUMBING
 
 
 def declared(path: str) -> tuple[str, ...]:
@@ -328,3 +290,20 @@ def test_in_process_results_leave_out_code_the_harness_never_imports() -> None:
     files = set(declared("bench/closed_loop.py"))
     assert not files & {"server/service.py", "server/app.py", "learner/online.py",
                         "streams/joiner.py", "adloop/demo.py"}
+
+
+def test_import_closure_follows_lazy_and_relative_imports_and_stops_at_opaque_files(
+        tmp_path: Path) -> None:
+    write(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/a.py": "def f():\n    from . import b\n    import pkg.sub.c\n",
+        "pkg/b.py": "import json\n",
+        "pkg/sub/__init__.py": "",
+        "pkg/sub/c.py": "from ..plumbing import x\n",
+        "pkg/plumbing.py": "import pkg.never\n",
+        "pkg/never.py": "",
+        "pkg/unused.py": "",
+    })
+    got = codehash.import_closure(tmp_path, ["pkg/a.py"], opaque=frozenset({"pkg/plumbing.py"}))
+    assert got == ["pkg/__init__.py", "pkg/a.py", "pkg/b.py", "pkg/plumbing.py",
+                   "pkg/sub/__init__.py", "pkg/sub/c.py"]
