@@ -82,9 +82,10 @@ from streams.settings import add_settings_arguments, settings_from_args
 
 log = get_logger(__name__)
 
-DEFAULT_ESTIMATOR = "dr"
-"""The estimate ``adloop evaluate --offline`` reports first (docs/ope.md: measured
-against the simulator's ground truth by bench/ope.py)."""
+DEFAULT_ESTIMATOR = "ips"
+"""The estimate ``adloop evaluate --offline`` reports first: the winner of bench/ope.py
+against the simulator's ground truth (``default_estimator`` in
+bench/results/ope.json; docs/ope.md)."""
 MIN_MATCHED_ITEMS = 30
 """Fewer logged items where the snapshot serves the logged ad at its slot: untrusted."""
 MIN_EFFECTIVE_SAMPLE = 100.0

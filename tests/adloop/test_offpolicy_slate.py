@@ -4,7 +4,9 @@ the share of the log the target matches, and the warnings when it cannot be trus
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,3 +111,9 @@ def test_slate_log_of_puts_each_item_at_its_slot_and_needs_propensities() -> Non
         slate_log_of(finals, slates, _ads())
     with pytest.raises(ValueError, match="unknown estimator"):
         slate_report(finals[1:], slates[1:], _ads(), estimator="nope")
+
+
+def test_the_default_estimator_is_the_ground_truth_benchmarks_winner() -> None:
+    results = json.loads((Path(__file__).resolve().parents[2] / "bench" / "results"
+                          / "ope.json").read_text())
+    assert results["default_estimator"] == DEFAULT_ESTIMATOR
