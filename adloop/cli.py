@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _register_optional() -> None:
+def register_optional() -> None:
     """Subcommands whose modules may not exist in every build of the tree."""
     optional = {
         "pretrain": ("learner.pretrain", "offline VSL + MTP pretraining from logged events"),
@@ -50,7 +50,7 @@ def _register_optional() -> None:
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """The parser; only the chosen subcommand's module is imported and configured."""
-    _register_optional()
+    register_optional()
     parser = argparse.ArgumentParser(prog="adloop", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import STACK_DEPENDS, device, parse_seeds, write_results  # noqa: E402
+from bench.common import device, parse_seeds, stack_depends, write_results  # noqa: E402
 
-DEPENDS = (*STACK_DEPENDS, "bench/demo.py")
+DEPENDS = stack_depends("bench/demo.py", "demo", "join", "stats", "learn", "serve")
 
 PER_SEED = ("requests", "sim_hours", "control_version", "requests_online",
             "requests_control", "requests_outside_test", "online_rpm_first_quarter",

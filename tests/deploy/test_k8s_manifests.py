@@ -15,7 +15,7 @@ import jsonschema_rs
 import pytest
 import yaml
 
-from adloop.cli import COMMANDS, _register_optional
+from adloop.cli import COMMANDS, register_optional
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -237,7 +237,7 @@ def test_probes_point_at_paths_the_processes_serve_on_their_ports() -> None:
 
 
 def test_containers_run_real_adloop_subcommands_with_flags_they_accept() -> None:
-    _register_optional()
+    register_optional()
     commands: dict[str, set[str]] = {}
     for r in _build(OVERLAY):
         if r["kind"] not in WORKLOADS:
