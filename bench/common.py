@@ -42,26 +42,6 @@ def in_process_depends(script: str, *extra: str) -> tuple[str, ...]:
     return tuple(sorted({*keep, "bench/common.py", LOCKFILE, *extra}))
 
 
-def stack_depends(script: str, *commands: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
-    """What the results of a benchmark that runs the loop as processes depend on: the
-    import closure of ``script`` and of the modules behind each ``adloop`` command it
-    starts as a process (``commands``: ``join``, ``learn``, ``serve``, ...; the CLI loads
-    only the chosen command's module), the embedded broker's Maven descriptor, the lock
-    file and ``extra``."""
-    from adloop.cli import COMMANDS, register_optional
-
-    register_optional()
-    entries = [script, "adloop/__main__.py", "adloop/cli.py"]
-    for name in commands:
-        module = COMMANDS[name][0]
-        entries.append(next(f for f in (module.replace(".", "/") + ".py",
-                                        module.replace(".", "/") + "/__init__.py")
-                            if (ROOT / f).is_file()))
-    closure = import_closure(ROOT, entries, opaque=PLUMBING)
-    keep = {p for p in closure if p not in PLUMBING}
-    return tuple(sorted({*keep, "bench/common.py", "deploy/kafka/", LOCKFILE, *extra}))
-
-
 STACK_DEPENDS = ("adloop/", "streams/", "traffic/", "learner/", "server/", "snapshot_format/",
                  "deploy/kafka/")
 """What a run of the whole loop (the embedded broker; joiner, learner, server and traffic

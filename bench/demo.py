@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import device, parse_seeds, stack_depends, write_results  # noqa: E402
+from bench.common import device, parse_seeds, write_results  # noqa: E402
+from bench.depends import stack_depends  # noqa: E402
 
 DEPENDS = stack_depends("bench/demo.py", "demo", "join", "stats", "learn", "serve")
 
