@@ -179,6 +179,9 @@ class ChaosRun:
             organic_slots=s.organic_slots,
             log_requests=s.log_requests, pretrain_steps=s.pretrain_steps, encoder=s.encoder,
             speed=s.speed, rate=s.rate, snapshot_every_s=3.0, metrics_port=0,
+            # no A/B control bucket: a phase checks that a version announced after a fault
+            # reaches every user, and the control would keep half of them on the first
+            control_share=0.0,
             bootstrap_servers=s.bootstrap_servers, topic_prefix=s.topic_prefix,
             observation_window_s=s.observation_window_s,
             attribution_window_s=s.attribution_window_s))
