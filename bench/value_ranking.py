@@ -16,7 +16,11 @@ scored by:
   ``without_decoder`` (the cross-attention decoder's logits), ``without_interaction``
   (the user × item interaction), ``bias_and_prior`` (both out: the per-item bias and the
   (industry, goal) prior), ``prior_only``;
-* ``logistic``: the factorised logistic baseline (``adloop/baselines.py``);
+* ``logistic``: the factorised logistic baseline (``adloop/baselines.py``), and the same
+  fit with its tables taken out the same way (which of its terms carries the ranking):
+  ``logistic_without_ad`` (the per-ad biases), ``logistic_without_crosses`` (topic shares
+  × category and industry, context × industry and category), ``logistic_without_recent``
+  (the user's recent-ad fatigue term);
 * ``observable_oracle``: the true expected values with the user's hidden interest
   replaced by what a model can see (its top ``k`` only).
 
@@ -79,7 +83,15 @@ TERMS: dict[str, tuple[str, ...]] = {
 }
 """Value-head variants: the logit terms zeroed after training."""
 
-SCORERS = (*TERMS, "logistic", "observable_oracle")
+LOGISTIC_TERMS: dict[str, tuple[str, ...]] = {
+    "logistic": (),
+    "logistic_without_ad": ("ad", "ad_v"),
+    "logistic_without_crosses": ("tw", "tv", "xi", "xc", "tw_v", "xc_v"),
+    "logistic_without_recent": ("recent",),
+}
+"""Logistic-baseline variants: the parameter tables zeroed after the fit."""
+
+SCORERS = (*TERMS, *LOGISTIC_TERMS, "observable_oracle")
 METRICS = ("top_k_share", "ev_rank_corr", "ctr_rank_corr", "cvr_rank_corr",
            "ctr_mean_ratio", "cvr_mean_ratio")
 
@@ -101,6 +113,14 @@ def without_terms(model: GenerativeRecommender, terms: Sequence[str]) -> Generat
             head.fm_const.zero_()
         if head.factors and "item_bias" in terms:
             head.item_bias.zero_()
+    return out
+
+
+def logistic_without(policy: Any, tables: Sequence[str]) -> Any:
+    """A copy of a fitted :class:`adloop.baselines.LogisticPolicy` with ``tables`` zeroed."""
+    out = copy.deepcopy(policy)
+    for name in tables:
+        out.params[name] = torch.zeros_like(out.params[name])
     return out
 
 
@@ -178,8 +198,10 @@ def run_seed(cfg: EvalConfig, seed: int, n_requests: int, work_dir: Path,
     heads = {name: ServedValueHead(name, copy.deepcopy(after), without_terms(model, terms),
                                    tok, work_dir / f"serve-{seed}-{name}", cfg.threads)
              for name, terms in TERMS.items()}
-    logistic = LogisticPolicy(copy.deepcopy(after), seed=seed)
-    logistic.pretrain(logs)
+    fitted = LogisticPolicy(copy.deepcopy(after), seed=seed)
+    fitted.pretrain(logs)
+    logistic = {name: logistic_without(fitted, tables)
+                for name, tables in LOGISTIC_TERMS.items()}
     say(f"seed {seed}: logs, pretraining and fits {time.perf_counter() - t0:.0f}s")
     w = copy.deepcopy(after)
     rows: dict[str, list[dict[str, float]]] = {s: [] for s in SCORERS}
@@ -192,8 +214,8 @@ def run_seed(cfg: EvalConfig, seed: int, n_requests: int, work_dir: Path,
         k = req.k
         for name, head in heads.items():
             rows[name].append(measure(w, req, ads, truth, head.scores(w, req, ads), None, k))
-        rows["logistic"].append(measure(w, req, ads, truth, logistic.scores(req, ads),
-                                        None, k))
+        for name, lg in logistic.items():
+            rows[name].append(measure(w, req, ads, truth, lg.scores(req, ads), None, k))
         rows["observable_oracle"].append(measure(w, req, ads, truth, None,
                                                  w.observable_oracle_slate(req, k), k))
     say(f"seed {seed}: {n_requests} requests scored in {time.perf_counter() - t0:.0f}s")
@@ -215,7 +237,7 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, Any
                 entry[f"{m}_per_seed"] = [round(v, 4) for v in vals]
         out["scorers"][s] = entry
     share = {s: [per_seed[x][s]["top_k_share"] for x in seeds] for s in SCORERS}
-    for s in TERMS:
+    for s in (*TERMS, *list(LOGISTIC_TERMS)[1:]):
         out.update(ratio_entries(f"{s}_over_logistic",
                                  paired_ratio(share[s], share["logistic"])))
     out.update(ratio_entries("value_head_over_observable_oracle",
@@ -243,14 +265,16 @@ def report(results: dict[str, Any]) -> str:
         f"`{s}` / logistic {results[f'{s}_over_logistic']:.3f} "
         f"({results[f'{s}_over_logistic_ci_low']:.3f}–"
         f"{results[f'{s}_over_logistic_ci_high']:.3f})"
-        for s in TERMS if results.get(f"{s}_over_logistic_ci_low") is not None)
+        for s in (*TERMS, *list(LOGISTIC_TERMS)[1:])
+        if results.get(f"{s}_over_logistic_ci_low") is not None)
     return (f"`bench/value_ranking.py{' --quick' if results['quick'] else ''}`: seeds "
             f"{results['seeds']} (tuning seeds), {results['requests_per_seed']} requests "
             f"each, {results['device']}, {results['elapsed_s']:.0f} s. Every servable ad "
             "scored at the start of the evaluation phase; the top-k share is the true "
             "expected value of a scorer's top k over that of the true top k, rank "
             "correlations are across the catalogue per request (mean over requests). The "
-            "value head's variants have terms zeroed after training (see the script).\n\n"
+            "value head's variants have terms zeroed after training, the logistic fit's "
+            "tables likewise (see the script).\n\n"
             f"{table}\n\nPaired over seeds, top-k share: {ratios}.")
 
 
