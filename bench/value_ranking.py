@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ from adloop.evaluation import (
     world_config,
 )
 from bench.common import (
+    closed_loop_config,
     device,
     in_process_depends,
     markdown_table,
@@ -92,11 +94,40 @@ LOGISTIC_TERMS: dict[str, tuple[str, ...]] = {
 """Logistic-baseline variants: the parameter tables zeroed after the fit."""
 
 SCORERS = (*TERMS, *LOGISTIC_TERMS, "observable_oracle")
+OVER_LOGISTIC = (*TERMS, *list(LOGISTIC_TERMS)[1:])
+"""The scorers whose top-k share is reported as a paired ratio to the logistic fit's."""
 METRICS = ("top_k_share", "ev_rank_corr", "ctr_rank_corr", "cvr_rank_corr",
            "ctr_mean_ratio", "cvr_mean_ratio")
 
 Scores = tuple[np.ndarray, np.ndarray]
 """(pCTR at position 0, pCVR) of every servable ad, in the world's order."""
+
+
+@dataclass(frozen=True)
+class Truth:
+    """The world's truth for one request, shared by every scorer of it."""
+
+    ctr: np.ndarray
+    cvr: np.ndarray
+    ev: np.ndarray
+    """True expected value per impression of every servable ad."""
+    best: float
+    """True expected value of the true top k."""
+    cpa: np.ndarray
+    """Which ads bid per conversion (the pCVR rank correlation is over them)."""
+
+    @classmethod
+    def of(cls, world: World, req: Request, ads: Sequence[SimAd]) -> Truth:
+        _, ctr, cvr = world.probabilities(req.user_id, req.context, req.event_time, ads,
+                                          positions=np.zeros(len(ads), dtype=int))
+        ctr, cvr = np.asarray(ctr, float), np.asarray(cvr, float)
+        ev = world.expected_values(ads, ctr, cvr)
+        return cls(ctr, cvr, ev, float(np.sort(ev)[::-1][:req.k].sum()),
+                   np.array([a.record.bid_type == "cpa" for a in ads]))
+
+    def share(self, chosen: Sequence[int] | np.ndarray) -> float:
+        """True expected value of ``chosen`` over that of the true top k."""
+        return float(self.ev[chosen].sum()) / self.best if self.best > 0 else np.nan
 
 
 def without_terms(model: GenerativeRecommender, terms: Sequence[str]) -> GenerativeRecommender:
@@ -163,26 +194,18 @@ class ServedValueHead:
         return ctr, cvr
 
 
-def measure(world: World, req: Request, ads: Sequence[SimAd], truth: Scores,
-            pred: Scores | None, top: Sequence[str] | None, k: int) -> dict[str, float]:
-    """The metrics of one scorer on one request (``pred``: its scores; ``top``: its top
-    ``k`` ids when it gives no scores)."""
-    true_ev = world.expected_values(ads, *truth)
-    best = float(np.sort(true_ev)[::-1][:k].sum())
-    if pred is None:
-        assert top is not None
-        picked = [i for i, a in enumerate(ads) if a.ad_id in set(top)]
-        return {"top_k_share": float(true_ev[picked].sum()) / best if best > 0 else np.nan}
+def measure(world: World, ads: Sequence[SimAd], truth: Truth, pred: Scores,
+            k: int) -> dict[str, float]:
+    """The metrics of one scorer's ``pred`` on one request."""
     ctr, cvr = pred
     ev = world.expected_values(ads, np.nan_to_num(ctr), np.nan_to_num(cvr))
-    chosen = np.argsort(-ev, kind="stable")[:k]
-    cpa = np.array([a.record.bid_type == "cpa" for a in ads])
-    return {"top_k_share": float(true_ev[chosen].sum()) / best if best > 0 else np.nan,
-            "ev_rank_corr": rank_corr(ev, true_ev),
-            "ctr_rank_corr": rank_corr(ctr, truth[0]),
-            "cvr_rank_corr": rank_corr(cvr[cpa], truth[1][cpa]),
-            "ctr_mean_ratio": float(np.nanmean(ctr) / truth[0].mean()),
-            "cvr_mean_ratio": float(np.nanmean(cvr) / truth[1].mean())}
+    cpa = truth.cpa
+    return {"top_k_share": truth.share(np.argsort(-ev, kind="stable")[:k]),
+            "ev_rank_corr": rank_corr(ev, truth.ev),
+            "ctr_rank_corr": rank_corr(ctr, truth.ctr),
+            "cvr_rank_corr": rank_corr(cvr[cpa], truth.cvr[cpa]),
+            "ctr_mean_ratio": float(np.nanmean(ctr) / truth.ctr.mean()),
+            "cvr_mean_ratio": float(np.nanmean(cvr) / truth.cvr.mean())}
 
 
 def run_seed(cfg: EvalConfig, seed: int, n_requests: int, work_dir: Path,
@@ -208,16 +231,14 @@ def run_seed(cfg: EvalConfig, seed: int, n_requests: int, work_dir: Path,
     for req in w.step_requests(n_requests):
         w.advance_to(req.event_time)
         ads = w.servable_ads()
-        _, tctr, tcvr = w.probabilities(req.user_id, req.context, req.event_time, ads,
-                                        positions=np.zeros(len(ads), dtype=int))
-        truth = (np.asarray(tctr, float), np.asarray(tcvr, float))
-        k = req.k
+        truth = Truth.of(w, req, ads)
         for name, head in heads.items():
-            rows[name].append(measure(w, req, ads, truth, head.scores(w, req, ads), None, k))
+            rows[name].append(measure(w, ads, truth, head.scores(w, req, ads), req.k))
         for name, lg in logistic.items():
-            rows[name].append(measure(w, req, ads, truth, lg.scores(req, ads), None, k))
-        rows["observable_oracle"].append(measure(w, req, ads, truth, None,
-                                                 w.observable_oracle_slate(req, k), k))
+            rows[name].append(measure(w, ads, truth, lg.scores(req, ads), req.k))
+        top = set(w.observable_oracle_slate(req, req.k))
+        rows["observable_oracle"].append(
+            {"top_k_share": truth.share([i for i, a in enumerate(ads) if a.ad_id in top])})
     say(f"seed {seed}: {n_requests} requests scored in {time.perf_counter() - t0:.0f}s")
     return {s: {m: float(np.nanmean([r[m] for r in rs])) for m in rs[0]}
             for s, rs in rows.items()}
@@ -237,7 +258,7 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, Any
                 entry[f"{m}_per_seed"] = [round(v, 4) for v in vals]
         out["scorers"][s] = entry
     share = {s: [per_seed[x][s]["top_k_share"] for x in seeds] for s in SCORERS}
-    for s in (*TERMS, *list(LOGISTIC_TERMS)[1:]):
+    for s in OVER_LOGISTIC:
         out.update(ratio_entries(f"{s}_over_logistic",
                                  paired_ratio(share[s], share["logistic"])))
     out.update(ratio_entries("value_head_over_observable_oracle",
@@ -265,8 +286,7 @@ def report(results: dict[str, Any]) -> str:
         f"`{s}` / logistic {results[f'{s}_over_logistic']:.3f} "
         f"({results[f'{s}_over_logistic_ci_low']:.3f}–"
         f"{results[f'{s}_over_logistic_ci_high']:.3f})"
-        for s in (*TERMS, *list(LOGISTIC_TERMS)[1:])
-        if results.get(f"{s}_over_logistic_ci_low") is not None)
+        for s in OVER_LOGISTIC if results.get(f"{s}_over_logistic_ci_low") is not None)
     return (f"`bench/value_ranking.py{' --quick' if results['quick'] else ''}`: seeds "
             f"{results['seeds']} (tuning seeds), {results['requests_per_seed']} requests "
             f"each, {results['device']}, {results['elapsed_s']:.0f} s. Every servable ad "
@@ -292,8 +312,10 @@ def main() -> int:
     n_requests = args.requests
     if args.quick:
         seeds, n_requests = seeds[:2], min(n_requests, 100)
-    cfg = EvalConfig(seeds=seeds, requests=1600, log_requests=2500, pretrain_steps=250,
-                     encoder=args.encoder, threads=args.threads)
+    cfg = closed_loop_config(argparse.Namespace(    # the closed loop's quick settings
+        seeds=args.seeds, encoder=args.encoder, threads=args.threads, jobs=1, quick=True,
+        requests=None))
+    cfg.seeds = seeds
     t0 = time.perf_counter()
     per_seed: dict[int, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="adloop-value-ranking-") as tmp:
