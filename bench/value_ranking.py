@@ -14,8 +14,11 @@ scored by:
 * ``value_head``: the generative model's value head as served (ONNX, calibrated);
 * the same head with terms taken out after training (weights zeroed, exported again):
   ``without_decoder`` (the cross-attention decoder's logits), ``without_interaction``
-  (the user × item interaction), ``bias_and_prior`` (both out: the per-item bias and the
-  (industry, goal) prior), ``prior_only``;
+  (the user × item interaction), ``without_wide`` (the wide terms: the industry's and
+  code's own, context × industry and code, topic shares × industry and code),
+  ``linear_and_prior`` (decoder and interaction out: the per-item bias, the wide terms
+  and the (industry, goal) prior), ``bias_and_prior`` (the wide terms out too),
+  ``prior_only``;
 * ``logistic``: the factorised logistic baseline (``adloop/baselines.py``), and the same
   fit with its tables taken out the same way (which of its terms carries the ranking):
   ``logistic_without_ad`` (the per-ad biases), ``logistic_without_crosses`` (topic shares
@@ -80,8 +83,10 @@ TERMS: dict[str, tuple[str, ...]] = {
     "value_head": (),
     "without_decoder": ("decoder",),
     "without_interaction": ("interaction",),
-    "bias_and_prior": ("decoder", "interaction"),
-    "prior_only": ("decoder", "interaction", "item_bias"),
+    "without_wide": ("wide",),
+    "linear_and_prior": ("decoder", "interaction"),
+    "bias_and_prior": ("decoder", "interaction", "wide"),
+    "prior_only": ("decoder", "interaction", "wide", "item_bias"),
 }
 """Value-head variants: the logit terms zeroed after training."""
 
@@ -144,6 +149,9 @@ def without_terms(model: GenerativeRecommender, terms: Sequence[str]) -> Generat
             head.fm_const.zero_()
         if head.factors and "item_bias" in terms:
             head.item_bias.zero_()
+        if head.wide and "wide" in terms:
+            for name in head.WIDE:
+                getattr(head, name).zero_()
     return out
 
 

@@ -135,8 +135,9 @@ class TorchBackend:
 
     @torch.inference_mode()
     def value(self, memory: Tensor, memory_mask: Tensor, candidates: Tensor,
-              memory_kv: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        pctr, pcvr = self.model.value(memory, memory_mask, candidates, memory_kv)
+              memory_kv: Tensor | None = None, context: Tensor | None = None
+              ) -> tuple[Tensor, Tensor]:
+        pctr, pcvr = self.model.value(memory, memory_mask, candidates, memory_kv, context)
         return torch.sigmoid(pctr), torch.sigmoid(pcvr)
 
 
@@ -183,10 +184,12 @@ class OrtBackend:
                         lower=lower, beam_request=beam_request, prefix=prefix, **extra)[0]
 
     def value(self, memory: Tensor, memory_mask: Tensor, candidates: Tensor,
-              memory_kv: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        kv = {} if memory_kv is None else {"memory_kv": memory_kv}
+              memory_kv: Tensor | None = None, context: Tensor | None = None
+              ) -> tuple[Tensor, Tensor]:
+        extra = {k: v for k, v in (("memory_kv", memory_kv), ("context", context))
+                 if v is not None}
         pctr, pcvr = self.run("value", memory=memory, memory_mask=memory_mask,
-                              candidates=candidates, **kv)
+                              candidates=candidates, **extra)
         return pctr, pcvr
 
 

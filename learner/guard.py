@@ -94,7 +94,7 @@ def model_slates(model: GenerativeRecommender, batch: ListBatch, ks: Sequence[in
         ctx = batch.context[s:s + chunk]
         res = beam_search(backend, hist, mask, ctx, cat.trie, widths)
         memory, mmask, _, kv = backend.encode(hist, mask, ctx)
-        pctr, pcvr = backend.value(memory, mmask, res.ids.clamp_min(0), kv)
+        pctr, pcvr = backend.value(memory, mmask, res.ids.clamp_min(0), kv, ctx)
         rows = res.rows.clamp_min(0)
         ev = expected_value(pctr, pcvr, cat.bid[rows], cat.bid_type[rows])
         ev = torch.where(torch.isfinite(ev) & (res.rows >= 0), ev,

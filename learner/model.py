@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +167,11 @@ class ModelConfig:
     """Rank of the value head's user × item interaction, per head (pCTR, pCVR)."""
     value_buckets: int = 4093
     """Rows of the value head's hashed per-item bias table."""
+    value_wide: bool = False
+    """Wide crossed terms of the value head, read from the raw request ids (value.onnx then
+    takes ``context``): every context value × the candidate's industry and level-0 code,
+    and the user's organic-topic shares × the same (see :class:`ValueHead`). Checkpoints
+    written before it existed load with ``False``."""
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -222,7 +227,8 @@ class ModelConfig:
         return cls(**{"inject_mlp": False, "organic_len": 0, "value_own_items": False,
                       "prior_horizons": 1, "prior_mix_mode": "fixed", "task_tokens": False,
                       "fake_items": False, "ranker_kv": False, "mtp_mode": "pooled",
-                      "intent_tokens": 0, "value_factors": False, **d})
+                      "intent_tokens": 0, "value_factors": False, "value_wide": False,
+                      **d})
 
 
 # --------------------------------------------------------------------------------------
@@ -746,6 +752,12 @@ def shrunk_rate_logits(events: Tensor, trials: Tensor, row: Tensor, group: Tenso
     return torch.logit(rate.clamp(1e-5, 1 - 1e-5)).float(), p
 
 
+POSITIONS = 10
+"""Slate positions with their own pCTR offset in the value head's linear fit (later
+ones share the last; :func:`learner.value_fit.fit_linear`); the served graph scores
+every candidate at position 0 (offset 0)."""
+
+
 class ValueHead(nn.Module):
     """OneRanker-style ranking decoder: candidates [B, K, T] -> (pCTR, pCVR) logits [B, K].
 
@@ -783,6 +795,17 @@ class ValueHead(nn.Module):
       user's first-order term). Context × industry and interest × category effects
       are such products.
 
+    With ``cfg.value_wide`` the terms of a wide (logistic) model join them, read from
+    the request's raw ids (``context``: the context-value ids, then the organic topic
+    ids) rather than from the encoder's memory: a weight per industry and per level-0
+    code (the candidate's own), per (context value, industry) and (context value,
+    level-0 code) cell, summed over the context features, and per (organic topic,
+    industry) and (organic topic, level-0 code), weighted by the topic's share of the
+    user's recent organic items, count / (n + 2). All start at 0 under an L2 prior
+    (``wide_l2``, set by pretraining from the data size like ``bias_l2``), so a cell
+    with little data adds nothing; :func:`learner.value_fit.fit_linear` fits them (with
+    the per-item biases) to convergence after pretraining.
+
     Last comes a fixed affine map per head (``calibration`` [2, 2]: scale, shift of the
     logit; identity until :func:`learner.value_fit.calibrate` fits it on held-out logs),
     part of the graph, so value.onnx serves calibrated probabilities."""
@@ -792,6 +815,9 @@ class ValueHead(nn.Module):
     prior_logit: Tensor
     calibration: Tensor
     bias_l2: Tensor
+    wide_l2: Tensor
+    linear_position: Tensor
+    linear_fit: Tensor
     hash_mult: Tensor
     factor_heads: Tensor
 
@@ -827,6 +853,24 @@ class ValueHead(nn.Module):
             mult = [pow(1_000_003, t + 1, 2**31 - 1) for t in range(T)]
             self.register_buffer("hash_mult", torch.tensor(mult, dtype=torch.long),
                                  persistent=False)
+        self.wide = cfg.value_wide
+        if self.wide:
+            if self.biz is None or not self.factors:
+                raise ValueError("value_wide needs value_factors and the business tokens "
+                                 "(industry, goal)")
+            self.n_ctx_ids, self.n_topic_ids = len(cfg.context_features), cfg.organic_len
+            self.wide_cells = (cfg.level_sizes[L], cfg.level_sizes[0])
+            n = cfg.context_buckets * sum(self.wide_cells)
+            self.wide_item = nn.Parameter(torch.zeros(sum(self.wide_cells), 2))
+            self.wide_context = nn.Parameter(torch.zeros(n, 2))
+            self.wide_topic = nn.Parameter(torch.zeros(n, 2))
+            self.register_buffer("wide_l2", torch.zeros(2))
+            # what learner.value_fit.fit_linear leaves for the online refits: each linear
+            # table's curvature, the position offsets, (scale, deep, t_logs, half-life)
+            for k in self.LINEAR:
+                self.register_buffer(f"{k}_curvature", torch.zeros_like(getattr(self, k)))
+            self.register_buffer("linear_position", torch.zeros(POSITIONS - 1, 2))
+            self.register_buffer("linear_fit", torch.zeros(4))
         if cfg.value_own_items:
             self.items = ItemEmbedding(cfg.level_sizes, d)
         else:
@@ -847,10 +891,24 @@ class ValueHead(nn.Module):
         self.out = nn.Linear(d, 2)
 
     def forward(self, memory: Tensor, memory_mask: Tensor, candidates: Tensor,
-                memory_kv: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                memory_kv: Tensor | None = None, context: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
         """memory [B, S, D], memory_mask [B, S], candidates [B, K, T]; ``memory_kv``
         [B, M, 2, h, S, D/h], the encoder's cached keys/values (computed from ``memory``
-        when not given; used only with KV pass-through)."""
+        when not given; used only with KV pass-through); ``context`` [B, C + O], the
+        encoder's ``context`` input (required with wide terms, ignored without)."""
+        if self.wide and context is None:
+            raise ValueError("this value head has wide terms: it needs the context ids")
+        logits = self.deep_logits(memory, memory_mask, candidates, memory_kv)
+        if self.factors:
+            logits = logits + self.linear_logits(candidates, context)
+        logits = logits * self.calibration[:, 0] + self.calibration[:, 1]
+        return logits[..., 0], logits[..., 1]
+
+    def deep_logits(self, memory: Tensor, memory_mask: Tensor, candidates: Tensor,
+                    memory_kv: Tensor | None = None) -> Tensor:
+        """The logits [B, K, 2] without the linear terms (:meth:`linear_logits`) and the
+        calibration: the decoder's output, the interaction and the cell prior."""
         x = self.items.items(candidates) + self.query                   # [B, K, D]
         if self.task_tokens:                                            # T_value's state
             x = x + self.task_in(memory[:, -1]).unsqueeze(1)
@@ -866,15 +924,32 @@ class ValueHead(nn.Module):
                 x = blk(x, mem=memory, mem_bias=bias)
         logits = self.out(self.ln_f(x))                                 # [B, K, 2]
         if self.factors:
-            logits = logits + self.factor_heads * (self.item_bias[self.bucket(candidates)]
-                                                   + self.interaction(memory, memory_mask,
-                                                                      candidates))
-        if self.biz is not None:
-            prior = self.prior_logit[:, candidates[..., self.biz[0]],
-                                     candidates[..., self.biz[1]]]      # [2, B, K]
-            logits = logits + prior.permute(1, 2, 0)
-        logits = logits * self.calibration[:, 0] + self.calibration[:, 1]
-        return logits[..., 0], logits[..., 1]
+            logits = logits + self.factor_heads * self.interaction(memory, memory_mask,
+                                                                   candidates)
+        return logits + self.prior_logits(candidates)
+
+    def prior_logits(self, candidates: Tensor) -> Tensor:
+        """The (industry, goal) cell prior's logits [B, K, 2] (0 without business tokens)."""
+        if self.biz is None:
+            return self.calibration.new_zeros(*candidates.shape[:2], 2)
+        prior = self.prior_logit[:, candidates[..., self.biz[0]], candidates[..., self.biz[1]]]
+        return prior.permute(1, 2, 0)
+
+    def linear_logits(self, candidates: Tensor, context: Tensor | None,
+                      tables: dict[str, Tensor] | None = None) -> Tensor:
+        """The linear terms' logits [B, K, 2]: the per-item bias (on the heads of
+        ``factor_heads``) and, with wide terms, :meth:`crossed` of ``context``; ``tables``
+        (:data:`LINEAR`) in place of the head's own."""
+        t = tables if tables is not None else self.linear_tables()
+        out = self.factor_heads * t["item_bias"][self.bucket(candidates)]
+        if self.wide:
+            assert context is not None
+            out = out + self.crossed(context, candidates, t)
+        return out
+
+    def linear_tables(self) -> dict[str, Tensor]:
+        """The head's linear tables by name (:data:`LINEAR`)."""
+        return {k: getattr(self, k) for k in self.LINEAR if hasattr(self, k)}
 
     def bucket(self, candidates: Tensor) -> Tensor:
         """Row of each candidate's per-item bias: a hash of its full id [B, K, T] ->
@@ -905,14 +980,50 @@ class ValueHead(nn.Module):
         v = self.fm_items.items(candidates[..., : self.n_fm]) + self.fm_const
         return (u * v.reshape(v.shape[0], v.shape[1], 2, self.rank)).sum(-1)
 
+    WIDE: ClassVar[tuple[str, ...]] = ("wide_item", "wide_context", "wide_topic")
+    """The wide terms' tables (:meth:`crossed`)."""
+    LINEAR: ClassVar[tuple[str, ...]] = ("item_bias", *WIDE)
+    """Every linear table (:meth:`linear_logits`)."""
+
+    def crossed(self, context: Tensor, candidates: Tensor,
+                tables: dict[str, Tensor] | None = None) -> Tensor:
+        """The wide terms [B, K, 2] (see the class docstring): context [B, C + O] ids (0 =
+        absent or padding), candidates [B, K, T]; ``tables`` in place of the head's own
+        (:data:`WIDE`, for a fit outside the module)."""
+        t = tables if tables is not None else self.linear_tables()
+        n_ind, n_c0 = self.wide_cells
+        width = n_ind + n_c0
+        assert self.biz is not None
+        cells = torch.stack([candidates[..., self.biz[0]], n_ind + candidates[..., 0]], -1)
+        C, n_topic = self.n_ctx_ids, self.n_topic_ids
+
+        def term(table: Tensor, ids: Tensor, weight: Tensor) -> Tensor:
+            flat = ids[:, None, :, None] * width + cells[:, :, None, :]    # [B, K, F, 2]
+            vals = table[flat].sum(3)                                       # [B, K, F, 2]
+            return (vals * weight[:, None, :, None]).sum(2)
+
+        ctx = context[:, :C]
+        out = t["wide_item"][cells].sum(-2)         # the industry's and the code's own
+        out = out + term(t["wide_context"], ctx, (ctx > 0).to(out.dtype))
+        if n_topic:
+            topics = context[:, C:C + n_topic]
+            present = (topics > 0).to(out.dtype)
+            out = out + term(t["wide_topic"], topics,
+                             present / (present.sum(1, keepdim=True) + 2.0))
+        return out
+
     def penalty(self) -> Tensor:
         """The per-item biases' L2 term (their zero-mean Gaussian prior), to add to the
         value loss: Σ_head ``bias_l2[head]`` · Σ_rows b² (0 without factorised terms or
         before pretraining sets it: λ / impressions for pCTR, λ / clicks for pCVR, so a
         pass over the logs is the MAP fit under a prior of λ pseudo-observations)."""
-        if not self.factors:
-            return self.calibration.new_zeros(())
-        return (self.bias_l2 * self.factor_heads * self.item_bias.pow(2).sum(0)).sum()
+        out = self.calibration.new_zeros(())
+        if self.factors:
+            out = out + (self.bias_l2 * self.factor_heads * self.item_bias.pow(2).sum(0)).sum()
+        if self.wide:
+            out = out + (self.wide_l2 * sum(getattr(self, k).pow(2).sum(0)
+                                            for k in self.WIDE)).sum()
+        return out
 
     @torch.no_grad()
     def set_priors(self, slate: Tensor, mask: Tensor, clicked: Tensor, converted: Tensor,

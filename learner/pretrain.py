@@ -48,7 +48,12 @@ from learner.evaluate import evaluate, trie_of
 from learner.losses import pretrain_loss
 from learner.model import GenerativeRecommender, ModelConfig
 from learner.tokenizer import TokenizerConfig, UASIDTokenizer
-from learner.value_fit import finetune_value, value_metrics, without_value_split
+from learner.value_fit import (
+    finetune_value,
+    fit_linear,
+    value_metrics,
+    without_value_split,
+)
 from streams.features import (
     DEFAULT_CONTEXT_BUCKETS,
     DEFAULT_CONTEXT_FEATURES,
@@ -167,6 +172,14 @@ class PretrainSettings(BaseSettings):
     value_bias_prior: float = 2.0
     """Strength λ of the per-item biases' prior, in pseudo-observations (their L2
     weight is λ / impressions for pCTR, λ / clicks for pCVR)."""
+    value_wide: bool = True
+    """Wide terms in the value head (context values and organic-topic shares × the
+    candidate's industry and level-0 code; ModelConfig.value_wide), fitted to
+    convergence after pretraining (learner.value_fit.fit_linear) and refitted online
+    (learner.value_fit.OnlineLinear). Off: the head of earlier versions."""
+    value_wide_prior: float = 3.0
+    """Strength of the wide terms' L2 prior in pseudo-observations, as for
+    ``value_bias_prior``."""
     value_epochs: int = 40
     """Most value-only epochs after pretraining (encoder and generator frozen; their
     count chosen by early stopping on a time split, 0 = none;
@@ -290,7 +303,10 @@ def model_config(s: PretrainSettings, tok: UASIDTokenizer) -> ModelConfig:
         ranker_kv=s.ranker_kv, intent_tokens=s.intent_tokens,
         n_intent_layer=s.n_intent_layer, intent_mode=s.intent_mode,
         value_factors=s.value_factors, value_factors_cvr=s.value_factors_cvr,
-        value_rank=s.value_rank)
+        value_rank=s.value_rank,
+        # wide terms read the business tokens (industry) and extend the factorised terms
+        value_wide=(s.value_wide and s.value_factors
+                    and len(tok.config.token_sizes) >= tok.config.semantic_levels + 2))
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
@@ -383,11 +399,14 @@ def pretrain(s: PretrainSettings, ads: list[Ad] | None = None,
         rates = model.value.set_priors(shown.slate, shown.slate_mask, shown.clicked,
                                        shown.converted)
         log.info("value priors", **rates)
-    if ckpt is None and len(train) and model.value.factors:
+    if ckpt is None and len(train) and (model.value.factors or model.value.wide):
         mask = main.slate_mask
-        n_imp, n_clk = float(mask.sum()), float((main.clicked * mask).sum())
-        model.value.bias_l2.copy_(torch.tensor([s.value_bias_prior / max(n_imp, 1.0),
-                                                s.value_bias_prior / max(n_clk, 1.0)]))
+        per_event = torch.tensor([1.0 / max(float(mask.sum()), 1.0),
+                                  1.0 / max(float((main.clicked * mask).sum()), 1.0)])
+        if model.value.factors:
+            model.value.bias_l2.copy_(s.value_bias_prior * per_event)
+        if model.value.wide:
+            model.value.wide_l2.copy_(s.value_wide_prior * per_event)
     log.info("examples", train=len(train), held_out=len(test),
              positives=len(train.positives),
              organic_positives=len(train.organic_positives), params=model.num_parameters())
@@ -407,6 +426,8 @@ def pretrain(s: PretrainSettings, ads: list[Ad] | None = None,
             value.update(finetune_value(model, train, s.value_val_frac, s.value_epochs,
                                         s.value_patience, s.value_lr, s.batch_size,
                                         seed=s.seed, calibrate_on_split=s.value_calibrate))
+            value.update(fit_linear(model, train, s.value_val_frac,
+                                    calibrate_on_split=s.value_calibrate))
     if len(test):
         value.update(value_metrics(model, test))
         log.info("value model", **value)

@@ -59,6 +59,7 @@ from learner.rspo import (
     rspo_loss,
 )
 from learner.tokenizer import UASIDTokenizer, UnknownAdError
+from learner.value_fit import Impressions, OnlineLinear
 from streams.features import request_ids
 from streams.schemas import BeamCandidate, Feedback
 
@@ -105,6 +106,8 @@ class ListBatch:
     """[B, M] 1 for a real organic item."""
     organic_rewards: Tensor | None = None
     """[B, M] each organic item's engagement reward (:func:`organic_engagement`)."""
+    time: Tensor | None = None
+    """[B] float64: each list's impression time."""
 
     def __len__(self) -> int:
         return int(self.items.shape[0])
@@ -183,7 +186,9 @@ def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
     horizon = horizon_of(hist, hmask, items, cfg.short_horizon)
     batch = ListBatch(t(hist[:, :used]), t(hmask[:, :used]), t(ctx), t(items), t(imask),
                       t(rewards), t(clicked), t(converted), t(weight), t(bids), t(bid_type),
-                      allowed, t(horizon))
+                      allowed, t(horizon),
+                      time=torch.tensor([fb.impression_time for fb, _ in lists],
+                                        dtype=torch.float64))
     if beams and any(fb.beams for fb, _ in lists):
         _add_beams(batch, [fb for fb, _ in lists], tok, T, trie)
     if organic_dwell_s is not None and any(fb.organic for fb, _ in lists):
@@ -278,7 +283,13 @@ class OnlineLearner:
         self.prior_weight = prior_weight
         """Weight of the routed prior-head anchor and the prior classifier's CE."""
         self.grad_clip = grad_clip
-        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.linear = OnlineLinear(model) if OnlineLinear.fitted(model) else None
+        """The value head's linear terms, refitted to convergence after every step (a
+        head whose :func:`learner.value_fit.fit_linear` ran); the optimizer leaves them."""
+        refitted = ({id(p) for p in model.value.linear_tables().values()}
+                    if self.linear is not None else set())
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if id(p) not in refitted],
+                                     lr=lr, weight_decay=weight_decay)
         self.ref = self.frozen_copy(model)
         self.steps = 0
 
@@ -322,7 +333,7 @@ class OnlineLearner:
         and DC read it as a fixed score)."""
         assert b.beam_items is not None
         assert b.beam_bids is not None and b.beam_bid_type is not None
-        pctr, pcvr = self.model.value(memory, mem_mask, b.beam_items)
+        pctr, pcvr = self.model.value(memory, mem_mask, b.beam_items, context=b.context)
         return expected_value(torch.sigmoid(pctr), torch.sigmoid(pcvr), b.beam_bids,
                               b.beam_bid_type)
 
@@ -404,7 +415,7 @@ class OnlineLearner:
         ref_level = ref_all[:, :K]
         logp_ref = (ref_level * b.item_mask.unsqueeze(-1)).sum(-1)
         value_memory = memory.detach() if self.cfg.value_detach else memory
-        pctr, pcvr = self.model.value(value_memory, mem_mask, b.items)
+        pctr, pcvr = self.model.value(value_memory, mem_mask, b.items, context=b.context)
         rewards = self.dense_rewards(b, pctr, pcvr)
         # the beams' expected value, once for DC and HEPO alike
         beam_ev = self.beam_value(b, memory, mem_mask) if with_beams else None
@@ -484,6 +495,12 @@ class OnlineLearner:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.opt.step()
         self.steps += 1
+        linear: dict[str, float] = {}
+        if self.linear is not None and b.time is not None:
+            self.linear.add(Impressions.of_slates(
+                self.model.value, memory.detach(), mem_mask, b.items, b.item_mask, b.context,
+                b.clicked, b.converted, b.time))
+            linear = self.linear.refit()
         n_items = b.item_mask.sum().clamp_min(1)
         kl = float(((logp_ref - logp.detach()) * b.item_mask).sum() / n_items)
         return {
@@ -494,7 +511,7 @@ class OnlineLearner:
             "grad_norm": float(grad_norm),
             "mean_reward": float((b.rewards * b.item_mask).sum() / n_items),
             "mean_dense_reward": float((rewards * b.item_mask).sum() / n_items),
-            "lists": float(len(b)), **stats, **hepo_stats, **org_stats,
+            "lists": float(len(b)), **stats, **hepo_stats, **org_stats, **linear,
         }
 
     @torch.no_grad()

@@ -33,13 +33,14 @@ from torch import Tensor
 
 from learner.data import ExampleSet
 from learner.losses import value_loss
-from learner.model import GenerativeRecommender
+from learner.model import POSITIONS, GenerativeRecommender, ValueHead
 
-Chunk = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
-"""(memory, memory_mask, slate, slate_mask, clicked, converted) of a chunk of slates."""
+Chunk = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+"""(memory, memory_mask, slate, slate_mask, clicked, converted, context) of a chunk of
+slates."""
 
-__all__ = ["calibrate", "ece", "finetune_value", "joint_logloss", "shown_slates",
-           "value_metrics", "value_split", "without_value_split"]
+__all__ = ["calibrate", "ece", "finetune_value", "fit_linear", "joint_logloss",
+           "shown_slates", "value_metrics", "value_split", "without_value_split"]
 
 
 def shown_slates(ex: ExampleSet) -> ExampleSet:
@@ -61,13 +62,13 @@ def ece(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
 @torch.no_grad()
 def _memories(model: GenerativeRecommender, ex: ExampleSet,
               batch_size: int) -> list[Chunk]:
-    """(memory, memory_mask, slate, slate_mask, clicked, converted) per chunk of rows:
-    the encoder runs once, the value head's epochs reuse its output."""
+    """(memory, memory_mask, slate, slate_mask, clicked, converted, context) per chunk of
+    rows: the encoder runs once, the value head's epochs reuse its output."""
     out = []
     for lo in range(0, len(ex), batch_size):
         b = ex.batch(np.arange(lo, min(len(ex), lo + batch_size)))
         memory, mask = model.encoder(b.history, b.history_mask, b.context)
-        out.append((memory, mask, b.slate, b.slate_mask, b.clicked, b.converted))
+        out.append((memory, mask, b.slate, b.slate_mask, b.clicked, b.converted, b.context))
     return out
 
 
@@ -76,8 +77,8 @@ def _logits(model: GenerativeRecommender, chunks: list[Chunk]
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Flat (pCTR logit, pCVR logit, clicked, converted) of every shown item."""
     ctr, cvr, clk, cv = [], [], [], []
-    for memory, mask, slate, smask, clicked, converted in chunks:
-        a, b = model.value(memory, mask, slate)
+    for memory, mask, slate, smask, clicked, converted, context in chunks:
+        a, b = model.value(memory, mask, slate, context=context)
         keep = smask > 0
         ctr.append(a[keep])
         cvr.append(b[keep])
@@ -184,8 +185,8 @@ def finetune_value(model: GenerativeRecommender, train: ExampleSet, val_frac: fl
         best_state = copy.deepcopy(head.state_dict())
         for epoch in range(1, n_epochs + 1):
             for i in rng.permutation(len(chunks)):
-                memory, mask, slate, smask, clicked, converted = chunks[i]
-                pctr, pcvr = head(memory, mask, slate)
+                memory, mask, slate, smask, clicked, converted, context = chunks[i]
+                pctr, pcvr = head(memory, mask, slate, context=context)
                 loss = value_loss(pctr, pcvr, clicked, converted, smask) + head.penalty()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -260,3 +261,398 @@ def calibrate(model: GenerativeRecommender, held: ExampleSet, prior_sd: float = 
         head.calibration[k] = head.calibration.new_tensor([a, b])
         out[f"calibration_{name}_scale"], out[f"calibration_{name}_shift"] = a, b
     return out
+
+
+LINEAR_L2: dict[str, tuple[float, float]] = {
+    "item_bias": (2.0, 20.0), "wide_item": (0.5, 2.0), "wide_context": (5.0, 30.0),
+    "wide_topic": (2.0, 5.0), "position": (1.0, 0.0)}
+"""Base L2 weight of each linear table per head (pCTR, pCVR), on the summed log-loss,
+times the scale :func:`fit_linear` picks: the logistic baseline's penalties
+(``adloop.baselines.LogisticPolicy.L2``) for the matching tables, fixed by hand."""
+
+
+Tables = dict[str, Tensor]
+
+
+@dataclasses.dataclass
+class Impressions:
+    """Shown items, one row each: what the linear fit reads."""
+
+    deep: Tensor          # [N, 2] float64: the head's logits without the linear terms
+    prior: Tensor         # [N, 2] float64: the (industry, goal) prior logits alone
+    ids: Tensor           # [N, T]
+    context: Tensor       # [N, C + O]
+    position: Tensor      # [N]
+    clicked: Tensor       # [N] float64
+    converted: Tensor     # [N] float64
+    time: Tensor          # [N] float64: impression time
+
+    def __len__(self) -> int:
+        return int(self.clicked.shape[0])
+
+    def subset(self, keep: Tensor) -> Impressions:
+        return Impressions(**{f.name: getattr(self, f.name)[keep]
+                              for f in dataclasses.fields(self)})
+
+    @staticmethod
+    def cat(parts: list[Impressions]) -> Impressions:
+        return Impressions(**{f.name: torch.cat([getattr(x, f.name) for x in parts])
+                              for f in dataclasses.fields(Impressions)})
+
+    @staticmethod
+    @torch.no_grad()
+    def of_slates(head: ValueHead, memory: Tensor, memory_mask: Tensor, slate: Tensor,
+                  slate_mask: Tensor, context: Tensor, clicked: Tensor, converted: Tensor,
+                  time: Tensor) -> Impressions:
+        """The shown items of B slates [B, K, T] (``time`` [B], one per slate)."""
+        keep = slate_mask > 0
+        pos = torch.arange(slate.shape[1]).clamp_max(POSITIONS - 1).expand_as(keep)
+        return Impressions(
+            deep=head.deep_logits(memory, memory_mask, slate)[keep].double(),
+            prior=head.prior_logits(slate)[keep].double(), ids=slate[keep],
+            context=context[:, None, :].expand(-1, slate.shape[1], -1)[keep],
+            position=pos[keep], clicked=clicked[keep].double(),
+            converted=converted[keep].double(),
+            time=time.double()[:, None].expand_as(keep)[keep])
+
+
+@torch.no_grad()
+def _impressions(model: GenerativeRecommender, ex: ExampleSet) -> Impressions:
+    shown = shown_slates(ex)
+    parts = []
+    for lo in range(0, len(shown), 512):
+        rows = np.arange(lo, min(len(shown), lo + 512))
+        b = shown.batch(rows)
+        memory, mask = model.encoder(b.history, b.history_mask, b.context)
+        parts.append(Impressions.of_slates(model.value, memory, mask, b.slate, b.slate_mask,
+                                           b.context, b.clicked, b.converted,
+                                           torch.from_numpy(shown.time[rows])))
+    return Impressions.cat(parts)
+
+
+class Design:
+    """The linear terms of some impressions as a sparse design matrix: logits [N, 2] =
+    offset + X · θ, θ every linear table's rows stacked (:data:`ORDER`), so a fit's
+    log-loss and its curvature are one sparse product each. X holds, per row, the
+    per-item bias's row, the industry's and level-0 code's own rows, a (context value,
+    cell) row per present context value, a (topic, cell) row per distinct topic of the
+    user's organic history with its share as coefficient, and the position's row (the
+    same terms :meth:`ValueHead.linear_logits` computes, plus the position offset)."""
+
+    ORDER = (*ValueHead.LINEAR, "position")
+
+    def __init__(self, head: ValueHead, r: Impressions, shapes: dict[str, torch.Size]) -> None:
+        assert head.biz is not None
+        self.shapes = shapes
+        self.offsets: dict[str, int] = {}
+        total = 0
+        for k in self.ORDER:
+            self.offsets[k] = total
+            total += shapes[k][0]
+        n_ind, n_c0 = head.wide_cells
+        width = n_ind + n_c0
+        N = len(r)
+        cells = torch.stack([r.ids[:, head.biz[0]], n_ind + r.ids[:, 0]], 1)     # [N, 2]
+        row = torch.arange(N)
+        parts: list[tuple[Tensor, Tensor, Tensor]] = []
+
+        def add(rows: Tensor, cols: Tensor, vals: Tensor) -> None:
+            keep = vals != 0
+            parts.append((rows[keep], cols[keep], vals[keep]))
+
+        off = self.offsets
+        add(row, off["item_bias"] + head.bucket(r.ids[:, None, :])[:, 0],
+            torch.ones(N, dtype=torch.float64))
+        add(row[:, None].expand(N, 2), off["wide_item"] + cells,
+            torch.ones(N, 2, dtype=torch.float64))
+        C, n_topic = head.n_ctx_ids, head.n_topic_ids
+        ctx = r.context[:, :C]
+        add(row[:, None, None].expand(N, C, 2),
+            off["wide_context"] + ctx[:, :, None] * width + cells[:, None, :],
+            (ctx > 0).double()[:, :, None].expand(N, C, 2))
+        if n_topic:
+            topics = r.context[:, C:C + n_topic]
+            present = (topics > 0).double()
+            share = present / (present.sum(1, keepdim=True) + 2.0)
+            add(row[:, None, None].expand(N, n_topic, 2),
+                off["wide_topic"] + topics[:, :, None] * width + cells[:, None, :],
+                share[:, :, None].expand(N, n_topic, 2))
+        add(row, off["position"] + (r.position - 1).clamp_min(0),
+            (r.position > 0).double())
+        rows = torch.cat([a.reshape(-1) for a, _, _ in parts])
+        cols = torch.cat([b.reshape(-1) for _, b, _ in parts])
+        vals = torch.cat([c.reshape(-1) for _, _, c in parts])
+        x = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (N, total),
+                                    check_invariants=False).coalesce()
+        self.x = x
+        self.x2 = torch.sparse_coo_tensor(x.indices(), x.values() ** 2, x.shape,
+                                          check_invariants=False).coalesce()
+        self.mask = {k: torch.ones(2, dtype=torch.float64) for k in self.ORDER}
+        self.mask["item_bias"] = head.factor_heads.double()
+        self.mask["position"] = torch.tensor([1.0, 0.0], dtype=torch.float64)
+        """Heads each table acts on (the per-item bias: ``factor_heads``; the position
+        offset: pCTR only)."""
+        self.mask_flat = self.flat({k: self.mask[k].expand(shapes[k]) for k in self.ORDER})
+
+    def flat(self, p: Tables) -> Tensor:
+        """Every table's rows stacked [P, 2] (:data:`ORDER`)."""
+        return torch.cat([p[k].reshape(-1, 2) for k in self.ORDER])
+
+    def logits(self, p: Tables) -> Tensor:
+        """X · θ [N, 2] (the offset not included; masked heads left out)."""
+        return torch.sparse.mm(self.x, self.flat(p) * self.mask_flat)
+
+    def split(self, flat: Tensor) -> Tables:
+        """A [P, 2] vector back into tables."""
+        return {k: flat[self.offsets[k]:self.offsets[k] + self.shapes[k][0]].reshape(
+                    self.shapes[k]) for k in self.ORDER}
+
+
+def _offset(r: Impressions, deep: bool) -> Tensor:
+    return r.deep if deep else r.prior
+
+
+def _recency(r: Impressions, now: float, half_life_s: float) -> Tensor:
+    if half_life_s <= 0:
+        return torch.ones_like(r.time)
+    return torch.pow(0.5, (now - r.time).clamp_min(0.0) / half_life_s)
+
+
+def _l2(scale: float) -> Tables:
+    return {k: torch.tensor(v, dtype=torch.float64) * scale for k, v in LINEAR_L2.items()}
+
+
+@dataclasses.dataclass
+class Prior:
+    """The penalty of a linear fit, per parameter θ: L2·θ² + decay·(−2·L2·a·(θ − a) +
+    ½·H·(θ − a)²): a ridge (no anchor) or, online, the logs' log-loss expanded to second
+    order at their fit ``a`` (curvature ``H``, weight ``decay``; :class:`OnlineLinear`)."""
+
+    l2: Tables
+    anchor: Tables | None = None
+    curvature: Tables | None = None
+    decay: float = 0.0
+
+
+def _fit(head: ValueHead, r: Impressions, start: Tables, deep: bool, w: Tensor, prior: Prior,
+         iters: int, fixed: Tables | None = None) -> Tables:
+    """Full-batch L-BFGS of the weighted joint log-loss of ``r`` + the ``prior`` over the
+    tables ``start`` (``fixed`` ones take part but do not move). Only the parameters some
+    row touches are optimised; each of the others has its penalty's minimiser in closed
+    form, a·decay·(2·L2 + H) / (2·L2 + decay·H) (0 under a ridge)."""
+    tables = {**start, **(fixed or {})}
+    design = Design(head, r, {k: v.shape for k, v in tables.items()})
+    flat = design.flat({k: v.detach().double() for k, v in tables.items()})
+    l2 = design.flat({k: prior.l2[k].expand(v.shape) for k, v in tables.items()})
+    zero = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in tables.items()}
+    anchor = design.flat({**zero, **(prior.anchor or {})})
+    curv = design.flat({**zero, **(prior.curvature or {})})
+    d = prior.decay
+    moving = design.flat({k: torch.full(v.shape, float(k not in (fixed or {})),
+                                        dtype=torch.float64) for k, v in tables.items()}) > 0
+    touched = torch.zeros(flat.shape[0], dtype=torch.bool)
+    touched[design.x.indices()[1].unique()] = True
+    free = (touched[:, None] & moving).any(1)            # rows of θ the fit moves
+    cols = torch.nonzero(free).squeeze(1)
+    # the rest: fixed, or their penalty's minimiser
+    denom = 2.0 * l2 + d * curv
+    alone = torch.where(denom > 0, anchor * d * (2.0 * l2 + curv) / denom.clamp_min(1e-300),
+                        anchor)
+    base = torch.where(moving & ~free[:, None], alone, flat)
+    base[cols] = 0.0
+    x = design.x.index_select(1, cols).coalesce()
+    const = _offset(r, deep) + torch.sparse.mm(design.x, base * design.mask_flat)
+    theta = flat[cols].clone().requires_grad_(True)
+    l2_c, a_c, h_c = l2[cols], anchor[cols], curv[cols]
+    mask_c = design.mask_flat[cols]
+    clicked = r.clicked > 0
+    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-6, history_size=10)
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        z = const + torch.sparse.mm(x, theta * mask_c)
+        loss = F.binary_cross_entropy_with_logits(z[:, 0], r.clicked, weight=w,
+                                                  reduction="sum")
+        if bool(clicked.any()):
+            loss = loss + F.binary_cross_entropy_with_logits(
+                z[clicked, 1], r.converted[clicked], weight=w[clicked], reduction="sum")
+        loss = loss + (l2_c * theta.pow(2)).sum()
+        if d > 0:
+            diff = theta - a_c
+            loss = loss + d * ((-2.0 * l2_c * a_c * diff).sum() + 0.5 * (h_c * diff.pow(2)).sum())
+        loss.backward()
+        return loss
+
+    if len(cols):
+        opt.step(closure)
+    out = base.clone()
+    out[cols] = theta.detach()
+    fitted = design.split(out)
+    return {k: fitted[k] for k in start}
+
+
+def _curvature(head: ValueHead, p: Tables, r: Impressions, deep: bool, w: Tensor) -> Tables:
+    """The diagonal of the weighted log-loss's Hessian in each table at ``p``:
+    Σ w·p̂(1-p̂)·coefficient² per parameter (pCVR over the clicked rows only)."""
+    design = Design(head, r, {k: v.shape for k, v in p.items()})
+    with torch.no_grad():
+        q = torch.sigmoid(_offset(r, deep) + design.logits(p))
+        a = w[:, None] * q * (1.0 - q)
+        a[:, 1] = a[:, 1] * (r.clicked > 0)
+        return design.split(torch.sparse.mm(design.x2.t(), a) * design.mask_flat)
+
+
+def _linear_logits(head: ValueHead, p: Tables, r: Impressions, deep: bool) -> Tensor:
+    """Logits [N, 2] of the impressions ``r`` under the linear tables ``p``."""
+    return _offset(r, deep) + Design(head, r, {k: v.shape for k, v in p.items()}).logits(p)
+
+
+def fit_linear(model: GenerativeRecommender, train: ExampleSet, val_frac: float = 0.15,
+               scales: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0),
+               half_life_s: float = 12 * 3600.0, iters: int = 100,
+               calibrate_on_split: bool = True) -> dict[str, float]:
+    """Fit the value head's linear terms to convergence, as a logistic model is fitted.
+
+    The per-item biases and the wide tables (:data:`learner.model.ValueHead.LINEAR`)
+    are the parameters of a logistic regression whose offset is the rest of the head
+    (the decoder's logits, the interaction and the prior: :meth:`ValueHead.deep_logits`)
+    or the prior alone, plus a pCTR offset per slate position (position bias in the
+    logs; not served). Full-batch L-BFGS on the joint log-loss (pCTR on every shown
+    item, pCVR on the clicked ones), the rows weighted by ``0.5 ** (age /
+    half_life_s)``, each table under the L2 of :data:`LINEAR_L2` times a scale. The
+    scale and whether to keep the deep part are chosen by the joint log-loss on the
+    value split (:func:`value_split`: the latest ``val_frac`` of the requests) of a fit
+    on the rest, then that fit's Platt map is fitted on the split
+    (``calibrate_on_split``) and the terms are refitted on everything (warm-started).
+    Without the deep part, the decoder's output and the interaction are zeroed. The
+    head keeps what :class:`OnlineLinear` needs to go on online (``linear_fit``: the
+    scale, the deep flag, the logs' latest time and the half-life; the position
+    offsets; each table's curvature at the fit). A no-op for a head without wide terms."""
+    head: ValueHead = model.value
+    if not head.wide:
+        return {}
+    cut = value_split(train, val_frac)
+    was = model.training
+    model.eval()
+    try:
+        rows = _impressions(model, train)
+        shown = shown_slates(train)
+        early = torch.from_numpy(np.repeat(shown.request, (shown.slate_mask > 0).sum(1)) < cut)
+        fit, val = rows.subset(early), rows.subset(~early)
+        if not len(fit) or not len(val):
+            return {}
+        start = {k: torch.zeros_like(v) for k, v in head.linear_tables().items()}
+        start["position"] = torch.zeros(POSITIONS - 1, 2)
+        w_fit = _recency(fit, float(fit.time.max()), half_life_s)
+        best: tuple[float, float, bool, Tables] | None = None
+        for deep in (True, False):
+            for scale in scales:
+                p = _fit(head, fit, start, deep, w_fit, Prior(_l2(scale)), iters)
+                with torch.no_grad():
+                    z = _linear_logits(head, p, val, deep)
+                loss = joint_logloss(z[:, 0].numpy(), z[:, 1].numpy(), val.clicked.numpy(),
+                                     val.converted.numpy())
+                if best is None or loss < best[0]:
+                    best = (loss, scale, deep, p)
+        assert best is not None
+        loss, scale, deep, p = best
+        with torch.no_grad():
+            if not deep:
+                for param in (head.out.weight, head.out.bias, head.fm_user.weight,
+                              head.fm_user.bias, head.fm_const):
+                    param.zero_()
+                rows.deep.copy_(rows.prior)
+        _store(head, p)
+        out: dict[str, float] = {"value_linear_l2_scale": scale,
+                                 "value_linear_deep": float(deep),
+                                 "value_linear_val_logloss": loss}
+        if calibrate_on_split:
+            out.update(calibrate(model, train.subset(np.flatnonzero(train.request >= cut))))
+        now = float(rows.time.max())
+        w = _recency(rows, now, half_life_s)
+        p = _fit(head, rows, p, deep, w, Prior(_l2(scale)), iters)
+        _store(head, p)
+        curvature = _curvature(head, p, rows, deep, w)
+        with torch.no_grad():
+            for k, c in curvature.items():
+                if k != "position":
+                    getattr(head, f"{k}_curvature").copy_(c.to(torch.float32))
+            head.linear_position.copy_(p["position"].to(torch.float32))
+            head.linear_fit.copy_(torch.tensor([scale, float(deep), now, half_life_s]))
+        return out
+    finally:
+        model.train(was)
+
+
+def _store(head: ValueHead, p: Tables) -> None:
+    with torch.no_grad():
+        for k, t in head.linear_tables().items():
+            t.copy_(p[k].to(t.dtype))
+
+
+class OnlineLinear:
+    """The value head's linear terms refitted online, to convergence, on every update.
+
+    Pretraining's :func:`fit_linear` leaves a fit θ̂ of the logs, its scale and each
+    table's curvature H (the diagonal of the logs' log-loss Hessian at θ̂). Online, the
+    logs are not kept: their log-loss is replaced by its second-order expansion at θ̂
+    (a diagonal Laplace approximation, as in online Bayesian logistic regression), whose
+    weight decays with the logs' age at the same half-life as the rows' (``d = 0.5 **
+    ((now - t_logs) / half_life)``): the objective of a refit is the weighted joint
+    log-loss of every shown item since pretraining (rows older than 8 half-lives, or
+    beyond ``max_rows``, are dropped) + Σ_tables L2·θ² + d·(−2·L2·θ̂·(θ − θ̂) +
+    ½·H·(θ − θ̂)²), the same objective as refitting on the logs and the new rows
+    together up to third-order terms. Full-batch L-BFGS, ``iters`` iterations warm-started
+    from the current tables (the logistic baseline refits 15 per update too); the
+    position offsets and the deep/prior choice stay as pretraining left them; each
+    row's offset is the head's deep logits when it arrived."""
+
+    def __init__(self, model: GenerativeRecommender, iters: int = 15,
+                 max_rows: int = 100_000) -> None:
+        head: ValueHead = model.value
+        self.head = head
+        scale, deep, t_end, half_life = (float(x) for x in head.linear_fit)
+        self.deep, self.t_end, self.half_life = bool(deep), t_end, half_life
+        self.l2 = _l2(scale)
+        self.anchor = {k: v.detach().double().clone()
+                       for k, v in head.linear_tables().items()}
+        self.curvature = {k: getattr(head, f"{k}_curvature").detach().double().clone()
+                          for k in self.anchor}
+        self.position = head.linear_position.detach().double().clone()
+        self.iters, self.max_rows = iters, max_rows
+        self.rows: Impressions | None = None
+        self.refits = 0
+
+    @staticmethod
+    def fitted(model: GenerativeRecommender) -> bool:
+        """Whether ``model``'s head has wide terms that :func:`fit_linear` fitted."""
+        head = model.value
+        return bool(head.wide) and float(head.linear_fit[3]) > 0
+
+    def add(self, rows: Impressions) -> None:
+        if not self.deep:
+            rows = dataclasses.replace(rows, deep=rows.prior)
+        self.rows = rows if self.rows is None else Impressions.cat([self.rows, rows])
+        now = float(self.rows.time.max())
+        keep = self.rows.time >= now - 8 * self.half_life
+        if int(keep.sum()) > self.max_rows:
+            keep &= torch.arange(len(self.rows)) >= len(self.rows) - self.max_rows
+        if not bool(keep.all()):
+            self.rows = self.rows.subset(keep)
+
+    def refit(self) -> dict[str, float]:
+        """Refit the tables on the rows so far (no-op without rows)."""
+        if self.rows is None or not len(self.rows):
+            return {}
+        now = max(float(self.rows.time.max()), self.t_end)
+        decay = 0.5 ** ((now - self.t_end) / self.half_life)
+        start = {k: v.detach() for k, v in self.head.linear_tables().items()}
+        p = _fit(self.head, self.rows, start, self.deep,
+                 _recency(self.rows, now, self.half_life),
+                 Prior(self.l2, self.anchor, self.curvature, decay), self.iters,
+                 fixed={"position": self.position})
+        _store(self.head, p)
+        self.refits += 1
+        return {"linear_refits": float(self.refits), "linear_rows": float(len(self.rows)),
+                "linear_logs_weight": decay}

@@ -41,10 +41,13 @@ class UserStates(NamedTuple):
     prior_log_mix: np.ndarray | None = None
     """[B, L]: the log mixture over the model's leaf prior heads (snapshots with prior
     heads only; ``decoder_step.onnx`` takes it)."""
+    context: np.ndarray | None = None
+    """[B, C + O]: the encoder's ``context`` input, kept for a ``value.onnx`` with wide
+    crossed terms (it reads the raw ids)."""
 
     def arrays(self) -> list[np.ndarray]:
-        """The outputs present (for finiteness checks)."""
-        return [a for a in self if a is not None]
+        """The encoder's outputs present (for finiteness checks)."""
+        return [a for a in self[:5] if a is not None]
 
 
 @dataclass(frozen=True)
@@ -190,9 +193,10 @@ class ModelRuntime:
 
     def encode(self, history: np.ndarray, history_mask: np.ndarray,
                context: np.ndarray) -> UserStates:
-        return UserStates(*self.run("encoder", {"history": history,
-                                                "history_mask": history_mask,
-                                                "context": context}))
+        out = self.run("encoder", {"history": history, "history_mask": history_mask,
+                                   "context": context})
+        return UserStates(out[0], out[1], out[2], out[3], out[4] if len(out) > 4 else None,
+                          context)
 
     def step(self, states: UserStates, beam_request: np.ndarray,
              prefix: np.ndarray) -> np.ndarray:
@@ -213,12 +217,16 @@ class ModelRuntime:
               rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """pCTR, pCVR [B', C] of ``candidates`` [B', C, T] for the requests ``rows`` of
         ``states`` (all of them when None): the ranking decoder reads the encoder's
-        memory and, with KV pass-through, its cached keys/values."""
-        memory, mask, kv = states.memory, states.memory_mask, states.memory_kv
+        memory and, with KV pass-through, its cached keys/values (with wide crossed terms,
+        the request's raw ids too)."""
+        feeds = {"memory": states.memory, "memory_mask": states.memory_mask,
+                 "memory_kv": states.memory_kv}
+        if states.context is not None:
+            feeds["context"] = states.context
         if rows is not None:
-            memory, mask, kv = memory[rows], mask[rows], kv[rows]
-        pctr, pcvr = self.run("value", {"memory": memory, "memory_mask": mask,
-                                        "memory_kv": kv, "candidates": candidates})
+            feeds = {k: v[rows] for k, v in feeds.items()}
+        feeds["candidates"] = candidates
+        pctr, pcvr = self.run("value", feeds)
         return pctr, pcvr
 
     def close(self) -> None:

@@ -153,12 +153,15 @@ MODEL_IO = {
                 ("memory", "memory_mask", "lower", "memory_kv")),
     "decoder_step": (("memory_kv", "memory_mask", "lower", "beam_request", "prefix"),
                      ("logits",)),
-    "value": (("memory", "memory_mask", "memory_kv", "candidates"), ("pctr", "pcvr")),
+    "value": (("memory", "memory_mask", "memory_kv", "candidates", "context"),
+              ("pctr", "pcvr")),
 }
 """Tensor names of snapshot format 4 (docs/snapshot-format.md); ``context`` is
 ``[B, len(context_features) + organic_len]``. Every output is required; an input may be
 absent from a graph that does not read it (e.g. ``value.onnx`` without KV pass-through
-has no ``memory_kv``), and a graph may declare no input outside these."""
+has no ``memory_kv``; ``value.onnx`` reads ``context``, the encoder's input, only
+when its value head has wide crossed terms), and a graph may declare no input outside
+these."""
 
 
 def declared_feeds(session: ort.InferenceSession, feeds: dict[str, Any]) -> dict[str, Any]:

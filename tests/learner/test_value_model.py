@@ -1,21 +1,34 @@
 """The value model's factorised terms, its value-only fitting stage and its calibration:
-a per-item bias shrunk to the (industry, goal) cell prior, held-out early stopping,
-a Platt map fitted on held-out logs and carried by value.onnx."""
+a per-item bias shrunk to the (industry, goal) cell prior, wide crossed terms read from
+the request's raw ids, held-out early stopping, a Platt map fitted on held-out logs and
+carried by value.onnx."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from learner import synthetic
 from learner.data import build_examples, split_by_time
 from learner.export import export_snapshot, ort_outputs, reference_inputs, torch_outputs
 from learner.losses import value_loss
-from learner.model import GenerativeRecommender
+from learner.model import POSITIONS, GenerativeRecommender
 from learner.tokenizer import UASIDTokenizer
-from learner.value_fit import calibrate, ece, finetune_value, shown_slates, value_metrics
+from learner.value_fit import (
+    Design,
+    Impressions,
+    OnlineLinear,
+    calibrate,
+    ece,
+    finetune_value,
+    fit_linear,
+    shown_slates,
+    value_metrics,
+)
+from server.runtime import ModelRuntime, resolve_provider
 from streams.schemas import Feedback, FeedbackItem
 from tests.learner.conftest import small_cfg, tiny_inputs, tiny_model
 
@@ -156,3 +169,190 @@ def test_value_only_epochs_pick_their_count_on_a_time_split_and_leave_the_genera
     again = GenerativeRecommender(small_cfg(small_tokenizer)).eval()
     finetune_value(again, train, val_frac=0.2, epochs=6, patience=2, lr=1e-2)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in after.items())
+
+
+def test_wide_terms_add_each_present_context_value_and_topic_share_to_its_cells() -> None:
+    model = tiny_model(seed=4, value_wide=True)
+    head = model.value
+    hist, mask, _, _, _ = tiny_inputs(model, B=1)
+    C, n_topic = len(model.cfg.context_features), model.cfg.organic_len
+    ctx = torch.zeros(1, C + n_topic, dtype=torch.long)
+    ctx[0, 0] = 5                                  # one context value present
+    ctx[0, C:C + 3] = torch.tensor([7, 7, 9])      # organic topics: shares 2/5 and 1/5
+    L = model.cfg.semantic_levels
+    a = torch.tensor([1, 2, 0, 1, 2, 0])           # industry 1, level-0 code 1
+    b = torch.tensor([2, 0, 1, 3, 0, 0])           # industry 3, level-0 code 2
+    cands = torch.stack([a, b])[None]
+    memory, mmask = model.encoder(hist, mask, ctx)
+    with pytest.raises(ValueError, match="context"):
+        head(memory, mmask, cands)
+    ctr0, cvr0 = head(memory, mmask, cands, context=ctx)
+    n_ind = head.wide_cells[0]
+    width = sum(head.wide_cells)
+    with torch.no_grad():
+        head.wide_context[5 * width + int(a[L]), 0] = 1.0          # (value 5, industry 1)
+        head.wide_topic[7 * width + n_ind + int(b[0]), 0] = 1.0    # (topic 7, code 2)
+        head.wide_topic[9 * width + int(b[L]), 1] = 2.0            # pCVR: (topic 9, ind 3)
+        head.wide_context[0 * width + int(b[L]), 0] = 5.0          # id 0 = absent: nothing
+    ctr, cvr = head(memory, mmask, cands, context=ctx)
+    torch.testing.assert_close(ctr - ctr0, torch.tensor([[1.0, 0.4]]))
+    torch.testing.assert_close(cvr - cvr0, torch.tensor([[0.0, 0.4]]))
+
+
+def test_a_wide_value_graph_takes_the_context_ids_and_matches_torch(
+        small_tokenizer: UASIDTokenizer, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    for wide in (False, True):
+        torch.manual_seed(0)
+        model = GenerativeRecommender(small_cfg(small_tokenizer, value_wide=wide)).eval()
+        if wide:
+            with torch.no_grad():
+                model.value.wide_context.normal_(0.0, 0.5)
+                model.value.wide_topic.normal_(0.0, 0.5)
+        out = tmp_path / f"snap-{wide}"
+        export_snapshot(model, small_tokenizer, out, version="v1")
+        sess = ort.InferenceSession(str(out / "value.onnx"), providers=["CPUExecutionProvider"])
+        assert ("context" in {i.name for i in sess.get_inputs()}) == wide
+        inputs = reference_inputs(model, small_tokenizer.id_array()[1])
+        ours, onnx = torch_outputs(model, inputs), ort_outputs(out, inputs)
+        for name in ours["value.onnx"]:
+            np.testing.assert_allclose(onnx["value.onnx"][name], ours["value.onnx"][name],
+                                       atol=1e-4)
+        # the server's runtime feeds the encoder's context rows to the value graph
+        enc = inputs["encoder.onnx"]
+        rt = ModelRuntime(out, resolve_provider("cpu"))
+        states = rt.encode(enc["history"], enc["history_mask"], enc["context"])
+        pctr, _ = rt.value(states, inputs["value.onnx"]["candidates"])
+        np.testing.assert_allclose(pctr, ours["value.onnx"]["pctr"], atol=1e-4)
+        rows = np.array([1])
+        pctr_row, _ = rt.value(states, inputs["value.onnx"]["candidates"][rows], rows=rows)
+        np.testing.assert_allclose(pctr_row, ours["value.onnx"]["pctr"][rows], atol=1e-4)
+
+
+def _crossed_rate_log(tok: UASIDTokenizer, ads: list, n_requests: int = 1500,
+                      seed: int = 0) -> list[Feedback]:
+    """Random slates of 5 whose click rate is a device × industry cross: on ``ios`` the
+    first half of the industries is clicked at 0.3 and the rest at 0.02, on ``android``
+    the other way round (every industry's mean rate is the same)."""
+    rng = np.random.default_rng(seed)
+    industries = sorted({a.industry for a in ads})
+    first = set(industries[: len(industries) // 2])
+    out = []
+    for r in range(n_requests):
+        device = "ios" if r % 2 else "android"
+        items = []
+        for pos, i in enumerate(rng.choice(len(ads), 5, replace=False).tolist()):
+            a = ads[i]
+            rate = 0.3 if (a.industry in first) == (device == "ios") else 0.02
+            clicked = bool(rng.random() < rate)
+            items.append(FeedbackItem(
+                ad_id=a.ad_id, semantic_id=list(tok.ids_of(a.ad_id)), position=pos,
+                score=0.0, bid=a.bid, bid_type=a.bid_type, clicked=clicked,
+                converted=clicked and bool(rng.random() < 0.3), reward=float(clicked)))
+        t = 1000.0 + 30.0 * r
+        out.append(Feedback(request_id=f"r{r}", user_id=f"u{r % 50}", kind="final",
+                            revision=0, impression_time=t, event_time=t + 60, elapsed_s=60,
+                            window_closed=True, context={"device": device}, items=items))
+    return out
+
+
+def test_the_linear_fit_learns_a_context_cross_the_prior_cannot_hold(
+        synth_log: synthetic.SyntheticLog, small_tokenizer: UASIDTokenizer) -> None:
+    fb = _crossed_rate_log(small_tokenizer, synth_log.ads)
+    torch.manual_seed(0)
+    model = GenerativeRecommender(small_cfg(small_tokenizer, value_wide=True)).eval()
+    ex = build_examples(fb, small_tokenizer, model.cfg.history_len,
+                        model.cfg.context_features, model.cfg.context_buckets, 0,
+                        organic_len=model.cfg.organic_len)
+    train, held = split_by_time(ex, 0.2)
+    shown = shown_slates(train).batch()
+    model.value.set_priors(shown.slate, shown.slate_mask, shown.clicked, shown.converted)
+    before = value_metrics(model, held)
+    out = fit_linear(model, train, val_frac=0.2, scales=(1.0, 3.0))
+    after = value_metrics(model, held)
+    assert out["value_linear_l2_scale"] in (1.0, 3.0)
+    assert after["value_logloss_ctr"] < before["value_logloss_ctr"] - 0.05
+    assert after["value_ece_ctr"] < 0.05      # against outcomes: ~0.02 of it is noise
+    # the cross itself: an ad of the first industry, on each device
+    ad = sorted(synth_log.ads, key=lambda a: a.industry)[0]
+    cand = torch.tensor([[small_tokenizer.ids_of(ad.ad_id)]])
+    held_shown = shown_slates(held)
+    b = held_shown.batch()
+    probs = {}
+    for device in ("ios", "android"):
+        i = next(j for j, r in enumerate(held_shown.request.tolist())
+                 if fb[r].context["device"] == device)
+        memory, mask = model.encoder(b.history[i:i + 1], b.history_mask[i:i + 1],
+                                     b.context[i:i + 1])
+        ctr, _ = model.value(memory, mask, cand, context=b.context[i:i + 1])
+        probs[device] = float(torch.sigmoid(ctr).detach())
+    assert probs["ios"] > 0.2 and probs["android"] < 0.06
+
+
+def test_online_refits_start_from_the_logs_fit_and_follow_new_evidence(
+        synth_log: synthetic.SyntheticLog, small_tokenizer: UASIDTokenizer) -> None:
+    fb = _crossed_rate_log(small_tokenizer, synth_log.ads, n_requests=1200)
+    torch.manual_seed(0)
+    model = GenerativeRecommender(small_cfg(small_tokenizer, value_wide=True)).eval()
+    ex = build_examples(fb, small_tokenizer, model.cfg.history_len,
+                        model.cfg.context_features, model.cfg.context_buckets, 0,
+                        organic_len=model.cfg.organic_len)
+    shown = shown_slates(ex).batch()
+    model.value.set_priors(shown.slate, shown.slate_mask, shown.clicked, shown.converted)
+    assert not OnlineLinear.fitted(model)
+    fit_linear(model, ex, val_frac=0.2, scales=(1.0,))
+    assert OnlineLinear.fitted(model)
+    fitted = {k: v.detach().clone() for k, v in model.value.linear_tables().items()}
+    online = OnlineLinear(model)
+    ad = sorted(synth_log.ads, key=lambda a: a.industry)[0]
+    ids = torch.tensor([small_tokenizer.ids_of(ad.ad_id)] * 5)
+    ios = next(b for b, f in zip(shown.context, fb, strict=False)
+               if f.context["device"] == "ios")[None].expand(5, -1)
+    t_logs = float(model.value.linear_fit[2])
+
+    def rows(clicked: float, n: int) -> Impressions:
+        z = torch.zeros(n, 2, dtype=torch.float64)
+        return Impressions(deep=z, prior=z.clone(), ids=ids[:1].expand(n, -1),
+                           context=ios[:1].expand(n, -1),
+                           position=torch.zeros(n, dtype=torch.long),
+                           clicked=torch.full((n,), clicked, dtype=torch.float64),
+                           converted=torch.zeros(n, dtype=torch.float64),
+                           time=torch.full((n,), t_logs + 60.0, dtype=torch.float64))
+
+    def p_ios() -> float:
+        z = model.value.linear_logits(ids[None, :1], ios[:1])[0, 0, 0]
+        p = torch.sigmoid(z + model.value.prior_logits(ids[None, :1])[0, 0, 0])
+        return float(p.detach())
+
+    before = p_ios()
+    online.add(rows(0.0, 1))         # one impression: the logs' fit barely moves
+    online.refit()
+    one = p_ios()
+    assert abs(one - before) < 0.05
+    assert all(torch.allclose(v, fitted[k], atol=0.2)
+               for k, v in model.value.linear_tables().items())
+    online.add(rows(0.0, 3000))      # the cross has gone: never clicked on ios any more
+    out = online.refit()
+    assert out["linear_rows"] == 3001 and out["linear_refits"] == 2
+    assert p_ios() < 0.5 * before
+
+
+def test_the_linear_fits_design_matrix_computes_the_served_linear_terms() -> None:
+    model = tiny_model(seed=5, value_wide=True)
+    head = model.value
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in head.linear_tables().values():
+            t.normal_(0.0, 1.0, generator=g)
+    hist, mask, ctx, _, cands = tiny_inputs(model, B=3)
+    ctx[:, -5:] = 0                                     # short organic histories
+    ctx[0, len(model.cfg.context_features) + 1] = ctx[0, len(model.cfg.context_features)]
+    memory, mmask = model.encoder(hist, mask, ctx)
+    rows = Impressions.of_slates(head, memory, mmask, cands, torch.ones(3, 4), ctx,
+                                 torch.zeros(3, 4), torch.zeros(3, 4), torch.zeros(3))
+    tables = {**head.linear_tables(), "position": torch.zeros(POSITIONS - 1, 2)}
+    design = Design(head, rows, {k: v.shape for k, v in tables.items()})
+    served = head.linear_logits(cands, ctx).reshape(-1, 2)
+    torch.testing.assert_close(design.logits({k: v.double() for k, v in tables.items()}),
+                               served.double(), rtol=1e-5, atol=1e-5)
