@@ -12,7 +12,9 @@ results already there, and writes ``bench/results/NAME.json``, ``docs/NAME.png``
 Every variant runs on the same seeds with the same world, logging phase, traffic and
 response randomness; ``rpm_ratio`` is its mean last-quarter RPM over ``base``'s, with the
 paired 95 % interval over seeds and the minimum detectable effect at 80 % power
-(:func:`adloop.evaluation.paired_ratio`).
+(:func:`adloop.evaluation.paired_ratio`); ``rpm_whole_run_ratio`` the same over the whole
+run (four times the requests of the last quarter, so a narrower interval; it also
+counts the start, before learning has had time to matter).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def run_variant(cfg: EvalConfig, name: str, over: dict[str, Any], tmp: Path,
     t0 = time.perf_counter()
     entry = compare(vcfg, tmp / name.strip("+"), progress=progress, jobs=jobs)["policies"]["rspo"]
     return {"per_seed_rpm": entry["per_seed_rpm_last_quarter"],
+            "per_seed_rpm_whole_run": entry["per_seed_rpm_whole_run"],
             **({"per_seed_organic_engagement": entry["per_seed_organic_engagement_last_quarter"]}
                if "per_seed_organic_engagement_last_quarter" in entry else {}),
             **{k: mean_of(entry, k) for k in SUMMARY_KEYS},
@@ -101,11 +104,17 @@ def rows_of(raw: dict[str, dict[str, Any]], order: list[str], columns: Columns
             r["organic_engagement_ratio"] = [round(x, 4) for x in paired[:3]]
         rpm = ratio_to_base(raw, name, "per_seed_rpm")
         m, lo, hi, mde = rpm if rpm is not None else (math.nan, math.nan, math.nan, None)
+        whole = ratio_to_base(raw, name, "per_seed_rpm_whole_run")
+        wm, wlo, whi, wmde = (whole if whole is not None
+                              else (math.nan, math.nan, math.nan, None))
         lat, base_lat = r.get("latency_ms_per_request"), base.get("latency_ms_per_request")
         out.append({
             "name": name, "rpm_ratio": round(m, 4), "rpm_ratio_ci_low": round(lo, 4),
             "rpm_ratio_ci_high": round(hi, 4),
             "rpm_ratio_mde": round(mde, 4) if mde is not None else None,
+            "rpm_whole_run_ratio": round(wm, 4), "rpm_whole_run_ratio_ci_low": round(wlo, 4),
+            "rpm_whole_run_ratio_ci_high": round(whi, 4),
+            "rpm_whole_run_ratio_mde": round(wmde, 4) if wmde is not None else None,
             "rpm_mean": round(statistics.mean(r["per_seed_rpm"]), 3),
             "per_seed_rpm": [round(x, 3) for x in r["per_seed_rpm"]],
             **{key: value(r) for key, _, value in columns},
@@ -197,10 +206,12 @@ def main(name: str, doc: str, variants: dict[str, dict[str, Any]], columns: Colu
         merged_from=kept if kept and set(kept.get("raw", {})) - set(wanted) else None)
     plot(rows, ROOT / "docs" / f"{name}.png", title)
     table = markdown_table(
-        ["variant", "RPM ratio to base (95% CI)", "MDE", "RPM", *[h for _, h, _ in columns],
-         "decode latency ratio"],
+        ["variant", "RPM ratio to base (95% CI)", "MDE", "whole-run ratio (95% CI)",
+         "whole-run MDE", "RPM", *[h for _, h, _ in columns], "decode latency ratio"],
         [[r["name"], f"{r['rpm_ratio']:.3f} ({r['rpm_ratio_ci_low']:.3f}–"
           f"{r['rpm_ratio_ci_high']:.3f})", fmt(r["rpm_ratio_mde"], ".1%"),
+          f"{r['rpm_whole_run_ratio']:.3f} ({r['rpm_whole_run_ratio_ci_low']:.3f}–"
+          f"{r['rpm_whole_run_ratio_ci_high']:.3f})", fmt(r["rpm_whole_run_ratio_mde"], ".1%"),
           f"{r['rpm_mean']:.1f}",
           *[fmt(r[k]) for k, _, _ in columns], fmt(r["decode_latency_ratio"], ".2f")]
          for r in rows])
