@@ -237,6 +237,8 @@ class StepView:
     """Rank 0: ``--checkpoint-every-s`` has passed since the last checkpoint."""
     new_ids: dict[str, list[int]] = field(default_factory=dict)
     """Rank 0: ids given to new ads since the last step (the others bind the same)."""
+    rollback_due: bool = False
+    """Rank 0: the live A/B test decided online_worse (every rank rolls back now)."""
 
 
 @dataclass
@@ -338,12 +340,18 @@ class RankService(LearnerService):
             mine.publish_due = now - self.last_publish >= self.s.snapshot_every_s
             mine.checkpoint_due = now - self.last_checkpoint >= self.s.checkpoint_every_s
             mine.new_ids = self._new_ids()
+            mine.rollback_due = self.rollback_due()
         views: list[StepView] = self.group.all_gather(mine)
         lead = views[0]
         if self.rank != 0:
             self._bind_ids(lead.new_ids)
         self.group_stop = any(v.stop for v in views)
         total = sum(v.pending for v in views)
+        if lead.rollback_due:     # online_worse: every rank rolls back now
+            if total:
+                self.train_pending()
+            self.publish()
+            return
         if total and (self.group_stop or any(v.ready for v in views)):
             self.train_pending()
         elif total:

@@ -28,9 +28,10 @@ Live A/B test (docs/abtest.md): rank 0 feeds every final feedback record to a
 :class:`learner.abmonitor.BucketMonitor` (per-bucket RPM, CTR, CVR and an always-valid
 test of online against control). When the test finds the online bucket worse, the
 decision is logged with its evidence and counted, promotion stops (training goes on),
-and at the next publish the learner re-announces the best earlier version that was not
-worse (or the control version) under a new version id (:meth:`Publisher.republish`) and
-trains on from its weights; promotion resumes once the restored version has served
+and at its next loop step (not waiting for a publish to be due) the learner
+re-announces the best earlier version that was not worse (or the control version)
+under a new version id (:meth:`Publisher.republish`) and trains on from its weights;
+promotion resumes once the restored version has served
 ``--abtest-resume-requests`` requests per bucket without being found worse. A candidate
 the promotion guard refuses is logged and counted with the version that keeps serving
 and since when, and training goes on from the best published version.
@@ -365,7 +366,9 @@ class LearnerService:
         self.monitor = BucketMonitor(self.s.abtest_alpha, self.s.abtest_min_requests,
                                      self.s.abtest_target_requests)
         self.ab_pending: TestResult | None = None
-        """An online_worse decision not acted on yet (the next publish rolls back)."""
+        self.rollback_not_before = 0.0
+        """Monotonic time before which a failed rollback is not tried again."""
+        """An online_worse decision not acted on yet (the next loop step rolls back)."""
         self.ab_hold: dict[str, Any] | None = None
         """Why promotion is held (set by an online_worse decision), or None."""
         self.ab_failed: set[str] = set()
@@ -682,7 +685,12 @@ class LearnerService:
             self.ab_hold = {"since": time.time(), "decision": evidence}
         PROMOTION_HELD.set(1)
         log.warning("abtest.decision", **evidence,
-                    action="promotion held; rollback at the next publish")
+                    action="promotion held; rollback at the next loop step")
+
+    def rollback_due(self) -> bool:
+        """An online_worse decision waits for its rollback (rank 0; a failed one only
+        after ``--snapshot-every-s``)."""
+        return self.ab_pending is not None and time.monotonic() >= self.rollback_not_before
 
     def _maybe_resume(self) -> None:
         assert self.ab_hold is not None
@@ -722,8 +730,10 @@ class LearnerService:
         except SnapshotRefusedError as exc:
             ROLLBACKS.labels("failed").inc()
             log.error("abtest.rollback", result="failed", target=target.version,
-                      error=str(exc)[:300], **evidence, effect="retried at the next publish")
+                      error=str(exc)[:300], **evidence,
+                      effect=f"retried in {self.s.snapshot_every_s:g}s")
             self.ab_pending = decided
+            self.rollback_not_before = time.monotonic() + self.s.snapshot_every_s
             return None
         event = self.publisher.update_event(pub, self.watermark)
         self.next_version += 1
@@ -1015,6 +1025,11 @@ class LearnerService:
         room = max(1, self.s.batch_lists - len(self.pending))
         self.handle(self.consumer.poll(poll_timeout_ms, max_records=room))
         self.poll_ads()
+        if self.rollback_due():     # online_worse: roll back now, not at a publish
+            if self.pending:        # a publish commits: what was read is trained first
+                self.train_pending()
+            self.publish()
+            return
         full = len(self.pending) >= self.s.batch_lists
         waited = self.pending and time.monotonic() - self.pending_since >= self.s.max_wait_s
         if full or waited:
