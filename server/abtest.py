@@ -37,16 +37,18 @@ import hashlib
 import json
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from server import metrics as M
 from server.catalog import AdCatalog, OrganicCatalog
 from server.engine import Engine, RecRequest, RecResult
-from server.models import ModelManager, ServingState, VersionInfo
+from server.models import LoadedModel, ModelManager, ServingState, VersionInfo
+from server.trie import Trie, build_trie, sort_ids
 from streams.logs import get_logger
 from streams.metrics import counter, gauge
 from streams.schemas import ModelUpdate
@@ -230,6 +232,44 @@ class ControlModel:
             M.SWAP_TIME.set(serving.loaded_at)
         M.SERVABLE_ADS.set(online.trie.n_ads)
         M.ORGANIC_ITEMS.set(online.organic_trie.n_ads if online.organic_trie else 0)
+
+    def adopt_new_ads(self) -> bool:
+        """Call after the online manager loaded a version: when it is a newer version of
+        the control's id space whose id table holds every control ad under the same id
+        and more (ads the learner placed since), the control takes that id table and
+        keeps its graphs, so the control bucket can serve the new ads as the online
+        bucket does (its model scores any id; only its table lacked them). True when
+        the table was taken."""
+        control, online = self.state, self.online.state
+        if control is None or online is None:
+            return False
+        mine, theirs = control.model.manifest, online.model.manifest
+        if theirs.id_space_version != mine.id_space_version \
+                or len(theirs.ad_ids) <= len(mine.ad_ids) \
+                or theirs.level_sizes != mine.level_sizes:
+            return False
+        row = {a: i for i, a in enumerate(theirs.ad_ids)}
+        same = [row.get(a, -1) for a in mine.ad_ids]
+        if min(same, default=0) < 0 or not np.array_equal(theirs.ids[same], mine.ids):
+            log.warning("ab.control_ids_differ", control=mine.version,
+                        online=theirs.version, effect="the control keeps its own id table")
+            return False
+        with self._lock:
+            control = self.state
+            assert control is not None
+            manifest = replace(control.model.manifest, ad_ids=list(theirs.ad_ids),
+                               ids=theirs.ids)
+            model = replace(control.model, manifest=manifest, order=sort_ids(theirs.ids),
+                            row_of={a: i for i, a in enumerate(theirs.ad_ids)})
+            self.models.state = replace(control, model=model, trie=self._trie_of(model),
+                                        catalog_generation=self.catalog.generation)
+        log.info("ab.control_ids_refreshed", version=mine.version, ids_from=theirs.version,
+                 ads=len(theirs.ad_ids), new_ads=len(theirs.ad_ids) - len(mine.ad_ids))
+        return True
+
+    def _trie_of(self, model: LoadedModel) -> Trie:
+        mask = self.catalog.servable_mask(model.manifest.ad_ids)
+        return build_trie(model.manifest.ids, model.order, mask, model.manifest.level_sizes)
 
     # -- the catalogues --------------------------------------------------------------
     def on_catalog_change(self) -> None:

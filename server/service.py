@@ -194,9 +194,10 @@ class Service:
     # -- the control bucket ------------------------------------------------------------
     def _after_online_load(self) -> None:
         """Pin the online bucket's version as the control when it is the control
-        (``pretrained``: the first version loaded), and show both versions."""
-        if self.control is not None:
-            self.control.after_online_load()
+        (``pretrained``: the first version loaded), else give the control the ads placed
+        since (:meth:`ControlModel.adopt_new_ads`), and show both versions."""
+        if self.control is not None and not self.control.after_online_load():
+            self.control.adopt_new_ads()
         self.router.refresh()
 
     def _load_control(self, initial: bool) -> None:

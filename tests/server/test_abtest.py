@@ -1,5 +1,6 @@
 """The live A/B test: stable bucket assignment, a control model pinned across
-``model-updates`` swaps, and the bucket and serving version on every response and
+``model-updates`` swaps (taking the id tables of newer versions of its id space, so new
+ads serve in both buckets), and the bucket and serving version on every response and
 impression (real HTTP, real Kafka)."""
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ from typing import Any
 import httpx
 import pytest
 
-from server.abtest import CONTROL, ONLINE, assign
+from server.abtest import CONTROL, ONLINE, PRETRAINED, ControlModel, assign
+from server.catalog import AdCatalog
+from server.engine import Engine, RecRequest
+from server.models import ModelManager
+from server.runtime import resolve_provider
 from streams.kafka_io import read_all
 from streams.schemas import Event, Impression
 from streams.settings import KafkaSettings
-from tests.server.conftest import Builder, metric_value, publish_ads, ready, wait_for
-from tests.support.snapshots import ServerThread
+from tests.server.conftest import AD_IDS, Builder, metric_value, publish_ads, ready, wait_for
+from tests.support.snapshots import ServerThread, make_ads
 
 Send = Callable[[str, Event], None]
 Start = Callable[..., ServerThread]
@@ -208,3 +213,46 @@ def test_a_version_control_loads_from_the_history_and_until_then_serves_nobody(
         wait_for(lambda: c.get("/v1/models", headers=AUTH).json()["ab"]["control"]
                  ["version"] == "v0", what="the control from its cache")
         assert _versions(_recommend_all(c)) == {CONTROL: {"v0"}, ONLINE: {"v4"}}
+
+
+# -- the control bucket and new ads ----------------------------------------------------
+
+def test_the_control_takes_the_id_table_of_newer_versions_so_it_serves_new_ads(
+        tmp_path: Path, snapshots: Builder) -> None:
+    new_ads = ["ad-new-0", "ad-new-1", "ad-new-2"]
+    catalog = AdCatalog()
+    catalog.apply((a.ad_id, a) for a in make_ads([*AD_IDS, *new_ads]))
+    online = ModelManager(catalog, resolve_provider("cpu"), tmp_path / "online", 3, 1)
+    control = ControlModel(PRETRAINED, online, catalog, None, tmp_path / "control",
+                           ModelManager(catalog, resolve_provider("cpu"),
+                                        tmp_path / "control", 3, 1))
+    assert online.apply_update(snapshots("v1").model_update()) == "ok"
+    assert control.after_online_load()
+    assert control.state is not None and control.state.trie.n_ads == len(AD_IDS)
+    v1_runtime = control.state.model.runtime
+
+    # v2: the same id space with three ads placed since
+    assert online.apply_update(snapshots("v2", extra_ad_ids=new_ads).model_update()) == "ok"
+    assert not control.after_online_load() and control.adopt_new_ads()
+    state = control.state
+    assert state is not None and state.model.version == "v1"
+    assert state.model.runtime is v1_runtime                    # v1's graphs, v2's ids
+    assert state.trie.n_ads == len(AD_IDS) + len(new_ads)
+    online_ids = online.state.model.manifest if online.state else None
+    assert online_ids is not None
+    for ad in new_ads:
+        row = state.model.row_of[ad]
+        assert list(state.model.manifest.ids[row]) == \
+            list(online_ids.ids[online_ids.ad_ids.index(ad)])
+    engine = Engine(control.models, catalog, score_catalogue_max=10**6)
+    [res] = engine.run([RecRequest("u", {"device": "ios"}, [], len(AD_IDS) + 3)],
+                       lambda levels, k: [2] * levels)
+    assert set(new_ads) <= {a.ad_id for a in res.ads}
+    assert not control.adopt_new_ads()                          # nothing newer: no change
+
+    # another id space (a tokenizer refit) is never mixed into the control's
+    assert online.apply_update(snapshots("v3", id_seed=7,
+                                         extra_ad_ids=[*new_ads, "ad-new-3"])
+                               .model_update()) == "ok"
+    assert not control.adopt_new_ads()
+    assert "ad-new-3" not in control.state.model.row_of

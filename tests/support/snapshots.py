@@ -63,6 +63,9 @@ class SnapshotSpec:
     seed: int = 0
     id_seed: int = 0
     """Seed of the id table: keep it fixed across versions of one id space."""
+    extra_ad_ids: Sequence[str] = ()
+    """Ads placed after the others (as the learner's tokenizer places new ads): appended
+    to the id table with ids no other ad has, the others keeping theirs."""
     data_watermark: float = 0.0
     organic_ids: Sequence[str] = ()
     """Organic item ids of the manifest's ``organic_ids`` (none by default). With them, the
@@ -385,6 +388,11 @@ def build_snapshot(directory: Path, spec: SnapshotSpec | None = None,
             list(spec.organic_ids), [1, *sizes[1:]], spec.id_seed + 1).items()}
     else:
         ids = make_id_table(ad_ids, spec.level_sizes, spec.id_seed)
+    if spec.extra_ad_ids:
+        taken = {tuple(row) for row in ids.values()}
+        fresh = (list(row) for row in np.ndindex(*spec.level_sizes) if row not in taken)
+        ids.update({a: [int(x) for x in next(fresh)] for a in spec.extra_ad_ids})
+        ad_ids += list(spec.extra_ad_ids)
     files: dict[str, dict[str, Any]] = {}
     for name, model in _graphs(spec, rng).items():
         data = model.SerializeToString()
