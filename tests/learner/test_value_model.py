@@ -5,14 +5,16 @@ carried by value.onnx."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from learner import synthetic
-from learner.data import build_examples, split_by_time
+from learner.data import ExampleSet, build_examples, split_by_time
 from learner.export import export_snapshot, ort_outputs, reference_inputs, torch_outputs
 from learner.losses import value_loss
 from learner.model import POSITIONS, GenerativeRecommender
@@ -78,21 +80,19 @@ def test_the_per_item_bias_row_is_a_function_of_the_full_id_only() -> None:
     assert int(rows.min()) >= 0 and int(rows.max()) < head.item_bias.shape[0]
 
 
-def _known_rate_log(tok: UASIDTokenizer, ads: list, n_requests: int = 3000,
-                    seed: int = 0) -> tuple[list[Feedback], dict[str, float]]:
-    """Random slates of 5 with a known click rate per industry (no user effect)."""
+def _random_slates_log(tok: UASIDTokenizer, ads: list, n_requests: int, seed: int,
+                       device_of: Callable[[int], str],
+                       rate: Callable[[Any, str], float]) -> list[Feedback]:
+    """Random slates of 5, request ``r`` on device ``device_of(r)``, each ad clicked at
+    ``rate(ad, device)`` and a click converting at 0.3."""
     rng = np.random.default_rng(seed)
-    industries = sorted({a.industry for a in ads})
-    rate_of = {ind: 0.02 + 0.25 * i / max(1, len(industries) - 1)
-               for i, ind in enumerate(industries)}
-    ctr = {a.ad_id: rate_of[a.industry] for a in ads}
     out = []
     for r in range(n_requests):
-        shown = rng.choice(len(ads), 5, replace=False)
+        device = device_of(r)
         items = []
-        for pos, i in enumerate(shown.tolist()):
+        for pos, i in enumerate(rng.choice(len(ads), 5, replace=False).tolist()):
             a = ads[i]
-            clicked = bool(rng.random() < ctr[a.ad_id])
+            clicked = bool(rng.random() < rate(a, device))
             items.append(FeedbackItem(
                 ad_id=a.ad_id, semantic_id=list(tok.ids_of(a.ad_id)), position=pos,
                 score=0.0, bid=a.bid, bid_type=a.bid_type, clicked=clicked,
@@ -100,22 +100,40 @@ def _known_rate_log(tok: UASIDTokenizer, ads: list, n_requests: int = 3000,
         t = 1000.0 + 30.0 * r
         out.append(Feedback(request_id=f"r{r}", user_id=f"u{r % 50}", kind="final",
                             revision=0, impression_time=t, event_time=t + 60, elapsed_s=60,
-                            window_closed=True, context={"device": "ios"}, items=items))
-    return out, ctr
+                            window_closed=True, context={"device": device}, items=items))
+    return out
+
+
+def _known_rate_log(tok: UASIDTokenizer, ads: list, n_requests: int = 3000,
+                    seed: int = 0) -> tuple[list[Feedback], dict[str, float]]:
+    """Random slates of 5 with a known click rate per industry (no user effect)."""
+    industries = sorted({a.industry for a in ads})
+    rate_of = {ind: 0.02 + 0.25 * i / max(1, len(industries) - 1)
+               for i, ind in enumerate(industries)}
+    ctr = {a.ad_id: rate_of[a.industry] for a in ads}
+    return _random_slates_log(tok, ads, n_requests, seed, lambda r: "ios",
+                              lambda a, _device: ctr[a.ad_id]), ctr
+
+
+def _model_on(fb: list[Feedback], tok: UASIDTokenizer, held_frac: float, **cfg: Any
+              ) -> tuple[GenerativeRecommender, ExampleSet, ExampleSet]:
+    """A fresh small model on ``fb``'s examples split by time, its cell priors set from
+    the earlier part: (model, train, held)."""
+    torch.manual_seed(0)
+    model = GenerativeRecommender(small_cfg(tok, **cfg)).eval()
+    ex = build_examples(fb, tok, model.cfg.history_len, model.cfg.context_features,
+                        model.cfg.context_buckets, 0, organic_len=model.cfg.organic_len)
+    train, held = split_by_time(ex, held_frac)
+    shown = shown_slates(train).batch()
+    model.value.set_priors(shown.slate, shown.slate_mask, shown.clicked, shown.converted)
+    return model, train, held
 
 
 def test_platt_calibration_fitted_on_held_out_logs_removes_a_shift_and_travels_in_the_graph(
         synth_log: synthetic.SyntheticLog, small_tokenizer: UASIDTokenizer,
         tmp_path: Path) -> None:
     fb, ctr = _known_rate_log(small_tokenizer, synth_log.ads)
-    torch.manual_seed(0)
-    model = GenerativeRecommender(small_cfg(small_tokenizer)).eval()
-    ex = build_examples(fb, small_tokenizer, model.cfg.history_len,
-                        model.cfg.context_features, model.cfg.context_buckets, 0,
-                        organic_len=model.cfg.organic_len)
-    train, held = split_by_time(ex, 0.3)
-    shown = shown_slates(train).batch()
-    model.value.set_priors(shown.slate, shown.slate_mask, shown.clicked, shown.converted)
+    model, _, held = _model_on(fb, small_tokenizer, 0.3)
     model.value.out.weight.data.zero_()       # the decoder adds nothing: logits = prior
     model.value.prior_logit[0] += 1.2         # a miscalibrated model (pCTR ~3x too high)
 
@@ -235,39 +253,17 @@ def _crossed_rate_log(tok: UASIDTokenizer, ads: list, n_requests: int = 1500,
     """Random slates of 5 whose click rate is a device × industry cross: on ``ios`` the
     first half of the industries is clicked at 0.3 and the rest at 0.02, on ``android``
     the other way round (every industry's mean rate is the same)."""
-    rng = np.random.default_rng(seed)
     industries = sorted({a.industry for a in ads})
     first = set(industries[: len(industries) // 2])
-    out = []
-    for r in range(n_requests):
-        device = "ios" if r % 2 else "android"
-        items = []
-        for pos, i in enumerate(rng.choice(len(ads), 5, replace=False).tolist()):
-            a = ads[i]
-            rate = 0.3 if (a.industry in first) == (device == "ios") else 0.02
-            clicked = bool(rng.random() < rate)
-            items.append(FeedbackItem(
-                ad_id=a.ad_id, semantic_id=list(tok.ids_of(a.ad_id)), position=pos,
-                score=0.0, bid=a.bid, bid_type=a.bid_type, clicked=clicked,
-                converted=clicked and bool(rng.random() < 0.3), reward=float(clicked)))
-        t = 1000.0 + 30.0 * r
-        out.append(Feedback(request_id=f"r{r}", user_id=f"u{r % 50}", kind="final",
-                            revision=0, impression_time=t, event_time=t + 60, elapsed_s=60,
-                            window_closed=True, context={"device": device}, items=items))
-    return out
+    return _random_slates_log(
+        tok, ads, n_requests, seed, lambda r: "ios" if r % 2 else "android",
+        lambda a, device: 0.3 if (a.industry in first) == (device == "ios") else 0.02)
 
 
 def test_the_linear_fit_learns_a_context_cross_the_prior_cannot_hold(
         synth_log: synthetic.SyntheticLog, small_tokenizer: UASIDTokenizer) -> None:
     fb = _crossed_rate_log(small_tokenizer, synth_log.ads)
-    torch.manual_seed(0)
-    model = GenerativeRecommender(small_cfg(small_tokenizer, value_wide=True)).eval()
-    ex = build_examples(fb, small_tokenizer, model.cfg.history_len,
-                        model.cfg.context_features, model.cfg.context_buckets, 0,
-                        organic_len=model.cfg.organic_len)
-    train, held = split_by_time(ex, 0.2)
-    shown = shown_slates(train).batch()
-    model.value.set_priors(shown.slate, shown.slate_mask, shown.clicked, shown.converted)
+    model, train, held = _model_on(fb, small_tokenizer, 0.2, value_wide=True)
     before = value_metrics(model, held)
     out = fit_linear(model, train, val_frac=0.2, scales=(1.0, 3.0))
     after = value_metrics(model, held)
