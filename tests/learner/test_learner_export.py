@@ -24,9 +24,10 @@ CONTRACT = {
                      ["memory", "memory_mask", "lower", "memory_kv"]),
     "decoder_step.onnx": ({"memory_kv": "float", "memory_mask": "float", "lower": "float",
                            "beam_request": "int64", "prefix": "int64"}, ["logits"]),
-    "value.onnx": ({"memory": "float", "memory_mask": "float", "candidates": "int64"},
-                   ["pctr", "pcvr"]),
+    "value.onnx": ({"memory": "float", "memory_mask": "float", "candidates": "int64",
+                    "context": "int64"}, ["pctr", "pcvr"]),
 }
+"""The default model's graphs (its value head has wide terms: value.onnx reads context)."""
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +86,11 @@ def test_onnx_matches_torch_for_random_batches_and_beams(
         assert (logits[:, valid:] <= -1e8).all()
         worst = max(worst, np.abs(logits - t_logits.numpy()).max())
     cands = ids[rng.integers(len(ids), size=(B, C))]
-    pctr, pcvr = val.run(None, {"memory": memory, "memory_mask": mmask, "candidates": cands})
+    pctr, pcvr = val.run(None, {"memory": memory, "memory_mask": mmask, "candidates": cands,
+                                "context": context})
     with torch.no_grad():
-        t_ctr, t_cvr = model.value(t_enc[0], t_enc[1], torch.from_numpy(cands))
+        t_ctr, t_cvr = model.value(t_enc[0], t_enc[1], torch.from_numpy(cands),
+                                   context=torch.from_numpy(context))
     assert pctr.shape == pcvr.shape == (B, C) and ((pctr > 0) & (pctr < 1)).all()
     worst = max(worst, np.abs(pctr - torch.sigmoid(t_ctr).numpy()).max(),
                 np.abs(pcvr - torch.sigmoid(t_cvr).numpy()).max())
