@@ -69,6 +69,9 @@ class KafkaSettings(BaseSettings):
         3000, ge=100, description="how often every client refreshes its cluster metadata: "
         "the longest a consumer started before its topic exists waits to find it (Kafka's "
         "default is 5 minutes)")
+    bootstrap_timeout_ms: int = Field(
+        30000, ge=100, description="how long a client waits for its first connection to the "
+        "cluster before it fails (and its owner retries, counted)")
     topic_wait_s: float = Field(
         120.0, gt=0, description="how long a process waits at start-up for its input topics "
         "to exist (`adloop topics create`) before it exits with that advice")
@@ -100,6 +103,7 @@ class KafkaSettings(BaseSettings):
         """Arguments for any kafka-python client of this cluster (plus ``extra``)."""
         return {"bootstrap_servers": self.bootstrap_servers,
                 "metadata_max_age_ms": self.metadata_max_age_ms,
+                "bootstrap_timeout_ms": self.bootstrap_timeout_ms,
                 **self.security_config(), **extra}
 
 

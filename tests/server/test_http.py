@@ -325,7 +325,8 @@ def _closed_port() -> int:
 
 def test_kafka_down_the_server_keeps_answering_and_counts_dropped_impressions(
         tmp_path: Path, start_server: Start, snapshots: Builder) -> None:
-    down = KafkaSettings(bootstrap_servers=f"127.0.0.1:{_closed_port()}", topic_prefix="x.")
+    down = KafkaSettings(bootstrap_servers=f"127.0.0.1:{_closed_port()}", topic_prefix="x.",
+                         bootstrap_timeout_ms=2000)
     srv = start_server(down, snapshot=snapshots("v1").directory, impression_buffer=5)
     with httpx.Client(base_url=srv.url, timeout=30) as c:
         before = metric_value(c.get("/metrics").text, "adloop_server_impressions_dropped_total")

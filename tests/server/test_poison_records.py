@@ -158,7 +158,8 @@ def test_a_record_whose_handler_raises_is_skipped_and_the_follower_goes_on(
 
 
 def test_an_unreachable_broker_is_retried_with_backoff_and_counted(tmp_path: Path) -> None:
-    down = KafkaSettings(bootstrap_servers="127.0.0.1:1", topic_prefix="t-down.")
+    down = KafkaSettings(bootstrap_servers="127.0.0.1:1", topic_prefix="t-down.",
+                         bootstrap_timeout_ms=2000)
     before = REGISTRY.get_sample_value("adloop_follow_retries_total", {"topic": "ads"}) or 0.0
     follower = TopicFollower(down, "ads", lambda batch: None).start()
     try:

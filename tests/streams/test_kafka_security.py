@@ -72,4 +72,5 @@ def test_a_wrong_password_is_refused(sasl_broker: str) -> None:
     # kafka-python reports a refused SASL handshake as an authentication error or, when it
     # keeps retrying, as a bootstrap timeout: either way nothing gets through
     with pytest.raises(Exception, match=r"(?i)auth|bootstrap|timed? ?out|NoBrokers"):
-        create_topics(bad.bootstrap_servers, bad.topic_prefix, security=bad.security_config())
+        create_topics(bad.bootstrap_servers, bad.topic_prefix,
+                      security={**bad.security_config(), "bootstrap_timeout_ms": 3000})
