@@ -9,9 +9,11 @@ Each policy has ``recommend_batch(requests) -> list[ServedSlate]`` and
   trie-constrained beam search over servable ads, value-head ranking by expected
   value), optionally updated online by :class:`learner.rspo_step.OnlineLearner` —
   ``rspo`` (RSPO + VSL anchor + value heads), ``vsl_only`` (the same without the RSPO
-  term) or ``frozen`` (no updates). Every ``publish_every`` updates the model is
-  exported and served and the reference policy refreshed to it, as the live
-  learner does at each published snapshot. Its slates carry the engine's final beams
+  term) or ``frozen`` (no updates). Every ``publish_every`` updates (1: every update,
+  the default) the model is exported and served and the reference policy refreshed to
+  it, as the live learner does at each published snapshot. Serving each update matters
+  as much as the update: the value head's linear terms, refitted on every update, only
+  earn once served (docs/decisions.md). Its slates carry the engine's final beams
   (``ServedSlate.beams``), which the harness puts into the feedback as the live server
   logs them and the joiner copies them, so HEPO (``RSPOConfig.hepo_weight``) trains on
   the same sibling groups as ``adloop learn``.
@@ -61,7 +63,7 @@ class GenerativePolicy:
 
     def __init__(self, name: str, world: World, model: GenerativeRecommender,
                  tok: UASIDTokenizer, update: str = "none", beam_width: int = 32,
-                 lr: float = 5e-4, publish_every: int = 10, seed: int = 0,
+                 lr: float = 5e-4, publish_every: int = 1, seed: int = 0,
                  explore: float = 0.0, explore_max_shown: int = 50,
                  rspo: RSPOConfig | None = None, catalogue_beams: bool = True,
                  work_dir: Path | None = None, threads: int = 0,
