@@ -158,8 +158,9 @@ class EvalConfig:
     trie_logprobs: bool = True
     """RSPO's log-probs renormalized over the servable trie, as served (False: over each
     level's whole vocabulary; for ablations)."""
-    value_priors: bool = True
-    """The value head's empirical-Bayes priors per (industry, goal) (False: for ablations)."""
+    value_priors: bool = False
+    """The value head's empirical-Bayes priors per (industry, goal) (True: the variant,
+    off by default as in pretraining; ``PretrainSettings.value_priors``)."""
     organic_slots: int = 0
     """Organic items (videos, articles) per request in a mixed feed (0: ads only). With
     slots, the generative policies serve organic items from the shared id space, the

@@ -16,7 +16,9 @@ Variants (every one on the same seeds and the same simulated traffic as
 * ``+trie_logprobs``: RSPO's log-probs renormalized over the servable trie, as the
   server scores a level;
 * ``+value_priors``: the value head's empirical-Bayes priors per (industry, bid
-  type/goal) from the logs — the default (``frozen`` has them too).
+  type/goal) from the logs (the default until the value head's linear terms were
+  fitted to convergence; now off: the variant before it is the default, ``frozen``
+  is that model).
 
 The promotion guard (the fifth change) does not act inside the harness; its test is in
 ``tests/learner/test_online_learner.py``. Writes ``bench/results/rspo_ablations.json``

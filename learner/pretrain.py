@@ -159,9 +159,11 @@ class PretrainSettings(BaseSettings):
     """Weight of the Distribution Consistency loss over each shown slate (0 = off)."""
     dc_tau: float = 1.0
     """Temperature of the ranker's side of the DC loss."""
-    value_priors: bool = True
+    value_priors: bool = False
     """Set the value head's prior logits per (industry, goal) from the logs
-    (``ValueHead.set_priors``; off: no prior, the earlier form)."""
+    (``ValueHead.set_priors``). Off by default: with the linear terms fitted to
+    convergence (``value_wide``) the fixed offset cost revenue in the closed loop
+    (docs/decisions.md); the fit's own industry and code terms learn the base rates."""
     value_factors: bool = True
     """Factorised value terms: a per-item bias shrunk to the (industry, goal) prior and
     user × item interactions (ModelConfig.value_factors)."""
