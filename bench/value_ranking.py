@@ -258,8 +258,11 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, Any
     for s in SCORERS:
         entry: dict[str, Any] = {}
         for m in METRICS:
-            vals = [per_seed[x][s][m] for x in seeds if m in per_seed[x][s]]
-            if vals:
+            # NaN: a metric undefined on a seed (a rank correlation of a constant
+            # scorer, e.g. the prior alone when the head has no priors)
+            vals = [per_seed[x][s][m] for x in seeds
+                    if m in per_seed[x][s] and np.isfinite(per_seed[x][s][m])]
+            if len(vals) >= 2:
                 mean, lo, hi = mean_ci(vals)
                 entry[m] = round(mean, 4)
                 entry[f"{m}_ci95"] = [round(lo, 4), round(hi, 4)]
