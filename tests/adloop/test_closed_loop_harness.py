@@ -93,8 +93,9 @@ def test_generative_policies_are_served_from_exported_snapshots_and_learn(
     assert res["policies"]["rspo"]["explored_share"]["mean"] > 0.0
     assert res["policies"]["frozen"]["explored_share"]["mean"] == 0.0
     assert res["rspo_over_frozen"] is not None
-    # rspo published (10 updates of 32 lists) and served its own snapshot
-    assert res["policies"]["rspo"]["model_versions"]["mean"] == 2
+    # rspo published after each of its 10 updates (of 32 lists) and served each
+    # snapshot: the pretrained version and ten more
+    assert res["policies"]["rspo"]["model_versions"]["mean"] == 1 + 320 // 32
     assert res["policies"]["frozen"]["model_versions"]["mean"] == 1
 
 
