@@ -112,6 +112,13 @@ class GenerativePolicy:
         return self.server.published
 
     # -- serving ---------------------------------------------------------------------------
+    def sync_world(self) -> None:
+        """Bring the server up to the world's ads: the catalogue, an id for every ad the
+        world has created (the learner's online placement) and the servable ids."""
+        self.server.sync_catalog(self.world.ad_records())
+        self._place_new_ads()
+        self.server.update_ids(self.tok)
+
     def _place_new_ads(self) -> None:
         """Give every ad the world has created an id (the learner's online placement)."""
         new = [a.record for a in self.world.ads.values() if a.ad_id not in self.tok]
@@ -134,9 +141,7 @@ class GenerativePolicy:
         return [min(self.beam_width, 16 * 2**t) for t in range(id_len)]
 
     def recommend_batch(self, requests: Sequence[Request]) -> list[ServedSlate]:
-        self.server.sync_catalog(self.world.ad_records())
-        self._place_new_ads()
-        self.server.update_ids(self.tok)
+        self.sync_world()
         widths = self.widths()
         results = self.server.rank(
             [RecRequest(r.user_id, dict(r.context), list(reversed(r.recent_ad_ids)), r.k,

@@ -222,9 +222,7 @@ def explore_rank(gp: Any, reqs: Sequence[Any]) -> list[Any]:
     """The exploring server's results (slates with the propensities it logs)."""
     from server.engine import RecRequest
 
-    gp.server.sync_catalog(gp.world.ad_records())
-    gp._place_new_ads()
-    gp.server.update_ids(gp.tok)
+    gp.sync_world()
     widths = gp.widths()
     return list(gp.server.rank(
         [RecRequest(r.user_id, dict(r.context), list(reversed(r.recent_ad_ids)), r.k,

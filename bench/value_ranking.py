@@ -189,9 +189,7 @@ class ServedValueHead:
 
         p = self.policy
         p.world = world                   # ads created since are placed as served
-        p.server.sync_catalog(world.ad_records())
-        p._place_new_ads()
-        p.server.update_ids(p.tok)
+        p.sync_world()
         res = p.server.rank([RecRequest(req.user_id, dict(req.context),
                                         list(reversed(req.recent_ad_ids)), len(ads),
                                         list(req.recent_organic))],

@@ -14,7 +14,9 @@ lockstep, one control exchange per loop step:
 3. a training step (any rank's batch is ready): every rank computes gradients on its own
    lists, :class:`AllReduceAdamW` all-reduces them weighted by list count (a rank with
    no lists contributes zero with weight 0), clips the averaged gradient and steps:
-   identical gradients and optimizer states keep the replicas identical;
+   identical gradients and optimizer states keep the replicas identical; the value head's
+   linear terms are refitted on rank 0 from every rank's shown items and broadcast
+   (:func:`refit_on_rank0`);
 4. a publish: rank 0 alone exports, guards and stores (or, after the live A/B test
    found the online bucket worse, re-announces an earlier version), then broadcasts the
    outcome with the weights to train on from after a refusal or a rollback; every rank
@@ -66,7 +68,8 @@ from learner.online import (
     LearnerSettings,
     LedgerError,
 )
-from learner.rspo_step import OnlineLearner
+from learner.rspo_step import LinearSync, OnlineLearner
+from learner.value_fit import Impressions, OnlineLinear
 from streams.logs import get_logger
 from streams.metrics import start_metrics_server
 from streams.schemas import Feedback
@@ -195,13 +198,39 @@ class AllReduceAdamW(torch.optim.AdamW):
 
 def make_data_parallel(learner: OnlineLearner, group: Group) -> OnlineLearner:
     """Swap ``learner``'s optimizer for an :class:`AllReduceAdamW` with the same
-    hyper-parameters (before loading any optimizer state)."""
+    hyper-parameters and parameters (before loading any optimizer state), and refit the
+    value head's linear terms once for the group (:func:`refit_on_rank0`)."""
     d = learner.opt.defaults
+    params = [p for g in learner.opt.param_groups for p in g["params"]]
     learner.opt = AllReduceAdamW(
-        learner.model.parameters(), group, learner.grad_clip, lr=d["lr"], betas=d["betas"],
+        params, group, learner.grad_clip, lr=d["lr"], betas=d["betas"],
         eps=d["eps"], weight_decay=d["weight_decay"], amsgrad=d["amsgrad"])
     learner.grad_clip = math.inf
+    learner.linear_sync = refit_on_rank0(group)
     return learner
+
+
+def refit_on_rank0(group: Group) -> LinearSync:
+    """The group's :data:`learner.rspo_step.LinearSync`: every rank sends rank 0 the items
+    its lists showed, rank 0 adds them all (in rank order) and refits the linear terms,
+    and broadcasts the tables, which every other rank loads: the same refit one process
+    would run on the union of the lists, and identical tables on every rank."""
+
+    def sync(linear: OnlineLinear, rows: Impressions | None) -> dict[str, float]:
+        parts = group.gather(rows)
+        out: tuple[dict[str, float], dict[str, torch.Tensor]] | None = None
+        if group.rank == 0:
+            assert parts is not None
+            got = [p for p in parts if p is not None]
+            stats = linear.refit_with(Impressions.cat(got)) if got else {}
+            out = (stats, {k: t.detach().clone()
+                           for k, t in linear.head.linear_tables().items()})
+        stats, tables = group.broadcast(out)
+        if group.rank != 0:
+            linear.load(tables)
+        return stats
+
+    return sync
 
 
 def step_without_lists(learner: OnlineLearner) -> None:
@@ -211,6 +240,8 @@ def step_without_lists(learner: OnlineLearner) -> None:
     learner.opt.zero_grad(set_to_none=True)
     learner.opt.lists = 0.0
     learner.opt.step()
+    if learner.linear is not None:
+        learner.linear_sync(learner.linear, None)
     learner.steps += 1
 
 

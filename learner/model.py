@@ -155,9 +155,10 @@ class ModelConfig:
     intents and task tokens only)."""
     value_factors: bool = True
     """Factorised logit terms of the value head beside its decoder output (see
-    :class:`ValueHead`): a per-item bias (hashed full id) shrunk to the (industry, goal)
-    prior, and user × item interactions (context rows, pooled history and organic
-    topics × the candidate's semantic and business tokens). Checkpoints written before
+    :class:`ValueHead`): a per-item bias (hashed full id) shrunk to 0, so to the rest of
+    the logit (the cell prior, the wide terms), and user × item interactions (context
+    rows, pooled history and organic topics × the candidate's semantic and business
+    tokens). Checkpoints written before
     it existed load with ``False``."""
     value_factors_cvr: bool = False
     """The factorised terms on pCVR too (off: pCTR only; pCVR stays the cell prior plus
@@ -172,6 +173,10 @@ class ModelConfig:
     takes ``context``): every context value × the candidate's industry and level-0 code,
     and the user's organic-topic shares × the same (see :class:`ValueHead`). Checkpoints
     written before it existed load with ``False``."""
+    value_wide_goal: bool = False
+    """The wide terms key on the candidate's goal (bid type) too: a weight per goal and
+    per (context value, goal) and (organic topic, goal) cell beside the industry's and
+    the level-0 code's. Checkpoints written before it existed load with ``False``."""
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -228,7 +233,7 @@ class ModelConfig:
                       "prior_horizons": 1, "prior_mix_mode": "fixed", "task_tokens": False,
                       "fake_items": False, "ranker_kv": False, "mtp_mode": "pooled",
                       "intent_tokens": 0, "value_factors": False, "value_wide": False,
-                      **d})
+                      "value_wide_goal": False, **d})
 
 
 # --------------------------------------------------------------------------------------
@@ -859,7 +864,9 @@ class ValueHead(nn.Module):
                 raise ValueError("value_wide needs value_factors and the business tokens "
                                  "(industry, goal)")
             self.n_ctx_ids, self.n_topic_ids = len(cfg.context_features), cfg.organic_len
-            self.wide_cells = (cfg.level_sizes[L], cfg.level_sizes[0])
+            self.wide_cells: tuple[int, ...] = (cfg.level_sizes[L], cfg.level_sizes[0])
+            if cfg.value_wide_goal:
+                self.wide_cells += (cfg.level_sizes[L + 1],)
             n = cfg.context_buckets * sum(self.wide_cells)
             self.wide_item = nn.Parameter(torch.zeros(sum(self.wide_cells), 2))
             self.wide_context = nn.Parameter(torch.zeros(n, 2))
@@ -991,19 +998,17 @@ class ValueHead(nn.Module):
         absent or padding), candidates [B, K, T]; ``tables`` in place of the head's own
         (:data:`WIDE`, for a fit outside the module)."""
         t = tables if tables is not None else self.linear_tables()
-        n_ind, n_c0 = self.wide_cells
-        width = n_ind + n_c0
-        assert self.biz is not None
-        cells = torch.stack([candidates[..., self.biz[0]], n_ind + candidates[..., 0]], -1)
+        width = sum(self.wide_cells)
+        cells = self.cells_of(candidates)
         C, n_topic = self.n_ctx_ids, self.n_topic_ids
 
         def term(table: Tensor, ids: Tensor, weight: Tensor) -> Tensor:
-            flat = ids[:, None, :, None] * width + cells[:, :, None, :]    # [B, K, F, 2]
+            flat = ids[:, None, :, None] * width + cells[:, :, None, :]    # [B, K, F, W]
             vals = table[flat].sum(3)                                       # [B, K, F, 2]
             return (vals * weight[:, None, :, None]).sum(2)
 
         ctx = context[:, :C]
-        out = t["wide_item"][cells].sum(-2)         # the industry's and the code's own
+        out = t["wide_item"][cells].sum(-2)         # the candidate's own cells
         out = out + term(t["wide_context"], ctx, (ctx > 0).to(out.dtype))
         if n_topic:
             topics = context[:, C:C + n_topic]
@@ -1011,6 +1016,17 @@ class ValueHead(nn.Module):
             out = out + term(t["wide_topic"], topics,
                              present / (present.sum(1, keepdim=True) + 2.0))
         return out
+
+    def cells_of(self, candidates: Tensor) -> Tensor:
+        """Each candidate's wide-table rows [..., n_cells] (``wide_cells``: its industry,
+        its level-0 code and, with ``value_wide_goal``, its goal), from ids [..., T]."""
+        assert self.biz is not None
+        tokens = (candidates[..., self.biz[0]], candidates[..., 0],
+                  candidates[..., self.biz[1]])[:len(self.wide_cells)]
+        offsets = [0]
+        for n in self.wide_cells[:-1]:
+            offsets.append(offsets[-1] + n)
+        return torch.stack([off + tok for off, tok in zip(offsets, tokens, strict=True)], -1)
 
     def penalty(self) -> Tensor:
         """The per-item biases' L2 term (their zero-mean Gaussian prior), to add to the

@@ -424,10 +424,7 @@ class LearnerService:
         return model, tok, self._learner(model)
 
     def _learner(self, model: GenerativeRecommender) -> OnlineLearner:
-        # ranks of a distributed learner keep the linear terms in the (all-reduced)
-        # optimizer: a refit per rank on its own lists would let the ranks' tables differ
-        return OnlineLearner(model, self.rspo_cfg, lr=self.s.lr, value_weight=self.s.value_weight,
-                             refit_linear=self.s.world_size <= 1)
+        return OnlineLearner(model, self.rspo_cfg, lr=self.s.lr, value_weight=self.s.value_weight)
 
     def my_partitions(self, parts: list[int]) -> list[int]:
         """The ``feedback`` partitions this process trains on (all of them)."""

@@ -165,8 +165,9 @@ class PretrainSettings(BaseSettings):
     convergence (``value_wide``) the fixed offset cost revenue in the closed loop
     (docs/decisions.md); the fit's own industry and code terms learn the base rates."""
     value_factors: bool = True
-    """Factorised value terms: a per-item bias shrunk to the (industry, goal) prior and
-    user × item interactions (ModelConfig.value_factors)."""
+    """Factorised value terms: a per-item bias under an L2 prior (an ad with little data
+    keeps the rest of the head's logit: its cells' base rates) and user × item
+    interactions (ModelConfig.value_factors)."""
     value_factors_cvr: bool = False
     """The factorised terms on pCVR too (ModelConfig.value_factors_cvr; off: pCTR only)."""
     value_rank: int = 16
@@ -179,6 +180,9 @@ class PretrainSettings(BaseSettings):
     candidate's industry and level-0 code; ModelConfig.value_wide), fitted to
     convergence after pretraining (learner.value_fit.fit_linear) and refitted online
     (learner.value_fit.OnlineLinear). Off: the head of earlier versions."""
+    value_wide_goal: bool = False
+    """The wide terms key on the candidate's goal (bid type) too
+    (ModelConfig.value_wide_goal): a base rate per goal, learned by the fit."""
     value_wide_prior: float = 3.0
     """Strength of the wide terms' L2 prior in pseudo-observations, as for
     ``value_bias_prior``."""
@@ -308,7 +312,8 @@ def model_config(s: PretrainSettings, tok: UASIDTokenizer) -> ModelConfig:
         value_rank=s.value_rank,
         # wide terms read the business tokens (industry) and extend the factorised terms
         value_wide=(s.value_wide and s.value_factors
-                    and len(tok.config.token_sizes) >= tok.config.semantic_levels + 2))
+                    and len(tok.config.token_sizes) >= tok.config.semantic_levels + 2),
+        value_wide_goal=s.value_wide_goal)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:

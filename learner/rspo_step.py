@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -269,6 +269,16 @@ def ndcg_of_scores(scores: Tensor, rewards: Tensor, mask: Tensor) -> Tensor:
     return torch.where(ideal > 0, dcg / ideal.clamp_min(1e-12), torch.zeros_like(dcg))
 
 
+LinearSync = Callable[[OnlineLinear, Impressions | None], dict[str, float]]
+"""Adds a step's shown items (``None``: none with times) to the linear terms' refit, refits
+them and returns the refit's stats."""
+
+
+def refit_here(linear: OnlineLinear, rows: Impressions | None) -> dict[str, float]:
+    """One process's :data:`LinearSync`: a step without timed rows leaves the tables."""
+    return {} if rows is None else linear.refit_with(rows)
+
+
 class OnlineLearner:
     """Model + frozen reference policy + optimizer; ``update`` is one RSPO step."""
 
@@ -288,6 +298,10 @@ class OnlineLearner:
                        else None)
         """The value head's linear terms, refitted to convergence after every step (a
         head whose :func:`learner.value_fit.fit_linear` ran); the optimizer leaves them."""
+        self.linear_sync: LinearSync = refit_here
+        """How a step's shown items reach the refit: here, in this process; a data-parallel
+        learner gathers every rank's on one rank, refits there and broadcasts the tables
+        (:func:`learner.distributed.make_data_parallel`)."""
         refitted = ({id(p) for p in model.value.linear_tables().values()}
                     if self.linear is not None else set())
         self.opt = torch.optim.AdamW([p for p in model.parameters() if id(p) not in refitted],
@@ -498,11 +512,11 @@ class OnlineLearner:
         self.opt.step()
         self.steps += 1
         linear: dict[str, float] = {}
-        if self.linear is not None and b.time is not None:
-            self.linear.add(Impressions.of_slates(
+        if self.linear is not None:
+            rows = (Impressions.of_slates(
                 self.model.value, memory.detach(), mem_mask, b.items, b.item_mask, b.context,
-                b.clicked, b.converted, b.time))
-            linear = self.linear.refit()
+                b.clicked, b.converted, b.time) if b.time is not None else None)
+            linear = self.linear_sync(self.linear, rows)
         n_items = b.item_mask.sum().clamp_min(1)
         kl = float(((logp_ref - logp.detach()) * b.item_mask).sum() / n_items)
         return {

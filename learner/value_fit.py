@@ -349,10 +349,10 @@ class Design:
         for k in self.ORDER:
             self.offsets[k] = total
             total += shapes[k][0]
-        n_ind, n_c0 = head.wide_cells
-        width = n_ind + n_c0
+        width = sum(head.wide_cells)
         N = len(r)
-        cells = torch.stack([r.ids[:, head.biz[0]], n_ind + r.ids[:, 0]], 1)     # [N, 2]
+        cells = head.cells_of(r.ids)                                           # [N, W]
+        W = cells.shape[1]
         row = torch.arange(N)
         parts: list[tuple[Tensor, Tensor, Tensor]] = []
 
@@ -363,20 +363,20 @@ class Design:
         off = self.offsets
         add(row, off["item_bias"] + head.bucket(r.ids[:, None, :])[:, 0],
             torch.ones(N, dtype=torch.float64))
-        add(row[:, None].expand(N, 2), off["wide_item"] + cells,
-            torch.ones(N, 2, dtype=torch.float64))
+        add(row[:, None].expand(N, W), off["wide_item"] + cells,
+            torch.ones(N, W, dtype=torch.float64))
         C, n_topic = head.n_ctx_ids, head.n_topic_ids
         ctx = r.context[:, :C]
-        add(row[:, None, None].expand(N, C, 2),
+        add(row[:, None, None].expand(N, C, W),
             off["wide_context"] + ctx[:, :, None] * width + cells[:, None, :],
-            (ctx > 0).double()[:, :, None].expand(N, C, 2))
+            (ctx > 0).double()[:, :, None].expand(N, C, W))
         if n_topic:
             topics = r.context[:, C:C + n_topic]
             present = (topics > 0).double()
             share = present / (present.sum(1, keepdim=True) + 2.0)
-            add(row[:, None, None].expand(N, n_topic, 2),
+            add(row[:, None, None].expand(N, n_topic, W),
                 off["wide_topic"] + topics[:, :, None] * width + cells[:, None, :],
-                share[:, :, None].expand(N, n_topic, 2))
+                share[:, :, None].expand(N, n_topic, W))
         add(row, off["position"] + (r.position - 1).clamp_min(0),
             (r.position > 0).double())
         rows = torch.cat([a.reshape(-1) for a, _, _ in parts])
@@ -640,6 +640,16 @@ class OnlineLinear:
             keep &= torch.arange(len(self.rows)) >= len(self.rows) - self.max_rows
         if not bool(keep.all()):
             self.rows = self.rows.subset(keep)
+
+    def refit_with(self, rows: Impressions) -> dict[str, float]:
+        """:meth:`add` then :meth:`refit`."""
+        self.add(rows)
+        return self.refit()
+
+    @torch.no_grad()
+    def load(self, tables: Tables) -> None:
+        """Take tables another process refitted (the rows stay where they were fitted)."""
+        _store(self.head, tables)
 
     def refit(self) -> dict[str, float]:
         """Refit the tables on the rows so far (no-op without rows)."""

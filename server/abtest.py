@@ -47,8 +47,8 @@ import numpy as np
 from server import metrics as M
 from server.catalog import AdCatalog, OrganicCatalog
 from server.engine import Engine, RecRequest, RecResult
-from server.models import LoadedModel, ModelManager, ServingState, VersionInfo
-from server.trie import Trie, build_trie, sort_ids
+from server.models import ModelManager, ServingState, VersionInfo
+from server.trie import sort_ids
 from streams.logs import get_logger
 from streams.metrics import counter, gauge
 from streams.schemas import ModelUpdate
@@ -261,15 +261,12 @@ class ControlModel:
                                ids=theirs.ids)
             model = replace(control.model, manifest=manifest, order=sort_ids(theirs.ids),
                             row_of={a: i for i, a in enumerate(theirs.ad_ids)})
-            self.models.state = replace(control, model=model, trie=self._trie_of(model),
+            self.models.state = replace(control, model=model,
+                                        trie=self.models.build_trie(model),
                                         catalog_generation=self.catalog.generation)
         log.info("ab.control_ids_refreshed", version=mine.version, ids_from=theirs.version,
                  ads=len(theirs.ad_ids), new_ads=len(theirs.ad_ids) - len(mine.ad_ids))
         return True
-
-    def _trie_of(self, model: LoadedModel) -> Trie:
-        mask = self.catalog.servable_mask(model.manifest.ad_ids)
-        return build_trie(model.manifest.ids, model.order, mask, model.manifest.level_sizes)
 
     # -- the catalogues --------------------------------------------------------------
     def on_catalog_change(self) -> None:

@@ -270,7 +270,7 @@ class ModelManager:
             old = self.state
             generation = self.catalog.generation     # read before the mask: never newer
             organic_gen = self.organic.generation if self.organic is not None else 0
-            trie = self._build_trie(model)
+            trie = self.build_trie(model)
             organic_trie = self._build_organic_trie(model)
             self.state = ServingState(model, trie, generation, organic_trie,
                                       organic_gen)   # the swap
@@ -402,7 +402,8 @@ class ModelManager:
             raise SnapshotRejectedError("warmup", repr(exc)[:500]) from None
 
     # -- the catalog side ------------------------------------------------------------
-    def _build_trie(self, model: LoadedModel) -> Trie:
+    def build_trie(self, model: LoadedModel) -> Trie:
+        """The trie of ``model``'s ids whose ads the catalogue can serve now."""
         mask = self.catalog.servable_mask(model.manifest.ad_ids)
         return build_trie(model.manifest.ids, model.order, mask, model.manifest.level_sizes)
 
@@ -420,7 +421,7 @@ class ModelManager:
             if state is None or state.catalog_generation == self.catalog.generation:
                 return
             gen = self.catalog.generation
-            trie = self._build_trie(state.model)
+            trie = self.build_trie(state.model)
             self.state = replace(state, trie=trie, catalog_generation=gen)
             M.SERVABLE_ADS.set(trie.n_ads)
 

@@ -36,26 +36,31 @@ def _rank_steps(rank: int, world: int, port: int, work: str) -> None:
     log = synthetic.generate(n_ads=120, n_users=60, n_requests=400, n_categories=6, seed=1)
     mine = [(fb, 1.0) for fb in log.feedback[rank::world]]
     size = 12 if rank == 0 else 5            # unequal batches: weighted by list count
+    stats: dict[str, float] = {}
     for step in range(STEPS):
         if rank == 1 and step == EMPTY_STEP:
             step_without_lists(learner)
             continue
         learner.opt.lists = float(size)  # type: ignore[attr-defined]
-        learner.update(lists_to_batch(mine[step * size:(step + 1) * size], tok, model))
+        stats = learner.update(lists_to_batch(mine[step * size:(step + 1) * size], tok, model))
+    refits = float(stats.get("linear_refits", 0.0))
     torch.save({"model": model.state_dict(), "reference": learner.ref.state_dict(),
-                "steps": learner.steps}, d / f"rank{rank}.pt")
+                "steps": learner.steps, "refits": refits}, d / f"rank{rank}.pt")
     group.close()
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["optimizer-only", "linear-refits"])
 def test_two_ranks_end_with_identical_parameters_after_unequal_and_empty_batches(
-        tmp_path: Path, synth_log: synthetic.SyntheticLog) -> None:
+        tmp_path: Path, synth_log: synthetic.SyntheticLog, wide: bool) -> None:
     tok = UASIDTokenizer.fit(synth_log.ads, SMALL_TOKENIZER)
     tok.save(tmp_path / "tok")
     cfg = ModelConfig(level_sizes=tok.config.token_sizes,
                       semantic_levels=tok.config.semantic_levels, d_model=32, n_head=4,
-                      n_enc_layer=1, n_layer=2, history_len=10)
+                      n_enc_layer=1, n_layer=2, history_len=10, value_wide=wide)
     torch.manual_seed(0)
     init = GenerativeRecommender(cfg)
+    if wide:   # as fit_linear leaves it: (scale, deep offsets, logs' end, half-life)
+        init.value.linear_fit.copy_(torch.tensor([1.0, 1.0, 0.0, 3600.0]))
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_json()))
     torch.save(init.state_dict(), tmp_path / "init.pt")
 
@@ -70,6 +75,12 @@ def test_two_ranks_end_with_identical_parameters_after_unequal_and_empty_batches
     moved = [n for n, t in init.state_dict().items()
              if t.is_floating_point() and not torch.equal(t, r0["model"][n])]
     assert len(moved) > len(r0["model"]) // 2, "the group did not train"
+    if wide:   # refitted on rank 0 from both ranks' lists, not stepped by the optimizer
+        # (the synthetic requests carry no organic topics: wide_topic has no rows)
+        still = [k for k in ("item_bias", "wide_item", "wide_context")
+                 if torch.equal(init.state_dict()[f"value.{k}"], r0["model"][f"value.{k}"])]
+        assert still == [], still
+        assert r0["refits"] == r1["refits"] == STEPS
 
 
 def test_world_size_settings_come_from_torchrun_environment(

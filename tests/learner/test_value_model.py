@@ -217,18 +217,43 @@ def test_wide_terms_add_each_present_context_value_and_topic_share_to_its_cells(
     torch.testing.assert_close(cvr - cvr0, torch.tensor([[0.0, 0.4]]))
 
 
+def test_the_goal_cell_adds_a_base_rate_per_goal_and_per_context_value() -> None:
+    model = tiny_model(seed=4, value_wide=True, value_wide_goal=True)
+    head = model.value
+    hist, mask, _, _, _ = tiny_inputs(model, B=1)
+    C, n_topic = len(model.cfg.context_features), model.cfg.organic_len
+    ctx = torch.zeros(1, C + n_topic, dtype=torch.long)
+    ctx[0, 0] = 5
+    L = model.cfg.semantic_levels
+    a = torch.tensor([1, 2, 0, 1, 2, 0])           # goal 2
+    b = torch.tensor([2, 0, 1, 3, 1, 0])           # goal 1
+    cands = torch.stack([a, b])[None]
+    memory, mmask = model.encoder(hist, mask, ctx)
+    ctr0, cvr0 = head(memory, mmask, cands, context=ctx)
+    n_ind, n_c0, n_goal = head.wide_cells
+    assert n_goal == model.cfg.level_sizes[L + 1]
+    width = n_ind + n_c0 + n_goal
+    with torch.no_grad():
+        head.wide_item[n_ind + n_c0 + int(a[L + 1]), 1] = 0.5           # pCVR of goal 2
+        head.wide_context[5 * width + n_ind + n_c0 + int(b[L + 1]), 0] = 0.3   # (5, goal 1)
+    ctr, cvr = head(memory, mmask, cands, context=ctx)
+    torch.testing.assert_close(ctr - ctr0, torch.tensor([[0.0, 0.3]]))
+    torch.testing.assert_close(cvr - cvr0, torch.tensor([[0.5, 0.0]]))
+
+
 def test_a_wide_value_graph_takes_the_context_ids_and_matches_torch(
         small_tokenizer: UASIDTokenizer, tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    for wide in (False, True):
+    for wide, goal in ((False, False), (True, False), (True, True)):
         torch.manual_seed(0)
-        model = GenerativeRecommender(small_cfg(small_tokenizer, value_wide=wide)).eval()
+        model = GenerativeRecommender(small_cfg(small_tokenizer, value_wide=wide,
+                                                value_wide_goal=goal)).eval()
         if wide:
             with torch.no_grad():
                 model.value.wide_context.normal_(0.0, 0.5)
                 model.value.wide_topic.normal_(0.0, 0.5)
-        out = tmp_path / f"snap-{wide}"
+        out = tmp_path / f"snap-{wide}-{goal}"
         export_snapshot(model, small_tokenizer, out, version="v1")
         sess = ort.InferenceSession(str(out / "value.onnx"), providers=["CPUExecutionProvider"])
         assert ("context" in {i.name for i in sess.get_inputs()}) == wide
@@ -334,8 +359,9 @@ def test_online_refits_start_from_the_logs_fit_and_follow_new_evidence(
     assert p_ios() < 0.5 * before
 
 
-def test_the_linear_fits_design_matrix_computes_the_served_linear_terms() -> None:
-    model = tiny_model(seed=5, value_wide=True)
+@pytest.mark.parametrize("goal", [False, True])
+def test_the_linear_fits_design_matrix_computes_the_served_linear_terms(goal: bool) -> None:
+    model = tiny_model(seed=5, value_wide=True, value_wide_goal=goal)
     head = model.value
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
