@@ -314,7 +314,10 @@ def main() -> int:
                     help="comma-separated seeds and ranges (tuning seeds by default)")
     ap.add_argument("--requests", type=int, default=200, help="requests scored per seed")
     ap.add_argument("--encoder", default="minilm")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch and ONNX Runtime threads (1, as each closed-loop seed worker "
+                         "has: one thread is bit-reproducible whatever else the machine "
+                         "runs, and pretrains the same model as the closed loop's seed)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = parse_seeds(args.seeds)
