@@ -218,15 +218,16 @@ def refit_on_rank0(group: Group) -> LinearSync:
 
     def sync(linear: OnlineLinear, rows: Impressions | None) -> dict[str, float]:
         parts = group.gather(rows)
-        out: tuple[dict[str, float], dict[str, torch.Tensor]] | None = None
+        out: tuple[dict[str, float], dict[str, torch.Tensor] | None] | None = None
         if group.rank == 0:
             assert parts is not None
             got = [p for p in parts if p is not None]
-            stats = linear.refit_with(Impressions.cat(got)) if got else {}
-            out = (stats, {k: t.detach().clone()
-                           for k, t in linear.head.linear_tables().items()})
+            out = ({}, None)        # no rank showed anything: the tables stay as they are
+            if got:
+                out = (linear.refit_with(Impressions.cat(got)),
+                       {k: t.detach().clone() for k, t in linear.head.linear_tables().items()})
         stats, tables = group.broadcast(out)
-        if group.rank != 0:
+        if group.rank != 0 and tables is not None:
             linear.load(tables)
         return stats
 

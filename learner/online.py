@@ -142,6 +142,20 @@ STATE_FILE = "learner_state.pt"
 STATE_FORMAT = 1
 
 
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any],
+                         path: Path) -> bool:
+    """Load a checkpoint's optimizer state into ``opt``; a state whose parameter groups
+    do not match (saved by an earlier layout, e.g. a data-parallel learner that still
+    optimised the refitted linear tables) is dropped with a warning: the model's
+    weights load, and the optimizer's moments start afresh. Whether it loaded."""
+    try:
+        opt.load_state_dict(state)
+    except ValueError as e:
+        log.warning("learner.optimizer_reset", path=str(path), reason=str(e))
+        return False
+    return True
+
+
 class LearnerSettings(BaseSettings):
     """``adloop learn`` settings (env ADLOOP_LEARN_<NAME>, flags --name)."""
 
@@ -393,7 +407,7 @@ class LearnerService:
             model = GenerativeRecommender(ModelConfig.from_json(st["config"]))
             model.load_state_dict(st["model"])
             learner = self._learner(model)
-            learner.opt.load_state_dict(st["optimizer"])
+            load_optimizer_state(learner.opt, st["optimizer"], path)
             learner.ref.load_state_dict(st["reference"])
             learner.steps = int(st["steps"])
             self.seq = int(st["seq"])

@@ -183,13 +183,20 @@ class PretrainSettings(BaseSettings):
     value_wide_goal: bool = False
     """The wide terms key on the candidate's goal (bid type) too
     (ModelConfig.value_wide_goal): a base rate per goal, learned by the fit."""
+    value_linear_deep: bool = False
+    """The value fit may keep the rest of the head (decoder logits, user × item
+    interaction) under the linear terms when the value split prefers it
+    (learner.value_fit.fit_linear ``try_deep``). Off: the pretrained value model serves
+    the linear terms alone; its decoder output and interaction start at zero and grow
+    online under RSPO's value loss, from the decoder blocks the value-only epochs trained
+    (docs/decisions.md). Needs ``value_epochs`` > 0."""
     value_wide_prior: float = 3.0
     """Strength of the wide terms' L2 prior in pseudo-observations, as for
     ``value_bias_prior``."""
     value_epochs: int = 40
     """Most value-only epochs after pretraining (encoder and generator frozen; their
-    count chosen by early stopping on a time split, 0 = none;
-    learner.value_fit.finetune_value)."""
+    count chosen by early stopping on a time split; learner.value_fit.finetune_value).
+    0 = no value fit after pretraining: neither these epochs nor the linear fit."""
     value_val_frac: float = 0.15
     """Latest share of the training requests whose slates the value head does not see
     until the end: they choose the value-only epoch count and fit the calibration map,
@@ -434,7 +441,8 @@ def pretrain(s: PretrainSettings, ads: list[Ad] | None = None,
                                         s.value_patience, s.value_lr, s.batch_size,
                                         seed=s.seed, calibrate_on_split=s.value_calibrate))
             value.update(fit_linear(model, train, s.value_val_frac,
-                                    calibrate_on_split=s.value_calibrate))
+                                    calibrate_on_split=s.value_calibrate,
+                                    try_deep=s.value_linear_deep))
     if len(test):
         value.update(value_metrics(model, test))
         log.info("value model", **value)

@@ -284,8 +284,7 @@ class OnlineLearner:
 
     def __init__(self, model: GenerativeRecommender, cfg: RSPOConfig | None = None,
                  lr: float = 5e-4, value_weight: float = 0.5, grad_clip: float = 1.0,
-                 weight_decay: float = 0.0, prior_weight: float = 0.5,
-                 refit_linear: bool = True) -> None:
+                 weight_decay: float = 0.0, prior_weight: float = 0.5) -> None:
         self.model = model
         self.cfg = cfg or RSPOConfig()
         self.money_scale = 0.0
@@ -294,8 +293,7 @@ class OnlineLearner:
         self.prior_weight = prior_weight
         """Weight of the routed prior-head anchor and the prior classifier's CE."""
         self.grad_clip = grad_clip
-        self.linear = (OnlineLinear(model) if refit_linear and OnlineLinear.fitted(model)
-                       else None)
+        self.linear = OnlineLinear(model) if OnlineLinear.fitted(model) else None
         """The value head's linear terms, refitted to convergence after every step (a
         head whose :func:`learner.value_fit.fit_linear` ran); the optimizer leaves them."""
         self.linear_sync: LinearSync = refit_here

@@ -511,22 +511,25 @@ def _linear_logits(head: ValueHead, p: Tables, r: Impressions, deep: bool) -> Te
 def fit_linear(model: GenerativeRecommender, train: ExampleSet, val_frac: float = 0.15,
                scales: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0),
                half_life_s: float = 12 * 3600.0, iters: int = 100,
-               calibrate_on_split: bool = True) -> dict[str, float]:
+               calibrate_on_split: bool = True, try_deep: bool = False) -> dict[str, float]:
     """Fit the value head's linear terms to convergence, as a logistic model is fitted.
 
     The per-item biases and the wide tables (:data:`learner.model.ValueHead.LINEAR`)
-    are the parameters of a logistic regression whose offset is the rest of the head
-    (the decoder's logits, the interaction and the prior: :meth:`ValueHead.deep_logits`)
-    or the prior alone, plus a pCTR offset per slate position (position bias in the
-    logs; not served). Full-batch L-BFGS on the joint log-loss (pCTR on every shown
-    item, pCVR on the clicked ones), the rows weighted by ``0.5 ** (age /
-    half_life_s)``, each table under the L2 of :data:`LINEAR_L2` times a scale. The
-    scale and whether to keep the deep part are chosen by the joint log-loss on the
+    are the parameters of a logistic regression whose offset is the prior, plus a pCTR
+    offset per slate position (position bias in the logs; not served). Full-batch
+    L-BFGS on the joint log-loss (pCTR on every shown item, pCVR on the clicked ones),
+    the rows weighted by ``0.5 ** (age / half_life_s)``, each table under the L2 of
+    :data:`LINEAR_L2` times a scale. The scale is chosen by the joint log-loss on the
     value split (:func:`value_split`: the latest ``val_frac`` of the requests) of a fit
     on the rest, then that fit's Platt map is fitted on the split
     (``calibrate_on_split``) and the terms are refitted on everything (warm-started).
-    Without the deep part, the decoder's output and the interaction are zeroed. The
-    head keeps what :class:`OnlineLinear` needs to go on online (``linear_fit``: the
+
+    The rest of the head (the decoder's logits and the user × item interaction:
+    :meth:`ValueHead.deep_logits`) is zeroed. With ``try_deep``, keeping it as the
+    offset is a candidate too, chosen on the same split (a variant: in the closed loop
+    a head that kept it earned about half the revenue; docs/decisions.md).
+
+    The head keeps what :class:`OnlineLinear` needs to go on online (``linear_fit``: the
     scale, the deep flag, the logs' latest time and the half-life; the position
     offsets; each table's curvature at the fit). A no-op for a head without wide terms."""
     head: ValueHead = model.value
@@ -546,7 +549,7 @@ def fit_linear(model: GenerativeRecommender, train: ExampleSet, val_frac: float 
         start["position"] = torch.zeros(POSITIONS - 1, 2)
         w_fit = _recency(fit, float(fit.time.max()), half_life_s)
         best: tuple[float, float, bool, Tables] | None = None
-        for deep in (True, False):
+        for deep in (True, False) if try_deep else (False,):
             for scale in scales:
                 p = _fit(head, fit, start, deep, w_fit, Prior(_l2(scale)), iters)
                 with torch.no_grad():

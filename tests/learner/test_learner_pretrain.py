@@ -18,12 +18,14 @@ from learner.pretrain import PretrainSettings, pretrain
 from learner.tokenizer import UASIDTokenizer
 
 
+@pytest.mark.parametrize("linear_deep", [False, True], ids=["linear-only", "deep-variant"])
 def test_resumed_run_equals_uninterrupted_run(
         synth_log: synthetic.SyntheticLog, tmp_path: Path,
-        make_settings: Callable[..., PretrainSettings]) -> None:
-    # a few value epochs: the fine-tune and the linear fit run after training, as in a
-    # full run (train_state keeps the pre-fine-tune weights the resumed run starts from)
-    kw = dict(steps=6, batch_size=32, held_out_frac=0.0, seed=3, value_epochs=3)
+        make_settings: Callable[..., PretrainSettings], linear_deep: bool) -> None:
+    # the value epochs and the linear fit run after training, as in a full run
+    # (train_state keeps the pre-fit weights the resumed run starts from)
+    kw = dict(steps=6, batch_size=32, held_out_frac=0.0, seed=3, value_epochs=3,
+              value_linear_deep=linear_deep)
     straight = pretrain(make_settings(tmp_path / "a", **kw), synth_log.ads, synth_log.feedback)
     pretrain(make_settings(tmp_path / "b", **{**kw, "steps": 3}), synth_log.ads,
              synth_log.feedback)

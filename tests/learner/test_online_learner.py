@@ -11,6 +11,7 @@ import torch
 
 from learner import synthetic
 from learner.export import verify_snapshot
+from learner.online import load_optimizer_state
 from learner.pretrain import PretrainResult
 from learner.publish import Publisher, SnapshotRefusedError, SnapshotStore
 from learner.rspo import RSPOConfig
@@ -158,3 +159,19 @@ def test_dense_rewards_rank_by_expected_value_and_anchor_only_clicks(
     realized = learner.dense_rewards(b, pctr, pcvr)
     assert torch.allclose(realized, (0.75 * expect + 0.25 * b.rewards) * b.item_mask,
                           atol=1e-6)
+
+
+def test_an_optimizer_state_of_another_layout_is_dropped_and_a_matching_one_loads(
+        tmp_path: Path) -> None:
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    old = torch.optim.AdamW([{"params": [a]}, {"params": [b]}], lr=1e-2)
+    (a.sum() + b.sum()).backward()
+    old.step()
+    same = torch.optim.AdamW([{"params": [a]}, {"params": [b]}], lr=1e-2)
+    assert load_optimizer_state(same, old.state_dict(), tmp_path / "state.pt")
+    assert torch.equal(same.state[a]["exp_avg"], old.state[a]["exp_avg"])
+    fewer = torch.optim.AdamW([a], lr=1e-2)
+    assert not load_optimizer_state(fewer, old.state_dict(), tmp_path / "state.pt")
+    assert not fewer.state        # afresh: no moments, and it still steps
+    a.grad = torch.ones(3)
+    fewer.step()

@@ -311,6 +311,25 @@ def test_the_linear_fit_learns_a_context_cross_the_prior_cannot_hold(
     assert probs["ios"] > 0.2 and probs["android"] < 0.06
 
 
+def test_the_linear_fit_serves_the_linear_terms_alone_unless_asked_to_try_the_deep_part(
+        synth_log: synthetic.SyntheticLog, small_tokenizer: UASIDTokenizer) -> None:
+    fb = _crossed_rate_log(small_tokenizer, synth_log.ads, n_requests=600)
+    model, train, _ = _model_on(fb, small_tokenizer, 0.2, value_wide=True)
+    head = model.value
+    assert head.out.weight.abs().sum() > 0
+    out = fit_linear(model, train, val_frac=0.2, scales=(1.0,))
+    assert out["value_linear_deep"] == 0.0 and float(head.linear_fit[1]) == 0.0
+    for param in (head.out.weight, head.out.bias, head.fm_user.weight, head.fm_user.bias,
+                  head.fm_const):
+        assert not param.any()
+    # with the variant the split chooses: the flag the online refits read follows it
+    model, train, _ = _model_on(fb, small_tokenizer, 0.2, value_wide=True)
+    out = fit_linear(model, train, val_frac=0.2, scales=(1.0,), try_deep=True)
+    assert float(model.value.linear_fit[1]) == out["value_linear_deep"]
+    if out["value_linear_deep"]:
+        assert model.value.out.weight.abs().sum() > 0
+
+
 def test_online_refits_start_from_the_logs_fit_and_follow_new_evidence(
         synth_log: synthetic.SyntheticLog, small_tokenizer: UASIDTokenizer) -> None:
     fb = _crossed_rate_log(small_tokenizer, synth_log.ads, n_requests=1200)
