@@ -66,13 +66,13 @@ def _uniform_log(log: synthetic.SyntheticLog, ads: dict[str, Ad], n: int,
 
 def _scrambled(model: GenerativeRecommender) -> GenerativeRecommender:
     """The same model whose value head ranks upside down (every learned logit term
-    negated: the decoder's output layer, the per-item biases, the interaction)."""
+    negated: the decoder's output layer, the interaction, the per-item biases and the
+    wide tables the linear fit left)."""
     bad = copy.deepcopy(model)
     head = bad.value
     with torch.no_grad():
-        for p in (head.out.weight, head.out.bias, *(
-                (head.item_bias, head.fm_user.weight, head.fm_user.bias)
-                if head.factors else ())):
+        for p in (head.out.weight, head.out.bias, *head.linear_tables().values(), *(
+                (head.fm_user.weight, head.fm_user.bias) if head.factors else ())):
             p.neg_()
     return bad
 
