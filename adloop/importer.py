@@ -64,6 +64,9 @@ class ImportSettings(BaseSettings):
                                 "at least this share of impressions has it ...")
     max_context_features: int = Field(8, description="... and at most this many keys, the "
                                       "most common first")
+    min_clicks_per_ad: float = Field(2.0, description="fewer clicks per ad than this on "
+                                     "average: the summary warns that the snapshot cannot "
+                                     "rank the ads by their own click rates")
 
 
 @dataclass
@@ -165,6 +168,26 @@ def choose_context_features(impressions: Iterable[Impression], min_coverage: flo
     return tuple(keys[:limit])
 
 
+def feedback_warnings(finals: list[Feedback], n_ads: int,
+                      min_clicks_per_ad: float) -> tuple[dict[str, float], list[str]]:
+    """The log's clicks and clicks per ad, and a warning when they are too few for the
+    value model's per-ad terms to tell the ads apart: with well under one click per ad
+    their fitted rates are mostly the shrinkage target and noise, so the snapshot serves
+    the few ads that happened to be clicked to most contexts. Serve it with exploration
+    (``adloop serve --explore``, off by default) and let ``adloop learn`` go on from live
+    feedback, or import a longer log."""
+    clicks = sum(int(i.clicked) for f in finals for i in f.items)
+    per_ad = clicks / max(1, n_ads)
+    stats = {"clicks": float(clicks), "clicks_per_ad": round(per_ad, 3)}
+    if per_ad >= min_clicks_per_ad:
+        return stats, []
+    return stats, [f"{clicks} clicks on {n_ads} ads ({per_ad:.2f} per ad, fewer than "
+                   f"{min_clicks_per_ad:g}): too few to rank the ads by their own click "
+                   "rates; the snapshot will favour the few ads clicked by chance. Serve "
+                   "it with exploration (adloop serve --explore) and keep learning "
+                   "online, or import more logs"]
+
+
 def write_jsonl(path: Path, records: Iterable[Any]) -> int:
     n = 0
     with path.open("wb") as fh:
@@ -206,13 +229,17 @@ def import_log(s: ImportSettings, pretrain_settings: Any) -> dict[str, Any]:
     log.info("import.joined", impressions=len(joined.impressions), finals=len(finals),
              ads=len(joined.ads), defaulted_ads=joined.defaulted_ads,
              rejected=len(joined.rejected), context_features=list(features))
+    feedback, warnings = feedback_warnings(finals, len(joined.ads), s.min_clicks_per_ad)
+    for w in warnings:
+        log.warning("import.sparse_feedback", reason=w, **feedback)
     result = pretrain(ps, joined.ads, joined.feedback)
     snapshot_dir = s.snapshot_dir or run_dir / "snapshot"
     manifest = export_run(run_dir, snapshot_dir, s.version)
     summary = {"from": str(s.from_file), "impressions": len(joined.impressions),
                "final_lists": len(finals), "ads": len(joined.ads),
                "defaulted_ads": joined.defaulted_ads, "rejected": len(joined.rejected),
-               "join_outcomes": dict(joined.outcomes), "context_features": list(features),
+               "join_outcomes": dict(joined.outcomes), **feedback, "warnings": warnings,
+               "context_features": list(features),
                "train_step": result.step, "metrics": result.metrics,
                "snapshot": str(snapshot_dir), "version": manifest.get("model_version",
                                                                       s.version)}

@@ -156,6 +156,7 @@ def main() -> None:
         "held_out_impressions": len(rows) - cut,
         "held_out_clicks": sum(r["click"] == "1" for r in rows[cut:]),
         "pretrain_steps": steps, "context_features": summary["context_features"],
+        "clicks_per_ad": summary["clicks_per_ad"], "import_warnings": summary["warnings"],
         "distinct_items_served": len(counts),
         "top_item_share": round(counts.most_common(1)[0][1] / n_served, 4) if n_served else None,
         "catalogue_coverage": ope["beyond_accuracy"]["catalogue_coverage"],
@@ -195,7 +196,8 @@ def main() -> None:
         f"({results['held_out_clicks']} clicks) for `adloop evaluate --offline`; "
         f"{device()}, {results['elapsed_s']:.0f} s. Every item is a CPC ad bidding 1, "
         "so a value is clicks per impression. Context features chosen by the import: "
-        f"{', '.join(results['context_features'])}.\n\n{table}\n"))
+        f"{', '.join(results['context_features'])}. Import warnings: "
+        f"{'; '.join(results['import_warnings']) or 'none'}.\n\n{table}\n"))
 
 
 if __name__ == "__main__":

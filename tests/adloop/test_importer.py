@@ -12,7 +12,7 @@ import pytest
 import structlog
 
 from adloop import cli
-from adloop.importer import choose_context_features, join_recorded
+from adloop.importer import choose_context_features, feedback_warnings, join_recorded
 from snapshot_format import parse_manifest
 from streams.joiner_core import JoinSettings
 from traffic.recorded import read_recorded
@@ -53,11 +53,26 @@ def test_offline_join_gives_every_impression_a_final_list_with_its_propensities(
     assert choose_context_features(joined.impressions) == ("device", "segment")
 
 
+def test_a_log_with_too_few_clicks_per_ad_is_named_in_a_warning() -> None:
+    joined = join_recorded(read_recorded(LOG, "stop"), JoinSettings(metrics_port=0))
+    finals = joined.finals()
+    clicks = sum(i.clicked for f in finals for i in f.items)
+    stats, warnings = feedback_warnings(finals, len(joined.ads), 2.0)
+    assert stats == {"clicks": clicks, "clicks_per_ad": round(clicks / 24, 3)}
+    assert clicks / 24 >= 2.0 and warnings == []
+    # the same clicks spread over far more ads (a catalogue the log hardly covers)
+    stats, warnings = feedback_warnings(finals, 24 * 10, 2.0)
+    assert stats["clicks_per_ad"] < 1.0
+    assert len(warnings) == 1 and f"{clicks} clicks on 240 ads" in warnings[0]
+    assert "--explore" in warnings[0]
+
+
 def test_import_makes_a_snapshot_that_reads_the_logs_context_keys(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     summary = _import_small(tmp_path, capsys, steps=20)
     assert summary["context_features"] == ["device", "segment"]
     assert summary["final_lists"] == summary["impressions"] > 0
+    assert summary["clicks"] > 0 and summary["warnings"] == []
     manifest = parse_manifest((Path(summary["snapshot"]) / "manifest.json").read_bytes())
     assert tuple(manifest.context_features) == ("device", "segment")
 
