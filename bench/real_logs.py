@@ -152,7 +152,7 @@ def main() -> None:
         "quick": args.quick, "device": device(), "dataset": "Open Bandit Dataset sample "
         f"(obp {OBP_VERSION}), random logging, campaign all",
         "rows": len(rows), "items": n_items, "train_impressions": cut,
-        "train_clicks": sum(r["click"] == "1" for r in rows[:cut]),
+        "train_clicks": int(summary["clicks"]),
         "held_out_impressions": len(rows) - cut,
         "held_out_clicks": sum(r["click"] == "1" for r in rows[cut:]),
         "pretrain_steps": steps, "context_features": summary["context_features"],
