@@ -35,6 +35,8 @@ last commit. Lists emitted after that commit were acknowledged (step 1) but thei
 may be missing: on restart the joiner reads ``feedback`` after the recorded offset and
 marks them (``JoinCore.reconcile``), so no (request id, revision) is emitted twice, and
 re-delivered clicks, conversions and organic engagements are recognised by event id.
+A list whose request has no state yet waits for the re-delivered impression, and the
+recorded feedback offset stays below it until then (a second crash finds it again).
 
 Restore (:meth:`Joiner.load`): the partitions of one assignment are restored together,
 before any of their records is processed, with one restore consumer for the batch:

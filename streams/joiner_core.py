@@ -374,6 +374,17 @@ class _Partition:
     heap: list[tuple[float, str, str]] = field(default_factory=list)
     dirty: set[str] = field(default_factory=set)
     max_seen: dict[str, float] = field(default_factory=dict)
+    emitted_before: dict[str, tuple[int, Feedback]] = field(default_factory=dict)
+    """Lists found on ``feedback`` (reconcile) for requests the table does not hold yet:
+    request id -> (offset of its first such list, its newest list), applied when the
+    re-delivered impression recreates the state. Until then the persisted feedback offset
+    stays below them, so a restart before that finds them again."""
+
+    def feedback_mark(self, offset: int) -> int:
+        """``offset``, held below the first list not yet applied to a state."""
+        if self.emitted_before:
+            return min(offset, min(o for o, _ in self.emitted_before.values()) - 1)
+        return offset
 
 
 class JoinCore:
@@ -400,9 +411,6 @@ class JoinCore:
         self.sizes: dict[bytes, int] = {}
         self.nbytes = 0
         """Encoded size of the state as last written to / read from the changelog."""
-        self.emitted_before: dict[str, Feedback] = {}
-        """Lists found on ``feedback`` (reconcile) for requests the table does not hold yet:
-        applied when the re-delivered impression recreates the state."""
         self.pending_sigs: dict[str, tuple[Feedback, str]] = {}
         """Request id -> (list, its signature) for the lists of the latest check, so that
         :meth:`mark_emitted` need not rebuild the signature (used only for that very
@@ -544,14 +552,18 @@ class JoinCore:
         """
         part = self.parts[partition]
         n = 0
+        newest = part.meta.feedback_offset
         for offset, fb in emitted:
             st = self.get(fb.request_id)
             if st is None or st.impression is None:
                 # the state never reached the changelog: remember the list until the
                 # re-delivered impression recreates it
-                prev = self.emitted_before.get(fb.request_id)
-                if prev is None or fb.revision > prev.revision:
-                    self.emitted_before[fb.request_id] = fb
+                prev = part.emitted_before.get(fb.request_id)
+                if prev is None:
+                    part.emitted_before[fb.request_id] = (offset, fb)
+                    n += 1
+                elif fb.revision > prev[1].revision:
+                    part.emitted_before[fb.request_id] = (prev[0], fb)
                     n += 1
             elif fb.revision > st.revision:
                 self._mark(st, fb)
@@ -559,8 +571,10 @@ class JoinCore:
                 if fb.kind == "final":
                     self._schedule_expiry(part, st)
                 n += 1
-            part.meta.feedback_offset = max(part.meta.feedback_offset, offset)
-        if n:
+            newest = max(newest, offset)
+        mark = part.feedback_mark(newest)
+        if mark > part.meta.feedback_offset:
+            part.meta.feedback_offset = mark
             self.save_meta(partition)
         return n
 
@@ -634,6 +648,7 @@ class JoinCore:
         st = self.table.get(rid)
         if st is not None and st.impression is not None:
             return "duplicate"
+        before = part.emitted_before.pop(rid, None) if part.emitted_before else None
         if imp.event_time + self.s.attribution_window_s <= wm:
             step.rejected.append(Rejected(
                 topic, partition, offset, "late",
@@ -648,10 +663,8 @@ class JoinCore:
             if isinstance(rec, Action):
                 step.released.append((h.topic, self._apply(
                     st, rec, h.topic, h.partition, h.offset, h.raw, h.key, step, wm)))
-        if self.emitted_before:
-            before = self.emitted_before.pop(rid, None)
-            if before is not None:  # emitted before a crash whose state was lost
-                self._mark(st, before)
+        if before is not None:  # emitted before a crash whose state was lost
+            self._mark(st, before[1])
         self.put(st)
         self._schedule(part, st)
         return "applied"
@@ -859,8 +872,11 @@ class JoinCore:
                 self._schedule_expiry(part, st)
 
     def set_feedback_offset(self, partition: int, offset: int) -> None:
-        """Every feedback list of ``partition`` up to ``offset`` is acknowledged."""
-        meta = self.parts[partition].meta
+        """Every feedback list of ``partition`` up to ``offset`` is acknowledged (the
+        persisted mark stays below lists not yet applied to a state)."""
+        part = self.parts[partition]
+        meta = part.meta
+        offset = part.feedback_mark(offset)
         if offset < meta.feedback_offset:
             raise InvariantError(f"feedback offset went back from {meta.feedback_offset} "
                                  f"to {offset}")

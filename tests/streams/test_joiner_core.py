@@ -82,6 +82,33 @@ def test_restart_reconciles_lists_whose_marks_were_lost() -> None:
     assert [x[:3] for x in again.lists() if x[0] == "r1"] == [("r1", "final", 1)]
 
 
+def test_second_crash_before_the_redelivered_impression_keeps_the_lost_marks() -> None:
+    """Lists found for requests whose state was lost hold the persisted feedback offset
+    below them until their impression is re-delivered, so a second crash in between
+    finds them again instead of emitting the same revision twice."""
+    r = Run()
+    r.feed(imp("r1", 0))
+    r.feed(imp("tick", 15))
+    emitted = [(7 + i, f) for i, f in enumerate(r.out)]   # on feedback at offsets 7, ...
+    # first crash: nothing reached the changelog; the restart commits before it re-reads r1
+    second = Run(store={})
+    second.core.reconcile(0, emitted)
+    second.core.set_feedback_offset(0, 20)                # acknowledged output up to 20
+    second.core.take_changes()
+    assert second.core.parts[0].meta.feedback_offset == 6
+    # second crash: restart from what the first restart persisted
+    third = Run(store=dict(second.store))
+    mark = third.core.parts[0].meta.feedback_offset
+    assert mark == 6
+    third.core.reconcile(0, [(o, f) for o, f in emitted if o > mark])   # read after it
+    third.feed(imp("r1", 0))                             # re-delivered: the mark applies
+    third.core.set_feedback_offset(0, 20)
+    assert third.core.parts[0].meta.feedback_offset == 20
+    third.feed(imp("tick", 15))
+    third.feed(imp("end", 500))
+    assert [x[:3] for x in third.lists() if x[0] == "r1"] == [("r1", "final", 1)]
+
+
 def test_signature_is_built_once_in_the_persisted_format() -> None:
     """``emitted_sig`` is stored in the changelog: its format must not change, whichever
     path (no clicks/conversions, clicks, conversions) built it."""
