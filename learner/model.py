@@ -954,6 +954,16 @@ class ValueHead(nn.Module):
             out = out + self.crossed(context, candidates, t)
         return out
 
+    def deep_output_parameters(self) -> list[Tensor]:
+        """The decoder's output layer and the interaction's user map and constant: with
+        these at zero the head's logits are its prior plus its linear terms (what
+        :func:`learner.value_fit.fit_linear` leaves when it serves the linear terms
+        alone)."""
+        out = [self.out.weight, self.out.bias]
+        if self.factors:
+            out += [self.fm_user.weight, self.fm_user.bias, self.fm_const]
+        return out
+
     def linear_tables(self) -> dict[str, Tensor]:
         """The head's linear tables by name (:data:`LINEAR`)."""
         return {k: getattr(self, k) for k in self.LINEAR if hasattr(self, k)}

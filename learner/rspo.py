@@ -82,6 +82,13 @@ class RSPOConfig:
     value_detach: bool = False
     """The value loss does not flow into the encoder (the value head reads it as fixed
     features)."""
+    value_deep_online: bool = False
+    """Online, the value loss also trains the value head's decoder output and user × item
+    interaction where pretraining zeroed them to serve the linear terms alone
+    (:func:`learner.value_fit.fit_linear`). Off: they stay at zero, so the served value
+    model is the cell prior plus the linear terms the learner refits to convergence
+    (``OnlineLinear``), which treat that prior as their whole offset; trained, the two
+    parts fit the same targets without seeing each other (docs/decisions.md)."""
     generator_encoder_grad: bool = False
     """RSPO and the VSL anchor move the encoder too. Off: online, the generator's terms
     train the decoder and item table only, and the encoder, whose memory the value head

@@ -300,9 +300,15 @@ class OnlineLearner:
         """How a step's shown items reach the refit: here, in this process; a data-parallel
         learner gathers every rank's on one rank, refits there and broadcasts the tables
         (:func:`learner.distributed.make_data_parallel`)."""
-        refitted = ({id(p) for p in model.value.linear_tables().values()}
+        # the refitted tables, and the parts of the head pretraining zeroed (RSPOConfig.
+        # value_deep_online), are not the optimizer's
+        left_out = ({id(p) for p in model.value.linear_tables().values()}
                     if self.linear is not None else set())
-        self.opt = torch.optim.AdamW([p for p in model.parameters() if id(p) not in refitted],
+        if self.linear is not None and not self.linear.deep and not self.cfg.value_deep_online:
+            for p in model.value.deep_output_parameters():
+                p.requires_grad_(False)
+                left_out.add(id(p))
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if id(p) not in left_out],
                                      lr=lr, weight_decay=weight_decay)
         self.ref = self.frozen_copy(model)
         self.steps = 0

@@ -562,8 +562,7 @@ def fit_linear(model: GenerativeRecommender, train: ExampleSet, val_frac: float 
         loss, scale, deep, p = best
         with torch.no_grad():
             if not deep:
-                for param in (head.out.weight, head.out.bias, head.fm_user.weight,
-                              head.fm_user.bias, head.fm_const):
+                for param in head.deep_output_parameters():
                     param.zero_()
                 rows.deep.copy_(rows.prior)
         _store(head, p)

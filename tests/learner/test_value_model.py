@@ -18,6 +18,8 @@ from learner.data import ExampleSet, build_examples, split_by_time
 from learner.export import export_snapshot, ort_outputs, reference_inputs, torch_outputs
 from learner.losses import value_loss
 from learner.model import POSITIONS, GenerativeRecommender
+from learner.rspo import RSPOConfig
+from learner.rspo_step import OnlineLearner
 from learner.tokenizer import UASIDTokenizer
 from learner.value_fit import (
     Design,
@@ -319,8 +321,7 @@ def test_the_linear_fit_serves_the_linear_terms_alone_unless_asked_to_try_the_de
     assert head.out.weight.abs().sum() > 0
     out = fit_linear(model, train, val_frac=0.2, scales=(1.0,))
     assert out["value_linear_deep"] == 0.0 and float(head.linear_fit[1]) == 0.0
-    for param in (head.out.weight, head.out.bias, head.fm_user.weight, head.fm_user.bias,
-                  head.fm_const):
+    for param in head.deep_output_parameters():
         assert not param.any()
     # with the variant the split chooses: the flag the online refits read follows it
     model, train, _ = _model_on(fb, small_tokenizer, 0.2, value_wide=True)
@@ -330,19 +331,43 @@ def test_the_linear_fit_serves_the_linear_terms_alone_unless_asked_to_try_the_de
         assert model.value.out.weight.abs().sum() > 0
 
 
-def test_online_refits_start_from_the_logs_fit_and_follow_new_evidence(
-        synth_log: synthetic.SyntheticLog, small_tokenizer: UASIDTokenizer) -> None:
-    fb = _crossed_rate_log(small_tokenizer, synth_log.ads, n_requests=1200)
+def _linear_fitted_model(fb: list[Feedback], tok: UASIDTokenizer
+                         ) -> tuple[GenerativeRecommender, ExampleSet]:
+    """A wide model with priors set and its linear terms fitted on ``fb`` (deep part
+    zeroed, as pretraining leaves it)."""
     torch.manual_seed(0)
-    model = GenerativeRecommender(small_cfg(small_tokenizer, value_wide=True)).eval()
-    ex = build_examples(fb, small_tokenizer, model.cfg.history_len,
-                        model.cfg.context_features, model.cfg.context_buckets, 0,
-                        organic_len=model.cfg.organic_len)
+    model = GenerativeRecommender(small_cfg(tok, value_wide=True)).eval()
+    ex = build_examples(fb, tok, model.cfg.history_len, model.cfg.context_features,
+                        model.cfg.context_buckets, 0, organic_len=model.cfg.organic_len)
     shown = shown_slates(ex).batch()
     model.value.set_priors(shown.slate, shown.slate_mask, shown.clicked, shown.converted)
     assert not OnlineLinear.fitted(model)
     fit_linear(model, ex, val_frac=0.2, scales=(1.0,))
     assert OnlineLinear.fitted(model)
+    return model, ex
+
+
+def test_online_learning_keeps_the_zeroed_deep_part_of_a_linear_head_at_zero(
+        synth_log: synthetic.SyntheticLog, small_tokenizer: UASIDTokenizer) -> None:
+    fb = _crossed_rate_log(small_tokenizer, synth_log.ads, n_requests=600)
+    model, _ = _linear_fitted_model(fb, small_tokenizer)
+    deep = {id(p) for p in model.value.deep_output_parameters()}
+    learner = OnlineLearner(model)
+    trained = {id(p) for g in learner.opt.param_groups for p in g["params"]}
+    assert not deep & trained
+    assert not any(p.requires_grad for p in model.value.deep_output_parameters())
+    # the variant trains them
+    model, _ = _linear_fitted_model(fb, small_tokenizer)
+    learner = OnlineLearner(model, RSPOConfig(value_deep_online=True))
+    trained = {id(p) for g in learner.opt.param_groups for p in g["params"]}
+    assert {id(p) for p in model.value.deep_output_parameters()} <= trained
+
+
+def test_online_refits_start_from_the_logs_fit_and_follow_new_evidence(
+        synth_log: synthetic.SyntheticLog, small_tokenizer: UASIDTokenizer) -> None:
+    fb = _crossed_rate_log(small_tokenizer, synth_log.ads, n_requests=1200)
+    model, ex = _linear_fitted_model(fb, small_tokenizer)
+    shown = shown_slates(ex).batch()
     fitted = {k: v.detach().clone() for k, v in model.value.linear_tables().items()}
     online = OnlineLinear(model)
     ad = sorted(synth_log.ads, key=lambda a: a.industry)[0]
