@@ -1,22 +1,27 @@
 """The promotion guard's estimate of a model on the held-out lists (``--guard-estimate``).
 
-* ``holdout_value`` (the default): :meth:`learner.rspo_step.OnlineLearner.holdout_value`,
-  the value-weighted estimate over the items each held-out list showed.
-* ``snips`` / ``dr``: the off-policy estimate of :mod:`learner.ope` (the one
-  ``adloop evaluate --offline`` reports) on the held-out final lists whose items all
-  carry the logging propensity. Each model is a deterministic target policy: its slate
-  for a held-out request is the learner's torch beam search
-  (:func:`learner.beam.beam_search`, ``guard_beam_width`` at every level, as
-  ``adloop evaluate --offline`` searches, over the servable ads the tokenizer knows),
-  ranked by the value head's expected value with the ads' bids (ties: higher
-  log-probability), as the server ranks, as many positions as the logged slate. DR's
-  reward model is the held-out lists' mean reward per ad.
+* ``snips`` (the default) / ``dr``: the off-policy estimate of :mod:`learner.ope` on
+  the held-out final lists whose items all carry the logging propensity (the server
+  writes them): what each model would serve, judged against what was served. Each
+  model is a deterministic target policy: its slate for a held-out request is the
+  learner's torch beam search (:func:`learner.beam.beam_search`, ``guard_beam_width``
+  at every level, as ``adloop evaluate --offline`` searches, over the servable ads the
+  tokenizer knows), ranked by the value head's expected value with the ads' bids (ties:
+  higher log-probability), as the server ranks, as many positions as the logged slate.
+  DR's reward model is the held-out lists' mean reward per ad.
+* ``holdout_value``: :meth:`learner.rspo_step.OnlineLearner.holdout_value`, the
+  value-weighted estimate over the items each held-out list showed (the fallback).
 
 Every model one publish compares (candidate, baseline, best, serving) is scored on the
-same lists by the same estimate (:class:`GuardRound`). When no held-out list carries
-propensities, or no servable ad is known, the round falls back to ``holdout_value``:
-counted in ``adloop_learner_guard_fallback_total{reason}`` and logged
-(``guard.fallback``) once per reason.
+same lists by the same estimate (:class:`GuardRound`, :meth:`GuardEstimate.settle`).
+An off-policy estimate is trusted only where the log supports the model: at least
+:data:`MIN_MATCHED_ITEMS` held-out items are ones the model would serve at the same
+position, and the weights' effective sample size (Kish) is at least
+:data:`MIN_EFFECTIVE_SAMPLE`. When no held-out list carries propensities, no servable ad
+is known, or one of the models compared lacks that support, the round falls back to
+``holdout_value`` for every model: counted in
+``adloop_learner_guard_fallback_total{reason}`` and logged (``guard.fallback``) once per
+reason. Why SNIPS: docs/ope.md ("The guard").
 """
 
 from __future__ import annotations
@@ -45,11 +50,19 @@ log = get_logger(__name__)
 GuardEstimateName = Literal["holdout_value", "snips", "dr"]
 GUARD_ESTIMATES: tuple[str, ...] = get_args(GuardEstimateName)
 
+MIN_MATCHED_ITEMS = 30
+"""Held-out items a model must serve at the same position for its off-policy estimate
+to count (the offline command warns below the same number)."""
+MIN_EFFECTIVE_SAMPLE = 30.0
+"""Kish's effective sample size of a model's item weights below which one or a few
+explored items decide its estimate."""
+
 FALLBACK = counter(
     "adloop_learner_guard_fallback_total",
     "Publishes whose --guard-estimate snips/dr fell back to holdout_value, by reason: "
     "no_propensities (no held-out list carries logging propensities), no_servable_ads "
-    "(no servable ad known to the tokenizer).", ("reason",))
+    "(no servable ad known to the tokenizer), unsupported (a model compared serves too "
+    "few of the logged items, or a few weights dominate).", ("reason",))
 
 
 def is_servable(ad: Ad) -> bool:
@@ -108,6 +121,21 @@ def model_slates(model: GenerativeRecommender, batch: ListBatch, ks: Sequence[in
     return out
 
 
+@dataclass(frozen=True)
+class Support:
+    """How much of a held-out log speaks for one model's served slates."""
+
+    matched_items: int
+    """Logged items the model serves at the same position."""
+    effective_sample: float
+    """Kish's effective sample size of the item weights."""
+
+    @property
+    def enough(self) -> bool:
+        return (self.matched_items >= MIN_MATCHED_ITEMS
+                and self.effective_sample >= MIN_EFFECTIVE_SAMPLE)
+
+
 @dataclass
 class GuardRound:
     """One publish's estimate: every model it compares is scored on the same lists."""
@@ -124,6 +152,8 @@ class GuardRound:
     catalogue: Catalogue | None = None
     rhat: dict[str, float] = field(default_factory=dict)
     """DR's reward model (:func:`learner.ope.reward_model` of ``logged``)."""
+    scored: dict[int, tuple[float, Support]] = field(default_factory=dict)
+    """Off-policy estimate and support of each model scored so far (by ``id``)."""
 
     def value(self, model: GenerativeRecommender) -> float:
         """The guard's estimate of ``model``."""
@@ -139,18 +169,31 @@ class GuardRound:
         return self.off_policy(model), ndcg
 
     def off_policy(self, model: GenerativeRecommender) -> float:
+        return self.off_policy_support(model)[0]
+
+    def off_policy_support(self, model: GenerativeRecommender) -> tuple[float, Support]:
+        """The estimate of ``model``'s served slates and how well the log supports it."""
+        hit = self.scored.get(id(model))
+        if hit is not None:
+            return hit
         assert self.logged_batch is not None and self.catalogue is not None
         slates = model_slates(model, self.logged_batch, [len(f.items) for f in self.logged],
                               self.catalogue, self.beam_width)
         items = logged_items(self.logged, slates, self.rhat)
-        return ESTIMATORS[self.name](items.per_impression())
+        w = items.target / items.propensity
+        sq = float((w ** 2).sum())
+        support = Support(int((items.target > 0).sum()),
+                          float(w.sum()) ** 2 / sq if sq > 0 else 0.0)
+        out = (ESTIMATORS[self.name](items.per_impression()), support)
+        self.scored[id(model)] = out
+        return out
 
 
 class GuardEstimate:
     """The ``--guard-estimate`` setting; :meth:`round` prepares each publish's
     :class:`GuardRound` and remembers which fallbacks were already logged."""
 
-    def __init__(self, estimate: str = "holdout_value", beam_width: int = 32) -> None:
+    def __init__(self, estimate: str = "snips", beam_width: int = 32) -> None:
         if estimate not in GUARD_ESTIMATES:
             raise ValueError(f"guard estimate must be one of {GUARD_ESTIMATES}, "
                              f"got {estimate!r}")
@@ -179,9 +222,30 @@ class GuardEstimate:
                                          beams=False),
                           cat, reward_model(logged))
 
-    def _fall_back(self, reason: str, lists: int) -> None:
+    def settle(self, rnd: GuardRound,
+               models: Sequence[GenerativeRecommender | None]) -> str:
+        """Score every model the publish compares (None: absent) before any comparison;
+        when one lacks support (:class:`Support`), the whole round falls back to
+        ``holdout_value``. Returns the estimate in effect."""
+        if rnd.name == "holdout_value":
+            return rnd.name
+        weak: dict[str, float] = {}
+        for m in models:
+            if m is None or not all(bool(torch.isfinite(p).all()) for p in m.parameters()):
+                continue   # a model with NaN/inf is refused before its estimate matters
+            _, sup = rnd.off_policy_support(m)
+            if not sup.enough:
+                weak = {"matched_items": sup.matched_items,
+                        "effective_sample": round(sup.effective_sample, 1)}
+                break
+        if weak:
+            self._fall_back("unsupported", len(rnd.logged), **weak)
+            rnd.name = "holdout_value"
+        return rnd.name
+
+    def _fall_back(self, reason: str, lists: int, **detail: float) -> None:
         FALLBACK.labels(reason).inc()
         if reason not in self._warned:
             self._warned.add(reason)
             log.warning("guard.fallback", estimate=self.estimate, reason=reason,
-                        held_out_lists=lists, using="holdout_value")
+                        held_out_lists=lists, using="holdout_value", **detail)

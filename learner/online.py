@@ -216,10 +216,11 @@ class LearnerSettings(BaseSettings):
     trie_logprobs: bool = True
     """Train on the shown items' log-probs renormalized over the servable trie at each id
     level, as the server's beam search scores them (off: over the whole vocabulary)."""
-    guard_estimate: GuardEstimateName = "holdout_value"
-    """The promotion guard's estimate: holdout_value (value-weighted over the shown items)
-    or, on the held-out lists with logging propensities, the off-policy snips or dr of
-    each model's served slate (learner/guard.py; holdout_value when no list has them)."""
+    guard_estimate: GuardEstimateName = "snips"
+    """The promotion guard's estimate: on the held-out lists with logging propensities,
+    the off-policy snips (or dr) of each model's served slate, or holdout_value
+    (value-weighted over the shown items), which the guard falls back to when no list has
+    propensities or the log does not support a model compared (learner/guard.py)."""
     guard_beam_width: int = 32
     """Beam width at every id level of the slates the snips/dr guard scores."""
     snapshot_every_updates: int = 50
@@ -859,6 +860,9 @@ class LearnerService:
             log.info("guard.not_enforced", version=version, held_out_lists_with_reward=valued,
                      needed=self.s.guard_min_lists)
         elif rnd is not None:
+            self.guard.settle(rnd, [self.baseline, self.best, self.model,
+                                    self.learner.ref if self.last_published is not None
+                                    else None])
             refs["baseline"] = rnd.value(self.baseline)
             if self.best is not None:
                 refs["best"] = rnd.value(self.best)

@@ -1,6 +1,7 @@
-"""The promotion guard on an off-policy estimate (``--guard-estimate snips``): a
-snapshot worse on a log with propensities is refused, an unchanged one is published,
-and held-out lists without propensities fall back to holdout_value, counted."""
+"""The promotion guard on an off-policy estimate (``--guard-estimate snips``, the
+default): a snapshot worse on a log with propensities is refused, an unchanged one is
+published, and held-out lists without propensities, or too few of them for a model
+compared, fall back to holdout_value, counted."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from structlog.testing import capture_logs
 
 from learner import synthetic
 from learner.export import verify_snapshot
-from learner.guard import FALLBACK, GuardEstimate
+from learner.guard import FALLBACK, MIN_MATCHED_ITEMS, GuardEstimate
 from learner.model import GenerativeRecommender
 from learner.online import REFUSED_IN_A_ROW, LearnerService, LearnerSettings
 from learner.pretrain import PretrainResult
@@ -111,7 +112,7 @@ def test_off_policy_estimates_see_a_scrambled_ranker_that_holdout_value_cannot(
         assert rnd is not None and rnd.name == estimate
         assert rnd.value(bad) < 0.8 * rnd.value(model), estimate
     # holdout_value scores the logged items, not the served slate: it sees no difference
-    plain = GuardEstimate().round(learner, held_out, tok, ads)
+    plain = GuardEstimate("holdout_value").round(learner, held_out, tok, ads)
     assert plain is not None and plain.value(bad) == pytest.approx(plain.value(model))
 
 
@@ -136,7 +137,7 @@ def test_snips_guard_refuses_a_snapshot_worse_on_the_logs_and_publishes_an_uncha
     assert metrics["serving_holdout_snips"] == pytest.approx(metrics["holdout_snips"])
     assert metrics["holdout_snips"] > 0 and "holdout_value" not in metrics
 
-    # the default estimate (today's guard) lets the scrambled ranker through
+    # holdout_value (the fallback) lets the scrambled ranker through
     plain = _service(tmp_path / "plain", _scrambled(model), model, tok, ads, held_out,
                      "holdout_value")
     assert plain.publish() is True
@@ -211,16 +212,44 @@ def test_without_propensities_the_guard_falls_back_to_holdout_value_counted_and_
         assert value == pytest.approx(learner.holdout_value(trained_lazy.model, rnd.batch))
 
 
-def test_guard_estimate_is_a_learner_setting_defaulting_to_holdout_value(
+def test_a_model_the_log_does_not_support_sends_the_whole_round_to_holdout_value(
+        trained_lazy: PretrainResult, synth_log: synthetic.SyntheticLog) -> None:
+    ads = _catalogue(synth_log)
+    model = trained_lazy.model
+    learner = OnlineLearner(copy.deepcopy(model))
+    guard = GuardEstimate("snips", beam_width=16)
+    supported = guard.round(learner, _uniform_log(synth_log, ads, 240), trained_lazy.tokenizer,
+                            ads)
+    assert supported is not None
+    assert guard.settle(supported, [model, None, _scrambled(model)]) == "snips"
+    _, sup = supported.off_policy_support(model)
+    assert sup.matched_items >= MIN_MATCHED_ITEMS and sup.enough
+    before = FALLBACK.labels("unsupported")._value.get()
+    try:
+        with capture_logs() as logs:
+            few = guard.round(learner, _uniform_log(synth_log, ads, 40),
+                              trained_lazy.tokenizer, ads)
+            assert few is not None and few.name == "snips"
+            assert guard.settle(few, [model, _scrambled(model)]) == "holdout_value"
+    finally:
+        structlog.reset_defaults()
+    assert FALLBACK.labels("unsupported")._value.get() == before + 1
+    warned = [e for e in logs if e["event"] == "guard.fallback"]
+    assert warned[0]["reason"] == "unsupported"
+    assert warned[0]["matched_items"] < MIN_MATCHED_ITEMS
+    assert few.value(model) == pytest.approx(learner.holdout_value(model, few.batch))
+
+
+def test_guard_estimate_is_a_learner_setting_defaulting_to_snips(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
     add_settings_arguments(parser, LearnerSettings)
     assert settings_from_args(LearnerSettings, parser.parse_args([])).guard_estimate \
-        == "holdout_value"
+        == "snips"
     assert settings_from_args(LearnerSettings, parser.parse_args(
-        ["--guard-estimate", "snips"])).guard_estimate == "snips"
+        ["--guard-estimate", "holdout_value"])).guard_estimate == "holdout_value"
     monkeypatch.setenv("ADLOOP_LEARN_GUARD_ESTIMATE", "dr")
     assert settings_from_args(LearnerSettings, parser.parse_args([])).guard_estimate == "dr"
     with pytest.raises(ValueError):
