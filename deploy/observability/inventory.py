@@ -295,13 +295,16 @@ METRICS: tuple[Metric, ...] = (
        "promotion guard compares.", "model: candidate, serving, baseline, best"),
     _m("adloop_learner_guard_value", "gauge", "learn", ("model", "estimate"),
        "The promotion guard's estimate (money per impression) on the held-out lists, in "
-       "effect: holdout_value, or with --guard-estimate snips/dr the off-policy estimate of "
-       "each model's served slate on the lists with logging propensities.",
+       "effect: the off-policy estimate (snips by default, or dr) of each model's served "
+       "slate on the lists with logging propensities, or holdout_value after a fallback or "
+       "with --guard-estimate holdout_value.",
        "model: candidate, serving, baseline, best; estimate: holdout_value, snips, dr"),
     _m("adloop_learner_guard_fallback_total", "counter", "learn", ("reason",),
        "Publishes whose --guard-estimate snips/dr fell back to holdout_value (warned once "
        "per reason).", "reason: no_propensities (no held-out list carries logging "
-       "propensities), no_servable_ads (no servable ad known to the tokenizer)"),
+       "propensities), no_servable_ads (no servable ad known to the tokenizer), "
+       "unsupported (a model compared serves fewer than 30 of the held-out items at their "
+       "position, or its weights' effective sample size is below 30)"),
     _m("adloop_learner_export_seconds", "histogram", "learn", (),
        "Time to export a snapshot to ONNX."),
     _m("adloop_learner_validation_seconds", "histogram", "learn", (),
