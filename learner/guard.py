@@ -39,6 +39,7 @@ from learner.beam import IdTrie, TorchBackend, beam_search, beam_widths_for
 from learner.losses import BID_TYPES, expected_value
 from learner.model import GenerativeRecommender
 from learner.ope import ESTIMATORS, has_propensities, logged_items, reward_model
+from learner.publish import all_finite
 from learner.rspo_step import ListBatch, OnlineLearner, lists_to_batch
 from learner.tokenizer import UASIDTokenizer
 from streams.logs import get_logger
@@ -229,18 +230,16 @@ class GuardEstimate:
         ``holdout_value``. Returns the estimate in effect."""
         if rnd.name == "holdout_value":
             return rnd.name
-        weak: dict[str, float] = {}
         for m in models:
-            if m is None or not all(bool(torch.isfinite(p).all()) for p in m.parameters()):
+            if m is None or not all_finite(m):
                 continue   # a model with NaN/inf is refused before its estimate matters
             _, sup = rnd.off_policy_support(m)
             if not sup.enough:
-                weak = {"matched_items": sup.matched_items,
-                        "effective_sample": round(sup.effective_sample, 1)}
+                self._fall_back("unsupported", len(rnd.logged),
+                                matched_items=sup.matched_items,
+                                effective_sample=round(sup.effective_sample, 1))
+                rnd.name = "holdout_value"
                 break
-        if weak:
-            self._fall_back("unsupported", len(rnd.logged), **weak)
-            rnd.name = "holdout_value"
         return rnd.name
 
     def _fall_back(self, reason: str, lists: int, **detail: float) -> None:

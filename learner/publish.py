@@ -108,7 +108,9 @@ class Published:
     validate_s: float
 
 
-def _all_finite(model: GenerativeRecommender) -> bool:
+def all_finite(model: GenerativeRecommender) -> bool:
+    """Every parameter of ``model`` is finite (no NaN or inf): what a snapshot needs
+    before anything else is checked."""
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
@@ -220,7 +222,7 @@ class Publisher:
         key = "holdout_value" if estimate == "holdout_value" else f"holdout_{estimate}"
         cand = math.nan
         t0 = time.perf_counter()
-        if not _all_finite(model):
+        if not all_finite(model):
             self._refuse("nan", f"{version}: model parameters contain NaN/inf")
         stage = self.staging / version
         shutil.rmtree(stage, ignore_errors=True)
