@@ -177,6 +177,17 @@ class ModelConfig:
     """The wide terms key on the candidate's goal (bid type) too: a weight per goal and
     per (context value, goal) and (organic topic, goal) cell beside the industry's and
     the level-0 code's. Checkpoints written before it existed load with ``False``."""
+    value_topic_match: bool = False
+    """A wide term, one weight per head, for how well the candidate's content matches
+    the user's recent organic topics (:meth:`ValueHead.topic_match`); needs
+    ``value_wide``. Checkpoints written before it existed load with ``False``."""
+    value_match_dim: int = 0
+    """Dimension of the topic and item vectors of that term (the tokenizer's latent)."""
+    value_match_sharpness: float = 80.0
+    """κ of the topic match: how sharply a candidate's content picks its topic among
+    the known ones (a softmax over κ · cosine)."""
+    value_match_topics: int = 256
+    """Most distinct organic topics the match's normaliser holds."""
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -233,7 +244,9 @@ class ModelConfig:
                       "prior_horizons": 1, "prior_mix_mode": "fixed", "task_tokens": False,
                       "fake_items": False, "ranker_kv": False, "mtp_mode": "pooled",
                       "intent_tokens": 0, "value_factors": False, "value_wide": False,
-                      "value_wide_goal": False, **d})
+                      "value_wide_goal": False, "value_topic_match": False,
+                      "value_match_dim": 0, "value_match_sharpness": 80.0,
+                      "value_match_topics": 256, **d})
 
 
 # --------------------------------------------------------------------------------------
@@ -825,6 +838,11 @@ class ValueHead(nn.Module):
     linear_fit: Tensor
     hash_mult: Tensor
     factor_heads: Tensor
+    topic_vec: Tensor
+    known_topics: Tensor
+    known_mask: Tensor
+    item_vec: Tensor
+    code_vec: Tensor
 
     def __init__(self, cfg: ModelConfig, items: ItemEmbedding, decoder: LazyARDecoder) -> None:
         super().__init__()
@@ -859,6 +877,7 @@ class ValueHead(nn.Module):
             self.register_buffer("hash_mult", torch.tensor(mult, dtype=torch.long),
                                  persistent=False)
         self.wide = cfg.value_wide
+        self.match = False
         if self.wide:
             if self.biz is None or not self.factors:
                 raise ValueError("value_wide needs value_factors and the business tokens "
@@ -868,6 +887,23 @@ class ValueHead(nn.Module):
             if cfg.value_wide_goal:
                 self.wide_cells += (cfg.level_sizes[L + 1],)
             n = cfg.context_buckets * sum(self.wide_cells)
+            self.match = bool(cfg.value_topic_match and cfg.value_match_dim > 0
+                              and cfg.organic_len > 0)
+            if self.match:
+                dim, L0 = cfg.value_match_dim, sum(cfg.level_sizes[:L])
+                # filled by learner.topic_match: each organic topic's text latent at its
+                # hashed bucket, the known topics (the normaliser), each item's own
+                # text latent at its value bucket, and the semantic codebooks (the
+                # content of an item that has no vector of its own)
+                self.register_buffer("topic_vec", torch.zeros(cfg.context_buckets, dim))
+                self.register_buffer("known_topics", torch.zeros(cfg.value_match_topics,
+                                                                 dim))
+                self.register_buffer("known_mask", torch.zeros(cfg.value_match_topics))
+                self.register_buffer("item_vec", torch.zeros(cfg.value_buckets, dim))
+                self.register_buffer("code_vec", torch.zeros(L0, dim))
+                self.code_offsets = [sum(cfg.level_sizes[:i]) for i in range(L)]
+                self.sharpness = cfg.value_match_sharpness
+                self.wide_match = nn.Parameter(torch.zeros(1, 2))
             self.wide_item = nn.Parameter(torch.zeros(sum(self.wide_cells), 2))
             self.wide_context = nn.Parameter(torch.zeros(n, 2))
             self.wide_topic = nn.Parameter(torch.zeros(n, 2))
@@ -875,7 +911,8 @@ class ValueHead(nn.Module):
             # what learner.value_fit.fit_linear leaves for the online refits: each linear
             # table's curvature, the position offsets, (scale, deep, t_logs, half-life)
             for k in self.LINEAR:
-                self.register_buffer(f"{k}_curvature", torch.zeros_like(getattr(self, k)))
+                if hasattr(self, k):
+                    self.register_buffer(f"{k}_curvature", torch.zeros_like(getattr(self, k)))
             self.register_buffer("linear_position", torch.zeros(POSITIONS - 1, 2))
             self.register_buffer("linear_fit", torch.zeros(4))
         if cfg.value_own_items:
@@ -999,8 +1036,9 @@ class ValueHead(nn.Module):
 
     WIDE: ClassVar[tuple[str, ...]] = ("wide_item", "wide_context", "wide_topic")
     """The wide terms' tables (:meth:`crossed`)."""
-    LINEAR: ClassVar[tuple[str, ...]] = ("item_bias", *WIDE)
-    """Every linear table (:meth:`linear_logits`)."""
+    LINEAR: ClassVar[tuple[str, ...]] = ("item_bias", *WIDE, "wide_match")
+    """Every linear table (:meth:`linear_logits`); ``wide_match`` only with
+    ``value_topic_match``."""
 
     def crossed(self, context: Tensor, candidates: Tensor,
                 tables: dict[str, Tensor] | None = None) -> Tensor:
@@ -1019,6 +1057,8 @@ class ValueHead(nn.Module):
 
         ctx = context[:, :C]
         out = t["wide_item"][cells].sum(-2)         # the candidate's own cells
+        if self.match:
+            out = out + self.topic_match(context, candidates)[..., None] * t["wide_match"][0]
         out = out + term(t["wide_context"], ctx, (ctx > 0).to(out.dtype))
         if n_topic:
             topics = context[:, C:C + n_topic]
@@ -1026,6 +1066,30 @@ class ValueHead(nn.Module):
             out = out + term(t["wide_topic"], topics,
                              present / (present.sum(1, keepdim=True) + 2.0))
         return out
+
+    def topic_match(self, context: Tensor, candidates: Tensor) -> Tensor:
+        """[B, K]: how well each candidate's content matches the user's recent organic
+        topics: Σ over those topics of the topic's share × p(topic | candidate), where
+        p is a softmax over the known topics of ``sharpness`` × the cosine between the
+        topic's text latent and the candidate's (its own, else its codes' sum)."""
+        C, n_topic = self.n_ctx_ids, self.n_topic_ids
+        topics = context[:, C:C + n_topic]
+        present = (topics > 0).to(self.topic_vec.dtype)
+        share = present / (present.sum(1, keepdim=True) + 2.0)
+        codes = sum(self.code_vec[off + candidates[..., lvl]]
+                    for lvl, off in enumerate(self.code_offsets))
+        assert isinstance(codes, Tensor)
+        codes = codes / codes.norm(dim=-1, keepdim=True).clamp_min(1e-6)   # [B, K, d]
+        own = self.item_vec[self.bucket(candidates)]                        # [B, K, d]
+        has_own = (own.abs().sum(-1, keepdim=True) > 0).to(codes.dtype)
+        item = has_own * own + (1.0 - has_own) * codes
+        sim = torch.einsum("bkd,bod->bko", item, self.topic_vec[topics])
+        every = torch.einsum("bkd,nd->bkn", item, self.known_topics)
+        every = every * self.sharpness + (self.known_mask - 1.0) * 1e4
+        norm = torch.logsumexp(every, dim=-1, keepdim=True)                 # [B, K, 1]
+        # ≤ 1 even for a topic outside the normaliser; nothing before any topic is known
+        p = torch.exp((self.sharpness * sim - norm).clamp_max(0.0)) * present[:, None, :]
+        return (p * share[:, None, :]).sum(-1) * self.known_mask.amax()
 
     def cells_of(self, candidates: Tensor) -> Tensor:
         """Each candidate's wide-table rows [..., n_cells] (``wide_cells``: its industry,
@@ -1049,6 +1113,8 @@ class ValueHead(nn.Module):
         if self.wide:
             out = out + (self.wide_l2 * sum(getattr(self, k).pow(2).sum(0)
                                             for k in self.WIDE)).sum()
+            if self.match:
+                out = out + (self.wide_l2 * self.wide_match.pow(2).sum(0)).sum()
         return out
 
     @torch.no_grad()

@@ -70,6 +70,7 @@ from learner.publish import Publisher, SnapshotRefusedError, SnapshotStore, Upda
 from learner.rspo import RSPOConfig
 from learner.rspo_step import OnlineLearner, lists_to_batch, provisional_weight
 from learner.tokenizer import UASIDTokenizer
+from learner.topic_match import fill_topic_match
 from streams.kafka_io import DeadLetterOnce, EventConsumer, EventProducer, Received
 from streams.logs import get_logger
 from streams.metrics import FRESHNESS_BUCKETS, counter, gauge, histogram, start_metrics_server
@@ -655,7 +656,9 @@ class LearnerService:
         return metrics
 
     def update_model(self, lists: list[tuple[Feedback, float]]) -> dict[str, float]:
-        """One optimizer step on ``lists``."""
+        """One optimizer step on ``lists`` (after filling the value head's topic match
+        for the ads and organic topics that arrived since the last one)."""
+        fill_topic_match(self.model, self.tok, [fb for fb, _ in lists], self.ads.values())
         return self.learner.update(lists_to_batch(lists, self.tok, self.model,
                                                   self.learner_trie(),
                                                   beams=self.learner.reads_beams,

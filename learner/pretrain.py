@@ -48,6 +48,7 @@ from learner.evaluate import evaluate, trie_of
 from learner.losses import pretrain_loss
 from learner.model import GenerativeRecommender, ModelConfig
 from learner.tokenizer import TokenizerConfig, UASIDTokenizer
+from learner.topic_match import fill_topic_match
 from learner.value_fit import (
     finetune_value,
     fit_linear,
@@ -183,6 +184,11 @@ class PretrainSettings(BaseSettings):
     value_wide_goal: bool = False
     """The wide terms key on the candidate's goal (bid type) too
     (ModelConfig.value_wide_goal): a base rate per goal, learned by the fit."""
+    value_topic_match: bool = True
+    """The value head's wide terms match the candidate's content against the user's
+    recent organic topics (ModelConfig.value_topic_match, learner.topic_match)."""
+    value_match_sharpness: float = 80.0
+    """ModelConfig.value_match_sharpness."""
     value_linear_deep: bool = False
     """The value fit may keep the rest of the head (decoder logits, user × item
     interaction) under the linear terms when the value split prefers it
@@ -320,7 +326,9 @@ def model_config(s: PretrainSettings, tok: UASIDTokenizer) -> ModelConfig:
         # wide terms read the business tokens (industry) and extend the factorised terms
         value_wide=(s.value_wide and s.value_factors
                     and len(tok.config.token_sizes) >= tok.config.semantic_levels + 2),
-        value_wide_goal=s.value_wide_goal)
+        value_wide_goal=s.value_wide_goal, value_topic_match=s.value_topic_match,
+        value_match_dim=int(tok.codebooks[0].shape[1]),
+        value_match_sharpness=s.value_match_sharpness)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
@@ -413,6 +421,8 @@ def pretrain(s: PretrainSettings, ads: list[Ad] | None = None,
         rates = model.value.set_priors(shown.slate, shown.slate_mask, shown.clicked,
                                        shown.converted)
         log.info("value priors", **rates)
+    if ckpt is None:
+        fill_topic_match(model, tok, feedback, ads or ())
     if ckpt is None and len(train) and (model.value.factors or model.value.wide):
         mask = main.slate_mask
         per_event = torch.tensor([1.0 / max(float(mask.sum()), 1.0),

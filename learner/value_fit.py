@@ -265,7 +265,7 @@ def calibrate(model: GenerativeRecommender, held: ExampleSet, prior_sd: float = 
 
 LINEAR_L2: dict[str, tuple[float, float]] = {
     "item_bias": (2.0, 20.0), "wide_item": (0.5, 2.0), "wide_context": (5.0, 30.0),
-    "wide_topic": (2.0, 5.0), "position": (1.0, 0.0)}
+    "wide_topic": (2.0, 5.0), "wide_match": (0.1, 0.1), "position": (1.0, 0.0)}
 """Base L2 weight of each linear table per head (pCTR, pCVR), on the summed log-loss,
 times the scale :func:`fit_linear` picks: the logistic baseline's penalties
 (``adloop.baselines.LogisticPolicy.L2``) for the matching tables, fixed by hand."""
@@ -343,6 +343,7 @@ class Design:
 
     def __init__(self, head: ValueHead, r: Impressions, shapes: dict[str, torch.Size]) -> None:
         assert head.biz is not None
+        self.ORDER = tuple(k for k in Design.ORDER if k in shapes)
         self.shapes = shapes
         self.offsets: dict[str, int] = {}
         total = 0
@@ -377,6 +378,10 @@ class Design:
             add(row[:, None, None].expand(N, n_topic, W),
                 off["wide_topic"] + topics[:, :, None] * width + cells[:, None, :],
                 share[:, :, None].expand(N, n_topic, W))
+        if "wide_match" in off:
+            with torch.no_grad():
+                m = head.topic_match(r.context, r.ids[:, None, :])[:, 0].double()
+            add(row, off["wide_match"] + torch.zeros_like(row), m)
         add(row, off["position"] + (r.position - 1).clamp_min(0),
             (r.position > 0).double())
         rows = torch.cat([a.reshape(-1) for a, _, _ in parts])

@@ -21,6 +21,7 @@ from learner.model import POSITIONS, GenerativeRecommender
 from learner.rspo import RSPOConfig
 from learner.rspo_step import OnlineLearner
 from learner.tokenizer import UASIDTokenizer
+from learner.topic_match import fill_topic_match
 from learner.value_fit import (
     Design,
     Impressions,
@@ -247,15 +248,20 @@ def test_a_wide_value_graph_takes_the_context_ids_and_matches_torch(
         small_tokenizer: UASIDTokenizer, tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    for wide, goal in ((False, False), (True, False), (True, True)):
+    match = {k: v for k, v in _match_cfg(small_tokenizer).items() if k != "value_wide"}
+    for wide, goal, topic in ((False, False, False), (True, False, False),
+                              (True, True, False), (True, False, True)):
         torch.manual_seed(0)
-        model = GenerativeRecommender(small_cfg(small_tokenizer, value_wide=wide,
-                                                value_wide_goal=goal)).eval()
+        model = GenerativeRecommender(small_cfg(
+            small_tokenizer, value_wide=wide, value_wide_goal=goal,
+            **(match if topic else {}))).eval()
         if wide:
             with torch.no_grad():
                 model.value.wide_context.normal_(0.0, 0.5)
                 model.value.wide_topic.normal_(0.0, 0.5)
-        out = tmp_path / f"snap-{wide}-{goal}"
+        if topic:
+            _random_match_tables(model)
+        out = tmp_path / f"snap-{wide}-{goal}-{topic}"
         export_snapshot(model, small_tokenizer, out, version="v1")
         sess = ort.InferenceSession(str(out / "value.onnx"), providers=["CPUExecutionProvider"])
         assert ("context" in {i.name for i in sess.get_inputs()}) == wide
@@ -403,14 +409,37 @@ def test_online_refits_start_from_the_logs_fit_and_follow_new_evidence(
     assert p_ios() < 0.5 * before
 
 
-@pytest.mark.parametrize("goal", [False, True])
-def test_the_linear_fits_design_matrix_computes_the_served_linear_terms(goal: bool) -> None:
-    model = tiny_model(seed=5, value_wide=True, value_wide_goal=goal)
+@torch.no_grad()
+def _random_match_tables(model: GenerativeRecommender, seed: int = 0) -> None:
+    """Random unit topic, item and code vectors in the topic match's tables (every
+    other item row left empty, so those items fall back to their codes) and a weight."""
+    head, g = model.value, torch.Generator().manual_seed(seed)
+
+    def unit(*shape: int) -> torch.Tensor:
+        x = torch.randn(*shape, generator=g)
+        return x / x.norm(dim=-1, keepdim=True)
+
+    head.topic_vec.copy_(unit(*head.topic_vec.shape))
+    head.code_vec.copy_(unit(*head.code_vec.shape))
+    head.item_vec.copy_(unit(*head.item_vec.shape))
+    head.item_vec[::2] = 0.0
+    head.known_topics[:10] = head.topic_vec[1:11]
+    head.known_mask[:10] = 1.0
+    head.wide_match.copy_(torch.tensor([[0.8, -0.5]]))
+
+
+@pytest.mark.parametrize(("goal", "topic"), [(False, False), (True, False), (False, True)])
+def test_the_linear_fits_design_matrix_computes_the_served_linear_terms(goal: bool,
+                                                                       topic: bool) -> None:
+    model = tiny_model(seed=5, value_wide=True, value_wide_goal=goal,
+                       value_topic_match=topic, value_match_dim=8 if topic else 0)
     head = model.value
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for t in head.linear_tables().values():
             t.normal_(0.0, 1.0, generator=g)
+    if topic:
+        _random_match_tables(model)
     hist, mask, ctx, _, cands = tiny_inputs(model, B=3)
     ctx[:, -5:] = 0                                     # short organic histories
     ctx[0, len(model.cfg.context_features) + 1] = ctx[0, len(model.cfg.context_features)]
@@ -422,3 +451,98 @@ def test_the_linear_fits_design_matrix_computes_the_served_linear_terms(goal: bo
     served = head.linear_logits(cands, ctx).reshape(-1, 2)
     torch.testing.assert_close(design.logits({k: v.double() for k, v in tables.items()}),
                                served.double(), rtol=1e-5, atol=1e-5)
+
+
+def _topic_of(synth: synthetic.SyntheticLog, ad_id: str) -> str:
+    """The organic topic path of an ad's category (``"food/coffee"``)."""
+    name = list(synthetic.CATEGORIES)[synth.ad_category[ad_id]]
+    return f"{synthetic.CATEGORIES[name][0]}/{name.replace(' ', '-')}"
+
+
+def _topic_rate_log(tok: UASIDTokenizer, synth: synthetic.SyntheticLog, n_requests: int = 1500,
+                    seed: int = 0) -> list[Feedback]:
+    """Random slates of 5 for users who each read organic items of one topic; an ad of
+    that topic's category is clicked at 0.3, any other at 0.03 (the context is the same
+    for everyone, and every ad's mean rate is the same)."""
+    rng = np.random.default_rng(seed)
+    ads = synth.ads
+    topics = sorted({_topic_of(synth, a.ad_id) for a in ads})
+    out = []
+    for r in range(n_requests):
+        topic = topics[r % len(topics)]
+        items = []
+        for pos, i in enumerate(rng.choice(len(ads), 5, replace=False).tolist()):
+            a = ads[i]
+            clicked = bool(rng.random() < (0.3 if _topic_of(synth, a.ad_id) == topic else 0.03))
+            items.append(FeedbackItem(
+                ad_id=a.ad_id, semantic_id=list(tok.ids_of(a.ad_id)), position=pos,
+                score=0.0, bid=a.bid, bid_type=a.bid_type, clicked=clicked, converted=False,
+                reward=float(clicked)))
+        t = 1000.0 + 30.0 * r
+        out.append(Feedback(request_id=f"r{r}", user_id=f"u{r}", kind="final", revision=0,
+                            impression_time=t, event_time=t + 60, elapsed_s=60,
+                            window_closed=True, context={"device": "ios"}, items=items,
+                            recent_organic=[f"{topic}#{k}" for k in range(4)]))
+    return out
+
+
+def _match_cfg(tok: UASIDTokenizer) -> dict[str, Any]:
+    return {"value_wide": True, "value_topic_match": True,
+            "value_match_dim": int(tok.codebooks[0].shape[1])}
+
+
+def test_the_topic_match_ranks_the_ad_of_the_users_topic_first_before_any_fit(
+        synth_log: synthetic.SyntheticLog, small_tokenizer: UASIDTokenizer) -> None:
+    fb = _topic_rate_log(small_tokenizer, synth_log, n_requests=40)
+    torch.manual_seed(0)
+    model = GenerativeRecommender(small_cfg(small_tokenizer, **_match_cfg(small_tokenizer)))
+    ads = synth_log.ads
+    fill_topic_match(model, small_tokenizer, fb, ads)
+    head = model.value
+    ex = build_examples(fb, small_tokenizer, model.cfg.history_len, model.cfg.context_features,
+                        model.cfg.context_buckets, 0, organic_len=model.cfg.organic_len)
+    cands = torch.tensor([[small_tokenizer.ids_of(a.ad_id) for a in ads]])
+    hits = 0
+    context = torch.as_tensor(ex.context)
+    for i, r in enumerate(ex.request.tolist()):
+        topic = fb[r].recent_organic[0].split("#")[0]
+        match = head.topic_match(context[i:i + 1], cands)[0]
+        best = ads[int(match.argmax())]
+        hits += _topic_of(synth_log, best.ad_id) == topic
+        assert float(match.min()) >= 0.0 and float(match.max()) <= 1.0
+    assert hits >= 0.75 * len(ex.request)
+
+
+def test_filling_the_topic_match_adds_only_the_ads_and_topics_that_arrived_since(
+        synth_log: synthetic.SyntheticLog, small_tokenizer: UASIDTokenizer) -> None:
+    fb = _topic_rate_log(small_tokenizer, synth_log, n_requests=40)
+    model = GenerativeRecommender(small_cfg(small_tokenizer, **_match_cfg(small_tokenizer)))
+    head, ads = model.value, synth_log.ads
+    # before any topic is known the match is zero, never NaN (a log without organic items)
+    ctx = torch.randint(1, 50, (2, len(model.cfg.context_features) + model.cfg.organic_len))
+    cands = torch.tensor([[small_tokenizer.ids_of(a.ad_id) for a in ads[:5]]] * 2)
+    assert torch.equal(head.topic_match(ctx, cands), torch.zeros(2, 5))
+    first = fill_topic_match(model, small_tokenizer, fb[:3], ads[:30])
+    assert first["topics"] == 3 and 0 < first["ads"] <= 30
+    assert int(head.known_mask.sum()) == 3
+    assert fill_topic_match(model, small_tokenizer, fb[:3], ads[:30]) == {"ads": 0, "topics": 0}
+    later = fill_topic_match(model, small_tokenizer, fb, ads)
+    assert later["ads"] > 0 and later["topics"] == len({f.recent_organic[0] for f in fb}) - 3
+    rows = head.bucket(torch.tensor([small_tokenizer.ids_of(a.ad_id) for a in ads]))
+    assert bool(head.item_vec[rows].abs().sum(-1).gt(0).all())
+    # a model without the match is left alone
+    plain = GenerativeRecommender(small_cfg(small_tokenizer, value_wide=True))
+    assert fill_topic_match(plain, small_tokenizer, fb, ads) == {"ads": 0, "topics": 0}
+    assert not hasattr(plain.value, "wide_match")
+
+
+def test_the_linear_fit_weighs_the_topic_match_where_clicks_follow_the_users_topics(
+        synth_log: synthetic.SyntheticLog, small_tokenizer: UASIDTokenizer) -> None:
+    fb = _topic_rate_log(small_tokenizer, synth_log)
+    model, train, held = _model_on(fb, small_tokenizer, 0.2, **_match_cfg(small_tokenizer))
+    fill_topic_match(model, small_tokenizer, fb, synth_log.ads)
+    before = value_metrics(model, held)
+    fit_linear(model, train, val_frac=0.2, scales=(1.0,))
+    after = value_metrics(model, held)
+    assert float(model.value.wide_match[0, 0]) > 1.0
+    assert after["value_logloss_ctr"] < before["value_logloss_ctr"] - 0.02
