@@ -102,8 +102,26 @@ class _Rows:
     ctx: np.ndarray
     """[N, len(CONTEXT_KEYS)] context-value indices."""
     time: np.ndarray
+    match: np.ndarray
+    imatch: np.ndarray
     clicked: np.ndarray
     converted: np.ndarray
+
+
+MATCH_TOPICS = 20
+"""How many of the user's most recent organic items the exact topic match reads."""
+
+
+def topic_match_shares(ad: SimAd, topics: Sequence[str]) -> tuple[float, float]:
+    """The exact topic match of ``ad`` against the user's recent organic ``topics``:
+    the share of them whose topic is the ad's own (``<industry>/<category>``, the
+    world's organic topic naming) and the share in the ad's industry, each over the
+    count plus 2 (a short history counts for less)."""
+    rec = ad.record
+    key = f"{rec.industry}/{ad_category(rec.description).lower().replace(' ', '-')}"
+    n = len(topics) + 2.0
+    return (sum(t == key for t in topics) / n,
+            sum(t.split("/", 1)[0] == rec.industry for t in topics) / n)
 
 
 class LogisticPolicy:
@@ -112,11 +130,13 @@ class LogisticPolicy:
     pCTR logit = bias + position + per-ad bias (L2 to 0, so shrunk to its industry's) +
     industry + category + the user's organic-topic shares × (ad category, industry) +
     (every context key's value) × (industry, category) + "the ad is among the user's
-    recent ads" (fatigue). pCVR (given a click) logit = bias + bid type + industry +
-    category + per-ad bias + topic shares × category + context × category, each table
-    with its own L2 penalty. The expected value per impression is the world's rule
-    (cpc bid·pCTR, cpa bid·pCTR·pCVR, cpm bid/1000), at position 0, for every servable
-    ad; the slate is the top ``k``, no exploration.
+    recent ads" (fatigue) + the exact topic match (:func:`topic_match_shares`: the
+    share of the user's recent organic items on the ad's own topic and in its industry,
+    one weight each). pCVR (given a click) logit = bias + bid type + industry +
+    category + per-ad bias + topic shares × category + context × category + the exact
+    topic match, each table with its own L2 penalty. The expected value per impression
+    is the world's rule (cpc bid·pCTR, cpa bid·pCTR·pCVR, cpm bid/1000), at position 0,
+    for every servable ad; the slate is the top ``k``, no exploration.
 
     Fit: full-batch L-BFGS on the logged phase, the rows weighted by
     ``0.5 ** (age / half_life_s)`` (drift: trends, fatigue, new ads). ``learn`` appends
@@ -177,8 +197,12 @@ class LogisticPolicy:
             shares = topic_shares(fb.recent_organic, self.topics)
             ctx = self._ctx(fb.context, grow)
             recent = set(fb.recent_ad_ids)
+            tops = [organic_topic(o) for o in list(fb.recent_organic)[-MATCH_TOPICS:]]
             for it in items:
                 a, i, c, b = self._ad_keys(self.world.ads[it.ad_id], grow)
+                mm, mi = topic_match_shares(self.world.ads[it.ad_id], tops)
+                cols["match"].append(mm)
+                cols["imatch"].append(mi)
                 for k, v in (("ad", a), ("industry", i), ("category", c), ("bid_type", b),
                              ("position", min(it.position, 9)),
                              ("recent", float(it.ad_id in recent)), ("shares", shares),
@@ -192,6 +216,8 @@ class LogisticPolicy:
             **{k: np.asarray(cols[k], dtype=np.int64) for k in
                ("ad", "industry", "category", "bid_type", "position")},
             recent=np.asarray(cols["recent"], dtype=float),
+            match=np.asarray(cols["match"], dtype=float),
+            imatch=np.asarray(cols["imatch"], dtype=float),
             shares=(np.stack(shares_rows) if shares_rows else np.zeros((0, n_topics))),
             ctx=np.asarray(cols["ctx"], dtype=np.int64).reshape(-1, len(CONTEXT_KEYS)),
             time=np.asarray(cols["time"], dtype=float),
@@ -213,12 +239,13 @@ class LogisticPolicy:
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         A, Ind, C = len(self.ads), len(self.industries), len(self.categories)
         T, X = len(self.topics), len(self.ctx_values)
-        return {"b": (2,), "pos": (10,), "recent": (1,), "bt": (3,),
+        return {"b": (2,), "pos": (10,), "recent": (1,), "bt": (3,), "m": (2,), "mi": (2,),
                 "ad": (A,), "ind": (Ind,), "cat": (C,), "tw": (T, C), "tv": (T, Ind),
                 "xi": (X, Ind), "xc": (X, C),
                 "ad_v": (A,), "ind_v": (Ind,), "cat_v": (C,), "tw_v": (T, C), "xc_v": (X, C)}
 
     L2: ClassVar[dict[str, float]] = {"b": 0.0, "pos": 1.0, "recent": 1.0, "bt": 0.1,
+                                      "m": 0.1, "mi": 0.1,
                                       "ad": 2.0, "ind": 0.1, "cat": 0.5,
                                       "tw": 2.0, "tv": 2.0, "xi": 3.0, "xc": 10.0,
                                       "ad_v": 20.0, "ind_v": 1.0, "cat_v": 2.0, "tw_v": 5.0,
@@ -248,10 +275,11 @@ class LogisticPolicy:
                + p["ad"][r["ad"]] + p["ind"][ind] + p["cat"][cat]
                + ((sh @ p["tw"]).gather(1, cat[:, None]).squeeze(1))
                + ((sh @ p["tv"]).gather(1, ind[:, None]).squeeze(1))
-               + cross(p["xi"], xi) + cross(p["xc"], xc))
+               + cross(p["xi"], xi) + cross(p["xc"], xc)
+               + p["m"][0] * r["match"] + p["mi"][0] * r["imatch"])
         cvr = (p["b"][1] + p["bt"][r["bid_type"]] + p["ad_v"][r["ad"]] + p["ind_v"][ind]
                + p["cat_v"][cat] + ((sh @ p["tw_v"]).gather(1, cat[:, None]).squeeze(1))
-               + cross(p["xc_v"], xc))
+               + cross(p["xc_v"], xc) + p["m"][1] * r["match"] + p["mi"][1] * r["imatch"])
         return ctr, cvr
 
     def _tensors(self, rows: _Rows) -> dict[str, torch.Tensor]:
@@ -354,11 +382,15 @@ class LogisticPolicy:
         ctx = np.asarray(self._ctx(request.context, grow=False))
         seen = set(request.recent_ad_ids)
         recent = np.array([a.ad_id in seen for a in ads], dtype=float)
+        tops = [organic_topic(o) for o in list(request.recent_organic)[-MATCH_TOPICS:]]
+        mt = np.array([topic_match_shares(a, tops) for a in ads], dtype=float).reshape(-1, 2)
         ctr = (p["b"][0] + p["pos"][0] + p["recent"][0] * recent + p["ad"][a_i] + p["ind"][ind]
                + p["cat"][cat] + (sh @ p["tw"])[cat] + (sh @ p["tv"])[ind]
-               + p["xi"][ctx].sum(0)[ind] + p["xc"][ctx].sum(0)[cat])
+               + p["xi"][ctx].sum(0)[ind] + p["xc"][ctx].sum(0)[cat]
+               + p["m"][0] * mt[:, 0] + p["mi"][0] * mt[:, 1])
         cvr = (p["b"][1] + p["bt"][bt] + p["ad_v"][a_i] + p["ind_v"][ind] + p["cat_v"][cat]
-               + (sh @ p["tw_v"])[cat] + p["xc_v"][ctx].sum(0)[cat])
+               + (sh @ p["tw_v"])[cat] + p["xc_v"][ctx].sum(0)[cat]
+               + p["m"][1] * mt[:, 0] + p["mi"][1] * mt[:, 1])
         return 1.0 / (1.0 + np.exp(-ctr)), 1.0 / (1.0 + np.exp(-cvr))
 
     def recommend_batch(self, requests: Sequence[Request]) -> list[ServedSlate]:
