@@ -119,6 +119,11 @@ class InProcessServer:
              widths_for: Callable[[int, int], list[int]]) -> list[RecResult]:
         return self.engine.run(requests, widths_for)
 
+    def retrieve(self, requests: list[RecRequest],
+                 widths_for: Callable[[int, int], list[int]]) -> list[list[str]]:
+        """The beams' ads alone per request (:meth:`server.engine.Engine.retrieve`)."""
+        return self.engine.retrieve(requests, widths_for)
+
     def close(self) -> None:
         """Remove the snapshots when the work directory was a temporary one."""
         if self._temporary:

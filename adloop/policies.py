@@ -50,12 +50,16 @@ from learner.model import GenerativeRecommender, shrunk_rate_logits
 from learner.rspo import RSPOConfig
 from learner.rspo_step import OnlineLearner, lists_to_batch
 from learner.tokenizer import TokenizerError, UASIDTokenizer
+from learner.topic_match import fill_topic_match
 from server.beam import BID_TYPES
 from server.engine import RecRequest
 from streams.features import organic_topic
 from streams.schemas import Feedback
 from traffic.driver import ServedAd, ServedOrganic, ServedSlate
 from traffic.world import Request, World
+
+RECALL_K = 10
+"""Depth of the retrieval recalls (``value_recall_at_10``, ``generator_recall_at_10``)."""
 
 
 class GenerativePolicy:
@@ -93,6 +97,18 @@ class GenerativePolicy:
         self.oracle_reach: list[float] = []
         """Every ``reach_every``-th request: share of the observable oracle's slate among
         the final beam candidates (what the value ranking could have picked)."""
+        self.value_recall: list[float] = []
+        """Every ``reach_every``-th request: share of the value model's top
+        :data:`RECALL_K` (the whole servable catalogue scored) that the generative beams
+        alone retrieve at the served widths."""
+        self._retrieved: dict[str, list[str]] = {}
+        """The beams' ads of those requests, best log-probability first, until their
+        feedback arrives."""
+        self.generator_hits = 0
+        self.generator_positives = 0
+        self.generator_servable: list[int] = []
+        """Clicked ads of those requests among the beams' top :data:`RECALL_K` by
+        log-probability; their clicked ads; the servable ads when each was served."""
         self.explored = 0
         self._predicted: dict[str, dict[str, tuple[float, float]]] = {}
         self.calibration_pairs: list[tuple[float, float, float, float]] = []
@@ -149,12 +165,14 @@ class GenerativePolicy:
             lambda levels, k: widths)
         servable = max(1, self.server.servable())
         out = []
+        sampled: list[tuple[Request, list[str]]] = []
         for r, res in zip(requests, results, strict=True):
             self.coverage.append(res.candidates / servable)
             if self.reach_every and len(self.coverage) % self.reach_every == 0:
                 best = self.world.observable_oracle_slate(r)
                 cands = set(res.candidate_ids)
                 self.oracle_reach.append(sum(a in cands for a in best) / max(1, len(best)))
+                sampled.append((r, [b.ad_id for b in res.beams[:RECALL_K]]))
             self._predicted[r.request_id] = {a.ad_id: (a.pctr, a.pcvr) for a in res.ads}
             slate = [ServedAd(a.ad_id, a.position, score=a.score,
                               expected_value=a.expected_value, semantic_id=a.semantic_id)
@@ -164,12 +182,43 @@ class GenerativePolicy:
                        for o in res.organic]
             out.append(ServedSlate(r.request_id, f"{self.name}-{res.model_version}", slate,
                                    beam_widths=widths, beams=res.beams, organic=organic))
+        if sampled:
+            self._measure_retrieval(sampled, widths, servable)
         return out
+
+    def _measure_retrieval(self, sampled: Sequence[tuple[Request, list[str]]],
+                           widths: list[int], servable: int) -> None:
+        """Run the beams alone for the sampled requests: how much of the value model's
+        top :data:`RECALL_K` they hold (``value_recall``), and keep their best
+        :data:`RECALL_K` by log-probability for :meth:`_score_retrieval`."""
+        retrieved = self.server.retrieve(
+            [RecRequest(r.user_id, dict(r.context), list(reversed(r.recent_ad_ids)), r.k,
+                        list(r.recent_organic)) for r, _ in sampled], lambda levels, k: widths)
+        for (r, top), ads in zip(sampled, retrieved, strict=True):
+            if top:
+                got = set(ads)
+                self.value_recall.append(sum(a in got for a in top) / len(top))
+            self._retrieved[r.request_id] = ads[:RECALL_K]
+            self.generator_servable.append(servable)
+
+    def _score_retrieval(self, lists: Sequence[Feedback]) -> None:
+        """Clicked ads of the sampled requests among the beams' best :data:`RECALL_K`."""
+        for fb in lists:
+            top = self._retrieved.pop(fb.request_id, None)
+            if top is None:
+                continue
+            clicked = {it.ad_id for it in fb.items if it.clicked or it.converted}
+            self.generator_positives += len(clicked)
+            self.generator_hits += len(clicked & set(top))
 
     def calibration(self) -> dict[str, float]:
         """ECE of the value model's pCTR (shown items) and pCVR (clicked items), mean
-        candidate coverage, share of requests with an exploration slot, and how much of
-        the observable oracle's slate the final beams held."""
+        candidate coverage, share of requests with an exploration slot, how much of
+        the observable oracle's slate the final beams held, and on the sampled requests
+        (every ``reach_every``-th) the beams' retrieval alone: ``value_recall_at_10``
+        (share of the value model's top 10 they hold), ``generator_recall_at_10`` (share
+        of clicked ads among their best 10 by log-probability) and that over chance
+        (10 / servable ads)."""
         pairs = self.calibration_pairs
         ctr, _ = expected_calibration_error([a for a, _, _, _ in pairs],
                                             [b for _, b, _, _ in pairs])
@@ -179,7 +228,17 @@ class GenerativePolicy:
                 if self.coverage else math.nan, "explored_share": self.explored
                 / max(1, len(self.coverage)),
                 "observable_oracle_reach": float(np.mean(self.oracle_reach))
-                if self.oracle_reach else math.nan}
+                if self.oracle_reach else math.nan, **self._recalls()}
+
+    def _recalls(self) -> dict[str, float]:
+        value = float(np.mean(self.value_recall)) if self.value_recall else math.nan
+        gen = (self.generator_hits / self.generator_positives if self.generator_positives
+               else math.nan)
+        chance = (RECALL_K / float(np.mean(self.generator_servable))
+                  if self.generator_servable else math.nan)
+        return {"value_recall_at_10": value, "generator_recall_at_10": gen,
+                "generator_recall_at_10_over_chance": gen / min(1.0, chance)
+                if chance == chance and chance > 0 else math.nan}
 
     def heldout_metrics(self) -> dict[str, float]:
         """The value model's log-loss of pCTR (shown items) and pCVR (clicked items) on
@@ -210,6 +269,7 @@ class GenerativePolicy:
         return self._trie
 
     def learn(self, lists: Sequence[Feedback]) -> dict[str, float]:
+        self._score_retrieval(lists)
         for fb in lists:
             predicted = self._predicted.pop(fb.request_id, {})
             for it in fb.items:
@@ -219,6 +279,8 @@ class GenerativePolicy:
                                                    p_cvr, float(it.converted)))
         if self.learner is None or not lists:
             return {}
+        fill_topic_match(self.model, self.tok, lists,
+                         (a.record for a in self.world.ads.values()))
         metrics = self.learner.update(lists_to_batch(
             [(fb, 1.0) for fb in lists], self.tok, self.model, self._learner_trie(),
             beams=self.learner.reads_beams, organic_dwell_s=self.learner.organic_dwell_s))

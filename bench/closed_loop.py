@@ -51,7 +51,8 @@ from learner.beyond import BEYOND_KEYS
 DEPENDS = in_process_depends("bench/closed_loop.py")
 
 SERVING_KEYS = ("ece_ctr", "ece_cvr", "mean_coverage", "explored_share",
-                "observable_oracle_reach", "model_versions", "value_logloss_ctr",
+                "observable_oracle_reach", "value_recall_at_10", "generator_recall_at_10",
+                "generator_recall_at_10_over_chance", "model_versions", "value_logloss_ctr",
                 "value_logloss_cvr", "value_mse_reward", *BEYOND_KEYS)
 """What the generative policies report about their serving, the baselines' held-out
 value-model errors on the logs' time split (``heldout_metrics``), and every policy's
@@ -63,7 +64,8 @@ BASELINES_NOTE = (
     "as the generative policies; hyper-parameters picked on a time split of the logged "
     "phase, never on the evaluation traffic): **logistic**, a factorised logistic "
     "pCTR·pCVR model (per-ad bias shrunk to its industry, organic-topic shares × ad "
-    "category and industry, context × industry and category, recent-ad fatigue) refit "
+    "category and industry, the exact match of those topics on the ad's own topic and "
+    "industry, context × industry and category, recent-ad fatigue) refit "
     "on every feedback block, every servable ad ranked by expected value with the bid; "
     "**dlrm**, the DLRM-style network with held-out early stopping and a learning-rate "
     "grid, trained online on every list; **vw_cb**, a Vowpal Wabbit contextual bandit "
@@ -162,6 +164,11 @@ def main() -> int:
             for key in (f"{name}_ci95", f"{name}_per_seed", f"{name}_per_seed_ci95"):
                 if key in results:
                     out[key] = _round(results[key])
+    rspo = out.get("rspo")
+    if isinstance(rspo, dict):     # the model issue's retrieval targets, on rspo's runs
+        out["rspo_value_recall_at_10"] = rspo.get("value_recall_at_10")
+        out["generator_recall_at_10_over_chance"] = rspo.get(
+            "generator_recall_at_10_over_chance")
     for key in ("frozen_over_observable_oracle_first_quarter",
                 "frozen_over_observable_oracle_last_quarter"):
         out[key] = _round(results.get(key))

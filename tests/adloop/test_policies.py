@@ -37,6 +37,7 @@ def test_the_in_process_generative_policy_hands_the_learner_its_final_beams(
         world_config,
     )
     from adloop.policies import GenerativePolicy
+    from server.engine import RecRequest
     from traffic.world import World
 
     cfg = EvalConfig(seeds=(0,), log_requests=300, n_users=60, n_ads=40, pretrain_steps=20,
@@ -65,7 +66,26 @@ def test_the_in_process_generative_policy_hands_the_learner_its_final_beams(
         assert sum(ad.ad_id in by_id for ad in slate.ads) >= len(slate.ads) - 1
     # a small catalogue is scored whole (the server's default score_catalogue_max)
     assert policy.coverage[-16:] == [1.0] * 16
+    # every 8th request the beams also run alone: how much of the value model's top 10
+    # they retrieve, and their best 10 by log-probability kept for the clicks to come
+    sampled = [reqs[7], reqs[15]]
+    assert len(policy.value_recall) == 2 and sorted(policy._retrieved) == sorted(
+        r.request_id for r in sampled)
+    widths = policy.widths()
+    again = policy.server.retrieve(
+        [RecRequest(r.user_id, dict(r.context), list(reversed(r.recent_ad_ids)), r.k,
+                    list(r.recent_organic)) for r in sampled], lambda levels, k: widths)
+    for r, recall, ads in zip(sampled, policy.value_recall, again, strict=True):
+        top = [b.ad_id for b in slates[reqs.index(r)].beams[:10]]
+        assert len(top) == 10 and recall == len(set(top) & set(ads)) / 10
+        assert policy._retrieved[r.request_id] == ads[:10]
+    clicks = sum(1 for r in sampled for it in lists[reqs.index(r)].items
+                 if it.clicked or it.converted)
     metrics = policy.learn(lists)
+    assert policy._retrieved == {} and policy.generator_positives == clicks
+    assert 0 <= policy.generator_hits <= clicks
+    recalls = policy.calibration()
+    assert 0.0 <= recalls["value_recall_at_10"] <= 1.0
     assert metrics["hepo_beams_per_list"] > max(len(fb.items) for fb in lists)
     assert metrics["hepo_tokens"] > 0 and metrics["hepo"] == metrics["hepo"]
     # the value model's held-out log-loss (pretraining's split) and on what it served
@@ -225,3 +245,17 @@ def test_frozen_explore_serves_frozens_slate_except_an_exploration_slot(
         assert explore[:-1] == plain[:-1]
         explored += explore[-1] != plain[-1]
     assert 15 <= explored <= 45                     # Binomial(100, 0.3): mean 30, sd 4.6
+
+
+def test_the_logistic_exact_topic_match_counts_the_ads_own_topic_and_its_industry() -> None:
+    from types import SimpleNamespace
+
+    from adloop.baselines import topic_match_shares
+
+    ad = SimpleNamespace(record=SimpleNamespace(
+        industry="retail", description="Retail · Running shoes: light trail runners"))
+    topics = ["retail/running-shoes", "retail/handbags", "travel/hotels",
+              "retail/running-shoes"]
+    own, industry = topic_match_shares(ad, topics)   # type: ignore[arg-type]
+    assert (own, industry) == (2 / 6, 3 / 6)
+    assert topic_match_shares(ad, []) == (0.0, 0.0)  # type: ignore[arg-type]

@@ -95,6 +95,21 @@ def test_a_catalogue_above_the_limit_is_searched_by_beams(
     assert _mode_count("beams") - before == 2 * len(REQS)
 
 
+def test_retrieve_returns_the_beams_alone_in_either_mode_and_counts_nothing(
+        tmp_path: Path, snapshots: Callable[..., BuiltSnapshot]) -> None:
+    mgr, catalog = _manager(tmp_path, snapshots)
+    n_servable = len(AD_IDS) - len(PAUSED)
+    searched = Engine(mgr, catalog, log_beams=512).run(REQS, _widths)
+    before = (_mode_count("beams"), _mode_count("catalogue"))
+    for limit in (0, n_servable):     # beams either way, even where the catalogue is whole
+        got = Engine(mgr, catalog, score_catalogue_max=limit).retrieve(REQS, _widths)
+        for ads, res in zip(got, searched, strict=True):
+            assert sorted(ads) == sorted(res.candidate_ids)      # the same final beams
+            by_id = {c.ad_id: c.logprob for c in res.beams}
+            assert [by_id[a] for a in ads] == sorted(by_id.values(), reverse=True)
+    assert (_mode_count("beams"), _mode_count("catalogue")) == before
+
+
 def test_score_catalogue_max_setting_is_bounded() -> None:
     assert ServerSettings().score_catalogue_max == 500
     assert ServerSettings(score_catalogue_max=0).score_catalogue_max == 0
