@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from learner.embeddings import embed_ads
+from learner.embeddings import ad_text, embed_ads
 from learner.model import GenerativeRecommender
-from learner.tokenizer import UASIDTokenizer, ad_info
+from learner.tokenizer import UASIDTokenizer
 from streams.features import hash_feature, organic_topic
 from streams.schemas import Feedback
 
@@ -35,6 +35,12 @@ from streams.schemas import Feedback
 def topic_text(topic: str) -> str:
     """The text a topic is embedded from: its path with the separators as spaces."""
     return topic.replace("/", " ").replace("-", " ").replace("_", " ")
+
+
+def _ad_id(ad: Any) -> str | None:
+    """The id of an ad record (an object or a mapping), without validating the rest."""
+    out = ad.get("ad_id") if isinstance(ad, dict) else getattr(ad, "ad_id", None)
+    return out if isinstance(out, str) else None
 
 
 def _unit(x: np.ndarray) -> torch.Tensor:
@@ -54,12 +60,14 @@ def fill_topic_match(model: GenerativeRecommender, tok: UASIDTokenizer,
         return {"ads": 0, "topics": 0}
     for cb, off in zip(tok.codebooks, head.code_offsets, strict=False):
         head.code_vec[off:off + cb.shape[0]] = torch.from_numpy(cb)
-    known = [a for a in ads if ad_info(a).ad_id in tok]
-    rows = (head.bucket(torch.tensor([tok.ids_of(ad_info(a).ad_id) for a in known]))
+    # only ads the tokenizer placed: a record it refused (missing attributes, ...) has
+    # no id, and is skipped here as everywhere else
+    known = [(a, i) for a in ads if (i := _ad_id(a)) is not None and i in tok]
+    rows = (head.bucket(torch.tensor([tok.ids_of(i) for _, i in known]))
             if known else torch.zeros(0, dtype=torch.long))
-    empty = [i for i, r in enumerate(rows.tolist()) if not bool(head.item_vec[r].any())]
+    empty = [k for k, r in enumerate(rows.tolist()) if not bool(head.item_vec[r].any())]
     if empty:
-        own = tok.latent(embed_ads([ad_info(known[i]).text for i in empty],
+        own = tok.latent(embed_ads([ad_text(known[k][0]) for k in empty],
                                    tok.config.encoder))
         head.item_vec[rows[empty]] = _unit(own).to(head.item_vec.dtype)
     buckets = model.cfg.context_buckets

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -526,7 +527,9 @@ def test_filling_the_topic_match_adds_only_the_ads_and_topics_that_arrived_since
     assert first["topics"] == 3 and 0 < first["ads"] <= 30
     assert int(head.known_mask.sum()) == 3
     assert fill_topic_match(model, small_tokenizer, fb[:3], ads[:30]) == {"ads": 0, "topics": 0}
-    later = fill_topic_match(model, small_tokenizer, fb, ads)
+    # a record the tokenizer refused (no advertiser: no id) is skipped, not an error
+    refused = msgspec.structs.replace(ads[0], ad_id="ad-without-advertiser", advertiser_id="")
+    later = fill_topic_match(model, small_tokenizer, fb, [refused, *ads])
     assert later["ads"] > 0 and later["topics"] == len({f.recent_organic[0] for f in fb}) - 3
     rows = head.bucket(torch.tensor([small_tokenizer.ids_of(a.ad_id) for a in ads]))
     assert bool(head.item_vec[rows].abs().sum(-1).gt(0).all())
