@@ -156,12 +156,17 @@ class GenerativePolicy:
             return level_widths(self.beam_width, self.server.level0_codes(), id_len)
         return [min(self.beam_width, 16 * 2**t) for t in range(id_len)]
 
+    @staticmethod
+    def _rec_request(r: Request) -> RecRequest:
+        """The server's request for a harness request (history most recent first)."""
+        return RecRequest(r.user_id, dict(r.context), list(reversed(r.recent_ad_ids)), r.k,
+                          list(r.recent_organic), organic_k=r.organic_k)
+
     def recommend_batch(self, requests: Sequence[Request]) -> list[ServedSlate]:
         self.sync_world()
         widths = self.widths()
         results = self.server.rank(
-            [RecRequest(r.user_id, dict(r.context), list(reversed(r.recent_ad_ids)), r.k,
-                        list(r.recent_organic), organic_k=r.organic_k) for r in requests],
+            [self._rec_request(r) for r in requests],
             lambda levels, k: widths)
         servable = max(1, self.server.servable())
         out = []
@@ -192,8 +197,7 @@ class GenerativePolicy:
         top :data:`RECALL_K` they hold (``value_recall``), and keep their best
         :data:`RECALL_K` by log-probability for :meth:`_score_retrieval`."""
         retrieved = self.server.retrieve(
-            [RecRequest(r.user_id, dict(r.context), list(reversed(r.recent_ad_ids)), r.k,
-                        list(r.recent_organic)) for r, _ in sampled], lambda levels, k: widths)
+            [self._rec_request(r) for r, _ in sampled], lambda levels, k: widths)
         for (r, top), ads in zip(sampled, retrieved, strict=True):
             if top:
                 got = set(ads)
@@ -238,7 +242,7 @@ class GenerativePolicy:
                   if self.generator_servable else math.nan)
         return {"value_recall_at_10": value, "generator_recall_at_10": gen,
                 "generator_recall_at_10_over_chance": gen / min(1.0, chance)
-                if chance == chance and chance > 0 else math.nan}
+                if not math.isnan(chance) and chance > 0 else math.nan}
 
     def heldout_metrics(self) -> dict[str, float]:
         """The value model's log-loss of pCTR (shown items) and pCVR (clicked items) on

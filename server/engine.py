@@ -175,19 +175,23 @@ class Engine:
             log.warning("serve.context_unmatched", model_version=version,
                         model_reads=list(features), request_keys=sorted(context)[:20])
 
+    def _encode(self, requests: list[RecRequest], widths_for: Any) -> tuple[Any, list[int], Any]:
+        """The loaded snapshot's state, the batch's beam widths and its encoder states."""
+        state = self.models.state
+        if state is None:
+            raise NotReadyError("no model snapshot loaded yet")
+        widths: list[int] = widths_for(state.model.manifest.id_len, max(r.k for r in requests))
+        return state, widths, state.model.runtime.encode(*self.inputs(state, requests))
+
     def retrieve(self, requests: list[RecRequest], widths_for: Any) -> list[list[str]]:
         """The ads the generative beams alone retrieve for each request, best
         log-probability first, whatever the ranking mode (what a catalogue too large to
         score whole would leave the value heads; no value call, no exploration, nothing
         counted). ``widths_for`` as in :meth:`run`."""
-        state = self.models.state
-        if state is None:
-            raise NotReadyError("no model snapshot loaded yet")
+        state, widths, states = self._encode(requests, widths_for)
         man, rt, trie = state.model.manifest, state.model.runtime, state.trie
-        B = len(requests)
-        widths: list[int] = widths_for(man.id_len, max(r.k for r in requests))
-        states = rt.encode(*self.inputs(state, requests))
-        beams = beam_search(lambda req, prefix: rt.step(states, req, prefix), trie, B, widths)
+        beams = beam_search(lambda req, prefix: rt.step(states, req, prefix), trie,
+                            len(requests), widths)
         out: list[list[str]] = [[] for _ in requests]
         for b, row, _lp in sorted(zip(beams.request.tolist(), beams.rows.tolist(),
                                      beams.logprob.tolist(), strict=True),
@@ -197,14 +201,9 @@ class Engine:
 
     def run(self, requests: list[RecRequest], widths_for: Any) -> list[RecResult]:
         """``widths_for(levels, k) -> widths``; one list for the whole batch."""
-        state = self.models.state
-        if state is None:
-            raise NotReadyError("no model snapshot loaded yet")
+        state, widths, states = self._encode(requests, widths_for)
         man, rt, trie = state.model.manifest, state.model.runtime, state.trie
         B = len(requests)
-        widths: list[int] = widths_for(man.id_len, max(r.k for r in requests))
-        history, hmask, context = self.inputs(state, requests)
-        states = rt.encode(history, hmask, context)
 
         def step(req: np.ndarray, prefix: np.ndarray) -> np.ndarray:
             return rt.step(states, req, prefix)
