@@ -188,6 +188,12 @@ class ModelConfig:
     the known ones (a softmax over κ · cosine)."""
     value_match_topics: int = 256
     """Most distinct organic topics the match's normaliser holds."""
+    value_share_interest: bool = False
+    """The pCVR logit adds γ × the pCTR logit's interest terms (the organic-topic
+    shares × cells and the topic match; ``interest_share`` γ, fitted with them): the
+    user's interest moves conversions as it moves clicks, and clicks are many times
+    more. Needs ``value_wide``. Checkpoints written before it existed load with
+    ``False``."""
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -246,7 +252,7 @@ class ModelConfig:
                       "intent_tokens": 0, "value_factors": False, "value_wide": False,
                       "value_wide_goal": False, "value_topic_match": False,
                       "value_match_dim": 0, "value_match_sharpness": 80.0,
-                      "value_match_topics": 256, **d})
+                      "value_match_topics": 256, "value_share_interest": False, **d})
 
 
 # --------------------------------------------------------------------------------------
@@ -843,6 +849,7 @@ class ValueHead(nn.Module):
     known_mask: Tensor
     item_vec: Tensor
     code_vec: Tensor
+    interest_share: Tensor
 
     def __init__(self, cfg: ModelConfig, items: ItemEmbedding, decoder: LazyARDecoder) -> None:
         super().__init__()
@@ -877,7 +884,7 @@ class ValueHead(nn.Module):
             self.register_buffer("hash_mult", torch.tensor(mult, dtype=torch.long),
                                  persistent=False)
         self.wide = cfg.value_wide
-        self.match = False
+        self.match = self.share = False
         if self.wide:
             if self.biz is None or not self.factors:
                 raise ValueError("value_wide needs value_factors and the business tokens "
@@ -904,6 +911,9 @@ class ValueHead(nn.Module):
                 self.code_offsets = [sum(cfg.level_sizes[:i]) for i in range(L)]
                 self.sharpness = cfg.value_match_sharpness
                 self.wide_match = nn.Parameter(torch.zeros(1, 2))
+            self.share = cfg.value_share_interest
+            if self.share:      # γ: set by learner.value_fit.fit_linear, fixed online
+                self.register_buffer("interest_share", torch.zeros(1))
             self.wide_item = nn.Parameter(torch.zeros(sum(self.wide_cells), 2))
             self.wide_context = nn.Parameter(torch.zeros(n, 2))
             self.wide_topic = nn.Parameter(torch.zeros(n, 2))
@@ -1036,6 +1046,9 @@ class ValueHead(nn.Module):
 
     WIDE: ClassVar[tuple[str, ...]] = ("wide_item", "wide_context", "wide_topic")
     """The wide terms' tables (:meth:`crossed`)."""
+    INTEREST: ClassVar[tuple[str, ...]] = ("wide_topic", "wide_match")
+    """The interest terms (the user's organic topics): pCVR shares pCTR's with
+    ``value_share_interest``."""
     LINEAR: ClassVar[tuple[str, ...]] = ("item_bias", *WIDE, "wide_match")
     """Every linear table (:meth:`linear_logits`); ``wide_match`` only with
     ``value_topic_match``."""
@@ -1057,15 +1070,19 @@ class ValueHead(nn.Module):
 
         ctx = context[:, :C]
         out = t["wide_item"][cells].sum(-2)         # the candidate's own cells
-        if self.match:
-            out = out + self.topic_match(context, candidates)[..., None] * t["wide_match"][0]
         out = out + term(t["wide_context"], ctx, (ctx > 0).to(out.dtype))
+        interest = torch.zeros_like(out)            # what the user's organic topics add
+        if self.match:
+            interest = interest + (self.topic_match(context, candidates)[..., None]
+                                   * t["wide_match"][0])
         if n_topic:
             topics = context[:, C:C + n_topic]
             present = (topics > 0).to(out.dtype)
-            out = out + term(t["wide_topic"], topics,
-                             present / (present.sum(1, keepdim=True) + 2.0))
-        return out
+            interest = interest + term(t["wide_topic"], topics,
+                                       present / (present.sum(1, keepdim=True) + 2.0))
+        if self.share:   # pCVR += γ × pCTR's interest terms: [0, γ·interest_ctr]
+            interest = interest + F.pad(self.interest_share * interest[..., :1], (1, 0))
+        return out + interest
 
     def topic_match(self, context: Tensor, candidates: Tensor) -> Tensor:
         """[B, K]: how well each candidate's content matches the user's recent organic

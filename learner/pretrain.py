@@ -189,6 +189,10 @@ class PretrainSettings(BaseSettings):
     recent organic topics (ModelConfig.value_topic_match, learner.topic_match)."""
     value_match_sharpness: float = 80.0
     """ModelConfig.value_match_sharpness."""
+    value_share_interest: bool = False
+    """pCVR shares pCTR's interest terms, scaled by a fitted γ
+    (ModelConfig.value_share_interest). Off: it did not pay on the tuning seeds
+    (docs/decisions.md, "pCVR shares pCTR's interest")."""
     value_linear_deep: bool = False
     """The value fit may keep the rest of the head (decoder logits, user × item
     interaction) under the linear terms when the value split prefers it
@@ -328,7 +332,8 @@ def model_config(s: PretrainSettings, tok: UASIDTokenizer) -> ModelConfig:
                     and len(tok.config.token_sizes) >= tok.config.semantic_levels + 2),
         value_wide_goal=s.value_wide_goal, value_topic_match=s.value_topic_match,
         value_match_dim=int(tok.codebooks[0].shape[1]),
-        value_match_sharpness=s.value_match_sharpness)
+        value_match_sharpness=s.value_match_sharpness,
+        value_share_interest=s.value_share_interest)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:

@@ -398,14 +398,29 @@ class Design:
         """Heads each table acts on (the per-item bias: ``factor_heads``; the position
         offset: pCTR only)."""
         self.mask_flat = self.flat({k: self.mask[k].expand(shapes[k]) for k in self.ORDER})
+        self.interest = self.flat({k: torch.full(shapes[k], float(k in ValueHead.INTEREST),
+                                                 dtype=torch.float64)
+                                   for k in self.ORDER})[:, :1] if head.share else None
+        """[P, 1]: 1 on the pCTR interest terms pCVR shares (``value_share_interest``)."""
+
+    def shared(self, x: Tensor, flat: Tensor, interest: Tensor | None,
+               gamma: Tensor | float) -> Tensor:
+        """What pCVR takes from pCTR's interest terms, [N, 2] = [0, γ · X_interest ·
+        θ_ctr]: ``x`` the design's columns whose rows of θ are ``flat``, ``interest``
+        (:attr:`interest`, the same rows) None without sharing."""
+        if interest is None:
+            return torch.zeros(x.shape[0], 2, dtype=torch.float64)
+        return F.pad(gamma * torch.sparse.mm(x, flat[:, :1] * interest), (1, 0))
 
     def flat(self, p: Tables) -> Tensor:
         """Every table's rows stacked [P, 2] (:data:`ORDER`)."""
         return torch.cat([p[k].reshape(-1, 2) for k in self.ORDER])
 
-    def logits(self, p: Tables) -> Tensor:
-        """X · θ [N, 2] (the offset not included; masked heads left out)."""
-        return torch.sparse.mm(self.x, self.flat(p) * self.mask_flat)
+    def logits(self, p: Tables, gamma: float = 0.0) -> Tensor:
+        """X · θ [N, 2] plus pCVR's share of the interest terms (γ ``gamma``; the offset
+        not included; masked heads left out)."""
+        flat = self.flat(p) * self.mask_flat
+        return torch.sparse.mm(self.x, flat) + self.shared(self.x, flat, self.interest, gamma)
 
     def split(self, flat: Tensor) -> Tables:
         """A [P, 2] vector back into tables."""
@@ -439,12 +454,19 @@ class Prior:
     decay: float = 0.0
 
 
+SHARE_L2 = 1.0
+"""L2 weight of γ, pCVR's share of pCTR's interest terms (``value_share_interest``)."""
+
+
 def _fit(head: ValueHead, r: Impressions, start: Tables, deep: bool, w: Tensor, prior: Prior,
-         iters: int, fixed: Tables | None = None) -> Tables:
+         iters: int, fixed: Tables | None = None, gamma: float = 0.0,
+         learn_gamma: bool = False) -> tuple[Tables, float]:
     """Full-batch L-BFGS of the weighted joint log-loss of ``r`` + the ``prior`` over the
     tables ``start`` (``fixed`` ones take part but do not move). Only the parameters some
     row touches are optimised; each of the others has its penalty's minimiser in closed
-    form, a·decay·(2·L2 + H) / (2·L2 + decay·H) (0 under a ridge)."""
+    form, a·decay·(2·L2 + H) / (2·L2 + decay·H) (0 under a ridge). With a head that
+    shares pCTR's interest terms with pCVR, γ is ``gamma``, fitted too (under
+    :data:`SHARE_L2`) with ``learn_gamma``. Returns the tables and γ."""
     tables = {**start, **(fixed or {})}
     design = Design(head, r, {k: v.shape for k, v in tables.items()})
     flat = design.flat({k: v.detach().double() for k, v in tables.items()})
@@ -466,17 +488,25 @@ def _fit(head: ValueHead, r: Impressions, start: Tables, deep: bool, w: Tensor, 
     base = torch.where(moving & ~free[:, None], alone, flat)
     base[cols] = 0.0
     x = design.x.index_select(1, cols).coalesce()
-    const = _offset(r, deep) + torch.sparse.mm(design.x, base * design.mask_flat)
+    base_m = base * design.mask_flat
+    const = _offset(r, deep) + torch.sparse.mm(design.x, base_m)
+    interest = design.interest
+    interest_c = None if interest is None else interest[cols]
     theta = flat[cols].clone().requires_grad_(True)
+    learn_gamma = learn_gamma and interest is not None
+    g = torch.tensor(gamma, dtype=torch.float64, requires_grad=learn_gamma)
     l2_c, a_c, h_c = l2[cols], anchor[cols], curv[cols]
     mask_c = design.mask_flat[cols]
     clicked = r.clicked > 0
-    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-6, history_size=10)
+    opt = torch.optim.LBFGS([theta, g] if learn_gamma else [theta], lr=1.0, max_iter=iters,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-6,
+                            history_size=10)
 
     def closure() -> Tensor:
         opt.zero_grad()
-        z = const + torch.sparse.mm(x, theta * mask_c)
+        th = theta * mask_c
+        z = (const + torch.sparse.mm(x, th) + design.shared(design.x, base_m, interest, g)
+             + design.shared(x, th, interest_c, g))
         loss = F.binary_cross_entropy_with_logits(z[:, 0], r.clicked, weight=w,
                                                   reduction="sum")
         if bool(clicked.any()):
@@ -486,6 +516,8 @@ def _fit(head: ValueHead, r: Impressions, start: Tables, deep: bool, w: Tensor, 
         if d > 0:
             diff = theta - a_c
             loss = loss + d * ((-2.0 * l2_c * a_c * diff).sum() + 0.5 * (h_c * diff.pow(2)).sum())
+        if learn_gamma:
+            loss = loss + SHARE_L2 * g.pow(2)
         loss.backward()
         return loss
 
@@ -494,23 +526,30 @@ def _fit(head: ValueHead, r: Impressions, start: Tables, deep: bool, w: Tensor, 
     out = base.clone()
     out[cols] = theta.detach()
     fitted = design.split(out)
-    return {k: fitted[k] for k in start}
+    return {k: fitted[k] for k in start}, float(g.detach())
 
 
-def _curvature(head: ValueHead, p: Tables, r: Impressions, deep: bool, w: Tensor) -> Tables:
+def _curvature(head: ValueHead, p: Tables, r: Impressions, deep: bool, w: Tensor,
+               gamma: float = 0.0) -> Tables:
     """The diagonal of the weighted log-loss's Hessian in each table at ``p``:
-    Σ w·p̂(1-p̂)·coefficient² per parameter (pCVR over the clicked rows only)."""
+    Σ w·p̂(1-p̂)·coefficient² per parameter (pCVR over the clicked rows only; a shared
+    interest term's pCTR parameter gets γ² × its pCVR curvature too)."""
     design = Design(head, r, {k: v.shape for k, v in p.items()})
     with torch.no_grad():
-        q = torch.sigmoid(_offset(r, deep) + design.logits(p))
+        q = torch.sigmoid(_offset(r, deep) + design.logits(p, gamma))
         a = w[:, None] * q * (1.0 - q)
         a[:, 1] = a[:, 1] * (r.clicked > 0)
-        return design.split(torch.sparse.mm(design.x2.t(), a) * design.mask_flat)
+        h = torch.sparse.mm(design.x2.t(), a) * design.mask_flat
+        if design.interest is not None:     # pCVR's loss bends the shared pCTR terms too
+            h[:, :1] += gamma ** 2 * torch.sparse.mm(design.x2.t(), a[:, 1:]) * design.interest
+        return design.split(h)
 
 
-def _linear_logits(head: ValueHead, p: Tables, r: Impressions, deep: bool) -> Tensor:
-    """Logits [N, 2] of the impressions ``r`` under the linear tables ``p``."""
-    return _offset(r, deep) + Design(head, r, {k: v.shape for k, v in p.items()}).logits(p)
+def _linear_logits(head: ValueHead, p: Tables, r: Impressions, deep: bool,
+                   gamma: float = 0.0) -> Tensor:
+    """Logits [N, 2] of the impressions ``r`` under the linear tables ``p`` (γ ``gamma``)."""
+    design = Design(head, r, {k: v.shape for k, v in p.items()})
+    return _offset(r, deep) + design.logits(p, gamma)
 
 
 def fit_linear(model: GenerativeRecommender, train: ExampleSet, val_frac: float = 0.15,
@@ -553,24 +592,25 @@ def fit_linear(model: GenerativeRecommender, train: ExampleSet, val_frac: float 
         start = {k: torch.zeros_like(v) for k, v in head.linear_tables().items()}
         start["position"] = torch.zeros(POSITIONS - 1, 2)
         w_fit = _recency(fit, float(fit.time.max()), half_life_s)
-        best: tuple[float, float, bool, Tables] | None = None
+        best: tuple[float, float, bool, Tables, float] | None = None
         for deep in (True, False) if try_deep else (False,):
             for scale in scales:
-                p = _fit(head, fit, start, deep, w_fit, Prior(_l2(scale)), iters)
+                p, gamma = _fit(head, fit, start, deep, w_fit, Prior(_l2(scale)), iters,
+                                learn_gamma=True)
                 with torch.no_grad():
-                    z = _linear_logits(head, p, val, deep)
+                    z = _linear_logits(head, p, val, deep, gamma)
                 loss = joint_logloss(z[:, 0].numpy(), z[:, 1].numpy(), val.clicked.numpy(),
                                      val.converted.numpy())
                 if best is None or loss < best[0]:
-                    best = (loss, scale, deep, p)
+                    best = (loss, scale, deep, p, gamma)
         assert best is not None
-        loss, scale, deep, p = best
+        loss, scale, deep, p, gamma = best
         with torch.no_grad():
             if not deep:
                 for param in head.deep_output_parameters():
                     param.zero_()
                 rows.deep.copy_(rows.prior)
-        _store(head, p)
+        _store(head, p, gamma)
         out: dict[str, float] = {"value_linear_l2_scale": scale,
                                  "value_linear_deep": float(deep),
                                  "value_linear_val_logloss": loss}
@@ -578,9 +618,12 @@ def fit_linear(model: GenerativeRecommender, train: ExampleSet, val_frac: float 
             out.update(calibrate(model, train.subset(np.flatnonzero(train.request >= cut))))
         now = float(rows.time.max())
         w = _recency(rows, now, half_life_s)
-        p = _fit(head, rows, p, deep, w, Prior(_l2(scale)), iters)
-        _store(head, p)
-        curvature = _curvature(head, p, rows, deep, w)
+        p, gamma = _fit(head, rows, p, deep, w, Prior(_l2(scale)), iters, gamma=gamma,
+                        learn_gamma=True)
+        _store(head, p, gamma)
+        if head.share:
+            out["value_interest_share"] = gamma
+        curvature = _curvature(head, p, rows, deep, w, gamma)
         with torch.no_grad():
             for k, c in curvature.items():
                 if k != "position":
@@ -592,10 +635,17 @@ def fit_linear(model: GenerativeRecommender, train: ExampleSet, val_frac: float 
         model.train(was)
 
 
-def _store(head: ValueHead, p: Tables) -> None:
+def _store(head: ValueHead, p: Tables, gamma: float | None = None) -> None:
     with torch.no_grad():
         for k, t in head.linear_tables().items():
             t.copy_(p[k].to(t.dtype))
+        if gamma is not None and head.share:
+            head.interest_share.fill_(gamma)
+
+
+def _gamma(head: ValueHead) -> float:
+    """The head's γ (0 without sharing)."""
+    return float(head.interest_share) if head.share else 0.0
 
 
 class OnlineLinear:
@@ -665,10 +715,10 @@ class OnlineLinear:
         now = max(float(self.rows.time.max()), self.t_end)
         decay = 0.5 ** ((now - self.t_end) / self.half_life)
         start = {k: v.detach() for k, v in self.head.linear_tables().items()}
-        p = _fit(self.head, self.rows, start, self.deep,
-                 _recency(self.rows, now, self.half_life),
-                 Prior(self.l2, self.anchor, self.curvature, decay), self.iters,
-                 fixed={"position": self.position})
+        p, _ = _fit(self.head, self.rows, start, self.deep,
+                    _recency(self.rows, now, self.half_life),
+                    Prior(self.l2, self.anchor, self.curvature, decay), self.iters,
+                    fixed={"position": self.position}, gamma=_gamma(self.head))
         _store(self.head, p)
         self.refits += 1
         return {"linear_refits": float(self.refits), "linear_rows": float(len(self.rows)),
