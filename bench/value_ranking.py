@@ -25,7 +25,11 @@ scored by:
   × category and industry, context × industry and category), ``logistic_without_recent``
   (the user's recent-ad fatigue term);
 * ``observable_oracle``: the true expected values with the user's hidden interest
-  replaced by what a model can see (its top ``k`` only).
+  replaced by what a model can see (its top ``k`` only);
+* hybrids that say which estimate loses the ranking: ``head_pctr_true_pcvr`` and
+  ``true_pctr_head_pcvr`` (the value head's pCTR with the true pCVR, and the other way
+  round), ``head_pctr_logistic_pcvr`` and ``logistic_pctr_head_pcvr`` (one estimate
+  each from the head and the logistic fit).
 
 Per scorer, mean over requests: ``top_k_share``, the true expected value of its top
 ``k`` (position 0) over that of the true top ``k``; the rank correlations (Spearman)
@@ -98,8 +102,16 @@ LOGISTIC_TERMS: dict[str, tuple[str, ...]] = {
 }
 """Logistic-baseline variants: the parameter tables zeroed after the fit."""
 
-SCORERS = (*TERMS, *LOGISTIC_TERMS, "observable_oracle")
-OVER_LOGISTIC = (*TERMS, *list(LOGISTIC_TERMS)[1:])
+HYBRIDS: dict[str, tuple[str, str]] = {
+    "head_pctr_true_pcvr": ("value_head", "truth"),
+    "true_pctr_head_pcvr": ("truth", "value_head"),
+    "head_pctr_logistic_pcvr": ("value_head", "logistic"),
+    "logistic_pctr_head_pcvr": ("logistic", "value_head"),
+}
+"""Scorers that take pCTR from one source and pCVR from another (the truth included)."""
+
+SCORERS = (*TERMS, *LOGISTIC_TERMS, "observable_oracle", *HYBRIDS)
+OVER_LOGISTIC = (*TERMS, *list(LOGISTIC_TERMS)[1:], *HYBRIDS)
 """The scorers whose top-k share is reported as a paired ratio to the logistic fit's."""
 METRICS = ("top_k_share", "ev_rank_corr", "ctr_rank_corr", "cvr_rank_corr",
            "ctr_mean_ratio", "cvr_mean_ratio")
@@ -238,10 +250,15 @@ def run_seed(cfg: EvalConfig, seed: int, n_requests: int, work_dir: Path,
         w.advance_to(req.event_time)
         ads = w.servable_ads()
         truth = Truth.of(w, req, ads)
+        scores: dict[str, Scores] = {"truth": (truth.ctr, truth.cvr)}
         for name, head in heads.items():
-            rows[name].append(measure(w, ads, truth, head.scores(w, req, ads), req.k))
+            scores[name] = head.scores(w, req, ads)
         for name, lg in logistic.items():
-            rows[name].append(measure(w, ads, truth, lg.scores(req, ads), req.k))
+            scores[name] = lg.scores(req, ads)
+        for name, (ctr_from, cvr_from) in HYBRIDS.items():
+            scores[name] = (scores[ctr_from][0], scores[cvr_from][1])
+        for name in (*heads, *logistic, *HYBRIDS):
+            rows[name].append(measure(w, ads, truth, scores[name], req.k))
         top = set(w.observable_oracle_slate(req, req.k))
         rows["observable_oracle"].append(
             {"top_k_share": truth.share([i for i, a in enumerate(ads) if a.ad_id in top])})
@@ -265,6 +282,9 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, Any
                 entry[m] = round(mean, 4)
                 entry[f"{m}_ci95"] = [round(lo, 4), round(hi, 4)]
                 entry[f"{m}_per_seed"] = [round(v, 4) for v in vals]
+            elif vals:      # one seed: no interval
+                entry[m] = round(vals[0], 4)
+                entry[f"{m}_per_seed"] = [round(vals[0], 4)]
         out["scorers"][s] = entry
     share = {s: [per_seed[x][s]["top_k_share"] for x in seeds] for s in SCORERS}
     for s in OVER_LOGISTIC:
@@ -284,8 +304,10 @@ def report(results: dict[str, Any]) -> str:
         def cell(m: str, e: dict[str, Any] = e) -> Any:
             if m not in e:
                 return "–"
+            if m != "top_k_share" or f"{m}_ci95" not in e:
+                return f"{e[m]:.3f}"
             lo, hi = e[f"{m}_ci95"]
-            return f"{e[m]:.3f} ({lo:.3f}–{hi:.3f})" if m == "top_k_share" else f"{e[m]:.3f}"
+            return f"{e[m]:.3f} ({lo:.3f}–{hi:.3f})"
 
         rows.append([s, *(cell(m) for m in METRICS)])
     table = markdown_table(["scorer", "top-k share of the true top k (95% CI)",
