@@ -11,19 +11,24 @@ without, the full loop::
     python -m deploy.observability.kafka_loop --bootstrap-servers 127.0.0.1:9092 \\
         --metrics-port 9310
 
+Logs its progress until it consumes (the group's joins and assignments, what it has
+produced), then its first batch. ``kill -USR1`` writes every thread's stack to its log.
 Stops cleanly on SIGTERM / SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib.metadata
+import logging
 import signal
 import threading
 import time
 from typing import Any
 
 from streams.kafka_io import EventConsumer, EventProducer, Received
+from streams.logs import configure_logging, get_logger
 from streams.metrics import BUILD_INFO, start_metrics_server
 from streams.samples import sample_records
 from streams.settings import KafkaSettings
@@ -31,6 +36,10 @@ from streams.topics import create_topics
 
 TOPICS = ("impressions", "clicks", "conversions")
 GROUP = "adloop-kafka-loop"
+PROGRESS_EVERY_S = 10.0
+TOPIC_WAIT_S = 60.0
+
+log = get_logger(__name__)
 
 
 def _version() -> str:
@@ -41,8 +50,9 @@ def _version() -> str:
 
 
 def produce_loop(producer: EventProducer, stop: threading.Event, rate: float,
-                 bad_every: int) -> None:
-    """Produce about ``rate`` records a second (in ticks of 0.1 s) until ``stop``."""
+                 bad_every: int, counts: dict[str, int]) -> None:
+    """Produce about ``rate`` records a second (in ticks of 0.1 s) until ``stop``;
+    ``counts["flushed"]`` is the records acknowledged so far."""
     tick = 0
     sent = 0
     per_tick = max(1, round(rate / 10 / len(TOPICS)))
@@ -55,16 +65,42 @@ def produce_loop(producer: EventProducer, stop: threading.Event, rate: float,
                 if bad_every and sent % bad_every == 0:
                     producer.send_bytes("clicks", b"this is not json", b"kafka-loop")
         producer.flush(10)
+        counts["flushed"] = sent
         tick += 1
         stop.wait(0.1)
 
 
+def await_partitions(consumer: EventConsumer, topics: list[str], timeout_s: float) -> None:
+    """Until the consumer's metadata lists partitions of every topic of ``topics``."""
+    deadline = time.monotonic() + timeout_s
+    missing = list(topics)
+    while missing:
+        missing = [t for t in missing if not consumer.consumer.partitions_for_topic(t)]
+        if missing and time.monotonic() > deadline:
+            raise SystemExit(f"kafka-loop: no partitions of {missing} in the metadata "
+                             f"after {timeout_s:.0f}s")
+        if missing:
+            time.sleep(0.2)
+
+
+def report_until_consuming(consumer: EventConsumer, counts: dict[str, int],
+                           stop: threading.Event) -> None:
+    """Log what the loop has done every ``PROGRESS_EVERY_S`` until it has consumed."""
+    started = time.monotonic()
+    while not stop.wait(PROGRESS_EVERY_S) and counts["consumed"] == 0:
+        log.info("kafka_loop.waiting", seconds=round(time.monotonic() - started),
+                 produced=counts["flushed"], assigned=len(consumer.consumer.assignment()))
+
+
 def run(args: argparse.Namespace) -> int:
+    configure_logging()
+    logging.getLogger("kafka.coordinator").setLevel(logging.INFO)   # joins and assignments
+    faulthandler.register(signal.SIGUSR1, all_threads=True)         # kill -USR1: the stacks
     stop = threading.Event()
-    consumed = {"n": 0}
+    counts = {"flushed": 0, "consumed": 0}
     server = start_metrics_server(
         args.metrics_port, args.metrics_host,
-        ready_check=lambda: (consumed["n"] > 0, {"consumed": consumed["n"]}))
+        ready_check=lambda: (counts["consumed"] > 0, {"consumed": counts["consumed"]}))
     BUILD_INFO.labels(_version(), "kafka-loop").set(1)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -72,13 +108,23 @@ def run(args: argparse.Namespace) -> int:
                           topic_prefix=args.topic_prefix, client_id="adloop-kafka-loop")
     create_topics(kafka.bootstrap_servers, kafka.topic_prefix)
     producer = EventProducer(kafka)
-    consumer = EventConsumer(kafka, TOPICS, group_id=GROUP)
-    thread = threading.Thread(target=produce_loop, name="produce",
-                              args=(producer, stop, args.rate, args.bad_every), daemon=True)
+    # subscribe once the consumer's own metadata has the new topics: a group leader
+    # that assigns before then leaves every member without partitions until a rejoin
+    consumer = EventConsumer(kafka, TOPICS, group_id=GROUP, subscribe=False)
+    names = [consumer.names.name(t) for t in TOPICS]
+    await_partitions(consumer, names, TOPIC_WAIT_S)
+    consumer.consumer.subscribe(names)
+    log.info("kafka_loop.started", topic_prefix=kafka.topic_prefix, group=GROUP)
+    thread = threading.Thread(target=produce_loop, name="produce", daemon=True,
+                              args=(producer, stop, args.rate, args.bad_every, counts))
     thread.start()
+    threading.Thread(target=report_until_consuming, name="progress", daemon=True,
+                     args=(consumer, counts, stop)).start()
 
     def handle(batch: list[Received[Any]]) -> None:
-        consumed["n"] += len(batch)
+        if counts["consumed"] == 0:
+            log.info("kafka_loop.consuming", records=len(batch), produced=counts["flushed"])
+        counts["consumed"] += len(batch)
         if args.consume_delay_s:
             time.sleep(args.consume_delay_s)
 

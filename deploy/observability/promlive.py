@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ from typing import Any
 import httpx
 import yaml
 
-from adloop.stack import LocalStack, ManagedProcess, free_port
+from adloop.stack import LocalStack, ManagedProcess, ProcessFailedError, free_port
 from deploy.observability.dashboards import panel_queries, processes_needed, recording_rules
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +55,9 @@ class ProcessSpec:
     argv: Callable[[LocalStack, dict[str, int]], list[str]]
     """Arguments, given the stack and every process's port (by spec name)."""
     module: str = "adloop"
+    dumps_stacks: bool = False
+    """Writes its threads' stacks to its log on SIGUSR1: asked for when it is not ready
+    in time, so the error shows where it waits."""
 
 
 def _kafka_loop_argv(stack: LocalStack, ports: dict[str, int]) -> list[str]:
@@ -66,7 +70,7 @@ def _kafka_loop_argv(stack: LocalStack, ports: dict[str, int]) -> list[str]:
 SPECS: dict[str, ProcessSpec] = {
     # Real Kafka traffic through the shared helpers: produced/consumed/dead letters/lag.
     "kafka-loop": ProcessSpec("adloop-kafka-loop", "all", _kafka_loop_argv,
-                              module="deploy.observability.kafka_loop"),
+                              module="deploy.observability.kafka_loop", dumps_stacks=True),
     # The loop's processes, with the flags compose.yaml passes them.
     "join": ProcessSpec("adloop-join", "join", lambda s, p: [
         "join", *s.kafka_args(), "--metrics-port", str(p["join"])]),
@@ -147,9 +151,25 @@ def start_stack_processes(stack: LocalStack, names: Sequence[str] = LIVE_PROCESS
         proc = stack.add(name, [], ready_url=f"http://127.0.0.1:{port}/readyz", env=env)
         proc.argv = [sys.executable, "-m", spec.module, *spec.argv(stack, live.ports)]
         live.processes[name] = proc.start()
-    for proc in live.processes.values():
-        proc.wait_ready(ready_timeout_s)
+    for name, proc in live.processes.items():
+        wait_ready(proc, ready_timeout_s, SPECS[name].dumps_stacks)
     return live
+
+
+def wait_ready(proc: ManagedProcess, timeout_s: float, dumps_stacks: bool,
+               dump_wait_s: float = 2.0) -> None:
+    """``proc.wait_ready(timeout_s)``; when it is still running but not ready in time and
+    ``dumps_stacks``, the error ends with its threads' stacks (SIGUSR1, then its log)."""
+    try:
+        proc.wait_ready(timeout_s)
+    except ProcessFailedError:
+        if not (dumps_stacks and proc.alive() and proc.pid is not None):
+            raise
+        os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(dump_wait_s)
+        raise ProcessFailedError(f"{proc.name} not ready after {timeout_s}s; its log, which "
+                                 f"ends with its threads' stacks:\n{proc.log_tail(200)}"
+                                 ) from None
 
 
 # --------------------------------------------------------------------------------------
