@@ -23,7 +23,11 @@ scored by:
   fit with its tables taken out the same way (which of its terms carries the ranking):
   ``logistic_without_ad`` (the per-ad biases), ``logistic_without_crosses`` (topic shares
   × category and industry, context × industry and category), ``logistic_without_recent``
-  (the user's recent-ad fatigue term);
+  (the user's recent-ad fatigue term), ``logistic_without_match`` (the exact topic
+  match: the share of the user's recent organic items on the ad's own topic and in its
+  industry, in pCTR and pCVR), ``logistic_without_own_topic_match`` and
+  ``logistic_without_industry_match`` (one of the two), ``logistic_without_category``
+  (every table keyed on the ad's category);
 * ``observable_oracle``: the true expected values with the user's hidden interest
   replaced by what a model can see (its top ``k`` only);
 * hybrids that say which estimate loses the ranking: ``head_pctr_true_pcvr`` and
@@ -99,6 +103,10 @@ LOGISTIC_TERMS: dict[str, tuple[str, ...]] = {
     "logistic_without_ad": ("ad", "ad_v"),
     "logistic_without_crosses": ("tw", "tv", "xi", "xc", "tw_v", "xc_v"),
     "logistic_without_recent": ("recent",),
+    "logistic_without_match": ("m", "mi"),
+    "logistic_without_own_topic_match": ("m",),
+    "logistic_without_industry_match": ("mi",),
+    "logistic_without_category": ("cat", "cat_v", "tw", "tw_v", "xc", "xc_v"),
 }
 """Logistic-baseline variants: the parameter tables zeroed after the fit."""
 
