@@ -71,7 +71,8 @@ def produce_loop(producer: EventProducer, stop: threading.Event, rate: float,
 
 
 def await_partitions(consumer: EventConsumer, topics: list[str], timeout_s: float) -> None:
-    """Until the consumer's metadata lists partitions of every topic of ``topics``."""
+    """Until the consumer's metadata lists partitions of every topic of ``topics``
+    (physical names); call it after subscribing and before the first poll, which joins."""
     deadline = time.monotonic() + timeout_s
     missing = list(topics)
     while missing:
@@ -108,12 +109,12 @@ def run(args: argparse.Namespace) -> int:
                           topic_prefix=args.topic_prefix, client_id="adloop-kafka-loop")
     create_topics(kafka.bootstrap_servers, kafka.topic_prefix)
     producer = EventProducer(kafka)
-    # subscribe once the consumer's own metadata has the new topics: a group leader
-    # that assigns before then leaves every member without partitions until a rejoin
-    consumer = EventConsumer(kafka, TOPICS, group_id=GROUP, subscribe=False)
-    names = [consumer.names.name(t) for t in TOPICS]
-    await_partitions(consumer, names, TOPIC_WAIT_S)
-    consumer.consumer.subscribe(names)
+    # join only once the consumer's own metadata has the new topics: a group leader
+    # that assigns before then leaves every member without partitions until a rejoin.
+    # Subscribed first, as the joiner does (streams.joiner.Joiner.wait_for_metadata):
+    # metadata fetched before subscribing leaves the coordinator's snapshot empty
+    consumer = EventConsumer(kafka, TOPICS, group_id=GROUP)
+    await_partitions(consumer, [consumer.names.name(t) for t in TOPICS], TOPIC_WAIT_S)
     log.info("kafka_loop.started", topic_prefix=kafka.topic_prefix, group=GROUP)
     thread = threading.Thread(target=produce_loop, name="produce", daemon=True,
                               args=(producer, stop, args.rate, args.bad_every, counts))
