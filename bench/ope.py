@@ -30,7 +30,14 @@ intervals holding the truth. The default estimator is picked on the ``--select-s
 whose intervals cover ≥ 0.90 on the uniform log at the largest size.
 
 ``--quick``: 4 seeds, sizes 2 000 and 10 000, 2 000 impressions of the exploring
-logger, 1 selection seed. The full run: 20 seeds, sizes 10 000 and 100 000.
+logger, 2 selection seeds. The full run: 20 seeds, sizes 10 000 and 100 000, 4 selection
+seeds.
+
+Intervals: :func:`learner.slate_ope.interval` (for the per-item weighting estimators the
+hull of a score interval, whose width follows the hypothesised value through the
+rewards' pay units, and the normal one); every row keeps the normal interval too
+(``coverage_95_normal``). ``matched_paid`` counts the logged items that the target
+serves at their slot and that paid: the information a weighting estimator has.
 """
 
 from __future__ import annotations
@@ -68,8 +75,10 @@ from learner.slate_ope import (
     cross_fit,
     effective_sample_size,
     influence,
+    interval,
     match_share,
     normal_interval,
+    pay_unit,
 )
 
 DEPENDS = in_process_depends("bench/ope.py")
@@ -148,6 +157,8 @@ class LoggedRun:
     candidates: list[int] = dataclasses.field(default_factory=list)
     converted: list[list[bool]] = dataclasses.field(default_factory=list)
     """Per logged item: converted at all (in the attribution window or after)."""
+    unit: list[list[float]] = dataclasses.field(default_factory=list)
+    """Per logged item: what it pays when it pays (cpc and cpa bid, cpm bid / 1000)."""
     logged_truth: list[float] = dataclasses.field(default_factory=list)
     """True expected value of the logged slate (the on-policy check of late rewards)."""
     target_ads: dict[str, list[list[int]]] = dataclasses.field(default_factory=dict)
@@ -271,6 +282,8 @@ def collect(world: Any, logger: str, n: int, targets: dict[str, Any], codes: Cod
             run.propensity.append([q for _, q in kept])
             run.reward.append([by_id[a].reward for a, _ in kept])
             run.converted.append([by_id[a].converted for a, _ in kept])
+            run.unit.append([pay_unit(world.ads[a].record.bid_type, world.ads[a].record.bid)
+                             for a, _ in kept])
             run.logged_truth.append(resp.expected_value)
             run.candidates.append(m)
             run.ctx.append(codes.of_context(req.context))
@@ -319,8 +332,9 @@ def run_seed(seed: int, cfg: BenchConfig, sizes_by_logger: dict[str, tuple[int, 
 
 
 def slate_log(run: LoggedRun, lo: int, hi: int, target: str, reward: np.ndarray,
-              predicted: np.ndarray, direct: np.ndarray) -> SlateLog:
-    """The chunk ``lo:hi`` against ``target`` (``reward``, ``predicted``: [n, K])."""
+              predicted: np.ndarray, direct: np.ndarray, unit: np.ndarray) -> SlateLog:
+    """The chunk ``lo:hi`` against ``target`` (``reward``, ``predicted``, ``unit``:
+    [n, K])."""
     k = reward.shape[1]
     n = hi - lo
     prop, pi = np.ones((n, k)), np.zeros((n, k))
@@ -338,7 +352,7 @@ def slate_log(run: LoggedRun, lo: int, hi: int, target: str, reward: np.ndarray,
     uniform = run.logger == "uniform"
     return SlateLog(reward, prop, pi, mask, predicted, direct,
                     np.asarray(run.candidates[lo:hi], float) if uniform else None,
-                    cross if uniform else None)
+                    cross if uniform else None, unit)
 
 
 def estimate_run(run: LoggedRun, codes: Codes, cfg: BenchConfig, sizes: Sequence[int],
@@ -358,6 +372,8 @@ def estimate_run(run: LoggedRun, codes: Codes, cfg: BenchConfig, sizes: Sequence
             converted = np.concatenate([np.asarray(c, bool) for c in run.converted[lo:hi]])
             late = late_share(converted[cpa], raw[cpa] > 0)
             reward = np.where(cpa, raw / (1.0 - late), raw)
+            unit_raw = np.concatenate([np.asarray(u, float) for u in run.unit[lo:hi]])
+            unit = np.where(cpa, unit_raw / (1.0 - late), unit_raw)
             queries = [_items(run.target_ads[t][lo:hi]) for t in names]
             preds = cross_fit(ctx, attrs, logged, reward, queries, hi - lo, folds=2,
                               seed=seed, make=lambda: RidgeRewardModel(
@@ -365,24 +381,27 @@ def estimate_run(run: LoggedRun, codes: Codes, cfg: BenchConfig, sizes: Sequence
             k = max(len(s) for s in run.ads[lo:hi])
             predicted = _pad(preds[0], logged, hi - lo, k)
             reward_nk = _pad(reward, logged, hi - lo, k)
+            unit_nk = _pad(unit, logged, hi - lo, k)
             for t, q, pq in zip(names, queries, preds[1:], strict=True):
                 direct = np.bincount(q.impression, weights=pq, minlength=hi - lo)
-                log = slate_log(run, lo, hi, t, reward_nk, predicted, direct)
+                log = slate_log(run, lo, hi, t, reward_nk, predicted, direct, unit_nk)
                 truth = float(np.mean(run.truth[t][lo:hi]))
                 ess = effective_sample_size(log)
                 items_share, imp_share = match_share(log)
                 row: dict[str, Any] = {
                     "seed": seed, "logger": run.logger, "size": size, "chunk": chunk,
                     "target": t, "truth": truth, "ess": ess, "match_share": items_share,
+                    "matched_paid": int(((log.target > 0) & log.mask
+                                         & (log.reward > 0)).sum()),
                     "impressions_matched": imp_share,
                     "logger_truth": float(np.mean(run.logged_truth[lo:hi])),
                     "logger_on_policy": float(raw.sum() / (hi - lo)),
                     "logger_on_policy_corrected": float(reward.sum() / (hi - lo)),
-                    "late_share": late, "estimates": {}}
+                    "late_share": late, "estimates": {}, "normal": {}}
                 for name in SLATE_ESTIMATORS:
                     v, psi = influence(log, name)
-                    lo_, hi_ = normal_interval(v, psi)
-                    row["estimates"][name] = [v, lo_, hi_]
+                    row["estimates"][name] = [v, *interval(log, name, v, psi)]
+                    row["normal"][name] = list(normal_interval(v, psi))
                 if default is not None and chunk == 0 and size == max(sizes) and cfg.bootstrap:
                     row["bootstrap"] = list(bootstrap_interval(log, default, cfg.bootstrap,
                                                                0.95, seed))
@@ -421,6 +440,8 @@ def summarize(rows: Sequence[dict[str, Any]], logger: str, size: int,
     rel = np.array([(r["estimates"][name][0] - r["truth"]) / r["truth"] for r in sel])
     cover = np.array([r["estimates"][name][1] <= r["truth"] <= r["estimates"][name][2]
                       for r in sel])
+    cover_normal = np.array([r["normal"][name][0] <= r["truth"] <= r["normal"][name][1]
+                             for r in sel])
     absd = np.array([r["estimates"][name][0] - r["truth"] for r in sel])
     by_target = {}
     for t in sorted({r["target"] for r in sel}):
@@ -428,6 +449,7 @@ def summarize(rows: Sequence[dict[str, Any]], logger: str, size: int,
         by_target[t] = {"median_relative_error": float(np.median(np.abs(rel[m]))),
                         "bias": float(rel[m].mean()), "coverage_95": float(cover[m].mean())}
     return {"coverage_95": float(cover.mean()),
+            "coverage_95_normal": float(cover_normal.mean()),
             "median_relative_error": float(np.median(np.abs(rel))),
             "bias": float(rel.mean()), "rmse": float(math.sqrt(float((rel ** 2).mean()))),
             "bias_per_impression": float(absd.mean()),
@@ -464,8 +486,9 @@ def run_seeds(seeds: Sequence[int], cfg: BenchConfig, sizes: dict[str, tuple[int
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["| logger | impressions | estimator | coverage 95% | median rel. error "
-             "| rel. bias | rel. RMSE | |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| logger | impressions | estimator | coverage 95% | (normal interval) "
+             "| median rel. error | rel. bias | rel. RMSE | |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for logger in LOGGERS:
         for e in results["estimators"]:
             for size, s in e.get(logger, {}).items():
@@ -474,7 +497,8 @@ def table(results: dict[str, Any]) -> str:
                 flag = "coverage short of 0.90" if s["coverage_95"] < COVERAGE_TARGET else ""
                 star = " (default)" if e["name"] == results["default_estimator"] else ""
                 lines.append(f"| {logger} | {int(size):,} | {e['name']}{star} "
-                             f"| {s['coverage_95']:.2f} | {s['median_relative_error']:.3f} "
+                             f"| {s['coverage_95']:.2f} | {s['coverage_95_normal']:.2f} "
+                             f"| {s['median_relative_error']:.3f} "
                              f"| {s['bias']:+.3f} | {s['rmse']:.3f} | {flag} |")
     return "\n".join(lines)
 
@@ -519,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", default=None, help="evaluation seeds (default 0-19, quick 0-3)")
     ap.add_argument("--select-seeds", default=None,
                     help="seeds (>= 1000) that pick the default estimator (default "
-                         "1000-1001, quick 1000)")
+                         "1000-1003, quick 1000-1001)")
     ap.add_argument("--sizes", default=None, help="log sizes, comma-separated")
     ap.add_argument("--explore-size", type=int, default=None)
     ap.add_argument("--encoder", default="minilm")
@@ -534,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.explore_size is not None:
         cfg = dataclasses.replace(cfg, explore_size=args.explore_size)
     seeds = parse_seeds(args.seeds or ("0-3" if args.quick else "0-19"))
-    select = parse_seeds(args.select_seeds or ("1000" if args.quick else "1000-1001"))
+    select = parse_seeds(args.select_seeds or ("1000-1001" if args.quick else "1000-1003"))
     if any(s < 1000 for s in select):
         raise SystemExit("--select-seeds must be >= 1000 (never the evaluation seeds)")
     sizes = {"uniform": cfg.sizes,
@@ -565,7 +589,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 diag[f"{logger}/{s}"] = {
                     t: {"ess": statistics.fmean(r["ess"] for r in sel if r["target"] == t),
                         "match_share": statistics.fmean(r["match_share"] for r in sel
-                                                        if r["target"] == t)}
+                                                        if r["target"] == t),
+                        "matched_paid": statistics.fmean(r["matched_paid"] for r in sel
+                                                         if r["target"] == t)}
                     for t in TARGETS}
     results: dict[str, Any] = {
         "quick": bool(args.quick), "seeds": list(seeds), "selection_seeds": list(select),

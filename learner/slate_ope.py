@@ -76,6 +76,10 @@ class SlateLog:
     (exact pseudo-inverse weights); None: slots drawn independently (factored form)."""
     cross: np.ndarray | None = None
     """[n] X_i: the target's ads logged at another slot (uniform logger only)."""
+    unit: np.ndarray | None = None
+    """[n, K] what each logged item pays when it pays (the bid per click or conversion,
+    a cpm ad's bid / 1000 on every impression): its reward is 0 or this. None: unknown
+    (intervals from the sample variance only)."""
 
     @property
     def n(self) -> int:
@@ -92,7 +96,8 @@ class SlateLog:
         opt = (None if self.candidates is None else self.candidates[idx])
         return SlateLog(self.reward[idx], self.propensity[idx], self.target[idx],
                         self.mask[idx], self.predicted[idx], self.direct[idx], opt,
-                        None if self.cross is None else self.cross[idx])
+                        None if self.cross is None else self.cross[idx],
+                        None if self.unit is None else self.unit[idx])
 
 
 def pi_weights_uniform(m: np.ndarray, k: np.ndarray, matches: np.ndarray,
@@ -184,6 +189,75 @@ def normal_interval(v: float, psi: np.ndarray, level: float = 0.95) -> tuple[flo
     return v - half, v + half
 
 
+SCORE_ESTIMATORS: tuple[str, ...] = ("ips", "snips", "dr", "sndr")
+"""The per-item weighting estimators :func:`score_interval` covers."""
+
+
+def pay_unit(bid_type: str, bid: float) -> float:
+    """What an impression of an ad pays when it pays: the bid per click (cpc) or per
+    conversion (cpa); a cpm ad's bid / 1000, paid on every impression."""
+    return float(bid) / 1000.0 if bid_type == "cpm" else float(bid)
+
+
+def second_moment_scale(log: SlateLog) -> float:
+    """κ with ``E[T²] ≈ κ·V`` for the per-item IPS term ``T_i = Σ_j w_ij r_ij`` of a log
+    whose rewards are 0 or the item's pay unit ``u`` (so ``r² = u·r``): ``E[T²] = Σ_j
+    E[w_ij² u_ij r̄_ij]`` with ``r̄`` the expected reward, estimated as ``Σ w² u r̂ / Σ w r̂``
+    over the logged items with the reward model ``r̂`` standing in for ``r̄``. The model
+    only weighs the matched items against each other, so κ does not collapse when a small
+    log happens to hold none of the target's rare conversions. An item that paid counts
+    at what it paid (a bid revised since). NaN when the pay units are unknown or nothing
+    matches."""
+    if log.unit is None:
+        return math.nan
+    w, m = log.weight, log.mask & (log.weight > 0)
+    if not m.any():
+        return math.nan
+    r = log.reward[m]
+    u = np.where(r > 0, r, log.unit[m])
+    rhat = np.clip(log.predicted[m], 0.0, None)
+    wm = w[m]
+    den = float((wm * rhat).sum())
+    if den <= 0:                          # no usable model: weigh the items alike
+        rhat, den = np.ones_like(wm), float(wm.sum())
+    return float((wm * wm * u * rhat).sum()) / den
+
+
+def score_interval(v: float, kappa: float, n: int,
+                   level: float = 0.95) -> tuple[float, float] | None:
+    """The values ``V`` with ``(v − V)² ≤ z²·(κ·V − V²)/n``: a score (Wilson-type)
+    interval for a mean of per-impression terms whose variance is ``κ·V − V²`` (see
+    :func:`second_moment_scale`). Its width follows the hypothesised value, not the sample
+    variance, so it still holds the truth when the log is short of the rare large rewards
+    (the sample variance is then small exactly when the estimate is low). None when
+    undefined (κ unknown, a negative estimate)."""
+    if not (math.isfinite(kappa) and kappa > 0 and n > 0 and math.isfinite(v)) or v < 0:
+        return None
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + level / 2.0)
+    c = z * z / n
+    b = 2.0 * v + c * kappa
+    disc = b * b - 4.0 * (1.0 + c) * v * v
+    if disc < 0:
+        return None
+    root = math.sqrt(disc)
+    return (b - root) / (2.0 * (1.0 + c)), (b + root) / (2.0 * (1.0 + c))
+
+
+def interval(log: SlateLog, name: str, v: float, psi: np.ndarray,
+             level: float = 0.95) -> tuple[float, float]:
+    """The interval adloop reports for estimator ``name``: for the per-item weighting
+    estimators on a log with pay units, the hull of the score interval and the normal
+    one; otherwise the normal (influence-function) interval."""
+    lo, hi = normal_interval(v, psi, level)
+    if name in SCORE_ESTIMATORS:
+        score = score_interval(v, second_moment_scale(log), log.n, level)
+        if score is not None:
+            return min(lo, score[0]), max(hi, score[1])
+    return lo, hi
+
+
 def bootstrap_interval(log: SlateLog, name: str, samples: int = 200, level: float = 0.95,
                        seed: int = 0) -> tuple[float, float]:
     """Percentile interval of ``name`` over impressions resampled with replacement."""
@@ -228,11 +302,11 @@ def max_weight_share(log: SlateLog) -> float:
 
 def estimate(log: SlateLog, names: Sequence[str] = SLATE_ESTIMATORS,
              level: float = 0.95) -> dict[str, dict[str, float]]:
-    """``{name: {value, low, high, se}}`` with influence-function intervals."""
+    """``{name: {value, low, high, se}}`` with the intervals of :func:`interval`."""
     out: dict[str, dict[str, float]] = {}
     for name in names:
         v, psi = influence(log, name)
-        lo, hi = normal_interval(v, psi, level)
+        lo, hi = interval(log, name, v, psi, level)
         se = float(np.std(psi, ddof=1)) / math.sqrt(len(psi)) if len(psi) > 1 else math.nan
         out[name] = {"value": v, "low": lo, "high": hi, "se": se}
     return out

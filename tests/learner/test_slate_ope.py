@@ -19,8 +19,12 @@ from learner.slate_ope import (
     effective_sample_size,
     estimate,
     influence,
+    interval,
     match_share,
+    normal_interval,
     pi_weights_uniform,
+    score_interval,
+    second_moment_scale,
     slate_weights,
 )
 
@@ -200,3 +204,73 @@ def test_ridge_reward_model_learns_a_context_by_attribute_effect_and_position_fa
     (cf,) = cross_fit(ctx, attrs, items, y.ravel(), [], n, folds=2, seed=5,
                       make=lambda: RidgeRewardModel([2], [2], 4, l2=1.0))
     assert np.abs(cf.reshape(n, k) - base * theta).max() < 0.12
+
+
+def _rare_reward_log(rng: np.random.Generator, n: int, m: int = 50, unit: float = 40.0,
+                     rate: float = 0.01) -> tuple[SlateLog, float]:
+    """One slot, a uniform logger over ``m`` ads, a target that always serves ad 0, whose
+    reward is ``unit`` with probability ``rate`` (the rare large conversion); the other
+    ads pay 0 or 1 at rate 0.05. Returns the log and the target's true value."""
+    ads = rng.integers(0, m, n)
+    pays = np.where(ads == 0, unit, 1.0)
+    rates = np.where(ads == 0, rate, 0.05)
+    reward = np.where(rng.random(n) < rates, pays, 0.0)[:, None]
+    target = (ads == 0).astype(float)[:, None]
+    predicted = (pays * rates)[:, None]
+    log = SlateLog(reward, np.full((n, 1), 1.0 / m), target, np.ones((n, 1), bool),
+                   predicted, np.full(n, unit * rate), unit=pays[:, None])
+    return log, unit * rate
+
+
+def test_score_interval_covers_rare_large_rewards_where_the_normal_interval_collapses(
+        ) -> None:
+    rng = np.random.default_rng(11)
+    normal = score = 0
+    trials = 300
+    for _ in range(trials):
+        log, truth = _rare_reward_log(rng, 4000)
+        v, psi = influence(log, "ips")
+        lo, hi = normal_interval(v, psi)
+        normal += lo <= truth <= hi
+        bounds = score_interval(v, second_moment_scale(log), log.n)
+        assert bounds is not None
+        score += bounds[0] <= truth <= bounds[1]
+    assert score / trials >= 0.9
+    assert normal / trials < 0.8        # about 0.4 expected conversions of the target's ad
+
+
+def test_second_moment_scale_is_the_weighted_pay_unit_and_unknown_without_units() -> None:
+    log, _ = _rare_reward_log(np.random.default_rng(3), 20000)
+    assert second_moment_scale(log) == pytest.approx(50 * 40.0)
+    assert np.isnan(second_moment_scale(SlateLog(
+        log.reward, log.propensity, log.target, log.mask, log.predicted, log.direct)))
+    revised = SlateLog(log.reward, log.propensity, log.target, log.mask, log.predicted,
+                       log.direct, unit=log.unit * 2.0)      # every bid doubled since
+    matched = log.target[:, 0] > 0
+    paid_at = np.where(log.reward[matched, 0] > 0, log.reward[matched, 0], 80.0)
+    assert (log.reward[matched, 0] > 0).any()               # some count at what they paid
+    assert second_moment_scale(revised) == pytest.approx(50 * paid_at.mean())
+    unmatched = SlateLog(log.reward, log.propensity, np.zeros_like(log.target), log.mask,
+                         log.predicted, log.direct, unit=log.unit)
+    assert np.isnan(second_moment_scale(unmatched))
+
+
+def test_score_interval_has_a_positive_upper_bound_at_an_estimate_of_zero() -> None:
+    bounds = score_interval(0.0, 2000.0, 4000)
+    assert bounds is not None
+    lo, hi = bounds
+    assert lo == 0.0 and hi == pytest.approx(1.96 ** 2 * 2000.0 / 4000 / (1 + 1.96 ** 2 / 4000),
+                                             rel=1e-3)
+    assert score_interval(-0.1, 2000.0, 4000) is None
+    assert score_interval(0.5, float("nan"), 4000) is None
+
+
+def test_reported_interval_is_the_hull_of_the_score_and_normal_intervals() -> None:
+    log, _ = _rare_reward_log(np.random.default_rng(5), 4000)
+    v, psi = influence(log, "ips")
+    lo, hi = interval(log, "ips", v, psi)
+    nlo, nhi = normal_interval(v, psi)
+    bounds = score_interval(v, second_moment_scale(log), log.n)
+    assert bounds is not None
+    assert lo == min(nlo, bounds[0]) and hi == max(nhi, bounds[1])
+    assert interval(log, "dm", *influence(log, "dm")) == normal_interval(*influence(log, "dm"))
