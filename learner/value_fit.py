@@ -265,7 +265,8 @@ def calibrate(model: GenerativeRecommender, held: ExampleSet, prior_sd: float = 
 
 LINEAR_L2: dict[str, tuple[float, float]] = {
     "item_bias": (2.0, 20.0), "wide_item": (0.5, 2.0), "wide_context": (5.0, 30.0),
-    "wide_topic": (2.0, 5.0), "wide_match": (0.1, 0.1), "position": (1.0, 0.0)}
+    "wide_topic": (2.0, 5.0), "wide_match": (0.1, 0.1), "position": (1.0, 0.0),
+    "intercept": (0.0, 0.0)}
 """Base L2 weight of each linear table per head (pCTR, pCVR), on the summed log-loss,
 times the scale :func:`fit_linear` picks: the logistic baseline's penalties
 (``adloop.baselines.LogisticPolicy.L2``) for the matching tables, fixed by hand."""
@@ -339,7 +340,7 @@ class Design:
     user's organic history with its share as coefficient, and the position's row (the
     same terms :meth:`ValueHead.linear_logits` computes, plus the position offset)."""
 
-    ORDER = (*ValueHead.LINEAR, "position")
+    ORDER = (*ValueHead.LINEAR, "position", "intercept")
 
     def __init__(self, head: ValueHead, r: Impressions, shapes: dict[str, torch.Size]) -> None:
         assert head.biz is not None
@@ -384,6 +385,8 @@ class Design:
             add(row, off["wide_match"] + torch.zeros_like(row), m)
         add(row, off["position"] + (r.position - 1).clamp_min(0),
             (r.position > 0).double())
+        if "intercept" in off:
+            add(row, off["intercept"] + torch.zeros_like(row), torch.ones(N, dtype=torch.float64))
         rows = torch.cat([a.reshape(-1) for a, _, _ in parts])
         cols = torch.cat([b.reshape(-1) for _, b, _ in parts])
         vals = torch.cat([c.reshape(-1) for _, _, c in parts])
@@ -591,6 +594,8 @@ def fit_linear(model: GenerativeRecommender, train: ExampleSet, val_frac: float 
             return {}
         start = {k: torch.zeros_like(v) for k, v in head.linear_tables().items()}
         start["position"] = torch.zeros(POSITIONS - 1, 2)
+        start["intercept"] = torch.zeros(1, 2)
+        prior0 = head.prior_logit.detach().clone()
         w_fit = _recency(fit, float(fit.time.max()), half_life_s)
         best: tuple[float, float, bool, Tables, float] | None = None
         for deep in (True, False) if try_deep else (False,):
@@ -611,6 +616,7 @@ def fit_linear(model: GenerativeRecommender, train: ExampleSet, val_frac: float 
                     param.zero_()
                 rows.deep.copy_(rows.prior)
         _store(head, p, gamma)
+        _set_intercept(head, prior0, p)
         out: dict[str, float] = {"value_linear_l2_scale": scale,
                                  "value_linear_deep": float(deep),
                                  "value_linear_val_logloss": loss}
@@ -618,21 +624,32 @@ def fit_linear(model: GenerativeRecommender, train: ExampleSet, val_frac: float 
             out.update(calibrate(model, train.subset(np.flatnonzero(train.request >= cut))))
         now = float(rows.time.max())
         w = _recency(rows, now, half_life_s)
+        head.prior_logit.copy_(prior0)
         p, gamma = _fit(head, rows, p, deep, w, Prior(_l2(scale)), iters, gamma=gamma,
                         learn_gamma=True)
         _store(head, p, gamma)
         if head.share:
             out["value_interest_share"] = gamma
         curvature = _curvature(head, p, rows, deep, w, gamma)
+        _set_intercept(head, prior0, p)
+        out["value_intercept_ctr"], out["value_intercept_cvr"] = (
+            float(v) for v in p["intercept"][0])
         with torch.no_grad():
             for k, c in curvature.items():
-                if k != "position":
+                if k not in ("position", "intercept"):
                     getattr(head, f"{k}_curvature").copy_(c.to(torch.float32))
             head.linear_position.copy_(p["position"].to(torch.float32))
             head.linear_fit.copy_(torch.tensor([scale, float(deep), now, half_life_s]))
         return out
     finally:
         model.train(was)
+
+
+def _set_intercept(head: ValueHead, prior0: Tensor, p: Tables) -> None:
+    """Fold the fit's unpenalised per-head intercept into the head's prior logits (served
+    with them; the online refits keep it fixed, as the position offsets)."""
+    with torch.no_grad():
+        head.prior_logit.copy_(prior0 + p["intercept"][0].to(prior0.dtype)[:, None, None])
 
 
 def _store(head: ValueHead, p: Tables, gamma: float | None = None) -> None:

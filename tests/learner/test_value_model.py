@@ -5,6 +5,7 @@ carried by value.onnx."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -581,3 +582,31 @@ def test_pcvr_shares_the_interest_pctr_learns_where_conversions_follow_the_users
     # the match's own pCVR weight can carry much of it here (conversions are not rare
     # enough for the share to be needed): sharing must not cost held-out log-loss
     assert losses[True] < losses[False] + 0.005
+
+
+def test_the_linear_fit_learns_the_base_rates_in_an_unpenalised_intercept(
+        synth_log: synthetic.SyntheticLog, small_tokenizer: UASIDTokenizer) -> None:
+    """Without cell priors (pretraining's default) and under a heavy L2 scale, the base
+    click and conversion rates go to the fit's own intercept, not to the penalised
+    tables: the head's level matches the log's."""
+    fb = _random_slates_log(small_tokenizer, synth_log.ads, 1500, 3, lambda r: "ios",
+                            lambda a, device: 0.03)
+    torch.manual_seed(0)
+    model = GenerativeRecommender(small_cfg(small_tokenizer, value_wide=True)).eval()
+    ex = build_examples(fb, small_tokenizer, model.cfg.history_len,
+                        model.cfg.context_features, model.cfg.context_buckets, 0,
+                        organic_len=model.cfg.organic_len)
+    assert not model.value.prior_logit.any()
+    out = fit_linear(model, ex, val_frac=0.2, scales=(30.0,))
+    shown = shown_slates(ex).batch()
+    clicked = float((shown.clicked * shown.slate_mask).sum() / shown.slate_mask.sum())
+    converted = float((shown.converted * shown.clicked * shown.slate_mask).sum()
+                      / (shown.clicked * shown.slate_mask).sum())
+    assert out["value_intercept_ctr"] == pytest.approx(math.log(clicked / (1 - clicked)),
+                                                       abs=0.4)
+    assert out["value_intercept_cvr"] == pytest.approx(
+        math.log(converted / (1 - converted)), abs=0.6)
+    # served: the intercept sits in the prior logits, every cell alike
+    assert torch.allclose(model.value.prior_logit[0],
+                          torch.full_like(model.value.prior_logit[0],
+                                      out["value_intercept_ctr"]), atol=1e-5)
