@@ -83,7 +83,7 @@ from streams.settings import add_settings_arguments, settings_from_args
 
 log = get_logger(__name__)
 
-DEFAULT_ESTIMATOR = "ips"
+DEFAULT_ESTIMATOR = "snips"
 """The estimate ``adloop evaluate --offline`` reports first: the winner of bench/ope.py
 against the simulator's ground truth (``default_estimator`` in
 bench/results/ope.json; docs/ope.md): the lowest median relative error among the
