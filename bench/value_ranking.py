@@ -16,9 +16,11 @@ scored by:
   ``without_decoder`` (the cross-attention decoder's logits), ``without_interaction``
   (the user × item interaction), ``without_wide`` (the wide terms: the industry's and
   code's own, context × industry and code, topic shares × industry and code),
-  ``linear_and_prior`` (decoder and interaction out: the per-item bias, the wide terms
-  and the (industry, goal) prior), ``bias_and_prior`` (the wide terms out too),
-  ``prior_only``;
+  ``without_match`` (the topic match: the user's recent organic topics against the
+  ad's text), ``linear_and_prior`` (decoder and interaction out: the per-item bias, the
+  wide terms, the topic match and the (industry, goal) prior), ``bias_and_prior`` (the
+  wide terms out too), ``match_and_prior`` (the per-item bias out too) and
+  ``prior_only`` (the topic match out too: one constant per (industry, goal) cell);
 * ``logistic``: the factorised logistic baseline (``adloop/baselines.py``), and the same
   fit with its tables taken out the same way (which of its terms carries the ranking):
   ``logistic_without_ad`` (the per-ad biases), ``logistic_without_crosses`` (topic shares
@@ -92,9 +94,11 @@ TERMS: dict[str, tuple[str, ...]] = {
     "without_decoder": ("decoder",),
     "without_interaction": ("interaction",),
     "without_wide": ("wide",),
+    "without_match": ("match",),
     "linear_and_prior": ("decoder", "interaction"),
     "bias_and_prior": ("decoder", "interaction", "wide"),
-    "prior_only": ("decoder", "interaction", "wide", "item_bias"),
+    "match_and_prior": ("decoder", "interaction", "wide", "item_bias"),
+    "prior_only": ("decoder", "interaction", "wide", "item_bias", "match"),
 }
 """Value-head variants: the logit terms zeroed after training."""
 
@@ -172,6 +176,8 @@ def without_terms(model: GenerativeRecommender, terms: Sequence[str]) -> Generat
         if head.wide and "wide" in terms:
             for name in head.WIDE:
                 getattr(head, name).zero_()
+        if head.match and "match" in terms:
+            head.wide_match.zero_()
     return out
 
 
