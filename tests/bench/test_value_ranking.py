@@ -53,7 +53,6 @@ def test_prior_only_leaves_one_logit_per_industry_and_goal_cell() -> None:
 def test_taking_the_topic_match_out_changes_only_the_match_term() -> None:
     model = _every_term_random()
     hist, mask, ctx, _, cands = tiny_inputs(model, B=4)
-    ctx[:, len(model.cfg.context_features):] = ctx[:1, len(model.cfg.context_features):]
     head = model.value
     with torch.no_grad():
         match = head.topic_match(ctx, cands)[..., None] * head.wide_match[0]
