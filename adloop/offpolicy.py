@@ -220,6 +220,7 @@ def slate_log_of(finals: Sequence[Feedback], slates: Sequence[Sequence[str]],
                      for key, v in zip(keys, vocab, strict=True)] for f in finals],
                    np.int64).reshape(n, len(keys))
     records = {a.ad_id: a for a in ads}
+    units = {a.ad_id: pay_unit(a.bid_type, a.bid) for a in ads}
     attr_vocab: list[dict[str, int]] = [{}, {}, {}]
     ad_code: dict[str, int] = {}
     attrs: list[list[int]] = []
@@ -246,8 +247,7 @@ def slate_log_of(finals: Sequence[Feedback], slates: Sequence[Sequence[str]],
                                  "propensity (slate[].propensity in the recorded log)")
             j = it.position
             reward[i, j], prop[i, j], mask[i, j] = it.reward, it.propensity, True
-            rec = records.get(it.ad_id)
-            unit[i, j] = pay_unit(rec.bid_type, rec.bid) if rec is not None else it.reward
+            unit[i, j] = units.get(it.ad_id, it.reward)
             target[i, j] = 1.0 if j < len(slate) and slate[j] == it.ad_id else 0.0
             li.append(i)
             la.append(code(it.ad_id))

@@ -78,6 +78,10 @@ def http_ok(url: str, timeout_s: float = 1.0) -> bool:
         return False
 
 
+STACK_DUMP_WAIT_S = 2.0
+"""How long a process that dumps its stacks on SIGUSR1 gets to write them."""
+
+
 class ManagedProcess:
     """One adloop subcommand in its own process, with a log file and a readiness URL."""
 
@@ -99,6 +103,9 @@ class ManagedProcess:
         """Stopped on purpose (:meth:`stop`): the supervisor leaves it down."""
         self.stop_signal: signal.Signals = signal.SIGTERM
         """What :meth:`stop` sends first (the process's clean shutdown)."""
+        self.dumps_stacks = False
+        """It dumps its threads' stacks to its log on SIGUSR1 (``faulthandler``): when it
+        runs but is not ready in time, :meth:`wait_ready` asks for them and reports them."""
 
     @property
     def pid(self) -> int | None:
@@ -128,6 +135,12 @@ class ManagedProcess:
             if self.ready_url is None or http_ok(self.ready_url):
                 return self
             time.sleep(0.25)
+        if self.dumps_stacks and self.alive() and self.pid is not None:
+            os.kill(self.pid, signal.SIGUSR1)
+            time.sleep(STACK_DUMP_WAIT_S)
+            raise ProcessFailedError(f"{self.name} not ready after {timeout_s}s; its log, "
+                                     "which ends with its threads' stacks:\n"
+                                     f"{self.log_tail(200)}")
         raise ProcessFailedError(f"{self.name} not ready after {timeout_s}s:\n{self.log_tail()}")
 
     def kill(self) -> None:

@@ -79,6 +79,7 @@ from learner.slate_ope import (
     match_share,
     normal_interval,
     pay_unit,
+    second_moment_scale,
 )
 
 DEPENDS = in_process_depends("bench/ope.py")
@@ -398,9 +399,10 @@ def estimate_run(run: LoggedRun, codes: Codes, cfg: BenchConfig, sizes: Sequence
                     "logger_on_policy": float(raw.sum() / (hi - lo)),
                     "logger_on_policy_corrected": float(reward.sum() / (hi - lo)),
                     "late_share": late, "estimates": {}, "normal": {}}
+                kappa = second_moment_scale(log)
                 for name in SLATE_ESTIMATORS:
                     v, psi = influence(log, name)
-                    row["estimates"][name] = [v, *interval(log, name, v, psi)]
+                    row["estimates"][name] = [v, *interval(log, name, v, psi, kappa=kappa)]
                     row["normal"][name] = list(normal_interval(v, psi))
                 if default is not None and chunk == 0 and size == max(sizes) and cfg.bootstrap:
                     row["bootstrap"] = list(bootstrap_interval(log, default, cfg.bootstrap,

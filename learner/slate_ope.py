@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -177,15 +178,17 @@ def value(log: SlateLog, name: str) -> float:
     return influence(log, name)[0]
 
 
+def two_sided_z(level: float) -> float:
+    """The normal quantile of a two-sided interval at ``level`` (1.96 at 0.95)."""
+    return NormalDist().inv_cdf(0.5 + level / 2.0)
+
+
 def normal_interval(v: float, psi: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     """``v ± z·sd(ψ)/√n`` (z the two-sided normal quantile of ``level``)."""
     n = len(psi)
     if n < 2:
         return (math.nan, math.nan)
-    from statistics import NormalDist
-
-    z = NormalDist().inv_cdf(0.5 + level / 2.0)
-    half = z * float(np.std(psi, ddof=1)) / math.sqrt(n)
+    half = two_sided_z(level) * float(np.std(psi, ddof=1)) / math.sqrt(n)
     return v - half, v + half
 
 
@@ -233,10 +236,7 @@ def score_interval(v: float, kappa: float, n: int,
     undefined (κ unknown, a negative estimate)."""
     if not (math.isfinite(kappa) and kappa > 0 and n > 0 and math.isfinite(v)) or v < 0:
         return None
-    from statistics import NormalDist
-
-    z = NormalDist().inv_cdf(0.5 + level / 2.0)
-    c = z * z / n
+    c = two_sided_z(level) ** 2 / n
     b = 2.0 * v + c * kappa
     disc = b * b - 4.0 * (1.0 + c) * v * v
     if disc < 0:
@@ -246,13 +246,15 @@ def score_interval(v: float, kappa: float, n: int,
 
 
 def interval(log: SlateLog, name: str, v: float, psi: np.ndarray,
-             level: float = 0.95) -> tuple[float, float]:
+             level: float = 0.95, kappa: float | None = None) -> tuple[float, float]:
     """The interval adloop reports for estimator ``name``: for the per-item weighting
     estimators on a log with pay units, the hull of the score interval and the normal
-    one; otherwise the normal (influence-function) interval."""
+    one; otherwise the normal (influence-function) interval. ``kappa``: the log's
+    :func:`second_moment_scale`, computed here when not given."""
     lo, hi = normal_interval(v, psi, level)
     if name in SCORE_ESTIMATORS:
-        score = score_interval(v, second_moment_scale(log), log.n, level)
+        k = second_moment_scale(log) if kappa is None else kappa
+        score = score_interval(v, k, log.n, level)
         if score is not None:
             return min(lo, score[0]), max(hi, score[1])
     return lo, hi
@@ -304,9 +306,11 @@ def estimate(log: SlateLog, names: Sequence[str] = SLATE_ESTIMATORS,
              level: float = 0.95) -> dict[str, dict[str, float]]:
     """``{name: {value, low, high, se}}`` with the intervals of :func:`interval`."""
     out: dict[str, dict[str, float]] = {}
+    kappa = (second_moment_scale(log) if any(n in SCORE_ESTIMATORS for n in names)
+             else math.nan)
     for name in names:
         v, psi = influence(log, name)
-        lo, hi = interval(log, name, v, psi, level)
+        lo, hi = interval(log, name, v, psi, level, kappa)
         se = float(np.std(psi, ddof=1)) / math.sqrt(len(psi)) if len(psi) > 1 else math.nan
         out[name] = {"value": v, "low": lo, "high": hi, "se": se}
     return out

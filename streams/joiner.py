@@ -71,7 +71,7 @@ from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from streams.joiner_core import INPUT_TOPICS, JoinCore, JoinSettings, Rejected, Step
-from streams.kafka_io import DEAD_LETTERS, BatchProducer
+from streams.kafka_io import DEAD_LETTERS, BatchProducer, wait_for_partitions
 from streams.logs import get_logger
 from streams.metrics import counter, gauge, histogram, start_metrics_server
 from streams.schemas import DeadLetter, DecodeFailure, Feedback, decode, encode
@@ -521,16 +521,10 @@ class Joiner:
         of every partition, seconds after start)."""
         if timeout_s is None:
             timeout_s = self.kafka.topic_wait_s
-        deadline = time.monotonic() + timeout_s
-        missing = list(topics)
-        while missing and not self.stop_event.is_set():
-            missing = [t for t in missing if not self.consumer.partitions_for_topic(t)]
-            if not missing:
-                return
-            if time.monotonic() > deadline:
-                raise SystemExit(f"adloop join: no partitions for {missing} after "
-                                 f"{timeout_s:.0f}s (run `adloop topics create`)")
-            time.sleep(0.2)
+        missing = wait_for_partitions(self.consumer, topics, timeout_s, self.stop_event)
+        if missing and not self.stop_event.is_set():
+            raise SystemExit(f"adloop join: no partitions for {missing} after "
+                             f"{timeout_s:.0f}s (run `adloop topics create`)")
 
     def refresh_metrics(self) -> None:
         TABLE_REQUESTS.set(self.core.requests_held())

@@ -171,6 +171,21 @@ class Received(Generic[E]):
     record: E
 
 
+def wait_for_partitions(consumer: KafkaConsumer, topics: Sequence[str], timeout_s: float,
+                        stop: threading.Event | None = None) -> list[str]:
+    """Until ``consumer``'s metadata lists partitions of every topic of ``topics``
+    (physical names), ``timeout_s`` passes or ``stop`` is set; returns the topics still
+    without partitions (empty: all known). Call it after subscribing and before the first
+    poll, which joins the group."""
+    deadline = time.monotonic() + timeout_s
+    missing = list(topics)
+    while True:
+        missing = [t for t in missing if not consumer.partitions_for_topic(t)]
+        if not missing or (stop is not None and stop.is_set()) or time.monotonic() > deadline:
+            return missing
+        time.sleep(0.2)
+
+
 class EventConsumer:
     """Decoding consumer with dead-lettering and commit-after-effect.
 

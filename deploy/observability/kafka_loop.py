@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any
 
-from streams.kafka_io import EventConsumer, EventProducer, Received
+from streams.kafka_io import EventConsumer, EventProducer, Received, wait_for_partitions
 from streams.logs import configure_logging, get_logger
 from streams.metrics import BUILD_INFO, start_metrics_server
 from streams.samples import sample_records
@@ -70,20 +70,6 @@ def produce_loop(producer: EventProducer, stop: threading.Event, rate: float,
         stop.wait(0.1)
 
 
-def await_partitions(consumer: EventConsumer, topics: list[str], timeout_s: float) -> None:
-    """Until the consumer's metadata lists partitions of every topic of ``topics``
-    (physical names); call it after subscribing and before the first poll, which joins."""
-    deadline = time.monotonic() + timeout_s
-    missing = list(topics)
-    while missing:
-        missing = [t for t in missing if not consumer.consumer.partitions_for_topic(t)]
-        if missing and time.monotonic() > deadline:
-            raise SystemExit(f"kafka-loop: no partitions of {missing} in the metadata "
-                             f"after {timeout_s:.0f}s")
-        if missing:
-            time.sleep(0.2)
-
-
 def report_until_consuming(consumer: EventConsumer, counts: dict[str, int],
                            stop: threading.Event) -> None:
     """Log what the loop has done every ``PROGRESS_EVERY_S`` until it has consumed."""
@@ -114,7 +100,11 @@ def run(args: argparse.Namespace) -> int:
     # Subscribed first, as the joiner does (streams.joiner.Joiner.wait_for_metadata):
     # metadata fetched before subscribing leaves the coordinator's snapshot empty
     consumer = EventConsumer(kafka, TOPICS, group_id=GROUP)
-    await_partitions(consumer, [consumer.names.name(t) for t in TOPICS], TOPIC_WAIT_S)
+    missing = wait_for_partitions(consumer.consumer, [consumer.names.name(t) for t in TOPICS],
+                                  TOPIC_WAIT_S)
+    if missing:
+        raise SystemExit(f"kafka-loop: no partitions of {missing} in the metadata "
+                         f"after {TOPIC_WAIT_S:.0f}s")
     log.info("kafka_loop.started", topic_prefix=kafka.topic_prefix, group=GROUP)
     thread = threading.Thread(target=produce_loop, name="produce", daemon=True,
                               args=(producer, stop, args.rate, args.bad_every, counts))

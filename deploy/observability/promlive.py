@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from typing import Any
 import httpx
 import yaml
 
-from adloop.stack import LocalStack, ManagedProcess, ProcessFailedError, free_port
+from adloop.stack import LocalStack, ManagedProcess, free_port
 from deploy.observability.dashboards import panel_queries, processes_needed, recording_rules
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,26 +149,11 @@ def start_stack_processes(stack: LocalStack, names: Sequence[str] = LIVE_PROCESS
         port = live.ports[name]
         proc = stack.add(name, [], ready_url=f"http://127.0.0.1:{port}/readyz", env=env)
         proc.argv = [sys.executable, "-m", spec.module, *spec.argv(stack, live.ports)]
+        proc.dumps_stacks = spec.dumps_stacks
         live.processes[name] = proc.start()
-    for name, proc in live.processes.items():
-        wait_ready(proc, ready_timeout_s, SPECS[name].dumps_stacks)
+    for proc in live.processes.values():
+        proc.wait_ready(ready_timeout_s)
     return live
-
-
-def wait_ready(proc: ManagedProcess, timeout_s: float, dumps_stacks: bool,
-               dump_wait_s: float = 2.0) -> None:
-    """``proc.wait_ready(timeout_s)``; when it is still running but not ready in time and
-    ``dumps_stacks``, the error ends with its threads' stacks (SIGUSR1, then its log)."""
-    try:
-        proc.wait_ready(timeout_s)
-    except ProcessFailedError:
-        if not (dumps_stacks and proc.alive() and proc.pid is not None):
-            raise
-        os.kill(proc.pid, signal.SIGUSR1)
-        time.sleep(dump_wait_s)
-        raise ProcessFailedError(f"{proc.name} not ready after {timeout_s}s; its log, which "
-                                 f"ends with its threads' stacks:\n{proc.log_tail(200)}"
-                                 ) from None
 
 
 # --------------------------------------------------------------------------------------
