@@ -188,6 +188,10 @@ class ModelConfig:
     the known ones (a softmax over κ · cosine)."""
     value_match_topics: int = 256
     """Most distinct organic topics the match's normaliser holds."""
+    value_exact_match: bool = False
+    """Two more match weights per head: the share of the user's recent organic topics
+    that are the candidate's own topic exactly, and that are in its industry
+    (:meth:`ValueHead.match_features`); needs ``value_topic_match``."""
     value_share_interest: bool = False
     """The pCVR logit adds γ × the pCTR logit's interest terms (the organic-topic
     shares × cells and the topic match; ``interest_share`` γ, fitted with them): the
@@ -252,7 +256,8 @@ class ModelConfig:
                       "intent_tokens": 0, "value_factors": False, "value_wide": False,
                       "value_wide_goal": False, "value_topic_match": False,
                       "value_match_dim": 0, "value_match_sharpness": 80.0,
-                      "value_match_topics": 256, "value_share_interest": False, **d})
+                      "value_match_topics": 256, "value_share_interest": False,
+                      "value_exact_match": False, **d})
 
 
 # --------------------------------------------------------------------------------------
@@ -841,6 +846,8 @@ class ValueHead(nn.Module):
     bias_l2: Tensor
     wide_l2: Tensor
     linear_position: Tensor
+    item_topic: Tensor
+    topic_industry: Tensor
     linear_fit: Tensor
     hash_mult: Tensor
     factor_heads: Tensor
@@ -884,7 +891,7 @@ class ValueHead(nn.Module):
             self.register_buffer("hash_mult", torch.tensor(mult, dtype=torch.long),
                                  persistent=False)
         self.wide = cfg.value_wide
-        self.match = self.share = False
+        self.match = self.share = self.exact = False
         if self.wide:
             if self.biz is None or not self.factors:
                 raise ValueError("value_wide needs value_factors and the business tokens "
@@ -910,7 +917,15 @@ class ValueHead(nn.Module):
                 self.register_buffer("code_vec", torch.zeros(L0, dim))
                 self.code_offsets = [sum(cfg.level_sizes[:i]) for i in range(L)]
                 self.sharpness = cfg.value_match_sharpness
-                self.wide_match = nn.Parameter(torch.zeros(1, 2))
+                self.exact = cfg.value_exact_match
+                if self.exact:
+                    # filled by learner.topic_match: each item's own topic's hashed
+                    # bucket, each topic's industry token (0 = not known)
+                    self.register_buffer("item_topic", torch.zeros(cfg.value_buckets,
+                                                                   dtype=torch.long))
+                    self.register_buffer("topic_industry",
+                                         torch.zeros(cfg.context_buckets, dtype=torch.long))
+                self.wide_match = nn.Parameter(torch.zeros(3 if self.exact else 1, 2))
             self.share = cfg.value_share_interest
             if self.share:      # γ: set by learner.value_fit.fit_linear, fixed online
                 self.register_buffer("interest_share", torch.zeros(1))
@@ -1073,8 +1088,8 @@ class ValueHead(nn.Module):
         out = out + term(t["wide_context"], ctx, (ctx > 0).to(out.dtype))
         interest = torch.zeros_like(out)            # what the user's organic topics add
         if self.match:
-            interest = interest + (self.topic_match(context, candidates)[..., None]
-                                   * t["wide_match"][0])
+            interest = interest + (self.match_features(context, candidates)[..., None]
+                                   * t["wide_match"]).sum(-2)
         if n_topic:
             topics = context[:, C:C + n_topic]
             present = (topics > 0).to(out.dtype)
@@ -1083,6 +1098,26 @@ class ValueHead(nn.Module):
         if self.share:   # pCVR += γ × pCTR's interest terms: [0, γ·interest_ctr]
             interest = interest + F.pad(self.interest_share * interest[..., :1], (1, 0))
         return out + interest
+
+    def match_features(self, context: Tensor, candidates: Tensor) -> Tensor:
+        """[B, K, F]: :meth:`topic_match` and, with ``value_exact_match``, the share of
+        the user's recent organic topics that are the candidate's own topic, and that
+        are in its industry (the same share weights as the topic match)."""
+        soft = self.topic_match(context, candidates)[..., None]
+        if not self.exact:
+            return soft
+        C, n_topic = self.n_ctx_ids, self.n_topic_ids
+        assert self.biz is not None
+        topics = context[:, C:C + n_topic]                                  # [B, O]
+        present = (topics > 0).to(soft.dtype)
+        share = present / (present.sum(1, keepdim=True) + 2.0)
+        own = self.item_topic[self.bucket(candidates)]                     # [B, K]
+        same = ((topics[:, None, :] == own[..., None]) & (own[..., None] > 0)).to(soft.dtype)
+        ind = self.topic_industry[topics]                                   # [B, O]
+        same_ind = ((ind[:, None, :] == candidates[..., self.biz[0], None])
+                    & (ind[:, None, :] > 0)).to(soft.dtype)
+        return torch.cat([soft, (same * share[:, None, :]).sum(-1, keepdim=True),
+                          (same_ind * share[:, None, :]).sum(-1, keepdim=True)], -1)
 
     def topic_match(self, context: Tensor, candidates: Tensor) -> Tensor:
         """[B, K]: how well each candidate's content matches the user's recent organic

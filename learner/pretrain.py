@@ -189,6 +189,11 @@ class PretrainSettings(BaseSettings):
     recent organic topics (ModelConfig.value_topic_match, learner.topic_match)."""
     value_match_sharpness: float = 80.0
     """ModelConfig.value_match_sharpness."""
+    value_exact_match: bool = True
+    """Two more topic-match features per head: the share of the user's recent organic
+    topics that are the candidate's own topic exactly, and that are in its industry
+    (ModelConfig.value_exact_match; needs ``value_topic_match``). Off: the soft text
+    match alone, the head of earlier versions (docs/decisions.md, "Exact topic match")."""
     value_share_interest: bool = False
     """pCVR shares pCTR's interest terms, scaled by a fitted γ
     (ModelConfig.value_share_interest). Off: it did not pay on the tuning seeds
@@ -332,7 +337,7 @@ def model_config(s: PretrainSettings, tok: UASIDTokenizer) -> ModelConfig:
                     and len(tok.config.token_sizes) >= tok.config.semantic_levels + 2),
         value_wide_goal=s.value_wide_goal, value_topic_match=s.value_topic_match,
         value_match_dim=int(tok.codebooks[0].shape[1]),
-        value_match_sharpness=s.value_match_sharpness,
+        value_match_sharpness=s.value_match_sharpness, value_exact_match=s.value_exact_match,
         value_share_interest=s.value_share_interest)
 
 

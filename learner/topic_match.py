@@ -37,6 +37,17 @@ def topic_text(topic: str) -> str:
     return topic.replace("/", " ").replace("-", " ").replace("_", " ")
 
 
+def ad_topic(ad: Any) -> str:
+    """The organic topic an ad's content is on, ``<industry>/<category>``, the category
+    read from its description (``"<Industry> · <category>: ..."``); "" when it has none."""
+    get = ad.get if isinstance(ad, dict) else (lambda k, d="": getattr(ad, k, d))
+    head = str(get("description", "")).split(":", 1)[0]
+    if "·" not in head:
+        return ""
+    category = head.split("·", 1)[1].strip().lower().replace(" ", "-")
+    return f"{get('industry', '')}/{category}" if category else ""
+
+
 def _ad_id(ad: Any) -> str | None:
     """The id of an ad record (an object or a mapping), without validating the rest."""
     out = ad.get("ad_id") if isinstance(ad, dict) else getattr(ad, "ad_id", None)
@@ -72,6 +83,14 @@ def fill_topic_match(model: GenerativeRecommender, tok: UASIDTokenizer,
         head.item_vec[rows[empty]] = _unit(own).to(head.item_vec.dtype)
     buckets = model.cfg.context_buckets
     topics = sorted({organic_topic(i) for fb in feedback for i in fb.recent_organic})
+    if head.exact:
+        for (a, _), r in zip(known, rows.tolist(), strict=True):
+            topic = ad_topic(a)
+            if topic:
+                head.item_topic[r] = hash_feature("organic", topic, buckets)
+        for t in topics:
+            head.topic_industry[hash_feature("organic", t, buckets)] = \
+                tok.industry.table.get(t.split("/", 1)[0], 0)
     new = [t for t in topics
            if not bool(head.topic_vec[hash_feature("organic", t, buckets)].any())]
     if new:

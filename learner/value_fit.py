@@ -381,8 +381,9 @@ class Design:
                 share[:, :, None].expand(N, n_topic, W))
         if "wide_match" in off:
             with torch.no_grad():
-                m = head.topic_match(r.context, r.ids[:, None, :])[:, 0].double()
-            add(row, off["wide_match"] + torch.zeros_like(row), m)
+                m = head.match_features(r.context, r.ids[:, None, :])[:, 0].double()
+            for f in range(m.shape[1]):
+                add(row, off["wide_match"] + f + torch.zeros_like(row), m[:, f])
         add(row, off["position"] + (r.position - 1).clamp_min(0),
             (r.position > 0).double())
         if "intercept" in off:
@@ -495,6 +496,9 @@ def _fit(head: ValueHead, r: Impressions, start: Tables, deep: bool, w: Tensor, 
     const = _offset(r, deep) + torch.sparse.mm(design.x, base_m)
     interest = design.interest
     interest_c = None if interest is None else interest[cols]
+    # what pCVR takes from the interest terms that do not move: γ × this, [N, 1]
+    shared_base = (torch.zeros(len(r), 1, dtype=torch.float64) if interest is None
+                   else torch.sparse.mm(design.x, base_m[:, :1] * interest))
     theta = flat[cols].clone().requires_grad_(True)
     learn_gamma = learn_gamma and interest is not None
     g = torch.tensor(gamma, dtype=torch.float64, requires_grad=learn_gamma)
@@ -508,7 +512,7 @@ def _fit(head: ValueHead, r: Impressions, start: Tables, deep: bool, w: Tensor, 
     def closure() -> Tensor:
         opt.zero_grad()
         th = theta * mask_c
-        z = (const + torch.sparse.mm(x, th) + design.shared(design.x, base_m, interest, g)
+        z = (const + torch.sparse.mm(x, th) + F.pad(g * shared_base, (1, 0))
              + design.shared(x, th, interest_c, g))
         loss = F.binary_cross_entropy_with_logits(z[:, 0], r.clicked, weight=w,
                                                   reduction="sum")
@@ -624,7 +628,6 @@ def fit_linear(model: GenerativeRecommender, train: ExampleSet, val_frac: float 
             out.update(calibrate(model, train.subset(np.flatnonzero(train.request >= cut))))
         now = float(rows.time.max())
         w = _recency(rows, now, half_life_s)
-        head.prior_logit.copy_(prior0)
         p, gamma = _fit(head, rows, p, deep, w, Prior(_l2(scale)), iters, gamma=gamma,
                         learn_gamma=True)
         _store(head, p, gamma)

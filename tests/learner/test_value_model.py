@@ -23,7 +23,7 @@ from learner.model import POSITIONS, GenerativeRecommender
 from learner.rspo import RSPOConfig
 from learner.rspo_step import OnlineLearner
 from learner.tokenizer import UASIDTokenizer
-from learner.topic_match import fill_topic_match
+from learner.topic_match import ad_topic, fill_topic_match
 from learner.value_fit import (
     Design,
     Impressions,
@@ -433,13 +433,53 @@ def _random_match_tables(model: GenerativeRecommender, seed: int = 0) -> None:
     head.wide_match.copy_(torch.tensor([[0.8, -0.5]]))
 
 
-@pytest.mark.parametrize(("goal", "topic", "share"), [
-    (False, False, False), (True, False, False), (False, True, False), (False, True, True)])
+def _exact_match_tables(model: GenerativeRecommender, ctx: torch.Tensor,
+                        cands: torch.Tensor) -> None:
+    """The first candidate of each request on the request's first organic topic, and
+    that topic in the industry of the request's second candidate."""
+    head, C = model.value, len(model.cfg.context_features)
+    assert head.biz is not None
+    with torch.no_grad():
+        for b in range(ctx.shape[0]):
+            head.item_topic[head.bucket(cands[b, 0])] = ctx[b, C]
+            head.topic_industry[ctx[b, C]] = cands[b, 1, head.biz[0]]
+
+
+def test_the_exact_match_is_the_share_of_the_users_topics_on_the_ads_topic_and_industry(
+        ) -> None:
+    model = tiny_model(seed=5, value_wide=True, value_topic_match=True, value_match_dim=8,
+                       value_exact_match=True)
+    _, _, ctx, _, cands = tiny_inputs(model, B=3)
+    C, head = len(model.cfg.context_features), model.value
+    assert head.biz is not None
+    ctx[:, C + 3:] = 0                                  # three organic topics each
+    ctx[0, C + 1] = ctx[0, C]                           # the first one twice
+    cands[..., head.biz[0]] = torch.arange(4) + 1       # four industries
+    _exact_match_tables(model, ctx, cands)
+    feats = head.match_features(ctx, cands)
+    own, industry = feats[..., 1], feats[..., 2]
+    first = (ctx[:, C:C + 3] == ctx[:, C:C + 1]).sum(1).float() / 5.0   # shares over n + 2
+    torch.testing.assert_close(own[:, 0], first)
+    assert not own[:, 1:].any()
+    torch.testing.assert_close(industry[:, 1], first)
+    assert not industry[:, 2:].any()
+
+
+def test_an_ads_topic_is_its_industry_and_the_category_of_its_description() -> None:
+    assert ad_topic({"industry": "retail",
+                     "description": "Retail · running shoes: trail shoes by Acme."}
+                    ) == "retail/running-shoes"
+    assert ad_topic({"industry": "retail", "description": "Trail shoes by Acme."}) == ""
+
+
+@pytest.mark.parametrize(("goal", "topic", "share", "exact"), [
+    (False, False, False, False), (True, False, False, False), (False, True, False, False),
+    (False, True, True, False), (False, True, False, True)])
 def test_the_linear_fits_design_matrix_computes_the_served_linear_terms(
-        goal: bool, topic: bool, share: bool) -> None:
+        goal: bool, topic: bool, share: bool, exact: bool) -> None:
     model = tiny_model(seed=5, value_wide=True, value_wide_goal=goal,
                        value_topic_match=topic, value_match_dim=8 if topic else 0,
-                       value_share_interest=share)
+                       value_share_interest=share, value_exact_match=exact)
     head = model.value
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -452,6 +492,8 @@ def test_the_linear_fits_design_matrix_computes_the_served_linear_terms(
     hist, mask, ctx, _, cands = tiny_inputs(model, B=3)
     ctx[:, -5:] = 0                                     # short organic histories
     ctx[0, len(model.cfg.context_features) + 1] = ctx[0, len(model.cfg.context_features)]
+    if exact:
+        _exact_match_tables(model, ctx, cands)
     memory, mmask = model.encoder(hist, mask, ctx)
     rows = Impressions.of_slates(head, memory, mmask, cands, torch.ones(3, 4), ctx,
                                  torch.zeros(3, 4), torch.zeros(3, 4), torch.zeros(3))
