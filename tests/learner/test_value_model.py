@@ -593,6 +593,34 @@ def test_filling_the_topic_match_adds_only_the_ads_and_topics_that_arrived_since
     assert not hasattr(plain.value, "wide_match")
 
 
+def test_filling_the_exact_match_puts_each_ad_on_its_topic_and_each_topic_in_its_industry(
+        synth_log: synthetic.SyntheticLog, small_tokenizer: UASIDTokenizer) -> None:
+    # descriptions in the "<Industry> · <category>: ..." form ad_topic reads
+    ads = [msgspec.structs.replace(
+        a, description=f"{a.industry.title()} · {_topic_of(synth_log, a.ad_id).split('/')[1]}"
+                       f": {a.description}") for a in synth_log.ads]
+    fb = _topic_rate_log(small_tokenizer, synth_log, n_requests=12)
+    model = GenerativeRecommender(small_cfg(small_tokenizer, **_match_cfg(small_tokenizer),
+                                            value_exact_match=True))
+    fill_topic_match(model, small_tokenizer, fb, ads)
+    ex = build_examples(fb, small_tokenizer, model.cfg.history_len, model.cfg.context_features,
+                        model.cfg.context_buckets, 0, organic_len=model.cfg.organic_len)
+    cands = torch.tensor([[small_tokenizer.ids_of(a.ad_id) for a in ads]])
+    context = torch.as_tensor(ex.context)
+    # an ad whose hashed value bucket another ad shares holds the last one's topic
+    buckets = model.value.bucket(cands)[0]
+    alone = (buckets[:, None] == buckets[None, :]).sum(1) == 1
+    assert int(alone.sum()) >= 0.8 * len(ads)
+    for i, r in enumerate(ex.request.tolist()):
+        topic = fb[r].recent_organic[0].split("#")[0]
+        feats = model.value.match_features(context[i:i + 1], cands)[0]       # [K, 3]
+        on_topic = torch.tensor([_topic_of(synth_log, a.ad_id) == topic for a in ads])
+        in_industry = torch.tensor([a.industry == topic.split("/")[0] for a in ads])
+        # four organic items, all on the topic: a share of 4 / (4 + 2)
+        torch.testing.assert_close(feats[alone, 1], on_topic[alone].float() * 4 / 6)
+        torch.testing.assert_close(feats[:, 2], in_industry.float() * 4 / 6)
+
+
 def test_the_linear_fit_weighs_the_topic_match_where_clicks_follow_the_users_topics(
         synth_log: synthetic.SyntheticLog, small_tokenizer: UASIDTokenizer) -> None:
     fb = _topic_rate_log(small_tokenizer, synth_log)
