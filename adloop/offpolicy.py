@@ -83,13 +83,14 @@ from streams.settings import add_settings_arguments, settings_from_args
 
 log = get_logger(__name__)
 
-DEFAULT_ESTIMATOR = "snips"
+DEFAULT_ESTIMATOR = "ips"
 """The estimate ``adloop evaluate --offline`` reports first: the winner of bench/ope.py
 against the simulator's ground truth (``default_estimator`` in
 bench/results/ope.json; docs/ope.md): the lowest median relative error among the
 estimators whose intervals hold the truth at least 90 % of the time on the selection
 seeds. Its interval is the hull of a score interval and the normal one
-(:func:`learner.slate_ope.interval`)."""
+(:func:`learner.slate_ope.interval`). The promotion guard's estimate is chosen on
+another case, a candidate near the exploring logger (``learner.guard``: snips)."""
 MIN_MATCHED_ITEMS = 30
 """Fewer logged items where the snapshot serves the logged ad at its slot: untrusted."""
 MIN_EFFECTIVE_SAMPLE = 100.0
