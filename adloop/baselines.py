@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from adloop.policies import ad_category
+from learner.topic_match import ad_category, ad_topic
 from streams.features import organic_topic
 from streams.schemas import Feedback
 from traffic.driver import ServedAd, ServedSlate
@@ -116,9 +116,10 @@ def topic_match_shares(ad: SimAd, topics: Sequence[str]) -> tuple[float, float]:
     """The exact topic match of ``ad`` against the user's recent organic ``topics``:
     the share of them whose topic is the ad's own (``<industry>/<category>``, the
     world's organic topic naming) and the share in the ad's industry, each over the
-    count plus 2 (a short history counts for less)."""
+    count plus 2 (a short history counts for less): the value head's exact match
+    (:func:`learner.topic_match.ad_topic`)."""
     rec = ad.record
-    key = f"{rec.industry}/{ad_category(rec.description).lower().replace(' ', '-')}"
+    key = ad_topic(rec)
     n = len(topics) + 2.0
     return (sum(t == key for t in topics) / n,
             sum(t.split("/", 1)[0] == rec.industry for t in topics) / n)

@@ -50,7 +50,7 @@ from learner.model import GenerativeRecommender, shrunk_rate_logits
 from learner.rspo import RSPOConfig
 from learner.rspo_step import OnlineLearner, lists_to_batch
 from learner.tokenizer import TokenizerError, UASIDTokenizer
-from learner.topic_match import fill_topic_match
+from learner.topic_match import ad_category, fill_topic_match
 from server.beam import BID_TYPES
 from server.engine import RecRequest
 from streams.features import organic_topic
@@ -330,12 +330,6 @@ def level_widths(beam_width: int, level0_codes: int, id_len: int) -> list[int]:
 
 def _bucket(text: str, n: int) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % n
-
-
-def ad_category(description: str) -> str:
-    """The category word of an ad's description (``"<Industry> · <category>: ..."``)."""
-    head = description.split(":", 1)[0]
-    return head.split("·", 1)[1].strip() if "·" in head else ""
 
 
 def _logit(p: float) -> float:

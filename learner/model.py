@@ -1091,10 +1091,8 @@ class ValueHead(nn.Module):
             interest = interest + (self.match_features(context, candidates)[..., None]
                                    * t["wide_match"]).sum(-2)
         if n_topic:
-            topics = context[:, C:C + n_topic]
-            present = (topics > 0).to(out.dtype)
-            interest = interest + term(t["wide_topic"], topics,
-                                       present / (present.sum(1, keepdim=True) + 2.0))
+            topics, share = self.topic_shares(context, out.dtype)
+            interest = interest + term(t["wide_topic"], topics, share)
         if self.share:   # pCVR += γ × pCTR's interest terms: [0, γ·interest_ctr]
             interest = interest + F.pad(self.interest_share * interest[..., :1], (1, 0))
         return out + interest
@@ -1103,14 +1101,11 @@ class ValueHead(nn.Module):
         """[B, K, F]: :meth:`topic_match` and, with ``value_exact_match``, the share of
         the user's recent organic topics that are the candidate's own topic, and that
         are in its industry (the same share weights as the topic match)."""
-        soft = self.topic_match(context, candidates)[..., None]
+        topics, share = self.topic_shares(context, self.topic_vec.dtype)     # [B, O]
+        soft = self._soft_match(topics, share, candidates)[..., None]
         if not self.exact:
             return soft
-        C, n_topic = self.n_ctx_ids, self.n_topic_ids
         assert self.biz is not None
-        topics = context[:, C:C + n_topic]                                  # [B, O]
-        present = (topics > 0).to(soft.dtype)
-        share = present / (present.sum(1, keepdim=True) + 2.0)
         own = self.item_topic[self.bucket(candidates)]                     # [B, K]
         same = ((topics[:, None, :] == own[..., None]) & (own[..., None] > 0)).to(soft.dtype)
         ind = self.topic_industry[topics]                                   # [B, O]
@@ -1119,15 +1114,27 @@ class ValueHead(nn.Module):
         return torch.cat([soft, (same * share[:, None, :]).sum(-1, keepdim=True),
                           (same_ind * share[:, None, :]).sum(-1, keepdim=True)], -1)
 
+    def topic_shares(self, context: Tensor, dtype: torch.dtype = torch.float32
+                     ) -> tuple[Tensor, Tensor]:
+        """The user's recent organic topic ids [B, O] (0 = padding) from the context ids,
+        and each one's share weight [B, O]: 1 / (count + 2) for a present topic, 0 for
+        padding (a short history counts for less)."""
+        C, n_topic = self.n_ctx_ids, self.n_topic_ids
+        topics = context[:, C:C + n_topic]
+        present = (topics > 0).to(dtype)
+        return topics, present / (present.sum(1, keepdim=True) + 2.0)
+
     def topic_match(self, context: Tensor, candidates: Tensor) -> Tensor:
         """[B, K]: how well each candidate's content matches the user's recent organic
         topics: Σ over those topics of the topic's share × p(topic | candidate), where
         p is a softmax over the known topics of ``sharpness`` × the cosine between the
         topic's text latent and the candidate's (its own, else its codes' sum)."""
-        C, n_topic = self.n_ctx_ids, self.n_topic_ids
-        topics = context[:, C:C + n_topic]
-        present = (topics > 0).to(self.topic_vec.dtype)
-        share = present / (present.sum(1, keepdim=True) + 2.0)
+        topics, share = self.topic_shares(context, self.topic_vec.dtype)
+        return self._soft_match(topics, share, candidates)
+
+    def _soft_match(self, topics: Tensor, share: Tensor, candidates: Tensor) -> Tensor:
+        """:meth:`topic_match` from the topics and their shares (:meth:`topic_shares`)."""
+        present = (topics > 0).to(share.dtype)
         codes = sum(self.code_vec[off + candidates[..., lvl]]
                     for lvl, off in enumerate(self.code_offsets))
         assert isinstance(codes, Tensor)

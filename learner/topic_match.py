@@ -37,14 +37,18 @@ def topic_text(topic: str) -> str:
     return topic.replace("/", " ").replace("-", " ").replace("_", " ")
 
 
+def ad_category(description: str) -> str:
+    """The category word of an ad's description (``"<Industry> · <category>: ..."``);
+    "" when it has none."""
+    head = description.split(":", 1)[0]
+    return head.split("·", 1)[1].strip() if "·" in head else ""
+
+
 def ad_topic(ad: Any) -> str:
-    """The organic topic an ad's content is on, ``<industry>/<category>``, the category
-    read from its description (``"<Industry> · <category>: ..."``); "" when it has none."""
+    """The organic topic an ad's content is on, ``<industry>/<category>`` (the category
+    of :func:`ad_category`, lower case, spaces as hyphens); "" when it has none."""
     get = ad.get if isinstance(ad, dict) else (lambda k, d="": getattr(ad, k, d))
-    head = str(get("description", "")).split(":", 1)[0]
-    if "·" not in head:
-        return ""
-    category = head.split("·", 1)[1].strip().lower().replace(" ", "-")
+    category = ad_category(str(get("description", ""))).lower().replace(" ", "-")
     return f"{get('industry', '')}/{category}" if category else ""
 
 
