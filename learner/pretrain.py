@@ -222,6 +222,10 @@ class PretrainSettings(BaseSettings):
     value_calibrate: bool = True
     """Fit a Platt map per value head on the value split (in value.onnx; a head with
     fewer than 30 events there keeps the identity)."""
+    value_calibrate_scale: bool = False
+    """Fit the Platt map's scale too (a variant; docs/decisions.md, "Calibration shift
+    only"). Off: the map is a shift of the logit, which corrects the base rate the
+    split drifted to without flattening the differences between ads."""
     steps: int = 1000
     batch_size: int = 64
     lr: float = 3e-3
@@ -459,9 +463,11 @@ def pretrain(s: PretrainSettings, ads: list[Ad] | None = None,
             train_state = {k: v.clone() for k, v in model.state_dict().items()}
             value.update(finetune_value(model, train, s.value_val_frac, s.value_epochs,
                                         s.value_patience, s.value_lr, s.batch_size,
-                                        seed=s.seed, calibrate_on_split=s.value_calibrate))
+                                        seed=s.seed, calibrate_on_split=s.value_calibrate,
+                                        calibrate_scale=s.value_calibrate_scale))
             value.update(fit_linear(model, train, s.value_val_frac,
                                     calibrate_on_split=s.value_calibrate,
+                                    calibrate_scale=s.value_calibrate_scale,
                                     try_deep=s.value_linear_deep))
     if len(test):
         value.update(value_metrics(model, test))

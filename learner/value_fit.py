@@ -11,10 +11,12 @@ held-out early stopping, post-hoc calibration, and its held-out figures.
   (click, conversion) per impression (:func:`joint_logloss`), so the few clicked
   items' pCVR term weighs by its data.
 * :func:`calibrate`: a Platt map per head (logit' = a·logit + b) fitted on held-out
-  slates (by :func:`finetune_value`: on its split, with the early-stopped head), MAP
-  with a Gaussian prior around the identity (σ = ``prior_sd``), so a held-out split
-  with few conversions leaves pCVR near as it was (a head with fewer
-  than ``min_events`` held-out events is not fitted at all). It is the value
+  slates (by :func:`finetune_value` and :func:`fit_linear`: on their split, with the
+  head fitted on the rest), MAP with a Gaussian prior around the identity (σ =
+  ``prior_sd``), so a held-out split with few conversions leaves pCVR near as it was
+  (a head with fewer than ``min_events`` held-out events is not fitted at all).
+  Pretraining fits the shift b alone (a = 1): the latest logs' base rate, without
+  flattening the differences between ads (docs/decisions.md). It is the value
   head's ``calibration`` buffer, so it is part of value.onnx.
 * :func:`value_metrics`: log-loss and ECE (equal-mass bins, as the harness reports
   ECE) of pCTR on shown items and pCVR on clicked items.
@@ -146,12 +148,14 @@ def without_value_split(train: ExampleSet, val_frac: float) -> ExampleSet:
 def finetune_value(model: GenerativeRecommender, train: ExampleSet, val_frac: float = 0.15,
                    epochs: int = 40, patience: int = 4, lr: float = 3e-3,
                    batch_size: int = 128, weight_decay: float = 0.01, seed: int = 0,
-                   calibrate_on_split: bool = True) -> dict[str, float]:
+                   calibrate_on_split: bool = True,
+                   calibrate_scale: bool = False) -> dict[str, float]:
     """Value-only epochs (see the module docstring). The latest ``val_frac`` of
     ``train``'s requests (:func:`value_split`, unseen by the value head when pretraining
     masked them) are the early-stopping split: epochs on the rest until the split's
     log-loss has not improved for ``patience`` epochs give the best epoch count e* and
-    that model's Platt map, fitted on the split (``calibrate_on_split``); then the head
+    that model's Platt map, fitted on the split (``calibrate_on_split``; its shift
+    alone unless ``calibrate_scale``, :func:`calibrate`); then the head
     restarts from where pretraining left it, trains e* epochs on all of ``train`` (the
     latest logs matter most in a drifting world, so none is left out of the final fit)
     and takes the map. Returns the epochs tried, e* (0 = the pretrained head was best),
@@ -207,7 +211,7 @@ def finetune_value(model: GenerativeRecommender, train: ExampleSet, val_frac: fl
         tried, best_epoch, best = run(_memories(model, fit, batch_size), epochs, val_chunks)
         platt = None
         if calibrate_on_split:
-            out.update(calibrate(model, val))
+            out.update(calibrate(model, val, fit_scale=calibrate_scale))
             platt = head.calibration.clone()
         run(_memories(model, shown, batch_size), best_epoch, None)
         if platt is not None:
@@ -224,12 +228,14 @@ def finetune_value(model: GenerativeRecommender, train: ExampleSet, val_frac: fl
 
 
 def calibrate(model: GenerativeRecommender, held: ExampleSet, prior_sd: float = 0.5,
-              min_events: int = 30, batch_size: int = 512) -> dict[str, float]:
+              min_events: int = 30, batch_size: int = 512,
+              fit_scale: bool = True) -> dict[str, float]:
     """Fit the value head's per-head Platt map on ``held`` (MAP, Gaussian prior of
-    standard deviation ``prior_sd`` on scale − 1 and shift; see the module docstring).
-    A head whose held-out events (clicks for pCTR, conversions for pCVR) are fewer
-    than ``min_events`` keeps the identity. Returns the fitted scale and shift of each
-    head fitted."""
+    standard deviation ``prior_sd`` on scale − 1 and shift; see the module docstring);
+    without ``fit_scale`` the scale stays 1 and only the shift is fitted. A head whose
+    held-out events (clicks for pCTR, conversions for pCVR) are fewer than
+    ``min_events`` keeps the identity. Returns the fitted scale and shift of each head
+    fitted."""
     head = model.value
     was = model.training
     model.eval()
@@ -251,7 +257,8 @@ def calibrate(model: GenerativeRecommender, held: ExampleSet, prior_sd: float = 
         def closure(zt: Tensor = zt, yt: Tensor = yt, ab: Tensor = ab,
                     opt: torch.optim.Optimizer = opt) -> Tensor:
             opt.zero_grad()
-            nll = F.binary_cross_entropy_with_logits(ab[0] * zt + ab[1], yt, reduction="sum")
+            a = ab[0] if fit_scale else ab[0].detach() * 0.0 + 1.0   # a = 1: shift alone
+            nll = F.binary_cross_entropy_with_logits(a * zt + ab[1], yt, reduction="sum")
             loss = nll + ((ab[0] - 1.0) ** 2 + ab[1] ** 2) / (2 * prior_sd ** 2)
             loss.backward()
             return loss
@@ -562,7 +569,8 @@ def _linear_logits(head: ValueHead, p: Tables, r: Impressions, deep: bool,
 def fit_linear(model: GenerativeRecommender, train: ExampleSet, val_frac: float = 0.15,
                scales: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0),
                half_life_s: float = 12 * 3600.0, iters: int = 100,
-               calibrate_on_split: bool = True, try_deep: bool = False) -> dict[str, float]:
+               calibrate_on_split: bool = True, try_deep: bool = False,
+               calibrate_scale: bool = False) -> dict[str, float]:
     """Fit the value head's linear terms to convergence, as a logistic model is fitted.
 
     The per-item biases and the wide tables (:data:`learner.model.ValueHead.LINEAR`)
@@ -625,7 +633,8 @@ def fit_linear(model: GenerativeRecommender, train: ExampleSet, val_frac: float 
                                  "value_linear_deep": float(deep),
                                  "value_linear_val_logloss": loss}
         if calibrate_on_split:
-            out.update(calibrate(model, train.subset(np.flatnonzero(train.request >= cut))))
+            out.update(calibrate(model, train.subset(np.flatnonzero(train.request >= cut)),
+                                 fit_scale=calibrate_scale))
         now = float(rows.time.max())
         w = _recency(rows, now, half_life_s)
         p, gamma = _fit(head, rows, p, deep, w, Prior(_l2(scale)), iters, gamma=gamma,

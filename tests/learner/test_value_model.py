@@ -169,6 +169,20 @@ def test_platt_calibration_fitted_on_held_out_logs_removes_a_shift_and_travels_i
                                    atol=1e-4)
 
 
+def test_a_shift_only_calibration_moves_the_base_rate_and_keeps_the_spread_between_ads(
+        synth_log: synthetic.SyntheticLog, small_tokenizer: UASIDTokenizer) -> None:
+    fb, _ = _known_rate_log(small_tokenizer, synth_log.ads)
+    model, _, held = _model_on(fb, small_tokenizer, 0.3)
+    model.value.out.weight.data.zero_()
+    model.value.prior_logit[0] += 1.2         # pCTR ~3x too high everywhere
+    shift = calibrate(model, held, fit_scale=False)
+    assert shift["calibration_ctr_scale"] == 1.0
+    assert shift["calibration_ctr_shift"] < -0.5
+    with_scale = calibrate(model, held)       # the full Platt map may flatten or stretch
+    assert with_scale["calibration_ctr_scale"] != 1.0
+    assert abs(with_scale["calibration_ctr_shift"] - shift["calibration_ctr_shift"]) < 1.0
+
+
 def test_value_only_epochs_pick_their_count_on_a_time_split_and_leave_the_generator(
         synth_log: synthetic.SyntheticLog, small_tokenizer: UASIDTokenizer) -> None:
     torch.manual_seed(0)
