@@ -257,7 +257,7 @@ def calibrate(model: GenerativeRecommender, held: ExampleSet, prior_sd: float = 
         def closure(zt: Tensor = zt, yt: Tensor = yt, ab: Tensor = ab,
                     opt: torch.optim.Optimizer = opt) -> Tensor:
             opt.zero_grad()
-            a = ab[0] if fit_scale else ab[0].detach() * 0.0 + 1.0   # a = 1: shift alone
+            a = ab[0] if fit_scale else 1.0     # shift alone: ab[0] stays at its prior mean 1
             nll = F.binary_cross_entropy_with_logits(a * zt + ab[1], yt, reduction="sum")
             loss = nll + ((ab[0] - 1.0) ** 2 + ab[1] ** 2) / (2 * prior_sd ** 2)
             loss.backward()
