@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from learner.topic_match import ad_category, ad_topic
+from server.exposure import ExposureCounter
 from streams.features import organic_topic
 from streams.schemas import Feedback
 from traffic.driver import ServedAd, ServedSlate
@@ -96,7 +97,7 @@ class _Rows:
     category: np.ndarray
     bid_type: np.ndarray
     position: np.ndarray
-    recent: np.ndarray
+    exposure: np.ndarray   # log(1 + the user's earlier impressions of the ad)
     shares: np.ndarray
     """[N, topics]"""
     ctx: np.ndarray
@@ -130,14 +131,16 @@ class LogisticPolicy:
 
     pCTR logit = bias + position + per-ad bias (L2 to 0, so shrunk to its industry's) +
     industry + category + the user's organic-topic shares × (ad category, industry) +
-    (every context key's value) × (industry, category) + "the ad is among the user's
-    recent ads" (fatigue) + the exact topic match (:func:`topic_match_shares`: the
-    share of the user's recent organic items on the ad's own topic and in its industry,
-    one weight each). pCVR (given a click) logit = bias + bid type + industry +
-    category + per-ad bias + topic shares × category + context × category + the exact
-    topic match, each table with its own L2 penalty. The expected value per impression
-    is the world's rule (cpc bid·pCTR, cpa bid·pCTR·pCVR, cpm bid/1000), at position 0,
-    for every servable ad; the slate is the top ``k``, no exploration.
+    (every context key's value) × (industry, category) + w · log(1 + n), n the user's
+    earlier impressions of the ad (fatigue; counted as the server counts them,
+    :class:`server.exposure.ExposureCounter`, from the logs on) + the exact topic match
+    (:func:`topic_match_shares`: the share of the user's recent organic items on the
+    ad's own topic and in its industry, one weight each). pCVR (given a click) logit =
+    bias + bid type + industry + category + per-ad bias + topic shares × category +
+    context × category + the exact topic match, each table with its own L2 penalty.
+    The expected value per impression is the world's rule (cpc bid·pCTR, cpa
+    bid·pCTR·pCVR, cpm bid/1000), at position 0, for every servable ad; the slate is
+    the top ``k``, no exploration.
 
     Fit: full-batch L-BFGS on the logged phase, the rows weighted by
     ``0.5 ** (age / half_life_s)`` (drift: trends, fatigue, new ads). ``learn`` appends
@@ -165,6 +168,8 @@ class LogisticPolicy:
         self.chunks: list[_Rows] = []
         """The rows of every list learnt from so far (the logs first), in arrival order."""
         self.heldout: dict[str, float] = {}
+        self.exposure = ExposureCounter()
+        """What it served each user (the logs first): the fatigue feature."""
 
     def _reset(self) -> None:
         """Empty vocabularies and parameters (before a fit from scratch)."""
@@ -197,7 +202,6 @@ class LogisticPolicy:
                 continue
             shares = topic_shares(fb.recent_organic, self.topics)
             ctx = self._ctx(fb.context, grow)
-            recent = set(fb.recent_ad_ids)
             tops = [organic_topic(o) for o in list(fb.recent_organic)[-MATCH_TOPICS:]]
             for it in items:
                 a, i, c, b = self._ad_keys(self.world.ads[it.ad_id], grow)
@@ -206,7 +210,7 @@ class LogisticPolicy:
                 cols["imatch"].append(mi)
                 for k, v in (("ad", a), ("industry", i), ("category", c), ("bid_type", b),
                              ("position", min(it.position, 9)),
-                             ("recent", float(it.ad_id in recent)), ("shares", shares),
+                             ("exposure", math.log1p(it.exposure)), ("shares", shares),
                              ("ctx", ctx), ("time", fb.impression_time),
                              ("clicked", float(it.clicked or it.converted)),
                              ("converted", float(it.converted))):
@@ -216,7 +220,7 @@ class LogisticPolicy:
         return _Rows(
             **{k: np.asarray(cols[k], dtype=np.int64) for k in
                ("ad", "industry", "category", "bid_type", "position")},
-            recent=np.asarray(cols["recent"], dtype=float),
+            exposure=np.asarray(cols["exposure"], dtype=float),
             match=np.asarray(cols["match"], dtype=float),
             imatch=np.asarray(cols["imatch"], dtype=float),
             shares=(np.stack(shares_rows) if shares_rows else np.zeros((0, n_topics))),
@@ -240,12 +244,12 @@ class LogisticPolicy:
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         A, Ind, C = len(self.ads), len(self.industries), len(self.categories)
         T, X = len(self.topics), len(self.ctx_values)
-        return {"b": (2,), "pos": (10,), "recent": (1,), "bt": (3,), "m": (2,), "mi": (2,),
+        return {"b": (2,), "pos": (10,), "exposure": (1,), "bt": (3,), "m": (2,), "mi": (2,),
                 "ad": (A,), "ind": (Ind,), "cat": (C,), "tw": (T, C), "tv": (T, Ind),
                 "xi": (X, Ind), "xc": (X, C),
                 "ad_v": (A,), "ind_v": (Ind,), "cat_v": (C,), "tw_v": (T, C), "xc_v": (X, C)}
 
-    L2: ClassVar[dict[str, float]] = {"b": 0.0, "pos": 1.0, "recent": 1.0, "bt": 0.1,
+    L2: ClassVar[dict[str, float]] = {"b": 0.0, "pos": 1.0, "exposure": 1.0, "bt": 0.1,
                                       "m": 0.1, "mi": 0.1,
                                       "ad": 2.0, "ind": 0.1, "cat": 0.5,
                                       "tw": 2.0, "tv": 2.0, "xi": 3.0, "xc": 10.0,
@@ -272,7 +276,7 @@ class LogisticPolicy:
         def cross(table: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
             return table.reshape(-1).index_select(0, flat).view(-1, ctx.shape[1]).sum(1)
 
-        ctr = (p["b"][0] + p["pos"][r["position"]] + p["recent"][0] * r["recent"]
+        ctr = (p["b"][0] + p["pos"][r["position"]] + p["exposure"][0] * r["exposure"]
                + p["ad"][r["ad"]] + p["ind"][ind] + p["cat"][cat]
                + ((sh @ p["tw"]).gather(1, cat[:, None]).squeeze(1))
                + ((sh @ p["tv"]).gather(1, ind[:, None]).squeeze(1))
@@ -350,6 +354,7 @@ class LogisticPolicy:
         self.chunks = [self._rows(lists, grow=True)]
         rows = self._all_rows()
         self._fit(rows, self.fit_iters, self.l2_scale, float(rows.time.max()))
+        self.exposure.record_feedback(lists)
         return dict(self.heldout)
 
     def heldout_metrics(self) -> dict[str, float]:
@@ -372,8 +377,10 @@ class LogisticPolicy:
         return keys
 
     # -- serving ------------------------------------------------------------------------
-    def scores(self, request: Request, ads: Sequence[SimAd]) -> tuple[np.ndarray, np.ndarray]:
-        """(pCTR at position 0, pCVR) of ``ads`` for ``request``."""
+    def scores(self, request: Request, ads: Sequence[SimAd],
+               exposure: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(pCTR at position 0, pCVR) of ``ads`` for ``request``; ``exposure`` the user's
+        earlier impressions of each (default: as :attr:`exposure` counts them)."""
         self._grow_params()
         p = {k: v.numpy() for k, v in self.params.items()}
         keys = np.array([self._key_cache.get(a.ad_id) or self._cache_key(a) for a in ads],
@@ -381,11 +388,13 @@ class LogisticPolicy:
         a_i, ind, cat, bt = keys.T if len(keys) else (np.zeros(0, np.int64),) * 4
         sh = topic_shares(request.recent_organic, self.topics)
         ctx = np.asarray(self._ctx(request.context, grow=False))
-        seen = set(request.recent_ad_ids)
-        recent = np.array([a.ad_id in seen for a in ads], dtype=float)
+        if exposure is None:
+            exposure = self.exposure.counts(request.user_id, [a.ad_id for a in ads])
+        fatigue = np.log1p(np.asarray(exposure, dtype=float))
         tops = [organic_topic(o) for o in list(request.recent_organic)[-MATCH_TOPICS:]]
         mt = np.array([topic_match_shares(a, tops) for a in ads], dtype=float).reshape(-1, 2)
-        ctr = (p["b"][0] + p["pos"][0] + p["recent"][0] * recent + p["ad"][a_i] + p["ind"][ind]
+        ctr = (p["b"][0] + p["pos"][0] + p["exposure"][0] * fatigue + p["ad"][a_i]
+               + p["ind"][ind]
                + p["cat"][cat] + (sh @ p["tw"])[cat] + (sh @ p["tv"])[ind]
                + p["xi"][ctx].sum(0)[ind] + p["xc"][ctx].sum(0)[cat]
                + p["m"][0] * mt[:, 0] + p["mi"][0] * mt[:, 1])
@@ -401,12 +410,15 @@ class LogisticPolicy:
             if not servable:
                 out.append(ServedSlate(r.request_id, self.name, []))
                 continue
-            ctr, cvr = self.scores(r, servable)
+            seen = self.exposure.counts(r.user_id, [a.ad_id for a in servable])
+            ctr, cvr = self.scores(r, servable, seen)
             ev = World.expected_values(servable, ctr, cvr)
             order = np.lexsort((np.arange(len(servable)), -ev))[: r.k]
             out.append(ServedSlate(r.request_id, self.name, [
                 ServedAd(servable[int(i)].ad_id, pos, score=float(ev[i]),
-                         expected_value=float(ev[i])) for pos, i in enumerate(order)]))
+                         expected_value=float(ev[i]), exposure=float(seen[i]))
+                for pos, i in enumerate(order)]))
+            self.exposure.record(r.user_id, [servable[int(i)].ad_id for i in order])
         return out
 
 
@@ -421,7 +433,8 @@ class VWPolicy:
     Shared features: the user's organic-topic shares (namespace ``U``, the shares of
     :func:`topic_shares`) and the context keys (``C``). Action features: ad id,
     industry, category, bid type, a bid bucket (half powers of two per bid type) and
-    whether the ad is among the user's recent ads (``A``), the bid as a number per bid
+    log(1 + n), n the user's earlier impressions of the ad (``A``; counted as the server
+    counts them, :class:`server.exposure.ExposureCounter`), the bid as a number per bid
     type (``B``); quadratic interactions U×A, C×A, U×B, C×B. Reward = the realized
     revenue of the shown item; VW minimizes cost, so cost = -reward.
 
@@ -464,6 +477,8 @@ class VWPolicy:
         self._propensities: dict[str, dict[str, float]] = {}
         self._action_cache: dict[str, str] = {}
         self.heldout: dict[str, float] = {}
+        self.exposure = ExposureCounter()
+        """What it served each user (the logs first): the fatigue feature."""
         self.vw = self._workspace(self.lr)
 
     def _workspace(self, lr: float) -> Any:
@@ -485,7 +500,7 @@ class VWPolicy:
         ctx = " ".join(_vw_token(f"{k}={context.get(k, '')}") for k in CONTEXT_KEYS)
         return f"shared |U {shares} |C {ctx}"
 
-    def action_line(self, ad: SimAd, seen: bool) -> str:
+    def action_line(self, ad: SimAd, exposure: float) -> str:
         base = self._action_cache.get(ad.ad_id)
         if base is None:
             rec = ad.record
@@ -493,16 +508,16 @@ class VWPolicy:
             base = self._action_cache[ad.ad_id] = (
                 f"|A {_vw_token('ad=' + rec.ad_id)} {_vw_token('ind=' + rec.industry)} "
                 f"{_vw_token('cat=' + rec.industry + '/' + ad_category(rec.description))} "
-                f"bt={rec.bid_type} bb={rec.bid_type}_{bucket}{{seen}} "
+                f"bt={rec.bid_type} bb={rec.bid_type}_{bucket}{{exposure}} "
                 f"|B {rec.bid_type}:{rec.bid:.4f}")
-        return base.replace("{seen}", " seen" if seen else "")
+        return base.replace("{exposure}",
+                            f" exposure:{math.log1p(exposure):.4f}" if exposure > 0 else "")
 
     # -- learning -----------------------------------------------------------------------
     def _examples(self, fb: Feedback) -> list[tuple[list[str], float, float]]:
         """(example lines, cost, propensity) of every shown slot of ``fb``."""
         own = self._propensities.pop(fb.request_id, None)
         shared = self.shared_line(fb.context, fb.recent_organic)
-        seen = set(fb.recent_ad_ids)
         out = []
         for it in fb.items:
             ad = self.world.ads.get(it.ad_id)
@@ -512,7 +527,7 @@ class VWPolicy:
                 1.0 / max(1, self.log_servable - it.position))
             cost = -float(it.reward)
             out.append(([shared, f"0:{cost:.6f}:{p:.6g} "
-                         + self.action_line(ad, it.ad_id in seen)], cost, p))
+                         + self.action_line(ad, it.exposure)], cost, p))
         return out
 
     def _learn_on(self, vw: Any, lists: Sequence[Feedback]) -> None:
@@ -558,6 +573,7 @@ class VWPolicy:
         self.vw.finish()
         self.vw = self._workspace(self.lr)
         self._learn_on(self.vw, lists)
+        self.exposure.record_feedback(lists)
         return {"lr": self.lr, **self.heldout}
 
     def heldout_metrics(self) -> dict[str, float]:
@@ -590,13 +606,15 @@ class VWPolicy:
             if not servable:
                 out.append(ServedSlate(r.request_id, self.name, []))
                 continue
-            seen = set(r.recent_ad_ids)
+            seen = self.exposure.counts(r.user_id, ids)
             costs = self._cost_estimates(self.vw, self.shared_line(r.context, r.recent_organic),
-                                         [self.action_line(a, a.ad_id in seen)
-                                          for a in servable])
+                                         [self.action_line(a, float(n))
+                                          for a, n in zip(servable, seen, strict=True)])
             slots = self.fill_slate(costs, ids, r.k)
             self._propensities[r.request_id] = {ids[i]: p for i, p in slots}
             out.append(ServedSlate(r.request_id, self.name, [
-                ServedAd(ids[i], pos, score=-float(costs[i]), expected_value=-float(costs[i]))
+                ServedAd(ids[i], pos, score=-float(costs[i]), expected_value=-float(costs[i]),
+                         exposure=float(seen[i]))
                 for pos, (i, _) in enumerate(slots)]))
+            self.exposure.record(r.user_id, [ids[i] for i, _ in slots])
         return out

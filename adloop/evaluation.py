@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from learner.beyond import beyond_accuracy, click_bits
+from server.exposure import ExposureCounter
 from streams.logs import configure_logging, get_logger
 from streams.schemas import Feedback, FeedbackItem, OrganicFeedbackItem
 from traffic.driver import OraclePolicy, RandomPolicy, ServedAd, ServedSlate
@@ -298,7 +299,8 @@ def feedback_of(request: Request, slate: ServedSlate, response: Response,
         items.append(FeedbackItem(
             ad_id=a.ad_id, semantic_id=list(a.semantic_id), position=a.position,
             score=a.score, bid=ad.record.bid, bid_type=ad.record.bid_type, clicked=o.clicked,
-            converted=o.converted, conversion_value=o.conversion_value, reward=o.reward))
+            converted=o.converted, conversion_value=o.conversion_value, reward=o.reward,
+            exposure=a.exposure))
     window = world.config.delays.window_s
     return Feedback(request_id=request.request_id, user_id=request.user_id, kind="final",
                     revision=0, impression_time=request.event_time,
@@ -339,14 +341,26 @@ def world_config(cfg: EvalConfig, seed: int) -> WorldConfig:
                        new_ads_per_hour=cfg.new_ads_per_hour, organic_slots=cfg.organic_slots)
 
 
+def with_exposure(counter: ExposureCounter, user_id: str, slate: ServedSlate) -> ServedSlate:
+    """``slate`` with each ad's earlier impressions to the user as ``counter`` has them
+    (what a server writes on the impression), then counted."""
+    ids = slate.ad_ids()
+    seen = counter.counts(user_id, ids)
+    counter.record(user_id, ids)
+    return dataclasses.replace(slate, ads=[dataclasses.replace(a, exposure=float(n))
+                                           for a, n in zip(slate.ads, seen, strict=True)])
+
+
 def logging_phase(world: World, cfg: EvalConfig, seed: int) -> list[Feedback]:
-    """Serve ``log_requests`` random slates; return their feedback (the pretraining log)."""
+    """Serve ``log_requests`` random slates; return their feedback (the pretraining log,
+    with the exposure a server serving them would have counted)."""
     policy = RandomPolicy(world, seed)
+    counter = ExposureCounter()
     out = []
     for _ in range(cfg.log_requests):
         req = world.next_request()
         world.advance_to(req.event_time)
-        slate = policy.recommend(req)
+        slate = with_exposure(counter, req.user_id, policy.recommend(req))
         resp = world.respond(req, slate.ad_ids())
         out.append(feedback_of(req, slate, resp, world, serve_organic(world, req, slate)))
     return out
@@ -499,7 +513,7 @@ def make_policy(name: str, world: World, seed: int, cfg: EvalConfig,
     from learner.rspo import RSPOConfig
 
     model, tok, _ = pretrained
-    return policies.GenerativePolicy(name, world, model, tok, update=update,
+    gen = policies.GenerativePolicy(name, world, model, tok, update=update,
                                      beam_width=cfg.beam_width, seed=seed,
                                      explore=(cfg.explore if update != "none"
                                               or name == "frozen_explore" else 0.0),
@@ -509,6 +523,8 @@ def make_policy(name: str, world: World, seed: int, cfg: EvalConfig,
                                      threads=cfg.threads, trie_logprobs=cfg.trie_logprobs,
                                      heldout=pretrained[2],
                                      score_catalogue_max=cfg.score_catalogue_max)
+    gen.server.exposure.record_feedback(logs)   # the server saw the logs' impressions
+    return gen
 
 
 def pretrain_on(log_feedback: list[Feedback], world: World, cfg: EvalConfig, seed: int,

@@ -22,6 +22,7 @@ from learner.tokenizer import UASIDTokenizer
 from server.catalog import AdCatalog
 from server.engine import Engine, RecRequest, RecResult
 from server.explore import Explorer
+from server.exposure import ExposureCounter
 from server.models import ModelManager
 from server.runtime import resolve_provider
 from server.settings import ServerSettings
@@ -51,8 +52,10 @@ class InProcessServer:
         self.explorer = Explorer(explore, explore_max_shown, self.catalog, seed=seed)
         if score_catalogue_max is None:     # as adloop serve is configured
             score_catalogue_max = ServerSettings().score_catalogue_max
+        self.exposure = ExposureCounter()
+        """What this server showed each user (the value heads' exposure input)."""
         self.engine = Engine(self.manager, self.catalog, self.explorer, log_beams,
-                             score_catalogue_max=score_catalogue_max)
+                             score_catalogue_max=score_catalogue_max, exposure=self.exposure)
         self.published = 0
         """Snapshots exported (a learner publish)."""
         self.id_updates = 0

@@ -53,6 +53,7 @@ from learner.tokenizer import TokenizerError, UASIDTokenizer
 from learner.topic_match import ad_category, fill_topic_match
 from server.beam import BID_TYPES
 from server.engine import RecRequest
+from server.exposure import ExposureCounter
 from streams.features import organic_topic
 from streams.schemas import Feedback
 from traffic.driver import ServedAd, ServedOrganic, ServedSlate
@@ -180,7 +181,8 @@ class GenerativePolicy:
                 sampled.append((r, [b.ad_id for b in res.beams[:RECALL_K]]))
             self._predicted[r.request_id] = {a.ad_id: (a.pctr, a.pcvr) for a in res.ads}
             slate = [ServedAd(a.ad_id, a.position, score=a.score,
-                              expected_value=a.expected_value, semantic_id=a.semantic_id)
+                              expected_value=a.expected_value, semantic_id=a.semantic_id,
+                              exposure=a.exposure)
                      for a in res.ads]
             self.explored += any(a.explored for a in res.ads)
             organic = [ServedOrganic(o.item_id, o.position, o.score, o.semantic_id)
@@ -374,8 +376,10 @@ class DLRMPolicy:
     """pCTR/pCVR model × bid over all servable ads (see module docstring).
 
     Features: user, ad, advertiser, industry, ad category, bid type, every context key
-    (device, placement, hour, region, age band, declared interest) and a mean-pooled
-    bag of the user's recent organic topics. :meth:`pretrain` fits it on the logging
+    (device, placement, hour, region, age band, declared interest), the user's earlier
+    impressions n of the ad as a bucket (⌊log2(1 + n)⌋, at most 5; counted as the server
+    counts them, :class:`server.exposure.ExposureCounter`) and a mean-pooled bag of the
+    user's recent organic topics. :meth:`pretrain` fits it on the logging
     phase (output biases at the logged base rates, or the prior table of
     :meth:`fit_priors`; then minibatch epochs until the log-loss on the logs' last 20 %
     by time stops improving, for each Adam rate of a small grid: the rate and epoch
@@ -385,7 +389,8 @@ class DLRMPolicy:
     """
 
     FIELDS = ("user", "ad", "advertiser", "industry", "category", "bid_type", "device",
-              "placement", "hour", "region", "age", "interest")
+              "placement", "hour", "region", "age", "interest", "exposure")
+    CONTEXT = FIELDS[6:-1]
     ORGANIC = 20
 
     def __init__(self, world: World, buckets: int = 4096, lr: float = 3e-3,
@@ -415,6 +420,8 @@ class DLRMPolicy:
         self.priors = priors
         """Fit :attr:`prior` at pretraining (else it stays 0 and the output biases start
         at the logged base rates)."""
+        self.exposure = ExposureCounter()
+        """What it served each user (the logs first): the fatigue feature."""
 
     AD_FIELDS = ("ad", "advertiser", "industry", "category", "bid_type")
 
@@ -465,18 +472,21 @@ class DLRMPolicy:
         return {"ctr": ctr, "cvr": cvr}
 
     def _feats(self, user: str, context: dict[str, str], organic: Sequence[str],
-               ad_ids: Sequence[str], ad_rows: np.ndarray | None = None
-               ) -> tuple[Tensor, Tensor, Tensor]:
+               ad_ids: Sequence[str], exposure: Sequence[float] | np.ndarray,
+               ad_rows: np.ndarray | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Feature buckets [A, F] (in :attr:`FIELDS` order), the organic bag and its mask
-        [A, ORGANIC] for one request and ``ad_ids``."""
-        ctx = [_bucket(f"{f}={context.get(f, '')}", self.buckets)
-               for f in self.FIELDS[1 + len(self.AD_FIELDS):]]
+        [A, ORGANIC] for one request and ``ad_ids`` (``exposure``: the user's earlier
+        impressions of each)."""
+        ctx = [_bucket(f"{f}={context.get(f, '')}", self.buckets) for f in self.CONTEXT]
         n = len(ad_ids)
         rows = np.empty((n, len(self.FIELDS)), np.int64)
         rows[:, 0] = _bucket(f"user={user}", self.buckets)
         rows[:, 1:1 + len(self.AD_FIELDS)] = (self._ad_buckets(ad_ids) if ad_rows is None
                                               else ad_rows)
-        rows[:, 1 + len(self.AD_FIELDS):] = ctx
+        rows[:, 1 + len(self.AD_FIELDS):-1] = ctx
+        levels = np.minimum(np.log2(1.0 + np.asarray(exposure, dtype=float)), 5).astype(int)
+        exp_rows = [_bucket(f"exposure={v}", self.buckets) for v in range(6)]
+        rows[:, -1] = np.asarray(exp_rows, np.int64)[levels] if n else 0
         topics = organic_topics(organic, self.ORGANIC)
         bag = np.zeros(self.ORGANIC, np.int64)
         mask = np.zeros(self.ORGANIC, np.float32)
@@ -491,8 +501,9 @@ class DLRMPolicy:
         if not servable:
             return [ServedSlate(r.request_id, "dlrm", []) for r in requests]
         ad_rows = self._ad_buckets(servable)
-        parts = [self._feats(r.user_id, r.context, r.recent_organic, servable, ad_rows)
-                 for r in requests]
+        seen = [self.exposure.counts(r.user_id, servable) for r in requests]
+        parts = [self._feats(r.user_id, r.context, r.recent_organic, servable, n, ad_rows)
+                 for r, n in zip(requests, seen, strict=True)]
         A = len(servable)
         prior = self._prior_of(servable).repeat(len(requests), 1)
         p = torch.sigmoid(self.net(*(torch.cat(x) for x in zip(*parts, strict=True))) + prior)
@@ -503,17 +514,21 @@ class DLRMPolicy:
                                         p[b * A:(b + 1) * A, 1].tolist()).tolist()
             order = sorted(range(A), key=lambda i: (-evs[i], servable[i]))[: r.k]
             out.append(ServedSlate(r.request_id, "dlrm", [
-                ServedAd(servable[i], pos, score=evs[i], expected_value=evs[i])
+                ServedAd(servable[i], pos, score=evs[i], expected_value=evs[i],
+                         exposure=float(seen[b][i]))
                 for pos, i in enumerate(order)]))
+            self.exposure.record(r.user_id, [servable[i] for i in order])
         return out
 
     def _tensors(self, lists: Sequence[Feedback]) -> tuple[Tensor, ...] | None:
         feats, bags, masks, priors, clicked, converted = [], [], [], [], [], []
         for fb in lists:
-            ids = [it.ad_id for it in fb.items if it.ad_id in self.world.ads]
+            shown = [it for it in fb.items if it.ad_id in self.world.ads]
+            ids = [it.ad_id for it in shown]
             if not ids:
                 continue
-            f, b, m = self._feats(fb.user_id, fb.context, fb.recent_organic, ids)
+            f, b, m = self._feats(fb.user_id, fb.context, fb.recent_organic, ids,
+                                  [it.exposure for it in shown])
             feats.append(f)
             bags.append(b)
             masks.append(m)
@@ -625,6 +640,7 @@ class DLRMPolicy:
         self.lr = lr
         self.opt = torch.optim.Adam(self.net.parameters(), lr=lr * self.online_lr_factor)
         self.heldout = {"value_logloss_ctr": ctr, "value_logloss_cvr": cvr}
+        self.exposure.record_feedback(lists)
         return {"lr": lr, "epochs": float(epoch), **self.heldout, **rates}
 
     def heldout_metrics(self) -> dict[str, float]:

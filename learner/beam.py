@@ -135,9 +135,10 @@ class TorchBackend:
 
     @torch.inference_mode()
     def value(self, memory: Tensor, memory_mask: Tensor, candidates: Tensor,
-              memory_kv: Tensor | None = None, context: Tensor | None = None
-              ) -> tuple[Tensor, Tensor]:
-        pctr, pcvr = self.model.value(memory, memory_mask, candidates, memory_kv, context)
+              memory_kv: Tensor | None = None, context: Tensor | None = None,
+              exposure: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        pctr, pcvr = self.model.value(memory, memory_mask, candidates, memory_kv, context,
+                                      exposure)
         return torch.sigmoid(pctr), torch.sigmoid(pcvr)
 
 
@@ -184,12 +185,16 @@ class OrtBackend:
                         lower=lower, beam_request=beam_request, prefix=prefix, **extra)[0]
 
     def value(self, memory: Tensor, memory_mask: Tensor, candidates: Tensor,
-              memory_kv: Tensor | None = None, context: Tensor | None = None
-              ) -> tuple[Tensor, Tensor]:
+              memory_kv: Tensor | None = None, context: Tensor | None = None,
+              exposure: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """pCTR, pCVR of ``candidates``; ``exposure`` [B, C] zeros when None (read only
+        by a snapshot whose value head has the exposure term)."""
+        if exposure is None:
+            exposure = torch.zeros(candidates.shape[:2], dtype=torch.float32)
         extra = {k: v for k, v in (("memory_kv", memory_kv), ("context", context))
                  if v is not None}
         pctr, pcvr = self.run("value", memory=memory, memory_mask=memory_mask,
-                              candidates=candidates, **extra)
+                              candidates=candidates, exposure=exposure.float(), **extra)
         return pctr, pcvr
 
 

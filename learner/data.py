@@ -182,6 +182,7 @@ class Batch:
     converted: Tensor      # [B, I] float32
     slate_bid: Tensor      # [B, I] float32
     slate_bid_type: Tensor  # [B, I] int64 (codes of learner.losses.BID_TYPES)
+    slate_exposure: Tensor  # [B, I] float32: the user's earlier impressions of each item
 
 
 @dataclass
@@ -203,6 +204,7 @@ class ExampleSet:
     converted: np.ndarray
     slate_bid: np.ndarray
     slate_bid_type: np.ndarray
+    slate_exposure: np.ndarray
     request: np.ndarray    # [n] int64: index of the request (groups examples)
     time: np.ndarray       # [n] float64: impression time
     organic: np.ndarray    # [n] bool: the target is an organic item a user engaged with
@@ -223,7 +225,7 @@ class ExampleSet:
             horizon=t(sub.horizon), mtp=t(sub.mtp),
             mtp_mask=t(sub.mtp_mask), slate=t(sub.slate), slate_mask=t(sub.slate_mask),
             clicked=t(sub.clicked), converted=t(sub.converted), slate_bid=t(sub.slate_bid),
-            slate_bid_type=t(sub.slate_bid_type))
+            slate_bid_type=t(sub.slate_bid_type), slate_exposure=t(sub.slate_exposure))
 
     @property
     def positives(self) -> np.ndarray:
@@ -319,7 +321,7 @@ def build_examples(feedback: Iterable[Feedback], tok: UASIDTokenizer, history_le
                 h += 1
         ctx = np.array(request_ids(rec.context, rec.recent_organic, context_features,
                                    context_buckets, organic_len), dtype=np.int64)
-        slate, clicked, converted, bids, bid_types = [], [], [], [], []
+        slate, clicked, converted, bids, bid_types, exposure = [], [], [], [], [], []
         positives: list[tuple[tuple[int, ...], float, int]] = []
         for it in rec.items:
             sid = _ids(tok, it.ad_id, f"slate of request {rec.request_id!r}", on_unknown)
@@ -330,6 +332,7 @@ def build_examples(feedback: Iterable[Feedback], tok: UASIDTokenizer, history_le
             converted.append(float(it.converted))
             bids.append(float(it.bid))
             bid_types.append(BID_CODES.get(it.bid_type, 0))
+            exposure.append(float(it.exposure))
             if it.clicked or it.converted:
                 positives.append((sid, max(float(it.reward), min_value), int(it.converted)))
         max_slate = max(max_slate, len(slate))
@@ -343,7 +346,8 @@ def build_examples(feedback: Iterable[Feedback], tok: UASIDTokenizer, history_le
             rows.append({**base, "target": sid, "value": value, "prior": prior,
                          "horizon": hz})
             per_user.setdefault(rec.user_id, []).append((r_idx, sid))
-        rows[-len(positives) or -1]["slate"] = (slate, clicked, converted, bids, bid_types)
+        rows[-len(positives) or -1]["slate"] = (slate, clicked, converted, bids, bid_types,
+                                                exposure)
         if organic_dwell_s is not None:
             rows.extend(_organic_rows(rec, tok, base, organic_dwell_s))
 
@@ -371,6 +375,7 @@ def build_examples(feedback: Iterable[Feedback], tok: UASIDTokenizer, history_le
         converted=np.zeros((n, max_slate), np.float32),
         slate_bid=np.zeros((n, max_slate), np.float32),
         slate_bid_type=np.zeros((n, max_slate), np.int64),
+        slate_exposure=np.zeros((n, max_slate), np.float32),
         request=np.array([r["request"] for r in rows], dtype=np.int64),
         time=np.array([r["time"] for r in rows], dtype=np.float64),
         organic=np.array([bool(r.get("organic")) for r in rows], dtype=bool))
@@ -380,7 +385,7 @@ def build_examples(feedback: Iterable[Feedback], tok: UASIDTokenizer, history_le
             for k, sid in enumerate(fut):
                 ex.mtp[i, k], ex.mtp_mask[i, k] = sid, 1.0
         if "slate" in r:
-            slate, clicked, converted, bids, bid_types = r["slate"]
+            slate, clicked, converted, bids, bid_types, exposure = r["slate"]
             k = len(slate)
             if k:
                 ex.slate[i, :k] = slate
@@ -389,6 +394,7 @@ def build_examples(feedback: Iterable[Feedback], tok: UASIDTokenizer, history_le
                 ex.converted[i, :k] = converted
                 ex.slate_bid[i, :k] = bids
                 ex.slate_bid_type[i, :k] = bid_types
+                ex.slate_exposure[i, :k] = exposure
     return ex
 
 

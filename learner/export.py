@@ -102,8 +102,10 @@ class ValueGraph(nn.Module):
         self.model = model
 
     def forward(self, memory: Tensor, memory_mask: Tensor, memory_kv: Tensor,
-                candidates: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        pctr, pcvr = self.model.value(memory, memory_mask, candidates, memory_kv, context)
+                candidates: Tensor, context: Tensor | None = None,
+                exposure: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        pctr, pcvr = self.model.value(memory, memory_mask, candidates, memory_kv, context,
+                                      exposure)
         return torch.sigmoid(pctr), torch.sigmoid(pcvr)
 
 
@@ -118,9 +120,10 @@ SPECS: dict[str, tuple[list[str], list[str], dict[str, dict[int, str]]]] = {
         {"memory_kv": {0: "B", 4: "S"}, "memory_mask": {0: "B", 1: "S"}, "lower": {0: "B"},
          "beam_request": {0: "N"}, "prefix": {0: "N", 1: "P"}, "logits": {0: "N"}}),
     "value.onnx": (
-        ["memory", "memory_mask", "memory_kv", "candidates", "context"], ["pctr", "pcvr"],
+        ["memory", "memory_mask", "memory_kv", "candidates", "context", "exposure"],
+        ["pctr", "pcvr"],
         {"memory": {0: "B", 1: "S"}, "memory_mask": {0: "B", 1: "S"},
-         "memory_kv": {0: "B", 4: "S"}, "context": {0: "B"},
+         "memory_kv": {0: "B", 4: "S"}, "context": {0: "B"}, "exposure": {0: "B", 1: "C"},
          "candidates": {0: "B", 1: "C"}, "pctr": {0: "B", 1: "C"}, "pcvr": {0: "B", 1: "C"}}),
 }
 """Graph inputs, outputs and dynamic axes of a model without prior heads."""
@@ -173,7 +176,8 @@ def reference_inputs(model: GenerativeRecommender, ids: np.ndarray, seed: int = 
     value_in: dict[str, np.ndarray] = {
         "memory": memory, "memory_mask": mmask, "memory_kv": memory_kv,
         "candidates": ids[rng.integers(len(ids), size=(B, C))].astype(np.int64),
-        "context": enc_in["context"]}
+        "context": enc_in["context"],
+        "exposure": rng.integers(0, 6, size=(B, C)).astype(np.float32)}
     return {"encoder.onnx": enc_in, "decoder_step.onnx": step_in, "value.onnx": value_in}
 
 

@@ -139,7 +139,7 @@ def pretrain_loss(model: GenerativeRecommender, batch: Batch, mtp_weight: float 
     l_vsl = vsl_loss(out["logits"], batch.target, w)
     l_mtp = mtp_loss(out["mtp"], batch.mtp, batch.mtp_mask, gamma=mtp_gamma)
     pctr, pcvr = model.value(out["memory"], out["memory_mask"], batch.slate,
-                             context=batch.context)
+                             context=batch.context, exposure=batch.slate_exposure)
     l_val = value_loss(pctr, pcvr, batch.clicked, batch.converted, batch.slate_mask)
     loss = l_vsl + mtp_weight * l_mtp + value_weight * (l_val + model.value.penalty())
     parts = {"vsl": l_vsl.item(), "mtp": l_mtp.item(), "value": l_val.item()}

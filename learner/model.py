@@ -198,6 +198,11 @@ class ModelConfig:
     user's interest moves conversions as it moves clicks, and clicks are many times
     more. Needs ``value_wide``. Checkpoints written before it existed load with
     ``False``."""
+    value_exposure: bool = False
+    """A wide pCTR term w · log(1 + n), n the user's earlier impressions of the candidate
+    (creative fatigue; counted by the server, :mod:`server.exposure`, value.onnx's
+    ``exposure`` input). Needs ``value_wide``. Checkpoints written before it existed
+    load with ``False``."""
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -257,7 +262,7 @@ class ModelConfig:
                       "value_wide_goal": False, "value_topic_match": False,
                       "value_match_dim": 0, "value_match_sharpness": 80.0,
                       "value_match_topics": 256, "value_share_interest": False,
-                      "value_exact_match": False, **d})
+                      "value_exact_match": False, "value_exposure": False, **d})
 
 
 # --------------------------------------------------------------------------------------
@@ -833,7 +838,9 @@ class ValueHead(nn.Module):
     user's recent organic items, count / (n + 2). All start at 0 under an L2 prior
     (``wide_l2``, set by pretraining from the data size like ``bias_l2``), so a cell
     with little data adds nothing; :func:`learner.value_fit.fit_linear` fits them (with
-    the per-item biases) to convergence after pretraining.
+    the per-item biases) to convergence after pretraining. With ``cfg.value_exposure``
+    one more weight, on pCTR: w · log(1 + n), n how often the user has been shown the
+    candidate (``exposure`` [B, K], counted by the server; 0 when not given).
 
     Last comes a fixed affine map per head (``calibration`` [2, 2]: scale, shift of the
     logit; identity until :func:`learner.value_fit.calibrate` fits it on held-out logs),
@@ -891,7 +898,7 @@ class ValueHead(nn.Module):
             self.register_buffer("hash_mult", torch.tensor(mult, dtype=torch.long),
                                  persistent=False)
         self.wide = cfg.value_wide
-        self.match = self.share = self.exact = False
+        self.match = self.share = self.exact = self.exposure = False
         if self.wide:
             if self.biz is None or not self.factors:
                 raise ValueError("value_wide needs value_factors and the business tokens "
@@ -929,6 +936,9 @@ class ValueHead(nn.Module):
             self.share = cfg.value_share_interest
             if self.share:      # γ: set by learner.value_fit.fit_linear, fixed online
                 self.register_buffer("interest_share", torch.zeros(1))
+            self.exposure = cfg.value_exposure
+            if self.exposure:   # [1, 2]: a table like the others; pCVR's column unused
+                self.wide_exposure = nn.Parameter(torch.zeros(1, 2))
             self.wide_item = nn.Parameter(torch.zeros(sum(self.wide_cells), 2))
             self.wide_context = nn.Parameter(torch.zeros(n, 2))
             self.wide_topic = nn.Parameter(torch.zeros(n, 2))
@@ -960,17 +970,19 @@ class ValueHead(nn.Module):
         self.out = nn.Linear(d, 2)
 
     def forward(self, memory: Tensor, memory_mask: Tensor, candidates: Tensor,
-                memory_kv: Tensor | None = None, context: Tensor | None = None
-                ) -> tuple[Tensor, Tensor]:
+                memory_kv: Tensor | None = None, context: Tensor | None = None,
+                exposure: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """memory [B, S, D], memory_mask [B, S], candidates [B, K, T]; ``memory_kv``
         [B, M, 2, h, S, D/h], the encoder's cached keys/values (computed from ``memory``
         when not given; used only with KV pass-through); ``context`` [B, C + O], the
-        encoder's ``context`` input (required with wide terms, ignored without)."""
+        encoder's ``context`` input (required with wide terms, ignored without);
+        ``exposure`` [B, K], the user's earlier impressions of each candidate (None:
+        none; read with ``value_exposure`` only)."""
         if self.wide and context is None:
             raise ValueError("this value head has wide terms: it needs the context ids")
         logits = self.deep_logits(memory, memory_mask, candidates, memory_kv)
         if self.factors:
-            logits = logits + self.linear_logits(candidates, context)
+            logits = logits + self.linear_logits(candidates, context, exposure=exposure)
         logits = logits * self.calibration[:, 0] + self.calibration[:, 1]
         return logits[..., 0], logits[..., 1]
 
@@ -1005,16 +1017,27 @@ class ValueHead(nn.Module):
         return prior.permute(1, 2, 0)
 
     def linear_logits(self, candidates: Tensor, context: Tensor | None,
-                      tables: dict[str, Tensor] | None = None) -> Tensor:
+                      tables: dict[str, Tensor] | None = None,
+                      exposure: Tensor | None = None) -> Tensor:
         """The linear terms' logits [B, K, 2]: the per-item bias (on the heads of
-        ``factor_heads``) and, with wide terms, :meth:`crossed` of ``context``; ``tables``
-        (:data:`LINEAR`) in place of the head's own."""
+        ``factor_heads``) and, with wide terms, :meth:`crossed` of ``context`` and the
+        exposure term of ``exposure`` [B, K]; ``tables`` (:data:`LINEAR`) in place of
+        the head's own."""
         t = tables if tables is not None else self.linear_tables()
         out = self.factor_heads * t["item_bias"][self.bucket(candidates)]
         if self.wide:
             assert context is not None
             out = out + self.crossed(context, candidates, t)
+        if self.exposure and exposure is not None:
+            out = out + self.exposure_logits(exposure, t["wide_exposure"])
         return out
+
+    @staticmethod
+    def exposure_logits(exposure: Tensor, weight: Tensor) -> Tensor:
+        """[B, K, 2]: w · log(1 + n) on pCTR (``weight`` [1, 2], its pCTR column), 0 on
+        pCVR, for ``exposure`` [B, K] counts n."""
+        z = torch.log1p(exposure.to(weight.dtype).clamp_min(0.0))[..., None] * weight[0, 0]
+        return F.pad(z, (0, 1))
 
     def deep_output_parameters(self) -> list[Tensor]:
         """The decoder's output layer and the interaction's user map and constant: with
@@ -1064,9 +1087,9 @@ class ValueHead(nn.Module):
     INTEREST: ClassVar[tuple[str, ...]] = ("wide_topic", "wide_match")
     """The interest terms (the user's organic topics): pCVR shares pCTR's with
     ``value_share_interest``."""
-    LINEAR: ClassVar[tuple[str, ...]] = ("item_bias", *WIDE, "wide_match")
+    LINEAR: ClassVar[tuple[str, ...]] = ("item_bias", *WIDE, "wide_match", "wide_exposure")
     """Every linear table (:meth:`linear_logits`); ``wide_match`` only with
-    ``value_topic_match``."""
+    ``value_topic_match``, ``wide_exposure`` only with ``value_exposure``."""
 
     def crossed(self, context: Tensor, candidates: Tensor,
                 tables: dict[str, Tensor] | None = None) -> Tensor:
@@ -1174,6 +1197,8 @@ class ValueHead(nn.Module):
                                             for k in self.WIDE)).sum()
             if self.match:
                 out = out + (self.wide_l2 * self.wide_match.pow(2).sum(0)).sum()
+            if self.exposure:
+                out = out + (self.wide_l2 * self.wide_exposure.pow(2).sum(0)).sum()
         return out
 
     @torch.no_grad()

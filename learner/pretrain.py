@@ -198,6 +198,11 @@ class PretrainSettings(BaseSettings):
     """pCVR shares pCTR's interest terms, scaled by a fitted γ
     (ModelConfig.value_share_interest). Off: it did not pay on the tuning seeds
     (docs/decisions.md, "pCVR shares pCTR's interest")."""
+    value_exposure: bool = True
+    """A pCTR term w · log(1 + n) for the user's earlier impressions n of the candidate
+    (creative fatigue; ModelConfig.value_exposure): the server counts them
+    (server/exposure.py), feedback records carry them (FeedbackItem.exposure) and the
+    linear fit learns w. Needs ``value_wide``. Off: the head of earlier versions."""
     value_linear_deep: bool = False
     """The value fit may keep the rest of the head (decoder logits, user × item
     interaction) under the linear terms when the value split prefers it
@@ -342,7 +347,8 @@ def model_config(s: PretrainSettings, tok: UASIDTokenizer) -> ModelConfig:
         value_wide_goal=s.value_wide_goal, value_topic_match=s.value_topic_match,
         value_match_dim=int(tok.codebooks[0].shape[1]),
         value_match_sharpness=s.value_match_sharpness, value_exact_match=s.value_exact_match,
-        value_share_interest=s.value_share_interest)
+        value_share_interest=s.value_share_interest,
+        value_exposure=s.value_exposure and s.value_wide and s.value_factors)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:

@@ -108,6 +108,9 @@ class ListBatch:
     """[B, M] each organic item's engagement reward (:func:`organic_engagement`)."""
     time: Tensor | None = None
     """[B] float64: each list's impression time."""
+    exposure: Tensor | None = None
+    """[B, K] float32: the user's earlier impressions of each item (``FeedbackItem.
+    exposure``, the value heads' exposure input)."""
 
     def __len__(self) -> int:
         return int(self.items.shape[0])
@@ -150,6 +153,7 @@ def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
     weight = np.zeros(B, np.float32)
     bids = np.zeros((B, K), np.float32)
     bid_type = np.zeros((B, K), np.int64)
+    exposure = np.zeros((B, K), np.float32)
     for b, (fb, w) in enumerate(lists):
         weight[b] = w
         h = 0
@@ -176,6 +180,7 @@ def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
             converted[b, k] = float(it.converted)
             bids[b, k] = it.bid
             bid_type[b, k] = BID_CODES.get(it.bid_type, 0)
+            exposure[b, k] = it.exposure
             k += 1
     # history padding is trailing: columns no list uses are dropped (the encoder's outputs
     # at padded positions are masked everywhere, so the results are the same)
@@ -188,7 +193,7 @@ def lists_to_batch(lists: Sequence[tuple[Feedback, float]], tok: UASIDTokenizer,
                       t(rewards), t(clicked), t(converted), t(weight), t(bids), t(bid_type),
                       allowed, t(horizon),
                       time=torch.tensor([fb.impression_time for fb, _ in lists],
-                                        dtype=torch.float64))
+                                        dtype=torch.float64), exposure=t(exposure))
     if beams and any(fb.beams for fb, _ in lists):
         _add_beams(batch, [fb for fb, _ in lists], tok, T, trie)
     if organic_dwell_s is not None and any(fb.organic for fb, _ in lists):
@@ -435,7 +440,8 @@ class OnlineLearner:
         ref_level = ref_all[:, :K]
         logp_ref = (ref_level * b.item_mask.unsqueeze(-1)).sum(-1)
         value_memory = memory.detach() if self.cfg.value_detach else memory
-        pctr, pcvr = self.model.value(value_memory, mem_mask, b.items, context=b.context)
+        pctr, pcvr = self.model.value(value_memory, mem_mask, b.items, context=b.context,
+                                      exposure=b.exposure)
         rewards = self.dense_rewards(b, pctr, pcvr)
         # the beams' expected value, once for DC and HEPO alike
         beam_ev = self.beam_value(b, memory, mem_mask) if with_beams else None
@@ -519,7 +525,7 @@ class OnlineLearner:
         if self.linear is not None:
             rows = (Impressions.of_slates(
                 self.model.value, memory.detach(), mem_mask, b.items, b.item_mask, b.context,
-                b.clicked, b.converted, b.time) if b.time is not None else None)
+                b.clicked, b.converted, b.time, b.exposure) if b.time is not None else None)
             linear = self.linear_sync(self.linear, rows)
         n_items = b.item_mask.sum().clamp_min(1)
         kl = float(((logp_ref - logp.detach()) * b.item_mask).sum() / n_items)

@@ -37,9 +37,9 @@ from learner.data import ExampleSet
 from learner.losses import value_loss
 from learner.model import POSITIONS, GenerativeRecommender, ValueHead
 
-Chunk = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
-"""(memory, memory_mask, slate, slate_mask, clicked, converted, context) of a chunk of
-slates."""
+Chunk = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+"""(memory, memory_mask, slate, slate_mask, clicked, converted, context, exposure) of a
+chunk of slates."""
 
 __all__ = ["calibrate", "ece", "finetune_value", "fit_linear", "joint_logloss",
            "shown_slates", "value_metrics", "value_split", "without_value_split"]
@@ -64,13 +64,14 @@ def ece(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
 @torch.no_grad()
 def _memories(model: GenerativeRecommender, ex: ExampleSet,
               batch_size: int) -> list[Chunk]:
-    """(memory, memory_mask, slate, slate_mask, clicked, converted, context) per chunk of
-    rows: the encoder runs once, the value head's epochs reuse its output."""
+    """(memory, memory_mask, slate, slate_mask, clicked, converted, context, exposure) per
+    chunk of rows: the encoder runs once, the value head's epochs reuse its output."""
     out = []
     for lo in range(0, len(ex), batch_size):
         b = ex.batch(np.arange(lo, min(len(ex), lo + batch_size)))
         memory, mask = model.encoder(b.history, b.history_mask, b.context)
-        out.append((memory, mask, b.slate, b.slate_mask, b.clicked, b.converted, b.context))
+        out.append((memory, mask, b.slate, b.slate_mask, b.clicked, b.converted, b.context,
+                    b.slate_exposure))
     return out
 
 
@@ -79,8 +80,8 @@ def _logits(model: GenerativeRecommender, chunks: list[Chunk]
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Flat (pCTR logit, pCVR logit, clicked, converted) of every shown item."""
     ctr, cvr, clk, cv = [], [], [], []
-    for memory, mask, slate, smask, clicked, converted, context in chunks:
-        a, b = model.value(memory, mask, slate, context=context)
+    for memory, mask, slate, smask, clicked, converted, context, exposure in chunks:
+        a, b = model.value(memory, mask, slate, context=context, exposure=exposure)
         keep = smask > 0
         ctr.append(a[keep])
         cvr.append(b[keep])
@@ -189,8 +190,8 @@ def finetune_value(model: GenerativeRecommender, train: ExampleSet, val_frac: fl
         best_state = copy.deepcopy(head.state_dict())
         for epoch in range(1, n_epochs + 1):
             for i in rng.permutation(len(chunks)):
-                memory, mask, slate, smask, clicked, converted, context = chunks[i]
-                pctr, pcvr = head(memory, mask, slate, context=context)
+                memory, mask, slate, smask, clicked, converted, context, exposure = chunks[i]
+                pctr, pcvr = head(memory, mask, slate, context=context, exposure=exposure)
                 loss = value_loss(pctr, pcvr, clicked, converted, smask) + head.penalty()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -272,8 +273,8 @@ def calibrate(model: GenerativeRecommender, held: ExampleSet, prior_sd: float = 
 
 LINEAR_L2: dict[str, tuple[float, float]] = {
     "item_bias": (2.0, 20.0), "wide_item": (0.5, 2.0), "wide_context": (5.0, 30.0),
-    "wide_topic": (2.0, 5.0), "wide_match": (0.1, 0.1), "position": (1.0, 0.0),
-    "intercept": (0.0, 0.0)}
+    "wide_topic": (2.0, 5.0), "wide_match": (0.1, 0.1), "wide_exposure": (1.0, 1.0),
+    "position": (1.0, 0.0), "intercept": (0.0, 0.0)}
 """Base L2 weight of each linear table per head (pCTR, pCVR), on the summed log-loss,
 times the scale :func:`fit_linear` picks: the logistic baseline's penalties
 (``adloop.baselines.LogisticPolicy.L2``) for the matching tables, fixed by hand."""
@@ -294,6 +295,7 @@ class Impressions:
     clicked: Tensor       # [N] float64
     converted: Tensor     # [N] float64
     time: Tensor          # [N] float64: impression time
+    exposure: Tensor      # [N] float64: the user's earlier impressions of the item
 
     def __len__(self) -> int:
         return int(self.clicked.shape[0])
@@ -311,8 +313,9 @@ class Impressions:
     @torch.no_grad()
     def of_slates(head: ValueHead, memory: Tensor, memory_mask: Tensor, slate: Tensor,
                   slate_mask: Tensor, context: Tensor, clicked: Tensor, converted: Tensor,
-                  time: Tensor) -> Impressions:
-        """The shown items of B slates [B, K, T] (``time`` [B], one per slate)."""
+                  time: Tensor, exposure: Tensor | None = None) -> Impressions:
+        """The shown items of B slates [B, K, T] (``time`` [B], one per slate;
+        ``exposure`` [B, K], zeros when None)."""
         keep = slate_mask > 0
         pos = torch.arange(slate.shape[1]).clamp_max(POSITIONS - 1).expand_as(keep)
         return Impressions(
@@ -321,7 +324,9 @@ class Impressions:
             context=context[:, None, :].expand(-1, slate.shape[1], -1)[keep],
             position=pos[keep], clicked=clicked[keep].double(),
             converted=converted[keep].double(),
-            time=time.double()[:, None].expand_as(keep)[keep])
+            time=time.double()[:, None].expand_as(keep)[keep],
+            exposure=(exposure.double()[keep] if exposure is not None
+                      else torch.zeros(int(keep.sum()), dtype=torch.float64)))
 
 
 @torch.no_grad()
@@ -334,7 +339,8 @@ def _impressions(model: GenerativeRecommender, ex: ExampleSet) -> Impressions:
         memory, mask = model.encoder(b.history, b.history_mask, b.context)
         parts.append(Impressions.of_slates(model.value, memory, mask, b.slate, b.slate_mask,
                                            b.context, b.clicked, b.converted,
-                                           torch.from_numpy(shown.time[rows])))
+                                           torch.from_numpy(shown.time[rows]),
+                                           b.slate_exposure))
     return Impressions.cat(parts)
 
 
@@ -344,7 +350,8 @@ class Design:
     log-loss and its curvature are one sparse product each. X holds, per row, the
     per-item bias's row, the industry's and level-0 code's own rows, a (context value,
     cell) row per present context value, a (topic, cell) row per distinct topic of the
-    user's organic history with its share as coefficient, and the position's row (the
+    user's organic history with its share as coefficient, log(1 + n) on the exposure
+    term's row (n the user's earlier impressions of the item) and the position's row (the
     same terms :meth:`ValueHead.linear_logits` computes, plus the position offset)."""
 
     ORDER = (*ValueHead.LINEAR, "position", "intercept")
@@ -391,6 +398,9 @@ class Design:
                 m = head.match_features(r.context, r.ids[:, None, :])[:, 0].double()
             for f in range(m.shape[1]):
                 add(row, off["wide_match"] + f + torch.zeros_like(row), m[:, f])
+        if "wide_exposure" in off:
+            add(row, off["wide_exposure"] + torch.zeros_like(row),
+                torch.log1p(r.exposure.clamp_min(0.0)))
         add(row, off["position"] + (r.position - 1).clamp_min(0),
             (r.position > 0).double())
         if "intercept" in off:
@@ -406,8 +416,10 @@ class Design:
         self.mask = {k: torch.ones(2, dtype=torch.float64) for k in self.ORDER}
         self.mask["item_bias"] = head.factor_heads.double()
         self.mask["position"] = torch.tensor([1.0, 0.0], dtype=torch.float64)
+        if "wide_exposure" in self.mask:
+            self.mask["wide_exposure"] = torch.tensor([1.0, 0.0], dtype=torch.float64)
         """Heads each table acts on (the per-item bias: ``factor_heads``; the position
-        offset: pCTR only)."""
+        offset and the exposure term: pCTR only)."""
         self.mask_flat = self.flat({k: self.mask[k].expand(shapes[k]) for k in self.ORDER})
         self.interest = self.flat({k: torch.full(shapes[k], float(k in ValueHead.INTEREST),
                                                  dtype=torch.float64)

@@ -320,7 +320,7 @@ def create_api(service: Service) -> FastAPI:
                 recent_organic=list(req.recent_organic),
                 slate=[SlateItem(ad_id=a.ad_id, semantic_id=a.semantic_id, position=a.position,
                                  score=a.score, bid=a.bid, bid_type=a.bid_type,  # type: ignore[arg-type]
-                                 propensity=a.propensity)
+                                 propensity=a.propensity, exposure=a.exposure)
                        for a in result.ads],
                 model_version=result.model_version, beam_widths=list(result.beam_widths),
                 server_id=settings.server_id, beams=result.beams, bucket=served.bucket,

@@ -49,6 +49,7 @@ from server.beam import (
 )
 from server.catalog import AdCatalog, is_servable
 from server.explore import Explorer
+from server.exposure import ExposureCounter
 from server.models import ModelManager, ServingState
 from server.runtime import UserStates
 from streams.features import request_ids
@@ -90,6 +91,9 @@ class RankedAd:
     (:mod:`server.explore`); 1.0 without exploration."""
     explored: bool = False
     """Drawn by exploration rather than ranked."""
+    exposure: float = 0.0
+    """The user's earlier impressions of this ad (:mod:`server.exposure`; what the value
+    heads read); 0 without a counter."""
 
 
 @dataclass
@@ -123,7 +127,8 @@ class Engine:
                  explorer: Explorer | None = None, log_beams: int = 32,
                  organic_beam: int = 8,
                  organic_width: Callable[[int], int] | None = None,
-                 score_catalogue_max: int = 0) -> None:
+                 score_catalogue_max: int = 0,
+                 exposure: ExposureCounter | None = None) -> None:
         if log_beams < 0:
             raise ValueError(f"log_beams must be >= 0, got {log_beams}")
         if score_catalogue_max < 0:
@@ -144,6 +149,9 @@ class Engine:
         """``organic_beam`` -> the width in use: the load controller scales it by the
         ads' α (:meth:`server.controller.BeamController.organic_width`)."""
         self._warned_context: set[str] = set()
+        self.exposure = exposure
+        """Per (user, ad) impression counts: read for the value heads' exposure input,
+        and every served slate added (None: every count is 0, nothing recorded)."""
 
     def inputs(self, state: ServingState,
                requests: list[RecRequest]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -228,15 +236,18 @@ class Engine:
             if beams.request.shape[0] == 0:
                 return results
             candidates, col = pad_candidates(beams, B)
-        pctr_all, pcvr_all = rt.value(states, candidates)
-        pctr = pctr_all[beams.request, col].astype(np.float64)
-        pcvr = pcvr_all[beams.request, col].astype(np.float64)
         ad_ids = [man.ad_ids[r] for r in beams.rows]
         start = 0
         for b, n in enumerate(np.bincount(beams.request, minlength=B).tolist()):
             results[b].candidates = n
             results[b].candidate_ids = ad_ids[start:start + n]   # beams are request-major
             start += n
+        seen = self._counts(requests, beams.request, ad_ids)
+        exposure = np.zeros(candidates.shape[:2], np.float32)
+        exposure[beams.request, col] = seen
+        pctr_all, pcvr_all = rt.value(states, candidates, exposure=exposure)
+        pctr = pctr_all[beams.request, col].astype(np.float64)
+        pcvr = pcvr_all[beams.request, col].astype(np.float64)
         bid, kind, recs = self.catalog.bids(ad_ids)
         ev = expected_value(bid, kind, pctr, pcvr)
         allowed = np.fromiter((is_servable(a) for a in recs), bool, count=len(recs))
@@ -258,10 +269,28 @@ class Engine:
                     ad_id=ad_ids[i], semantic_id=[int(x) for x in beams.ids[i]], position=pos,
                     score=float(beams.logprob[i]), expected_value=float(ev[i]),
                     pctr=float(pctr[i]), pcvr=float(pcvr[i]), bid=float(rec.bid),
-                    bid_type=rec.bid_type))
+                    bid_type=rec.bid_type, exposure=float(seen[i])))
         if self.explorer is not None and self.explorer.enabled:
-            self._explore(state, states, [beams.rows[idx].tolist() for idx in slates], results)
+            self._explore(state, states, [beams.rows[idx].tolist() for idx in slates], results,
+                          requests)
+        if self.exposure is not None:
+            for r, res in zip(requests, results, strict=True):
+                self.exposure.record(r.user_id, [a.ad_id for a in res.ads])
         return results
+
+    def _counts(self, requests: list[RecRequest], request_of: np.ndarray,
+                ad_ids: list[str]) -> np.ndarray:
+        """The user's earlier impressions of each ad [N] (``request_of`` [N] the index of
+        each ad's request, request-major); zeros without a counter."""
+        out = np.zeros(len(ad_ids), np.float32)
+        if self.exposure is None or not ad_ids:
+            return out
+        bounds = np.searchsorted(request_of, np.arange(len(requests) + 1))
+        for b, r in enumerate(requests):
+            lo, hi = int(bounds[b]), int(bounds[b + 1])
+            if hi > lo:
+                out[lo:hi] = self.exposure.counts(r.user_id, ad_ids[lo:hi])
+        return out
 
     def organic(self, state: ServingState, states: UserStates,
                 requests: list[RecRequest]) -> list[list[RankedOrganic]]:
@@ -330,7 +359,7 @@ class Engine:
                 for i in idx.tolist()]
 
     def _explore(self, state: ServingState, states: UserStates, slates: list[list[int]],
-                 results: list[RecResult]) -> None:
+                 results: list[RecResult], requests: list[RecRequest]) -> None:
         """Apply the exploration rule to the ranked slates: propensities on every item,
         and the drawn ads (scored and valued by the model like ranked ones) in the last
         slots they take."""
@@ -351,8 +380,9 @@ class Engine:
             return rt.step(states, beam_req, prefix)
 
         logprob = sequence_logprob(step, trie, req, ids)
-        pctr_d, pcvr_d = rt.value(states, ids[:, None, :], rows=req)
         drawn_ids = [man.ad_ids[r] for r in rows.tolist()]
+        seen = self._counts(requests, req, drawn_ids)
+        pctr_d, pcvr_d = rt.value(states, ids[:, None, :], rows=req, exposure=seen[:, None])
         bid, kind, recs = self.catalog.bids(drawn_ids)
         ev = expected_value(bid, kind, pctr_d[:, 0].astype(np.float64),
                             pcvr_d[:, 0].astype(np.float64))
@@ -369,6 +399,6 @@ class Engine:
                 position=last.position, score=float(logprob[j]),
                 expected_value=float(ev[j]), pctr=float(pctr_d[j, 0]),
                 pcvr=float(pcvr_d[j, 0]), bid=float(rec.bid), bid_type=rec.bid_type,
-                propensity=last.propensity, explored=True)
+                propensity=last.propensity, explored=True, exposure=float(seen[j]))
             log.debug("serve.explored", ad_id=drawn_ids[j], position=last.position,
                       eligible=plans[b].eligible, propensity=last.propensity)

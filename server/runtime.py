@@ -214,11 +214,13 @@ class ModelRuntime:
         return self.run("decoder_step", feeds)[0]
 
     def value(self, states: UserStates, candidates: np.ndarray,
-              rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+              rows: np.ndarray | None = None, exposure: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
         """pCTR, pCVR [B', C] of ``candidates`` [B', C, T] for the requests ``rows`` of
         ``states`` (all of them when None): the ranking decoder reads the encoder's
         memory and, with KV pass-through, its cached keys/values (with wide crossed terms,
-        the request's raw ids too)."""
+        the request's raw ids too; with the exposure term, ``exposure`` [B', C], the
+        user's earlier impressions of each candidate, zeros when None)."""
         feeds = {"memory": states.memory, "memory_mask": states.memory_mask,
                  "memory_kv": states.memory_kv}
         if states.context is not None:
@@ -226,6 +228,8 @@ class ModelRuntime:
         if rows is not None:
             feeds = {k: v[rows] for k, v in feeds.items()}
         feeds["candidates"] = candidates
+        feeds["exposure"] = (exposure.astype(np.float32, copy=False) if exposure is not None
+                             else np.zeros(candidates.shape[:2], np.float32))
         pctr, pcvr = self.run("value", feeds)
         return pctr, pcvr
 

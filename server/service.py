@@ -19,6 +19,7 @@ from server.catalog import AdCatalog, OrganicCatalog
 from server.controller import BeamController
 from server.engine import Engine
 from server.explore import Explorer
+from server.exposure import ExposureCounter
 from server.follow import TopicFollower
 from server.impressions import ImpressionLogger
 from server.models import ModelManager
@@ -51,10 +52,13 @@ class Service:
                                    swap_guard=self.controller.swapping, organic=self.organic)
         self.explorer = Explorer(settings.explore, settings.explore_max_shown, self.catalog,
                                  seed=settings.explore_seed)
+        # what each user was shown, shared by both buckets' engines (server/exposure.py)
+        self.exposure = (ExposureCounter(settings.exposure_users)
+                         if settings.exposure_users else None)
         self.engine = Engine(self.models, self.catalog, self.explorer,
                              settings.log_beams if settings.log_impressions else 0,
                              settings.organic_beam, self.controller.organic_width,
-                             settings.score_catalogue_max)
+                             settings.score_catalogue_max, self.exposure)
         # the live A/B test (server/abtest.py): a control bucket on a pinned model, with
         # the online bucket's load controller, exploration and catalogues
         self.control: ControlModel | None = None
@@ -70,7 +74,7 @@ class Service:
             control_engine = Engine(self.control.models, self.catalog, self.explorer,
                                     settings.log_beams if settings.log_impressions else 0,
                                     settings.organic_beam, self.controller.organic_width,
-                                    settings.score_catalogue_max)
+                                    settings.score_catalogue_max, self.exposure)
             log.info("ab.enabled", control_share=settings.control_share,
                      control_version=settings.control_version)
         self.router = BucketRouter(self.engine, control_engine, self.control,

@@ -83,6 +83,11 @@ class ServerSettings(BaseSettings):
                                      "(every ad a candidate of every request, ranked by "
                                      "expected value) instead of searched by beams; "
                                      "0 = always beams")
+    exposure_users: int = Field(200_000, ge=0, description="users whose impressions per "
+                                "ad the server counts (least recently served forgotten "
+                                "first): the value heads' exposure input and each "
+                                "impression's SlateItem.exposure; with replicas, balance on "
+                                "the user id; 0 = no counting (every count 0)")
 
     # mixed feed (organic items ranked by the same model)
     organic_beam: int = Field(8, ge=1, le=256, description="beam width per level of the "

@@ -153,15 +153,17 @@ MODEL_IO = {
                 ("memory", "memory_mask", "lower", "memory_kv")),
     "decoder_step": (("memory_kv", "memory_mask", "lower", "beam_request", "prefix"),
                      ("logits",)),
-    "value": (("memory", "memory_mask", "memory_kv", "candidates", "context"),
+    "value": (("memory", "memory_mask", "memory_kv", "candidates", "context", "exposure"),
               ("pctr", "pcvr")),
 }
 """Tensor names of snapshot format 4 (docs/snapshot-format.md); ``context`` is
 ``[B, len(context_features) + organic_len]``. Every output is required; an input may be
 absent from a graph that does not read it (e.g. ``value.onnx`` without KV pass-through
 has no ``memory_kv``; ``value.onnx`` reads ``context``, the encoder's input, only
-when its value head has wide crossed terms), and a graph may declare no input outside
-these."""
+when its value head has wide crossed terms; ``exposure`` float32 [B, C], how often the
+user has been shown each candidate before, only when its value head has the exposure
+term: snapshots written before it existed do not declare it and are fed nothing), and
+a graph may declare no input outside these."""
 
 
 def declared_feeds(session: ort.InferenceSession, feeds: dict[str, Any]) -> dict[str, Any]:

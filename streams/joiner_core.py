@@ -252,7 +252,7 @@ def _ad_items(state: RequestState) -> tuple[list[FeedbackItem], str]:
                 ad_id=it.ad_id, semantic_id=it.semantic_id, position=it.position,
                 score=it.score, bid=it.bid, bid_type=bt,
                 reward=0.0 if bt == "cpc" or bt == "cpa" else it.bid / 1000.0,
-                propensity=it.propensity))
+                propensity=it.propensity, exposure=it.exposure))
             sig.append(it.ad_id + ":00:0.0")
         return items, ";".join(sig)
     clicked = set(state.clicks.values())
@@ -279,7 +279,7 @@ def _ad_items(state: RequestState) -> tuple[list[FeedbackItem], str]:
         items.append(FeedbackItem(
             ad_id=ad_id, semantic_id=it.semantic_id, position=it.position, score=it.score,
             bid=it.bid, bid_type=bt, clicked=c, converted=v, conversion_value=cv,
-            reward=reward, propensity=it.propensity))
+            reward=reward, propensity=it.propensity, exposure=it.exposure))
     return items, ";".join(sig)
 
 

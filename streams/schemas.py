@@ -10,6 +10,7 @@ with the wall clock).
 from __future__ import annotations
 
 import base64
+import math
 import time
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -134,6 +135,10 @@ class SlateItem(msgspec.Struct, kw_only=True):
     """Probability that the logging policy served this ad at this position, when the log
     knows it (a logged dataset's propensity, in (0, 1]); ``None`` otherwise. Used by
     off-policy evaluation; absent in older records."""
+    exposure: float = 0.0
+    """Impressions of this ad to this user the server had counted before this one
+    (:mod:`server.exposure`; the fatigue feature the value model read). 0 in older
+    records."""
 
 
 class BeamCandidate(msgspec.Struct, kw_only=True):
@@ -185,6 +190,9 @@ class Impression(Event, kw_only=True):
             p = item.propensity
             if p is not None and not 0.0 < p <= 1.0:
                 raise ValueError(f"slate[{i}].propensity {p} is not in (0, 1]")
+            if not 0.0 <= item.exposure < math.inf:
+                raise ValueError(f"slate[{i}].exposure {item.exposure} is not a finite "
+                                 "count >= 0")
         m = len(self.organic)
         seen: set[str] = set()
         for i, slot in enumerate(self.organic):
@@ -270,6 +278,9 @@ class FeedbackItem(msgspec.Struct, kw_only=True):
     reward: float = 0.0
     propensity: float | None = None
     """The impression's logging propensity of this item (``SlateItem.propensity``)."""
+    exposure: float = 0.0
+    """Earlier impressions of this ad to this user (``SlateItem.exposure``); 0 in older
+    records."""
 
 
 class Feedback(Event, kw_only=True):

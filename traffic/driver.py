@@ -125,6 +125,9 @@ class ServedAd:
     score: float = 0.0
     expected_value: float = 0.0
     semantic_id: list[int] = field(default_factory=list)
+    exposure: float = 0.0
+    """The user's earlier impressions of this ad as the serving policy counted them
+    (``SlateItem.exposure``); 0 when it does not count."""
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,10 @@ CONTRACT = {
     "decoder_step.onnx": ({"memory_kv": "float", "memory_mask": "float", "lower": "float",
                            "beam_request": "int64", "prefix": "int64"}, ["logits"]),
     "value.onnx": ({"memory": "float", "memory_mask": "float", "candidates": "int64",
-                    "context": "int64"}, ["pctr", "pcvr"]),
+                    "context": "int64", "exposure": "float"}, ["pctr", "pcvr"]),
 }
-"""The default model's graphs (its value head has wide terms: value.onnx reads context)."""
+"""The default model's graphs (its value head has wide terms and the exposure term:
+value.onnx reads context and exposure)."""
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +87,13 @@ def test_onnx_matches_torch_for_random_batches_and_beams(
         assert (logits[:, valid:] <= -1e8).all()
         worst = max(worst, np.abs(logits - t_logits.numpy()).max())
     cands = ids[rng.integers(len(ids), size=(B, C))]
+    seen = rng.integers(0, 4, size=(B, C)).astype(np.float32)   # earlier impressions
     pctr, pcvr = val.run(None, {"memory": memory, "memory_mask": mmask, "candidates": cands,
-                                "context": context})
+                                "context": context, "exposure": seen})
     with torch.no_grad():
         t_ctr, t_cvr = model.value(t_enc[0], t_enc[1], torch.from_numpy(cands),
-                                   context=torch.from_numpy(context))
+                                   context=torch.from_numpy(context),
+                                   exposure=torch.from_numpy(seen))
     assert pctr.shape == pcvr.shape == (B, C) and ((pctr > 0) & (pctr < 1)).all()
     worst = max(worst, np.abs(pctr - torch.sigmoid(t_ctr).numpy()).max(),
                 np.abs(pcvr - torch.sigmoid(t_cvr).numpy()).max())

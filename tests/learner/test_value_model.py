@@ -356,12 +356,12 @@ def test_the_linear_fit_serves_the_linear_terms_alone_unless_asked_to_try_the_de
         assert model.value.out.weight.abs().sum() > 0
 
 
-def _linear_fitted_model(fb: list[Feedback], tok: UASIDTokenizer
+def _linear_fitted_model(fb: list[Feedback], tok: UASIDTokenizer, **cfg: Any
                          ) -> tuple[GenerativeRecommender, ExampleSet]:
     """A wide model with priors set and its linear terms fitted on ``fb`` (deep part
     zeroed, as pretraining leaves it)."""
     torch.manual_seed(0)
-    model = GenerativeRecommender(small_cfg(tok, value_wide=True)).eval()
+    model = GenerativeRecommender(small_cfg(tok, value_wide=True, **cfg)).eval()
     ex = build_examples(fb, tok, model.cfg.history_len, model.cfg.context_features,
                         model.cfg.context_buckets, 0, organic_len=model.cfg.organic_len)
     shown = shown_slates(ex).batch()
@@ -408,7 +408,8 @@ def test_online_refits_start_from_the_logs_fit_and_follow_new_evidence(
                            position=torch.zeros(n, dtype=torch.long),
                            clicked=torch.full((n,), clicked, dtype=torch.float64),
                            converted=torch.zeros(n, dtype=torch.float64),
-                           time=torch.full((n,), t_logs + 60.0, dtype=torch.float64))
+                           time=torch.full((n,), t_logs + 60.0, dtype=torch.float64),
+                           exposure=torch.zeros(n, dtype=torch.float64))
 
     def p_ios() -> float:
         z = model.value.linear_logits(ids[None, :1], ios[:1])[0, 0, 0]
@@ -426,6 +427,39 @@ def test_online_refits_start_from_the_logs_fit_and_follow_new_evidence(
     out = online.refit()
     assert out["linear_rows"] == 3001 and out["linear_refits"] == 2
     assert p_ios() < 0.5 * before
+
+
+def test_the_online_refit_learns_fatigue_from_the_users_earlier_impressions(
+        synth_log: synthetic.SyntheticLog, small_tokenizer: UASIDTokenizer) -> None:
+    fb = _crossed_rate_log(small_tokenizer, synth_log.ads, n_requests=1200)
+    model, ex = _linear_fitted_model(fb, small_tokenizer, value_exposure=True)
+    head = model.value
+    assert head.exposure and float(head.wide_exposure[0, 0]) == 0.0   # the logs: all 0
+    shown = shown_slates(ex).batch()
+    ad = synth_log.ads[0]
+    ids = torch.tensor([small_tokenizer.ids_of(ad.ad_id)] * 4)
+    ctx = shown.context[:1].expand(4, -1)
+    t_logs = float(head.linear_fit[2])
+    # 2000 fresh impressions of one ad: clicked at 10 % when new to the user, never at
+    # its 8th impression (n = 7)
+    n = 2000
+    seen = torch.tensor([0.0, 7.0]).repeat(n // 2).double()
+    clicked = ((seen == 0) & (torch.arange(n) % 20 < 4)).double()
+    z = torch.zeros(n, 2, dtype=torch.float64)
+    rows = Impressions(deep=z, prior=z.clone(), ids=ids[:1].expand(n, -1),
+                       context=ctx[:1].expand(n, -1), position=torch.zeros(n, dtype=torch.long),
+                       clicked=clicked, converted=torch.zeros(n, dtype=torch.float64),
+                       time=torch.full((n,), t_logs + 60.0, dtype=torch.float64),
+                       exposure=seen)
+    OnlineLinear(model).refit_with(rows)
+    w = float(head.wide_exposure[0, 0])
+    assert w < -0.5
+    assert float(head.wide_exposure[0, 1]) == 0.0     # pCTR only
+    # the served logits: the same ad, fresh vs seen 7 times, apart by w·log(8)
+    memory, mask = model.encoder(shown.history[:1], shown.history_mask[:1], shown.context[:1])
+    pctr, _ = head(memory, mask, ids[None, :2], context=shown.context[:1],
+                   exposure=torch.tensor([[0.0, 7.0]]))
+    assert float(pctr[0, 1] - pctr[0, 0]) == pytest.approx(w * math.log(8.0), rel=1e-4)
 
 
 @torch.no_grad()
