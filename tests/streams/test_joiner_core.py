@@ -204,6 +204,25 @@ def test_joiner_carries_each_items_logging_propensity_into_feedback() -> None:
     assert [i.propensity for i in feedback_items(r.core.get("later"))] == [None] * 3  # type: ignore[arg-type]
 
 
+def test_joiner_carries_each_items_exposure_into_every_revision() -> None:
+    import msgspec
+
+    r = Run()
+    logged = imp("r1", 0)
+    logged.slate = [msgspec.structs.replace(it, exposure=float(i))
+                    for i, it in enumerate(logged.slate)]
+    r.feed(logged)
+    seen = imp("r2", 1)
+    seen.slate = [msgspec.structs.replace(it, exposure=5.0) for it in seen.slate]
+    r.feed(seen)
+    r.feed(click("c1", "r2", 2))
+    r.feed(imp("end", 500))
+    final = next(f for f in r.out if f.request_id == "r1" and f.kind == "final")
+    assert [i.exposure for i in final.items] == [0.0, 1.0, 2.0]     # no click: all copied
+    clicked = next(f for f in r.out if f.request_id == "r2" and f.kind == "final")
+    assert [i.exposure for i in clicked.items] == [5.0] * 3 and clicked.items[0].clicked
+
+
 def test_joiner_copies_the_impressions_final_beams_onto_every_revision() -> None:
     from streams.schemas import BeamCandidate
 

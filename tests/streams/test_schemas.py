@@ -105,6 +105,11 @@ def test_logging_propensity_is_optional_checked_and_old_records_stay_readable() 
     assert isinstance(new, Impression) and new.slate[0].propensity == 0.25
     bad = decode(old.replace(b'"cpc"}', b'"cpc","propensity":1.5}'), Impression)
     assert isinstance(bad, DecodeFailure) and "slate[0].propensity 1.5" in bad.detail
+    assert rec.slate[0].exposure == 0.0          # old records: no exposure counted
+    seen = decode(old.replace(b'"cpc"}', b'"cpc","exposure":3.0}'), Impression)
+    assert isinstance(seen, Impression) and seen.slate[0].exposure == 3.0
+    bad = decode(old.replace(b'"cpc"}', b'"cpc","exposure":-1.0}'), Impression)
+    assert isinstance(bad, DecodeFailure) and "slate[0].exposure -1.0" in bad.detail
 
 
 def test_final_beams_are_optional_and_old_records_without_them_stay_readable() -> None:
