@@ -40,6 +40,16 @@ class ExposureCounter:
         self._users: OrderedDict[str, dict[str, int]] = OrderedDict()
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, object]:
+        """Copies and pickles hold the counts, not the lock (a copy gets its own)."""
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __len__(self) -> int:
         """Users tracked."""
         return len(self._users)

@@ -45,6 +45,19 @@ def test_the_least_recently_served_user_and_ad_are_forgotten_first() -> None:
     assert c.counts("u1", ["a", "b", "c"]).tolist() == [3.0, 0.0, 1.0]
 
 
+def test_a_copy_of_the_counter_keeps_the_counts_and_counts_on_its_own() -> None:
+    import copy
+    import pickle
+
+    c = ExposureCounter()
+    c.record("u1", ["a"])
+    for dup in (copy.deepcopy(c), pickle.loads(pickle.dumps(c))):
+        assert dup.counts("u1", ["a"]).tolist() == [1.0]
+        dup.record("u1", ["a"])
+        assert dup.counts("u1", ["a"]).tolist() == [2.0]
+    assert c.counts("u1", ["a"]).tolist() == [1.0]
+
+
 def test_the_counter_refuses_sizes_below_one() -> None:
     with pytest.raises(ValueError, match="max_users"):
         ExposureCounter(max_users=0)
