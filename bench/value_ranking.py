@@ -106,7 +106,7 @@ LOGISTIC_TERMS: dict[str, tuple[str, ...]] = {
     "logistic": (),
     "logistic_without_ad": ("ad", "ad_v"),
     "logistic_without_crosses": ("tw", "tv", "xi", "xc", "tw_v", "xc_v"),
-    "logistic_without_recent": ("recent",),
+    "logistic_without_exposure": ("exposure",),
     "logistic_without_match": ("m", "mi"),
     "logistic_without_own_topic_match": ("m",),
     "logistic_without_industry_match": ("mi",),
