@@ -24,7 +24,7 @@ scored by:
 * ``logistic``: the factorised logistic baseline (``adloop/baselines.py``), and the same
   fit with its tables taken out the same way (which of its terms carries the ranking):
   ``logistic_without_ad`` (the per-ad biases), ``logistic_without_crosses`` (topic shares
-  × category and industry, context × industry and category), ``logistic_without_recent``
+  × category and industry, context × industry and category), ``logistic_without_exposure``
   (the user's recent-ad fatigue term), ``logistic_without_match`` (the exact topic
   match: the share of the user's recent organic items on the ad's own topic and in its
   industry, in pCTR and pCVR), ``logistic_without_own_topic_match`` and
